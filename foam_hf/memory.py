@@ -1,0 +1,90 @@
+r"""Optimizer-state memory of FOAM against AdamW, in bytes.
+
+For a tensor of shape ``(*rows, n)`` with state dtype of ``s`` bytes:
+
+.. math::
+
+    \text{FOAM} = 2 s \cdot \textit{rows} \cdot \lceil n / B \rceil \ \text{(folded)}, \qquad
+    \text{AdamW} = 2 s \cdot \textit{rows} \cdot n
+
+plus one 4-byte ``step`` tensor per parameter for both. Figures are computed from the parameter groups
+(:func:`state_memory` needs no step to have run), so the callback, the CLI and the benchmarks can report
+them before training starts; once states exist they equal the bytes actually held (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .folding import folded_shape, is_foldable
+
+__all__ = ["StateMemory", "adamw_state_bytes", "foam_state_bytes", "state_memory"]
+
+_STEP_BYTES = 4  # state["step"] is a float32 scalar tensor, as in torch.optim.Adam
+
+
+def _state_itemsize(param: torch.Tensor) -> int:
+    from .optim import state_dtype_for
+
+    return torch.empty((), dtype=state_dtype_for(param)).element_size()
+
+
+def foam_state_bytes(param: torch.Tensor, block_size: int) -> int:
+    """Bytes FOAM holds for ``param`` under ``block_size``: two moments plus the step counter."""
+    shape = folded_shape(param.shape, block_size) if is_foldable(param, block_size) else param.shape
+    return 2 * shape.numel() * _state_itemsize(param) + _STEP_BYTES
+
+
+def adamw_state_bytes(param: torch.Tensor) -> int:
+    """Bytes an AdamW with the same state dtype holds for ``param``: two full moments plus the step."""
+    return 2 * param.numel() * _state_itemsize(param) + _STEP_BYTES
+
+
+@dataclass(frozen=True)
+class StateMemory:
+    """Optimizer-state size of one optimizer, with its AdamW equivalent.
+
+    Attributes:
+        foam_bytes: bytes of FOAM's states (moments and step counters) over trainable parameters.
+        adamw_bytes: bytes AdamW would hold for the same parameters.
+        folded_params: number of parameter tensors with folded states.
+        unfolded_params: number of parameter tensors with full AdamW states.
+    """
+
+    foam_bytes: int
+    adamw_bytes: int
+    folded_params: int
+    unfolded_params: int
+
+    @property
+    def ratio(self) -> float:
+        """AdamW bytes over FOAM bytes: how many times smaller FOAM's states are."""
+        return self.adamw_bytes / self.foam_bytes if self.foam_bytes else float("inf")
+
+    @property
+    def saved_bytes(self) -> int:
+        return self.adamw_bytes - self.foam_bytes
+
+
+def state_memory(optimizer: torch.optim.Optimizer) -> StateMemory:
+    """Optimizer-state bytes of a FOAM optimizer (from its groups' ``block_size``) and of AdamW.
+
+    Parameters with ``requires_grad=False`` are skipped: no optimizer builds state for them.
+    """
+    foam_total = adamw_total = folded = unfolded = 0
+    seen: set[int] = set()
+    for group in optimizer.param_groups:
+        block_size = group.get("block_size", 1)
+        for p in group["params"]:
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            foam_total += foam_state_bytes(p, block_size)
+            adamw_total += adamw_state_bytes(p)
+            if is_foldable(p, block_size):
+                folded += 1
+            else:
+                unfolded += 1
+    return StateMemory(foam_total, adamw_total, folded, unfolded)

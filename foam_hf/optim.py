@@ -1,0 +1,638 @@
+r"""FOAM: Adam with blocked state folding (arXiv 2512.07112), in the shape of ``torch.optim``.
+
+Layout follows ``torch/optim/adam.py``: the :class:`FOAM` class validates and gathers tensors, the
+functional :func:`foam` picks an implementation once per param group, :func:`_single_tensor_foam` is the
+readable reference path and :func:`_multi_tensor_foam` the ``torch._foreach_*`` path. This module imports
+nothing from transformers, TRL or PEFT.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from numbers import Integral, Real
+from typing import Any, Literal
+
+import torch
+from torch.optim.optimizer import Optimizer, ParamsT
+
+from .errors import FoamConfigError, FoamStateError
+from .folding import block_mean, folded_shape, is_foldable, unfold
+
+__all__ = ["FOAM", "SECOND_MOMENT_MODES", "foam", "state_dtype_for"]
+
+SecondMoment = Literal["mean_sq", "sq_mean"]
+
+#: The two second-moment rules: fold the block mean of ``G⊙G`` (``"mean_sq"``, what the paper's released
+#: code does) or the square of the block mean of ``G`` (``"sq_mean"``, the paper's equations as written).
+SECOND_MOMENT_MODES: tuple[str, ...] = ("mean_sq", "sq_mean")
+
+#: The keys every FOAM param group carries, with their defaults. One list, used by validation,
+#: ``__setstate__`` and the integration's ``optim_args`` parser.
+_GROUP_DEFAULTS: dict[str, Any] = {
+    "lr": 1e-3,
+    "betas": (0.9, 0.999),
+    "eps": 1e-8,
+    "weight_decay": 0.0,
+    "block_size": 4,
+    "scale": 1.0,
+    "res_scale": 1.0,
+    "second_moment": "mean_sq",
+    "foreach": None,
+}
+
+# Keys whose value decides the *shape or meaning* of the saved state: a checkpoint written under other
+# values cannot be continued exactly, so load_state_dict refuses it instead of silently adopting them.
+_STRUCTURAL_KEYS = ("block_size", "second_moment")
+
+
+def state_dtype_for(param: torch.Tensor) -> torch.dtype:
+    """dtype of FOAM's moment states for ``param``: fp32 for fp16/bf16 parameters, else the parameter's."""
+    if param.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return param.dtype
+
+
+def _is_real_number(x: Any) -> bool:
+    return isinstance(x, Real) and not isinstance(x, bool)
+
+
+def _check_number(name: str, value: Any, *, rule: str, ok: Callable[[float], bool], fix: str) -> None:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise TypeError(f"FOAM: {name}={value!r} must be a number or a one-element tensor. Fix: {fix}")
+        value = value.item()
+    if not _is_real_number(value):
+        raise TypeError(f"FOAM: {name}={value!r} has type {type(value).__name__}; it must be a real number. Fix: {fix}")
+    if not (math.isfinite(value) and ok(float(value))):
+        raise FoamConfigError(f"FOAM: {name}={value!r} is invalid: it must be {rule}. Fix: {fix}")
+
+
+def validate_group_options(options: dict[str, Any], where: str = "") -> None:
+    """Validate FOAM hyper-parameters; raise ``TypeError``/:class:`FoamConfigError` naming value, rule, fix."""
+    at = f" (in {where})" if where else ""
+    _check_number("lr", options["lr"], rule="finite and >= 0", ok=lambda v: v >= 0, fix=f"pass e.g. lr=1e-3{at}.")
+    _check_number("eps", options["eps"], rule="finite and >= 0", ok=lambda v: v >= 0, fix=f"pass e.g. eps=1e-8{at}.")
+    _check_number(
+        "weight_decay",
+        options["weight_decay"],
+        rule="finite and >= 0",
+        ok=lambda v: v >= 0,
+        fix=f"pass e.g. weight_decay=0.01, or 0.0 for none{at}.",
+    )
+    betas = options["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"FOAM: betas={betas!r} must be a pair (beta1, beta2). Fix: pass betas=(0.9, 0.999){at}.")
+    for i, beta in enumerate(betas):
+        _check_number(
+            f"betas[{i}]",
+            beta,
+            rule="in [0, 1)",
+            ok=lambda v: 0.0 <= v < 1.0,
+            fix=f"pass betas=(0.9, 0.999) or other values in [0, 1){at}.",
+        )
+    block_size = options["block_size"]
+    if not isinstance(block_size, Integral) or isinstance(block_size, bool):
+        raise TypeError(
+            f"FOAM: block_size={block_size!r} has type {type(block_size).__name__}; it must be a positive int "
+            f"(the paper's level l is block_size=2**l). Fix: pass block_size=4{at}."
+        )
+    if block_size < 1:
+        raise FoamConfigError(
+            f"FOAM: block_size={block_size} is invalid: it must be a positive int (1 = plain AdamW states; "
+            f"the paper's level l is block_size=2**l). Fix: pass block_size=4 or another int >= 1{at}."
+        )
+    _check_number(
+        "scale",
+        options["scale"],
+        rule="finite and > 0",
+        ok=lambda v: v > 0,
+        fix=f"pass scale=1.0 (the update multiplier alpha of folded tensors){at}.",
+    )
+    _check_number(
+        "res_scale",
+        options["res_scale"],
+        rule="finite and >= 0",
+        ok=lambda v: v >= 0,
+        fix=f"pass res_scale=1.0 (0 drops the residual){at}.",
+    )
+    if options["second_moment"] not in SECOND_MOMENT_MODES:
+        raise FoamConfigError(
+            f"FOAM: second_moment={options['second_moment']!r} is invalid: it must be one of "
+            f"{SECOND_MOMENT_MODES}. Fix: pass second_moment='mean_sq' (the default){at}."
+        )
+    if options["foreach"] not in (None, True, False):
+        raise TypeError(
+            f"FOAM: foreach={options['foreach']!r} must be None, True or False. Fix: pass foreach=None to "
+            f"let FOAM choose{at}."
+        )
+
+
+class FOAM(Optimizer):
+    r"""Adam with *folded* first and second moments: states of a weight ``(*rows, n)`` are ``(*rows, ⌈n/B⌉)``.
+
+    .. math::
+       \begin{aligned}
+       &\textbf{input}: \gamma \text{ (lr)}, \beta_1, \beta_2, \epsilon, \lambda \text{ (weight decay)},
+            B \text{ (block size)}, \alpha \text{ (scale)}, \rho \text{ (res\_scale)} \\
+       &\textbf{initialize}: \tilde m_0 \leftarrow 0,\ \tilde v_0 \leftarrow 0
+            \quad (\text{shape } \textit{rows} \times \lceil n/B \rceil) \\
+       &\textbf{for}\ t = 1, 2, \ldots: \\
+       &\quad G \leftarrow \nabla_W f_t(W_{t-1}) \\
+       &\quad \tilde g \leftarrow \operatorname{blockmean}_B(G) \\
+       &\quad \tilde g^{(2)} \leftarrow \operatorname{blockmean}_B(G \odot G)
+            \ \ (\texttt{mean\_sq})
+            \quad\text{or}\quad \tilde g \odot \tilde g \ \ (\texttt{sq\_mean}) \\
+       &\quad \tilde m_t \leftarrow \beta_1 \tilde m_{t-1} + (1-\beta_1)\, \tilde g \\
+       &\quad \tilde v_t \leftarrow \beta_2 \tilde v_{t-1} + (1-\beta_2)\, \tilde g^{(2)} \\
+       &\quad R \leftarrow G - \operatorname{unfold}(\tilde g)
+            \quad (\text{never stored}) \\
+       &\quad M \leftarrow \operatorname{unfold}(\tilde m_t) + \rho R, \qquad
+              V \leftarrow \operatorname{unfold}(\tilde v_t) + \rho^2 R \odot R \\
+       &\quad W_t \leftarrow W_{t-1}(1 - \gamma\lambda)
+            - \gamma\,\alpha\, \frac{M / (1-\beta_1^t)}{\sqrt{V / (1-\beta_2^t)} + \epsilon} \\
+       &\textbf{return}\ W_t
+       \end{aligned}
+
+    ``blockmean`` averages each run of ``B`` adjacent entries of the last dimension; when ``B`` does not
+    divide ``n`` the last block of a row holds ``n mod B`` entries and averages over those only (the paper's
+    released code zero-pads and divides by ``B``, which shrinks that block's moments). Weight decay is
+    decoupled and applied to the old weights exactly as :class:`torch.optim.AdamW` applies it, and
+    :math:`\epsilon` is added outside the bias-corrected square root, as in AdamW. With ``B = 1`` (or for
+    tensors that do not fold) the step *is* :class:`torch.optim.AdamW`; :math:`\alpha` scales only the
+    update of folded tensors.
+
+    Which tensors fold (:func:`foam_hf.folding.is_foldable`): those with two or more dimensions, along the
+    last one, all leading dimensions acting as rows, when the group's ``block_size > 1``. One-dimensional
+    tensors (biases, norm weights) keep full AdamW states. Choosing which *modules* sit in which group is
+    the caller's job (the Trainer integration does it by module name).
+
+    ============  ====================  ==========================================================
+    symbol        argument              optimizer state
+    ============  ====================  ==========================================================
+    :math:`B`     ``block_size``        state shape ``(*rows, ceil(n / B))``
+    :math:`\alpha` ``scale``            --
+    :math:`\rho`  ``res_scale``         --
+    :math:`\tilde m` --                 ``state["exp_avg"]``
+    :math:`\tilde v` --                 ``state["exp_avg_sq"]``
+    :math:`t`     --                    ``state["step"]`` (a CPU float32 tensor, as in torch Adam)
+    ============  ====================  ==========================================================
+
+    Memory: folded tensors cost ``2 * rows * ceil(n / B)`` state entries against AdamW's ``2 * rows * n``.
+    States are fp32 for fp16/bf16 parameters (the update is computed in fp32 and written back in the
+    parameter's dtype) and the parameter's dtype otherwise.
+
+    Args:
+        params: iterable of parameters or of dicts defining parameter groups; every group may carry its own
+            value of each option below.
+        lr: learning rate :math:`\gamma` (default: 1e-3).
+        betas: coefficients :math:`(\beta_1, \beta_2)` of the running averages (default: (0.9, 0.999)).
+        eps: term added to the denominator for numerical stability (default: 1e-8).
+        weight_decay: decoupled weight decay :math:`\lambda` (default: 0).
+        block_size: block size :math:`B`, a positive int; the paper's level :math:`l` is ``2**l``;
+            1 means plain AdamW states (default: 4).
+        scale: multiplier :math:`\alpha` of the update of folded tensors (default: 1.0).
+        res_scale: weight :math:`\rho` of the un-stored residual in both moments; 0 gives pure
+            block-wise Adam (default: 1.0).
+        second_moment: ``"mean_sq"`` (block mean of :math:`G\odot G`) or ``"sq_mean"`` (square of the
+            block mean) (default: ``"mean_sq"``).
+        foreach: use the ``torch._foreach_*`` multi-tensor path; ``None`` picks it when every parameter of
+            the group is on CUDA (default: None).
+
+    Example::
+
+        >>> model = torch.nn.Linear(64, 32)
+        >>> opt = FOAM(model.parameters(), lr=1e-3, block_size=8)
+        >>> model(torch.randn(4, 64)).sum().backward()
+        >>> opt.step()
+        >>> opt.state[model.weight]["exp_avg"].shape
+        torch.Size([32, 8])
+
+    Reference: Wen et al., *FOAM: Blocked State Folding for Memory-Efficient LLM Training*,
+    https://arxiv.org/abs/2512.07112
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        block_size: int = 4,
+        scale: float = 1.0,
+        res_scale: float = 1.0,
+        second_moment: SecondMoment = "mean_sq",
+        *,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            block_size=block_size,
+            scale=scale,
+            res_scale=res_scale,
+            second_moment=second_moment,
+            foreach=foreach,
+        )
+        validate_group_options(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group after validating its options and parameters (see :class:`torch.optim.Optimizer`)."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"FOAM: a param group must be a dict, got {type(param_group).__name__}.")
+        unknown = set(param_group) - set(_GROUP_DEFAULTS) - {"params", "param_names"}
+        # Foreign keys (e.g. "initial_lr" from schedulers) are legal in torch; only our own typos matter.
+        typos = {k for k in unknown if k in ("level", "alpha", "rho", "beta1", "beta2", "blocksize")}
+        if typos:
+            raise FoamConfigError(
+                f"FOAM: param group keys {sorted(typos)} are not FOAM options. Valid options: "
+                f"{sorted(_GROUP_DEFAULTS)}. Fix: use block_size=2**level for 'level' and scale for 'alpha'."
+            )
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if isinstance(group["betas"], list):
+            group["betas"] = tuple(group["betas"])
+        index = len(self.param_groups) - 1
+        try:
+            validate_group_options(group, where=f"param group {index}")
+            for p in group["params"]:
+                if torch.is_complex(p):
+                    raise TypeError(
+                        f"FOAM: param group {index} holds a complex parameter of shape {tuple(p.shape)}; "
+                        "FOAM folds real tensors only. Fix: optimize it with torch.optim.AdamW, or "
+                        "use torch.view_as_real on it."
+                    )
+                if not p.is_floating_point():
+                    raise TypeError(
+                        f"FOAM: param group {index} holds a parameter of dtype {p.dtype}; only floating-point "
+                        "parameters can be optimized."
+                    )
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, default in _GROUP_DEFAULTS.items():
+                group.setdefault(key, default)
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params_with_grad: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        exp_avgs: list[torch.Tensor],
+        exp_avg_sqs: list[torch.Tensor],
+        state_steps: list[torch.Tensor],
+    ) -> None:
+        block_size = group["block_size"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    f"FOAM does not support sparse gradients (parameter of shape {tuple(p.shape)}). "
+                    "Fix: use dense gradients (e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam."
+                )
+            params_with_grad.append(p)
+            grads.append(p.grad)
+            state = self.state[p]
+            if len(state) == 0:
+                dtype = state_dtype_for(p)
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                if is_foldable(p, block_size):
+                    shape = folded_shape(p.shape, block_size)
+                    state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=p.device)
+                    state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
+                else:
+                    state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            state_steps.append(state["step"])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform a single optimization step.
+
+        Args:
+            closure: a closure that re-evaluates the model and returns the loss (optional).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            params_with_grad: list[torch.Tensor] = []
+            grads: list[torch.Tensor] = []
+            exp_avgs: list[torch.Tensor] = []
+            exp_avg_sqs: list[torch.Tensor] = []
+            state_steps: list[torch.Tensor] = []
+            self._init_group(group, params_with_grad, grads, exp_avgs, exp_avg_sqs, state_steps)
+            if not params_with_grad:
+                continue
+            beta1, beta2 = group["betas"]
+            foam(
+                params_with_grad,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                state_steps,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                block_size=group["block_size"],
+                scale=group["scale"],
+                res_scale=group["res_scale"],
+                second_moment=group["second_moment"],
+                foreach=group["foreach"],
+            )
+        return loss
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state written by :meth:`state_dict`, refusing anything that would not continue exactly.
+
+        Raises :class:`~foam_hf.errors.FoamStateError` when a saved group was written under another
+        ``block_size`` or ``second_moment``, by an optimizer that is not FOAM, or when a saved moment's
+        shape differs from the shape this parameter folds to. Moments keep their saved dtype (fp32 for
+        half-precision parameters) instead of torch's default cast to the parameter's dtype.
+        """
+        if not isinstance(state_dict, dict):
+            raise FoamStateError(
+                f"FOAM.load_state_dict: expected the dict optimizer.state_dict() returns, got "
+                f"{type(state_dict).__name__}."
+            )
+        saved_groups = state_dict.get("param_groups")
+        saved_state = state_dict.get("state")
+        if not isinstance(saved_groups, list) or not isinstance(saved_state, dict):
+            raise FoamStateError(
+                "FOAM.load_state_dict: expected a dict with 'state' and 'param_groups' (what "
+                f"optimizer.state_dict() returns); got keys {sorted(map(str, state_dict))}. The file may be "
+                "truncated or not an optimizer state."
+            )
+        if len(saved_groups) != len(self.param_groups):
+            raise FoamStateError(
+                f"FOAM.load_state_dict: the saved state has {len(saved_groups)} param groups, this optimizer "
+                f"has {len(self.param_groups)}. Fix: build the optimizer with the same groups as the run that "
+                "saved the checkpoint."
+            )
+        id_to_param: dict[int, tuple[torch.Tensor, dict[str, Any], int]] = {}
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            missing = [k for k in _STRUCTURAL_KEYS if k not in saved]
+            if missing:
+                raise FoamStateError(
+                    f"FOAM.load_state_dict: saved param group {index} has no {missing}: this state was not "
+                    "written by FOAM (an AdamW checkpoint?). Fix: load it into the optimizer that wrote it, "
+                    "or convert it to FOAM states first."
+                )
+            for key in _STRUCTURAL_KEYS:
+                if saved[key] != group[key]:
+                    raise FoamStateError(
+                        f"FOAM.load_state_dict: param group {index} was saved with {key}={saved[key]!r} but "
+                        f"this optimizer has {key}={group[key]!r}; its states cannot be continued exactly. "
+                        f"Fix: build FOAM with {key}={saved[key]!r} to resume this checkpoint."
+                    )
+            if len(saved["params"]) != len(group["params"]):
+                raise FoamStateError(
+                    f"FOAM.load_state_dict: param group {index} holds {len(group['params'])} parameters but "
+                    f"the saved group holds {len(saved['params'])}. Fix: build the optimizer over the same "
+                    "parameters, in the same order, as the run that saved it."
+                )
+            for pid, p in zip(saved["params"], group["params"]):
+                id_to_param[pid] = (p, group, index)
+        for pid, pstate in saved_state.items():
+            if pid not in id_to_param:
+                raise FoamStateError(f"FOAM.load_state_dict: saved state for parameter id {pid} has no parameter.")
+            p, group, index = id_to_param[pid]
+            expected = folded_shape(p.shape, group["block_size"]) if is_foldable(p, group["block_size"]) else p.shape
+            for key in ("exp_avg", "exp_avg_sq"):
+                value = pstate.get(key)
+                if not isinstance(value, torch.Tensor):
+                    raise FoamStateError(
+                        f"FOAM.load_state_dict: saved state of a parameter of shape {tuple(p.shape)} in group "
+                        f"{index} has no tensor '{key}' (keys: {sorted(pstate)}); not a FOAM state."
+                    )
+                if value.shape != expected:
+                    raise FoamStateError(
+                        f"FOAM.load_state_dict: saved '{key}' of a parameter of shape {tuple(p.shape)} in group "
+                        f"{index} has shape {tuple(value.shape)}, but with block_size={group['block_size']} "
+                        f"FOAM keeps shape {tuple(expected)}. The checkpoint was written with other folding "
+                        "(or by AdamW). Fix: resume with the block sizes of the run that saved it."
+                    )
+        super().load_state_dict(state_dict)
+        # torch casts floating states to the parameter's dtype; FOAM keeps fp32 moments for half params.
+        for pid, pstate in saved_state.items():
+            p, _, _ = id_to_param[pid]
+            for key in ("exp_avg", "exp_avg_sq"):
+                self.state[p][key] = pstate[key].to(device=p.device, dtype=state_dtype_for(p), copy=True)
+
+    # ------------------------------------------------------------------ memory
+
+    def state_memory(self) -> StateMemory:  # noqa: F821 - imported lazily to keep one concept per module
+        """Optimizer-state bytes of this FOAM instance against AdamW's, see :func:`foam_hf.state_memory`."""
+        from .memory import state_memory
+
+        return state_memory(self)
+
+
+# ---------------------------------------------------------------------------- functional API
+
+
+def foam(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    state_steps: list[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    block_size: int,
+    scale: float,
+    res_scale: float,
+    second_moment: str,
+    foreach: bool | None = None,
+) -> None:
+    r"""Functional FOAM step over one group's tensors; see :class:`FOAM` for the algorithm.
+
+    ``foreach=None`` uses the multi-tensor path when every parameter is on CUDA, as torch does.
+    """
+    if foreach is None:
+        foreach = all(p.is_cuda for p in params)
+    impl = _multi_tensor_foam if foreach else _single_tensor_foam
+    impl(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        state_steps,
+        lr=float(lr),
+        beta1=float(beta1),
+        beta2=float(beta2),
+        eps=float(eps),
+        weight_decay=float(weight_decay),
+        block_size=int(block_size),
+        scale=float(scale),
+        res_scale=float(res_scale),
+        second_moment=second_moment,
+    )
+
+
+def _single_tensor_foam(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    state_steps: list[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    block_size: int,
+    scale: float,
+    res_scale: float,
+    second_moment: str,
+) -> None:
+    """The readable path: one tensor at a time, each line matching a line of the algorithm box."""
+    for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+        compute_dtype = exp_avg.dtype
+        # Half-precision parameters: compute on an fp32 copy, write back at the end.
+        weight = param if param.dtype == compute_dtype else param.to(compute_dtype)
+        grad = grad.to(compute_dtype)
+
+        step_t += 1
+        step = step_t.item()
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        step_size = lr / bias_correction1
+
+        # W ← W(1 − γλ), on the old weights, as AdamW.
+        weight.mul_(1 - lr * weight_decay)
+
+        if is_foldable(param, block_size):
+            n = grad.shape[-1]
+            # g̃ = blockmean(G);  g̃⁽²⁾ = blockmean(G⊙G) or g̃⊙g̃
+            grad_mean = block_mean(grad, block_size)
+            if second_moment == "mean_sq":
+                grad_sq_mean = block_mean(grad * grad, block_size)
+            else:
+                grad_sq_mean = grad_mean * grad_mean
+            # m̃ ← β1 m̃ + (1−β1) g̃;  ṽ ← β2 ṽ + (1−β2) g̃⁽²⁾
+            exp_avg.lerp_(grad_mean, 1 - beta1)
+            exp_avg_sq.mul_(beta2).add_(grad_sq_mean, alpha=1 - beta2)
+            # M = unfold(m̃) + ρR;  V = unfold(ṽ) + ρ²R⊙R;  R = G − unfold(g̃)
+            first = unfold(exp_avg, n, block_size)
+            second = unfold(exp_avg_sq, n, block_size)
+            if res_scale != 0:
+                residual = grad - unfold(grad_mean, n, block_size)
+                first = first + res_scale * residual
+                second = second + (res_scale * res_scale) * (residual * residual)
+            # W ← W − γα (M/bc1) / (sqrt(V/bc2) + ε)
+            denom = (second.sqrt() / bias_correction2_sqrt).add_(eps)
+            weight.addcdiv_(first, denom, value=-step_size * scale)
+        else:
+            # Plain AdamW, op for op as torch.optim.AdamW's single-tensor path.
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+            weight.addcdiv_(exp_avg, denom, value=-step_size)
+
+        if weight is not param:
+            param.copy_(weight)
+
+
+def _multi_tensor_foam(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    state_steps: list[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    block_size: int,
+    scale: float,
+    res_scale: float,
+    second_moment: str,
+) -> None:
+    """The ``torch._foreach_*`` path: state updates and the final update batched over tensors.
+
+    Folding itself is per tensor (shapes differ); everything element-wise runs as one foreach call per
+    operation. Same operations, same order as :func:`_single_tensor_foam`.
+    """
+    if not params:
+        return
+    weights = [p if p.dtype == ea.dtype else p.to(ea.dtype) for p, ea in zip(params, exp_avgs)]
+    grads = [g.to(ea.dtype) for g, ea in zip(grads, exp_avgs)]
+
+    torch._foreach_add_(state_steps, 1)
+    steps = [s.item() for s in state_steps]
+    bias_correction2_sqrts = [(1 - beta2**s) ** 0.5 for s in steps]
+    step_sizes = [lr / (1 - beta1**s) for s in steps]
+
+    if weight_decay != 0:
+        torch._foreach_mul_(weights, 1 - lr * weight_decay)
+
+    folded = [i for i, p in enumerate(params) if is_foldable(p, block_size)]
+    plain = [i for i, p in enumerate(params) if not is_foldable(p, block_size)]
+
+    def pick(seq: list[Any], idx: list[int]) -> list[Any]:
+        return [seq[i] for i in idx]
+
+    if plain:
+        p_w, p_g = pick(weights, plain), pick(grads, plain)
+        p_m, p_v = pick(exp_avgs, plain), pick(exp_avg_sqs, plain)
+        torch._foreach_lerp_(p_m, p_g, 1 - beta1)
+        torch._foreach_mul_(p_v, beta2)
+        torch._foreach_addcmul_(p_v, p_g, p_g, 1 - beta2)
+        denom = torch._foreach_sqrt(p_v)
+        torch._foreach_div_(denom, pick(bias_correction2_sqrts, plain))
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(p_w, p_m, denom, [-s for s in pick(step_sizes, plain)])
+
+    if folded:
+        f_w, f_g = pick(weights, folded), pick(grads, folded)
+        f_m, f_v = pick(exp_avgs, folded), pick(exp_avg_sqs, folded)
+        ns = [g.shape[-1] for g in f_g]
+        grad_means = [block_mean(g, block_size) for g in f_g]
+        if second_moment == "mean_sq":
+            grad_sq_means = [block_mean(g * g, block_size) for g in f_g]
+        else:
+            grad_sq_means = torch._foreach_mul(grad_means, grad_means)
+        torch._foreach_lerp_(f_m, grad_means, 1 - beta1)
+        torch._foreach_mul_(f_v, beta2)
+        torch._foreach_add_(f_v, grad_sq_means, alpha=1 - beta2)
+        first = [unfold(m, n, block_size) for m, n in zip(f_m, ns)]
+        second = [unfold(v, n, block_size) for v, n in zip(f_v, ns)]
+        if res_scale != 0:
+            residuals = torch._foreach_sub(f_g, [unfold(gm, n, block_size) for gm, n in zip(grad_means, ns)])
+            first = torch._foreach_add(first, torch._foreach_mul(residuals, res_scale))
+            second = torch._foreach_add(
+                second, torch._foreach_mul(torch._foreach_mul(residuals, residuals), res_scale * res_scale)
+            )
+        denom = torch._foreach_sqrt(second)
+        torch._foreach_div_(denom, pick(bias_correction2_sqrts, folded))
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(f_w, first, denom, [-s * scale for s in pick(step_sizes, folded)])
+
+    for param, weight in zip(params, weights):
+        if weight is not param:
+            param.copy_(weight)

@@ -1,0 +1,276 @@
+"""FOAM against its two anchors: torch.optim.AdamW at block_size=1, and the explicit-matrix reference."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from foam_hf import FOAM, FoamStateError, folded_shape, state_memory
+from foam_hf.reference import FoamReference
+
+# Deliberately awkward shapes: divisible, ragged (n = kB + 1), n < B, a single column, 1-D and 3-D.
+SHAPES = [(6, 8), (5, 9), (3, 2), (4, 1), (7,), (2, 3, 10)]
+
+# (kwargs, description): every generic test runs over this table.
+FOAM_CONFIGS = [
+    (dict(block_size=2), "B=2"),
+    (dict(block_size=3), "B=3 ragged"),
+    (dict(block_size=4, weight_decay=0.1), "B=4 with weight decay"),
+    (dict(block_size=8, scale=0.5), "B=8 > some n, scale 0.5"),
+    (dict(block_size=4, res_scale=0.0), "B=4 no residual"),
+    (dict(block_size=4, res_scale=0.5, second_moment="sq_mean"), "B=4 sq_mean"),
+    (dict(block_size=3, scale=1.7, second_moment="sq_mean", weight_decay=0.05), "B=3 sq_mean scaled"),
+]
+CONFIG_IDS = [desc for _, desc in FOAM_CONFIGS]
+
+HPARAMS = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
+
+
+def reference_kwargs(kwargs):
+    """The full hyper-parameter set FOAM runs with (its documented defaults, HPARAMS, kwargs)."""
+    defaults = dict(weight_decay=0.0, block_size=4, scale=1.0, res_scale=1.0, second_moment="mean_sq")
+    return {**defaults, **HPARAMS, **kwargs}
+
+
+def make_params(dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in SHAPES]
+
+
+def grad_sequence(params, steps, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params] for _ in range(steps)]
+
+
+def run(optimizer, params, grads):
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        optimizer.step()
+
+
+def clone_params(params):
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("foreach", [False, True])
+def test_block_size_one_is_adamw(weight_decay, foreach):
+    params = make_params()
+    ours, theirs = clone_params(params), clone_params(params)
+    foam = FOAM(ours, block_size=1, weight_decay=weight_decay, foreach=foreach, **HPARAMS)
+    adamw = torch.optim.AdamW(theirs, weight_decay=weight_decay, foreach=False, **HPARAMS)
+    grads = grad_sequence(params, steps=25)  # >= 20 steps, so bias corrections have decayed
+    run(foam, ours, grads)
+    run(adamw, theirs, grads)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(foam.state[a][key], adamw.state[b][key], atol=1e-6, rtol=0)
+        assert foam.state[a]["step"].item() == adamw.state[b]["step"].item() == 25
+
+
+@pytest.mark.parametrize("kwargs", [c for c, _ in FOAM_CONFIGS], ids=CONFIG_IDS)
+@pytest.mark.parametrize("foreach", [False, True])
+def test_matches_matrix_reference_float64(kwargs, foreach):
+    params = make_params(torch.float64)
+    foam = FOAM(params, foreach=foreach, **HPARAMS, **kwargs)
+    reference = FoamReference(params, **reference_kwargs(kwargs))
+    grads = grad_sequence(params, steps=12)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        foam.step()
+        reference.step(step_grads)
+    for p, w_ref, m_ref, v_ref in zip(params, reference.weights, reference.m, reference.v):
+        torch.testing.assert_close(p.detach(), w_ref, atol=1e-10, rtol=0)
+        torch.testing.assert_close(foam.state[p]["exp_avg"], m_ref, atol=1e-12, rtol=0)
+        torch.testing.assert_close(foam.state[p]["exp_avg_sq"], v_ref, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs", [c for c, _ in FOAM_CONFIGS], ids=CONFIG_IDS)
+def test_matches_matrix_reference_float32(kwargs):
+    params = make_params(torch.float32)
+    foam = FOAM(params, **HPARAMS, **kwargs)
+    reference = FoamReference(params, **reference_kwargs(kwargs))
+    grads = grad_sequence(params, steps=20)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        foam.step()
+        reference.step(step_grads)
+    for p, w_ref in zip(params, reference.weights):
+        # fp32 arithmetic against a float64 reference: 20 steps of fp32 rounding (~1.2e-7 relative each)
+        # on weights up to |w| ~ 3 stay within 1e-6 absolute + 1e-6 relative.
+        torch.testing.assert_close(p.detach().double(), w_ref, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [c for c, _ in FOAM_CONFIGS], ids=CONFIG_IDS)
+def test_foreach_equals_single_tensor(kwargs):
+    params = make_params()
+    a, b = clone_params(params), clone_params(params)
+    opt_a = FOAM(a, foreach=False, **HPARAMS, **kwargs)
+    opt_b = FOAM(b, foreach=True, **HPARAMS, **kwargs)
+    grads = grad_sequence(params, steps=10)
+    run(opt_a, a, grads)
+    run(opt_b, b, grads)
+    for x, y in zip(a, b):
+        # Same operations in the same order; foreach kernels may vectorise differently: 1 ulp-level slack.
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(opt_a.state[x]["exp_avg_sq"], opt_b.state[y]["exp_avg_sq"], atol=1e-7, rtol=1e-6)
+
+
+def test_state_shapes_and_bytes():
+    params = make_params()
+    opt = FOAM(params, block_size=4)
+    predicted = state_memory(opt)
+    run(opt, params, grad_sequence(params, steps=1))
+    held = 0
+    for p in params:
+        expected = folded_shape(p.shape, 4) if p.ndim >= 2 else p.shape
+        assert opt.state[p]["exp_avg"].shape == expected
+        assert opt.state[p]["exp_avg_sq"].shape == expected
+        held += sum(t.numel() * t.element_size() for t in opt.state[p].values())
+    assert predicted.foam_bytes == held
+    # AdamW's figure from its own states, not from our formula.
+    twins = clone_params(params)
+    adamw = torch.optim.AdamW(twins)
+    run(adamw, twins, grad_sequence(params, steps=1))
+    adamw_held = sum(t.numel() * t.element_size() for s in adamw.state.values() for t in s.values())
+    assert predicted.adamw_bytes == adamw_held
+    assert predicted.folded_params == 5 and predicted.unfolded_params == 1  # only (7,) is 1-D
+
+
+def test_memory_formula_of_a_large_layer():
+    weight = torch.nn.Parameter(torch.empty(4096, 4096, device="meta"))
+    mem = state_memory(FOAM([weight], block_size=32))
+    assert mem.foam_bytes == 8 * 4096 * 128 + 4
+    assert mem.adamw_bytes == 8 * 4096 * 4096 + 4
+    assert 31 < mem.ratio < 32
+
+
+def test_one_dimensional_and_block_larger_than_row():
+    bias = torch.randn(10, requires_grad=True)
+    narrow = torch.randn(5, 3, requires_grad=True)
+    opt = FOAM([bias, narrow], block_size=16)
+    run(opt, [bias, narrow], grad_sequence([bias, narrow], steps=1))
+    assert opt.state[bias]["exp_avg"].shape == (10,)
+    assert opt.state[narrow]["exp_avg"].shape == (5, 1)  # the whole row is one ragged block
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_params_keep_fp32_states(dtype):
+    half = [p.detach().to(dtype).requires_grad_() for p in make_params()]
+    # Independent expectation: the same step on an fp32 copy of the half weights, rounded once at the end.
+    full = [p.detach().float().requires_grad_() for p in half]
+    opt_half = FOAM(half, block_size=3, weight_decay=0.1, **HPARAMS)
+    opt_full = FOAM(full, block_size=3, weight_decay=0.1, **HPARAMS)
+    grads = grad_sequence(half, steps=1)
+    run(opt_half, half, grads)
+    run(opt_full, full, [[g.float() for g in grads[0]]])
+    for h, f in zip(half, full):
+        assert h.dtype == dtype
+        assert opt_half.state[h]["exp_avg"].dtype == torch.float32
+        assert torch.equal(h.detach(), f.detach().to(dtype))
+        torch.testing.assert_close(opt_half.state[h]["exp_avg_sq"], opt_full.state[f]["exp_avg_sq"], atol=0, rtol=0)
+
+
+def test_params_without_grad_are_left_alone():
+    used, unused = torch.randn(4, 4, requires_grad=True), torch.randn(4, 4, requires_grad=True)
+    before = unused.detach().clone()
+    opt = FOAM([used, unused])
+    used.grad = torch.ones(4, 4)
+    opt.step()
+    assert torch.equal(unused.detach(), before)
+    assert len(opt.state[unused]) == 0
+
+
+def test_closure_is_evaluated_with_grad():
+    w = torch.randn(3, 8, requires_grad=True)
+    opt = FOAM([w], lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (w**2).sum()
+        loss.backward()
+        return loss
+
+    loss0 = opt.step(closure)
+    assert torch.is_tensor(loss0) and loss0.item() > 0
+    assert opt.step(closure).item() < loss0.item()
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_state_dict_round_trip_continues_bit_identically(foreach):
+    params = make_params()
+    opt = FOAM(params, block_size=3, weight_decay=0.1, foreach=foreach, **HPARAMS)
+    grads = grad_sequence(params, steps=10)
+    run(opt, params, grads[:5])
+
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)  # what Trainer's safe loading does
+
+    resumed_params = clone_params(params)
+    resumed = FOAM(resumed_params, block_size=3, weight_decay=0.1, foreach=foreach, **HPARAMS)
+    resumed.load_state_dict(saved)
+    run(opt, params, grads[5:])
+    run(resumed, resumed_params, grads[5:])
+    for a, b in zip(params, resumed_params):
+        assert torch.equal(a, b)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[a][key], resumed.state[b][key])
+
+
+def test_load_keeps_fp32_states_for_bf16_params():
+    params = [p.detach().bfloat16().requires_grad_() for p in make_params()]
+    opt = FOAM(params, block_size=2)
+    run(opt, params, grad_sequence(params, steps=2))
+    twin = FOAM(clone_params(params), block_size=2)
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for p_state, q_state in zip(opt.state.values(), twin.state.values()):
+        assert q_state["exp_avg"].dtype == torch.float32
+        assert torch.equal(p_state["exp_avg"], q_state["exp_avg"])
+
+
+@pytest.mark.parametrize(
+    "saved_kwargs, loading_kwargs, error_regex",
+    [
+        (dict(block_size=4), dict(block_size=8), r"saved with block_size=4 .* has block_size=8"),
+        (dict(second_moment="sq_mean"), dict(second_moment="mean_sq"), r"second_moment='sq_mean'"),
+    ],
+)
+def test_load_refuses_other_folding(saved_kwargs, loading_kwargs, error_regex):
+    params = make_params()
+    opt = FOAM(params, **saved_kwargs)
+    run(opt, params, grad_sequence(params, steps=1))
+    with pytest.raises(FoamStateError, match=error_regex):
+        FOAM(clone_params(params), **loading_kwargs).load_state_dict(opt.state_dict())
+
+
+def test_load_refuses_adamw_state_and_reshaped_state():
+    params = make_params()
+    adamw = torch.optim.AdamW(params)
+    run(adamw, params, grad_sequence(params, steps=1))
+    with pytest.raises(FoamStateError, match="not written by FOAM"):
+        FOAM(clone_params(params)).load_state_dict(adamw.state_dict())
+
+    opt = FOAM(params, block_size=4)
+    run(opt, params, grad_sequence(params, steps=1))
+    tampered = copy.deepcopy(opt.state_dict())
+    tampered["state"][0]["exp_avg"] = torch.zeros(6, 8)  # an unfolded moment on a folded (6, 8) weight
+    with pytest.raises(FoamStateError, match=r"has shape \(6, 8\), but with block_size=4 FOAM keeps shape \(6, 2\)"):
+        FOAM(clone_params(params), block_size=4).load_state_dict(tampered)
+
+
+def test_param_groups_carry_their_own_block_size():
+    folded, plain = torch.randn(4, 16, requires_grad=True), torch.randn(4, 16, requires_grad=True)
+    opt = FOAM([{"params": [folded], "block_size": 8}, {"params": [plain], "block_size": 1}], block_size=4)
+    run(opt, [folded, plain], grad_sequence([folded, plain], steps=1))
+    assert opt.state[folded]["exp_avg"].shape == (4, 2)
+    assert opt.state[plain]["exp_avg"].shape == (4, 16)
+    assert [g["block_size"] for g in opt.state_dict()["param_groups"]] == [8, 1]
