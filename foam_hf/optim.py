@@ -289,9 +289,10 @@ class FOAM(Optimizer):
         exp_avgs: list[torch.Tensor],
         exp_avg_sqs: list[torch.Tensor],
         state_steps: list[torch.Tensor],
+        params: list[torch.Tensor] | None = None,
     ) -> None:
         block_size = group["block_size"]
-        for p in group["params"]:
+        for p in group["params"] if params is None else params:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
@@ -329,33 +330,37 @@ class FOAM(Optimizer):
                 loss = closure()
 
         for group in self.param_groups:
-            params_with_grad: list[torch.Tensor] = []
-            grads: list[torch.Tensor] = []
-            exp_avgs: list[torch.Tensor] = []
-            exp_avg_sqs: list[torch.Tensor] = []
-            state_steps: list[torch.Tensor] = []
-            self._init_group(group, params_with_grad, grads, exp_avgs, exp_avg_sqs, state_steps)
-            if not params_with_grad:
-                continue
-            beta1, beta2 = group["betas"]
-            foam(
-                params_with_grad,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                state_steps,
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                block_size=group["block_size"],
-                scale=group["scale"],
-                res_scale=group["res_scale"],
-                second_moment=group["second_moment"],
-                foreach=group["foreach"],
-            )
+            self._step_group(group)
         return loss
+
+    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor] | None = None) -> None:
+        """One FOAM step over ``group`` (or over ``params``, a subset of it: the layer-wise seam)."""
+        params_with_grad: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        exp_avgs: list[torch.Tensor] = []
+        exp_avg_sqs: list[torch.Tensor] = []
+        state_steps: list[torch.Tensor] = []
+        self._init_group(group, params_with_grad, grads, exp_avgs, exp_avg_sqs, state_steps, params)
+        if not params_with_grad:
+            return
+        beta1, beta2 = group["betas"]
+        foam(
+            params_with_grad,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            state_steps,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            block_size=group["block_size"],
+            scale=group["scale"],
+            res_scale=group["res_scale"],
+            second_moment=group["second_moment"],
+            foreach=group["foreach"],
+        )
 
     # ------------------------------------------------------------------ checkpoints
 
