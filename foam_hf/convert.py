@@ -1,0 +1,190 @@
+r"""Convert optimizer state between AdamW and FOAM: switch mid-training, resume an AdamW checkpoint, export.
+
+:func:`foam_state_from_adamw` folds AdamW's moments block-wise into a FOAM optimizer's state;
+:func:`adamw_state_from_foam` unfolds them back into a state dict that :class:`torch.optim.AdamW` loads.
+Parameters are matched by *position*: the order in which they appear across the param groups of each
+optimizer (what ``optimizer.state_dict()`` numbers them by). Both optimizers must therefore be built over
+the same parameters in the same order; the number of parameters and every shape are checked.
+
+Why the block mean is the right fold. Write :math:`A` for the fold matrix (block mean, see
+:mod:`foam_hf.reference`) and let AdamW and FOAM see the same gradients :math:`G_1, \ldots, G_t`.
+
+* First moment. AdamW's :math:`m_t = (1-\beta_1)\sum_s \beta_1^{t-s} G_s` is linear in the gradients, and
+  so is the fold, so :math:`m_t A = (1-\beta_1)\sum_s \beta_1^{t-s} G_s A`, which is exactly FOAM's
+  :math:`\tilde m_t`. Folding :math:`m` by block mean gives the state FOAM would hold had it run from step
+  one: the conversion is exact.
+* Second moment, ``second_moment="mean_sq"``. FOAM's :math:`\tilde v_t` is the same EMA of
+  :math:`(G_s \odot G_s) A` and AdamW's :math:`v_t` the EMA of :math:`G_s \odot G_s`; by the same
+  linearity :math:`v_t A = \tilde v_t`. Exact again.
+* Second moment, ``second_moment="sq_mean"``. FOAM's :math:`\tilde v_t` is the EMA of
+  :math:`(G_s A)^{\odot 2}`, the squared block mean, which AdamW's per-entry :math:`v_t` cannot recover (it
+  has lost the signs and the cross terms). By Jensen, :math:`(G_s A)^{\odot 2} \le (G_s \odot G_s) A`
+  entry-wise, so :math:`v_t A` is an *upper bound* on the state FOAM would hold: the denominators after
+  conversion are at least as large, the first FOAM steps are at most as long as they would have been, and
+  the excess decays as :math:`\beta_2^{\,t - t_0}`. No other fold of :math:`v` is both available and safe:
+  anything smaller than the block mean can undershoot the true value and lengthen steps.
+
+The residual :math:`R` is never stored, so nothing else needs converting; the step counter carries over,
+so bias corrections continue where AdamW left them. The unfold (:func:`adamw_state_from_foam`) broadcasts
+each folded entry over its block: every entry of a block gets the block's mean moment, which is what FOAM's
+own update uses for the stored part of :math:`M` and :math:`V`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .errors import FoamStateError
+from .folding import block_mean, folded_shape, is_foldable, unfold
+
+__all__ = ["adamw_state_from_foam", "foam_state_from_adamw"]
+
+_ADAM_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+
+
+def _ordered_params(optimizer: torch.optim.Optimizer) -> list[tuple[torch.Tensor, dict[str, Any], int]]:
+    """(param, group, group index) in state_dict order: group by group, param by param."""
+    return [(p, group, i) for i, group in enumerate(optimizer.param_groups) for p in group["params"]]
+
+
+def _check_is_foam(optimizer: Any, argument: str) -> None:
+    from .optim import FOAM
+
+    if not isinstance(optimizer, FOAM):
+        raise TypeError(
+            f"{argument} must be a foam_hf.FOAM optimizer, got {type(optimizer).__name__}. Fix: build FOAM over "
+            "the same parameters, in the same order, and pass it here."
+        )
+
+
+def _target_dtype(param: torch.Tensor, group: dict[str, Any]) -> torch.dtype:
+    from .optim import state_dtype_for
+
+    chosen = group.get("state_dtype")
+    return chosen if chosen is not None else state_dtype_for(param)
+
+
+def foam_state_from_adamw(adamw: torch.optim.Optimizer | dict[str, Any], foam_optimizer: Any) -> None:
+    """Fill ``foam_optimizer``'s state with AdamW's moments, folded block-wise (see the module docstring).
+
+    Args:
+        adamw: a :class:`torch.optim.AdamW` or :class:`torch.optim.Adam` optimizer, or the dict its
+            ``state_dict()`` returns (e.g. loaded from an AdamW checkpoint with ``torch.load``).
+        foam_optimizer: a :class:`foam_hf.FOAM` built over the same parameters in the same order.
+
+    Parameters AdamW holds no state for (never stepped) get no FOAM state either: FOAM initializes them
+    lazily at their first step, as AdamW would have. Existing FOAM state for converted parameters is
+    replaced. Hyper-parameters (lr, betas, eps, weight decay) are *not* copied: they are FOAM's own.
+
+    Raises:
+        FoamStateError: the parameter counts differ, a moment's shape differs from its parameter's, the
+            state is not an Adam state (no ``exp_avg``/``exp_avg_sq``), or it uses ``amsgrad``, which FOAM
+            does not implement.
+    """
+    _check_is_foam(foam_optimizer, "foam_state_from_adamw: foam_optimizer")
+    state_dict = adamw.state_dict() if isinstance(adamw, torch.optim.Optimizer) else adamw
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict):
+        raise FoamStateError(
+            f"foam_state_from_adamw: expected an AdamW optimizer or its state_dict() (a dict with 'state' and "
+            f"'param_groups'), got {type(adamw).__name__}. Fix: pass the optimizer or torch.load(path) of its "
+            "state_dict."
+        )
+    saved_groups = state_dict.get("param_groups")
+    if not isinstance(saved_groups, list):
+        raise FoamStateError(
+            "foam_state_from_adamw: the state dict has no 'param_groups' list; not an optimizer state."
+        )
+    for index, group in enumerate(saved_groups):
+        if group.get("amsgrad", False):
+            raise FoamStateError(
+                f"foam_state_from_adamw: AdamW param group {index} uses amsgrad=True; FOAM has no max-of-v "
+                "state to fold it into. Fix: convert from an AdamW run with amsgrad=False."
+            )
+    saved_ids = [pid for group in saved_groups for pid in group["params"]]
+    targets = _ordered_params(foam_optimizer)
+    if len(saved_ids) != len(targets):
+        raise FoamStateError(
+            f"foam_state_from_adamw: AdamW holds {len(saved_ids)} parameters but FOAM holds {len(targets)}. "
+            "Fix: build FOAM over the same parameters, in the same order, as the AdamW optimizer "
+            "(e.g. both from model.parameters(), with the same param groups)."
+        )
+    converted: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+    for position, (pid, (param, group, index)) in enumerate(zip(saved_ids, targets)):
+        adam_state = state_dict["state"].get(pid)
+        if not adam_state:
+            continue
+        missing = [k for k in _ADAM_STATE_KEYS if not isinstance(adam_state.get(k), torch.Tensor)]
+        if missing:
+            raise FoamStateError(
+                f"foam_state_from_adamw: the state of parameter {position} has no tensor {missing} (keys: "
+                f"{sorted(adam_state)}); it was not written by Adam/AdamW. Fix: pass an Adam or AdamW state."
+            )
+        for key in ("exp_avg", "exp_avg_sq"):
+            if adam_state[key].shape != param.shape:
+                raise FoamStateError(
+                    f"foam_state_from_adamw: AdamW's '{key}' of parameter {position} has shape "
+                    f"{tuple(adam_state[key].shape)} but FOAM's parameter {position} (group {index}) has shape "
+                    f"{tuple(param.shape)}. The parameter lists do not line up. Fix: build both optimizers "
+                    "over the same parameters in the same order."
+                )
+        dtype = _target_dtype(param, group)
+        block_size = group["block_size"]
+        new_state: dict[str, torch.Tensor] = {"step": adam_state["step"].detach().to(torch.float32).cpu().clone()}
+        for key in ("exp_avg", "exp_avg_sq"):
+            # Fold in at least fp32, round once to the state dtype.
+            moment = adam_state[key].detach().to(device=param.device)
+            wide = moment.to(torch.promote_types(moment.dtype, torch.float32))
+            if is_foldable(param, block_size):
+                wide = block_mean(wide, block_size)
+            new_state[key] = wide.to(dtype).clone()
+        converted[param] = new_state
+    # Validate everything before touching the target, then commit.
+    for param, new_state in converted.items():
+        foam_optimizer.state[param] = new_state
+
+
+def adamw_state_from_foam(foam_optimizer: Any) -> dict[str, Any]:
+    """An AdamW ``state_dict`` with FOAM's moments unfolded (broadcast over each block), for export.
+
+    Load it with ``torch.optim.AdamW(same_params_in_same_order).load_state_dict(...)``. The groups carry
+    FOAM's ``lr``, ``betas``, ``eps`` and ``weight_decay`` and ``amsgrad=False``; AdamW fills its other
+    options with its defaults. The residual part of FOAM's moments is never stored, so the exported
+    moments are constant within each block.
+    """
+    _check_is_foam(foam_optimizer, "adamw_state_from_foam: foam_optimizer")
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    groups: list[dict[str, Any]] = []
+    position = 0
+    for group in foam_optimizer.param_groups:
+        ids = []
+        for param in group["params"]:
+            ids.append(position)
+            foam_state = foam_optimizer.state.get(param)
+            if foam_state:
+                out: dict[str, torch.Tensor] = {"step": foam_state["step"].clone()}
+                for key in ("exp_avg", "exp_avg_sq"):
+                    moment = foam_state[key]
+                    if is_foldable(param, group["block_size"]):
+                        expected = folded_shape(param.shape, group["block_size"])
+                        if moment.shape != expected:
+                            raise FoamStateError(
+                                f"adamw_state_from_foam: '{key}' of parameter {position} has shape "
+                                f"{tuple(moment.shape)}, expected the folded shape {tuple(expected)}."
+                            )
+                        moment = unfold(moment, param.shape[-1], group["block_size"])
+                    out[key] = moment.clone()
+                state[position] = out
+            position += 1
+        groups.append(
+            dict(
+                params=ids,
+                lr=group["lr"],
+                betas=group["betas"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                amsgrad=False,
+            )
+        )
+    return {"state": state, "param_groups": groups}

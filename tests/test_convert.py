@@ -1,0 +1,186 @@
+"""AdamW ⇄ FOAM state conversion, held to the step computed by hand from explicit fold/unfold matrices."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from foam_hf import FOAM, FoamStateError, folded_shape
+from foam_hf.convert import adamw_state_from_foam, foam_state_from_adamw
+from foam_hf.reference import fold_matrix, unfold_matrix
+
+# Divisible, ragged (n = kB + 1), n < B, one column, 1-D (unfolded fallback) and 3-D.
+SHAPES = [(6, 8), (5, 9), (3, 2), (4, 1), (7,), (2, 3, 10)]
+HPARAMS = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+
+
+def make_params(dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in SHAPES]
+
+
+def random_grads(params, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+
+
+def adamw_after(params, steps):
+    adamw = torch.optim.AdamW(params, foreach=False, **HPARAMS)
+    for s in range(steps):
+        for p, g in zip(params, random_grads(params, seed=100 + s)):
+            p.grad = g
+        adamw.step()
+    return adamw
+
+
+def hand_step(w, m, v, g, t, *, block_size, res_scale, scale, second_moment):
+    """One FOAM step from AdamW's full moments (m, v), written with the matrices A (fold) and E (unfold)."""
+    lr, (b1, b2), eps, wd = HPARAMS["lr"], HPARAMS["betas"], HPARAMS["eps"], HPARAMS["weight_decay"]
+    bc1, bc2 = 1 - b1**t, 1 - b2**t
+    if block_size == 1 or w.ndim < 2:
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        return w * (1 - lr * wd) - lr * (m / bc1) / ((v / bc2).sqrt() + eps), m, v
+    n = w.shape[-1]
+    A, E = fold_matrix(n, block_size), unfold_matrix(n, block_size)
+    G, m0, v0 = g.reshape(-1, n), m.reshape(-1, n) @ A, v.reshape(-1, n) @ A  # the conversion: m A, v A
+    g_fold = G @ A
+    g2_fold = (G * G) @ A if second_moment == "mean_sq" else g_fold * g_fold
+    m1 = b1 * m0 + (1 - b1) * g_fold
+    v1 = b2 * v0 + (1 - b2) * g2_fold
+    R = G - g_fold @ E
+    M, V = m1 @ E + res_scale * R, v1 @ E + res_scale**2 * R * R
+    update = scale * (M / bc1) / ((V / bc2).sqrt() + eps)
+    folded = (*w.shape[:-1], A.shape[1])
+    return w * (1 - lr * wd) - lr * update.reshape(w.shape), m1.reshape(folded), v1.reshape(folded)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(block_size=4),
+        dict(block_size=3, res_scale=0.5, scale=1.5),
+        dict(block_size=4, second_moment="sq_mean"),
+        dict(block_size=1),
+    ],
+    ids=["B=4", "B=3 ragged scaled", "B=4 sq_mean", "B=1"],
+)
+@pytest.mark.parametrize("from_state_dict", [False, True], ids=["optimizer", "state_dict"])
+def test_first_step_after_conversion_matches_hand_computation(kwargs, from_state_dict):
+    full = dict(block_size=4, res_scale=1.0, scale=1.0, second_moment="mean_sq") | kwargs
+    params = make_params()
+    adamw = adamw_after(params, steps=5)  # 5 AdamW steps: moments far from zero, bias corrections live
+    adam_moments = [(adamw.state[p]["exp_avg"].clone(), adamw.state[p]["exp_avg_sq"].clone()) for p in params]
+    weights = [p.detach().clone() for p in params]
+
+    foam = FOAM(params, **HPARAMS, **kwargs)
+    foam_state_from_adamw(copy.deepcopy(adamw.state_dict()) if from_state_dict else adamw, foam)
+    grads = random_grads(params, seed=7)
+    for p, g in zip(params, grads):
+        p.grad = g
+    foam.step()
+
+    for p, w, (m, v), g in zip(params, weights, adam_moments, grads):
+        w_hand, m_hand, v_hand = hand_step(w, m, v, g, t=6, **full)
+        torch.testing.assert_close(p.detach(), w_hand, atol=1e-12, rtol=0)
+        torch.testing.assert_close(foam.state[p]["exp_avg"], m_hand, atol=1e-12, rtol=0)
+        torch.testing.assert_close(foam.state[p]["exp_avg_sq"], v_hand, atol=1e-12, rtol=0)
+        assert foam.state[p]["step"].item() == 6
+
+
+def test_conversion_is_exact_for_mean_sq_foam_from_the_start():
+    """Folding AdamW's m and v equals the state of a FOAM that saw the same gradients (module docstring)."""
+    params = make_params()
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    adamw = torch.optim.AdamW(twins, foreach=False, **HPARAMS)
+    foam_direct = FOAM(params, block_size=3, **HPARAMS)
+    for s in range(4):
+        grads = random_grads(params, seed=200 + s)
+        for p, q, g in zip(params, twins, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        adamw.step()
+        foam_direct.step()
+    converted = FOAM([p.detach().clone().requires_grad_() for p in params], block_size=3, **HPARAMS)
+    foam_state_from_adamw(adamw, converted)
+    for p, q in zip(params, converted.param_groups[0]["params"]):
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(converted.state[q][key], foam_direct.state[p][key], atol=1e-14, rtol=0)
+
+
+def test_round_trip_shapes_and_values():
+    params = make_params(torch.float32)
+    foam = FOAM(params, block_size=3, **HPARAMS)
+    for s in range(3):
+        for p, g in zip(params, random_grads(params, seed=300 + s)):
+            p.grad = g
+        foam.step()
+    exported = adamw_state_from_foam(foam)
+    for i, p in enumerate(params):
+        assert exported["state"][i]["exp_avg"].shape == p.shape
+        assert exported["state"][i]["exp_avg_sq"].shape == p.shape
+        assert torch.equal(exported["state"][i]["step"], foam.state[p]["step"])
+    # AdamW accepts it and the unfolded moment is constant within each block (a (6, 8) weight, B = 3).
+    adamw = torch.optim.AdamW([p.detach().clone().requires_grad_() for p in params])
+    adamw.load_state_dict(exported)
+    q = adamw.param_groups[0]["params"][0]
+    m = adamw.state[q]["exp_avg"]
+    torch.testing.assert_close(m[:, 0:3], m[:, 0:1].expand(6, 3), atol=0, rtol=0)
+    assert adamw.param_groups[0]["weight_decay"] == HPARAMS["weight_decay"]
+    # Back to FOAM: folding the broadcast moments gives the folded states again.
+    back = FOAM([p.detach().clone().requires_grad_() for p in params], block_size=3, **HPARAMS)
+    foam_state_from_adamw(adamw, back)
+    for p, q in zip(params, back.param_groups[0]["params"]):
+        expected = folded_shape(p.shape, 3) if p.ndim >= 2 else p.shape
+        assert back.state[q]["exp_avg"].shape == expected
+        for key in ("exp_avg", "exp_avg_sq"):
+            # block mean of B copies of x: a sum and a division, within an ulp or two of x.
+            torch.testing.assert_close(back.state[q][key], foam.state[p][key], atol=0, rtol=3e-7)
+
+
+def test_unstepped_parameters_stay_lazy():
+    used, unused = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    adamw = torch.optim.AdamW([used, unused])
+    used.grad = torch.ones(4, 8)
+    adamw.step()
+    foam = FOAM([used, unused], block_size=4)
+    foam_state_from_adamw(adamw, foam)
+    assert foam.state[used]["exp_avg"].shape == (4, 2)
+    assert len(foam.state[unused]) == 0
+
+
+def stepped_adamw(params, **kwargs):
+    adamw = torch.optim.AdamW(params, **kwargs)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    adamw.step()
+    return adamw
+
+
+def test_mismatched_parameter_lists_are_refused_without_changing_state():
+    params = make_params(torch.float32)
+    adamw = stepped_adamw(params)
+    foam_fewer = FOAM(params[:-1])
+    with pytest.raises(FoamStateError, match=r"AdamW holds 6 parameters but FOAM holds 5.*same order"):
+        foam_state_from_adamw(adamw, foam_fewer)
+    swapped = FOAM([params[1], params[0], *params[2:]])
+    with pytest.raises(FoamStateError, match=r"has shape \(6, 8\) but FOAM's parameter 0 .* shape \(5, 9\)"):
+        foam_state_from_adamw(adamw, swapped)
+    assert len(swapped.state) == 0  # nothing half-converted
+
+
+def test_non_adam_states_are_refused():
+    params = make_params(torch.float32)
+    sgd = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    sgd.step()
+    with pytest.raises(FoamStateError, match=r"has no tensor \['step', 'exp_avg', 'exp_avg_sq'\]"):
+        foam_state_from_adamw(sgd, FOAM(params))
+    with pytest.raises(FoamStateError, match=r"amsgrad=True"):
+        foam_state_from_adamw(stepped_adamw(params, amsgrad=True), FOAM(params))
+    with pytest.raises(TypeError, match=r"must be a foam_hf.FOAM optimizer, got AdamW"):
+        foam_state_from_adamw(stepped_adamw(params), torch.optim.AdamW(params))
+    with pytest.raises(FoamStateError, match=r"expected an AdamW optimizer or its state_dict"):
+        foam_state_from_adamw([1, 2], FOAM(params))
