@@ -1,0 +1,801 @@
+r"""``foam-hf memory MODEL``: optimizer-state and training memory of AdamW against FOAM, per model.
+
+MODEL is a ``config.json`` path (or a folder holding one) or a short name from :data:`KNOWN_MODELS`. The model
+is built on the meta device from its config, so no weights are loaded or downloaded and a 7B model costs
+milliseconds. The report gives, in bytes:
+
+* optimizer states of AdamW and of FOAM at several block sizes (the default FOAM targets: every linear layer
+  except the output head and the embeddings; everything else keeps AdamW states), counted exactly as
+  :func:`foam_hf.memory.foam_state_bytes` / :func:`~foam_hf.memory.adamw_state_bytes` count them (fp32
+  moments plus a 4-byte step counter per tensor), so they equal what a real optimizer holds after a step;
+* whole-training memory = weights + gradients + optimizer states, with fp32 weights and with bf16 weights
+  (bf16 gradients, fp32 states); activations, buffers and framework overhead are not counted;
+* for context, 8-bit Adam, Adafactor and GaLore from formulas stated in :data:`CONTEXT_FORMULAS`;
+* a per-category breakdown (embeddings, lm_head, attention, MLP, norms, other);
+* the effect of per-module overrides written as in ``optim_args``.
+
+Use :func:`memory_report` from Python, or the CLI through :func:`add_memory_parser` / :func:`run_memory`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import FoamConfigError, NoMatchingModuleError
+from .folding import is_foldable
+from .memory import adamw_state_bytes, foam_state_bytes
+
+__all__ = [
+    "CONTEXT_FORMULAS",
+    "DEFAULT_BLOCK_SIZES",
+    "KNOWN_MODELS",
+    "MemoryReport",
+    "ParamEntry",
+    "add_memory_parser",
+    "build_meta_model",
+    "format_markdown",
+    "load_config",
+    "main",
+    "memory_report",
+    "parse_optim_args",
+    "resolve_block_sizes",
+    "run_memory",
+]
+
+DEFAULT_BLOCK_SIZES: tuple[int, ...] = (2, 4, 8, 16, 32)
+
+#: Built-in architectures: the shapes that decide memory, written out from each model's published config.
+#: ``source`` says where the numbers come from. Add a model by copying the shape fields of its config.json.
+KNOWN_MODELS: dict[str, dict[str, Any]] = {
+    # The FOAM paper pre-trains the LLaMA configs of the GaLore paper (Zhao et al. 2024, Table 2 / the
+    # configs/llama_*.json files of the GaLore code release): vocab 32000, untied embeddings.
+    "llama-60m": dict(
+        model_type="llama",
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+        source="GaLore/FOAM paper LLaMA 60M (GaLore configs/llama_60m.json)",
+    ),
+    "llama-130m": dict(
+        model_type="llama",
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+        source="GaLore/FOAM paper LLaMA 130M (GaLore configs/llama_130m.json)",
+    ),
+    "llama-350m": dict(
+        model_type="llama",
+        hidden_size=1024,
+        intermediate_size=2736,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+        source="GaLore/FOAM paper LLaMA 350M (GaLore configs/llama_350m.json)",
+    ),
+    "llama-1b": dict(
+        model_type="llama",
+        hidden_size=2048,
+        intermediate_size=5461,
+        num_hidden_layers=24,
+        num_attention_heads=32,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+        source="GaLore/FOAM paper LLaMA 1B (GaLore configs/llama_1b.json)",
+    ),
+    "llama-7b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+        source="GaLore/FOAM paper LLaMA 7B (GaLore configs/llama_7b.json)",
+    ),
+    # Current open models, shape fields of their published config.json files.
+    "llama-3.1-8b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+        source="meta-llama/Llama-3.1-8B config.json",
+    ),
+    "qwen2.5-0.5b": dict(
+        model_type="qwen2",
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        source="Qwen/Qwen2.5-0.5B config.json",
+    ),
+    "qwen2.5-7b": dict(
+        model_type="qwen2",
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+        source="Qwen/Qwen2.5-7B config.json",
+    ),
+    "mistral-7b": dict(
+        model_type="mistral",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32768,
+        tie_word_embeddings=False,
+        source="mistralai/Mistral-7B-v0.3 config.json",
+    ),
+    "gemma-2-2b": dict(
+        model_type="gemma2",
+        hidden_size=2304,
+        intermediate_size=9216,
+        num_hidden_layers=26,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        vocab_size=256000,
+        tie_word_embeddings=True,
+        source="google/gemma-2-2b config.json",
+    ),
+}
+
+#: How the context optimizers are counted (all states fp32 unless said otherwise).
+CONTEXT_FORMULAS: dict[str, str] = {
+    "adam8bit": "2 bytes per parameter (two 8-bit moments); the per-block quantisation scales (<1%) and "
+    "bitsandbytes' fp32 fallback for small tensors are not counted",
+    "adafactor": "per tensor of >= 2 dims: 4 * (rows + cols) bytes for the factored second moment (rows = "
+    "prod(shape[:-1]), cols = prod(shape[:-2]) * shape[-1], as transformers.Adafactor); 1-D tensors 4 * numel; "
+    "with beta1 set, plus 4 * numel for the first moment (transformers.Adafactor's default is beta1=None, none)",
+    "galore": "per projected matrix m x n (the FOAM target set), r' = min(r, m, n): 4 * (r' * min(m, n) + "
+    "2 * r' * max(m, n)) bytes (projection matrix + the two low-rank Adam moments); other tensors AdamW "
+    "(8 * numel)",
+}
+
+CATEGORIES: tuple[str, ...] = ("embeddings", "lm_head", "attention", "mlp", "norms", "other")
+
+_GIB = 1 << 30
+
+
+# ---------------------------------------------------------------------------- model loading
+
+
+def load_config(model: str) -> tuple[Any, str, str]:
+    """Resolve MODEL into ``(config, label, source)``: a built-in name, or a config.json path or folder.
+
+    Raises :class:`~foam_hf.errors.FoamConfigError` when MODEL is neither, listing the built-in names.
+    """
+    from transformers import AutoConfig
+
+    key = model.strip().lower()
+    if key in KNOWN_MODELS:
+        spec = dict(KNOWN_MODELS[key])
+        source = spec.pop("source")
+        return AutoConfig.for_model(spec.pop("model_type"), **spec), key, source
+    path = model
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (OSError, ValueError) as err:
+            raise FoamConfigError(
+                f"memory: MODEL={model!r} could not be read as a JSON config ({err}). Fix: pass the path of a "
+                "model's config.json."
+            ) from None
+        if not isinstance(data, dict) or "model_type" not in data:
+            raise FoamConfigError(
+                f"memory: {path!r} has no 'model_type' key, so it is not a transformers config.json. "
+                "Fix: pass the config.json that sits next to a model's weights."
+            )
+        try:
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+        except (ValueError, KeyError, OSError) as err:
+            raise FoamConfigError(
+                f"memory: transformers cannot build a config from {path!r} (model_type="
+                f"{data['model_type']!r}): {err}. Fix: check the model_type, or upgrade transformers."
+            ) from None
+        return config, os.path.basename(os.path.dirname(os.path.abspath(path))) or path, path
+    names = ", ".join(KNOWN_MODELS)
+    raise FoamConfigError(
+        f"memory: MODEL={model!r} is neither a built-in model name nor an existing config.json path or folder. "
+        f"Built-in names: {names}. Fix: pass one of those names, or the path of a model's config.json."
+    )
+
+
+def build_meta_model(config: Any) -> nn.Module:
+    """``AutoModelForCausalLM.from_config(config)`` on the meta device, fp32: shapes only, no memory, no I/O."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except ValueError as err:
+        raise FoamConfigError(
+            f"memory: model_type={getattr(config, 'model_type', None)!r} has no causal-LM class in transformers "
+            f"({str(err).splitlines()[0]}). Fix: pass the config of a decoder-only language model."
+        ) from None
+
+
+# ---------------------------------------------------------------------------- block-size resolution
+#
+# STAND-IN for the Trainer integration's resolver (foam_hf/integration/, being written). Same semantics as
+# its documented API: default targets = linear layers except the output head and the embeddings; block_sizes
+# patterns match module names like PEFT's rank_pattern (suffix at a '.' boundary, or a full regex), the most
+# specific match wins (the longest matched part of the name; ties go to the pattern given first), size 1 =
+# unfolded, a pattern matching nothing raises NoMatchingModuleError. Swap `parse_optim_args` and
+# `resolve_block_sizes` for the integration's functions once they land.
+
+_OPTIM_ARGS_KEYS = ("block_size", "level", "scale", "res_scale", "second_moment", "block_sizes", "callback")
+
+
+def parse_optim_args(optim_args: str | None) -> tuple[int | None, dict[str, int]]:
+    """``"block_size=4,block_sizes=q_proj:8;lm_head:1"`` -> ``(4, {"q_proj": 8, "lm_head": 1})``.
+
+    Keys that do not change memory (``scale``, ``res_scale``, ``second_moment``, ``callback``) are accepted and
+    have no effect here; an unknown key, or a value that does not convert, raises
+    :class:`~foam_hf.errors.FoamConfigError`.
+    """
+    block_size: int | None = None
+    overrides: dict[str, int] = {}
+    if not optim_args:
+        return block_size, overrides
+    for part in optim_args.replace(" ", "").split(","):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not value:
+            raise FoamConfigError(
+                f"optim_args: {part!r} is not of the form key=value. "
+                "Example: --optim-args 'block_size=4,block_sizes=q_proj:8;lm_head:1'."
+            )
+        if key not in _OPTIM_ARGS_KEYS:
+            raise FoamConfigError(
+                f"optim_args: unknown key {key!r}; valid keys: {', '.join(_OPTIM_ARGS_KEYS)}. "
+                "Example: --optim-args 'block_size=4,block_sizes=q_proj:8;lm_head:1'."
+            )
+        if key in ("block_size", "level"):
+            number = _to_int(key, value)
+            if key == "level":
+                if not 0 <= number <= 16:
+                    raise FoamConfigError(
+                        f"optim_args: level={number} is invalid: it must be in [0, 16] (block_size = 2**level). "
+                        "Fix: e.g. level=2 for block_size=4."
+                    )
+                number = 2**number
+            if number < 1:
+                raise FoamConfigError(
+                    f"optim_args: block_size={number} is invalid: it must be an int >= 1. Fix: e.g. block_size=4."
+                )
+            block_size = number
+        elif key == "block_sizes":
+            for pair in value.split(";"):
+                if not pair:
+                    continue
+                pattern, colon, size = pair.rpartition(":")
+                if not colon or not pattern:
+                    raise FoamConfigError(
+                        f"optim_args: block_sizes entry {pair!r} is not pattern:size. "
+                        "Example: block_sizes=q_proj:8;down_proj:16;lm_head:1."
+                    )
+                number = _to_int(f"block_sizes[{pattern}]", size)
+                if number < 1:
+                    raise FoamConfigError(
+                        f"optim_args: block_sizes[{pattern}]={number} is invalid: a block size is an int >= 1 "
+                        "(1 = unfolded). Fix: e.g. block_sizes=q_proj:8."
+                    )
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise FoamConfigError(
+                        f"optim_args: block_sizes pattern {pattern!r} is not a valid regex ({err})."
+                    ) from None
+                overrides[pattern] = number
+    return block_size, overrides
+
+
+def _to_int(key: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise FoamConfigError(f"optim_args: {key}={text!r} is not an integer. Example: {key}=4.") from None
+
+
+def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """Every (module name, module) that directly holds each parameter (tied weights have several)."""
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), []).append((module_name, module))
+    return owners
+
+
+def _is_default_target(model: nn.Module, module: nn.Module) -> bool:
+    """Default FOAM target: a linear layer that is neither the output head nor an embedding."""
+    return (
+        isinstance(module, nn.Linear)
+        and module is not model.get_output_embeddings()
+        and module is not model.get_input_embeddings()
+    )
+
+
+def _match_length(pattern: str, module_name: str) -> int:
+    """Length of the part of ``module_name`` that ``pattern`` matches (suffix or full regex), or -1."""
+    match = re.fullmatch(rf"(.*\.)?({pattern})", module_name)
+    return -1 if match is None else len(match.group(2))
+
+
+def resolve_block_sizes(model: nn.Module, block_size: int, overrides: dict[str, int] | None = None) -> dict[str, int]:
+    """Block size of every trainable parameter, by name: what FOAM's param groups would carry.
+
+    Tensors that cannot fold (1-D, see :func:`foam_hf.folding.is_foldable`) always get 1, so the result says
+    directly which tensors fold. Raises :class:`~foam_hf.errors.NoMatchingModuleError` for an override
+    pattern that matches no module holding a trainable parameter.
+    """
+    overrides = dict(overrides or {})
+    owners = _owners(model)
+    matched: dict[str, int] = {pattern: 0 for pattern in overrides}
+    result: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        holders = owners.get(id(param), [(name.rpartition(".")[0], model)])
+        size = block_size if any(_is_default_target(model, m) for _, m in holders) else 1
+        best, best_len = None, -1
+        for pattern in overrides:  # the most specific pattern wins; ties go to the first given
+            length = max(_match_length(pattern, module_name) for module_name, _ in holders)
+            if length >= 0:
+                matched[pattern] += 1
+            if length > best_len:
+                best, best_len = pattern, length
+        if best is not None:
+            size = overrides[best]
+        result[name] = size if is_foldable(param, size) else 1
+    unmatched = [p for p, count in matched.items() if count == 0]
+    if unmatched:
+        module_names = sorted({n for _, holders in owners.items() for n, _ in holders if n})
+        short = sorted({n.rpartition(".")[2] for n in module_names})
+        hints = {p: difflib.get_close_matches(p, short + module_names, n=3, cutoff=0.5) for p in unmatched}
+        hint_text = "; ".join(f"{p!r}: nearest {h}" if h else f"{p!r}: no close name" for p, h in hints.items())
+        raise NoMatchingModuleError(
+            f"block_sizes pattern(s) {unmatched} match no module of this model ({hint_text}). A pattern matches a "
+            "module name by suffix ('q_proj' matches 'model.layers.0.self_attn.q_proj') or as a full regex. "
+            "Fix: use a name from `[n for n, _ in model.named_modules()]`, e.g. one of "
+            f"{short[:12]}."
+        )
+    return result
+
+
+# ---------------------------------------------------------------------------- the report
+
+
+@dataclass(frozen=True)
+class ParamEntry:
+    """One trainable tensor of the model: name, shape, category and whether FOAM folds it by default."""
+
+    name: str
+    shape: tuple[int, ...]
+    category: str
+    target: bool
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class MemoryReport:
+    """Everything the ``memory`` command prints; :meth:`to_dict` is the JSON form. All sizes in bytes."""
+
+    model: str
+    source: str
+    architecture: str
+    tied_embeddings: bool
+    params: list[ParamEntry]
+    block_sizes: tuple[int, ...]
+    rank: int
+    adamw_state: int
+    foam_state: dict[int, int]
+    adam8bit_state: int
+    adafactor_state: int
+    adafactor_beta1_state: int
+    galore_state: int
+    categories: dict[str, dict[str, Any]]
+    optim_args: str | None = None
+    override_block_size: int | None = None
+    override_state: int | None = None
+    override_default_state: int | None = None
+    override_changed: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel for p in self.params)
+
+    def training_bytes(self, state_bytes: int, weight_bytes: int) -> int:
+        """Weights + gradients (``weight_bytes`` each per parameter) + ``state_bytes`` of optimizer state."""
+        return 2 * weight_bytes * self.num_params + state_bytes
+
+    def optimizer_rows(self) -> list[tuple[str, int]]:
+        """(label, state bytes) for every optimizer in the comparison, AdamW first."""
+        rows = [("AdamW", self.adamw_state)]
+        rows += [(f"FOAM B={b}", self.foam_state[b]) for b in self.block_sizes]
+        if self.override_state is not None:
+            rows.append((f"FOAM with --optim-args (B={self.override_block_size} + overrides)", self.override_state))
+        rows += [
+            ("8-bit Adam", self.adam8bit_state),
+            ("Adafactor (beta1=None: no first moment)", self.adafactor_state),
+            ("Adafactor (beta1=0.9: with first moment)", self.adafactor_beta1_state),
+            (f"GaLore r={self.rank}", self.galore_state),
+        ]
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "source": self.source,
+            "architecture": self.architecture,
+            "tied_embeddings": self.tied_embeddings,
+            "num_params": self.num_params,
+            "num_tensors": len(self.params),
+            "block_sizes": list(self.block_sizes),
+            "rank": self.rank,
+            "optimizers": [
+                {
+                    "optimizer": label,
+                    "state_bytes": state,
+                    "ratio_vs_adamw": self.adamw_state / state if state else None,
+                    "training_bytes_fp32": self.training_bytes(state, 4),
+                    "training_bytes_bf16": self.training_bytes(state, 2),
+                }
+                for label, state in self.optimizer_rows()
+            ],
+            "categories": self.categories,
+            "overrides": None
+            if self.optim_args is None
+            else {
+                "optim_args": self.optim_args,
+                "block_size": self.override_block_size,
+                "state_bytes": self.override_state,
+                "default_state_bytes": self.override_default_state,
+                "changed": {name: {"default": a, "override": b} for name, (a, b) in self.override_changed.items()},
+            },
+            "formulas": {
+                "foam": "8 * rows * ceil(n / B) per folded tensor + 8 * numel per other tensor, + 4 per tensor "
+                "(step counter), fp32 states",
+                "adamw": "8 * numel + 4 per tensor",
+                **CONTEXT_FORMULAS,
+            },
+        }
+
+
+def _category(name: str, holders: list[tuple[str, nn.Module]], model: nn.Module, param: torch.Tensor) -> str:
+    modules = [m for _, m in holders]
+    if model.get_input_embeddings() in modules or any(isinstance(m, nn.Embedding) for m in modules):
+        return "embeddings"
+    if model.get_output_embeddings() in modules:
+        return "lm_head"
+    lowered = name.lower()
+    if param.ndim == 1 and ("norm" in lowered or any("norm" in type(m).__name__.lower() for m in modules)):
+        return "norms"
+    if re.search(r"attn|attention", lowered):
+        return "attention"
+    if re.search(r"mlp|feed_forward|ffn", lowered):
+        return "mlp"
+    return "other"
+
+
+def _adafactor_bytes(shape: tuple[int, ...], beta1: bool) -> int:
+    numel = math.prod(shape)
+    if len(shape) >= 2:
+        second = math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]
+    else:
+        second = numel
+    return 4 * (second + (numel if beta1 else 0))
+
+
+def _galore_bytes(shape: tuple[int, ...], rank: int, projected: bool) -> int:
+    if not (projected and len(shape) == 2):
+        return 8 * math.prod(shape)
+    m, n = shape
+    r = min(rank, m, n)
+    return 4 * (r * min(m, n) + 2 * r * max(m, n))
+
+
+def memory_report(
+    model: str | Any,
+    block_sizes: Sequence[int] = DEFAULT_BLOCK_SIZES,
+    rank: int | None = None,
+    optim_args: str | None = None,
+) -> MemoryReport:
+    """Compute the report for MODEL (a built-in name, a config.json path, or a transformers config object).
+
+    Args:
+        model: see :func:`load_config`; a ``PretrainedConfig`` instance is used as is.
+        block_sizes: FOAM block sizes to compare (default: 2, 4, 8, 16, 32).
+        rank: GaLore rank; ``None`` means ``hidden_size // 4`` (the GaLore paper's ratio for most sizes).
+        optim_args: optional ``"block_size=4,block_sizes=q_proj:8;lm_head:4"`` to show per-module overrides.
+    """
+    if isinstance(model, str):
+        config, label, source = load_config(model)
+    else:
+        config, label, source = model, type(model).__name__, "config object"
+    sizes = tuple(block_sizes)
+    for b in sizes:
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise FoamConfigError(
+                f"memory: block size {b!r} is invalid: block sizes are ints >= 1. Fix: e.g. --block-sizes 2,4,8,16,32."
+            )
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 1024
+    if rank is None:
+        rank = max(1, hidden // 4)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise FoamConfigError(
+            f"memory: rank={rank!r} is invalid: the GaLore rank is an int >= 1. Fix: e.g. --rank 256."
+        )
+
+    net = build_meta_model(config)
+    owners = _owners(net)
+    named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    entries: list[ParamEntry] = []
+    for name, param in named:
+        holders = owners.get(id(param), [(name.rpartition(".")[0], net)])
+        target = any(_is_default_target(net, m) for _, m in holders) and is_foldable(param, 2)
+        entries.append(ParamEntry(name, tuple(param.shape), _category(name, holders, net, param), target))
+
+    def foam_bytes(block_of: dict[str, int]) -> int:
+        return sum(foam_state_bytes(p, block_of[n]) for n, p in named)
+
+    adamw = sum(adamw_state_bytes(p) for _, p in named)
+    foam = {b: foam_bytes({e.name: b if e.target else 1 for e in entries}) for b in sizes}
+
+    categories: dict[str, dict[str, Any]] = {}
+    for cat in CATEGORIES:
+        members = [(e, p) for e, (_, p) in zip(entries, named) if e.category == cat]
+        if not members:
+            continue
+        categories[cat] = {
+            "tensors": len(members),
+            "params": sum(e.numel for e, _ in members),
+            "folded_by_default": sum(e.target for e, _ in members),
+            "adamw_state_bytes": sum(adamw_state_bytes(p) for _, p in members),
+            "foam_state_bytes": {b: sum(foam_state_bytes(p, b if e.target else 1) for e, p in members) for b in sizes},
+        }
+
+    report = MemoryReport(
+        model=label,
+        source=source,
+        architecture=type(net).__name__,
+        tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        params=entries,
+        block_sizes=sizes,
+        rank=rank,
+        adamw_state=adamw,
+        foam_state=foam,
+        adam8bit_state=2 * sum(e.numel for e in entries),
+        adafactor_state=sum(_adafactor_bytes(e.shape, beta1=False) for e in entries),
+        adafactor_beta1_state=sum(_adafactor_bytes(e.shape, beta1=True) for e in entries),
+        galore_state=sum(_galore_bytes(e.shape, rank, e.target) for e in entries),
+        categories=categories,
+    )
+    if optim_args is not None:
+        parsed_block, overrides = parse_optim_args(optim_args)
+        base = 4 if parsed_block is None else parsed_block  # FOAM's default block_size
+        default_blocks = resolve_block_sizes(net, base)
+        blocks = resolve_block_sizes(net, base, overrides)
+        report.optim_args = optim_args
+        report.override_block_size = base
+        report.override_state = foam_bytes(blocks)
+        report.override_default_state = foam_bytes(default_blocks)
+        report.override_changed = {n: (default_blocks[n], blocks[n]) for n in blocks if blocks[n] != default_blocks[n]}
+    return report
+
+
+# ---------------------------------------------------------------------------- formatting
+
+
+def _gib(n: int) -> str:
+    return f"{n / _GIB:.2f} GiB" if n >= _GIB // 10 else f"{n / (1 << 20):.1f} MiB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
+def format_markdown(report: MemoryReport) -> str:
+    """The report as Markdown tables (what ``foam-hf memory MODEL`` prints)."""
+    n = report.num_params
+    tied = (
+        " (input embeddings tied to the output head, counted once under embeddings)" if report.tied_embeddings else ""
+    )
+    lines = [
+        f"## {report.model}: {report.architecture}, {_count(n)} parameters, {len(report.params)} tensors",
+        "",
+        f"Shapes from: {report.source}{tied}. Built on the meta device: no weights loaded.",
+        "FOAM folds, by default, the weights of every linear layer except the output head and the embeddings; "
+        "all other tensors keep AdamW states. Optimizer states are fp32. 1 GiB = 2^30 bytes.",
+        "",
+        "### Optimizer states and training memory",
+        "",
+        "| optimizer | optimizer states | AdamW / this | weights + grads + states, fp32 weights "
+        "| weights + grads + states, bf16 weights |",
+        "|---|--:|--:|--:|--:|",
+    ]
+    for label, state in report.optimizer_rows():
+        ratio = f"{report.adamw_state / state:.2f}x" if state else "-"
+        lines.append(
+            f"| {label} | {_gib(state)} | {ratio} | {_gib(report.training_bytes(state, 4))} "
+            f"| {_gib(report.training_bytes(state, 2))} |"
+        )
+    lines += [
+        "",
+        "Weights and gradients: 4 + 4 bytes per parameter (fp32) or 2 + 2 (bf16); activations are not counted.",
+        "",
+        "### Where the parameters and the states are",
+        "",
+        "| category | tensors | parameters | share | AdamW states | "
+        + " | ".join(f"FOAM B={b}" for b in report.block_sizes)
+        + " |",
+        "|---|--:|--:|--:|--:|" + "--:|" * len(report.block_sizes),
+    ]
+    for cat, info in report.categories.items():
+        lines.append(
+            f"| {cat} | {info['tensors']} | {_count(info['params'])} | {100 * info['params'] / n:.1f}% "
+            f"| {_gib(info['adamw_state_bytes'])} | "
+            + " | ".join(_gib(info["foam_state_bytes"][b]) for b in report.block_sizes)
+            + " |"
+        )
+    if report.block_sizes:
+        big = max(report.block_sizes)
+        unfolded = sum(
+            info["foam_state_bytes"][big] for cat, info in report.categories.items() if cat in ("embeddings", "lm_head")
+        )
+        lines += [
+            "",
+            f"At B={big}, embeddings and the output head hold {100 * unfolded / report.foam_state[big]:.0f}% of "
+            f"FOAM's optimizer states ({_gib(unfolded)} of {_gib(report.foam_state[big])}): they are not folded "
+            "by default.",
+        ]
+    if report.optim_args is not None:
+        lines += [
+            "",
+            f"### Per-module overrides: `{report.optim_args}`",
+            "",
+            f"FOAM states: {_gib(report.override_default_state or 0)} with block_size={report.override_block_size} "
+            f"alone, {_gib(report.override_state or 0)} with the overrides; "
+            f"{len(report.override_changed)} tensors change block size:",
+            "",
+            "| block size: default -> override | tensors | example |",
+            "|---|--:|---|",
+        ]
+        groups: dict[tuple[int, int], list[str]] = {}
+        for name, change in report.override_changed.items():
+            groups.setdefault(change, []).append(name)
+        for (a, b), names in sorted(groups.items()):
+            lines.append(f"| {a} -> {b} | {len(names)} | `{names[0]}` |")
+    lines += [
+        "",
+        "Formulas: AdamW 8 bytes per parameter; FOAM 8 * rows * ceil(n/B) per folded tensor (rows x n), "
+        "8 * numel otherwise; both + 4 bytes of step counter per tensor. "
+        f"8-bit Adam: {CONTEXT_FORMULAS['adam8bit']}. Adafactor: {CONTEXT_FORMULAS['adafactor']}. "
+        f"GaLore: {CONTEXT_FORMULAS['galore']}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def _block_size_list(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of ints. Example: --block-sizes 2,4,8,16,32"
+        ) from None
+    if not sizes or any(b < 1 for b in sizes):
+        raise argparse.ArgumentTypeError(f"{text!r}: block sizes are ints >= 1. Example: --block-sizes 2,4,8,16,32")
+    return sizes
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int >= 1. Example: --rank 256")
+    return value
+
+
+def add_memory_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``memory`` subcommand to an ``argparse`` subparsers object; it dispatches to :func:`run_memory`
+    through ``set_defaults(func=run_memory)``."""
+    parser = subparsers.add_parser(
+        "memory",
+        help="optimizer-state and training memory of AdamW vs FOAM for a model (no weights loaded)",
+        description=(
+            "Print optimizer-state and whole-training memory (weights + grads + states) of AdamW and FOAM at "
+            "several block sizes, with 8-bit Adam, Adafactor and GaLore for context. The model is built on the "
+            "meta device from its config: nothing is loaded or downloaded."
+        ),
+    )
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a config.json path (or a folder holding one) or a built-in name: " + ", ".join(KNOWN_MODELS),
+    )
+    parser.add_argument(
+        "--block-sizes",
+        type=_block_size_list,
+        default=DEFAULT_BLOCK_SIZES,
+        help="comma-separated FOAM block sizes to compare (default: 2,4,8,16,32)",
+    )
+    parser.add_argument(
+        "--rank", type=_positive_int, default=None, help="GaLore rank for the context row (default: hidden_size // 4)"
+    )
+    parser.add_argument(
+        "--optim-args",
+        default=None,
+        help="show the effect of per-module overrides written as in TrainingArguments.optim_args, "
+        "e.g. 'block_size=4,block_sizes=q_proj:8;lm_head:4'",
+    )
+    parser.add_argument("--format", choices=("markdown", "json"), default="markdown", help="output format")
+    parser.set_defaults(func=run_memory)
+    return parser
+
+
+def run_memory(args: argparse.Namespace) -> int:
+    """Run the ``memory`` subcommand: print the report; on bad input print the error and return 2."""
+    try:
+        report = memory_report(args.model, args.block_sizes, args.rank, args.optim_args)
+    except FoamConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(format_markdown(report), end="")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m foam_hf.memory_report MODEL ...``: the ``memory`` subcommand on its own."""
+    parser = argparse.ArgumentParser(prog="foam-hf")
+    add_memory_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["memory", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
