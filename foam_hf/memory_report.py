@@ -176,7 +176,8 @@ CONTEXT_FORMULAS: dict[str, str] = {
     "bitsandbytes' fp32 fallback for small tensors are not counted",
     "adafactor": "per tensor of >= 2 dims: 4 * (rows + cols) bytes for the factored second moment (rows = "
     "prod(shape[:-1]), cols = prod(shape[:-2]) * shape[-1], as transformers.Adafactor); 1-D tensors 4 * numel; "
-    "with beta1 set, plus 4 * numel for the first moment (transformers.Adafactor's default is beta1=None, none)",
+    "with beta1 set, plus 4 * numel for the first moment (transformers.Adafactor's default is beta1=None, none); "
+    "plus the 4-byte RMS scalar per tensor",
     "galore": "per projected matrix m x n (the FOAM target set), r' = min(r, m, n): 4 * (r' * min(m, n) + "
     "2 * r' * max(m, n)) bytes (projection matrix + the two low-rank Adam moments); other tensors AdamW "
     "(8 * numel)",
@@ -521,7 +522,7 @@ def _adafactor_bytes(shape: tuple[int, ...], beta1: bool) -> int:
         second = math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]
     else:
         second = numel
-    return 4 * (second + (numel if beta1 else 0))
+    return 4 * (second + (numel if beta1 else 0)) + 4  # + the 0-d fp32 "RMS" tensor transformers keeps
 
 
 def _galore_bytes(shape: tuple[int, ...], rank: int, projected: bool) -> int:

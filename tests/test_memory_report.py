@@ -1,0 +1,237 @@
+"""The memory calculator against real optimizers on a real tiny model, and against shapes counted by hand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.optimization import Adafactor
+
+from foam_hf import FOAM, FoamConfigError, NoMatchingModuleError
+from foam_hf.memory_report import add_memory_parser, memory_report, resolve_block_sizes
+
+# hidden 32, intermediate 40: down_proj rows have n=40, ragged for B in {3, 16, 32}; B=64 exceeds every row.
+BLOCK_SIZES = (2, 3, 4, 16, 64)
+
+
+def tiny_config() -> LlamaConfig:
+    return LlamaConfig(
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=48,
+        tie_word_embeddings=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def config_path(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_config().save_pretrained(folder)
+    return str(folder / "config.json")
+
+
+@pytest.fixture(scope="module")
+def report(config_path):
+    return memory_report(config_path, block_sizes=BLOCK_SIZES, rank=8)
+
+
+def _real_model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_config())
+
+
+def _one_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    ids = torch.randint(0, 48, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+
+
+def _held_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor the optimizer holds in its state, read off the real states."""
+    return sum(
+        v.numel() * v.element_size()
+        for state in optimizer.state.values()
+        for v in state.values()
+        if isinstance(v, torch.Tensor)
+    )
+
+
+def _groups_by_hand(model: torch.nn.Module, block_of) -> list[dict]:
+    """One FOAM param group per block size, chosen by the test from module types and names."""
+    sizes: dict[int, list[torch.Tensor]] = {}
+    for module_name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            sizes.setdefault(block_of(module_name, module, pname), []).append(p)
+    return [{"params": ps, "block_size": b} for b, ps in sizes.items()]
+
+
+def _default_block(block_size: int):
+    def block_of(module_name, module, pname):
+        linear = isinstance(module, torch.nn.Linear) and module_name != "lm_head"
+        return block_size if linear and pname == "weight" else 1
+
+    return block_of
+
+
+def test_adamw_bytes_equal_a_real_adamw_after_one_step(report):
+    model = _real_model()
+    optimizer = torch.optim.AdamW(model.parameters(), foreach=False)
+    _one_step(model, optimizer)
+    assert report.adamw_state == _held_bytes(optimizer)
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_foam_bytes_equal_a_real_foam_after_one_step(report, block_size):
+    model = _real_model()
+    optimizer = FOAM(_groups_by_hand(model, _default_block(block_size)))
+    _one_step(model, optimizer)
+    assert len(optimizer.state) == sum(1 for _ in model.parameters())  # every tensor got its state
+    assert report.foam_state[block_size] == _held_bytes(optimizer)
+
+
+def test_adafactor_bytes_equal_a_real_adafactor_after_one_step(report):
+    for beta1, expected in ((None, report.adafactor_state), (0.9, report.adafactor_beta1_state)):
+        model = _real_model()
+        optimizer = Adafactor(
+            model.parameters(), lr=1e-3, beta1=beta1, relative_step=False, scale_parameter=False, warmup_init=False
+        )
+        _one_step(model, optimizer)
+        assert expected == _held_bytes(optimizer), beta1
+
+
+def test_parameter_counts_and_categories_by_hand(report):
+    h, i, layers, vocab, kv_dim = 32, 40, 2, 48, 2 * (32 // 4)
+    attention = layers * (h * h + 2 * h * kv_dim + h * h)
+    mlp = layers * 3 * h * i
+    norms = (2 * layers + 1) * h
+    assert report.categories["attention"]["params"] == attention
+    assert report.categories["mlp"]["params"] == mlp
+    assert report.categories["norms"]["params"] == norms
+    assert report.categories["embeddings"]["params"] == vocab * h
+    assert report.categories["lm_head"]["params"] == vocab * h
+    assert report.num_params == attention + mlp + norms + 2 * vocab * h
+    # Default targets: the 7 linear weights of each layer, never the embeddings or the head.
+    assert sum(e.target for e in report.params) == 7 * layers
+    assert report.categories["lm_head"]["folded_by_default"] == 0
+
+
+def test_galore_and_8bit_formulas_by_hand(report):
+    h, i, kv_dim, r = 32, 40, 16, 8  # kv_dim = 2 kv heads * head_dim 8
+    matrices = [(h, h), (kv_dim, h), (kv_dim, h), (h, h), (i, h), (i, h), (h, i)]  # q k v o gate up down
+    projected = 2 * sum(4 * (r * min(m, n) + 2 * r * max(m, n)) for m, n in matrices)
+    projected_numel = 2 * sum(m * n for m, n in matrices)
+    rest = report.num_params - projected_numel
+    assert report.galore_state == projected + 8 * rest
+    assert report.adam8bit_state == 2 * report.num_params
+
+
+def test_training_memory_adds_weights_and_grads(report):
+    n = report.num_params
+    assert report.training_bytes(report.adamw_state, 4) == 8 * n + report.adamw_state
+    assert report.training_bytes(report.foam_state[4], 2) == 4 * n + report.foam_state[4]
+
+
+def test_override_changes_exactly_the_tensors_it_names(config_path):
+    with torch.device("meta"):
+        model = LlamaForCausalLM(tiny_config())
+    default = resolve_block_sizes(model, 4)
+    overridden = resolve_block_sizes(model, 4, {"q_proj": 8, "lm_head": 4})
+    changed = {n for n in default if default[n] != overridden[n]}
+    named = {n for n, _ in model.named_parameters() if n.endswith("q_proj.weight") or n == "lm_head.weight"}
+    assert changed == named
+    assert all(overridden[n] == 8 for n in named if "q_proj" in n) and overridden["lm_head.weight"] == 4
+
+    result = memory_report(config_path, block_sizes=(4,), optim_args="block_size=4,block_sizes=q_proj:8;lm_head:4")
+    assert set(result.override_changed) == named
+    real = _real_model()
+
+    def block_of(module_name, module, pname):
+        if module_name.endswith("q_proj") and pname == "weight":
+            return 8
+        if module_name == "lm_head":
+            return 4
+        return _default_block(4)(module_name, module, pname)
+
+    optimizer = FOAM(_groups_by_hand(real, block_of))
+    _one_step(real, optimizer)
+    assert result.override_state == _held_bytes(optimizer)
+    assert result.override_default_state == result.foam_state[4]
+
+
+def test_most_specific_pattern_wins():
+    with torch.device("meta"):
+        model = LlamaForCausalLM(tiny_config())
+    sizes = resolve_block_sizes(model, 4, {"q_proj": 8, r"layers\.1\.self_attn\.q_proj": 2, "lm_head": 1})
+    assert sizes["model.layers.0.self_attn.q_proj.weight"] == 8
+    assert sizes["model.layers.1.self_attn.q_proj.weight"] == 2
+    assert sizes["lm_head.weight"] == 1
+    assert sizes["model.norm.weight"] == 1  # 1-D: never folds, whatever the pattern
+
+
+def test_override_matching_nothing_raises(config_path):
+    with pytest.raises(NoMatchingModuleError, match=r"\['qproj'\] match no module.*nearest \['q_proj'"):
+        memory_report(config_path, block_sizes=(4,), optim_args="block_sizes=qproj:8")
+
+
+def test_bad_model_name_lists_the_valid_names():
+    with pytest.raises(FoamConfigError, match=r"MODEL='llama-2b' is neither.*llama-60m.*llama-7b.*gemma-2-2b.*Fix:"):
+        memory_report("llama-2b")
+
+
+@pytest.mark.parametrize(
+    "optim_args, regex",
+    [
+        ("block_size=0", r"block_size=0 is invalid"),
+        ("blocksize=4", r"unknown key 'blocksize'; valid keys: block_size"),
+        ("block_sizes=q_proj", r"'q_proj' is not pattern:size"),
+        ("block_sizes=q_proj:x", r"block_sizes\[q_proj\]='x' is not an integer"),
+    ],
+)
+def test_bad_optim_args_name_the_value(config_path, optim_args, regex):
+    with pytest.raises(FoamConfigError, match=regex):
+        memory_report(config_path, block_sizes=(4,), optim_args=optim_args)
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="foam-hf")
+    add_memory_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+def test_cli_json_and_markdown(config_path, capsys):
+    args = _parse(["memory", config_path, "--block-sizes", "4,16", "--rank", "8", "--format", "json"])
+    assert args.func(args) == 0
+    data = json.loads(capsys.readouterr().out)
+    rows = {row["optimizer"]: row for row in data["optimizers"]}
+    assert set(rows) >= {"AdamW", "FOAM B=4", "FOAM B=16", "GaLore r=8"}
+    n = data["num_params"]
+    assert rows["AdamW"]["training_bytes_fp32"] == 8 * n + rows["AdamW"]["state_bytes"]
+    assert math.isclose(rows["AdamW"]["ratio_vs_adamw"], 1.0)
+
+    args = _parse(["memory", config_path, "--optim-args", "block_sizes=down_proj:16"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "| FOAM B=32 |" in out and "### Per-module overrides: `block_sizes=down_proj:16`" in out
+
+
+def test_cli_bad_model_exits_2_with_the_names(capsys):
+    args = _parse(["memory", "no-such-model"])
+    assert args.func(args) == 2
+    assert "Built-in names: llama-60m" in capsys.readouterr().err
+
+
+def test_builtin_paper_model_counts_by_hand():
+    """llama-60m from the GaLore/FOAM config: 512 hidden, 1376 intermediate, 8 layers, vocab 32000."""
+    h, i, layers, vocab = 512, 1376, 8, 32000
+    result = memory_report("llama-60m", block_sizes=(4,))
+    assert result.num_params == 2 * vocab * h + layers * (4 * h * h + 3 * h * i + 2 * h) + h
+    folded = layers * (4 * h * math.ceil(h / 4) + 2 * i * math.ceil(h / 4) + h * math.ceil(i / 4))
+    steps = 4 * len(result.params)
+    assert result.foam_state[4] == 8 * folded + 8 * (result.num_params - layers * (4 * h * h + 3 * h * i)) + steps
