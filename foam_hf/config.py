@@ -1,0 +1,272 @@
+"""FoamConfig: FOAM's options for the Hugging Face trainers, typed, validated once, and round-tripped
+through the ``optim_args`` string that ``TrainingArguments`` and the command line carry.
+
+``optim_args`` syntax (transformers splits it on ``,`` and ``=``)::
+
+    block_size=4,scale=1.0,res_scale=1.0,second_moment=mean_sq,block_sizes=q_proj:8;down_proj:16;lm_head:1
+
+``level=l`` is the paper's spelling of ``block_size=2**l``. ``block_sizes`` holds ``pattern:size`` pairs
+separated by ``;`` (size 1 = unfolded); a pattern matches module names as PEFT's ``rank_pattern`` does
+(see :mod:`foam_hf.param_groups`). ``target_modules`` (``;``-separated names or one regex) replaces the
+default set of folded modules, like ``TrainingArguments.optim_target_modules``. ``callback=false`` stops
+:class:`~foam_hf.FoamCallback` from being attached automatically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import FoamConfigError
+from .optim import SECOND_MOMENT_MODES, validate_group_options
+
+__all__ = ["OPTIM_ARGS_KEYS", "FoamConfig"]
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+#: Every key ``optim_args`` accepts for ``optim="foam"``, with what it means.
+OPTIM_ARGS_KEYS: dict[str, str] = {
+    "block_size": "positive int B: folded states are (*rows, ceil(n/B)) (default 4)",
+    "level": "the paper's spelling: block_size = 2**level",
+    "scale": "update multiplier alpha of folded tensors, > 0 (default 1.0)",
+    "res_scale": "weight rho of the residual, >= 0 (default 1.0)",
+    "second_moment": f"one of {SECOND_MOMENT_MODES} (default mean_sq)",
+    "block_sizes": "per-module overrides, pattern:size pairs separated by ';' (size 1 = unfolded)",
+    "target_modules": "modules that fold, ';'-separated names or one regex (default: linear layers "
+    "except the output head and embeddings)",
+    "callback": "true/false: attach FoamCallback automatically (default true)",
+}
+
+
+@dataclass(frozen=True)
+class FoamConfig:
+    """FOAM's options for ``optim="foam"``, the typed twin of the ``optim_args`` string.
+
+    Args:
+        block_size (`int`, *optional*, defaults to 4):
+            Block size B of folded weights; the paper's level l is ``2**l``. 1 keeps AdamW states.
+        scale (`float`, *optional*, defaults to 1.0):
+            Multiplier alpha of the update of folded tensors.
+        res_scale (`float`, *optional*, defaults to 1.0):
+            Weight rho of the residual in both moments (0 = block-wise Adam).
+        second_moment (`str`, *optional*, defaults to `"mean_sq"`):
+            `"mean_sq"` folds the block mean of G*G, `"sq_mean"` the square of the block mean.
+        block_sizes (`dict[str, int]`, *optional*):
+            Per-module block sizes, ``{pattern: size}``; a pattern is a module-name suffix or a full
+            regex, as PEFT's ``rank_pattern``. Size 1 keeps AdamW states for the matched modules. A
+            pattern that matches no trainable parameter is an error.
+        target_modules (`list[str]` or `str`, *optional*):
+            Modules whose weights fold by default (names, one regex, or ``"all-linear"``); ``None`` means
+            every linear layer except the output head and the embeddings.
+        callback (`bool`, *optional*, defaults to `True`):
+            Attach :class:`~foam_hf.FoamCallback` automatically when a Trainer builds FOAM by name.
+
+    Example::
+
+        >>> cfg = FoamConfig(block_size=4, block_sizes={"q_proj": 8, "lm_head": 1})
+        >>> cfg.to_optim_args()
+        'block_size=4,block_sizes=q_proj:8;lm_head:1'
+        >>> FoamConfig.from_optim_args(cfg.to_optim_args()) == cfg
+        True
+    """
+
+    block_size: int = 4
+    scale: float = 1.0
+    res_scale: float = 1.0
+    second_moment: str = "mean_sq"
+    block_sizes: dict[str, int] = field(default_factory=dict)
+    target_modules: list[str] | str | None = None
+    callback: bool = True
+
+    def __post_init__(self) -> None:
+        where = "FoamConfig / optim_args"
+        validate_group_options(
+            dict(
+                lr=0.0,
+                betas=(0.9, 0.999),
+                eps=0.0,
+                weight_decay=0.0,
+                block_size=self.block_size,
+                scale=self.scale,
+                res_scale=self.res_scale,
+                second_moment=self.second_moment,
+                foreach=None,
+            ),
+            where=where,
+        )
+        if not isinstance(self.block_sizes, dict):
+            raise TypeError(
+                f"FoamConfig: block_sizes={self.block_sizes!r} must be a dict {{pattern: size}}, "
+                "e.g. {'q_proj': 8, 'lm_head': 1}."
+            )
+        for pattern, size in self.block_sizes.items():
+            if not isinstance(pattern, str) or not pattern:
+                raise FoamConfigError(f"FoamConfig: block_sizes pattern {pattern!r} must be a non-empty string.")
+            _compile_pattern(pattern)
+            if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+                raise FoamConfigError(
+                    f"FoamConfig: block_sizes[{pattern!r}]={size!r} is invalid: a block size must be an int >= 1 "
+                    "(1 = unfolded). Fix: e.g. block_sizes={'" + pattern + "': 8}."
+                )
+        if self.target_modules is not None:
+            if isinstance(self.target_modules, str):
+                _compile_pattern(self.target_modules)
+            elif not (
+                isinstance(self.target_modules, (list, tuple))
+                and self.target_modules
+                and all(isinstance(t, str) and t for t in self.target_modules)
+            ):
+                raise TypeError(
+                    f"FoamConfig: target_modules={self.target_modules!r} must be a non-empty list of module names, "
+                    "one regex string, or 'all-linear'."
+                )
+        if not isinstance(self.callback, bool):
+            raise TypeError(f"FoamConfig: callback={self.callback!r} must be True or False.")
+
+    # ---------------------------------------------------------------- optim_args round trip
+
+    @classmethod
+    def from_optim_args(cls, optim_args: str | dict[str, str] | None) -> FoamConfig:
+        """Parse ``optim_args`` (the string, or transformers' parsed ``{key: value}`` dict).
+
+        Raises :class:`~foam_hf.errors.FoamConfigError` on an unknown key (listing the valid ones) or a
+        value that does not convert.
+        """
+        items = _split_optim_args(optim_args) if not isinstance(optim_args, dict) else dict(optim_args)
+        unknown = sorted(set(items) - set(OPTIM_ARGS_KEYS))
+        if unknown:
+            valid = "\n".join(f"  {k}: {v}" for k, v in OPTIM_ARGS_KEYS.items())
+            raise FoamConfigError(
+                f"optim_args for optim='foam': unknown key(s) {unknown}. Valid keys:\n{valid}\n"
+                "Example: optim_args='block_size=4,block_sizes=q_proj:8;lm_head:1'."
+            )
+        kwargs: dict[str, Any] = {}
+        if "block_size" in items and "level" in items:
+            raise FoamConfigError(
+                f"optim_args: block_size={items['block_size']} and level={items['level']} are both given; "
+                "they say the same thing (block_size = 2**level). Fix: keep one."
+            )
+        if "block_size" in items:
+            kwargs["block_size"] = _to_int("block_size", items["block_size"])
+        if "level" in items:
+            level = _to_int("level", items["level"])
+            if not 0 <= level <= 16:
+                raise FoamConfigError(
+                    f"optim_args: level={level} is invalid: it must be an int in [0, 16] (block_size = 2**level). "
+                    "Fix: e.g. level=2 for block_size=4."
+                )
+            kwargs["block_size"] = 2**level
+        for key in ("scale", "res_scale"):
+            if key in items:
+                kwargs[key] = _to_float(key, items[key])
+        if "second_moment" in items:
+            kwargs["second_moment"] = items["second_moment"]
+        if "block_sizes" in items:
+            kwargs["block_sizes"] = _parse_block_sizes(items["block_sizes"])
+        if "target_modules" in items:
+            names = [t for t in items["target_modules"].split(";") if t]
+            if not names:
+                raise FoamConfigError("optim_args: target_modules= is empty. Fix: e.g. target_modules=q_proj;v_proj.")
+            kwargs["target_modules"] = names[0] if len(names) == 1 and _looks_like_regex(names[0]) else names
+        if "callback" in items:
+            kwargs["callback"] = _to_bool("callback", items["callback"])
+        return cls(**kwargs)
+
+    def to_optim_args(self) -> str:
+        """The ``optim_args`` string that :meth:`from_optim_args` turns back into this config."""
+        parts = []
+        defaults = FoamConfig()
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value == getattr(defaults, f.name):
+                continue
+            if f.name == "block_sizes":
+                for pattern in value:
+                    if any(ch in pattern for ch in ",=;:"):
+                        raise FoamConfigError(
+                            f"FoamConfig: block_sizes pattern {pattern!r} contains one of ',=;:', which the "
+                            "optim_args string cannot carry. Fix: pass the FoamConfig object itself "
+                            "(foam_hf.FoamConfig) or rewrite the pattern without those characters."
+                        )
+                parts.append("block_sizes=" + ";".join(f"{p}:{s}" for p, s in value.items()))
+            elif f.name == "target_modules":
+                targets = [value] if isinstance(value, str) else list(value)
+                parts.append("target_modules=" + ";".join(targets))
+            elif f.name == "callback":
+                parts.append(f"callback={str(value).lower()}")
+            else:
+                parts.append(f"{f.name}={value}")
+        return ",".join(parts)
+
+
+def _split_optim_args(optim_args: str | None) -> dict[str, str]:
+    if not optim_args:
+        return {}
+    items: dict[str, str] = {}
+    for part in optim_args.replace(" ", "").split(","):
+        if not part:
+            continue
+        if part.count("=") != 1:
+            raise FoamConfigError(
+                f"optim_args: {part!r} is not of the form key=value (entries are separated by ','). "
+                "Example: optim_args='block_size=4,block_sizes=q_proj:8;lm_head:1'."
+            )
+        key, value = part.split("=")
+        if key in items:
+            raise FoamConfigError(f"optim_args: key {key!r} is given twice.")
+        items[key] = value
+    return items
+
+
+def _parse_block_sizes(text: str) -> dict[str, int]:
+    overrides: dict[str, int] = {}
+    for pair in text.split(";"):
+        if not pair:
+            continue
+        pattern, sep, size = pair.rpartition(":")
+        if not sep or not pattern:
+            raise FoamConfigError(
+                f"optim_args: block_sizes entry {pair!r} is not pattern:size. "
+                "Example: block_sizes=q_proj:8;down_proj:16;lm_head:1."
+            )
+        if pattern in overrides:
+            raise FoamConfigError(f"optim_args: block_sizes pattern {pattern!r} is given twice.")
+        overrides[pattern] = _to_int(f"block_sizes[{pattern}]", size)
+    if not overrides:
+        raise FoamConfigError("optim_args: block_sizes= is empty. Example: block_sizes=q_proj:8;lm_head:1.")
+    return overrides
+
+
+def _to_int(key: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise FoamConfigError(f"optim_args: {key}={text!r} is not an integer. Example: {key}=4.") from None
+
+
+def _to_float(key: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise FoamConfigError(f"optim_args: {key}={text!r} is not a number. Example: {key}=1.0.") from None
+
+
+def _to_bool(key: str, text: str) -> bool:
+    if text.lower() in _TRUE:
+        return True
+    if text.lower() in _FALSE:
+        return False
+    raise FoamConfigError(f"optim_args: {key}={text!r} is not a boolean. Use {key}=true or {key}=false.")
+
+
+def _compile_pattern(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise FoamConfigError(f"FOAM: the module pattern {pattern!r} is not a valid regex ({err}).") from None
+
+
+def _looks_like_regex(text: str) -> bool:
+    return any(ch in text for ch in "*+?[](){}|^$\\")

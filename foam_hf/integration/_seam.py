@@ -1,0 +1,161 @@
+"""Every touch of transformers internals, in one place.
+
+transformers accepts optimizer names from a closed enum (``TrainingArguments.__post_init__`` runs
+``OptimizerNames(self.optim)``) and builds optimizers through a handler table. To make
+``optim="foam"`` a name like any other we rely on exactly five things, each checked by
+:func:`check_seam` (run at install and by the test suite, so a transformers release that changes one of
+them fails loudly with this module's name in the message):
+
+1. ``transformers.training_args.OptimizerNames`` is a ``str`` ``Enum`` we can add members to;
+2. ``transformers.trainer_optimizer._OPTIMIZER_HANDLERS`` maps those members to handlers taking an
+   ``OptimizerContext`` (``args``, ``model``) and returning ``(optimizer_cls, kwargs)``, where
+   ``kwargs["params"]`` replaces the Trainer's param groups;
+3. ``TrainingArguments.__post_init__`` exists (we validate FOAM's ``optim_args`` right after it, so a
+   typo fails when the arguments are built, not when training starts);
+4. ``Trainer.create_optimizer(self, model=None)`` exists (we attach :class:`FoamCallback` right after
+   it, at the front of ``trainer.callback_handler.callbacks`` so reporting callbacks see its logs);
+5. ``Trainer.get_decay_parameter_names(self, model)`` uses no trainer state (we call it to get the
+   Trainer's own weight-decay rule).
+
+Tested with transformers 5.23 (see pyproject.toml for the supported range).
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["FOAM_OPTIMIZER_NAMES", "SeamError", "check_seam", "decay_parameter_names", "install"]
+
+#: Enum member name -> the string users write in ``optim=``.
+FOAM_OPTIMIZER_NAMES: dict[str, str] = {"FOAM": "foam", "FOAM_LAYERWISE": "foam_layerwise"}
+
+_MARK = "_foam_hf_wrapped"
+
+
+class SeamError(RuntimeError):
+    """transformers changed something foam_hf's ``optim="foam"`` registration relies on."""
+
+
+def _fail(what: str) -> SeamError:
+    import transformers
+
+    return SeamError(
+        f"foam_hf cannot register optim='foam' with transformers {transformers.__version__}: {what}. "
+        "foam_hf.integration._seam lists what it relies on; this transformers release is outside the tested "
+        "range (see foam_hf's pyproject.toml). Workaround: pass the optimizer explicitly, "
+        "Trainer(..., optimizer_cls_and_kwargs=foam_hf.integration.optimizer_cls_and_kwargs(args, model))."
+    )
+
+
+def check_seam() -> None:
+    """Raise :class:`SeamError` naming the first internal that is not as foam_hf expects."""
+    from transformers import Trainer, TrainingArguments, trainer_optimizer, training_args
+
+    names = getattr(training_args, "OptimizerNames", None)
+    if not (isinstance(names, type) and issubclass(names, enum.Enum) and issubclass(names, str)):
+        raise _fail("transformers.training_args.OptimizerNames is no longer a str Enum")
+    for attr in ("_member_map_", "_value2member_map_", "_member_names_"):
+        if not hasattr(names, attr):
+            raise _fail(f"OptimizerNames has no {attr}")
+    handlers = getattr(trainer_optimizer, "_OPTIMIZER_HANDLERS", None)
+    if not isinstance(handlers, dict) or names.ADAMW_TORCH not in handlers:
+        raise _fail("transformers.trainer_optimizer._OPTIMIZER_HANDLERS is no longer the handler table")
+    context = getattr(trainer_optimizer, "OptimizerContext", None)
+    fields = set(getattr(context, "__dataclass_fields__", {}))
+    if not {"args", "model", "optimizer_kwargs"} <= fields:
+        raise _fail(f"OptimizerContext has fields {sorted(fields)}, expected args, model, optimizer_kwargs")
+    if "__post_init__" not in vars(TrainingArguments):
+        raise _fail("TrainingArguments.__post_init__ is gone")
+    params = list(inspect.signature(Trainer.create_optimizer).parameters)
+    if params[:2] != ["self", "model"]:
+        raise _fail(f"Trainer.create_optimizer has parameters {params}, expected (self, model=None)")
+    params = list(inspect.signature(Trainer.get_decay_parameter_names).parameters)
+    if params != ["self", "model"]:
+        raise _fail(f"Trainer.get_decay_parameter_names has parameters {params}, expected (self, model)")
+
+
+def decay_parameter_names(model: Any) -> list[str]:
+    """The Trainer's own no-decay rule (biases and norm weights excluded), without a Trainer."""
+    from transformers import Trainer
+
+    return list(Trainer.get_decay_parameter_names(None, model))  # type: ignore[arg-type]
+
+
+def _name_from_pickle(value: str) -> Any:
+    """Unpickling target of our enum members: registers the names first, so a pickled
+    ``training_args.bin`` loads in a process that has not imported foam_hf."""
+    install()
+    from transformers.training_args import OptimizerNames
+
+    return OptimizerNames(value)
+
+
+def _add_member(names: type[enum.Enum], member_name: str, value: str) -> enum.Enum:
+    if value in names._value2member_map_:
+        return names._value2member_map_[value]
+    member = str.__new__(names, value)
+    member._name_ = member_name
+    member._value_ = value
+    member.__objclass__ = names
+    member.__init__()  # Enum.__init__ is a no-op kept for symmetry with members built by EnumType
+    member.__reduce_ex__ = lambda protocol, _v=value: (_name_from_pickle, (_v,))  # instance-level: see above
+    names._member_map_[member_name] = member
+    names._value2member_map_[value] = member
+    names._member_names_.append(member_name)
+    type.__setattr__(names, member_name, member)
+    return member
+
+
+def _wrap_post_init(cls: type, validate: Callable[[Any], None]) -> None:
+    original = cls.__post_init__
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def __post_init__(self: Any) -> None:
+        original(self)
+        validate(self)
+
+    setattr(__post_init__, _MARK, True)
+    cls.__post_init__ = __post_init__
+
+
+def _wrap_create_optimizer(cls: type, after: Callable[[Any], None]) -> None:
+    original = cls.create_optimizer
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def create_optimizer(self: Any, model: Any = None) -> Any:
+        optimizer = original(self, model)
+        after(self)
+        return optimizer
+
+    setattr(create_optimizer, _MARK, True)
+    cls.create_optimizer = create_optimizer
+
+
+def insert_callback_first(trainer: Any, callback: Any) -> None:
+    """Put ``callback`` before the reporting callbacks so the values it adds to ``logs`` reach them."""
+    callback_handler = trainer.callback_handler
+    callback_handler.callbacks.insert(0, callback)
+
+
+@functools.cache
+def install() -> None:
+    """Register ``optim="foam"`` and ``optim="foam_layerwise"`` with transformers (idempotent)."""
+    from transformers import Trainer, TrainingArguments, trainer_optimizer
+    from transformers.training_args import OptimizerNames
+
+    from .transformers import after_create_optimizer, foam_handler, validate_training_arguments
+
+    check_seam()
+    for member_name, value in FOAM_OPTIMIZER_NAMES.items():
+        member = _add_member(OptimizerNames, member_name, value)
+        trainer_optimizer._OPTIMIZER_HANDLERS[member] = foam_handler
+    _wrap_post_init(TrainingArguments, validate_training_arguments)
+    _wrap_create_optimizer(Trainer, after_create_optimizer)

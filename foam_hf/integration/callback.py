@@ -1,0 +1,146 @@
+r"""FoamCallback: reports what FOAM saves and how much the folding discards, into the Trainer's logs.
+
+Logged keys (every ``report_to`` backend sees them, and ``trainer.state.log_history`` keeps them):
+
+* at the first log after train start: ``foam/state_bytes``, ``foam/adamw_state_bytes``,
+  ``foam/state_ratio`` (AdamW over FOAM), ``foam/folded_params``, ``foam/unfolded_params``;
+* at each logging step: ``foam/residual_ratio`` :math:`= \lVert R \rVert / \lVert G \rVert` over the
+  folded parameters, with :math:`R = G - \operatorname{unfold}(\operatorname{blockmean}(G))` — the
+  share of the gradient that the folded states do not see and the residual term carries (0: each block
+  is constant; near 1: blocks average to nothing);
+* ``foam/first_nonfinite_step``: the first optimizer step whose folded gradients held a NaN or inf.
+
+It observes and never changes hyper-parameters. It fails fast at train start when the optimizer in use
+is not FOAM (e.g. a trainer that bypassed ``optim="foam"``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from ..errors import FoamConfigError
+from ..folding import block_mean, is_foldable, unfold
+from ..memory import state_memory
+from ..optim import FOAM
+
+__all__ = ["FoamCallback"]
+
+logger = logging.getLogger(__name__)
+
+
+def _unwrap(optimizer: Any) -> Any:
+    """The optimizer under accelerate's / DeepSpeed's wrappers."""
+    seen = set()
+    while optimizer is not None and not isinstance(optimizer, FOAM) and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        optimizer = getattr(optimizer, "optimizer", None)
+    return optimizer
+
+
+class FoamCallback(TrainerCallback):
+    """Log FOAM's state memory, residual ratio and first non-finite gradient step (see module docstring).
+
+    Attached automatically when a Trainer builds FOAM by name; turn that off with
+    ``optim_args="...,callback=false"``, or pass your own ``FoamCallback(...)`` in ``callbacks=``.
+
+    Args:
+        check_finite: check the folded gradients for NaN/inf before every optimizer step (one read of
+            those gradients per step) (default: True).
+    """
+
+    def __init__(self, check_finite: bool = True) -> None:
+        self.check_finite = check_finite
+        self._pending: dict[str, float] = {}
+        self._first_nonfinite_step: int | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        foam = _unwrap(optimizer)
+        if not isinstance(foam, FOAM):
+            asked = getattr(args.optim, "value", args.optim)
+            while getattr(optimizer, "optimizer", None) is not None:  # name the user's optimizer, not a wrapper
+                optimizer = optimizer.optimizer
+            raise FoamConfigError(
+                f"FoamCallback: TrainingArguments.optim={asked!r} but the optimizer in use is "
+                f"{type(optimizer).__name__ if optimizer is not None else None}, not foam_hf.FOAM: something "
+                "built the optimizer without going through the name (e.g. Trainer(optimizers=(...)) or a "
+                "trainer that overrides create_optimizer). Fix: drop the explicit optimizer, or remove "
+                "FoamCallback (optim_args='callback=false') if that is intended."
+            )
+        memory = state_memory(foam)
+        self._pending.update(
+            {
+                "foam/state_bytes": memory.foam_bytes,
+                "foam/adamw_state_bytes": memory.adamw_bytes,
+                "foam/state_ratio": round(memory.ratio, 3),
+                "foam/folded_params": memory.folded_params,
+                "foam/unfolded_params": memory.unfolded_params,
+            }
+        )
+        logger.info(
+            "FOAM: optimizer state %.2f MiB vs AdamW %.2f MiB (%.1fx smaller); %d tensors folded, %d unfolded",
+            memory.foam_bytes / 2**20,
+            memory.adamw_bytes / 2**20,
+            memory.ratio,
+            memory.folded_params,
+            memory.unfolded_params,
+        )
+
+    def _will_log(self, args: Any, state: Any) -> bool:
+        strategy = getattr(args.logging_strategy, "value", args.logging_strategy)
+        if strategy != "steps" or not args.logging_steps:
+            return False
+        steps = args.logging_steps
+        if isinstance(steps, float) and steps < 1:
+            steps = max(1, math.ceil(state.max_steps * steps))
+        return (state.global_step + 1) % int(steps) == 0
+
+    @torch.no_grad()
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        foam = _unwrap(optimizer)
+        if foam is None:
+            return
+        want_residual = self._will_log(args, state)
+        if not (want_residual or (self.check_finite and self._first_nonfinite_step is None)):
+            return
+        grad_sq = torch.zeros((), dtype=torch.float64)
+        residual_sq = torch.zeros((), dtype=torch.float64)
+        folded_grads = []
+        for group in foam.param_groups:
+            block_size = group["block_size"]
+            for p in group["params"]:
+                if p.grad is not None and is_foldable(p, block_size):
+                    folded_grads.append((p.grad, block_size))
+        if not folded_grads:
+            return
+        if self.check_finite and self._first_nonfinite_step is None:
+            norms = torch._foreach_norm([g for g, _ in folded_grads])
+            if not torch.isfinite(torch.stack([n.float().cpu() for n in norms])).all():
+                self._first_nonfinite_step = state.global_step + 1
+                self._pending["foam/first_nonfinite_step"] = self._first_nonfinite_step
+                logger.warning(
+                    "FOAM: non-finite gradients in folded parameters at optimizer step %d. FOAM behaves as AdamW "
+                    "does: the NaN/inf propagates into the states of the affected blocks.",
+                    self._first_nonfinite_step,
+                )
+        if want_residual:
+            for grad, block_size in folded_grads:
+                g = grad.float()
+                residual = g - unfold(block_mean(g, block_size), g.shape[-1], block_size)
+                grad_sq += g.square().sum().double().cpu()
+                residual_sq += residual.square().sum().double().cpu()
+            if grad_sq > 0:
+                self._pending["foam/residual_ratio"] = math.sqrt(residual_sq.item() / grad_sq.item())
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if not self._pending or logs is None:
+            return
+        logs.update(self._pending)
+        # Trainer.log appended a copy of `logs` to log_history before calling us; keep the two in step.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(self._pending)
+        self._pending = {}

@@ -1,0 +1,115 @@
+"""``optim="foam"``: TrainingArguments + model -> (FOAM, kwargs), the way transformers' own handlers work.
+
+Hyper-parameters arrive as for AdamW (``learning_rate``, ``adam_beta1``, ``adam_beta2``,
+``adam_epsilon``, ``weight_decay`` with the Trainer's no-decay rule for biases and norm weights);
+FOAM's own options arrive in ``optim_args`` (parsed by :class:`~foam_hf.FoamConfig`). Parameters are
+grouped by resolved block size (:mod:`foam_hf.param_groups`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import FoamConfig
+from ..errors import FoamConfigError
+from ..layerwise import LayerwiseFOAM
+from ..optim import FOAM
+from ..param_groups import build_param_groups, resolve_block_sizes
+from ._seam import FOAM_OPTIMIZER_NAMES, decay_parameter_names, insert_callback_first
+
+__all__ = ["foam_config_from_args", "is_foam_optim", "optimizer_cls_and_kwargs"]
+
+
+def is_foam_optim(optim: Any) -> bool:
+    """Whether ``TrainingArguments.optim`` names a FOAM optimizer."""
+    value = getattr(optim, "value", optim)
+    return value in FOAM_OPTIMIZER_NAMES.values()
+
+
+def _is_layerwise(optim: Any) -> bool:
+    return getattr(optim, "value", optim) == FOAM_OPTIMIZER_NAMES["FOAM_LAYERWISE"]
+
+
+def foam_config_from_args(args: Any) -> FoamConfig:
+    """The :class:`FoamConfig` that ``args.optim_args`` describes (errors list the valid keys)."""
+    return FoamConfig.from_optim_args(args.optim_args)
+
+
+def validate_training_arguments(args: Any) -> None:
+    """Run right after ``TrainingArguments.__post_init__``: reject bad FOAM options before any model loads."""
+    if not is_foam_optim(args.optim):
+        return
+    foam_config_from_args(args)
+    if _is_layerwise(args.optim):
+        if args.max_grad_norm is not None and args.max_grad_norm > 0:
+            raise FoamConfigError(
+                f"optim='foam_layerwise' with max_grad_norm={args.max_grad_norm}: clipping by the global "
+                "gradient norm needs every gradient at once, and layer-wise FOAM steps each parameter as soon "
+                "as its gradient is ready. Fix: pass max_grad_norm=0 (no clipping), or use optim='foam'."
+            )
+        if args.fp16:
+            raise FoamConfigError(
+                "optim='foam_layerwise' with fp16=True: the per-parameter step would see loss-scaled "
+                "gradients. Fix: use bf16=True, or optim='foam'."
+            )
+
+
+def optimizer_cls_and_kwargs(args: Any, model: Any) -> tuple[type[FOAM], dict[str, Any]]:
+    """``(FOAM or LayerwiseFOAM, kwargs)`` for ``args`` and ``model``; ``kwargs["params"]`` holds the groups.
+
+    Also usable without the name registration: ``Trainer(..., optimizer_cls_and_kwargs=...)``.
+    """
+    if model is None:
+        raise FoamConfigError("optim='foam' needs the model to choose which weights fold; the Trainer got none.")
+    config = foam_config_from_args(args)
+    plan = resolve_block_sizes(model, config, args.optim_target_modules)
+    groups = build_param_groups(
+        model, plan, weight_decay=args.weight_decay, decay_parameter_names=decay_parameter_names(model)
+    )
+    kwargs: dict[str, Any] = dict(
+        params=groups,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        weight_decay=args.weight_decay,
+        block_size=config.block_size,
+        scale=config.scale,
+        res_scale=config.res_scale,
+        second_moment=config.second_moment,
+    )
+    if not _is_layerwise(args.optim):
+        return FOAM, kwargs
+
+    from transformers.training_args import ParallelMode
+
+    if args.parallel_mode == ParallelMode.DISTRIBUTED:
+        raise FoamConfigError(
+            "optim='foam_layerwise' does not support DDP/FSDP: each parameter steps inside backward, before "
+            "its gradient is reduced across ranks. Fix: use optim='foam'."
+        )
+    from accelerate.state import GradientState
+
+    gradient_state = GradientState()
+    # The Trainer marks the last micro-batch of each accumulation window; step only then.
+    kwargs["should_step"] = lambda: gradient_state.sync_gradients
+    return LayerwiseFOAM, kwargs
+
+
+def foam_handler(ctx: Any) -> tuple[type[FOAM], dict[str, Any]]:
+    """The entry of transformers' optimizer handler table for ``optim="foam"`` / ``"foam_layerwise"``."""
+    cls, kwargs = optimizer_cls_and_kwargs(ctx.args, ctx.model)
+    ctx.optimizer_kwargs.update(kwargs)
+    return cls, ctx.optimizer_kwargs
+
+
+def after_create_optimizer(trainer: Any) -> None:
+    """Attach :class:`~foam_hf.FoamCallback` once, unless ``optim_args`` says ``callback=false``."""
+    from .callback import FoamCallback
+
+    if not is_foam_optim(trainer.args.optim):
+        return
+    if not foam_config_from_args(trainer.args).callback:
+        return
+    if any(isinstance(cb, FoamCallback) for cb in trainer.callback_handler.callbacks):
+        return
+    insert_callback_first(trainer, FoamCallback())

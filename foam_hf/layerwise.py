@@ -1,0 +1,74 @@
+"""Layer-wise FOAM: each parameter steps as soon as its gradient is complete, inside backward.
+
+A post-accumulate-grad hook on every trainable parameter runs the FOAM step for that parameter and
+frees its gradient, so the gradients of the whole model never coexist. It is the same optimizer as
+:class:`~foam_hf.FOAM` (one instance, one ``state_dict``), so checkpoints resume exactly and learning-rate
+schedulers work on its ``param_groups`` as usual; only *when* the step runs changes.
+
+Gradient accumulation: ``should_step`` is asked in each hook; while it returns ``False`` gradients keep
+accumulating in ``p.grad`` (no memory saving on those micro-batches, but exact maths), and on the
+micro-batch where it returns ``True`` every parameter steps on its accumulated gradient.
+
+What cannot work, and is refused by the Trainer integration rather than silently wrong: gradient
+clipping by global norm (the norm needs every gradient at once), fp16 loss scaling (the hook would see
+scaled gradients), and DDP/FSDP (the hook fires before gradients are reduced across ranks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.optim.optimizer import ParamsT
+
+from .optim import FOAM
+
+__all__ = ["LayerwiseFOAM"]
+
+
+class LayerwiseFOAM(FOAM):
+    """:class:`~foam_hf.FOAM` whose step runs per parameter inside backward (see the module docstring).
+
+    Args:
+        params: as for :class:`~foam_hf.FOAM`.
+        should_step: called in every hook; the parameter steps (and its gradient is freed) only when it
+            returns ``True``. ``None`` steps on every backward (no gradient accumulation).
+        **kwargs: every other :class:`~foam_hf.FOAM` option.
+
+    :meth:`step` does not update parameters (the hooks did); it only evaluates a closure if given.
+    Call :meth:`remove_hooks` to detach the optimizer from its parameters.
+    """
+
+    def __init__(self, params: ParamsT, *, should_step: Callable[[], bool] | None = None, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self._should_step = should_step if should_step is not None else (lambda: True)
+        # Group *indices*, not dicts: load_state_dict replaces the group dicts (and schedulers edit those).
+        self._group_index: dict[int, int] = {}
+        self._handles = []
+        for index, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.requires_grad:
+                    self._group_index[id(p)] = index
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._step_parameter))
+
+    @torch.no_grad()
+    def _step_parameter(self, param: torch.Tensor) -> None:
+        if param.grad is None or not self._should_step():
+            return
+        self._step_group(self.param_groups[self._group_index[id(param)]], [param])
+        param.grad = None
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Evaluate ``closure`` if given; the parameters were already updated inside backward."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    def remove_hooks(self) -> None:
+        """Detach the per-parameter hooks (after training, or before handing the model to another optimizer)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

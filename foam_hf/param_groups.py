@@ -1,0 +1,228 @@
+r"""Which parameters fold, with which block size: resolved once from a model and a :class:`FoamConfig`.
+
+Rules, in order:
+
+1. Only trainable parameters (``requires_grad``) are considered; a PEFT model therefore contributes only
+   its adapter weights. Tied or shared parameters are one tensor and get exactly one block size.
+2. *Default targets*: the ``weight`` of every linear layer (``nn.Linear``, transformers' ``Conv1D``)
+   except the output head and the input embeddings (the paper's choice). ``target_modules`` replaces
+   that set: a list of module-name patterns, one full regex string, or ``"all-linear"`` (every linear
+   layer except the output head, as PEFT defines it). Targets fold with ``block_size``.
+3. *Overrides* (``block_sizes``) then set the block size of every trainable parameter inside a matched
+   module, target or not (``lm_head:4`` folds the head, ``q_proj:1`` keeps AdamW states). A pattern
+   matches a module name as PEFT's ``rank_pattern`` does: the name ends with the pattern at a ``.``
+   boundary (``q_proj`` matches ``model.layers.0.self_attn.q_proj``), the pattern being a regex. The
+   most specific match wins: the deepest matched module, then the longest pattern; two different sizes
+   at the same specificity are an error.
+4. Everything else keeps AdamW states (block size 1). One-dimensional parameters never fold whatever
+   their block size (see :func:`foam_hf.folding.is_foldable`).
+
+A pattern or target that matches no trainable parameter raises :class:`NoMatchingModuleError` with the
+closest module names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import FoamConfig
+from .errors import FoamConfigError, NoMatchingModuleError
+
+__all__ = ["BlockSizePlan", "build_param_groups", "resolve_block_sizes"]
+
+
+@dataclass(frozen=True)
+class BlockSizePlan:
+    """The resolved plan: trainable parameter name → block size (1 = AdamW states)."""
+
+    block_sizes: dict[str, int]
+
+    def folded(self) -> list[str]:
+        return [name for name, b in self.block_sizes.items() if b > 1]
+
+
+def _linear_types() -> tuple[type[nn.Module], ...]:
+    types: list[type[nn.Module]] = [nn.Linear]
+    try:  # GPT-2 style models use transformers' Conv1D as their linear layer.
+        from transformers.pytorch_utils import Conv1D
+
+        types.append(Conv1D)
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    return tuple(types)
+
+
+def _suffix_match(pattern: str, name: str) -> bool:
+    return re.fullmatch(rf"(?:.*\.)?(?:{pattern})", name) is not None
+
+
+def _ancestors(module_name: str) -> Iterable[str]:
+    """``a.b.c`` → ``a.b.c``, ``a.b``, ``a`` (deepest first)."""
+    parts = module_name.split(".")
+    for depth in range(len(parts), 0, -1):
+        yield ".".join(parts[:depth])
+
+
+def _excluded_modules(model: nn.Module) -> set[int]:
+    """ids of the output head and input embedding modules (never default targets)."""
+    excluded: set[int] = set()
+    for getter in ("get_output_embeddings", "get_input_embeddings"):
+        fn = getattr(model, getter, None)
+        if callable(fn):
+            try:
+                module = fn()
+            except (AttributeError, NotImplementedError):
+                module = None
+            if module is not None:
+                excluded.add(id(module))
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            excluded.add(id(module))
+    return excluded
+
+
+def _no_match_error(what: str, pattern: str, module_names: list[str]) -> NoMatchingModuleError:
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in module_names if n})
+    close = difflib.get_close_matches(pattern, leaves, n=5, cutoff=0.5) or difflib.get_close_matches(
+        pattern, module_names, n=5, cutoff=0.4
+    )
+    hint = f" Closest module names: {close}." if close else f" Module name endings in this model: {leaves[:20]}."
+    return NoMatchingModuleError(
+        f"FOAM: {what} {pattern!r} matches no trainable parameter of the model.{hint} Patterns match module "
+        "names as PEFT's rank_pattern does (a suffix at a '.' boundary, or a full regex). Print the names with "
+        "`[n for n, _ in model.named_modules()]`, and remember that frozen parameters (e.g. a LoRA base model) "
+        "have no optimizer state."
+    )
+
+
+def resolve_block_sizes(
+    model: nn.Module, config: FoamConfig, target_modules: list[str] | str | None = None
+) -> BlockSizePlan:
+    """Resolve every trainable parameter of ``model`` to a block size, following the module rules above.
+
+    ``target_modules`` (e.g. ``TrainingArguments.optim_target_modules``) is used when ``config`` has none;
+    giving both is an error.
+    """
+    if config.target_modules is not None and target_modules is not None:
+        raise FoamConfigError(
+            f"FOAM: target modules are given twice (optim_args target_modules={config.target_modules!r} and "
+            f"optim_target_modules={target_modules!r}). Fix: keep one."
+        )
+    targets = config.target_modules if config.target_modules is not None else target_modules
+
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise FoamConfigError("FOAM: the model has no trainable parameter (every requires_grad is False).")
+    trainable_ids = {id(p) for _, p in trainable}
+
+    # Every module that owns each trainable parameter (tied weights have several owners).
+    owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    module_names: list[str] = []
+    for module_name, module in model.named_modules():
+        module_names.append(module_name)
+        for param_name, p in module.named_parameters(recurse=False):
+            if id(p) in trainable_ids:
+                owners.setdefault(id(p), []).append((module_name, module, param_name))
+
+    linear_types = _linear_types()
+    excluded = _excluded_modules(model)
+    all_linear = isinstance(targets, str) and targets.replace("_", "-") == "all-linear"
+    if isinstance(targets, (list, tuple)) and [t.replace("_", "-") for t in targets] == ["all-linear"]:
+        all_linear = True
+    output_head = getattr(model, "get_output_embeddings", lambda: None)()
+
+    def is_default_target(module_name: str, module: nn.Module, param_name: str) -> bool:
+        if param_name != "weight" or not isinstance(module, linear_types):
+            return False
+        if targets is None:
+            return id(module) not in excluded
+        if all_linear:
+            return module is not output_head
+        if isinstance(targets, str):
+            return re.fullmatch(targets, module_name) is not None
+        return any(_suffix_match(t, module_name) for t in targets)
+
+    used_targets: set[str] = set()
+    used_patterns: set[str] = set()
+    block_sizes: dict[str, int] = {}
+    for name, p in trainable:
+        param_owners = owners.get(id(p), [])
+        size = 1
+        if any(is_default_target(*owner) for owner in param_owners):
+            size = config.block_size
+            if isinstance(targets, (list, tuple)) and not all_linear:
+                used_targets.update(t for t in targets for m, _, _ in param_owners if _suffix_match(t, m))
+            elif targets is not None:
+                used_targets.add(str(targets))
+        best: tuple[int, int] | None = None
+        chosen: dict[str, int] = {}
+        for module_name, _, _ in param_owners:
+            for prefix in _ancestors(module_name) if module_name else []:
+                depth = prefix.count(".") + 1
+                for pattern, override in config.block_sizes.items():
+                    if not _suffix_match(pattern, prefix):
+                        continue
+                    score = (depth, len(pattern))
+                    if best is None or score > best:
+                        best, chosen = score, {pattern: override}
+                    elif score == best:
+                        chosen[pattern] = override
+        if chosen:
+            sizes = set(chosen.values())
+            if len(sizes) > 1:
+                raise FoamConfigError(
+                    f"FOAM: parameter {name!r} is matched equally specifically by block_sizes patterns "
+                    f"{sorted(chosen)} with different sizes {sorted(sizes)}. Fix: make one pattern more specific."
+                )
+            used_patterns.update(chosen)
+            size = sizes.pop()
+        block_sizes[name] = size
+
+    for pattern in config.block_sizes:
+        if pattern not in used_patterns:
+            # A pattern may be shadowed everywhere by a more specific one yet still match: report only
+            # patterns that match no trainable parameter's module at all.
+            matches = any(
+                _suffix_match(pattern, prefix)
+                for owner_list in owners.values()
+                for module_name, _, _ in owner_list
+                for prefix in (_ancestors(module_name) if module_name else [])
+            )
+            if not matches:
+                raise _no_match_error("block_sizes pattern", pattern, module_names)
+    if targets is not None and not all_linear:
+        for target in [targets] if isinstance(targets, str) else targets:
+            if target not in used_targets:
+                raise _no_match_error("target module", target, module_names)
+    return BlockSizePlan(block_sizes)
+
+
+def build_param_groups(
+    model: nn.Module,
+    plan: BlockSizePlan,
+    *,
+    weight_decay: float,
+    decay_parameter_names: Iterable[str],
+) -> list[dict]:
+    """Torch param groups, one per (block size, decays?) pair, in a deterministic order.
+
+    Each group carries its own ``block_size`` (so it shows in ``optimizer.state_dict()`` and survives
+    resume) and ``weight_decay`` (``weight_decay`` for ``decay_parameter_names``, else 0).
+    """
+    decay = set(decay_parameter_names)
+    groups: dict[tuple[int, bool], list[torch.Tensor]] = {}
+    for name, p in model.named_parameters():
+        if name not in plan.block_sizes:
+            continue
+        key = (plan.block_sizes[name], name in decay)
+        groups.setdefault(key, []).append(p)
+    return [
+        {"params": params, "block_size": block_size, "weight_decay": weight_decay if decays else 0.0}
+        for (block_size, decays), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))
+    ]

@@ -1,0 +1,280 @@
+"""optim="foam" through the real transformers.Trainer: by name, configuration, overrides, callback, resume."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from hf_fixtures import lm_dataset, tiny_llama
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+
+import foam_hf
+from foam_hf import FOAM, FoamCallback, FoamConfig, FoamConfigError, LayerwiseFOAM, NoMatchingModuleError
+from foam_hf.integration import check_seam
+from foam_hf.memory import adamw_state_bytes, foam_state_bytes
+
+
+def make_args(tmp_path, **overrides):
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"),
+        optim="foam",
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def named_block_sizes(optimizer, model):
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: group["block_size"] for group in optimizer.param_groups for p in group["params"]}
+
+
+def test_seam_is_intact():
+    # Fails with a message naming foam_hf.integration._seam when a transformers release moves an internal.
+    check_seam()
+
+
+def test_trainer_builds_foam_by_name_and_trains(tmp_path):
+    model = tiny_llama()
+    args = make_args(tmp_path, weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-7)
+    trainer = Trainer(model=model, args=args, train_dataset=lm_dataset())
+    result = trainer.train()
+    optimizer = trainer.optimizer.optimizer  # accelerate's wrapper around ours
+    assert type(optimizer) is FOAM
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    group = optimizer.param_groups[0]
+    assert group["betas"] == (0.8, 0.95) and group["eps"] == 1e-7
+    sizes = named_block_sizes(optimizer, model)
+    # The paper's default: linear layers fold, the head and the embeddings do not.
+    assert sizes["model.layers.0.self_attn.q_proj.weight"] == 4
+    assert sizes["model.layers.1.mlp.down_proj.weight"] == 4
+    assert sizes["lm_head.weight"] == 1 and sizes["model.embed_tokens.weight"] == 1
+    # Trainer's no-decay rule: norms have weight_decay 0, linear weights 0.1.
+    decay = {
+        n: g["weight_decay"]
+        for g in optimizer.param_groups
+        for n, p in model.named_parameters()
+        if any(p is q for q in g["params"])
+    }
+    assert decay["model.norm.weight"] == 0.0 and decay["model.layers.0.mlp.up_proj.weight"] == 0.1
+    assert optimizer.state[model.model.layers[0].self_attn.q_proj.weight]["exp_avg"].shape == (32, 8)
+
+
+def test_callback_logs_state_bytes_and_residual(tmp_path):
+    model = tiny_llama()
+    trainer = Trainer(model=model, args=make_args(tmp_path), train_dataset=lm_dataset())
+    trainer.train()
+    assert sum(isinstance(cb, FoamCallback) for cb in trainer.callback_handler.callbacks) == 1
+    logs = [entry for entry in trainer.state.log_history if "foam/state_bytes" in entry]
+    assert len(logs) == 1
+    expected_foam = sum(foam_state_bytes(p, 4 if n.endswith("proj.weight") else 1) for n, p in model.named_parameters())
+    expected_adamw = sum(adamw_state_bytes(p) for p in model.parameters())
+    assert logs[0]["foam/state_bytes"] == expected_foam
+    assert logs[0]["foam/adamw_state_bytes"] == expected_adamw
+    ratios = [e["foam/residual_ratio"] for e in trainer.state.log_history if "foam/residual_ratio" in e]
+    assert len(ratios) == 2 and all(0 < r < 1 for r in ratios)  # logging_steps=2 over 4 steps
+
+
+def test_callback_can_be_turned_off(tmp_path):
+    trainer = Trainer(
+        model=tiny_llama(), args=make_args(tmp_path, optim_args="callback=false"), train_dataset=lm_dataset()
+    )
+    trainer.train()
+    assert not any(isinstance(cb, FoamCallback) for cb in trainer.callback_handler.callbacks)
+
+
+def test_callback_fails_fast_when_the_name_was_bypassed(tmp_path):
+    model = tiny_llama()
+    adamw = torch.optim.AdamW(model.parameters())
+    trainer = Trainer(model=model, args=make_args(tmp_path), train_dataset=lm_dataset(), optimizers=(adamw, None))
+    with pytest.raises(FoamConfigError, match="optimizer in use is AdamW"):
+        trainer.train()
+
+
+def test_optim_args_configure_foam_and_overrides(tmp_path):
+    model = tiny_llama()
+    args = make_args(
+        tmp_path,
+        optim_args="level=3,scale=0.5,res_scale=0.25,second_moment=sq_mean,"
+        "block_sizes=q_proj:16;layers.1.mlp.down_proj:2;down_proj:4;lm_head:2;v_proj:1",
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=lm_dataset())
+    trainer.create_optimizer()
+    sizes = named_block_sizes(trainer.optimizer, model)
+    assert sizes["model.layers.0.self_attn.q_proj.weight"] == 16
+    assert sizes["model.layers.0.self_attn.k_proj.weight"] == 8  # level=3 default
+    assert sizes["model.layers.0.self_attn.v_proj.weight"] == 1
+    assert sizes["model.layers.0.mlp.down_proj.weight"] == 4
+    assert sizes["model.layers.1.mlp.down_proj.weight"] == 2  # the more specific pattern wins
+    assert sizes["lm_head.weight"] == 2  # an override folds the head too
+    group = trainer.optimizer.param_groups[0]
+    assert (group["scale"], group["res_scale"], group["second_moment"]) == (0.5, 0.25, "sq_mean")
+
+
+def test_typed_config_produces_the_same_optim_args():
+    config = FoamConfig(block_size=8, block_sizes={"q_proj": 16, "lm_head": 1}, res_scale=0.5)
+    text = config.to_optim_args()
+    assert text == "block_size=8,res_scale=0.5,block_sizes=q_proj:16;lm_head:1"
+    assert FoamConfig.from_optim_args(text) == config
+
+
+@pytest.mark.parametrize(
+    "optim_args, error, regex",
+    [
+        ("block_size=4,blocksize=8", FoamConfigError, r"unknown key\(s\) \['blocksize'\]. Valid keys"),
+        ("block_size=four", FoamConfigError, r"block_size='four' is not an integer"),
+        ("block_size=0", FoamConfigError, r"block_size=0 is invalid"),
+        ("block_size=4,level=2", FoamConfigError, "both given"),
+        ("second_moment=mean", FoamConfigError, r"second_moment='mean' is invalid"),
+        ("block_sizes=q_proj", FoamConfigError, r"entry 'q_proj' is not pattern:size"),
+        ("block_sizes=q_proj:0", FoamConfigError, r"block_sizes\['q_proj'\]=0 is invalid"),
+        ("callback=maybe", FoamConfigError, "is not a boolean"),
+    ],
+)
+def test_bad_optim_args_fail_when_the_arguments_are_built(tmp_path, optim_args, error, regex):
+    with pytest.raises(error, match=regex):
+        make_args(tmp_path, optim_args=optim_args)
+
+
+def test_override_that_matches_nothing_lists_close_names(tmp_path):
+    args = make_args(tmp_path, optim_args="block_sizes=q_prj:8")
+    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=lm_dataset())
+    with pytest.raises(NoMatchingModuleError, match=r"'q_prj' matches no trainable parameter.*'q_proj'"):
+        trainer.create_optimizer()
+
+
+def test_optim_target_modules_replaces_the_default_set(tmp_path):
+    model = tiny_llama()
+    args = make_args(tmp_path, optim_target_modules=["q_proj", "v_proj"])
+    trainer = Trainer(model=model, args=args, train_dataset=lm_dataset())
+    trainer.create_optimizer()
+    sizes = named_block_sizes(trainer.optimizer, model)
+    assert {n for n, b in sizes.items() if b > 1} == {
+        f"model.layers.{i}.self_attn.{m}.weight" for i in (0, 1) for m in ("q_proj", "v_proj")
+    }
+    args = make_args(tmp_path, optim_target_modules="all-linear")
+    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=lm_dataset())
+    trainer.create_optimizer()
+    assert named_block_sizes(trainer.optimizer, trainer.model)["lm_head.weight"] == 1
+
+
+def test_tied_weights_land_in_one_group_once(tmp_path):
+    model = tiny_llama(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    trainer = Trainer(model=model, args=make_args(tmp_path), train_dataset=lm_dataset())
+    trainer.train()
+    all_params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    assert len(all_params) == len({id(p) for p in all_params}) == len(list(model.parameters()))
+    assert sum(p is model.lm_head.weight for p in all_params) == 1
+
+
+def test_command_line_json_and_pickle(tmp_path):
+    parser = HfArgumentParser(TrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--optim", "foam", "--optim_args", "block_size=8,block_sizes=q_proj:16"]
+    )
+    assert args.optim == "foam"
+    assert json.loads(args.to_json_string())["optim"] == "foam"
+    assert args.to_dict()["optim"] == "foam"
+    assert pickle.loads(pickle.dumps(args)).optim == "foam"
+
+
+def test_unpickling_training_args_registers_the_name_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "training_args.bin"
+    torch.save(make_args(tmp_path), path)
+    code = (
+        "import sys, torch; a = torch.load(sys.argv[1], weights_only=False); "
+        "print(a.optim.value, 'foam_hf' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["foam", "True"]
+
+
+class StopAt(TrainerCallback):
+    """Interrupts training after `step` optimizer steps, as a crash or a preempted job would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def _train(tmp_path, name, resume=None, stop_at=None, **overrides):
+    args = make_args(tmp_path / name, max_steps=6, save_strategy="steps", save_steps=3, logging_steps=1, **overrides)
+    callbacks = [StopAt(stop_at)] if stop_at else []
+    trainer = Trainer(model=tiny_llama(seed=0), args=args, train_dataset=lm_dataset(24), callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+@pytest.mark.parametrize("optim", ["foam", "foam_layerwise"])
+def test_resume_from_checkpoint_is_bitwise_exact(tmp_path, optim):
+    extra = dict(optim=optim, weight_decay=0.1, lr_scheduler_type="cosine", warmup_steps=1)
+    if optim == "foam_layerwise":
+        extra["max_grad_norm"] = 0.0
+    straight = _train(tmp_path, "straight", **extra)
+    interrupted = _train(tmp_path, "interrupted", stop_at=3, **extra)  # saves checkpoint-3, then stops
+    assert interrupted.state.global_step == 3
+    checkpoint = tmp_path / "interrupted" / "out" / "checkpoint-3"
+    # Trainer's safe loading: the optimizer state must load with weights_only=True.
+    torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    resumed = _train(tmp_path, "interrupted", resume=str(checkpoint), **extra)
+    assert resumed.state.global_step == 6
+    for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_layerwise_matches_foam_and_frees_gradients(tmp_path):
+    plain = Trainer(model=tiny_llama(), args=make_args(tmp_path / "a", max_grad_norm=0.0), train_dataset=lm_dataset())
+    plain.train()
+    args = make_args(tmp_path / "b", optim="foam_layerwise", max_grad_norm=0.0)
+    layerwise = Trainer(model=tiny_llama(), args=args, train_dataset=lm_dataset())
+    layerwise.train()
+    assert isinstance(layerwise.optimizer.optimizer, LayerwiseFOAM)
+    for a, b in zip(plain.model.parameters(), layerwise.model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        assert b.grad is None
+
+
+def test_layerwise_supports_gradient_accumulation(tmp_path):
+    common = dict(max_grad_norm=0.0, gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    plain = Trainer(model=tiny_llama(), args=make_args(tmp_path / "a", **common), train_dataset=lm_dataset())
+    plain.train()
+    args = make_args(tmp_path / "b", optim="foam_layerwise", **common)
+    layerwise = Trainer(model=tiny_llama(), args=args, train_dataset=lm_dataset())
+    layerwise.train()
+    for a, b in zip(plain.model.parameters(), layerwise.model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides, regex",
+    [(dict(max_grad_norm=1.0), "max_grad_norm=0"), (dict(max_grad_norm=0.0, fp16=True), "bf16=True")],
+)
+def test_layerwise_refuses_what_it_cannot_do(tmp_path, overrides, regex):
+    with pytest.raises(FoamConfigError, match=regex):
+        make_args(tmp_path, optim="foam_layerwise", **overrides)
+
+
+def test_import_registers_both_names():
+    from transformers.training_args import OptimizerNames
+
+    assert OptimizerNames("foam").value == "foam" and OptimizerNames("foam_layerwise").value == "foam_layerwise"
+    assert foam_hf.FOAM is FOAM
