@@ -251,12 +251,13 @@ def build_meta_model(config: Any) -> nn.Module:
 
 # ---------------------------------------------------------------------------- block-size resolution
 #
-# STAND-IN for the Trainer integration's resolver (foam_hf/integration/, being written). Same semantics as
-# its documented API: default targets = linear layers except the output head and the embeddings; block_sizes
-# patterns match module names like PEFT's rank_pattern (suffix at a '.' boundary, or a full regex), the most
-# specific match wins (the longest matched part of the name; ties go to the pattern given first), size 1 =
-# unfolded, a pattern matching nothing raises NoMatchingModuleError. Swap `parse_optim_args` and
-# `resolve_block_sizes` for the integration's functions once they land.
+# STAND-IN for the Trainer integration's resolver (foam_hf/param_groups.py, being written). Same semantics as
+# its documented API: default targets = the weights of linear layers (nn.Linear, transformers' Conv1D) except
+# the output head and the embeddings; block_sizes patterns match module names like PEFT's rank_pattern (the
+# name or one of its ancestors ends with the pattern at a '.' boundary, the pattern being a regex), the most
+# specific match wins (deepest matched module, then longest pattern; equal specificity with different sizes is
+# an error), size 1 = unfolded, a pattern matching nothing raises NoMatchingModuleError. Swap
+# `parse_optim_args` and `resolve_block_sizes` for the integration's functions once they land.
 
 _OPTIM_ARGS_KEYS = ("block_size", "level", "scale", "res_scale", "second_moment", "block_sizes", "callback")
 
@@ -342,50 +343,77 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
     return owners
 
 
-def _is_default_target(model: nn.Module, module: nn.Module) -> bool:
-    """Default FOAM target: a linear layer that is neither the output head nor an embedding."""
+def _linear_types() -> tuple[type[nn.Module], ...]:
+    from transformers.pytorch_utils import Conv1D  # GPT-2 style models use it as their linear layer
+
+    return (nn.Linear, Conv1D)
+
+
+def _is_default_target(model: nn.Module, module: nn.Module, param_name: str) -> bool:
+    """Default FOAM target: the weight of a linear layer that is neither the output head nor an embedding."""
     return (
-        isinstance(module, nn.Linear)
+        param_name == "weight"
+        and isinstance(module, _linear_types())
         and module is not model.get_output_embeddings()
         and module is not model.get_input_embeddings()
     )
 
 
-def _match_length(pattern: str, module_name: str) -> int:
-    """Length of the part of ``module_name`` that ``pattern`` matches (suffix or full regex), or -1."""
-    match = re.fullmatch(rf"(.*\.)?({pattern})", module_name)
-    return -1 if match is None else len(match.group(2))
+def _ancestors(module_name: str) -> list[str]:
+    """``a.b.c`` -> ``["a.b.c", "a.b", "a"]``, deepest first."""
+    parts = module_name.split(".")
+    return [".".join(parts[:depth]) for depth in range(len(parts), 0, -1)] if module_name else []
+
+
+def _suffix_match(pattern: str, name: str) -> bool:
+    return re.fullmatch(rf"(?:.*\.)?(?:{pattern})", name) is not None
 
 
 def resolve_block_sizes(model: nn.Module, block_size: int, overrides: dict[str, int] | None = None) -> dict[str, int]:
     """Block size of every trainable parameter, by name: what FOAM's param groups would carry.
 
-    Tensors that cannot fold (1-D, see :func:`foam_hf.folding.is_foldable`) always get 1, so the result says
-    directly which tensors fold. Raises :class:`~foam_hf.errors.NoMatchingModuleError` for an override
-    pattern that matches no module holding a trainable parameter.
+    One-dimensional tensors may carry a block size > 1 but never fold (:func:`foam_hf.folding.is_foldable`).
+    Raises :class:`~foam_hf.errors.NoMatchingModuleError` for an override pattern that matches no module
+    holding a trainable parameter.
     """
     overrides = dict(overrides or {})
     owners = _owners(model)
-    matched: dict[str, int] = {pattern: 0 for pattern in overrides}
+    used: set[str] = set()
     result: dict[str, int] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         holders = owners.get(id(param), [(name.rpartition(".")[0], model)])
-        size = block_size if any(_is_default_target(model, m) for _, m in holders) else 1
-        best, best_len = None, -1
-        for pattern in overrides:  # the most specific pattern wins; ties go to the first given
-            length = max(_match_length(pattern, module_name) for module_name, _ in holders)
-            if length >= 0:
-                matched[pattern] += 1
-            if length > best_len:
-                best, best_len = pattern, length
-        if best is not None:
-            size = overrides[best]
-        result[name] = size if is_foldable(param, size) else 1
-    unmatched = [p for p, count in matched.items() if count == 0]
+        param_name = name.rpartition(".")[2]
+        size = block_size if any(_is_default_target(model, m, param_name) for _, m in holders) else 1
+        best: tuple[int, int] | None = None
+        chosen: dict[str, int] = {}
+        for module_name, _ in holders:
+            for prefix in _ancestors(module_name):
+                for pattern, override in overrides.items():
+                    if not _suffix_match(pattern, prefix):
+                        continue
+                    score = (prefix.count(".") + 1, len(pattern))
+                    if best is None or score > best:
+                        best, chosen = score, {pattern: override}
+                    elif score == best:
+                        chosen[pattern] = override
+        if chosen:
+            if len(set(chosen.values())) > 1:
+                raise FoamConfigError(
+                    f"block_sizes patterns {sorted(chosen)} match parameter {name!r} equally specifically with "
+                    f"different sizes {sorted(set(chosen.values()))}. Fix: make one pattern more specific."
+                )
+            used.update(chosen)
+            size = next(iter(chosen.values()))
+        result[name] = size
+    module_names = sorted({n for holders in owners.values() for n, _ in holders if n})
+    unmatched = [
+        p
+        for p in overrides
+        if p not in used and not any(_suffix_match(p, a) for n in module_names for a in _ancestors(n))
+    ]
     if unmatched:
-        module_names = sorted({n for _, holders in owners.items() for n, _ in holders if n})
         short = sorted({n.rpartition(".")[2] for n in module_names})
         hints = {p: difflib.get_close_matches(p, short + module_names, n=3, cutoff=0.5) for p in unmatched}
         hint_text = "; ".join(f"{p!r}: nearest {h}" if h else f"{p!r}: no close name" for p, h in hints.items())
@@ -571,7 +599,8 @@ def memory_report(
     entries: list[ParamEntry] = []
     for name, param in named:
         holders = owners.get(id(param), [(name.rpartition(".")[0], net)])
-        target = any(_is_default_target(net, m) for _, m in holders) and is_foldable(param, 2)
+        leaf = name.rpartition(".")[2]
+        target = any(_is_default_target(net, m, leaf) for _, m in holders) and is_foldable(param, 2)
         entries.append(ParamEntry(name, tuple(param.shape), _category(name, holders, net, param), target))
 
     def foam_bytes(block_of: dict[str, int]) -> int:
@@ -618,7 +647,16 @@ def memory_report(
         report.override_block_size = base
         report.override_state = foam_bytes(blocks)
         report.override_default_state = foam_bytes(default_blocks)
-        report.override_changed = {n: (default_blocks[n], blocks[n]) for n in blocks if blocks[n] != default_blocks[n]}
+        params = dict(named)
+
+        def effective(block_of: dict[str, int], n: str) -> int:
+            return block_of[n] if is_foldable(params[n], block_of[n]) else 1
+
+        report.override_changed = {
+            n: (effective(default_blocks, n), effective(blocks, n))
+            for n in blocks
+            if effective(blocks, n) != effective(default_blocks, n)
+        }
     return report
 
 

@@ -235,3 +235,14 @@ def test_builtin_paper_model_counts_by_hand():
     folded = layers * (4 * h * math.ceil(h / 4) + 2 * i * math.ceil(h / 4) + h * math.ceil(i / 4))
     steps = 4 * len(result.params)
     assert result.foam_state[4] == 8 * folded + 8 * (result.num_params - layers * (4 * h * h + 3 * h * i)) + steps
+
+
+def test_pattern_on_a_parent_module_covers_its_linear_weights():
+    with torch.device("meta"):
+        model = LlamaForCausalLM(tiny_config())
+    sizes = resolve_block_sizes(model, 4, {"self_attn": 16, "o_proj": 2})
+    for name in sizes:
+        if ".self_attn." in name:
+            assert sizes[name] == (2 if ".o_proj." in name else 16), name
+        elif ".mlp." in name:
+            assert sizes[name] == 4, name
