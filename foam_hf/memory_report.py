@@ -20,7 +20,6 @@ Use :func:`memory_report` from Python, or the CLI through :func:`add_memory_pars
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import math
 import os
@@ -33,9 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import FoamConfigError, NoMatchingModuleError
+from .config import FoamConfig
+from .errors import FoamConfigError
 from .folding import is_foldable
 from .memory import adamw_state_bytes, foam_state_bytes
+from .param_groups import resolve_block_sizes
 
 __all__ = [
     "CONTEXT_FORMULAS",
@@ -49,8 +50,6 @@ __all__ = [
     "load_config",
     "main",
     "memory_report",
-    "parse_optim_args",
-    "resolve_block_sizes",
     "run_memory",
 ]
 
@@ -251,87 +250,9 @@ def build_meta_model(config: Any) -> nn.Module:
 
 # ---------------------------------------------------------------------------- block-size resolution
 #
-# STAND-IN for the Trainer integration's resolver (foam_hf/param_groups.py, being written). Same semantics as
-# its documented API: default targets = the weights of linear layers (nn.Linear, transformers' Conv1D) except
-# the output head and the embeddings; block_sizes patterns match module names like PEFT's rank_pattern (the
-# name or one of its ancestors ends with the pattern at a '.' boundary, the pattern being a regex), the most
-# specific match wins (deepest matched module, then longest pattern; equal specificity with different sizes is
-# an error), size 1 = unfolded, a pattern matching nothing raises NoMatchingModuleError. Swap
-# `parse_optim_args` and `resolve_block_sizes` for the integration's functions once they land.
-
-_OPTIM_ARGS_KEYS = ("block_size", "level", "scale", "res_scale", "second_moment", "block_sizes", "callback")
-
-
-def parse_optim_args(optim_args: str | None) -> tuple[int | None, dict[str, int]]:
-    """``"block_size=4,block_sizes=q_proj:8;lm_head:1"`` -> ``(4, {"q_proj": 8, "lm_head": 1})``.
-
-    Keys that do not change memory (``scale``, ``res_scale``, ``second_moment``, ``callback``) are accepted and
-    have no effect here; an unknown key, or a value that does not convert, raises
-    :class:`~foam_hf.errors.FoamConfigError`.
-    """
-    block_size: int | None = None
-    overrides: dict[str, int] = {}
-    if not optim_args:
-        return block_size, overrides
-    for part in optim_args.replace(" ", "").split(","):
-        if not part:
-            continue
-        key, sep, value = part.partition("=")
-        if not sep or not value:
-            raise FoamConfigError(
-                f"optim_args: {part!r} is not of the form key=value. "
-                "Example: --optim-args 'block_size=4,block_sizes=q_proj:8;lm_head:1'."
-            )
-        if key not in _OPTIM_ARGS_KEYS:
-            raise FoamConfigError(
-                f"optim_args: unknown key {key!r}; valid keys: {', '.join(_OPTIM_ARGS_KEYS)}. "
-                "Example: --optim-args 'block_size=4,block_sizes=q_proj:8;lm_head:1'."
-            )
-        if key in ("block_size", "level"):
-            number = _to_int(key, value)
-            if key == "level":
-                if not 0 <= number <= 16:
-                    raise FoamConfigError(
-                        f"optim_args: level={number} is invalid: it must be in [0, 16] (block_size = 2**level). "
-                        "Fix: e.g. level=2 for block_size=4."
-                    )
-                number = 2**number
-            if number < 1:
-                raise FoamConfigError(
-                    f"optim_args: block_size={number} is invalid: it must be an int >= 1. Fix: e.g. block_size=4."
-                )
-            block_size = number
-        elif key == "block_sizes":
-            for pair in value.split(";"):
-                if not pair:
-                    continue
-                pattern, colon, size = pair.rpartition(":")
-                if not colon or not pattern:
-                    raise FoamConfigError(
-                        f"optim_args: block_sizes entry {pair!r} is not pattern:size. "
-                        "Example: block_sizes=q_proj:8;down_proj:16;lm_head:1."
-                    )
-                number = _to_int(f"block_sizes[{pattern}]", size)
-                if number < 1:
-                    raise FoamConfigError(
-                        f"optim_args: block_sizes[{pattern}]={number} is invalid: a block size is an int >= 1 "
-                        "(1 = unfolded). Fix: e.g. block_sizes=q_proj:8."
-                    )
-                try:
-                    re.compile(pattern)
-                except re.error as err:
-                    raise FoamConfigError(
-                        f"optim_args: block_sizes pattern {pattern!r} is not a valid regex ({err})."
-                    ) from None
-                overrides[pattern] = number
-    return block_size, overrides
-
-
-def _to_int(key: str, text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise FoamConfigError(f"optim_args: {key}={text!r} is not an integer. Example: {key}=4.") from None
+# Which tensors fold, with which block size, is decided by the Trainer integration's resolver
+# (:func:`foam_hf.param_groups.resolve_block_sizes` from a :class:`~foam_hf.config.FoamConfig`), so the
+# calculator reports exactly what ``TrainingArguments(optim="foam", optim_args=...)`` would build.
 
 
 def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
@@ -343,87 +264,8 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
     return owners
 
 
-def _linear_types() -> tuple[type[nn.Module], ...]:
-    from transformers.pytorch_utils import Conv1D  # GPT-2 style models use it as their linear layer
-
-    return (nn.Linear, Conv1D)
-
-
-def _is_default_target(model: nn.Module, module: nn.Module, param_name: str) -> bool:
-    """Default FOAM target: the weight of a linear layer that is neither the output head nor an embedding."""
-    return (
-        param_name == "weight"
-        and isinstance(module, _linear_types())
-        and module is not model.get_output_embeddings()
-        and module is not model.get_input_embeddings()
-    )
-
-
-def _ancestors(module_name: str) -> list[str]:
-    """``a.b.c`` -> ``["a.b.c", "a.b", "a"]``, deepest first."""
-    parts = module_name.split(".")
-    return [".".join(parts[:depth]) for depth in range(len(parts), 0, -1)] if module_name else []
-
-
-def _suffix_match(pattern: str, name: str) -> bool:
-    return re.fullmatch(rf"(?:.*\.)?(?:{pattern})", name) is not None
-
-
-def resolve_block_sizes(model: nn.Module, block_size: int, overrides: dict[str, int] | None = None) -> dict[str, int]:
-    """Block size of every trainable parameter, by name: what FOAM's param groups would carry.
-
-    One-dimensional tensors may carry a block size > 1 but never fold (:func:`foam_hf.folding.is_foldable`).
-    Raises :class:`~foam_hf.errors.NoMatchingModuleError` for an override pattern that matches no module
-    holding a trainable parameter.
-    """
-    overrides = dict(overrides or {})
-    owners = _owners(model)
-    used: set[str] = set()
-    result: dict[str, int] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        holders = owners.get(id(param), [(name.rpartition(".")[0], model)])
-        param_name = name.rpartition(".")[2]
-        size = block_size if any(_is_default_target(model, m, param_name) for _, m in holders) else 1
-        best: tuple[int, int] | None = None
-        chosen: dict[str, int] = {}
-        for module_name, _ in holders:
-            for prefix in _ancestors(module_name):
-                for pattern, override in overrides.items():
-                    if not _suffix_match(pattern, prefix):
-                        continue
-                    score = (prefix.count(".") + 1, len(pattern))
-                    if best is None or score > best:
-                        best, chosen = score, {pattern: override}
-                    elif score == best:
-                        chosen[pattern] = override
-        if chosen:
-            if len(set(chosen.values())) > 1:
-                raise FoamConfigError(
-                    f"block_sizes patterns {sorted(chosen)} match parameter {name!r} equally specifically with "
-                    f"different sizes {sorted(set(chosen.values()))}. Fix: make one pattern more specific."
-                )
-            used.update(chosen)
-            size = next(iter(chosen.values()))
-        result[name] = size
-    module_names = sorted({n for holders in owners.values() for n, _ in holders if n})
-    unmatched = [
-        p
-        for p in overrides
-        if p not in used and not any(_suffix_match(p, a) for n in module_names for a in _ancestors(n))
-    ]
-    if unmatched:
-        short = sorted({n.rpartition(".")[2] for n in module_names})
-        hints = {p: difflib.get_close_matches(p, short + module_names, n=3, cutoff=0.5) for p in unmatched}
-        hint_text = "; ".join(f"{p!r}: nearest {h}" if h else f"{p!r}: no close name" for p, h in hints.items())
-        raise NoMatchingModuleError(
-            f"block_sizes pattern(s) {unmatched} match no module of this model ({hint_text}). A pattern matches a "
-            "module name by suffix ('q_proj' matches 'model.layers.0.self_attn.q_proj') or as a full regex. "
-            "Fix: use a name from `[n for n, _ in model.named_modules()]`, e.g. one of "
-            f"{short[:12]}."
-        )
-    return result
+def _plan(model: nn.Module, config: FoamConfig) -> dict[str, int]:
+    return resolve_block_sizes(model, config).block_sizes
 
 
 # ---------------------------------------------------------------------------- the report
@@ -596,11 +438,11 @@ def memory_report(
     net = build_meta_model(config)
     owners = _owners(net)
     named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    default_plan = _plan(net, FoamConfig(block_size=2))
     entries: list[ParamEntry] = []
     for name, param in named:
         holders = owners.get(id(param), [(name.rpartition(".")[0], net)])
-        leaf = name.rpartition(".")[2]
-        target = any(_is_default_target(net, m, leaf) for _, m in holders) and is_foldable(param, 2)
+        target = default_plan.get(name, 1) > 1 and is_foldable(param, 2)
         entries.append(ParamEntry(name, tuple(param.shape), _category(name, holders, net, param), target))
 
     def foam_bytes(block_of: dict[str, int]) -> int:
@@ -639,12 +481,11 @@ def memory_report(
         categories=categories,
     )
     if optim_args is not None:
-        parsed_block, overrides = parse_optim_args(optim_args)
-        base = 4 if parsed_block is None else parsed_block  # FOAM's default block_size
-        default_blocks = resolve_block_sizes(net, base)
-        blocks = resolve_block_sizes(net, base, overrides)
+        config_with = FoamConfig.from_optim_args(optim_args)
+        blocks = _plan(net, config_with)
+        default_blocks = _plan(net, FoamConfig(block_size=config_with.block_size))
         report.optim_args = optim_args
-        report.override_block_size = base
+        report.override_block_size = config_with.block_size
         report.override_state = foam_bytes(blocks)
         report.override_default_state = foam_bytes(default_blocks)
         params = dict(named)

@@ -11,8 +11,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.optimization import Adafactor
 
-from foam_hf import FOAM, FoamConfigError, NoMatchingModuleError
-from foam_hf.memory_report import add_memory_parser, memory_report, resolve_block_sizes
+from foam_hf import FOAM, FoamConfig, FoamConfigError, NoMatchingModuleError
+from foam_hf.memory_report import add_memory_parser, memory_report
+from foam_hf.param_groups import resolve_block_sizes
 
 # hidden 32, intermediate 40: down_proj rows have n=40, ragged for B in {3, 16, 32}; B=64 exceeds every row.
 BLOCK_SIZES = (2, 3, 4, 16, 64)
@@ -141,8 +142,10 @@ def test_training_memory_adds_weights_and_grads(report):
 def test_override_changes_exactly_the_tensors_it_names(config_path):
     with torch.device("meta"):
         model = LlamaForCausalLM(tiny_config())
-    default = resolve_block_sizes(model, 4)
-    overridden = resolve_block_sizes(model, 4, {"q_proj": 8, "lm_head": 4})
+    default = resolve_block_sizes(model, FoamConfig(block_size=4)).block_sizes
+    overridden = resolve_block_sizes(
+        model, FoamConfig(block_size=4, block_sizes={"q_proj": 8, "lm_head": 4})
+    ).block_sizes
     changed = {n for n in default if default[n] != overridden[n]}
     named = {n for n, _ in model.named_parameters() if n.endswith("q_proj.weight") or n == "lm_head.weight"}
     assert changed == named
@@ -168,15 +171,16 @@ def test_override_changes_exactly_the_tensors_it_names(config_path):
 def test_most_specific_pattern_wins():
     with torch.device("meta"):
         model = LlamaForCausalLM(tiny_config())
-    sizes = resolve_block_sizes(model, 4, {"q_proj": 8, r"layers\.1\.self_attn\.q_proj": 2, "lm_head": 1})
+    overrides = {"q_proj": 8, r"layers\.1\.self_attn\.q_proj": 2, "lm_head": 1}
+    sizes = resolve_block_sizes(model, FoamConfig(block_size=4, block_sizes=overrides)).block_sizes
     assert sizes["model.layers.0.self_attn.q_proj.weight"] == 8
     assert sizes["model.layers.1.self_attn.q_proj.weight"] == 2
     assert sizes["lm_head.weight"] == 1
-    assert sizes["model.norm.weight"] == 1  # 1-D: never folds, whatever the pattern
+    assert sizes["model.norm.weight"] == 1  # matched by no pattern, not a default target
 
 
 def test_override_matching_nothing_raises(config_path):
-    with pytest.raises(NoMatchingModuleError, match=r"\['qproj'\] match no module.*nearest \['q_proj'"):
+    with pytest.raises(NoMatchingModuleError, match=r"'qproj' matches no trainable parameter.*\['q_proj'"):
         memory_report(config_path, block_sizes=(4,), optim_args="block_sizes=qproj:8")
 
 
@@ -189,7 +193,7 @@ def test_bad_model_name_lists_the_valid_names():
     "optim_args, regex",
     [
         ("block_size=0", r"block_size=0 is invalid"),
-        ("blocksize=4", r"unknown key 'blocksize'; valid keys: block_size"),
+        ("blocksize=4", r"unknown key\(s\) \['blocksize'\]. Valid keys:"),
         ("block_sizes=q_proj", r"'q_proj' is not pattern:size"),
         ("block_sizes=q_proj:x", r"block_sizes\[q_proj\]='x' is not an integer"),
     ],
@@ -240,7 +244,7 @@ def test_builtin_paper_model_counts_by_hand():
 def test_pattern_on_a_parent_module_covers_its_linear_weights():
     with torch.device("meta"):
         model = LlamaForCausalLM(tiny_config())
-    sizes = resolve_block_sizes(model, 4, {"self_attn": 16, "o_proj": 2})
+    sizes = resolve_block_sizes(model, FoamConfig(block_size=4, block_sizes={"self_attn": 16, "o_proj": 2})).block_sizes
     for name in sizes:
         if ".self_attn." in name:
             assert sizes[name] == (2 if ".o_proj." in name else 16), name
