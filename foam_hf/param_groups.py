@@ -5,7 +5,8 @@ Rules, in order:
 1. Only trainable parameters (``requires_grad``) are considered; a PEFT model therefore contributes only
    its adapter weights. Tied or shared parameters are one tensor and get exactly one block size.
 2. *Default targets*: the ``weight`` of every linear layer (``nn.Linear``, transformers' ``Conv1D``)
-   except the output head and the input embeddings (the paper's choice). ``target_modules`` replaces
+   except the output head and the input embeddings (the paper's choice). Output heads are the module
+   ``get_output_embeddings()`` returns and task heads named as in :data:`OUTPUT_HEAD_NAMES`. ``target_modules`` replaces
    that set: a list of module-name patterns, one full regex string, or ``"all-linear"`` (every linear
    layer except the output head, as PEFT defines it). Targets fold with ``block_size``.
 3. *Overrides* (``block_sizes``) then set the block size of every trainable parameter inside a matched
@@ -69,9 +70,17 @@ def _ancestors(module_name: str) -> Iterable[str]:
         yield ".".join(parts[:depth])
 
 
+#: Last name components of task heads that transformers models build as plain linear layers but that are
+#: output heads all the same (sequence classification, reward and value models, QA).
+OUTPUT_HEAD_NAMES = ("lm_head", "score", "classifier", "v_head", "qa_outputs")
+
+
 def _excluded_modules(model: nn.Module) -> set[int]:
-    """ids of the output head and input embedding modules (never default targets)."""
+    """ids of the output heads and input embedding modules (never default targets)."""
     excluded: set[int] = set()
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in OUTPUT_HEAD_NAMES:
+            excluded.add(id(module))
     for getter in ("get_output_embeddings", "get_input_embeddings"):
         fn = getattr(model, getter, None)
         if callable(fn):
