@@ -1,0 +1,186 @@
+"""Training quality: FOAM against AdamW and Adafactor, each at its own best learning rate.
+
+A tiny Llama (``foam_hf.pretrain.MODEL_SIZES``) is pre-trained from scratch on the Python standard
+library's ``.py`` files (byte-level; whole files held out for eval). For every optimizer configuration:
+a learning-rate sweep at seed 0, then more seeds at the best lr; the table reports the held-out loss as
+mean ± sample standard deviation (and min..max) over the seeds, the optimizer-state bytes and the wall time.
+Every run sees the same initial weights and the same batches (same seed).
+
+Run (prints a Markdown table, writes ``quality.png`` and ``quality.json`` to ``--output-dir``)::
+
+    python benchmarks/bench_quality.py --steps 150 --batch-size 8 --workers 2
+
+Runs go to ``--workers`` spawned processes with one thread each (``torch.set_num_threads(1)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from foam_hf.pretrain import OptimizerSpec, RunResult, TrainConfig, train
+
+# (name, kind, options): B in {4, 8, 32}, both second-moment rules, the res_scale=0 ablation, the peers.
+CONFIGS: list[tuple[str, str, dict]] = [
+    ("AdamW", "adamw", {}),
+    ("Adafactor", "adafactor", {}),
+    ("FOAM B=4", "foam", {"block_size": 4}),
+    ("FOAM B=8", "foam", {"block_size": 8}),
+    ("FOAM B=32", "foam", {"block_size": 32}),
+    ("FOAM B=4 sq_mean", "foam", {"block_size": 4, "second_moment": "sq_mean"}),
+    ("FOAM B=4 res_scale=0", "foam", {"block_size": 4, "res_scale": 0.0}),
+]
+
+
+def _run(spec: OptimizerSpec, config: TrainConfig) -> RunResult:
+    result = train(spec, config)
+    result.train_losses = result.train_losses[::10]  # keep the JSON small
+    return result
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-size", default="tiny")
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
+    parser.add_argument("--seeds", type=int, default=3, help="seeds at the best lr (the sweep's seed 0 included)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--only", nargs="*", help="subset of configuration names")
+    parser.add_argument("--output-dir", default="bench-quality")
+    args = parser.parse_args(argv)
+
+    configs = [c for c in CONFIGS if not args.only or c[0] in args.only]
+    base = TrainConfig(
+        model_size=args.model_size,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        eval_every=max(1, args.steps // 5),
+        eval_batches=16,
+        device="cpu",
+        threads=1,
+    )
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    ctx = __import__("multiprocessing").get_context("spawn")
+    with ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
+        sweep_jobs = {
+            (name, lr): pool.submit(_run, OptimizerSpec(name, kind, lr, **opts), base)
+            for name, kind, opts in configs
+            for lr in args.lrs
+        }
+        sweep = {key: job.result() for key, job in sweep_jobs.items()}
+        for (name, lr), r in sweep.items():
+            print(f"sweep {name:>22} lr={lr:g}: eval {r.eval_loss:.4f}", file=sys.stderr, flush=True)
+        best_lr = {name: min(args.lrs, key=lambda lr, n=name: sweep[(n, lr)].eval_loss) for name, _, _ in configs}
+        seed_jobs = {
+            (name, seed): pool.submit(_run, OptimizerSpec(name, kind, best_lr[name], **opts), replace(base, seed=seed))
+            for name, kind, opts in configs
+            for seed in range(1, args.seeds)
+        }
+        seeds = {key: job.result() for key, job in seed_jobs.items()}
+    total = time.perf_counter() - t0
+
+    rows = []
+    for name, _, _ in configs:
+        runs = [sweep[(name, best_lr[name])]] + [seeds[(name, s)] for s in range(1, args.seeds)]
+        losses = [r.eval_loss for r in runs]
+        rows.append(
+            dict(
+                name=name,
+                best_lr=best_lr[name],
+                sweep={f"{lr:g}": sweep[(name, lr)].eval_loss for lr in args.lrs},
+                mean=statistics.mean(losses),
+                std=statistics.stdev(losses) if len(losses) > 1 else 0.0,
+                min=min(losses),
+                max=max(losses),
+                seeds=len(losses),
+                state_bytes=runs[0].state_bytes,
+                adamw_state_bytes=runs[0].adamw_state_bytes,
+                wall_s=statistics.mean(r.wall_time_s for r in runs),
+                opt_step_ms=1e3 * statistics.mean(r.optimizer_step_time_s for r in runs),
+            )
+        )
+    adamw = next((r for r in rows if r["name"] == "AdamW"), None)
+
+    lr_cols = " | ".join(f"lr {lr:g}" for lr in args.lrs)
+    print(
+        f"\n| optimizer | {lr_cols} | best lr | eval loss @ best (mean ± std, n) | min..max | "
+        "state bytes | vs AdamW | wall s/run | opt step ms |"
+    )
+    print("|---|" + "---|" * len(args.lrs) + "---|---|---|---|---|---|---|")
+    for r in rows:
+        sweep_cells = " | ".join(f"{v:.4f}" for v in r["sweep"].values())
+        ratio = f"{r['state_bytes'] / adamw['state_bytes']:.2f}x" if adamw else "-"
+        print(
+            f"| {r['name']} | {sweep_cells} | {r['best_lr']:g} | {r['mean']:.4f} ± {r['std']:.4f} (n={r['seeds']}) | "
+            f"{r['min']:.4f}..{r['max']:.4f} | {r['state_bytes']:,} | {ratio} | {r['wall_s']:.1f} | "
+            f"{r['opt_step_ms']:.1f} |"
+        )
+    meta = dict(
+        date=time.strftime("%Y-%m-%d"),
+        machine=f"{platform.machine()} {platform.processor() or ''}, {__import__('os').cpu_count()} CPUs".strip(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        transformers=__import__("transformers").__version__,
+        git_sha=_git_sha(),
+        command="python benchmarks/bench_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        config=base.__dict__,
+        lrs=args.lrs,
+        total_wall_s=total,
+    )
+    print(
+        f"\n{meta['date']}, {meta['machine']}, torch {meta['torch']}, transformers {meta['transformers']}, "
+        f"git {meta['git_sha']}, total {total / 60:.1f} min"
+    )
+    (out / "quality.json").write_text(
+        json.dumps(dict(meta=meta, rows=rows, runs=[r.to_dict() for r in [*sweep.values(), *seeds.values()]]), indent=1)
+    )
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in rows:
+        ax1.plot(args.lrs, list(r["sweep"].values()), marker="o", label=r["name"])
+    ax1.set_xscale("log")
+    ax1.set_xlabel("peak learning rate")
+    ax1.set_ylabel("held-out loss (seed 0)")
+    ax1.set_title(f"lr sweep, {args.model_size} Llama, {args.steps} steps")
+    ax1.legend(fontsize=7)
+    names = [r["name"] for r in rows]
+    ax2.barh(names, [r["mean"] for r in rows], xerr=[r["std"] for r in rows], color="tab:blue")
+    lo = min(r["min"] for r in rows)
+    ax2.set_xlim(lo - 0.05, max(r["max"] for r in rows) + 0.02)
+    ax2.set_xlabel(f"held-out loss at best lr (mean ± std, {args.seeds} seeds)")
+    for i, r in enumerate(rows):
+        ax2.text(lo - 0.045, i, f"{r['state_bytes'] / 2**20:.2f} MiB", va="center", fontsize=7, color="white")
+    fig.tight_layout()
+    fig.savefig(out / "quality.png", dpi=90)
+    print(f"wrote {out / 'quality.png'} and {out / 'quality.json'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
