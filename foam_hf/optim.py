@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from .distributed import check_sharding, local_tensor, zeros_state_like
 from .errors import FoamConfigError, FoamStateError
 from .folding import block_mean, folded_shape, is_foldable, unfold
 
@@ -260,6 +261,7 @@ class FOAM(Optimizer):
         try:
             validate_group_options(group, where=f"param group {index}")
             for p in group["params"]:
+                check_sharding(p, group["block_size"], where=f"param group {index}")
                 if torch.is_complex(p):
                     raise TypeError(
                         f"FOAM: param group {index} holds a complex parameter of shape {tuple(p.shape)}; "
@@ -300,21 +302,29 @@ class FOAM(Optimizer):
                     f"FOAM does not support sparse gradients (parameter of shape {tuple(p.shape)}). "
                     "Fix: use dense gradients (e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam."
                 )
-            params_with_grad.append(p)
-            grads.append(p.grad)
+            # FSDP2 DTensors: step this rank's rows (folding rows locally is exact, see foam_hf.distributed).
+            local_param = local_tensor(p)
             state = self.state[p]
             if len(state) == 0:
                 dtype = state_dtype_for(p)
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 if is_foldable(p, block_size):
-                    shape = folded_shape(p.shape, block_size)
-                    state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=p.device)
-                    state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
-                else:
+                    shapes = folded_shape(local_param.shape, block_size), folded_shape(p.shape, block_size)
+                    state["exp_avg"] = zeros_state_like(p, *shapes, dtype)
+                    state["exp_avg_sq"] = zeros_state_like(p, *shapes, dtype)
+                elif local_param is p:
                     state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
+                else:
+                    state["exp_avg"] = zeros_state_like(p, local_param.shape, p.shape, dtype)
+                    state["exp_avg_sq"] = zeros_state_like(p, local_param.shape, p.shape, dtype)
+            if local_param.numel() == 0:  # a rank left without rows by uneven sharding: only count the step
+                state["step"] += 1
+                continue
+            params_with_grad.append(local_param)
+            grads.append(local_tensor(p.grad))
+            exp_avgs.append(local_tensor(state["exp_avg"]))
+            exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
             state_steps.append(state["step"])
 
     @torch.no_grad()

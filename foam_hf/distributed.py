@@ -1,0 +1,113 @@
+r"""FOAM on sharded parameters: FSDP2 DTensors, and the engines whose sharding FOAM refuses.
+
+Under FSDP2 (``torch.distributed.fsdp.fully_shard``) every parameter and gradient is a
+:class:`~torch.distributed.tensor.DTensor` sharded along dim 0: each rank holds a block of whole rows. FOAM
+folds along the *last* dimension, row by row, so folding each rank's local rows is folding the full tensor
+restricted to those rows, and the step is exact on the local shards. FOAM therefore steps the local
+tensors and keeps each moment as a DTensor with the parameter's mesh and placements and the *folded*
+global shape ``(*rows, ceil(n / B))``: ``torch.distributed.checkpoint`` then saves, loads and re-shards it
+like any other sharded optimizer state.
+
+A placement that splits the folded (last) dimension, ``Shard(ndim - 1)`` (tensor parallelism's row-wise
+split, for instance), would cut blocks across ranks; FOAM refuses it when the parameter group is built.
+One-dimensional tensors never fold, so any sharding of them is exact.
+
+DeepSpeed ZeRO is refused (:func:`check_deepspeed_config`): ZeRO hands the client optimizer one flat fp32
+partition per param group, so FOAM would see a single 1-D tensor and silently fall back to plain AdamW
+states (no memory saved). Use FSDP2 instead (see ``docs/scale-out.md``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .errors import FoamConfigError
+
+__all__ = ["check_deepspeed_config", "check_sharding", "is_dtensor", "local_tensor", "zeros_state_like"]
+
+
+def _dtensor_class() -> type | None:
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a :class:`~torch.distributed.tensor.DTensor` (False when distributed is absent)."""
+    cls = _dtensor_class()
+    return cls is not None and isinstance(tensor, cls)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (sharing its storage, so in-place updates land), else ``tensor``."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def check_sharding(param: torch.Tensor, block_size: int, where: str = "") -> None:
+    """Raise :class:`FoamConfigError` if ``param`` is a DTensor whose sharding splits the folded dimension.
+
+    Only tensors FOAM folds (``ndim >= 2`` and ``block_size > 1``) are checked; shards along any other
+    dimension, replication, and any sharding of tensors that do not fold are exact.
+    """
+    if not is_dtensor(param) or block_size <= 1 or param.ndim < 2:
+        return
+    last = param.ndim - 1
+    for mesh_dim, placement in enumerate(param.placements):
+        dim = getattr(placement, "dim", None)
+        if placement.is_shard() and dim is not None and dim % param.ndim == last:
+            at = f" in {where}" if where else ""
+            raise FoamConfigError(
+                f"FOAM: a parameter of shape {tuple(param.shape)}{at} is sharded as {placement!r} on mesh "
+                f"dimension {mesh_dim}, which splits its last dimension; FOAM folds blocks of "
+                f"block_size={block_size} along that dimension, so the blocks would be cut across ranks. Fix: "
+                "shard it along dim 0 (FSDP2's fully_shard default), or put it in a param group with "
+                "block_size=1 (plain AdamW states)."
+            )
+
+
+def zeros_state_like(param: torch.Tensor, local_shape: torch.Size, global_shape: torch.Size, dtype: torch.dtype):
+    """A zero moment of ``local_shape`` on this rank, wrapped as a DTensor like ``param`` when it is one."""
+    local = local_tensor(param)
+    zeros = torch.zeros(local_shape, dtype=dtype, device=local.device)
+    if not is_dtensor(param):
+        return zeros
+    stride = torch.empty(global_shape, device="meta").stride()
+    return type(param).from_local(
+        zeros, param.device_mesh, param.placements, run_check=False, shape=global_shape, stride=stride
+    )
+
+
+def check_deepspeed_config(config: Any) -> None:
+    """Refuse a DeepSpeed config that runs ZeRO (stage >= 1) around FOAM, with a pointer to FSDP2.
+
+    Args:
+        config: the DeepSpeed config as a dict, a path to its JSON file, or ``None`` (no DeepSpeed: passes).
+            ``TrainingArguments.deepspeed`` and ``accelerate``'s ``DeepSpeedPlugin.deepspeed_config`` are
+            both accepted.
+
+    ZeRO stage 0 (DeepSpeed without partitioning) hands FOAM the real parameters and is allowed.
+    """
+    if config is None:
+        return
+    if isinstance(config, str):
+        import json
+
+        with open(config, encoding="utf-8") as f:
+            config = json.load(f)
+    if not isinstance(config, dict):
+        raise TypeError(
+            f"check_deepspeed_config: expected a DeepSpeed config dict or JSON path, got {type(config).__name__}."
+        )
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage == "auto" or int(stage) >= 1:  # "auto" may resolve to a ZeRO stage: refuse it too
+        raise FoamConfigError(
+            f"FOAM cannot run under DeepSpeed ZeRO (zero_optimization.stage={stage!r}): ZeRO hands the optimizer "
+            "flat 1-D partitions of all parameters, which lose the matrix shapes FOAM folds along, so FOAM "
+            "would keep full AdamW states and save no memory. Fix: shard with FSDP2 instead (Trainer "
+            "fsdp='full_shard' with fsdp_config={'fsdp_version': 2}, or accelerate's FSDP plugin with "
+            "fsdp_version: 2; see docs/scale-out.md), or set zero_optimization.stage=0."
+        )

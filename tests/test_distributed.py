@@ -1,0 +1,182 @@
+"""FOAM under DDP and FSDP2 with 2 CPU processes on gloo, held to a 1-process run on the same global batch.
+
+Each test spawns 2 ranks (a few seconds: most of it is importing torch twice). The ranks write what they
+measured to files; the assertions run here, in the test process, against a plain 1-process FOAM.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from foam_hf import FOAM, FoamConfigError, FoamStateError
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+WORLD = 2
+STEPS = 5  # several steps: bias corrections and both moments in play, yet a run of ~1 s
+RESUME_AT = 3
+FOAM_KWARGS = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, block_size=4)
+# Float32 sums of the gradient reduced in another order differ in the last bits; FOAM divides by sqrt(V),
+# which can amplify them where V is tiny. The issue's bound, 2e-4, is far above that and far below a
+# wrong fold (an O(lr) = O(1e-2) difference per step).
+TOLERANCE = 2e-4
+
+
+def make_model() -> torch.nn.Module:
+    # Rows split unevenly across 2 ranks: 12 -> 6/6, 3 -> 2/1, 1 -> 1/0 (rank 1 holds no rows at all);
+    # row lengths 10 and 12 with block_size=4: a ragged block and an exact one.
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(10, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)
+    )
+
+
+def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 10, generator=gen), torch.randn(8, 1, generator=gen)) for _ in range(STEPS)]
+
+
+def train_step(model, opt, x, y) -> None:
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+
+
+def one_process_run() -> list[torch.Tensor]:
+    model = make_model()
+    opt = FOAM(model.parameters(), **FOAM_KWARGS)
+    for x, y in batches():
+        train_step(model, opt, x, y)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def local_half(rank, x, y):
+    half = x.shape[0] // WORLD
+    return x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
+
+
+def init(rank: int, store_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=WORLD)
+
+
+def ddp_worker(rank: int, tmp: str) -> None:
+    init(rank, tmp)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(make_model())
+        opt = FOAM(model.parameters(), **FOAM_KWARGS)
+        for x, y in batches():
+            train_step(model, opt, *local_half(rank, x, y))
+        torch.save([p.detach() for p in model.module.parameters()], f"{tmp}/ddp{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp2_worker(rank: int, tmp: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    init(rank, tmp)
+    try:
+        data = batches()
+
+        def sharded():
+            model = make_model()
+            fully_shard(model)
+            return model, FOAM(model.parameters(), **FOAM_KWARGS)
+
+        model, opt = sharded()
+        for x, y in data[:RESUME_AT]:
+            train_step(model, opt, *local_half(rank, x, y))
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.save(state, checkpoint_id=f"{tmp}/ckpt")
+        for x, y in data[RESUME_AT:]:
+            train_step(model, opt, *local_half(rank, x, y))
+        result = {
+            "params": [p.full_tensor() for p in model.parameters()],
+            "state_shapes": [
+                (tuple(p.shape), tuple(opt.state[p]["exp_avg"].shape), tuple(opt.state[p]["exp_avg"].to_local().shape))
+                for p in model.parameters()
+            ],
+        }
+
+        # A fresh model (other init) and optimizer, resumed from the checkpoint.
+        torch.manual_seed(123)
+        resumed, resumed_opt = sharded()
+        for p in resumed.parameters():
+            p.data.normal_()
+        state = {"model": get_model_state_dict(resumed), "optim": get_optimizer_state_dict(resumed, resumed_opt)}
+        dcp.load(state, checkpoint_id=f"{tmp}/ckpt")
+        set_model_state_dict(resumed, state["model"])
+        set_optimizer_state_dict(resumed, resumed_opt, state["optim"])
+        for x, y in data[RESUME_AT:]:
+            train_step(resumed, resumed_opt, *local_half(rank, x, y))
+        result["resumed"] = [p.full_tensor() for p in resumed.parameters()]
+        result["resumed_steps"] = [resumed_opt.state[p]["step"].item() for p in resumed.parameters()]
+
+        # load_state_dict still validates the (global, folded) shapes of DTensor moments.
+        tampered = opt.state_dict()
+        weight = next(iter(model.parameters()))
+        tampered["state"][0]["exp_avg"] = distribute_tensor(torch.zeros(weight.shape), weight.device_mesh, [Shard(0)])
+        try:
+            FOAM(model.parameters(), **FOAM_KWARGS).load_state_dict(tampered)
+            result["tampered"] = "loaded"
+        except FoamStateError as e:
+            result["tampered"] = str(e)
+
+        # A sharding that splits the folded (last) dimension is refused when the optimizer is built.
+        mesh = init_device_mesh("cpu", (WORLD,))
+        split = torch.nn.Parameter(distribute_tensor(torch.randn(4, 8), mesh, [Shard(1)]))
+        try:
+            FOAM([split], block_size=4)
+            result["last_dim"] = "accepted"
+        except FoamConfigError as e:
+            result["last_dim"] = str(e)
+        FOAM([split], block_size=1)  # ... but fine without folding: plain AdamW is element-wise
+        torch.save(result, f"{tmp}/fsdp{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(worker, tmp_path) -> list:
+    mp.spawn(worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    name = "ddp" if worker is ddp_worker else "fsdp"
+    return [torch.load(os.path.join(tmp_path, f"{name}{r}.pt"), weights_only=True) for r in range(WORLD)]
+
+
+def test_ddp_matches_one_process(tmp_path):
+    expected = one_process_run()
+    for rank_params in spawn(ddp_worker, tmp_path):
+        for got, want in zip(rank_params, expected):
+            torch.testing.assert_close(got, want, atol=TOLERANCE, rtol=0)
+
+
+def test_fsdp2_matches_one_process_and_resumes_exactly_through_dcp(tmp_path):
+    expected = one_process_run()
+    results = spawn(fsdp2_worker, tmp_path)
+    for result in results:
+        for got, want in zip(result["params"], expected):
+            torch.testing.assert_close(got, want, atol=TOLERANCE, rtol=0)
+        # Resumed from torch.distributed.checkpoint == uninterrupted, bit for bit (CPU is deterministic).
+        for resumed, uninterrupted in zip(result["resumed"], result["params"]):
+            assert torch.equal(resumed, uninterrupted)
+        assert result["resumed_steps"] == [float(STEPS)] * len(expected)
+        assert "has shape (12, 10), but with block_size=4 FOAM keeps shape (12, 3)" in result["tampered"]
+        assert "Shard(dim=1)" in result["last_dim"] and "splits its last dimension" in result["last_dim"]
+    # Moments are DTensors with the folded global shape; each rank holds the folded shape of its rows.
+    rank0, rank1 = (r["state_shapes"] for r in results)
+    assert rank0[0] == ((12, 10), (12, 3), (6, 3)) and rank1[0] == ((12, 10), (12, 3), (6, 3))
+    assert rank0[2] == ((3, 12), (3, 3), (2, 3)) and rank1[2] == ((3, 12), (3, 3), (1, 3))
+    assert rank0[4] == ((1, 3), (1, 1), (1, 1)) and rank1[4] == ((1, 3), (1, 1), (0, 1))
