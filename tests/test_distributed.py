@@ -61,6 +61,7 @@ def local_half(rank, x, y):
 
 
 def init(rank: int, store_dir: str) -> None:
+    torch.set_num_threads(1)  # 2 ranks on a 2-core machine: no oversubscription (torchrun does the same)
     dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=WORLD)
 
 
