@@ -278,3 +278,16 @@ def test_import_registers_both_names():
 
     assert OptimizerNames("foam").value == "foam" and OptimizerNames("foam_layerwise").value == "foam_layerwise"
     assert foam_hf.FOAM is FOAM
+
+
+def test_deepspeed_zero_is_refused_by_the_handler(tmp_path):
+    from foam_hf.integration import optimizer_cls_and_kwargs
+
+    args = make_args(tmp_path)
+    # Set after construction: building TrainingArguments(deepspeed=...) needs deepspeed installed.
+    args.deepspeed = {"zero_optimization": {"stage": 2}}
+    with pytest.raises(FoamConfigError, match=r"zero_optimization.stage=2.*Fix: shard with FSDP2"):
+        optimizer_cls_and_kwargs(args, tiny_llama())
+    args.deepspeed = {"zero_optimization": {"stage": 0}}
+    cls, kwargs = optimizer_cls_and_kwargs(args, tiny_llama())
+    assert cls is FOAM and kwargs["params"]

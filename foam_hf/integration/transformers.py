@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import FoamConfig
+from ..distributed import check_deepspeed_config
 from ..errors import FoamConfigError
 from ..layerwise import LayerwiseFOAM
 from ..optim import FOAM
@@ -40,6 +41,7 @@ def validate_training_arguments(args: Any) -> None:
     if not is_foam_optim(args.optim):
         return
     foam_config_from_args(args)
+    check_deepspeed_config(getattr(args, "deepspeed", None))
     if _is_layerwise(args.optim):
         if args.max_grad_norm is not None and args.max_grad_norm > 0:
             raise FoamConfigError(
@@ -62,6 +64,8 @@ def optimizer_cls_and_kwargs(args: Any, model: Any) -> tuple[type[FOAM], dict[st
     if model is None:
         raise FoamConfigError("optim='foam' needs the model to choose which weights fold; the Trainer got none.")
     config = foam_config_from_args(args)
+    # ZeRO hands the optimizer flat partitions: folding would silently degrade to AdamW states.
+    check_deepspeed_config(getattr(args, "deepspeed", None))
     plan = resolve_block_sizes(model, config, args.optim_target_modules)
     groups = build_param_groups(
         model, plan, weight_decay=args.weight_decay, decay_parameter_names=decay_parameter_names(model)
