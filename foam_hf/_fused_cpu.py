@@ -1,0 +1,147 @@
+"""The fused CPU step of FOAM: a C++ kernel built at first use, with a clean fallback.
+
+:func:`load_kernel` compiles ``csrc/foam_cpu.cpp`` with :func:`torch.utils.cpp_extension.load` the first
+time it is needed (the build is cached by torch under ``TORCH_EXTENSIONS_DIR``, so later processes only
+load it). When the build cannot happen (no C++ compiler, no ninja, no headers, a non-CPU build of torch
+missing pieces) it logs one warning and returns ``None``; ``fused=None`` then falls back to the other
+paths and only ``fused=True`` raises. :func:`_fused_foam` is the ``impl`` that :func:`foam_hf.optim.foam`
+dispatches to; it is tested for parity against ``_single_tensor_foam`` in ``tests/test_fused.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import torch
+
+__all__ = ["FUSED_DTYPES", "fused_supported", "kernel_build_error", "kernel_build_seconds", "load_kernel"]
+
+logger = logging.getLogger(__name__)
+
+#: Parameter dtypes the fused kernel handles (moments are always float32).
+FUSED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+
+# Bump when the C++ source changes incompatibly: torch caches builds by this name.
+_EXTENSION_NAME = "foam_hf_fused_cpu_v1"
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "foam_cpu.cpp")
+
+_lock = threading.Lock()
+_kernel: Any = None
+_tried = False
+_error: str | None = None
+_build_seconds: float | None = None
+
+
+def load_kernel() -> Any:
+    """The compiled extension module, building it on first call; ``None`` (with one warning) if it cannot be."""
+    global _kernel, _tried, _error, _build_seconds
+    if _tried:
+        return _kernel
+    with _lock:
+        if _tried:
+            return _kernel
+        start = time.perf_counter()
+        try:
+            from torch.utils.cpp_extension import load
+
+            _kernel = load(
+                name=_EXTENSION_NAME,
+                sources=[_SOURCE],
+                # -O3 for the vectoriser; -fno-math-errno so that sqrt vectorises (errno is never read here);
+                # no -march: the source picks AVX-512/AVX2/baseline code at load time (target_clones).
+                extra_cflags=["-O3", "-fno-math-errno"],
+                verbose=False,
+            )
+            _build_seconds = time.perf_counter() - start
+            logger.info("FOAM: fused CPU kernel ready in %.1f s (built or loaded from torch's cache).", _build_seconds)
+        except Exception as exc:  # no compiler, no ninja, no headers, ...: every failure means "unavailable"
+            _kernel = None
+            _error = f"{type(exc).__name__}: {exc}".strip()
+            logger.warning(
+                "FOAM: the fused CPU kernel could not be built, so FOAM uses its foreach/for-loop paths "
+                "(same results, slower). Reason: %s",
+                _error.splitlines()[0] if _error else "unknown",
+            )
+        _tried = True
+    return _kernel
+
+
+def kernel_build_error() -> str | None:
+    """Why the kernel could not be built (``None`` if it was built or not yet tried)."""
+    return _error
+
+
+def kernel_build_seconds() -> float | None:
+    """Seconds the first :func:`load_kernel` took in this process (compile, or load from cache)."""
+    return _build_seconds
+
+
+def fused_supported(param: torch.Tensor) -> bool:
+    """Whether the fused kernel can step ``param``: a dense, contiguous CPU tensor of a :data:`FUSED_DTYPES`."""
+    return (
+        param.device.type == "cpu"
+        and param.dtype in FUSED_DTYPES
+        and param.layout == torch.strided
+        and param.is_contiguous()
+        # Plain tensors only: subclasses (DTensor, quantised wrappers) have no flat data pointer to step.
+        and type(param) in (torch.Tensor, torch.nn.Parameter)
+    )
+
+
+def _fused_foam(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    state_steps: list[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    block_size: int,
+    scale: float,
+    res_scale: float,
+    second_moment: str,
+) -> None:
+    """The fused path: one C++ call per group, one read of G and W and one write of W per element.
+
+    Gradients that are not contiguous or not in the parameter's dtype are made so first (a copy, the only
+    full-size allocation this path can make; Trainer's gradients never need it).
+    """
+    if not params:
+        return
+    kernel = load_kernel()
+    if kernel is None:
+        raise RuntimeError(f"FOAM: fused=True but the fused CPU kernel could not be built: {_error}")
+    for p in params:
+        if not fused_supported(p):
+            raise RuntimeError(
+                f"FOAM: the fused CPU path got a parameter of shape {tuple(p.shape)}, dtype {p.dtype}, device "
+                f"{p.device}, contiguous={p.is_contiguous()}; it needs contiguous CPU float32/bfloat16/float16 "
+                "tensors. Fix: pass fused=False (or None) for this group."
+            )
+    grads = [
+        g if g.dtype == p.dtype and g.is_contiguous() else g.to(p.dtype).contiguous() for p, g in zip(params, grads)
+    ]
+    kernel.fused_step(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        state_steps,
+        float(lr),
+        float(beta1),
+        float(beta2),
+        float(eps),
+        float(weight_decay),
+        int(block_size),
+        float(scale),
+        float(res_scale),
+        second_moment == "mean_sq",
+    )
