@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from . import _fused_cpu
 from .distributed import check_sharding, local_tensor, zeros_state_like
 from .errors import FoamConfigError, FoamStateError
 from .folding import block_mean, folded_shape, is_foldable, unfold
@@ -40,6 +41,7 @@ _GROUP_DEFAULTS: dict[str, Any] = {
     "res_scale": 1.0,
     "second_moment": "mean_sq",
     "foreach": None,
+    "fused": None,
 }
 
 # Keys whose value decides the *shape or meaning* of the saved state: a checkpoint written under other
@@ -127,6 +129,35 @@ def validate_group_options(options: dict[str, Any], where: str = "") -> None:
             f"FOAM: foreach={options['foreach']!r} must be None, True or False. Fix: pass foreach=None to "
             f"let FOAM choose{at}."
         )
+    if options.get("fused") not in (None, True, False):
+        raise TypeError(
+            f"FOAM: fused={options['fused']!r} must be None, True or False. Fix: pass fused=None to let FOAM "
+            f"choose{at}."
+        )
+    if options.get("fused") and options["foreach"]:
+        raise FoamConfigError(
+            f"FOAM: fused=True and foreach=True cannot be set together (they name two implementations). "
+            f"Fix: pass only one of them{at}."
+        )
+
+
+def _check_fused_available(param_groups: list[dict[str, Any]]) -> None:
+    """Raise a clear error when a group asks for ``fused=True`` and the fused kernel cannot step it."""
+    for index, group in enumerate(param_groups):
+        if not group["fused"]:
+            continue
+        for p in group["params"]:
+            if not _fused_cpu.fused_supported(p):
+                raise RuntimeError(
+                    f"FOAM: fused=True in param group {index}, but a parameter of shape {tuple(p.shape)} is "
+                    f"{p.dtype} on {p.device} (contiguous={p.is_contiguous()}); the fused kernel steps contiguous "
+                    "CPU float32/bfloat16/float16 tensors. Fix: pass fused=None or False for this group."
+                )
+        if _fused_cpu.load_kernel() is None:
+            raise RuntimeError(
+                "FOAM: fused=True, but the fused CPU kernel could not be built: "
+                f"{_fused_cpu.kernel_build_error()}. Fix: install a C++ compiler and ninja, or pass fused=None."
+            )
 
 
 class FOAM(Optimizer):
@@ -199,6 +230,11 @@ class FOAM(Optimizer):
             block mean) (default: ``"mean_sq"``).
         foreach: use the ``torch._foreach_*`` multi-tensor path; ``None`` picks it when every parameter of
             the group is on CUDA (default: None).
+        fused: use the fused C++ CPU kernel (built at first use; see ``foam_hf._fused_cpu``), which reads
+            ``G`` and ``W`` once and allocates nothing of parameter size. ``None`` picks it when ``foreach``
+            is also ``None``, every parameter is a contiguous CPU float32/bfloat16/float16 tensor and the
+            kernel can be built (else the other paths, with one logged warning); ``True`` raises if it
+            cannot be used (default: None).
 
     Example::
 
@@ -226,6 +262,7 @@ class FOAM(Optimizer):
         second_moment: SecondMoment = "mean_sq",
         *,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -237,9 +274,12 @@ class FOAM(Optimizer):
             res_scale=res_scale,
             second_moment=second_moment,
             foreach=foreach,
+            fused=fused,
         )
         validate_group_options(defaults)
         super().__init__(params, defaults)
+        if any(group["fused"] for group in self.param_groups):
+            _check_fused_available(self.param_groups)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group after validating its options and parameters (see :class:`torch.optim.Optimizer`)."""
@@ -370,6 +410,7 @@ class FOAM(Optimizer):
             res_scale=group["res_scale"],
             second_moment=group["second_moment"],
             foreach=group["foreach"],
+            fused=group["fused"],
         )
 
     # ------------------------------------------------------------------ checkpoints
@@ -480,14 +521,19 @@ def foam(
     res_scale: float,
     second_moment: str,
     foreach: bool | None = None,
+    fused: bool | None = None,
 ) -> None:
     r"""Functional FOAM step over one group's tensors; see :class:`FOAM` for the algorithm.
 
     ``foreach=None`` uses the multi-tensor path when every parameter is on CUDA, as torch does.
+    ``fused=None`` (with ``foreach=None``) uses the fused CPU kernel where it can be built and every
+    parameter is a contiguous CPU float32/bfloat16/float16 tensor.
     """
+    if fused is None and foreach is None:
+        fused = all(_fused_cpu.fused_supported(p) for p in params) and _fused_cpu.load_kernel() is not None
     if foreach is None:
         foreach = all(p.is_cuda for p in params)
-    impl = _multi_tensor_foam if foreach else _single_tensor_foam
+    impl = _fused_cpu._fused_foam if fused else _multi_tensor_foam if foreach else _single_tensor_foam
     impl(
         params,
         grads,
