@@ -1,0 +1,181 @@
+"""The fused CPU kernel against the readable path (``_single_tensor_foam``), over weights and states.
+
+If the kernel cannot be built where a C++ compiler exists, these tests fail (with the build error): a
+broken kernel must not hide behind the fallback. Where no compiler exists, the parity tests are skipped
+with that reason, and the fallback itself is tested (it needs no compiler).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import shutil
+
+import pytest
+import torch
+
+from foam_hf import FOAM, FoamConfigError, _fused_cpu
+
+# Divisible, ragged (n = kB + 1 for several B), n < B, a single column, 1-D (never folded) and 3-D.
+SHAPES = [(6, 32), (5, 33), (3, 2), (4, 1), (7,), (2, 3, 10), (9, 257)]
+BLOCK_SIZES = [1, 2, 3, 4, 8, 32]
+RES_SCALES = [0.0, 0.5, 1.0]
+MODES = ["mean_sq", "sq_mean"]
+# Hyper-parameters that exercise every term: scale != 1 and weight decay on, beta2 low enough that the
+# second moment changes visibly within the few steps we run.
+HPARAMS = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05, scale=1.7)
+STEPS = 6  # several steps: the bias corrections and the moments' history both matter
+
+# (dtype, weight atol, weight rtol). fp32: the kernel moves eps inside the square root's scale (one
+# division instead of two), worth ~1 ulp per step. bf16: the fp32 results may round to neighbouring bf16
+# values, one bf16 ulp = 2**-8 relative, so 2**-7 bounds it. States are fp32 for both.
+DTYPES = [(torch.float32, 1e-6, 1e-5), (torch.bfloat16, 1e-6, 2**-7)]
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    module = _fused_cpu.load_kernel()
+    if module is None:
+        if shutil.which("c++") or shutil.which("g++"):
+            reason = _fused_cpu.kernel_build_error()
+            pytest.fail(f"a C++ compiler is present but the fused kernel did not build: {reason}")
+        pytest.skip(f"no C++ compiler on this machine, fused kernel unavailable: {_fused_cpu.kernel_build_error()}")
+    return module
+
+
+def make_params(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in SHAPES]
+
+
+def grad_sequence(params, steps, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(p.shape, generator=gen).to(p.dtype) for p in params] for _ in range(steps)]
+
+
+def run(optimizer, params, grads):
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        optimizer.step()
+
+
+def clone_params(params):
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("res_scale", RES_SCALES)
+@pytest.mark.parametrize("second_moment", MODES)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_fused_matches_single_tensor(kernel, block_size, second_moment, res_scale, dtype, atol, rtol):
+    params = make_params(dtype)
+    ours, theirs = clone_params(params), clone_params(params)
+    kwargs = dict(block_size=block_size, second_moment=second_moment, res_scale=res_scale, **HPARAMS)
+    fused = FOAM(ours, fused=True, **kwargs)
+    reference = FOAM(theirs, foreach=False, fused=False, **kwargs)
+    grads = grad_sequence(params, STEPS)
+    run(fused, ours, grads)
+    run(reference, theirs, grads)
+    for a, b in zip(ours, theirs):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.detach().float(), b.detach().float(), atol=atol, rtol=rtol)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert fused.state[a][key].shape == reference.state[b][key].shape
+            assert fused.state[a][key].dtype == torch.float32
+            # States depend only on gradients: summation order is the only difference.
+            torch.testing.assert_close(fused.state[a][key], reference.state[b][key], atol=1e-7, rtol=1e-5)
+        assert fused.state[a]["step"].item() == reference.state[b]["step"].item() == STEPS
+
+
+def test_default_picks_fused_on_cpu_fp32(kernel, monkeypatch):
+    calls = []
+    original = _fused_cpu._fused_foam
+    monkeypatch.setattr(_fused_cpu, "_fused_foam", lambda *a, **k: calls.append(1) or original(*a, **k))
+    params = make_params(torch.float32)
+    opt = FOAM(params, block_size=4)
+    run(opt, params, grad_sequence(params, 1))
+    assert calls == [1]
+    # float64 is not a fused dtype: the default then takes the for-loop path.
+    doubles = make_params(torch.float64)
+    run(FOAM(doubles, block_size=4), doubles, grad_sequence(doubles, 1))
+    assert calls == [1]
+
+
+def test_state_dict_continuation(kernel):
+    params = make_params(torch.float32)
+    opt = FOAM(params, block_size=3, fused=True, **HPARAMS)
+    grads = grad_sequence(params, 10)
+    run(opt, params, grads[:5])
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    # A checkpoint from before the ``fused`` option existed must still load.
+    for group in saved["param_groups"]:
+        del group["fused"]
+    resumed_params = clone_params(params)
+    resumed = FOAM(resumed_params, block_size=3, fused=True, **HPARAMS)
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["fused"] is None  # filled in by __setstate__
+    run(opt, params, grads[5:])
+    run(resumed, resumed_params, grads[5:])
+    for a, b in zip(params, resumed_params):
+        assert torch.equal(a, b)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[a][key], resumed.state[b][key])
+
+
+def test_fused_true_rejects_unsupported_params(kernel):
+    with pytest.raises(RuntimeError, match="fused=True in param group 0.*torch.float64"):
+        FOAM([torch.zeros(4, 4, dtype=torch.float64, requires_grad=True)], fused=True)
+    with pytest.raises(RuntimeError, match=r"contiguous=False"):
+        FOAM([torch.zeros(4, 6).t().requires_grad_()], fused=True)
+
+
+def test_fused_and_foreach_together_is_an_error():
+    with pytest.raises(FoamConfigError, match="fused=True and foreach=True"):
+        FOAM([torch.zeros(2, 2, requires_grad=True)], fused=True, foreach=True)
+    with pytest.raises(TypeError, match="fused='yes'"):
+        FOAM([torch.zeros(2, 2, requires_grad=True)], fused="yes")
+
+
+@pytest.fixture
+def broken_build(monkeypatch):
+    """Simulate a machine where the extension cannot be built (no compiler): load raises."""
+
+    def fail(**kwargs):
+        raise RuntimeError("simulated: no C++ compiler")
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", fail)
+    for name, value in (("_tried", False), ("_kernel", None), ("_error", None), ("_build_seconds", None)):
+        monkeypatch.setattr(_fused_cpu, name, value)
+
+
+def test_build_failure_warns_once_and_falls_back(broken_build, caplog):
+    params = make_params(torch.float32)
+    ours, theirs = clone_params(params), clone_params(params)
+    with caplog.at_level(logging.WARNING, logger="foam_hf._fused_cpu"):
+        opt = FOAM(ours, block_size=4, **HPARAMS)  # fused=None
+        run(opt, ours, grad_sequence(params, 3))
+    warnings = [r for r in caplog.records if "could not be built" in r.getMessage()]
+    assert len(warnings) == 1 and "simulated: no C++ compiler" in warnings[0].getMessage()
+    reference = FOAM(theirs, block_size=4, foreach=False, **HPARAMS)
+    run(reference, theirs, grad_sequence(params, 3))
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)  # the fallback is the for-loop path itself
+    with pytest.raises(RuntimeError, match="fused CPU kernel could not be built: RuntimeError: simulated"):
+        FOAM(clone_params(params), fused=True)
+
+
+def test_fused_does_not_touch_grads(kernel):
+    params = make_params(torch.bfloat16)
+    opt = FOAM(params, block_size=4, fused=True, **HPARAMS)
+    grads = grad_sequence(params, 1)
+    for p, g in zip(params, grads[0]):
+        p.grad = g.clone()
+    before = copy.deepcopy([p.grad for p in params])
+    opt.step()
+    for p, g in zip(params, before):
+        assert torch.equal(p.grad, g)
