@@ -1,0 +1,309 @@
+"""Benchmark 1: optimizer step time, state bytes and transient bytes, FOAM against AdamW and peers.
+
+One command prints a Markdown table and writes a plot::
+
+    python benchmarks/bench_step.py                  # 8 weights of 1024x1024, fp32 and bf16, B in 2,4,8,32
+    python benchmarks/bench_step.py --quick          # a smoke run (small weights, few repetitions)
+
+Timing: every optimizer owns its own copy of the weights and gradients; each repetition steps every
+optimizer once, in a rotating order, in this one process, so machine load hits them all alike. The table
+reports medians and the ratio to ``torch.optim.AdamW(fused=True)`` on the same dtype. State bytes are the
+bytes of every tensor the optimizer holds in ``state`` after a step. Transient bytes are the peak, during
+one ``step()`` after warm-up, of the bytes allocated through torch's CPU allocator minus those freed
+(``torch.profiler`` with ``profile_memory=True``): the temporaries a step creates. Allocations outside
+torch's allocator (e.g. the fused kernel's 16 KiB per-thread stack tile) are not seen.
+
+Peers (transformers Adafactor, GaLore, APOLLO, Adam-mini, torchao AdamW8bit, bitsandbytes AdamW8bit) run
+when installed and when they step on CPU; otherwise the table says why they were left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from foam_hf import FOAM, _fused_cpu
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Candidate:
+    name: str
+    dtype: str
+    make: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+    times: list[float] = field(default_factory=list)
+    params: list[torch.nn.Parameter] = field(default_factory=list)
+    optimizer: torch.optim.Optimizer | None = None
+    state_bytes: int = 0
+    transient_bytes: int = 0
+    error: str | None = None
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                # Tensor subclasses (torchao's quantised states) report their own storage via __tensor_flatten__.
+                if hasattr(value, "__tensor_flatten__") and type(value) is not torch.Tensor:
+                    names, _ = value.__tensor_flatten__()
+                    total += sum(getattr(value, n).numel() * getattr(value, n).element_size() for n in names)
+                else:
+                    total += value.numel() * value.element_size()
+    return total
+
+
+def transient_peak_bytes(step: Callable[[], None]) -> int:
+    """Peak of allocated-minus-freed bytes through torch's CPU allocator during ``step``."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    current = peak = 0
+    for e in events:
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+def make_weights(args, dtype: torch.dtype, seed: int = 0) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    weights = []
+    for _ in range(args.n_weights):
+        w = torch.nn.Parameter(torch.randn(args.rows, args.cols, generator=gen).to(dtype))
+        w.grad = (torch.randn(args.rows, args.cols, generator=gen) * 1e-2).to(dtype)
+        weights.append(w)
+    return weights
+
+
+def peer_factories(args) -> list[tuple[str, Callable | None, str]]:
+    """(name, factory or None, why-not) for each peer optimizer."""
+    peers: list[tuple[str, Callable | None, str]] = []
+    lr = 1e-3
+
+    from transformers.optimization import Adafactor
+
+    peers.append(
+        (
+            "transformers Adafactor",
+            lambda ps: Adafactor(ps, lr=lr, relative_step=False, scale_parameter=False, warmup_init=False),
+            "",
+        )
+    )
+    try:
+        from galore_torch import GaLoreAdamW
+
+        rank = max(1, args.rows // 4)
+        peers.append(
+            (
+                f"GaLore AdamW (rank {rank}, proj every 200)",
+                lambda ps: GaLoreAdamW(
+                    [{"params": ps, "rank": rank, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}], lr=lr
+                ),
+                "",
+            )
+        )
+    except ImportError as exc:
+        peers.append(("GaLore AdamW", None, f"not installed (`pip install galore-torch`): {exc}"))
+    try:
+        from apollo_torch import APOLLOAdamW
+
+        rank = max(1, args.rows // 4)
+        peers.append(
+            (
+                f"APOLLO AdamW (rank {rank}, channel)",
+                lambda ps: APOLLOAdamW(
+                    [
+                        {
+                            "params": ps,
+                            "rank": rank,
+                            "proj": "random",
+                            "scale_type": "channel",
+                            "scale": 1,
+                            "update_proj_gap": 200,
+                            "proj_type": "std",
+                        }
+                    ],
+                    lr=lr,
+                ),
+                "",
+            )
+        )
+    except ImportError as exc:
+        peers.append(("APOLLO AdamW", None, f"not installed (`pip install apollo-torch`): {exc}"))
+    try:
+        from adam_mini import Adam_mini
+
+        def make_adam_mini(ps):
+            named = [(f"layers.{i}.mlp.weight", p) for i, p in enumerate(ps)]
+            return Adam_mini(named_parameters=named, lr=lr, dim=args.cols, n_heads=max(1, args.cols // 128))
+
+        peers.append(("Adam-mini", make_adam_mini, ""))
+    except ImportError as exc:
+        peers.append(("Adam-mini", None, f"not installed (`pip install adam-mini`): {exc}"))
+    try:
+        from torchao.optim import AdamW8bit as AoAdamW8bit
+
+        peers.append(("torchao AdamW8bit", lambda ps: AoAdamW8bit(ps, lr=lr), ""))
+    except ImportError as exc:
+        peers.append(("torchao AdamW8bit", None, f"not installed (`pip install torchao`): {exc}"))
+    try:
+        import bitsandbytes as bnb
+
+        peers.append(("bitsandbytes AdamW8bit", lambda ps: bnb.optim.AdamW8bit(ps, lr=lr), ""))
+    except Exception as exc:  # bnb raises more than ImportError when its native library is missing
+        peers.append(("bitsandbytes AdamW8bit", None, f"not importable: {type(exc).__name__}: {exc}"))
+    return peers
+
+
+def build_candidates(args) -> tuple[list[Candidate], list[tuple[str, str]]]:
+    candidates: list[Candidate] = []
+    left_out: list[tuple[str, str]] = []
+    for dname in args.dtypes:
+        candidates.append(Candidate("torch AdamW fused", dname, lambda ps: torch.optim.AdamW(ps, fused=True)))
+        candidates.append(Candidate("torch AdamW foreach", dname, lambda ps: torch.optim.AdamW(ps, foreach=True)))
+        for b in args.block_sizes:
+            candidates.append(Candidate(f"FOAM fused B={b}", dname, lambda ps, b=b: FOAM(ps, block_size=b, fused=True)))
+        candidates.append(
+            Candidate("FOAM foreach B=4", dname, lambda ps: FOAM(ps, block_size=4, foreach=True, fused=False))
+        )
+        if args.reference:
+            candidates.append(
+                Candidate(
+                    "FOAM reference (for-loop) B=4",
+                    dname,
+                    lambda ps: FOAM(ps, block_size=4, foreach=False, fused=False),
+                )
+            )
+        candidates.append(Candidate("FOAM default (fused=None) B=4", dname, lambda ps: FOAM(ps, block_size=4)))
+    if args.peers:
+        for name, factory, why in peer_factories(args):
+            if factory is None:
+                left_out.append((name, why))
+            else:
+                candidates.append(Candidate(name, "fp32", factory))
+    return candidates, left_out
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-weights", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=1024)
+    parser.add_argument("--cols", type=int, default=1024)
+    parser.add_argument("--reps", type=int, default=40, help="timed repetitions per optimizer (interleaved)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--block-sizes", type=int, nargs="+", default=[2, 4, 8, 32])
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    parser.add_argument("--no-peers", dest="peers", action="store_false")
+    parser.add_argument("--no-reference", dest="reference", action="store_false")
+    parser.add_argument("--plot", default="docs/benchmarks-step.png", help="where to write the plot ('' for none)")
+    parser.add_argument("--quick", action="store_true", help="small smoke run")
+    args = parser.parse_args()
+    if args.quick:
+        args.n_weights, args.rows, args.cols, args.reps, args.warmup = 2, 128, 256, 3, 1
+
+    start = time.perf_counter()
+    kernel = _fused_cpu.load_kernel()
+    compile_s = time.perf_counter() - start
+    if kernel is None:
+        raise SystemExit(f"the fused kernel could not be built: {_fused_cpu.kernel_build_error()}")
+
+    candidates, left_out = build_candidates(args)
+    runnable: list[Candidate] = []
+    for c in candidates:
+        c.params = make_weights(args, DTYPES[c.dtype])
+        try:
+            c.optimizer = c.make(c.params)
+            for _ in range(args.warmup):
+                c.optimizer.step()
+            c.state_bytes = state_bytes(c.optimizer)
+            c.transient_bytes = transient_peak_bytes(c.optimizer.step)
+            runnable.append(c)
+        except Exception as exc:  # a peer that does not step on CPU: report why, keep going
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            left_out.append((c.name, f"fails on CPU: {type(exc).__name__}: {first[:160]}"))
+            c.params, c.optimizer = [], None
+
+    for rep in range(args.reps):
+        shift = rep % len(runnable)
+        for c in runnable[shift:] + runnable[:shift]:
+            t0 = time.perf_counter()
+            c.optimizer.step()
+            c.times.append(time.perf_counter() - t0)
+
+    param_bytes = {
+        d: args.n_weights * args.rows * args.cols * torch.empty((), dtype=DTYPES[d]).element_size() for d in args.dtypes
+    }
+    baseline = {c.dtype: statistics.median(c.times) for c in runnable if c.name == "torch AdamW fused"}
+    print(
+        f"Date {datetime.date.today()}, machine {platform.machine()} {platform.processor() or ''} "
+        f"({torch.get_num_threads()} threads), torch {torch.__version__}, git {git_sha()}; "
+        f"{args.n_weights} weights of {args.rows}x{args.cols}, {args.reps} interleaved reps; "
+        f"fused kernel ready in {compile_s:.1f} s in this process."
+    )
+    print()
+    print(
+        "| optimizer | params | median step (ms) | IQR (ms) | / AdamW fused | state (MiB) "
+        "| transient peak (MiB) | transient / param bytes |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for c in runnable:
+        med = statistics.median(c.times)
+        q = statistics.quantiles(c.times, n=4) if len(c.times) >= 4 else [med, med, med]
+        ratio = med / baseline[c.dtype] if c.dtype in baseline else float("nan")
+        rows.append((c, med, ratio))
+        print(
+            f"| {c.name} | {c.dtype} | {med * 1e3:.2f} | {(q[2] - q[0]) * 1e3:.2f} | {ratio:.2f} | "
+            f"{c.state_bytes / 2**20:.1f} | {c.transient_bytes / 2**20:.2f} | "
+            f"{c.transient_bytes / param_bytes[c.dtype]:.1%} |"
+        )
+    if left_out:
+        print()
+        print("Not in the table:")
+        for name, why in left_out:
+            print(f"- {name}: {why}")
+
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5))
+        labels = [f"{c.name} [{c.dtype}]" for c, _, _ in rows]
+        ratios = [r for _, _, r in rows]
+        colors = ["tab:orange" if c.name.startswith("FOAM") else "tab:gray" for c, _, _ in rows]
+        ax.barh(labels, ratios, color=colors)
+        ax.axvline(1.0, color="black", lw=0.8)
+        ax.axvline(0.7, color="tab:red", lw=0.8, ls="--", label="target 0.7x")
+        ax.set_xscale("log")
+        ax.set_xlabel("median step time / torch AdamW(fused=True), same dtype (log)")
+        ax.invert_yaxis()
+        ax.legend(loc="lower right")
+        ax.set_title(f"{args.n_weights} x {args.rows}x{args.cols}, {torch.get_num_threads()} CPU threads")
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=110)
+        print(f"\nplot written to {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
