@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from .memory_report import add_memory_parser
+
 __all__ = ["build_parser", "main"]
 
 
@@ -89,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foam-hf", description="FOAM, the folded-state Adam optimizer.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo(subparsers)
+    add_memory_parser(subparsers)
     return parser
 
 

@@ -250,3 +250,12 @@ def test_pattern_on_a_parent_module_covers_its_linear_weights():
             assert sizes[name] == (2 if ".o_proj." in name else 16), name
         elif ".mlp." in name:
             assert sizes[name] == 4, name
+
+
+def test_console_script_has_the_memory_subcommand(capsys):
+    """``foam-hf memory`` as installed: the real entry point's parser, not a test-built one."""
+    from foam_hf.cli import main
+
+    assert main(["memory", "llama-60m", "--block-sizes", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "| AdamW |" in out and "| FOAM B=4 |" in out
