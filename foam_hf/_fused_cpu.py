@@ -126,6 +126,11 @@ def _fused_foam(
                 f"{p.device}, contiguous={p.is_contiguous()}; it needs contiguous CPU float32/bfloat16/float16 "
                 "tensors. Fix: pass fused=False (or None) for this group."
             )
+    if any(m.dtype != torch.float32 or v.dtype != torch.float32 for m, v in zip(exp_avgs, exp_avg_sqs)):
+        raise RuntimeError(
+            "FOAM: the fused CPU path keeps float32 moments; got other state dtypes (state_dtype='bfloat16'?). "
+            "Fix: pass fused=None or False for this group."
+        )
     grads = [
         g if g.dtype == p.dtype and g.is_contiguous() else g.to(p.dtype).contiguous() for p, g in zip(params, grads)
     ]

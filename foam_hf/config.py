@@ -33,6 +33,8 @@ OPTIM_ARGS_KEYS: dict[str, str] = {
     "scale": "update multiplier alpha of folded tensors, > 0 (default 1.0)",
     "res_scale": "weight rho of the residual, >= 0 (default 1.0)",
     "second_moment": f"one of {SECOND_MOMENT_MODES} (default mean_sq)",
+    "state_dtype": "float32 or bfloat16: storage of the moments; bfloat16 halves them, stochastically rounded "
+    "(default: float32, or the parameters' dtype when that is wider)",
     "block_sizes": "per-module overrides, pattern:size pairs separated by ';' (size 1 = unfolded)",
     "target_modules": "modules that fold, ';'-separated names or one regex (default: linear layers "
     "except the output head and embeddings)",
@@ -53,6 +55,9 @@ class FoamConfig:
             Weight rho of the residual in both moments (0 = block-wise Adam).
         second_moment (`str`, *optional*, defaults to `"mean_sq"`):
             `"mean_sq"` folds the block mean of G*G, `"sq_mean"` the square of the block mean.
+        state_dtype (`str`, *optional*):
+            Storage dtype of the moments: `"float32"` or `"bfloat16"` (half the bytes; computed in fp32 and
+            stored with stochastic rounding). `None` keeps fp32 states for half-precision parameters.
         block_sizes (`dict[str, int]`, *optional*):
             Per-module block sizes, ``{pattern: size}``; a pattern is a module-name suffix or a full
             regex, as PEFT's ``rank_pattern``. Size 1 keeps AdamW states for the matched modules. A
@@ -76,6 +81,7 @@ class FoamConfig:
     scale: float = 1.0
     res_scale: float = 1.0
     second_moment: str = "mean_sq"
+    state_dtype: str | None = None
     block_sizes: dict[str, int] = field(default_factory=dict)
     target_modules: list[str] | str | None = None
     callback: bool = True
@@ -93,6 +99,7 @@ class FoamConfig:
                 res_scale=self.res_scale,
                 second_moment=self.second_moment,
                 foreach=None,
+                state_dtype=self.state_dtype,
             ),
             where=where,
         )
@@ -163,6 +170,8 @@ class FoamConfig:
                 kwargs[key] = _to_float(key, items[key])
         if "second_moment" in items:
             kwargs["second_moment"] = items["second_moment"]
+        if "state_dtype" in items:
+            kwargs["state_dtype"] = items["state_dtype"]
         if "block_sizes" in items:
             kwargs["block_sizes"] = _parse_block_sizes(items["block_sizes"])
         if "target_modules" in items:

@@ -25,20 +25,25 @@ __all__ = ["StateMemory", "adamw_state_bytes", "foam_state_bytes", "state_memory
 _STEP_BYTES = 4  # state["step"] is a float32 scalar tensor, as in torch.optim.Adam
 
 
-def _state_itemsize(param: torch.Tensor) -> int:
+def _state_itemsize(param: torch.Tensor, state_dtype: str | None = None) -> int:
     from .optim import state_dtype_for
 
-    return torch.empty((), dtype=state_dtype_for(param)).element_size()
+    return torch.empty((), dtype=state_dtype_for(param, state_dtype)).element_size()
 
 
-def foam_state_bytes(param: torch.Tensor, block_size: int) -> int:
-    """Bytes FOAM holds for ``param`` under ``block_size``: two moments plus the step counter."""
+def foam_state_bytes(param: torch.Tensor, block_size: int, state_dtype: str | None = None) -> int:
+    """Bytes FOAM holds for ``param`` under ``block_size``: two moments plus the step counter.
+
+    ``state_dtype`` is the group option (``None``: fp32 for half parameters, else the parameter's dtype;
+    ``"bfloat16"``: 2 bytes per moment entry).
+    """
     shape = folded_shape(param.shape, block_size) if is_foldable(param, block_size) else param.shape
-    return 2 * shape.numel() * _state_itemsize(param) + _STEP_BYTES
+    return 2 * shape.numel() * _state_itemsize(param, state_dtype) + _STEP_BYTES
 
 
 def adamw_state_bytes(param: torch.Tensor) -> int:
-    """Bytes an AdamW with the same state dtype holds for ``param``: two full moments plus the step."""
+    """Bytes ``torch.optim.AdamW`` holds for ``param`` (fp32 moments for half parameters, as FOAM's
+    default): two full moments plus the step."""
     return 2 * param.numel() * _state_itemsize(param) + _STEP_BYTES
 
 
@@ -77,11 +82,12 @@ def state_memory(optimizer: torch.optim.Optimizer) -> StateMemory:
     seen: set[int] = set()
     for group in optimizer.param_groups:
         block_size = group.get("block_size", 1)
+        state_dtype = group.get("state_dtype")
         for p in group["params"]:
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            foam_total += foam_state_bytes(p, block_size)
+            foam_total += foam_state_bytes(p, block_size, state_dtype)
             adamw_total += adamw_state_bytes(p)
             if is_foldable(p, block_size):
                 folded += 1

@@ -21,7 +21,7 @@ from .distributed import check_sharding, local_tensor, zeros_state_like
 from .errors import FoamConfigError, FoamStateError
 from .folding import block_mean, folded_shape, is_foldable, unfold
 
-__all__ = ["FOAM", "SECOND_MOMENT_MODES", "foam", "state_dtype_for"]
+__all__ = ["FOAM", "SECOND_MOMENT_MODES", "STATE_DTYPES", "foam", "state_dtype_for"]
 
 SecondMoment = Literal["mean_sq", "sq_mean"]
 
@@ -42,6 +42,16 @@ _GROUP_DEFAULTS: dict[str, Any] = {
     "second_moment": "mean_sq",
     "foreach": None,
     "fused": None,
+    "state_dtype": None,
+}
+
+#: Storage dtypes of the moments a group may ask for with ``state_dtype``; ``None`` means fp32 for half
+#: parameters and the parameter's dtype otherwise. ``"bfloat16"`` halves state memory again: moments are
+#: computed in fp32 and stored with stochastic rounding (see :func:`_store_moment`).
+STATE_DTYPES: dict[str | None, torch.dtype | None] = {
+    None: None,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
 }
 
 # Keys whose value decides the *shape or meaning* of the saved state: a checkpoint written under other
@@ -49,11 +59,32 @@ _GROUP_DEFAULTS: dict[str, Any] = {
 _STRUCTURAL_KEYS = ("block_size", "second_moment")
 
 
-def state_dtype_for(param: torch.Tensor) -> torch.dtype:
-    """dtype of FOAM's moment states for ``param``: fp32 for fp16/bf16 parameters, else the parameter's."""
+def state_dtype_for(param: torch.Tensor, state_dtype: str | None = None) -> torch.dtype:
+    """dtype of FOAM's moment states for ``param``.
+
+    ``state_dtype`` (a group's option, a key of :data:`STATE_DTYPES`) wins when given; by default the
+    states are fp32 for fp16/bf16 parameters and in the parameter's dtype otherwise.
+    """
+    chosen = STATE_DTYPES.get(state_dtype)
+    if chosen is not None:
+        return chosen
     if param.dtype in (torch.float16, torch.bfloat16):
         return torch.float32
     return param.dtype
+
+
+def normalize_state_dtype(value: Any) -> Any:
+    """Map ``torch.float32``/``torch.bfloat16`` to the strings groups store (plain data in checkpoints)."""
+    if isinstance(value, torch.dtype):
+        for name, dtype in STATE_DTYPES.items():
+            if dtype == value:
+                return name
+    return value
+
+
+def _compute_dtype(param: torch.Tensor) -> torch.dtype:
+    """The dtype the update is computed in: fp32, or fp64 for fp64 parameters."""
+    return torch.promote_types(param.dtype, torch.float32)
 
 
 def _is_real_number(x: Any) -> bool:
@@ -133,6 +164,23 @@ def validate_group_options(options: dict[str, Any], where: str = "") -> None:
         raise TypeError(
             f"FOAM: fused={options['fused']!r} must be None, True or False. Fix: pass fused=None to let FOAM "
             f"choose{at}."
+        )
+    state_dtype = options.get("state_dtype")
+    if state_dtype not in STATE_DTYPES:
+        why = (
+            " fp16 moments underflow (second moments of small gradients flush to zero) and overflow."
+            if state_dtype in ("float16", torch.float16)
+            else ""
+        )
+        raise FoamConfigError(
+            f"FOAM: state_dtype={state_dtype!r} is invalid: it must be one of {list(STATE_DTYPES)} (or "
+            f"torch.float32/torch.bfloat16).{why} Fix: pass state_dtype='bfloat16' to halve state memory, or "
+            f"None for fp32 states{at}."
+        )
+    if options.get("fused") and state_dtype == "bfloat16":
+        raise FoamConfigError(
+            f"FOAM: fused=True with state_dtype='bfloat16': the fused kernel keeps fp32 moments. "
+            f"Fix: pass fused=None (bf16 states then use the for-loop or foreach path){at}."
         )
     if options.get("fused") and options["foreach"]:
         raise FoamConfigError(
@@ -263,6 +311,7 @@ class FOAM(Optimizer):
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
+        state_dtype: str | torch.dtype | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -275,6 +324,7 @@ class FOAM(Optimizer):
             second_moment=second_moment,
             foreach=foreach,
             fused=fused,
+            state_dtype=normalize_state_dtype(state_dtype),
         )
         validate_group_options(defaults)
         super().__init__(params, defaults)
@@ -297,6 +347,7 @@ class FOAM(Optimizer):
         group = self.param_groups[-1]
         if isinstance(group["betas"], list):
             group["betas"] = tuple(group["betas"])
+        group["state_dtype"] = normalize_state_dtype(group["state_dtype"])
         index = len(self.param_groups) - 1
         try:
             validate_group_options(group, where=f"param group {index}")
@@ -346,7 +397,7 @@ class FOAM(Optimizer):
             local_param = local_tensor(p)
             state = self.state[p]
             if len(state) == 0:
-                dtype = state_dtype_for(p)
+                dtype = state_dtype_for(p, group["state_dtype"])
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 if is_foldable(p, block_size):
                     shapes = folded_shape(local_param.shape, block_size), folded_shape(p.shape, block_size)
@@ -486,11 +537,13 @@ class FOAM(Optimizer):
                         "(or by AdamW). Fix: resume with the block sizes of the run that saved it."
                     )
         super().load_state_dict(state_dict)
-        # torch casts floating states to the parameter's dtype; FOAM keeps fp32 moments for half params.
+        # torch casts floating states to the parameter's dtype; FOAM keeps its own state dtype (fp32 moments
+        # for half params by default). As in torch, the loaded group's options (state_dtype included) win.
         for pid, pstate in saved_state.items():
-            p, _, _ = id_to_param[pid]
+            p, _, index = id_to_param[pid]
+            dtype = state_dtype_for(p, self.param_groups[index]["state_dtype"])
             for key in ("exp_avg", "exp_avg_sq"):
-                self.state[p][key] = pstate[key].to(device=p.device, dtype=state_dtype_for(p), copy=True)
+                self.state[p][key] = pstate[key].to(device=p.device, dtype=dtype, copy=True)
 
     # ------------------------------------------------------------------ memory
 
@@ -530,7 +583,11 @@ def foam(
     parameter is a contiguous CPU float32/bfloat16/float16 tensor.
     """
     if fused is None and foreach is None:
-        fused = all(_fused_cpu.fused_supported(p) for p in params) and _fused_cpu.load_kernel() is not None
+        fused = (
+            all(_fused_cpu.fused_supported(p) for p in params)
+            and all(m.dtype == torch.float32 for m in exp_avgs)  # the kernel keeps fp32 moments
+            and _fused_cpu.load_kernel() is not None
+        )
     if foreach is None:
         foreach = all(p.is_cuda for p in params)
     impl = _fused_cpu._fused_foam if fused else _multi_tensor_foam if foreach else _single_tensor_foam
@@ -570,11 +627,13 @@ def _single_tensor_foam(
     second_moment: str,
 ) -> None:
     """The readable path: one tensor at a time, each line matching a line of the algorithm box."""
-    for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
-        compute_dtype = exp_avg.dtype
-        # Half-precision parameters: compute on an fp32 copy, write back at the end.
+    for param, grad, stored_avg, stored_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+        compute_dtype = _compute_dtype(param)
+        # Half-precision parameters or bf16 states: compute on fp32 copies, write back at the end.
         weight = param if param.dtype == compute_dtype else param.to(compute_dtype)
         grad = grad.to(compute_dtype)
+        exp_avg = stored_avg.to(compute_dtype)
+        exp_avg_sq = stored_avg_sq.to(compute_dtype)
 
         step_t += 1
         step = step_t.item()
@@ -615,6 +674,8 @@ def _single_tensor_foam(
 
         if weight is not param:
             param.copy_(weight)
+        _store_moment(stored_avg, exp_avg, step, salt=0)
+        _store_moment(stored_avg_sq, exp_avg_sq, step, salt=1)
 
 
 def _multi_tensor_foam(
@@ -641,8 +702,12 @@ def _multi_tensor_foam(
     """
     if not params:
         return
-    weights = [p if p.dtype == ea.dtype else p.to(ea.dtype) for p, ea in zip(params, exp_avgs)]
-    grads = [g.to(ea.dtype) for g, ea in zip(grads, exp_avgs)]
+    compute_dtypes = [_compute_dtype(p) for p in params]
+    weights = [p.to(dt) for p, dt in zip(params, compute_dtypes)]
+    grads = [g.to(dt) for g, dt in zip(grads, compute_dtypes)]
+    stored_avgs, stored_avg_sqs = exp_avgs, exp_avg_sqs
+    exp_avgs = [m.to(dt) for m, dt in zip(exp_avgs, compute_dtypes)]
+    exp_avg_sqs = [v.to(dt) for v, dt in zip(exp_avg_sqs, compute_dtypes)]
 
     torch._foreach_add_(state_steps, 1)
     steps = [s.item() for s in state_steps]
@@ -697,3 +762,49 @@ def _multi_tensor_foam(
     for param, weight in zip(params, weights):
         if weight is not param:
             param.copy_(weight)
+    for stored_avg, stored_avg_sq, exp_avg, exp_avg_sq, step in zip(
+        stored_avgs, stored_avg_sqs, exp_avgs, exp_avg_sqs, steps
+    ):
+        _store_moment(stored_avg, exp_avg, step, salt=0)
+        _store_moment(stored_avg_sq, exp_avg_sq, step, salt=1)
+
+
+# ---------------------------------------------------------------------------- low-precision states
+
+# Constants of a counter-based hash (Knuth's multiplicative hash, then murmur3's finaliser steps).
+_HASH_INDEX, _HASH_STEP, _HASH_SALT, _HASH_MIX = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x7FEB352D
+_MASK32 = 0xFFFFFFFF
+
+
+def _rounding_dither(shape: torch.Size, step: float, salt: int, device: torch.device) -> torch.Tensor:
+    """16 pseudo-random bits per element (int32 in ``[0, 2**16)``), a pure function of index, step and salt.
+
+    A counter-based hash instead of a random generator: no RNG state to checkpoint, and a resumed run
+    draws exactly the dither the uninterrupted run drew.
+    """
+    offset = (int(step) * _HASH_STEP + salt * _HASH_SALT) & _MASK32
+    h = (torch.arange(shape.numel(), dtype=torch.int64, device=device) * _HASH_INDEX + offset) & _MASK32
+    h ^= h >> 16
+    h = (h * _HASH_MIX) & _MASK32
+    h ^= h >> 15
+    return (h & 0xFFFF).to(torch.int32).view(shape)
+
+
+def _store_moment(stored: torch.Tensor, value: torch.Tensor, step: float, salt: int) -> None:
+    r"""Write a moment computed in ``value`` into its storage ``stored`` (a no-op when they are one tensor).
+
+    Into bf16 storage the fp32 value is *stochastically rounded*: a uniform 16-bit dither is added to its
+    bit pattern and the low 16 bits dropped, so :math:`\mathbb E[\mathrm{round}(x)] = x`. Round-to-nearest
+    would freeze the second moment: with :math:`eta_2 = 0.999` a step changes :math:`	ilde v` by 0.1 %,
+    below half a bf16 ulp (0.2-0.4 %), so decays and small increments would all round away.
+    """
+    if stored is value:
+        return
+    if stored.dtype != torch.bfloat16 or value.dtype != torch.float32:
+        stored.copy_(value)
+        return
+    bits = value.contiguous().view(torch.int32)
+    rounded = ((bits + _rounding_dither(value.shape, step, salt, value.device)) & -65536).view(torch.float32)
+    # Non-finite values keep their class (a carry must not turn NaN into -0 or a large value into inf).
+    rounded = torch.where(torch.isfinite(value), rounded, value)
+    stored.copy_(rounded)  # exact: the low 16 bits are zero

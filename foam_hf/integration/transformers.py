@@ -80,6 +80,7 @@ def optimizer_cls_and_kwargs(args: Any, model: Any) -> tuple[type[FOAM], dict[st
         scale=config.scale,
         res_scale=config.res_scale,
         second_moment=config.second_moment,
+        state_dtype=config.state_dtype,
     )
     if not _is_layerwise(args.optim):
         return FOAM, kwargs

@@ -1,0 +1,206 @@
+"""bf16 optimizer states (``state_dtype="bfloat16"``): bytes, the step against the matrix reference,
+unbiased (stochastic) rounding, exact resume, and the options' validation."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from foam_hf import FOAM, FoamConfig, FoamConfigError, folded_shape, state_memory
+from foam_hf.reference import FoamReference
+
+SHAPES = [(6, 8), (5, 9), (3, 2), (7,), (2, 3, 10)]
+HPARAMS = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, block_size=4, scale=1.0, res_scale=1.0)
+BF16_RELATIVE_ULP = 2.0**-7  # spacing of bf16 values relative to their magnitude, at most
+
+
+def make_params(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen).requires_grad_() for s in SHAPES]
+
+
+def grads_for(params, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=gen) for p in params]
+
+
+def step_with(optimizer, params, grads):
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    optimizer.step()
+
+
+def moment_bytes(optimizer):
+    return sum(
+        t.numel() * t.element_size()
+        for state in optimizer.state.values()
+        for key, t in state.items()
+        if key in ("exp_avg", "exp_avg_sq")
+    )
+
+
+@pytest.mark.parametrize("state_dtype", ["bfloat16", torch.bfloat16])
+def test_states_are_bf16_folded_and_half_the_bytes(state_dtype):
+    params = make_params()
+    fp32_params = [p.detach().clone().requires_grad_() for p in params]
+    bf16 = FOAM(params, block_size=4, state_dtype=state_dtype)
+    fp32 = FOAM(fp32_params, block_size=4)
+    grads = grads_for(params, 1)
+    step_with(bf16, params, grads)
+    step_with(fp32, fp32_params, grads)
+
+    assert bf16.param_groups[0]["state_dtype"] == "bfloat16"  # stored as plain data, whatever was passed
+    for p in params:
+        state = bf16.state[p]
+        expected = folded_shape(p.shape, 4) if p.ndim >= 2 else p.shape
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+        assert state["exp_avg"].shape == expected
+    assert 2 * moment_bytes(bf16) == moment_bytes(fp32)
+    steps = 4 * len(params)
+    assert state_memory(bf16).foam_bytes == moment_bytes(bf16) + steps
+    assert state_memory(bf16).adamw_bytes == state_memory(fp32).adamw_bytes  # the comparison stays fp32 AdamW
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("second_moment", ["mean_sq", "sq_mean"])
+def test_each_step_is_the_math_on_the_stored_states_then_one_rounding(foreach, second_moment):
+    """From the bf16 states it holds, one step equals the float64 matrix reference started from those same
+    states; the new states are within one bf16 spacing of the reference's exact ones."""
+    params = make_params()
+    optimizer = FOAM(params, **HPARAMS, second_moment=second_moment, foreach=foreach, state_dtype="bfloat16")
+    reference = FoamReference(params, **HPARAMS, second_moment=second_moment)
+    for step in range(1, 8):
+        reference.weights = [p.detach().double().clone() for p in params]
+        if step > 1:
+            reference.m = [optimizer.state[p]["exp_avg"].double() for p in params]
+            reference.v = [optimizer.state[p]["exp_avg_sq"].double() for p in params]
+        grads = grads_for(params, 100 + step)
+        step_with(optimizer, params, grads)
+        reference.step(grads)
+        for i, p in enumerate(params):
+            torch.testing.assert_close(p.detach().double(), reference.weights[i], rtol=1e-5, atol=1e-6)
+            for stored, exact in (
+                (optimizer.state[p]["exp_avg"], reference.m[i]),
+                (optimizer.state[p]["exp_avg_sq"], reference.v[i]),
+            ):
+                error = (stored.double() - exact).abs()
+                assert torch.all(error <= BF16_RELATIVE_ULP * exact.abs() + 1e-30), (step, i, error.max())
+
+
+def test_stochastic_rounding_tracks_a_decay_that_round_to_nearest_freezes():
+    """Zero gradients after a start at v = 1: the exact second moment decays as beta2**t. One step changes
+    it by 0.1 %, under half a bf16 spacing, so round-to-nearest would keep 1.0 forever; the mean of the
+    stochastically rounded states follows the exact decay."""
+    beta2, steps = 0.999, 200
+    weight = torch.zeros(64, 4096, requires_grad=True)
+    optimizer = FOAM([weight], lr=0.0, betas=(0.9, beta2), block_size=4, state_dtype="bfloat16")
+    weight.grad = torch.ones_like(weight)
+    optimizer.step()
+    optimizer.state[weight]["exp_avg_sq"].fill_(1.0)
+    weight.grad = torch.zeros_like(weight)
+    for _ in range(steps):
+        optimizer.step()
+    stored = optimizer.state[weight]["exp_avg_sq"].double()
+    exact = beta2**steps
+    assert abs(stored.mean().item() - exact) < 2e-3 * exact
+    assert torch.bfloat16 == optimizer.state[weight]["exp_avg_sq"].dtype
+    # What round-to-nearest would have kept: the decay rounds away at every step.
+    assert torch.tensor(1.0 * beta2).to(torch.bfloat16).item() == 1.0
+
+
+def test_fused_default_falls_back_and_matches_the_for_loop_path():
+    params = make_params()
+    other = [p.detach().clone().requires_grad_() for p in params]
+    default = FOAM(params, **HPARAMS, state_dtype="bfloat16")  # fused=None, foreach=None
+    loop = FOAM(other, **HPARAMS, state_dtype="bfloat16", foreach=False, fused=False)
+    for step in range(5):
+        grads = grads_for(params, step)
+        step_with(default, params, grads)
+        step_with(loop, other, grads)
+    for p, q in zip(params, other):
+        assert torch.equal(p, q)
+        assert torch.equal(default.state[p]["exp_avg_sq"], loop.state[q]["exp_avg_sq"])
+
+
+def test_state_dict_round_trip_continues_bitwise():
+    params = make_params()
+    optimizer = FOAM(params, **HPARAMS, state_dtype="bfloat16")
+    for step in range(3):
+        step_with(optimizer, params, grads_for(params, step))
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    resumed = FOAM(copies, **HPARAMS, state_dtype="bfloat16")
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    for step in range(3, 6):
+        grads = grads_for(params, step)
+        step_with(optimizer, params, grads)
+        step_with(resumed, copies, grads)
+    for p, q in zip(params, copies):
+        assert torch.equal(p, q)
+        assert resumed.state[q]["exp_avg"].dtype == torch.bfloat16
+        assert torch.equal(optimizer.state[p]["exp_avg"], resumed.state[q]["exp_avg"])
+
+
+def test_half_precision_params_with_bf16_states():
+    weight = torch.randn(8, 16, dtype=torch.bfloat16, requires_grad=True)
+    optimizer = FOAM([weight], block_size=4, state_dtype="bfloat16")
+    weight.grad = torch.randn(8, 16, dtype=torch.bfloat16)
+    optimizer.step()
+    assert weight.dtype == torch.bfloat16 and optimizer.state[weight]["exp_avg"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragments",
+    [
+        (dict(state_dtype="float16"), ["state_dtype='float16'", "underflow", "Fix: pass state_dtype='bfloat16'"]),
+        (dict(state_dtype=torch.float16), ["torch.float16", "underflow"]),
+        (dict(state_dtype="bf16"), ["state_dtype='bf16'", "'bfloat16'"]),
+        (dict(state_dtype="bfloat16", fused=True), ["fused=True", "fp32 moments", "Fix: pass fused=None"]),
+    ],
+)
+def test_bad_state_dtype_names_the_value_and_the_fix(kwargs, fragments):
+    with pytest.raises(FoamConfigError) as err:
+        FOAM(make_params(), **kwargs)
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+def test_optim_args_carry_state_dtype():
+    config = FoamConfig.from_optim_args("block_size=8,state_dtype=bfloat16")
+    assert config.state_dtype == "bfloat16"
+    assert FoamConfig.from_optim_args(config.to_optim_args()) == config
+    with pytest.raises(FoamConfigError, match="state_dtype='float16'"):
+        FoamConfig.from_optim_args("state_dtype=float16")
+
+
+def test_trainer_builds_bf16_states_from_optim_args(tmp_path):
+    from hf_fixtures import lm_dataset, tiny_llama
+    from transformers import Trainer, TrainingArguments
+
+    from foam_hf.memory import foam_state_bytes
+
+    model = tiny_llama()
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        optim="foam",
+        optim_args="block_size=4,state_dtype=bfloat16",
+        max_steps=2,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=lm_dataset())
+    trainer.train()
+    states = trainer.optimizer.state
+    assert all(states[p]["exp_avg_sq"].dtype == torch.bfloat16 for p in model.parameters())
+    logged = next(e["foam/state_bytes"] for e in trainer.state.log_history if "foam/state_bytes" in e)
+    expected = sum(
+        foam_state_bytes(p, 4 if n.endswith("proj.weight") else 1, "bfloat16") for n, p in model.named_parameters()
+    )
+    assert logged == expected == moment_bytes(trainer.optimizer) + 4 * len(list(model.parameters()))
