@@ -25,7 +25,14 @@ import torch
 
 from .errors import FoamConfigError
 
-__all__ = ["check_deepspeed_config", "check_sharding", "is_dtensor", "local_tensor", "zeros_state_like"]
+__all__ = [
+    "check_deepspeed_config",
+    "check_sharding",
+    "is_dtensor",
+    "local_tensor",
+    "sum_over_shards",
+    "zeros_state_like",
+]
 
 
 def _dtensor_class() -> type | None:
@@ -79,6 +86,35 @@ def zeros_state_like(param: torch.Tensor, local_shape: torch.Size, global_shape:
     return type(param).from_local(
         zeros, param.device_mesh, param.placements, run_check=False, shape=global_shape, stride=stride
     )
+
+
+def sum_over_shards(values: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+    """Add up per-shard reductions into their global value, as a plain tensor on the CPU.
+
+    Each entry is ``(value, like)``: ``value`` is a sum over this rank's shard of ``like`` (a sum of
+    squares of ``local_tensor(grad)``, a count of non-finite entries, ...). Entries whose ``like`` is a
+    DTensor are also summed over the ranks that hold its other shards: one all-reduce per distinct mesh and
+    sharding pattern, over the mesh dimensions where ``like`` is sharded (replicated dimensions, as in HSDP,
+    are not counted twice). Every rank must call this with the same parameters, as for any collective.
+    Returns ``None`` for an empty list.
+    """
+    total: torch.Tensor | None = None
+    sharded: dict[tuple[Any, tuple[bool, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
+    for value, like in values:
+        if is_dtensor(like):
+            key = (like.device_mesh, tuple(p.is_shard() for p in like.placements))
+            previous = sharded.get(key)
+            sharded[key] = (like, value if previous is None else previous[1] + value)
+        else:
+            total = value.cpu() if total is None else total + value.cpu()
+    if sharded:
+        from torch.distributed.tensor import Partial, Replicate
+
+        for like, value in sharded.values():
+            placements = [Partial() if p.is_shard() else Replicate() for p in like.placements]
+            reduced = type(like).from_local(value, like.device_mesh, placements, run_check=False).full_tensor()
+            total = reduced.cpu() if total is None else total + reduced.cpu()
+    return total
 
 
 def check_deepspeed_config(config: Any) -> None:

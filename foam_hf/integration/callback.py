@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from ..distributed import local_tensor, sum_over_shards
 from ..errors import FoamConfigError
 from ..folding import block_mean, is_foldable, unfold
 from ..memory import state_memory
@@ -107,8 +108,6 @@ class FoamCallback(TrainerCallback):
         want_residual = self._will_log(args, state)
         if not (want_residual or (self.check_finite and self._first_nonfinite_step is None)):
             return
-        grad_sq = torch.zeros((), dtype=torch.float64)
-        residual_sq = torch.zeros((), dtype=torch.float64)
         folded_grads = []
         for group in foam.param_groups:
             block_size = group["block_size"]
@@ -117,9 +116,11 @@ class FoamCallback(TrainerCallback):
                     folded_grads.append((p.grad, block_size))
         if not folded_grads:
             return
+        # Under FSDP2 the gradients are DTensors: reduce this rank's rows, then sum over the ranks.
         if self.check_finite and self._first_nonfinite_step is None:
-            norms = torch._foreach_norm([g for g, _ in folded_grads])
-            if not torch.isfinite(torch.stack([n.float().cpu() for n in norms])).all():
+            norms = torch._foreach_norm([local_tensor(g) for g, _ in folded_grads])
+            nonfinite = [((~torch.isfinite(n)).double(), g) for n, (g, _) in zip(norms, folded_grads)]
+            if sum_over_shards(nonfinite).item() > 0:
                 self._first_nonfinite_step = state.global_step + 1
                 self._pending["foam/first_nonfinite_step"] = self._first_nonfinite_step
                 logger.warning(
@@ -128,13 +129,14 @@ class FoamCallback(TrainerCallback):
                     self._first_nonfinite_step,
                 )
         if want_residual:
+            sums = []
             for grad, block_size in folded_grads:
-                g = grad.float()
+                g = local_tensor(grad).float()
                 residual = g - unfold(block_mean(g, block_size), g.shape[-1], block_size)
-                grad_sq += g.square().sum().double().cpu()
-                residual_sq += residual.square().sum().double().cpu()
+                sums.append((torch.stack([g.square().sum(), residual.square().sum()]).double(), grad))
+            grad_sq, residual_sq = sum_over_shards(sums).tolist()
             if grad_sq > 0:
-                self._pending["foam/residual_ratio"] = math.sqrt(residual_sq.item() / grad_sq.item())
+                self._pending["foam/residual_ratio"] = math.sqrt(residual_sq / grad_sq)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         if not self._pending or logs is None:
