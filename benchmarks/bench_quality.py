@@ -30,7 +30,66 @@ import torch
 
 from foam_hf.pretrain import OptimizerSpec, RunResult, TrainConfig, train
 
-# (name, kind, options): B in {4, 8, 32}, both second-moment rules, the res_scale=0 ablation, the peers.
+# ----------------------------------------------------------------------------- third-party peers
+# Module-level factories (model, lr) -> optimizer, so that spawned workers can unpickle them. Projection
+# and scaling options follow each project's README for small models; ranks are hidden_size // 4.
+
+
+def _linear_weights(model: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(weights of nn.Linear layers except the output head, every other parameter)."""
+    chosen = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    ids = {id(p) for p in chosen}
+    return chosen, [p for p in model.parameters() if id(p) not in ids]
+
+
+def galore(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    from galore_torch import GaLoreAdamW
+
+    low_rank, rest = _linear_weights(model)
+    rank = model.config.hidden_size // 4
+    groups = [{"params": rest}, {"params": low_rank, "rank": rank, "update_proj_gap": 50, "scale": 0.25}]
+    return GaLoreAdamW([{**g, "proj_type": "std"} if "rank" in g else g for g in groups], lr=lr, weight_decay=0.0)
+
+
+def apollo(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    from apollo_torch import APOLLOAdamW
+
+    low_rank, rest = _linear_weights(model)
+    group = dict(
+        params=low_rank,
+        rank=model.config.hidden_size // 4,
+        proj="random",
+        scale_type="channel",
+        scale=1,
+        update_proj_gap=50,
+        proj_type="std",
+    )
+    return APOLLOAdamW([{"params": rest}, group], lr=lr, weight_decay=0.0)
+
+
+def adam_mini(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    from adam_mini import Adam_mini
+
+    config = model.config
+    optimizer = Adam_mini(
+        named_parameters=model.named_parameters(),
+        lr=lr,
+        weight_decay=0.0,
+        dim=config.hidden_size,
+        n_heads=config.num_attention_heads,
+        n_kv_heads=config.num_key_value_heads,
+    )
+    return optimizer
+
+
+def torchao_adamw8bit(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    from torchao.optim import AdamW8bit
+
+    return AdamW8bit(model.parameters(), lr=lr, weight_decay=0.0)
+
+
+# (name, kind, options): B in {4, 8, 32}, both second-moment rules, the res_scale=0 ablation, bf16 states,
+# and the peers that run on CPU (checked by import below).
 CONFIGS: list[tuple[str, str, dict]] = [
     ("AdamW", "adamw", {}),
     ("Adafactor", "adafactor", {}),
@@ -39,7 +98,32 @@ CONFIGS: list[tuple[str, str, dict]] = [
     ("FOAM B=32", "foam", {"block_size": 32}),
     ("FOAM B=4 sq_mean", "foam", {"block_size": 4, "second_moment": "sq_mean"}),
     ("FOAM B=4 res_scale=0", "foam", {"block_size": 4, "res_scale": 0.0}),
+    ("FOAM B=4 bf16 states", "foam", {"block_size": 4, "state_dtype": "bfloat16"}),
+    ("FOAM B=32 bf16 states", "foam", {"block_size": 32, "state_dtype": "bfloat16"}),
+    ("GaLore r=h/4", "custom", {"factory": galore}),
+    ("APOLLO r=h/4", "custom", {"factory": apollo}),
+    ("Adam-mini", "custom", {"factory": adam_mini}),
+    ("torchao AdamW8bit", "custom", {"factory": torchao_adamw8bit}),
 ]
+_PEER_MODULES = {"GaLore r=h/4": "galore_torch", "APOLLO r=h/4": "apollo_torch", "Adam-mini": "adam_mini"}
+_PEER_MODULES["torchao AdamW8bit"] = "torchao.optim"
+
+
+def available_configs() -> tuple[list[tuple[str, str, dict]], list[str]]:
+    """The configurations whose optimizer imports here, and a line for each one left out."""
+    import importlib
+
+    kept, left_out = [], []
+    for name, kind, opts in CONFIGS:
+        module = _PEER_MODULES.get(name)
+        if module is not None:
+            try:
+                importlib.import_module(module)
+            except Exception as exc:  # noqa: BLE001 - any import failure means "does not run here"
+                left_out.append(f"{name}: not importable ({type(exc).__name__}: {exc})")
+                continue
+        kept.append((name, kind, opts))
+    return kept, left_out
 
 
 def _run(spec: OptimizerSpec, config: TrainConfig) -> RunResult:
@@ -68,7 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-dir", default="bench-quality")
     args = parser.parse_args(argv)
 
-    configs = [c for c in CONFIGS if not args.only or c[0] in args.only]
+    runnable, left_out = available_configs()
+    configs = [c for c in runnable if not args.only or c[0] in args.only]
+    for line in left_out:
+        print(f"left out: {line}", file=sys.stderr)
     base = TrainConfig(
         model_size=args.model_size,
         steps=args.steps,

@@ -32,6 +32,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from foam_hf import FOAM, _fused_cpu
+from foam_hf.pretrain import optimizer_state_bytes as state_bytes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -47,20 +48,6 @@ class Candidate:
     state_bytes: int = 0
     transient_bytes: int = 0
     error: str | None = None
-
-
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    total = 0
-    for state in optimizer.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor):
-                # Tensor subclasses (torchao's quantised states) report their own storage via __tensor_flatten__.
-                if hasattr(value, "__tensor_flatten__") and type(value) is not torch.Tensor:
-                    names, _ = value.__tensor_flatten__()
-                    total += sum(getattr(value, n).numel() * getattr(value, n).element_size() for n in names)
-                else:
-                    total += value.numel() * value.element_size()
-    return total
 
 
 def transient_peak_bytes(step: Callable[[], None]) -> int:

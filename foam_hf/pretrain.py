@@ -196,12 +196,15 @@ class OptimizerSpec:
 
     Attributes:
         name: label in tables and plots.
-        kind: ``"adamw"`` (``torch.optim.AdamW``), ``"foam"`` (:class:`foam_hf.FOAM`) or ``"adafactor"``
-            (``transformers.optimization.Adafactor`` with a fixed lr, as a factored-state peer).
+        kind: ``"adamw"`` (``torch.optim.AdamW``), ``"foam"`` (:class:`foam_hf.FOAM`), ``"adafactor"``
+            (``transformers.optimization.Adafactor`` with a fixed lr, as a factored-state peer) or
+            ``"custom"`` (``factory(model, lr)`` builds it: how benchmarks add third-party peers).
         lr: peak learning rate.
         block_size: FOAM's ``B`` for the folded linear layers.
         second_moment: FOAM's second-moment rule.
         res_scale: FOAM's residual weight ``rho``.
+        state_dtype: FOAM's moment storage dtype (``None`` or ``"bfloat16"``).
+        factory: for ``kind="custom"``, a picklable ``(model, lr) -> optimizer`` (a module-level function).
     """
 
     name: str
@@ -210,12 +213,19 @@ class OptimizerSpec:
     block_size: int = 4
     second_moment: str = "mean_sq"
     res_scale: float = 1.0
+    state_dtype: str | None = None
+    factory: Callable[[torch.nn.Module, float], torch.optim.Optimizer] | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("adamw", "foam", "adafactor"):
+        if self.kind not in ("adamw", "foam", "adafactor", "custom"):
             raise FoamConfigError(
-                f"optimizer kind {self.kind!r} is unknown: it must be 'adamw', 'foam' or 'adafactor'. "
+                f"optimizer kind {self.kind!r} is unknown: it must be 'adamw', 'foam', 'adafactor' or 'custom'. "
                 "Fix: pass one of those."
+            )
+        if (self.kind == "custom") != (self.factory is not None):
+            raise FoamConfigError(
+                f"optimizer {self.name!r}: kind='custom' needs factory=(model, lr) -> optimizer, and only it "
+                f"takes one (got kind={self.kind!r}, factory={self.factory!r})."
             )
 
 
@@ -243,19 +253,27 @@ def build_optimizer(spec: OptimizerSpec, model: torch.nn.Module) -> torch.optim.
             weight_decay=0.0,
             second_moment=spec.second_moment,
             res_scale=spec.res_scale,
+            state_dtype=spec.state_dtype,
         )
+    if spec.kind == "custom":
+        return spec.factory(model, spec.lr)
     from transformers.optimization import Adafactor
 
     return Adafactor(model.parameters(), lr=spec.lr, scale_parameter=False, relative_step=False, warmup_init=False)
 
 
+def _tensor_bytes(value: torch.Tensor) -> int:
+    # Tensor subclasses (e.g. torchao's quantised states) hold their storage in inner tensors.
+    if type(value) not in (torch.Tensor, torch.nn.Parameter) and hasattr(value, "__tensor_flatten__"):
+        names, _ = value.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(value, name)) for name in names)
+    return value.numel() * value.element_size()
+
+
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor held in ``optimizer.state`` (what the optimizer actually allocated)."""
     return sum(
-        v.numel() * v.element_size()
-        for state in optimizer.state.values()
-        for v in state.values()
-        if isinstance(v, torch.Tensor)
+        _tensor_bytes(v) for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)
     )
 
 
