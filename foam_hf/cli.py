@@ -7,7 +7,11 @@ One subcommand = one ``_add_<name>(subparsers)`` function that calls ``subparser
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
+from pathlib import Path
+
+import torch
 
 from .memory_report import add_memory_parser
 
@@ -15,17 +19,59 @@ __all__ = ["build_parser", "main"]
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer: it must be an int >= 1, e.g. 4") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is invalid: it must be an int >= 1")
+        raise argparse.ArgumentTypeError(f"{value} is invalid: it must be an int >= 1, e.g. 4")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} is invalid: it must be a number > 0")
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number: it must be a finite number > 0, e.g. 3e-3"
+        ) from None
+    # inf would pass `> 0`: the AdamW run would train (minutes) before FOAM refused it.
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is invalid: it must be a finite number > 0, e.g. 3e-3")
     return value
+
+
+def _device(text: str) -> str:
+    """A device torch can use here, checked before any training starts (not minutes into the AdamW run)."""
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0 or auto"
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine; use --device cpu or auto")
+    return text
+
+
+def _output_dir(text: str) -> str:
+    """A folder the results can be written to: refused up front if a file sits on the path."""
+    path = Path(text)
+    for ancestor in (path, *path.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise argparse.ArgumentTypeError(
+                    f"{text!r}: {str(ancestor)!r} is a file, so the results folder cannot be created there; "
+                    "pass another --output-dir"
+                )
+            break
+    return text
 
 
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
@@ -45,7 +91,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
         "--block-size", type=_positive_int, default=d.block_size, help=f"FOAM block size B (default: {d.block_size})"
     )
     p.add_argument("--model-size", choices=sorted(MODEL_SIZES), default=d.model_size, help=f"(default: {d.model_size})")
-    p.add_argument("--output-dir", default=d.output_dir, help=f"(default: {d.output_dir}/)")
+    p.add_argument("--output-dir", type=_output_dir, default=d.output_dir, help=f"(default: {d.output_dir}/)")
     p.add_argument(
         "--lr",
         type=_positive_float,
@@ -54,7 +100,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
         f"FOAM {DEFAULT_LRS['foam']:g}: each one's best in the project's sweep)",
     )
     p.add_argument("--seed", type=int, default=d.seed, help=f"weights and batch order (default: {d.seed})")
-    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ... or auto (default: auto)")
+    p.add_argument("--device", type=_device, default=d.device, help="cpu, cuda, cuda:1, ... or auto (default: auto)")
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"(default: {d.batch_size})")
     p.add_argument("--seq-len", type=_positive_int, default=d.seq_len, help=f"(default: {d.seq_len})")
     p.add_argument(
