@@ -110,7 +110,10 @@ class FoamConfig:
             )
         for pattern, size in self.block_sizes.items():
             if not isinstance(pattern, str) or not pattern:
-                raise FoamConfigError(f"FoamConfig: block_sizes pattern {pattern!r} must be a non-empty string.")
+                raise FoamConfigError(
+                    f"FoamConfig: block_sizes pattern {pattern!r} is invalid: a pattern must be a non-empty string "
+                    "(a module-name suffix or a regex). Fix: e.g. block_sizes={'q_proj': 8}."
+                )
             _compile_pattern(pattern)
             if not isinstance(size, int) or isinstance(size, bool) or size < 1:
                 raise FoamConfigError(
@@ -127,10 +130,14 @@ class FoamConfig:
             ):
                 raise TypeError(
                     f"FoamConfig: target_modules={self.target_modules!r} must be a non-empty list of module names, "
-                    "one regex string, or 'all-linear'."
+                    "one regex string, or 'all-linear'. Fix: e.g. target_modules=['q_proj', 'v_proj'], or None for "
+                    "the default (linear layers except the output head and embeddings)."
                 )
         if not isinstance(self.callback, bool):
-            raise TypeError(f"FoamConfig: callback={self.callback!r} must be True or False.")
+            raise TypeError(
+                f"FoamConfig: callback={self.callback!r} must be True or False. Fix: pass callback=True (attach "
+                "FoamCallback) or callback=False."
+            )
 
     # ---------------------------------------------------------------- optim_args round trip
 
@@ -141,6 +148,11 @@ class FoamConfig:
         Raises :class:`~foam_hf.errors.FoamConfigError` on an unknown key (listing the valid ones) or a
         value that does not convert.
         """
+        if optim_args is not None and not isinstance(optim_args, (str, dict)):
+            raise TypeError(
+                f"optim_args={optim_args!r} has type {type(optim_args).__name__}; it must be a 'key=value,...' string. "
+                "Fix: e.g. optim_args='block_size=4,block_sizes=q_proj:8;lm_head:1'."
+            )
         items = _split_optim_args(optim_args) if not isinstance(optim_args, dict) else dict(optim_args)
         unknown = sorted(set(items) - set(OPTIM_ARGS_KEYS))
         if unknown:
@@ -214,18 +226,27 @@ def _split_optim_args(optim_args: str | None) -> dict[str, str]:
     if not optim_args:
         return {}
     items: dict[str, str] = {}
+    previous = None
     for part in optim_args.replace(" ", "").split(","):
         if not part:
             continue
-        if part.count("=") != 1:
+        if "=" not in part and previous in ("block_sizes", "target_modules"):
+            raise FoamConfigError(
+                f"optim_args: {part!r} follows {previous}= but is not of the form key=value: entries of "
+                f"{previous} are separated by ';', not ','. Fix: e.g. block_sizes=q_proj:8;lm_head:1."
+            )
+        if part.count("=") != 1 or part.startswith("="):
             raise FoamConfigError(
                 f"optim_args: {part!r} is not of the form key=value (entries are separated by ','). "
                 "Example: optim_args='block_size=4,block_sizes=q_proj:8;lm_head:1'."
             )
         key, value = part.split("=")
         if key in items:
-            raise FoamConfigError(f"optim_args: key {key!r} is given twice.")
+            raise FoamConfigError(
+                f"optim_args: key {key!r} is given twice ({key}={items[key]} and {key}={value}). Fix: keep one."
+            )
         items[key] = value
+        previous = key
     return items
 
 
@@ -241,7 +262,10 @@ def _parse_block_sizes(text: str) -> dict[str, int]:
                 "Example: block_sizes=q_proj:8;down_proj:16;lm_head:1."
             )
         if pattern in overrides:
-            raise FoamConfigError(f"optim_args: block_sizes pattern {pattern!r} is given twice.")
+            raise FoamConfigError(
+                f"optim_args: block_sizes pattern {pattern!r} is given twice ({pattern}:{overrides[pattern]} and "
+                f"{pair}). Fix: keep one size per pattern."
+            )
         overrides[pattern] = _to_int(f"block_sizes[{pattern}]", size)
     if not overrides:
         raise FoamConfigError("optim_args: block_sizes= is empty. Example: block_sizes=q_proj:8;lm_head:1.")
@@ -274,7 +298,10 @@ def _compile_pattern(pattern: str) -> re.Pattern[str]:
     try:
         return re.compile(pattern)
     except re.error as err:
-        raise FoamConfigError(f"FOAM: the module pattern {pattern!r} is not a valid regex ({err}).") from None
+        raise FoamConfigError(
+            f"FOAM: the module pattern {pattern!r} is not a valid regex ({err}). Fix: write a module-name suffix "
+            "such as q_proj, or a full regex with balanced brackets (escape literal characters with \\)."
+        ) from None
 
 
 def _looks_like_regex(text: str) -> bool:

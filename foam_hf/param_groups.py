@@ -127,7 +127,11 @@ def resolve_block_sizes(
 
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not trainable:
-        raise FoamConfigError("FOAM: the model has no trainable parameter (every requires_grad is False).")
+        raise FoamConfigError(
+            "FOAM: the model has no trainable parameter (every requires_grad is False), so there is nothing to "
+            "optimize. Fix: unfreeze what should train (param.requires_grad_(True)), or attach the PEFT adapter "
+            "before building the Trainer."
+        )
     trainable_ids = {id(p) for _, p in trainable}
 
     # Every module that owns each trainable parameter (tied weights have several owners).
