@@ -1,0 +1,208 @@
+"""Non-finite gradients: FOAM does what torch.optim.AdamW does by default (no skipping, no masking), and
+FoamCallback reports the first optimizer step at which a folded tensor's gradient held a NaN or inf.
+
+What "what AdamW does" means, precisely (docs/guarantees.md):
+
+* unfolded tensors (1-D, or block_size 1): a NaN/inf at entry ``(i, j)`` makes that entry of ``exp_avg`` /
+  ``exp_avg_sq`` and of the weight non-finite, and nothing else, exactly as AdamW (compared below);
+* folded tensors: the entry is averaged into its block, so the poison covers that block: ``exp_avg[i, k]``
+  and ``exp_avg_sq[i, k]`` with ``k = j // B``, and the ``B`` weights of row ``i`` in block ``k`` (``n mod B``
+  for a ragged last block). Every other row and block is bit-identical to a run whose gradient had a finite
+  value there;
+* later finite steps do not heal or spread it (as AdamW: the moments stay non-finite).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from hf_fixtures import lm_dataset, tiny_llama
+from transformers import Trainer, TrainingArguments
+
+from foam_hf import FOAM, FoamCallback, _fused_cpu
+
+FOR_LOOP = dict(foreach=False, fused=False)
+FOREACH = dict(foreach=True, fused=False)
+PATHS = [FOR_LOOP, FOREACH] + ([dict(fused=True)] if _fused_cpu.load_kernel() is not None else [])
+PATH_IDS = ["for-loop", "foreach", "fused"][: len(PATHS)]
+BAD_VALUES = [math.nan, math.inf, -math.inf]
+HPARAMS = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+
+
+def grads(shape, steps, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen) for _ in range(steps)]
+
+
+def run(opt, param, sequence):
+    for g in sequence:
+        param.grad = g.clone()
+        opt.step()
+
+
+@pytest.mark.parametrize("bad", BAD_VALUES, ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("foreach", [False, True])
+def test_unfolded_path_propagates_non_finite_values_as_adamw(bad, foreach):
+    # block_size=1 is AdamW's maths; a bad entry at step 2 of 5 must poison exactly what AdamW's poisons.
+    start = torch.randn(6, 16)
+    ours, theirs = start.clone().requires_grad_(), start.clone().requires_grad_()
+    foam = FOAM([ours], block_size=1, foreach=foreach, fused=False, **HPARAMS)
+    adamw = torch.optim.AdamW([theirs], foreach=foreach, **HPARAMS)
+    sequence = grads((6, 16), steps=5)
+    sequence[1][2, 5] = bad
+    run(foam, ours, sequence)
+    run(adamw, theirs, sequence)
+    assert not torch.isfinite(theirs[2, 5])  # the premise: AdamW does propagate it
+    for a, b in ((ours, theirs), *((foam.state[ours][k], adamw.state[theirs][k]) for k in ("exp_avg", "exp_avg_sq"))):
+        assert torch.equal(torch.isfinite(a), torch.isfinite(b))
+        assert torch.equal(torch.isnan(a), torch.isnan(b))
+        # Finite entries agree within fp32 ulps (tests/test_optim.py::test_block_size_one_is_adamw).
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, equal_nan=True)
+
+
+# (shape, block size, bad entry, the weight entries the bad value may reach)
+FOLDED_CASES = [
+    ((6, 16), 4, (2, 5), [(2, c) for c in range(4, 8)]),
+    ((5, 10), 4, (3, 9), [(3, 8), (3, 9)]),  # the ragged last block holds n mod B = 2 entries
+    ((2, 3, 8), 8, (1, 2, 0), [(1, 2, c) for c in range(8)]),  # one block per row; rows are leading dims
+]
+
+
+@pytest.mark.parametrize("second_moment", ["mean_sq", "sq_mean"])
+@pytest.mark.parametrize("bad", BAD_VALUES, ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("shape, block_size, entry, poisoned", FOLDED_CASES, ids=["B=4", "ragged", "3-D B=n"])
+def test_folded_path_poisons_exactly_the_block(shape, block_size, entry, poisoned, path, bad, second_moment):
+    start = torch.randn(shape)
+    hurt, clean = start.clone().requires_grad_(), start.clone().requires_grad_()
+    kwargs = dict(block_size=block_size, second_moment=second_moment, res_scale=0.7, **HPARAMS, **path)
+    opt_hurt, opt_clean = FOAM([hurt], **kwargs), FOAM([clean], **kwargs)
+    sequence = grads(shape, steps=4)
+    clean_sequence = [g.clone() for g in sequence]
+    sequence[1][entry] = bad
+    clean_sequence[1][entry] = 0.0  # the same run with a finite value at the bad entry
+    run(opt_hurt, hurt, sequence)
+    run(opt_clean, clean, clean_sequence)
+
+    expected = torch.zeros(shape, dtype=torch.bool)
+    for index in poisoned:
+        expected[index] = True
+    assert torch.equal(~torch.isfinite(hurt.detach()), expected)  # the whole block, not one entry, and no more
+    assert torch.equal(hurt.detach()[~expected], clean.detach()[~expected])  # everything else untouched, bitwise
+    folded_entry = (*entry[:-1], entry[-1] // block_size)
+    for key in ("exp_avg", "exp_avg_sq"):
+        state_hurt, state_clean = opt_hurt.state[hurt][key], opt_clean.state[clean][key]
+        bad_state = ~torch.isfinite(state_hurt)
+        assert bad_state.nonzero().tolist() == [list(folded_entry)]
+        assert torch.equal(state_hurt[~bad_state], state_clean[~bad_state])
+
+
+def test_folded_group_keeps_one_dimensional_tensors_as_adamw():
+    bias = torch.randn(7, requires_grad=True)
+    bias_adamw = bias.detach().clone().requires_grad_()
+    foam = FOAM([bias], block_size=4, foreach=False, fused=False, **HPARAMS)
+    adamw = torch.optim.AdamW([bias_adamw], foreach=False, **HPARAMS)
+    sequence = grads((7,), steps=3)
+    sequence[0][3] = math.nan
+    run(foam, bias, sequence)
+    run(adamw, bias_adamw, sequence)
+    assert (~torch.isfinite(bias.detach())).nonzero().tolist() == [[3]]
+    torch.testing.assert_close(bias, bias_adamw, atol=1e-6, rtol=0, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------- FoamCallback in a real Trainer
+
+BAD_STEP = 3  # 1-based optimizer step whose backward gets the NaN; 5 steps leave finite steps on both sides
+
+
+def train_with_nan_at(tmp_path, step, *, parameter, **overrides):
+    """Train a tiny Llama 5 steps; during the backward of optimizer step ``step`` the gradient of
+    ``parameter`` (a dotted name) gets a NaN at [0, 0] through a tensor hook. ``step=None``: no NaN."""
+    model = tiny_llama()
+    target = dict(model.named_parameters())[parameter]
+    calls = []
+
+    def poison(grad):
+        calls.append(1)
+        if len(calls) == step:  # one backward per optimizer step (no gradient accumulation)
+            grad = grad.clone()
+            grad[0, 0] = math.nan
+        return grad
+
+    target.register_hook(poison)
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"),
+        optim="foam",
+        max_steps=5,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    kwargs.update(overrides)
+    trainer = Trainer(model=model, args=TrainingArguments(**kwargs), train_dataset=lm_dataset())
+    trainer.train()
+    assert len(calls) == 5
+    return trainer
+
+
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0], ids=["clipping (NaN spreads to all grads)", "no clipping"])
+def test_callback_reports_the_first_non_finite_step(tmp_path, caplog, max_grad_norm):
+    with caplog.at_level(logging.WARNING, logger="foam_hf.integration.callback"):
+        trainer = train_with_nan_at(
+            tmp_path, BAD_STEP, parameter="model.layers.1.self_attn.q_proj.weight", max_grad_norm=max_grad_norm
+        )
+    reports = [
+        (e["step"], e["foam/first_nonfinite_step"])
+        for e in trainer.state.log_history
+        if "foam/first_nonfinite_step" in e
+    ]
+    assert reports == [(BAD_STEP, BAD_STEP)]  # logged once, in the log entry of that very step
+    warnings = [r.getMessage() for r in caplog.records if "non-finite gradients" in r.getMessage()]
+    assert len(warnings) == 1 and f"optimizer step {BAD_STEP}" in warnings[0]
+    # Independent evidence, from the Trainer's own gradient norm: finite before step BAD_STEP, NaN at it.
+    norms = [float(e["grad_norm"]) for e in trainer.state.log_history if "grad_norm" in e]
+    assert all(math.isfinite(v) for v in norms[: BAD_STEP - 1]) and math.isnan(norms[BAD_STEP - 1])
+    assert not torch.isfinite(trainer.model.model.layers[1].self_attn.q_proj.weight).all()
+
+
+def test_callback_reports_nothing_on_a_finite_run(tmp_path):
+    trainer = train_with_nan_at(tmp_path, None, parameter="model.layers.1.self_attn.q_proj.weight")
+    assert not any("foam/first_nonfinite_step" in e for e in trainer.state.log_history)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_under_trainer_a_nan_anywhere_reaches_every_gradient(tmp_path):
+    # transformers' Trainer computes the gradient norm through clip_grad_norm_ even with max_grad_norm=0
+    # (max_norm=inf): the scale inf/NaN is NaN and multiplies every gradient. So a NaN in an *unfolded*
+    # tensor (the output head) also reaches the folded ones, and the callback reports that same step.
+    trainer = train_with_nan_at(tmp_path, BAD_STEP, parameter="lm_head.weight", max_grad_norm=0.0)
+    reports = [e["foam/first_nonfinite_step"] for e in trainer.state.log_history if "foam/first_nonfinite_step" in e]
+    assert reports == [BAD_STEP]
+    assert all(not torch.isfinite(p).any() for p in trainer.model.parameters() if p.requires_grad)
+
+
+def test_callback_checks_the_folded_gradients_only():
+    # Outside the Trainer (no norm computation spreading it), the callback's documented scope: folded
+    # tensors, where a NaN poisons a whole block. A NaN in an unfolded tensor is AdamW's behaviour: not reported.
+    from transformers import TrainerControl, TrainerState
+
+    folded, unfolded = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    opt = FOAM([{"params": [folded]}, {"params": [unfolded], "block_size": 1}], block_size=4)
+    args = TrainingArguments(output_dir="unused", report_to=[], logging_steps=1000, use_cpu=True)
+    callback, state = FoamCallback(), TrainerState(max_steps=10)
+    for step, (bad_folded, bad_unfolded) in enumerate([(False, True), (False, False), (True, False), (True, True)]):
+        state.global_step = step
+        folded.grad, unfolded.grad = torch.randn(4, 8), torch.randn(4, 8)
+        folded.grad[1, 2] = math.nan if bad_folded else 0.0
+        unfolded.grad[0, 0] = math.inf if bad_unfolded else 0.0
+        callback.on_pre_optimizer_step(args, state, TrainerControl(), optimizer=opt)
+    logs = {}
+    callback.on_log(args, state, TrainerControl(), logs=logs)
+    assert logs == {"foam/first_nonfinite_step": 3}  # the 1-based step of the first folded NaN, reported once
