@@ -1,0 +1,326 @@
+"""Checkpoints: what is saved loads safely and continues bit-identically; what cannot continue exactly is
+refused with FoamStateError and leaves the optimizer as it was; a damaged file never loads.
+
+Independent expectations: an uninterrupted run (bitwise, on CPU), and the target optimizer's own state
+before the refused load.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from hf_fixtures import lm_dataset, tiny_llama
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from foam_hf import FOAM, FoamStateError, _fused_cpu
+
+HPARAMS = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
+
+
+def params_of(shapes, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes]
+
+
+def step(opt, params, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+    opt.step()
+
+
+def all_params(opt):
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+def clone_into(opt_builder, params):
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    return opt_builder(twins), twins
+
+
+def assert_same_state(a: FOAM, b: FOAM) -> None:
+    for p, q in zip(all_params(a), all_params(b)):
+        assert torch.equal(p, q)
+        assert a.state[p].keys() == b.state[q].keys()
+        for key in a.state[p]:
+            assert a.state[p][key].dtype == b.state[q][key].dtype
+            assert torch.equal(a.state[p][key], b.state[q][key]), key
+
+
+# ---------------------------------------------------------------------------- save, load weights_only, continue
+
+SHAPES = [(6, 8), (5, 9), (7,), (2, 3, 10)]
+
+# (id, dtype of the parameters, optimizer builder over a parameter list). Every layout a run can have.
+LAYOUTS = [
+    ("one folded group", torch.float32, lambda ps: FOAM(ps, block_size=4, **HPARAMS)),
+    (
+        "groups with their own options",
+        torch.float32,
+        lambda ps: FOAM(
+            [
+                {"params": ps[:2], "block_size": 8, "second_moment": "sq_mean"},
+                {"params": ps[2:3], "block_size": 1, "weight_decay": 0.0},
+                {"params": ps[3:], "res_scale": 0.0, "scale": 0.5},
+            ],
+            block_size=3,
+            **HPARAMS,
+        ),
+    ),
+    ("bf16 params (fp32 states)", torch.bfloat16, lambda ps: FOAM(ps, block_size=4, **HPARAMS)),
+    ("bf16 states", torch.float32, lambda ps: FOAM(ps, block_size=4, state_dtype="bfloat16", **HPARAMS)),
+    ("foreach path", torch.float32, lambda ps: FOAM(ps, block_size=3, foreach=True, **HPARAMS)),
+]
+if _fused_cpu.load_kernel() is not None:
+    LAYOUTS.append(("fused path", torch.float32, lambda ps: FOAM(ps, block_size=3, fused=True, **HPARAMS)))
+
+
+@pytest.mark.parametrize("dtype, build", [r[1:] for r in LAYOUTS], ids=[r[0] for r in LAYOUTS])
+def test_saved_state_loads_with_weights_only_and_continues_bitwise(tmp_path, dtype, build):
+    params = params_of(SHAPES, dtype=dtype)
+    straight = build(params)
+    for seed in range(3):
+        step(straight, params, seed)
+    torch.save(straight.state_dict(), tmp_path / "optimizer.pt")
+    saved = torch.load(tmp_path / "optimizer.pt", weights_only=True)  # Trainer's safe loading
+
+    resumed, twins = clone_into(build, params)
+    resumed.load_state_dict(saved)
+    assert resumed.state_dict()["param_groups"] == straight.state_dict()["param_groups"]
+    assert_same_state(straight, resumed)
+    for seed in range(3, 6):
+        step(straight, params, seed)
+        step(resumed, twins, seed)
+    assert_same_state(straight, resumed)
+
+
+# ---------------------------------------------------------------------------- damaged files
+
+# Where the file is cut: nothing left, inside the zip header, inside the data, just before the end.
+CUTS = [("empty file", 0), ("1 byte", 1), ("64 bytes", 64), ("half", 0.5), ("all but 1 byte", -1)]
+
+
+@pytest.mark.parametrize("cut", [c for _, c in CUTS], ids=[i for i, _ in CUTS])
+def test_truncated_state_file_never_loads(tmp_path, cut):
+    params = params_of(SHAPES)
+    opt = FOAM(params, block_size=4, **HPARAMS)
+    step(opt, params, 0)
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    data = (tmp_path / "optimizer.pt").read_bytes()
+    keep = int(len(data) * cut) if isinstance(cut, float) else (cut if cut >= 0 else len(data) + cut)
+    (tmp_path / "cut.pt").write_bytes(data[:keep])
+    # torch.load raises before FOAM sees anything; which error depends on where the cut falls (see
+    # docs/guarantees.md: not every one of torch's messages says "truncated").
+    with pytest.raises((RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError)):
+        torch.load(tmp_path / "cut.pt", weights_only=True)
+
+
+def _foam_state(shapes=((6, 8), (7,)), **kwargs):
+    params = params_of(shapes)
+    opt = FOAM(params, **{**HPARAMS, "block_size": 4, **kwargs})
+    step(opt, params, 0)
+    return opt.state_dict()
+
+
+def _adamw_state(shapes=((6, 8), (7,))):
+    params = params_of(shapes)
+    opt = torch.optim.AdamW(params, **HPARAMS)
+    step(opt, params, 0)
+    return opt.state_dict()
+
+
+def _without(key):
+    state = copy.deepcopy(_foam_state())
+    del state["state"][0][key]
+    return state
+
+
+# (id, the saved state, shapes and options of the optimizer that loads it, fragments of the error).
+MISMATCHES = [
+    (
+        "other block_size",
+        lambda: _foam_state(block_size=4),
+        ((6, 8), (7,)),
+        dict(block_size=8),
+        ["param group 0 was saved with block_size=4", "has block_size=8", "Fix: build FOAM with block_size=4"],
+    ),
+    (
+        "other second_moment",
+        lambda: _foam_state(second_moment="sq_mean"),
+        ((6, 8), (7,)),
+        dict(second_moment="mean_sq"),
+        ["second_moment='sq_mean'", "second_moment='mean_sq'", "cannot be continued exactly", "Fix:"],
+    ),
+    (
+        "other rows",
+        lambda: _foam_state(),
+        ((5, 8), (7,)),
+        {},
+        ["parameter of shape (5, 8)", "has shape (6, 2)", "keeps shape (5, 2)", "Fix:"],
+    ),
+    (
+        "other row length",
+        lambda: _foam_state(),
+        ((6, 12), (7,)),
+        {},
+        ["parameter of shape (6, 12)", "has shape (6, 2)", "keeps shape (6, 3)"],
+    ),
+    ("other 1-D length", lambda: _foam_state(), ((6, 8), (9,)), {}, ["shape (9,)", "has shape (7,)"]),
+    (
+        "torch AdamW state, block_size > 1",
+        _adamw_state,
+        ((6, 8), (7,)),
+        {},
+        ["not written by FOAM", "AdamW checkpoint", "Fix: load it into the optimizer that wrote it"],
+    ),
+    ("torch AdamW state, block_size 1", _adamw_state, ((6, 8), (7,)), dict(block_size=1), ["not written by FOAM"]),
+    (
+        "fewer parameters",
+        lambda: _foam_state(((6, 8), (7,), (3, 4))),
+        ((6, 8), (7,)),
+        {},
+        ["holds 2 parameters but the saved group holds 3", "Fix:"],
+    ),
+    ("a moment missing", lambda: _without("exp_avg_sq"), ((6, 8), (7,)), {}, ["no tensor 'exp_avg_sq'", "not a FOAM"]),
+    (
+        "a model's state_dict",
+        lambda: torch.nn.Linear(8, 6).state_dict(),
+        ((6, 8), (7,)),
+        {},
+        ["expected a dict with 'state' and 'param_groups'", "got keys ['bias', 'weight']"],
+    ),
+    ("a list", lambda: [1, 2], ((6, 8), (7,)), {}, ["expected the dict optimizer.state_dict() returns, got list"]),
+]
+
+
+@pytest.mark.parametrize(
+    "saved, shapes, kwargs, fragments", [r[1:] for r in MISMATCHES], ids=[r[0] for r in MISMATCHES]
+)
+def test_mismatched_state_is_refused_and_loses_nothing(saved, shapes, kwargs, fragments):
+    params = params_of(shapes, seed=1)
+    build = lambda ps: FOAM(ps, **{**HPARAMS, "block_size": 4, **kwargs})  # noqa: E731
+    target = build(params)
+    step(target, params, 7)  # the target already holds state of its own
+    untouched, twins = clone_into(build, params)
+    untouched.load_state_dict(copy.deepcopy(target.state_dict()))
+
+    with pytest.raises(FoamStateError) as info:
+        target.load_state_dict(saved())
+    missing = [f for f in fragments if f not in str(info.value)]
+    assert not missing, f"message lacks {missing}:\n{info.value}"
+    # Refused means refused: groups, states and later steps are those of an optimizer never asked to load.
+    assert target.state_dict()["param_groups"] == untouched.state_dict()["param_groups"]
+    step(target, params, 8)
+    step(untouched, twins, 8)
+    assert_same_state(target, untouched)
+
+
+def test_group_count_mismatch_is_refused():
+    params = params_of(((6, 8), (7,)))
+    opt = FOAM([{"params": params[:1]}, {"params": params[1:], "block_size": 1}], **HPARAMS)
+    step(opt, params, 0)
+    with pytest.raises(FoamStateError, match=r"saved state has 2 param groups, this optimizer has 1.*Fix"):
+        FOAM(params_of(((6, 8), (7,))), **HPARAMS).load_state_dict(opt.state_dict())
+
+
+# ---------------------------------------------------------------------------- Trainer: LoRA resume, damaged file
+
+
+class StopAt(TrainerCallback):
+    """Interrupts training after ``step`` optimizer steps, as a preempted job would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+STEPS = 6  # 2N with N = 3: the checkpoint is written at step 3
+
+
+def lora_model():
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    return get_peft_model(tiny_llama(seed=0), config)
+
+
+def train(tmp_path, name, model_fn, *, resume=None, stop_at=None, **overrides):
+    kwargs = dict(
+        output_dir=str(tmp_path / name / "out"),
+        optim="foam",
+        optim_args="block_size=4,block_sizes=lora_B:2",
+        max_steps=STEPS,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        weight_decay=0.1,
+        lr_scheduler_type="cosine",
+        warmup_steps=1,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=STEPS // 2,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    kwargs.update(overrides)
+    callbacks = [StopAt(stop_at)] if stop_at else []
+    trainer = Trainer(
+        model=model_fn(), args=TrainingArguments(**kwargs), train_dataset=lm_dataset(24), callbacks=callbacks
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def test_lora_resume_after_n_of_2n_steps_is_bitwise_exact(tmp_path):
+    straight = train(tmp_path, "straight", lora_model)
+    interrupted = train(tmp_path, "interrupted", lora_model, stop_at=STEPS // 2)
+    assert interrupted.state.global_step == STEPS // 2
+    checkpoint = tmp_path / "interrupted" / "out" / f"checkpoint-{STEPS // 2}"
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    # The adapters fold (B=4 for lora_A, B=2 for lora_B by override); only adapters have state.
+    assert sorted(g["block_size"] for g in saved["param_groups"]) == [2, 4]
+    resumed = train(tmp_path, "interrupted", lora_model, resume=str(checkpoint))
+    assert resumed.state.global_step == STEPS
+
+    trained = [(n, p) for n, p in straight.model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n, _ in trained)
+    for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), name
+    opt_a, opt_b = straight.optimizer.optimizer, resumed.optimizer.optimizer
+    assert_same_state(opt_a, opt_b)
+    lora_b = dict(straight.model.named_parameters())[
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"
+    ]
+    assert opt_a.state[lora_b]["exp_avg"].shape == (32, 2)  # (out, r=4) folded with B=2
+    # A different run from the same start would differ: the equality above is not vacuous.
+    assert not all(torch.equal(a, b) for (_, a), (_, b) in zip(trained, lora_model().named_parameters()))
+
+
+def test_resume_from_a_truncated_optimizer_file_fails_before_training(tmp_path):
+    train(tmp_path, "run", tiny_llama, max_steps=2, save_steps=2, optim_args=None)
+    checkpoint = tmp_path / "run" / "out" / "checkpoint-2"
+    data = (checkpoint / "optimizer.pt").read_bytes()
+    (checkpoint / "optimizer.pt").write_bytes(data[: len(data) // 2])
+    stepped = []
+
+    class Count(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stepped.append(state.global_step)
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "again"), optim="foam", max_steps=4, report_to=[], use_cpu=True, disable_tqdm=True
+    )
+    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=lm_dataset(24), callbacks=[Count()])
+    with pytest.raises((RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError)) as info:
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert any("optimizer" in frame.name or "load" in frame.name for frame in info.traceback)  # raised loading it
+    assert stepped == []
