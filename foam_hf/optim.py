@@ -9,6 +9,8 @@ nothing from transformers, TRL or PEFT.
 from __future__ import annotations
 
 import math
+import os
+import zipfile
 from collections.abc import Callable
 from numbers import Integral, Real
 from typing import Any, Literal
@@ -21,7 +23,7 @@ from .distributed import check_sharding, local_tensor, zeros_state_like
 from .errors import FoamConfigError, FoamStateError
 from .folding import block_mean, folded_shape, is_foldable, unfold
 
-__all__ = ["FOAM", "SECOND_MOMENT_MODES", "STATE_DTYPES", "foam", "state_dtype_for"]
+__all__ = ["FOAM", "SECOND_MOMENT_MODES", "STATE_DTYPES", "foam", "load_state_file", "state_dtype_for"]
 
 SecondMoment = Literal["mean_sq", "sq_mean"]
 
@@ -283,6 +285,9 @@ class FOAM(Optimizer):
             is also ``None``, every parameter is a contiguous CPU float32/bfloat16/float16 tensor and the
             kernel can be built (else the other paths, with one logged warning); ``True`` raises if it
             cannot be used (default: None).
+        state_dtype: storage dtype of the moments: ``None`` (fp32 for half-precision parameters, else the
+            parameter's dtype), ``"float32"`` or ``"bfloat16"`` (half the bytes; computed in fp32 and stored
+            with stochastic rounding, see :func:`_store_moment`) (default: None).
 
     Example::
 
@@ -335,6 +340,24 @@ class FOAM(Optimizer):
         """Add a group after validating its options and parameters (see :class:`torch.optim.Optimizer`)."""
         if not isinstance(param_group, dict):
             raise TypeError(f"FOAM: a param group must be a dict, got {type(param_group).__name__}.")
+        index = len(self.param_groups)
+        if "params" not in param_group:
+            raise TypeError(
+                f"FOAM: param group {index} has no 'params' key (keys: {sorted(param_group)}). "
+                "Fix: pass {'params': [tensors], ...}."
+            )
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params) if not isinstance(params, set) else []
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                continue  # torch's own check names the type
+            for other, group in enumerate(self.param_groups):
+                if any(p is q for q in group["params"]):
+                    raise FoamConfigError(
+                        f"FOAM: a parameter of shape {tuple(p.shape)} in param group {index} is already in param "
+                        f"group {other}; some parameters appear in more than one parameter group. Fix: put each "
+                        "tensor in exactly one group (build the groups from disjoint lists, e.g. by module name)."
+                    )
         unknown = set(param_group) - set(_GROUP_DEFAULTS) - {"params", "param_names"}
         # Foreign keys (e.g. "initial_lr" from schedulers) are legal in torch; only our own typos matter.
         typos = {k for k in unknown if k in ("level", "alpha", "rho", "beta1", "beta2", "blocksize")}
@@ -466,6 +489,14 @@ class FOAM(Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state, plus each group's ``param_shapes`` (plain lists): with them a load can
+        tell a ``(6, 8)`` from a ``(6, 7)`` parameter even though both fold to ``(6, 2)`` at ``B = 4``."""
+        state = super().state_dict()
+        for saved, group in zip(state["param_groups"], self.param_groups):
+            saved["param_shapes"] = [list(p.shape) for p in group["params"]]
+        return state
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state written by :meth:`state_dict`, refusing anything that would not continue exactly.
 
@@ -515,6 +546,15 @@ class FOAM(Optimizer):
                     f"the saved group holds {len(saved['params'])}. Fix: build the optimizer over the same "
                     "parameters, in the same order, as the run that saved it."
                 )
+            shapes = saved.get("param_shapes")
+            if shapes is not None:
+                for position, (shape, p) in enumerate(zip(shapes, group["params"])):
+                    if tuple(shape) != tuple(p.shape):
+                        raise FoamStateError(
+                            f"FOAM.load_state_dict: parameter {position} of param group {index} was saved with "
+                            f"shape {tuple(shape)} but has shape {tuple(p.shape)} here. Fix: build the model and "
+                            "the optimizer as in the run that saved the checkpoint."
+                        )
             for pid, p in zip(saved["params"], group["params"]):
                 id_to_param[pid] = (p, group, index)
         for pid, pstate in saved_state.items():
@@ -522,6 +562,13 @@ class FOAM(Optimizer):
                 raise FoamStateError(f"FOAM.load_state_dict: saved state for parameter id {pid} has no parameter.")
             p, group, index = id_to_param[pid]
             expected = folded_shape(p.shape, group["block_size"]) if is_foldable(p, group["block_size"]) else p.shape
+            step = pstate.get("step")
+            if not (isinstance(step, torch.Tensor) and step.numel() == 1) and not _is_real_number(step):
+                raise FoamStateError(
+                    f"FOAM.load_state_dict: saved state of a parameter of shape {tuple(p.shape)} in group {index} "
+                    f"has no 'step' counter (keys: {sorted(pstate)}); not a FOAM state. Fix: load a state written "
+                    "by FOAM.state_dict()."
+                )
             for key in ("exp_avg", "exp_avg_sq"):
                 value = pstate.get(key)
                 if not isinstance(value, torch.Tensor):
@@ -544,6 +591,13 @@ class FOAM(Optimizer):
             dtype = state_dtype_for(p, self.param_groups[index]["state_dtype"])
             for key in ("exp_avg", "exp_avg_sq"):
                 self.state[p][key] = pstate[key].to(device=p.device, dtype=dtype, copy=True)
+            step = self.state[p]["step"]
+            if not isinstance(step, torch.Tensor):  # a plain number, as torch.optim.Adam accepts it
+                self.state[p]["step"] = torch.tensor(float(step), dtype=torch.float32)
+            else:
+                self.state[p]["step"] = step.detach().to(device="cpu", dtype=torch.float32).reshape(())
+        for group in self.param_groups:
+            group.pop("param_shapes", None)  # written afresh by state_dict()
 
     # ------------------------------------------------------------------ memory
 
@@ -552,6 +606,26 @@ class FOAM(Optimizer):
         from .memory import state_memory
 
         return state_memory(self)
+
+
+def load_state_file(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` of an optimizer state file, with a clear error for a truncated
+    or corrupt file (torch's own is an empty ``EOFError``, ``OSError: Invalid argument`` or an
+    ``UnpicklingError`` that wrongly advises ``weights_only=False``, depending on where the file was cut)."""
+    size = os.path.getsize(path)
+    complete = zipfile.is_zipfile(path)
+    if complete:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                complete = archive.testzip() is None
+        except (zipfile.BadZipFile, OSError, EOFError):
+            complete = False
+    if not complete:
+        raise FoamStateError(
+            f"{os.fspath(path)} ({size} bytes) is not a complete torch checkpoint: it is truncated or corrupt. "
+            "Fix: resume from an earlier checkpoint, or re-save it."
+        )
+    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 # ---------------------------------------------------------------------------- functional API

@@ -1,0 +1,92 @@
+"""Edge cases of FOAM's state and param groups that torch alone would let through or explain poorly: a row length
+that folds to the same shape, a state without its step, a plain-number step, a tensor in two groups, a group without
+params, a truncated state file."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from foam_hf import FOAM, FoamStateError
+
+
+def stepped(shape=(6, 8), **kwargs):
+    p = torch.randn(shape, requires_grad=True)
+    opt = FOAM([p], **kwargs)
+    p.grad = torch.randn(shape)
+    opt.step()
+    return opt
+
+
+def test_state_of_another_row_length_with_the_same_folded_shape_is_refused():
+    """(6, 8) and (6, 7) both fold to (6, 2) at B=4: today the moments load silently onto a parameter of another
+    shape. Fix: FOAM.state_dict() records each parameter's shape in its group (``"param_shapes": [[6, 8]]``, plain
+    lists, weights_only-safe); load_state_dict compares it (when present) with the current parameters and raises
+    FoamStateError naming the index, both shapes and the fix, before anything is loaded."""
+    saved = stepped((6, 8)).state_dict()
+    with pytest.raises(FoamStateError, match=r"\(6, 8\).*\(6, 7\)"):
+        FOAM([torch.randn(6, 7, requires_grad=True)]).load_state_dict(saved)
+
+
+def test_state_without_step_is_refused_at_load():
+    """A saved parameter state without 'step' loads, then step() dies with KeyError: 'step'. Fix: in
+    load_state_dict's per-parameter loop, require ``pstate.get("step")`` to be present (tensor or number) and raise
+    FoamStateError("... has no 'step' ...; not a FOAM state") otherwise."""
+    saved = copy.deepcopy(stepped().state_dict())
+    del saved["state"][0]["step"]
+    with pytest.raises(FoamStateError, match="'step'"):
+        FOAM([torch.randn(6, 8, requires_grad=True)]).load_state_dict(saved)
+
+
+def test_integer_step_is_accepted_as_torch_adam_accepts_it():
+    """A state whose 'step' is a Python number (older torch checkpoints, hand-made states) loads, then the fused
+    path fails with an unreadable pybind TypeError and the for-loop path with AttributeError. torch.optim.Adam
+    converts it in __setstate__. Fix: in FOAM.__setstate__ (or after super().load_state_dict), replace a non-tensor
+    ``state["step"]`` with ``torch.tensor(float(step), dtype=torch.float32)``."""
+    opt = stepped()
+    saved = copy.deepcopy(opt.state_dict())
+    saved["state"][0]["step"] = 1
+    p = torch.randn(6, 8, requires_grad=True)
+    resumed = FOAM([p])
+    resumed.load_state_dict(saved)
+    p.grad = torch.randn(6, 8)
+    resumed.step()
+    assert resumed.state[p]["step"].item() == 2.0
+
+
+def test_same_parameter_in_two_groups_names_the_parameter_and_the_fix():
+    """torch's 'some parameters appear in more than one parameter group' names neither the tensor nor the fix.
+    Fix: in FOAM.add_param_group, before super().add_param_group, look for ``id(p)`` in the existing groups and
+    raise FoamConfigError(ValueError) keeping torch's words: "FOAM: a parameter of shape (2, 4) in param group 1
+    is already in param group 0; some parameters appear in more than one parameter group. Fix: put each tensor in
+    exactly one group (build the groups from disjoint lists, e.g. by module name)"."""
+    p = torch.randn(2, 4, requires_grad=True)
+    with pytest.raises(ValueError, match=r"shape \(2, 4\).*param group 1.*param group 0.*Fix:"):
+        FOAM([{"params": [p]}, {"params": [p], "lr": 0.1}])
+
+
+def test_param_group_without_params_key_says_so():
+    """``FOAM([{"lr": 0.1}])`` raises a bare KeyError: 'params'. Fix: at the top of FOAM.add_param_group, if
+    "params" is missing raise TypeError("FOAM: param group {index} has no 'params' key (keys: [...]). Fix: pass
+    {'params': [tensors], ...}")."""
+    with pytest.raises(TypeError, match=r"no 'params'.*Fix:"):
+        FOAM([{"lr": 0.1}])
+
+
+def test_truncated_state_file_gives_a_clear_error(tmp_path):
+    """torch.load of a cut file raises EOFError with no message (0 bytes), an UnpicklingError advising
+    weights_only=False (1 byte: wrong and unsafe advice), or OSError [Errno 22] Invalid argument (cut mid-data).
+    Fix: add ``foam_hf.optim.load_state_file(path, map_location="cpu")``: check ``zipfile.is_zipfile(path)`` and
+    that the archive's central directory reads, else raise FoamStateError("{path} ({size} bytes) is not a complete
+    torch checkpoint: it is truncated or corrupt. Fix: resume from an earlier checkpoint, or re-save it"); then
+    ``torch.load(path, map_location=..., weights_only=True)``. The Trainer seam could call it for optimizer.pt."""
+    from foam_hf.optim import load_state_file
+
+    opt = stepped()
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    data = (tmp_path / "optimizer.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(FoamStateError, match="truncated or corrupt"):
+        load_state_file(tmp_path / "cut.pt")
