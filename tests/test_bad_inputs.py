@@ -672,3 +672,24 @@ def test_trainer_leaves_frozen_parameters_out_of_the_optimizer(tmp_path):
     for name, p in model.named_parameters():
         if name in frozen:
             assert torch.equal(p, frozen[name]) and p not in trainer.optimizer.optimizer.state
+
+
+@pytest.mark.parametrize(
+    "field, value, fragments",
+    [
+        ("learning_rate", float("nan"), ["learning_rate=nan", "finite and >= 0", "Fix: pass e.g. learning_rate="]),
+        ("adam_beta1", -0.1, ["adam_beta1=-0.1", "in [0, 1)"]),
+        ("adam_beta2", 1.0, ["adam_beta2=1.0", "in [0, 1)", "Fix: pass e.g. adam_beta2=0.999"]),
+        ("adam_epsilon", float("inf"), ["adam_epsilon=inf", "finite"]),
+        ("weight_decay", -0.01, ["weight_decay=-0.01", ">= 0"]),
+        ("optim_target_modules", [], ["optim_target_modules=[] would fold nothing", "Fix:"]),
+        ("optim_target_modules", "(q", ["optim_target_modules='(q' is not a valid regex", "Fix:"]),
+    ],
+)
+def test_training_arguments_fields_fail_when_built_under_their_own_names(tmp_path, field, value, fragments):
+    from transformers import TrainingArguments
+
+    with pytest.raises(FoamConfigError) as info:
+        TrainingArguments(output_dir=str(tmp_path), optim="foam", use_cpu=True, report_to=[], **{field: value})
+    missing = [f for f in fragments if f not in str(info.value)]
+    assert not missing, f"message lacks {missing}:\n{info.value}"

@@ -42,6 +42,7 @@ def validate_training_arguments(args: Any) -> None:
         return
     foam_config_from_args(args)
     check_deepspeed_config(getattr(args, "deepspeed", None))
+    _check_hyperparameter_fields(args)
     if _is_layerwise(args.optim):
         if args.max_grad_norm is not None and args.max_grad_norm > 0:
             raise FoamConfigError(
@@ -54,6 +55,45 @@ def validate_training_arguments(args: Any) -> None:
                 "optim='foam_layerwise' with fp16=True: the per-parameter step would see loss-scaled "
                 "gradients. Fix: use bf16=True, or optim='foam'."
             )
+
+
+# (TrainingArguments field, rule, test, example) for the fields FOAM reads; checked under their own names so
+# that a bad value fails when the arguments are built, not at the first training step.
+_FIELD_RULES = (
+    ("learning_rate", "finite and >= 0", lambda v: v >= 0, "learning_rate=1e-4"),
+    ("adam_beta1", "in [0, 1)", lambda v: 0 <= v < 1, "adam_beta1=0.9"),
+    ("adam_beta2", "in [0, 1)", lambda v: 0 <= v < 1, "adam_beta2=0.999"),
+    ("adam_epsilon", "finite and >= 0", lambda v: v >= 0, "adam_epsilon=1e-8"),
+    ("weight_decay", "finite and >= 0", lambda v: v >= 0, "weight_decay=0.0"),
+)
+
+
+def _check_hyperparameter_fields(args: Any) -> None:
+    import math
+    import re
+
+    for name, rule, ok, example in _FIELD_RULES:
+        value = getattr(args, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+            raise FoamConfigError(
+                f"TrainingArguments: {name}={value!r} is invalid for optim={getattr(args.optim, 'value', args.optim)!r}: it must be {rule}. "
+                f"Fix: pass e.g. {example}."
+            )
+    targets = args.optim_target_modules
+    if targets is not None:
+        if isinstance(targets, (list, tuple)) and not targets:
+            raise FoamConfigError(
+                "TrainingArguments: optim_target_modules=[] would fold nothing. Fix: pass None for FOAM's default "
+                "(linear layers except the head and embeddings), 'all-linear', or module names."
+            )
+        if isinstance(targets, str) and targets != "all-linear":
+            try:
+                re.compile(targets)
+            except re.error as err:
+                raise FoamConfigError(
+                    f"TrainingArguments: optim_target_modules={targets!r} is not a valid regex ({err}). "
+                    "Fix: escape it, or pass a list of module names."
+                ) from None
 
 
 def optimizer_cls_and_kwargs(args: Any, model: Any) -> tuple[type[FOAM], dict[str, Any]]:
