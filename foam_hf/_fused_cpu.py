@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 FUSED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
 # Bump when the C++ source changes incompatibly: torch caches builds by this name.
-_EXTENSION_NAME = "foam_hf_fused_cpu_v1"
+_EXTENSION_NAME = "foam_hf_fused_cpu_v2"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "foam_cpu.cpp")
 
 _lock = threading.Lock()

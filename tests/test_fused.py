@@ -17,9 +17,12 @@ import torch
 
 from foam_hf import FOAM, FoamConfigError, _fused_cpu
 
-# Divisible, ragged (n = kB + 1 for several B), n < B, a single column, 1-D (never folded) and 3-D.
-SHAPES = [(6, 32), (5, 33), (3, 2), (4, 1), (7,), (2, 3, 10), (9, 257)]
-BLOCK_SIZES = [1, 2, 3, 4, 8, 32]
+# Divisible, ragged (n = kB + 1 for several B), n < B, a single column, 1-D (never folded) and 3-D; widths
+# that give the SIMD paths whole vectors (16 and 8 lanes) and a tail (100 = 6 * 16 + 4, 81 = 5 * 16 + 1),
+# and a 1-D tensor long enough for the vectorised AdamW loop plus its tail.
+SHAPES = [(6, 32), (5, 33), (3, 2), (4, 1), (7,), (2, 3, 10), (9, 257), (3, 100), (2, 81), (37,)]
+# 2, 4, 8 (and 16 with AVX-512): in-register blocks; 16, 32: blocks of whole vectors; 3: the portable code.
+BLOCK_SIZES = [1, 2, 3, 4, 8, 16, 32]
 RES_SCALES = [0.0, 0.5, 1.0]
 MODES = ["mean_sq", "sq_mean"]
 # Hyper-parameters that exercise every term: scale != 1 and weight decay on, beta2 low enough that the
@@ -42,6 +45,17 @@ def kernel():
             pytest.fail(f"a C++ compiler is present but the fused kernel did not build: {reason}")
         pytest.skip(f"no C++ compiler on this machine, fused kernel unavailable: {_fused_cpu.kernel_build_error()}")
     return module
+
+
+@pytest.fixture(params=["portable", "avx2", "avx512"])
+def isa(request, kernel):
+    """Each implementation of the kernel this CPU can run (the default is the best one)."""
+    if request.param not in kernel.available_isas():
+        pytest.skip(f"this CPU cannot run the {request.param} kernel")
+    default = kernel.isa()
+    kernel.set_isa(request.param)
+    yield request.param
+    kernel.set_isa(default)
 
 
 def make_params(dtype, seed=0):
@@ -69,7 +83,7 @@ def clone_params(params):
 @pytest.mark.parametrize("res_scale", RES_SCALES)
 @pytest.mark.parametrize("second_moment", MODES)
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
-def test_fused_matches_single_tensor(kernel, block_size, second_moment, res_scale, dtype, atol, rtol):
+def test_fused_matches_single_tensor(isa, block_size, second_moment, res_scale, dtype, atol, rtol):
     params = make_params(dtype)
     ours, theirs = clone_params(params), clone_params(params)
     kwargs = dict(block_size=block_size, second_moment=second_moment, res_scale=res_scale, **HPARAMS)
