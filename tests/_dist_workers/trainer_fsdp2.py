@@ -1,0 +1,188 @@
+"""One rank of ``transformers.Trainer`` with ``optim="foam"`` on a tiny Llama: FSDP2, DDP or 1 process, on CPU.
+
+Launched by tests/test_trainer_fsdp.py in a subprocess (pytest never collects it: no ``test_`` prefix):
+
+    torchrun --standalone --nproc_per_node=2 tests/_dist_workers/trainer_fsdp2.py --fsdp --cpu-fsdp-shim --out DIR
+    accelerate launch --config_file fsdp2.yaml tests/_dist_workers/trainer_fsdp2.py --cpu-fsdp-shim --out DIR
+    python tests/_dist_workers/trainer_fsdp2.py --out DIR                       # the 1-process reference
+
+Rank 0 writes ``DIR/result.pt``: the full (unsharded) weights and FOAM moments, the local moment shapes, what
+accelerate made of the run (FSDP version, parameter types) and the logged losses and ``foam/*`` values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+torch.set_num_threads(1)  # 2 ranks share 2 cores
+
+VOCAB, SEQ, ROWS = 64, 16, 64
+GLOBAL_BATCH = 8  # 2 ranks x 4 rows, or 1 process x 8 rows: the same rows in the same step
+
+
+class Rows(torch.utils.data.Dataset):
+    """Fixed-length random token rows: no padding, so every rank's loss averages the same token count."""
+
+    def __init__(self) -> None:
+        self.ids = torch.randint(0, VOCAB, (ROWS, SEQ), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return ROWS
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def force_fsdp_on_cpu() -> None:
+    """Make accelerate honour an FSDP plugin on CPU processes (gloo), where it silently runs DDP instead.
+
+    ``AcceleratorState.__init__`` switches to ``DistributedType.FSDP`` only when the processes run on an
+    accelerator (its list holds MULTI_GPU, MULTI_XPU, MULTI_NPU, ... but not MULTI_CPU), so on CPU the plugin
+    is dropped. This sets what that branch sets: the type, the plugin, and the copy of the type accelerate
+    keeps in ``PartialState`` (later ``AcceleratorState()`` calls read it back). Everything after it
+    (``fsdp2_prepare_model``, the Trainer's optimizer creation, ``get_state_dict``, ``save_fsdp_optimizer``,
+    ``load_fsdp_optimizer``) is accelerate's and transformers' own code, as on GPUs.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    AcceleratorState.__init__ = init
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
+
+
+def local_shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.to_local().shape) if hasattr(t, "to_local") else tuple(t.shape)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--fsdp", action="store_true", help="FSDP2 from TrainingArguments(fsdp=True, fsdp_config)")
+    parser.add_argument("--cpu-fsdp-shim", action="store_true", help="see force_fsdp_on_cpu")
+    parser.add_argument("--state-dict-type", default="FULL_STATE_DICT", help="fsdp_config['state_dict_type']")
+    parser.add_argument("--max-steps", type=int, default=4)
+    parser.add_argument(
+        "--interrupt-at", type=int, default=0, help="save and stop at this step, then resume in a new Trainer"
+    )
+    args = parser.parse_args()
+
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    import foam_hf  # noqa: F401  (registers optim="foam")
+    from foam_hf import FOAM
+
+    if args.cpu_fsdp_shim:
+        force_fsdp_on_cpu()
+    fsdp_kwargs = {}
+    if args.fsdp:
+        fsdp_kwargs = dict(
+            fsdp=True,
+            fsdp_config={
+                "version": 2,
+                "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                "state_dict_type": args.state_dict_type,
+            },
+        )
+
+    class StopAt(TrainerCallback):
+        def __init__(self, step: int) -> None:
+            self.step = step
+
+        def on_step_end(self, training_args, state, control, **kwargs):
+            if state.global_step == self.step:
+                control.should_training_stop = True
+
+    def make_trainer(*, save_steps: int = 0, stop_at: int = 0, init_seed: int = 0) -> Trainer:
+        training_args = TrainingArguments(
+            output_dir=os.path.join(args.out, "run"),
+            optim="foam",
+            optim_args="block_size=4",
+            learning_rate=1e-2,
+            weight_decay=0.1,
+            lr_scheduler_type="constant",
+            max_steps=args.max_steps,
+            per_device_train_batch_size=GLOBAL_BATCH // int(os.environ.get("WORLD_SIZE", "1")),
+            train_sampling_strategy="sequential",  # the same rows in each global batch, however many ranks
+            save_strategy="steps" if save_steps else "no",
+            save_steps=save_steps or 1,
+            logging_steps=1,
+            report_to="none",
+            use_cpu=True,
+            seed=0,
+            **fsdp_kwargs,
+        )
+        return Trainer(
+            model=tiny_llama(init_seed),
+            args=training_args,
+            train_dataset=Rows(),
+            callbacks=[StopAt(stop_at)] if stop_at else [],
+        )
+
+    if args.interrupt_at:
+        # Train, save at step `interrupt_at` and stop there; then a new Trainer on a model with other initial
+        # weights resumes from that checkpoint (both in this process, as a restarted job would do in a new one).
+        make_trainer(save_steps=args.interrupt_at, stop_at=args.interrupt_at).train()
+        trainer = make_trainer(init_seed=1)
+        trainer.train(resume_from_checkpoint=os.path.join(args.out, "run", f"checkpoint-{args.interrupt_at}"))
+    else:
+        trainer = make_trainer()
+        trainer.train()
+
+    optimizer = trainer.optimizer
+    while not isinstance(optimizer, FOAM) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    named = list(trainer.model.named_parameters())
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    result = {
+        "optimizer": type(optimizer).__name__,
+        "distributed_type": getattr(trainer.accelerator.distributed_type, "value", None),
+        "fsdp_version": getattr(plugin, "fsdp_version", None),
+        "param_types": sorted({type(p).__name__ for _, p in named}),
+        "params": {n: full(p) for n, p in named},
+        "exp_avg": {n: full(optimizer.state[p]["exp_avg"]) for n, p in named},
+        "exp_avg_sq": {n: full(optimizer.state[p]["exp_avg_sq"]) for n, p in named},
+        "local_exp_avg_shapes": {n: local_shape(optimizer.state[p]["exp_avg"]) for n, p in named},
+        "steps": trainer.state.global_step,
+        "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+        "foam_logs": [
+            {k: v for k, v in e.items() if k.startswith("foam/")} for e in trainer.state.log_history if "loss" in e
+        ],
+    }
+    if trainer.accelerator.is_main_process:
+        torch.save(result, os.path.join(args.out, "result.pt"))
+
+
+if __name__ == "__main__":
+    main()
