@@ -106,7 +106,8 @@ class FoamConfig:
         if not isinstance(self.block_sizes, dict):
             raise TypeError(
                 f"FoamConfig: block_sizes={self.block_sizes!r} must be a dict {{pattern: size}}, "
-                "e.g. {'q_proj': 8, 'lm_head': 1}."
+                "e.g. {'q_proj': 8, 'lm_head': 1}. Fix: pass a dict, or the optim_args form "
+                "block_sizes=q_proj:8;lm_head:1."
             )
         for pattern, size in self.block_sizes.items():
             if not isinstance(pattern, str) or not pattern:
@@ -183,7 +184,8 @@ class FoamConfig:
         if "second_moment" in items:
             kwargs["second_moment"] = items["second_moment"]
         if "state_dtype" in items:
-            kwargs["state_dtype"] = items["state_dtype"]
+            text = items["state_dtype"]
+            kwargs["state_dtype"] = None if text.lower() in ("none", "default") else text
         if "block_sizes" in items:
             kwargs["block_sizes"] = _parse_block_sizes(items["block_sizes"])
         if "target_modules" in items:
@@ -266,7 +268,16 @@ def _parse_block_sizes(text: str) -> dict[str, int]:
                 f"optim_args: block_sizes pattern {pattern!r} is given twice ({pattern}:{overrides[pattern]} and "
                 f"{pair}). Fix: keep one size per pattern."
             )
-        overrides[pattern] = _to_int(f"block_sizes[{pattern}]", size)
+        try:
+            value = int(size)
+        except ValueError:
+            value = None
+        if value is None or value < 1:
+            raise FoamConfigError(
+                f"optim_args: block_sizes entry {pair!r}: size {size!r} is not an int >= 1 (1 = unfolded). "
+                f"Fix: e.g. block_sizes={pattern}:4."
+            )
+        overrides[pattern] = value
     if not overrides:
         raise FoamConfigError("optim_args: block_sizes= is empty. Example: block_sizes=q_proj:8;lm_head:1.")
     return overrides

@@ -385,7 +385,8 @@ class FOAM(Optimizer):
                 if not p.is_floating_point():
                     raise TypeError(
                         f"FOAM: param group {index} holds a parameter of dtype {p.dtype}; only floating-point "
-                        "parameters can be optimized."
+                        "parameters can be optimized. Fix: leave integer tensors (buffers, indices) out of the "
+                        "optimizer, e.g. pass [p for p in model.parameters() if p.is_floating_point()]."
                     )
         except (TypeError, ValueError):
             self.param_groups.pop()

@@ -376,8 +376,8 @@ OPTIM_ARGS_ERRORS = [
     ("second_moment=", FoamConfigError, ["second_moment=''", "one of ('mean_sq', 'sq_mean')", "Fix:"]),
     ("target_modules=;", FoamConfigError, ["target_modules= is empty", "Fix: e.g. target_modules=q_proj;v_proj"]),
     ("block_sizes=:4", FoamConfigError, ["':4' is not pattern:size", "Example: block_sizes=q_proj:8"]),
-    ("block_sizes=q_proj:abc", FoamConfigError, ["block_sizes[q_proj]='abc'", "is not an integer", "Example:"]),
-    ("block_sizes=q_proj:-2", FoamConfigError, ["block_sizes['q_proj']=-2", "an int >= 1", "Fix:"]),
+    ("block_sizes=q_proj:abc", FoamConfigError, ["'q_proj:abc'", "size 'abc' is not an int >= 1", "Fix: e.g."]),
+    ("block_sizes=q_proj:-2", FoamConfigError, ["'q_proj:-2'", "an int >= 1", "Fix: e.g. block_sizes=q_proj:4"]),
     ("block_sizes=q_proj:4;q_proj:8", FoamConfigError, ["'q_proj' is given twice", "q_proj:4", "q_proj:8", "Fix:"]),
     ("block_sizes=q_proj:4,8", FoamConfigError, ["'8' follows block_sizes=", "separated by ';', not ','", "Fix:"]),
     ("block_sizes=q_proj(:4", FoamConfigError, ["'q_proj('", "not a valid regex", "Fix:"]),
@@ -630,9 +630,6 @@ def test_bad_training_arguments_fail_when_built(tmp_path, overrides, error, frag
 # (id, TrainingArguments overrides, model change, error type, fragments): refused when the Trainer builds the
 # optimizer, before any step. The Adam-style fields reach FOAM under its own names (lr, betas, eps).
 TRAINER_ERRORS = [
-    ("learning_rate=nan", dict(learning_rate=nan), None, FoamConfigError, ["lr=nan", "finite and >= 0", "Fix:"]),
-    ("adam_beta2=1.0", dict(adam_beta2=1.0), None, FoamConfigError, ["betas[1]=1.0", "in [0, 1)", "Fix:"]),
-    ("weight_decay=-0.5", dict(weight_decay=-0.5), None, FoamConfigError, ["weight_decay=-0.5", "Fix:"]),
     (
         "optim_target_modules matches nothing",
         dict(optim_target_modules=["q_prj"]),

@@ -139,7 +139,7 @@ def test_typed_config_produces_the_same_optim_args():
         ("block_size=4,level=2", FoamConfigError, "both given"),
         ("second_moment=mean", FoamConfigError, r"second_moment='mean' is invalid"),
         ("block_sizes=q_proj", FoamConfigError, r"entry 'q_proj' is not pattern:size"),
-        ("block_sizes=q_proj:0", FoamConfigError, r"block_sizes\['q_proj'\]=0 is invalid"),
+        ("block_sizes=q_proj:0", FoamConfigError, r"'q_proj:0': size '0' is not an int >= 1"),
         ("callback=maybe", FoamConfigError, "is not a boolean"),
     ],
 )

@@ -76,7 +76,8 @@ def _check_hyperparameter_fields(args: Any) -> None:
         value = getattr(args, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
             raise FoamConfigError(
-                f"TrainingArguments: {name}={value!r} is invalid for optim={getattr(args.optim, 'value', args.optim)!r}: it must be {rule}. "
+                f"TrainingArguments: {name}={value!r} is invalid for optim="
+                f"{getattr(args.optim, 'value', args.optim)!r}: it must be {rule}. "
                 f"Fix: pass e.g. {example}."
             )
     targets = args.optim_target_modules
