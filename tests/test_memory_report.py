@@ -195,7 +195,7 @@ def test_bad_model_name_lists_the_valid_names():
         ("block_size=0", r"block_size=0 is invalid"),
         ("blocksize=4", r"unknown key\(s\) \['blocksize'\]. Valid keys:"),
         ("block_sizes=q_proj", r"'q_proj' is not pattern:size"),
-        ("block_sizes=q_proj:x", r"block_sizes\[q_proj\]='x' is not an integer"),
+        ("block_sizes=q_proj:x", r"block_sizes entry 'q_proj:x': size 'x' is not an int >= 1"),
     ],
 )
 def test_bad_optim_args_name_the_value(config_path, optim_args, regex):
