@@ -182,6 +182,10 @@ def main() -> None:
     }
     if trainer.accelerator.is_main_process:
         torch.save(result, os.path.join(args.out, "result.pt"))
+    # Tear the process group down before exit: a rank that exits with gloo's threads still running can abort
+    # ("terminate called without an active exception", SIGABRT) and fail the launch after the work is done.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
