@@ -61,20 +61,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(launcher: list[str], out: Path, *worker_args: str) -> dict:
-    """Run the worker under ``launcher`` (empty: 1 plain process) and return what rank 0 saved."""
+def launch(launcher: list[str], out: Path, *worker_args: str, worker: str = WORKER) -> dict:
+    """Run ``worker`` under ``launcher`` (empty: 1 plain process) and return what rank 0 saved."""
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
     for key in [k for k in env if k.startswith(("ACCELERATE_", "FSDP_"))]:  # nothing leaks in from outside
         del env[key]
-    cmd = [*(launcher or [sys.executable]), WORKER, "--out", str(out), *worker_args]
+    cmd = [*(launcher or [sys.executable]), worker, *worker_args, "--out", str(out)]
     proc = subprocess.run(cmd, env=env, cwd=out, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return torch.load(out / "result.pt", weights_only=False)
 
 
-def torchrun() -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+def torchrun(nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
 
 
 def accelerate_launch(config_file: Path) -> list[str]:

@@ -1,0 +1,73 @@
+"""FOAM with a real DeepSpeed install on CPU: ZeRO is refused through Trainer, ZeRO stage 0 trains exactly.
+
+DeepSpeed comes with the ``dev`` extra (``pip install ".[dev]"``, or ``".[deepspeed]"`` alone); without it
+this module fails to import rather than skipping. DeepSpeed runs on its CPU accelerator with gloo; ranks are
+subprocesses (``tests/_dist_workers/deepspeed_rank.py``) started by torchrun, as users start them.
+"""
+
+from __future__ import annotations
+
+import deepspeed  # noqa: F401  (fail loudly, not skip, when the dev extra is incomplete)
+import pytest
+import torch
+from test_trainer_fsdp import REPO, TOLERANCE, launch, torchrun
+
+from foam_hf import FOAM, FoamConfigError
+
+WORKER = str(REPO / "tests" / "_dist_workers" / "deepspeed_rank.py")
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_trainer_refuses_zero_with_real_deepspeed(stage, tmp_path):
+    from transformers import TrainingArguments
+
+    import foam_hf  # noqa: F401  (registers optim="foam")
+
+    config = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto"}
+    with pytest.raises(FoamConfigError, match=rf"stage={stage}.*FSDP2"):
+        TrainingArguments(output_dir=str(tmp_path), optim="foam", deepspeed=config, report_to="none")
+    # Stage 0 builds: transformers' DeepSpeed config object (it needs deepspeed) is created and kept.
+    config["zero_optimization"]["stage"] = 0
+    args = TrainingArguments(output_dir=str(tmp_path), optim="foam", deepspeed=config, report_to="none")
+    assert args.hf_deepspeed_config is not None
+
+
+def test_engine_zero0_two_ranks_match_one_process_and_zero2_flattens(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests" / "_dist_workers"))
+    from deepspeed_rank import FOAM_KWARGS, batches, make_model
+
+    model = make_model()
+    optimizer = FOAM(model.parameters(), **FOAM_KWARGS)
+    for x, y in batches():
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+
+    result = launch(torchrun(2), tmp_path, "engine", worker=WORKER)
+    # ZeRO stage 0: DeepSpeed hands FOAM the real parameters and only all-reduces the gradients.
+    stage0 = result["stage0"]
+    assert stage0["wrapper"] == "FOAM"
+    assert stage0["client_param_shapes"] == [(12, 10), (12,), (3, 12), (3,)]
+    assert stage0["exp_avg_shapes"] == [(12, 3), (12,), (3, 3), (3,)]  # folded, block_size=4
+    for got, want in zip(stage0["params"], model.parameters()):
+        torch.testing.assert_close(got, want.detach(), atol=TOLERANCE, rtol=0)
+    # ZeRO stage 2 (reached only by bypassing foam-hf's refusal): FOAM gets one flat 1-D partition per rank
+    # (171 values, padded and halved) and keeps full AdamW states for it. This is why foam-hf refuses ZeRO.
+    stage2 = result["stage2"]
+    assert stage2["wrapper"] == "DeepSpeedZeroOptimizer"
+    assert stage2["client_param_shapes"] == [(86,)] and stage2["exp_avg_shapes"] == [(86,)]
+
+
+def test_trainer_deepspeed_zero0_matches_plain_trainer(tmp_path):
+    from test_trainer_fsdp import WORKER as TRAINER_WORKER
+
+    plain = launch([], tmp_path / "plain", worker=TRAINER_WORKER)
+    result = launch(torchrun(1), tmp_path / "deepspeed", "trainer", worker=WORKER)
+    assert result["distributed_type"] == "DEEPSPEED" and result["is_deepspeed_enabled"]
+    assert result["optimizer"] == "FOAM"
+    assert result["exp_avg"]["model.layers.0.self_attn.q_proj.weight"].shape == (32, 8)
+    for name, want in plain["params"].items():
+        torch.testing.assert_close(result["params"][name], want, atol=TOLERANCE, rtol=0, msg=name)
+    assert result["losses"] == pytest.approx(plain["losses"], abs=1e-5)
