@@ -1,4 +1,4 @@
-"""Training quality: FOAM against AdamW and Adafactor, each at its own best learning rate.
+"""Training quality: FOAM against AdamW and the memory-efficient peers, each at its own best learning rate.
 
 A tiny Llama (``foam_hf.pretrain.MODEL_SIZES``) is pre-trained from scratch on the Python standard
 library's ``.py`` files (byte-level; whole files held out for eval). For every optimizer configuration:
@@ -8,9 +8,12 @@ Every run sees the same initial weights and the same batches (same seed).
 
 Run (prints a Markdown table, writes ``quality.png`` and ``quality.json`` to ``--output-dir``)::
 
-    python benchmarks/bench_quality.py --steps 150 --batch-size 8 --workers 2
+    python benchmarks/bench_quality.py --steps 250 --batch-size 8 --lrs 1e-3 3e-3 1e-2 --extend-edges
 
-Runs go to ``--workers`` spawned processes with one thread each (``torch.set_num_threads(1)``).
+With ``--extend-edges`` an optimizer whose best lr is at the edge of the grid gets one more lr beyond it,
+so no optimizer is judged at a learning rate the sweep did not bracket. Every finished run is cached under
+``--output-dir``/runs: rerunning the command trains only what is missing. Runs go to ``--workers`` spawned
+processes with one thread each (``torch.set_num_threads(1)``).
 """
 
 from __future__ import annotations
@@ -126,6 +129,33 @@ def available_configs() -> tuple[list[tuple[str, str, dict]], list[str]]:
     return kept, left_out
 
 
+class RunCache:
+    """Finished runs as JSON files (``runs/<name>_lr<lr>_seed<seed>.json``), keyed also by the budget: a
+    rerun of the same command only trains what is missing (and an interrupted one loses nothing)."""
+
+    def __init__(self, folder: Path, config: TrainConfig) -> None:
+        self.folder = folder
+        self.budget = {k: v for k, v in config.__dict__.items() if k != "seed"}
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, name: str, lr: float, seed: int) -> Path:
+        safe = "".join(ch if ch.isalnum() else "_" for ch in name)
+        return self.folder / f"{safe}_lr{lr:g}_seed{seed}.json"
+
+    def get(self, name: str, lr: float, seed: int) -> RunResult | None:
+        path = self._path(name, lr, seed)
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text())
+        if data.get("budget") != self.budget:
+            return None
+        return RunResult(**data["result"])
+
+    def put(self, name: str, lr: float, seed: int, result: RunResult) -> None:
+        data = dict(budget=self.budget, result=result.to_dict())
+        self._path(name, lr, seed).write_text(json.dumps(data))
+
+
 def _run(spec: OptimizerSpec, config: TrainConfig) -> RunResult:
     result = train(spec, config)
     result.train_losses = result.train_losses[::10]  # keep the JSON small
@@ -150,6 +180,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--only", nargs="*", help="subset of configuration names")
     parser.add_argument("--output-dir", default="bench-quality")
+    parser.add_argument(
+        "--extend-edges",
+        action="store_true",
+        help="when an optimizer's best lr is the smallest or largest of the grid, also run one lr beyond it",
+    )
     args = parser.parse_args(argv)
 
     runnable, left_out = available_configs()
@@ -169,23 +204,39 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    cache = RunCache(out / "runs", base)
+    specs = {name: (kind, opts) for name, kind, opts in configs}
+    grids = {name: sorted(args.lrs) for name in specs}
     ctx = __import__("multiprocessing").get_context("spawn")
     with ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
-        sweep_jobs = {
-            (name, lr): pool.submit(_run, OptimizerSpec(name, kind, lr, **opts), base)
-            for name, kind, opts in configs
-            for lr in args.lrs
-        }
-        sweep = {key: job.result() for key, job in sweep_jobs.items()}
+
+        def run_all(keys: list[tuple[str, float, int]]) -> dict[tuple[str, float, int], RunResult]:
+            jobs = {}
+            for name, lr, seed in keys:
+                if cache.get(name, lr, seed) is None:
+                    kind, opts = specs[name]
+                    spec = OptimizerSpec(name, kind, lr, **opts)
+                    jobs[(name, lr, seed)] = pool.submit(_run, spec, replace(base, seed=seed))
+            for (name, lr, seed), job in jobs.items():
+                cache.put(name, lr, seed, job.result())
+            return {key: cache.get(*key) for key in keys}
+
+        # The sweep at seed 0; a best lr on the edge of the grid gets one more point beyond it (x or / sqrt 10).
+        sweep = run_all([(name, lr, 0) for name in specs for lr in grids[name]])
+        if args.extend_edges:
+            for name, grid in grids.items():
+                best = min(grid, key=lambda lr, n=name: sweep[(n, lr, 0)].eval_loss)
+                if best == grid[0]:
+                    grid.insert(0, float(f"{best / 10**0.5:.0e}"))
+                elif best == grid[-1]:
+                    grid.append(float(f"{best * 10**0.5:.0e}"))
+            sweep = run_all([(name, lr, 0) for name in specs for lr in grids[name]])
+        sweep = {(name, lr): r for (name, lr, _), r in sweep.items()}
         for (name, lr), r in sweep.items():
             print(f"sweep {name:>22} lr={lr:g}: eval {r.eval_loss:.4f}", file=sys.stderr, flush=True)
-        best_lr = {name: min(args.lrs, key=lambda lr, n=name: sweep[(n, lr)].eval_loss) for name, _, _ in configs}
-        seed_jobs = {
-            (name, seed): pool.submit(_run, OptimizerSpec(name, kind, best_lr[name], **opts), replace(base, seed=seed))
-            for name, kind, opts in configs
-            for seed in range(1, args.seeds)
-        }
-        seeds = {key: job.result() for key, job in seed_jobs.items()}
+        best_lr = {name: min(grids[name], key=lambda lr, n=name: sweep[(n, lr)].eval_loss) for name in specs}
+        seeds = run_all([(name, best_lr[name], seed) for name in specs for seed in range(1, args.seeds)])
+        seeds = {(name, seed): r for (name, _, seed), r in seeds.items()}
     total = time.perf_counter() - t0
 
     rows = []
@@ -196,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
             dict(
                 name=name,
                 best_lr=best_lr[name],
-                sweep={f"{lr:g}": sweep[(name, lr)].eval_loss for lr in args.lrs},
+                sweep={f"{lr:g}": sweep[(name, lr)].eval_loss for lr in grids[name]},
                 mean=statistics.mean(losses),
                 std=statistics.stdev(losses) if len(losses) > 1 else 0.0,
                 min=min(losses),
@@ -210,14 +261,15 @@ def main(argv: list[str] | None = None) -> None:
         )
     adamw = next((r for r in rows if r["name"] == "AdamW"), None)
 
-    lr_cols = " | ".join(f"lr {lr:g}" for lr in args.lrs)
+    all_lrs = sorted({lr for grid in grids.values() for lr in grid})
+    lr_cols = " | ".join(f"lr {lr:g}" for lr in all_lrs)
     print(
         f"\n| optimizer | {lr_cols} | best lr | eval loss @ best (mean ± std, n) | min..max | "
         "state bytes | vs AdamW | wall s/run | opt step ms |"
     )
-    print("|---|" + "---|" * len(args.lrs) + "---|---|---|---|---|---|---|")
+    print("|---|" + "---|" * len(all_lrs) + "---|---|---|---|---|---|---|")
     for r in rows:
-        sweep_cells = " | ".join(f"{v:.4f}" for v in r["sweep"].values())
+        sweep_cells = " | ".join(f"{r['sweep'][f'{lr:g}']:.4f}" if f"{lr:g}" in r["sweep"] else "-" for lr in all_lrs)
         ratio = f"{r['state_bytes'] / adamw['state_bytes']:.2f}x" if adamw else "-"
         print(
             f"| {r['name']} | {sweep_cells} | {r['best_lr']:g} | {r['mean']:.4f} ± {r['std']:.4f} (n={r['seeds']}) | "
@@ -233,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         git_sha=_git_sha(),
         command="python benchmarks/bench_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
         config=base.__dict__,
-        lrs=args.lrs,
+        lrs={name: grid for name, grid in grids.items()},
         total_wall_s=total,
     )
     print(
@@ -251,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for r in rows:
-        ax1.plot(args.lrs, list(r["sweep"].values()), marker="o", label=r["name"])
+        ax1.plot([float(lr) for lr in r["sweep"]], list(r["sweep"].values()), marker="o", label=r["name"])
     ax1.set_xscale("log")
     ax1.set_xlabel("peak learning rate")
     ax1.set_ylabel("held-out loss (seed 0)")

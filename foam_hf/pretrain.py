@@ -25,7 +25,7 @@ import sysconfig
 import time
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,11 +44,13 @@ __all__ = [
     "TrainConfig",
     "build_model",
     "build_optimizer",
+    "evaluate",
     "foam_param_groups",
     "load_corpus",
     "optimizer_state_bytes",
     "run_isolated",
     "train",
+    "training_batches",
 ]
 
 #: Model shapes by name: ``LlamaConfig`` keyword arguments. Vocabulary is 256 (bytes) for all, and
@@ -386,6 +388,25 @@ def _evaluate(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, de
         count += x.shape[0]
     model.train()
     return total / count
+
+
+def training_batches(data: torch.Tensor, config: TrainConfig) -> Iterator[torch.Tensor]:
+    """The token batches :func:`train` feeds, in order: ``config.steps`` tensors of shape
+    ``(batch_size, seq_len)`` (``int64``), windows of ``data`` at offsets drawn once from ``config.seed``.
+
+    For loops that build their own model and optimizer (LoRA fine-tuning in ``benchmarks/bench_lora.py``)
+    and must see exactly the batches :func:`train` would.
+    """
+    starts = _batches(data, config)
+    for step in range(config.steps):
+        yield _window(data, starts[step], config.seq_len)
+
+
+def evaluate(model: torch.nn.Module, data: torch.Tensor, config: TrainConfig) -> float:
+    """Mean next-byte loss of ``model`` on the held-out windows :func:`train` evaluates on: ``config.eval_batches``
+    batches of evenly spaced windows of ``data``, on ``config.resolved_device()``. The model is left in train mode.
+    """
+    return _evaluate(model, _eval_windows(data, config), config.batch_size, config.resolved_device())
 
 
 def _peak_rss_bytes() -> int | None:
