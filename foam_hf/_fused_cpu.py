@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 FUSED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
 # Bump when the C++ source changes incompatibly: torch caches builds by this name.
-_EXTENSION_NAME = "foam_hf_fused_cpu_v2"
+_EXTENSION_NAME = "foam_hf_fused_cpu_v3"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "foam_cpu.cpp")
 
 _lock = threading.Lock()
@@ -48,12 +48,16 @@ def load_kernel() -> Any:
         try:
             from torch.utils.cpp_extension import load
 
+            # at::parallel_for is a header template: with torch's OpenMP backend it only runs in parallel when
+            # the extension itself is compiled with -fopenmp (without it the kernel silently uses one thread).
+            openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
             _kernel = load(
                 name=_EXTENSION_NAME,
                 sources=[_SOURCE],
                 # -O3 for the vectoriser; -fno-math-errno so that sqrt vectorises (errno is never read here);
                 # no -march: the source picks AVX-512/AVX2/baseline code at load time (target_clones).
-                extra_cflags=["-O3", "-fno-math-errno"],
+                extra_cflags=["-O3", "-fno-math-errno", *openmp],
+                extra_ldflags=openmp,
                 verbose=False,
             )
             _build_seconds = time.perf_counter() - start

@@ -117,6 +117,12 @@ def test_default_picks_fused_on_cpu_fp32(kernel, monkeypatch):
     assert calls == [1]
 
 
+def test_kernel_threads_as_torch_does(kernel):
+    # Built without -fopenmp, at::parallel_for in the kernel would run on one thread while torch uses several:
+    # results identical, the step up to N times slower. Where torch runs on OpenMP, the kernel must too.
+    assert kernel.openmp() == torch.backends.openmp.is_available()
+
+
 def test_state_dict_continuation(kernel):
     params = make_params(torch.float32)
     opt = FOAM(params, block_size=3, fused=True, **HPARAMS)

@@ -19,7 +19,8 @@
 //    (n not a multiple of the vector or of B) is done by the portable fold_span.
 // Why explicit SIMD: the per-block phase of the portable code is scalar (short sums, two divisions, a
 // branchy lerp, broadcast stores) and for small B it cost several times the element loop.
-// Threads: at::parallel_for over rows (folded) or elements (unfolded).
+// Threads: at::parallel_for over rows (folded) or elements (unfolded); the build passes -fopenmp when torch
+// uses OpenMP, without which at::parallel_for runs everything on the calling thread.
 #ifndef FOAM_SIMD_BODY
 
 #include <torch/extension.h>
@@ -444,6 +445,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "FOAM fused CPU step (see foam_hf/_fused_cpu.py)";
   module.def("fused_step", &fused_step, "One fused FOAM step over lists of tensors (in place).");
   module.def("isa", [] { return std::string(kIsaNames[current_isa()]); }, "The implementation in use.");
+  module.def("openmp", [] {
+#ifdef _OPENMP
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether this build runs at::parallel_for on OpenMP threads (else on the calling thread only).");
   module.def("available_isas", [] {
     std::vector<std::string> names;
     for (int i = 0; i <= best_isa(); ++i) names.emplace_back(kIsaNames[i]);
@@ -491,19 +499,33 @@ struct V {
     if (B >= 16) x = add(x, _mm512_shuffle_f32x4(x, x, 0x4E));  // quarters [2,3,0,1]
     return x;
   }
-  // Lane i gets p[i / B] (reads N / B floats): unfold of a run of folded moments.
+  // Lane i gets p[i / B] (reads exactly N / B floats): unfold of a run of folded moments. Loads and stores of
+  // the moments have their exact width, never a masked 512-bit access: a masked store followed by a masked load
+  // of the next, disjoint moments blocks store forwarding and cost ~40% of the B = 4 step.
   template <int L>  // L = log2(B)
   static FOAM_INLINE vec expand(const float* p) {
+    constexpr int count = N >> L;
+    if (count == 1) return _mm512_set1_ps(*p);
+    __m512 x;
+    if (count == 8) x = _mm512_castps256_ps512(_mm256_loadu_ps(p));
+    else if (count == 4) x = _mm512_castps128_ps512(_mm_loadu_ps(p));
+    else x = _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p))));
     const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    const vec x = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (N >> L)) - 1), p);
     return _mm512_permutexvar_ps(_mm512_srli_epi32(iota, L), x);
   }
-  // p[i] = x[i * B] for i < N / B: the fold of lanes that expand() produced.
+  // p[i] = x[i * B] for i < N / B: the fold of lanes that expand() produced (writes exactly N / B floats).
   template <int L>
   static FOAM_INLINE void compact_store(float* p, vec x) {
+    constexpr int count = N >> L;
+    if (count == 1) {
+      _mm_store_ss(p, _mm512_castps512_ps128(x));
+      return;
+    }
     const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << (N >> L)) - 1),
-                          _mm512_permutexvar_ps(_mm512_slli_epi32(iota, L), x));
+    const __m512 y = _mm512_permutexvar_ps(_mm512_slli_epi32(iota, L), x);
+    if (count == 8) _mm256_storeu_ps(p, _mm512_castps512_ps256(y));
+    else if (count == 4) _mm_storeu_ps(p, _mm512_castps512_ps128(y));
+    else _mm_store_sd(reinterpret_cast<double*>(p), _mm_castps_pd(_mm512_castps512_ps128(y)));
   }
 };
 // Storage conversions, as F32/BF16/F16::load/store lane-wise.
@@ -618,6 +640,17 @@ struct Ld<F16> {
 #endif
 using vec = V::vec;
 
+// Software prefetch of the streams a loop walks, kPrefetchBytes ahead of the current vector. One core here
+// draws far less bandwidth than it could from the hardware prefetchers alone on FOAM's two-and-a-half streams
+// (G and W read, W written; the moments are B times smaller): with this hint a step takes ~0.6x the time it
+// took without on the 8 x 1024x1024 benchmark (docs/benchmarks.md), where the arithmetic is not the limit.
+// Prefetches never fault, so running past the end of a tensor is harmless.
+constexpr int64_t kPrefetchBytes = 4096;
+template <typename T>
+FOAM_INLINE void prefetch_ahead(const T* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
+}
+
 // The step's constants, broadcast.
 struct VHyper {
   vec decay, rho, rho2, eps_bc2, step_c, beta2, one_m_b2, lerp_w, one_m_lerp_w;
@@ -658,6 +691,8 @@ void fold_small(const typename S::T* g, typename S::T* w, float* m, float* v, in
     float* mr = m + row * K;
     float* vr = v + row * K;
     for (int64_t j = 0; j < nv; j += V::N) {
+      prefetch_ahead(gr + j);
+      prefetch_ahead(wr + j);
       const vec x = Ld<S>::load(gr + j);
       const vec gm = V::mul(V::template group_sum<B>(x), inv_b);  // unfold(g̃)
       const vec g2 = c.mean_sq ? V::mul(V::template group_sum<B>(V::mul(x, x)), inv_b) : V::mul(gm, gm);
@@ -687,6 +722,8 @@ void fold_wide(const typename S::T* g, typename S::T* w, float* m, float* v, int
     for (int64_t c0 = 0; c0 < nb; c0 += B) {
       vec s = V::set1(0.0f), q = V::set1(0.0f);
       for (int64_t j = c0; j < c0 + B; j += V::N) {
+        prefetch_ahead(gr + j);
+        prefetch_ahead(wr + j);
         const vec x = Ld<S>::load(gr + j);
         s = V::add(s, x);
         q = V::add(q, V::mul(x, x));
@@ -727,6 +764,10 @@ void adamw(const typename S::T* g, typename S::T* w, float* m, float* v, int64_t
   const VHyper c(h);
   int64_t i = i0;
   for (; i + V::N <= i1; i += V::N) {
+    prefetch_ahead(g + i);
+    prefetch_ahead(w + i);
+    prefetch_ahead(m + i);
+    prefetch_ahead(v + i);
     const vec x = Ld<S>::load(g + i);
     const vec mi = lerp_v(V::load(m + i), x, c);
     const vec vi = V::add(V::mul(V::load(v + i), c.beta2), V::mul(V::mul(c.one_m_b2, x), x));
