@@ -870,7 +870,7 @@ def _store_moment(stored: torch.Tensor, value: torch.Tensor, step: float, salt: 
 
     Into bf16 storage the fp32 value is *stochastically rounded*: a uniform 16-bit dither is added to its
     bit pattern and the low 16 bits dropped, so :math:`\mathbb E[\mathrm{round}(x)] = x`. Round-to-nearest
-    would freeze the second moment: with :math:`eta_2 = 0.999` a step changes :math:`	ilde v` by 0.1 %,
+    would freeze the second moment: with :math:`\beta_2 = 0.999` a step changes :math:`\tilde v` by 0.1 %,
     below half a bf16 ulp (0.2-0.4 %), so decays and small increments would all round away.
     """
     if stored is value:
