@@ -191,19 +191,38 @@ def validate_group_options(options: dict[str, Any], where: str = "") -> None:
         )
 
 
+def _triton() -> Any:
+    """``foam_hf._fused_triton``, imported on first use: only CUDA parameters need it (and Triton)."""
+    from . import _fused_triton
+
+    return _fused_triton
+
+
 def _check_fused_available(param_groups: list[dict[str, Any]]) -> None:
-    """Raise a clear error when a group asks for ``fused=True`` and the fused kernel cannot step it."""
+    """Raise a clear error when a group asks for ``fused=True`` and no fused kernel can step it: the C++
+    kernel for CPU tensors, the Triton kernels for CUDA tensors."""
     for index, group in enumerate(param_groups):
         if not group["fused"]:
             continue
+        devices = {p.device.type for p in group["params"]}
         for p in group["params"]:
-            if not _fused_cpu.fused_supported(p):
+            if not (_fused_cpu.fused_supported(p) or (p.is_cuda and _triton().triton_supported(p))):
                 raise RuntimeError(
                     f"FOAM: fused=True in param group {index}, but a parameter of shape {tuple(p.shape)} is "
-                    f"{p.dtype} on {p.device} (contiguous={p.is_contiguous()}); the fused kernel steps contiguous "
-                    "CPU float32/bfloat16/float16 tensors. Fix: pass fused=None or False for this group."
+                    f"{p.dtype} on {p.device} (contiguous={p.is_contiguous()}); the fused kernels step contiguous "
+                    "CPU or CUDA float32/bfloat16/float16 tensors. Fix: pass fused=None or False for this group."
                 )
-        if _fused_cpu.load_kernel() is None:
+        if devices == {"cuda", "cpu"}:
+            raise RuntimeError(
+                f"FOAM: fused=True in param group {index}, which holds both CPU and CUDA parameters; a fused step "
+                "runs on one device. Fix: put each device's parameters in a group of their own, or pass fused=None."
+            )
+        if "cuda" in devices and not _triton().triton_available():
+            raise RuntimeError(
+                "FOAM: fused=True for CUDA parameters needs Triton, which is not importable here. Fix: install the "
+                "CUDA build of torch (it ships Triton) or `pip install triton`, or pass fused=None."
+            )
+        if "cpu" in devices and _fused_cpu.load_kernel() is None:
             raise RuntimeError(
                 "FOAM: fused=True, but the fused CPU kernel could not be built: "
                 f"{_fused_cpu.kernel_build_error()}. Fix: install a C++ compiler and ninja, or pass fused=None."
@@ -280,11 +299,12 @@ class FOAM(Optimizer):
             block mean) (default: ``"mean_sq"``).
         foreach: use the ``torch._foreach_*`` multi-tensor path; ``None`` picks it when every parameter of
             the group is on CUDA (default: None).
-        fused: use the fused C++ CPU kernel (built at first use; see ``foam_hf._fused_cpu``), which reads
-            ``G`` and ``W`` once and allocates nothing of parameter size. ``None`` picks it when ``foreach``
-            is also ``None``, every parameter is a contiguous CPU float32/bfloat16/float16 tensor and the
-            kernel can be built (else the other paths, with one logged warning); ``True`` raises if it
-            cannot be used (default: None).
+        fused: use a fused kernel, which reads ``G`` and ``W`` once and allocates nothing of parameter
+            size: on CPU a C++ kernel built at first use (``foam_hf._fused_cpu``), on CUDA Triton kernels
+            (``foam_hf._fused_triton``). ``None`` picks it when ``foreach`` is also ``None``, every parameter
+            is a contiguous float32/bfloat16/float16 tensor on one of those devices and the kernel is available
+            (else the other paths; a CPU build failure logs one warning); ``True`` raises if it cannot be
+            used (default: None).
         state_dtype: storage dtype of the moments: ``None`` (fp32 for half-precision parameters, else the
             parameter's dtype), ``"float32"`` or ``"bfloat16"`` (half the bytes; computed in fp32 and stored
             with stochastic rounding, see :func:`_store_moment`) (default: None).
@@ -654,18 +674,25 @@ def foam(
     r"""Functional FOAM step over one group's tensors; see :class:`FOAM` for the algorithm.
 
     ``foreach=None`` uses the multi-tensor path when every parameter is on CUDA, as torch does.
-    ``fused=None`` (with ``foreach=None``) uses the fused CPU kernel where it can be built and every
-    parameter is a contiguous CPU float32/bfloat16/float16 tensor.
+    ``fused=None`` (with ``foreach=None``) uses a fused kernel where one is available: the C++ kernel when
+    every parameter is a contiguous CPU float32/bfloat16/float16 tensor and it can be built, the Triton
+    kernels when every parameter is such a CUDA tensor and Triton imports. Fused paths keep fp32 moments.
     """
+    fp32_moments = all(m.dtype == torch.float32 for m in exp_avgs)
+    on_cuda = bool(params) and all(p.is_cuda for p in params)
     if fused is None and foreach is None:
-        fused = (
-            all(_fused_cpu.fused_supported(p) for p in params)
-            and all(m.dtype == torch.float32 for m in exp_avgs)  # the kernel keeps fp32 moments
-            and _fused_cpu.load_kernel() is not None
-        )
+        if on_cuda:
+            fused = fp32_moments and _triton().triton_available() and all(map(_triton().triton_supported, params))
+        else:
+            fused = (
+                fp32_moments and all(map(_fused_cpu.fused_supported, params)) and _fused_cpu.load_kernel() is not None
+            )
     if foreach is None:
-        foreach = all(p.is_cuda for p in params)
-    impl = _fused_cpu._fused_foam if fused else _multi_tensor_foam if foreach else _single_tensor_foam
+        foreach = on_cuda
+    if fused:
+        impl = _triton()._fused_foam_triton if on_cuda else _fused_cpu._fused_foam
+    else:
+        impl = _multi_tensor_foam if foreach else _single_tensor_foam
     impl(
         params,
         grads,

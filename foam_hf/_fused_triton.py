@@ -1,0 +1,272 @@
+"""The fused CUDA step of FOAM: Triton kernels, one launch per tensor, no full-size temporaries.
+
+The same math, constants and order of operations as the fused CPU kernel (``csrc/foam_cpu.cpp``) and the
+readable path (:func:`foam_hf.optim._single_tensor_foam`), which the tests hold it to:
+
+* a folded tensor ``(*rows, n)`` is viewed as ``rows x n``; program ``(r, t)`` takes ``KB`` blocks of row
+  ``r`` as a ``KB x BP`` tile (``BP`` = ``B`` rounded up to a power of two, the extra lanes masked), so any
+  block size works and the ragged last block of a row averages over its own entries only;
+* per block: ``g̃``, ``g̃⁽²⁾``, ``m̃ ← lerp(m̃, g̃, 1−β1)``, ``ṽ ← β2 ṽ + (1−β2) g̃⁽²⁾``; per entry:
+  ``R = G − g̃``, ``M = m̃ + ρR``, ``V = ṽ + ρ²R²``, ``W ← W(1−γλ) + c · M / (√V + ε√bc2)`` with
+  ``c = −γα√bc2 / bc1`` (ε moved inside the bias-corrected root, one division per entry);
+* unfolded tensors (1-D, or ``B = 1``) take AdamW's update in a 1-D kernel.
+
+Square roots and divisions are IEEE round-to-nearest (``tl.sqrt_rn``, ``tl.div_rn``), not the GPU's fast
+approximations, so results match the CPU paths to rounding. G and W are read once and W written once per
+entry, in the parameter's dtype; moments are float32.
+
+Triton ships with the CUDA builds of torch; without it this module still imports and reports the path
+unavailable. Tests run the kernels on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``, set before
+this module is imported), which checks their logic but says nothing of their speed on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from foam_hf.folding import is_foldable
+
+try:  # Triton ships with torch's CUDA builds; without it this path is simply unavailable.
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+__all__ = ["TRITON_DTYPES", "triton_available", "triton_supported"]
+
+#: Parameter dtypes the Triton kernels step (moments are always float32).
+TRITON_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+
+# Tile sizes: entries per program of the folded kernel (KB · BP, at least one block) and of the 1-D kernel.
+_TILE = 2048
+_ADAMW_BLOCK = 1024
+
+
+def triton_available() -> bool:
+    """Whether Triton imports here (it comes with torch's CUDA builds)."""
+    return triton is not None
+
+
+def triton_supported(param: torch.Tensor) -> bool:
+    """Whether the Triton kernels can step ``param``: a dense, contiguous CUDA tensor of a :data:`TRITON_DTYPES`."""
+    return (
+        param.device.type == "cuda"
+        and param.dtype in TRITON_DTYPES
+        and param.layout == torch.strided
+        and param.is_contiguous()
+        and type(param) in (torch.Tensor, torch.nn.Parameter)
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _store_weight(ptrs, value, mask, OUT_BF16: tl.constexpr):
+        # fp32 -> the parameter's dtype. bf16 rounds to nearest even with integer ops, exactly as torch and the
+        # CPU kernel do (NaN -> 0x7FC0), identical on a GPU and in Triton's interpreter (whose own cast truncates).
+        if OUT_BF16:
+            bits = value.to(tl.uint32, bitcast=True)
+            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            rounded = tl.where(value != value, 0x7FC0, rounded)
+            tl.store(ptrs, rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        else:
+            tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _foam_fold_kernel(
+        g_ptr,
+        w_ptr,
+        m_ptr,
+        v_ptr,
+        n,
+        num_blocks,
+        decay,
+        lerp_weight,
+        beta2,
+        one_minus_beta2,
+        rho,
+        rho2,
+        eps_bc2,
+        step_c,
+        B: tl.constexpr,
+        BP: tl.constexpr,
+        KB: tl.constexpr,
+        MEAN_SQ: tl.constexpr,
+        SMALL_WEIGHT: tl.constexpr,
+        OUT_BF16: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        k = tl.program_id(1) * KB + tl.arange(0, KB)  # block indices of this tile
+        lane = tl.arange(0, BP)
+        col = k[:, None] * B + lane[None, :]
+        in_block = (lane[None, :] < B) & (col < n) & (k[:, None] < num_blocks)
+        has_block = k < num_blocks
+        g = tl.load(g_ptr + row * n + col, mask=in_block, other=0.0).to(tl.float32)
+        count = tl.minimum(n - k * B, B).to(tl.float32)  # < B only for the ragged last block of the row
+        count = tl.where(has_block, count, 1.0)
+        # g̃ = blockmean(G);  g̃⁽²⁾ = blockmean(G⊙G) or g̃⊙g̃
+        grad_mean = tl.div_rn(tl.sum(g, axis=1), count)
+        if MEAN_SQ:
+            grad_sq_mean = tl.div_rn(tl.sum(g * g, axis=1), count)
+        else:
+            grad_sq_mean = grad_mean * grad_mean
+        # m̃ ← lerp(m̃, g̃, 1−β1) (torch.lerp's two-sided formula);  ṽ ← β2 ṽ + (1−β2) g̃⁽²⁾
+        m_old = tl.load(m_ptr + row * num_blocks + k, mask=has_block, other=0.0)
+        v_old = tl.load(v_ptr + row * num_blocks + k, mask=has_block, other=0.0)
+        if SMALL_WEIGHT:
+            m_new = m_old + lerp_weight * (grad_mean - m_old)
+        else:
+            m_new = grad_mean - (grad_mean - m_old) * (1.0 - lerp_weight)
+        v_new = v_old * beta2 + one_minus_beta2 * grad_sq_mean
+        tl.store(m_ptr + row * num_blocks + k, m_new, mask=has_block)
+        tl.store(v_ptr + row * num_blocks + k, v_new, mask=has_block)
+        # R = G − unfold(g̃);  M = unfold(m̃) + ρR;  V = unfold(ṽ) + ρ²R⊙R;  W ← W(1−γλ) + c·M/(√V + ε√bc2)
+        residual = g - grad_mean[:, None]
+        first = m_new[:, None] + rho * residual
+        second = v_new[:, None] + rho2 * (residual * residual)
+        w_ptrs = w_ptr + row * n + col
+        w = tl.load(w_ptrs, mask=in_block, other=0.0)
+        w_new = w.to(tl.float32) * decay + step_c * tl.div_rn(first, tl.sqrt_rn(second) + eps_bc2)
+        _store_weight(w_ptrs, w_new, in_block, OUT_BF16)
+
+    @triton.jit
+    def _adamw_kernel(
+        g_ptr,
+        w_ptr,
+        m_ptr,
+        v_ptr,
+        numel,
+        decay,
+        lerp_weight,
+        beta2,
+        one_minus_beta2,
+        eps_bc2,
+        step_c,
+        BLOCK: tl.constexpr,
+        SMALL_WEIGHT: tl.constexpr,
+        OUT_BF16: tl.constexpr,
+    ):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < numel
+        g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        m_old = tl.load(m_ptr + offsets, mask=mask, other=0.0)
+        if SMALL_WEIGHT:
+            m = m_old + lerp_weight * (g - m_old)
+        else:
+            m = g - (g - m_old) * (1.0 - lerp_weight)
+        v = tl.load(v_ptr + offsets, mask=mask, other=0.0) * beta2 + one_minus_beta2 * g * g
+        tl.store(m_ptr + offsets, m, mask=mask)
+        tl.store(v_ptr + offsets, v, mask=mask)
+        w = tl.load(w_ptr + offsets, mask=mask, other=0.0)
+        w_new = w.to(tl.float32) * decay + step_c * tl.div_rn(m, tl.sqrt_rn(v) + eps_bc2)
+        _store_weight(w_ptr + offsets, w_new, mask, OUT_BF16)
+
+
+def _fused_foam_triton(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    state_steps: list[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    block_size: int,
+    scale: float,
+    res_scale: float,
+    second_moment: str,
+) -> None:
+    """The CUDA fused path: one kernel launch per tensor; the ``impl`` :func:`foam_hf.optim.foam` picks on CUDA.
+
+    The bias corrections come from ``state_steps`` (CPU scalars, as in torch's Adam), so a step never waits
+    on the GPU. Gradients that are not contiguous or not in the parameter's dtype are made so first.
+    """
+    if not params:
+        return
+    if not triton_available():
+        raise RuntimeError(
+            "FOAM: fused=True on CUDA needs Triton, which is not importable here. Fix: install the CUDA build of "
+            "torch (it ships Triton) or `pip install triton`, or pass fused=None to use the foreach path."
+        )
+    if any(m.dtype != torch.float32 or v.dtype != torch.float32 for m, v in zip(exp_avgs, exp_avg_sqs)):
+        raise RuntimeError(
+            "FOAM: the fused path keeps float32 moments; got other state dtypes (state_dtype='bfloat16'?). "
+            "Fix: pass fused=None or False for this group."
+        )
+
+    lerp_weight = 1.0 - beta1
+    small_weight = abs(lerp_weight) < 0.5
+    for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+        step_t += 1
+        step = step_t.item()
+        bias_correction1 = 1.0 - beta1**step
+        bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
+        folded = is_foldable(param, block_size)
+        hyper = dict(
+            decay=1.0 - lr * weight_decay,
+            lerp_weight=lerp_weight,
+            beta2=beta2,
+            one_minus_beta2=1.0 - beta2,
+            eps_bc2=eps * bias_correction2_sqrt,
+            step_c=-lr / bias_correction1 * (scale if folded else 1.0) * bias_correction2_sqrt,
+        )
+        if param.numel() == 0:
+            continue
+        if grad.dtype != param.dtype or not grad.is_contiguous():
+            grad = grad.to(param.dtype).contiguous()
+        if folded:
+            n = param.shape[-1]
+            rows = param.numel() // n
+            num_blocks = (n + block_size - 1) // block_size
+            padded = 1 << (block_size - 1).bit_length()
+            blocks_per_tile = max(1, _TILE // padded)
+            grid = (rows, _cdiv(num_blocks, blocks_per_tile))
+            _foam_fold_kernel[grid](
+                grad,
+                param,
+                exp_avg,
+                exp_avg_sq,
+                n,
+                num_blocks,
+                hyper["decay"],
+                hyper["lerp_weight"],
+                hyper["beta2"],
+                hyper["one_minus_beta2"],
+                res_scale,
+                res_scale * res_scale,
+                hyper["eps_bc2"],
+                hyper["step_c"],
+                B=block_size,
+                BP=padded,
+                KB=blocks_per_tile,
+                MEAN_SQ=second_moment == "mean_sq",
+                SMALL_WEIGHT=small_weight,
+                OUT_BF16=param.dtype == torch.bfloat16,
+            )
+        else:
+            grid = (_cdiv(param.numel(), _ADAMW_BLOCK),)
+            _adamw_kernel[grid](
+                grad,
+                param,
+                exp_avg,
+                exp_avg_sq,
+                param.numel(),
+                hyper["decay"],
+                hyper["lerp_weight"],
+                hyper["beta2"],
+                hyper["one_minus_beta2"],
+                hyper["eps_bc2"],
+                hyper["step_c"],
+                BLOCK=_ADAMW_BLOCK,
+                SMALL_WEIGHT=small_weight,
+                OUT_BF16=param.dtype == torch.bfloat16,
+            )
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)

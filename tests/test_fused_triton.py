@@ -1,0 +1,123 @@
+"""The Triton kernels of the CUDA fused path against the readable path, run in Triton's interpreter on CPU.
+
+``TRITON_INTERPRET=1`` executes the ``@triton.jit`` kernels as NumPy code on CPU tensors, so their indexing,
+masking, block means, moments and update are checked here, on every machine with Triton installed (the
+``dev`` extra installs it); their speed and their compiled form on a GPU are not (docs/benchmarks.md says
+what was measured where). The interpreter must be on before Triton is first imported: tests/conftest.py
+sets it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from test_fused import HPARAMS, SHAPES
+
+from foam_hf import _fused_triton as fused_triton
+from foam_hf.folding import folded_shape, is_foldable
+from foam_hf.optim import FOAM, _single_tensor_foam
+
+# tests/conftest.py turns the interpreter on before anything imports Triton; without it these tests would run
+# nothing they claim to.
+assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py must set TRITON_INTERPRET=1"
+
+# Every block size the kernel treats alike (powers of two), one it pads (3: a 4-lane tile with a masked lane),
+# 1 (the AdamW kernel) and one wider than most rows here (32: a single, ragged block per row).
+BLOCK_SIZES = [1, 2, 3, 4, 8, 32]
+STEPS = 4  # bias corrections and the moments' history both matter after a few steps
+# (dtype, weight atol, weight rtol): as tests/test_fused.py. fp32: a different summation order of the block
+# means (a tree in Triton) and ε moved inside one division, ~1 ulp per step. bf16: neighbouring bf16 values.
+DTYPES = [(torch.float32, 1e-6, 1e-5), (torch.bfloat16, 1e-6, 2**-7)]
+
+
+def fresh_state(params, block_size):
+    exp_avgs = [
+        torch.zeros(folded_shape(p.shape, block_size) if is_foldable(p, block_size) else p.shape) for p in params
+    ]
+    return exp_avgs, [torch.zeros_like(m) for m in exp_avgs], [torch.tensor(0.0) for _ in params]
+
+
+def run_both(block_size, second_moment, res_scale, dtype, hparams=HPARAMS):
+    gen = torch.Generator().manual_seed(0)
+    reference = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
+    triton = [p.clone() for p in reference]
+    state_ref, state_triton = fresh_state(reference, block_size), fresh_state(triton, block_size)
+    betas = hparams["betas"]
+    kwargs = dict(
+        lr=hparams["lr"],
+        beta1=betas[0],
+        beta2=betas[1],
+        eps=hparams["eps"],
+        weight_decay=hparams["weight_decay"],
+        block_size=block_size,
+        scale=hparams["scale"],
+        res_scale=res_scale,
+        second_moment=second_moment,
+    )
+    for _ in range(STEPS):
+        grads = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
+        _single_tensor_foam(reference, grads, *state_ref, **kwargs)
+        fused_triton._fused_foam_triton(triton, grads, *state_triton, **kwargs)
+    return reference, triton, state_ref, state_triton
+
+
+@pytest.mark.parametrize("second_moment", ["mean_sq", "sq_mean"])
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_triton_matches_single_tensor_fp32(block_size, second_moment):
+    reference, triton, state_ref, state_triton = run_both(block_size, second_moment, 0.5, torch.float32)
+    for p, q in zip(reference, triton):
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5)
+    for expected, actual in zip(state_ref[0] + state_ref[1], state_triton[0] + state_triton[1]):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
+    assert [s.item() for s in state_triton[2]] == [float(STEPS)] * len(SHAPES)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("res_scale", [0.0, 1.0])
+@pytest.mark.parametrize("block_size", [3, 4])
+def test_triton_residual_scales_and_dtypes(block_size, res_scale, dtype, atol, rtol):
+    reference, triton, _, _ = run_both(block_size, "mean_sq", res_scale, dtype)
+    for p, q in zip(reference, triton):
+        assert q.dtype == dtype
+        torch.testing.assert_close(q.float(), p.float(), atol=atol, rtol=rtol)
+
+
+def test_triton_large_lerp_weight_uses_torchs_other_branch():
+    # beta1 < 0.5 makes 1 - beta1 > 0.5: torch.lerp then computes end - (end - start)(1 - w); so must the kernel.
+    hparams = dict(HPARAMS, betas=(0.3, 0.99))
+    reference, triton, state_ref, state_triton = run_both(4, "mean_sq", 1.0, torch.float32, hparams)
+    for p, q in zip(reference, triton):
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5)
+    for expected, actual in zip(state_ref[0], state_triton[0]):
+        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_triton_refuses_bf16_states():
+    params = [torch.randn(4, 8)]
+    exp_avgs = [torch.zeros(4, 2, dtype=torch.bfloat16)]
+    with pytest.raises(RuntimeError, match=r"keeps float32 moments.*state_dtype='bfloat16'.*Fix: pass fused=None"):
+        fused_triton._fused_foam_triton(
+            params,
+            [torch.randn(4, 8)],
+            exp_avgs,
+            [torch.zeros(4, 2, dtype=torch.bfloat16)],
+            [torch.tensor(0.0)],
+            lr=1e-3,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            block_size=4,
+            scale=1.0,
+            res_scale=1.0,
+            second_moment="mean_sq",
+        )
+
+
+def test_cpu_parameters_are_not_triton_parameters():
+    # The Triton path is for CUDA tensors only; on CPU, fused=True means the C++ kernel (tests/test_fused.py).
+    assert not fused_triton.triton_supported(torch.nn.Parameter(torch.randn(4, 8)))
+    assert fused_triton.triton_available()
+    FOAM([torch.nn.Parameter(torch.randn(4, 8))], fused=True)  # builds: the CPU kernel takes it
