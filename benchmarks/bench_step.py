@@ -173,6 +173,13 @@ def build_candidates(args) -> tuple[list[Candidate], list[tuple[str, str]]]:
                 )
             )
         candidates.append(Candidate("FOAM default (fused=None) B=4", dname, lambda ps: FOAM(ps, block_size=4)))
+        candidates.append(
+            Candidate(
+                "FOAM default (fused) B=4, bf16 states",
+                dname,
+                lambda ps: FOAM(ps, block_size=4, state_dtype="bfloat16"),
+            )
+        )
     if args.peers:
         for name, factory, why in peer_factories(args):
             if factory is None:

@@ -116,7 +116,8 @@ def _fused_foam(
     """The fused path: one C++ call per group, one read of G and W and one write of W per element.
 
     Gradients that are not contiguous or not in the parameter's dtype are made so first (a copy, the only
-    full-size allocation this path can make; Trainer's gradients never need it).
+    full-size allocation this path can make; Trainer's gradients never need it). Tensors with bf16 moments
+    are stepped one at a time on fp32 copies of their moments, which are then stochastically rounded back.
     """
     if not params:
         return
@@ -130,20 +131,16 @@ def _fused_foam(
                 f"{p.device}, contiguous={p.is_contiguous()}; it needs contiguous CPU float32/bfloat16/float16 "
                 "tensors. Fix: pass fused=False (or None) for this group."
             )
-    if any(m.dtype != torch.float32 or v.dtype != torch.float32 for m, v in zip(exp_avgs, exp_avg_sqs)):
-        raise RuntimeError(
-            "FOAM: the fused CPU path keeps float32 moments; got other state dtypes (state_dtype='bfloat16'?). "
-            "Fix: pass fused=None or False for this group."
-        )
+    for m, v in zip(exp_avgs, exp_avg_sqs):
+        if m.dtype != v.dtype or m.dtype not in (torch.float32, torch.bfloat16):
+            raise RuntimeError(
+                f"FOAM: the fused CPU path stores moments in float32 or bfloat16; got {m.dtype} and {v.dtype}. "
+                "Fix: pass fused=None or False for this group."
+            )
     grads = [
         g if g.dtype == p.dtype and g.is_contiguous() else g.to(p.dtype).contiguous() for p, g in zip(params, grads)
     ]
-    kernel.fused_step(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        state_steps,
+    hyper = (
         float(lr),
         float(beta1),
         float(beta2),
@@ -154,3 +151,16 @@ def _fused_foam(
         float(res_scale),
         second_moment == "mean_sq",
     )
+    fp32 = [i for i, m in enumerate(exp_avgs) if m.dtype == torch.float32]
+    if fp32:
+        pick = lambda seq: [seq[i] for i in fp32]  # noqa: E731
+        kernel.fused_step(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(state_steps), *hyper)
+    # bf16 moments (state_dtype="bfloat16"): one tensor at a time, the moments staged in fp32 (transient bytes:
+    # 8 per moment entry of the tensor being stepped, i.e. 8/B per weight entry), stepped by the same kernel,
+    # then stored back with the stochastic rounding of the other paths (foam_hf.optim._store_moment).
+    for i in (i for i, m in enumerate(exp_avgs) if m.dtype == torch.bfloat16):
+        exp_avg, exp_avg_sq = exp_avgs[i].float(), exp_avg_sqs[i].float()
+        kernel.fused_step([params[i]], [grads[i]], [exp_avg], [exp_avg_sq], [state_steps[i]], *hyper)
+        step = int(state_steps[i].item())
+        kernel.stochastic_round_bf16(exp_avg, exp_avgs[i], step, 0)
+        kernel.stochastic_round_bf16(exp_avg_sq, exp_avg_sqs[i], step, 1)

@@ -179,11 +179,6 @@ def validate_group_options(options: dict[str, Any], where: str = "") -> None:
             f"torch.float32/torch.bfloat16).{why} Fix: pass state_dtype='bfloat16' to halve state memory, or "
             f"None for fp32 states{at}."
         )
-    if options.get("fused") and state_dtype == "bfloat16":
-        raise FoamConfigError(
-            f"FOAM: fused=True with state_dtype='bfloat16': the fused kernel keeps fp32 moments. "
-            f"Fix: pass fused=None (bf16 states then use the for-loop or foreach path){at}."
-        )
     if options.get("fused") and options["foreach"]:
         raise FoamConfigError(
             f"FOAM: fused=True and foreach=True cannot be set together (they name two implementations). "
@@ -216,6 +211,11 @@ def _check_fused_available(param_groups: list[dict[str, Any]]) -> None:
             raise RuntimeError(
                 f"FOAM: fused=True in param group {index}, which holds both CPU and CUDA parameters; a fused step "
                 "runs on one device. Fix: put each device's parameters in a group of their own, or pass fused=None."
+            )
+        if "cuda" in devices and group["state_dtype"] == "bfloat16":
+            raise FoamConfigError(
+                f"FOAM: fused=True with state_dtype='bfloat16' in param group {index}, on CUDA: the Triton kernels "
+                "keep fp32 moments. Fix: pass fused=None (bf16 states then use the foreach path on CUDA)."
             )
         if "cuda" in devices and not _triton().triton_available():
             raise RuntimeError(
@@ -676,17 +676,15 @@ def foam(
     ``foreach=None`` uses the multi-tensor path when every parameter is on CUDA, as torch does.
     ``fused=None`` (with ``foreach=None``) uses a fused kernel where one is available: the C++ kernel when
     every parameter is a contiguous CPU float32/bfloat16/float16 tensor and it can be built, the Triton
-    kernels when every parameter is such a CUDA tensor and Triton imports. Fused paths keep fp32 moments.
+    kernels when every parameter is such a CUDA tensor, the moments are fp32 and Triton imports.
     """
     fp32_moments = all(m.dtype == torch.float32 for m in exp_avgs)
     on_cuda = bool(params) and all(p.is_cuda for p in params)
     if fused is None and foreach is None:
         if on_cuda:
             fused = fp32_moments and _triton().triton_available() and all(map(_triton().triton_supported, params))
-        else:
-            fused = (
-                fp32_moments and all(map(_fused_cpu.fused_supported, params)) and _fused_cpu.load_kernel() is not None
-            )
+        else:  # the CPU kernel also steps bf16 moments (state_dtype="bfloat16")
+            fused = all(map(_fused_cpu.fused_supported, params)) and _fused_cpu.load_kernel() is not None
     if foreach is None:
         foreach = on_cuda
     if fused:

@@ -148,7 +148,7 @@ PARAM_ERRORS = [
         [
             "fused=True in param group 0",
             "torch.float64",
-            "contiguous CPU float32/bfloat16/float16",
+            "contiguous CPU or CUDA float32/bfloat16/float16",
             "Fix: pass fused=None",
         ],
     ),

@@ -31,10 +31,6 @@ def doc_files() -> list[Path]:
     return [p for p in (ROOT / "README.md", ROOT / "CHANGELOG.md") if p.exists()] + sorted((ROOT / "docs").glob("*.md"))
 
 
-#: Pages other changes are writing right now and that some pages already link to. A missing one is not
-#: reported; once it exists its links and anchors are checked like any other. Empty this set when they land.
-PENDING_PAGES = {"docs/benchmarks.md", "docs/guarantees.md"}
-
 # ----------------------------------------------------------------------------------------- Markdown parsing
 
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
@@ -119,8 +115,7 @@ def broken_links(pages: list[Path], root: Path = ROOT) -> list[str]:
             resolved = (page.parent / file_part).resolve() if file_part else page
             rel = resolved.relative_to(root).as_posix() if resolved.is_relative_to(root) else str(resolved)
             if not resolved.exists():
-                if rel not in PENDING_PAGES:
-                    problems.append(f"{where}:{number}: {target!r} -> {rel} does not exist")
+                problems.append(f"{where}:{number}: {target!r} -> {rel} does not exist")
                 continue
             if anchor and resolved.suffix == ".md" and resolved.is_file():
                 if anchor not in heading_anchors(resolved.read_text(encoding="utf-8")):
@@ -238,7 +233,7 @@ def test_link_checker_catches_what_it_should(tmp_path):
     page.write_text(
         "# Title `x`\n\n[ok](#title-x) [bad](#nope) [file](missing.md)\n\n```\n[in code](nowhere.md)\n```\n"
         "`[span](nowhere.md)` ![img](img.png) [web](https://example.org/x.md)\n"
-        "[pending](docs/benchmarks.md) [anchor](page.md#title-x) [ref]: other.md\n",
+        "[sub](docs/benchmarks.md) [anchor](page.md#title-x) [ref]: other.md\n",
         encoding="utf-8",
     )
     assert links(page) == [
@@ -254,6 +249,7 @@ def test_link_checker_catches_what_it_should(tmp_path):
     assert broken_links([page], root=tmp_path) == [
         "page.md:3: '#nope': page.md has no heading with anchor #nope",
         "page.md:3: 'missing.md' -> missing.md does not exist",
+        "page.md:9: 'docs/benchmarks.md' -> docs/benchmarks.md does not exist",
     ]
 
 

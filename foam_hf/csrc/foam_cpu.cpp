@@ -441,9 +441,43 @@ void fused_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
   }
 }
 
+// bf16 moment storage: dst ← stochastically rounded src, exactly foam_hf.rounding.store_moment's arithmetic.
+// The dither of entry i is a counter hash of (i, step, salt): h = i·0x9E3779B1 + offset (mod 2^32), then
+// h ^= h >> 16, h *= 0x7FEB352D, h ^= h >> 15, dither = h & 0xFFFF; finite values become
+// (bits(x) + dither) >> 16, non-finite ones round to nearest (NaN -> 0x7FC0). The loop vectorises.
+namespace {
+FOAM_CLONES void stochastic_round_span(const float* __restrict src, uint16_t* __restrict dst, int64_t i0, int64_t i1,
+                                       uint32_t offset) {
+  for (int64_t i = i0; i < i1; ++i) {
+    uint32_t h = static_cast<uint32_t>(i) * UINT32_C(0x9E3779B1) + offset;
+    h ^= h >> 16;
+    h *= UINT32_C(0x7FEB352D);
+    h ^= h >> 15;
+    uint32_t bits;
+    std::memcpy(&bits, &src[i], sizeof(bits));
+    const bool finite = (bits & UINT32_C(0x7F800000)) != UINT32_C(0x7F800000);
+    const uint16_t sr = static_cast<uint16_t>((bits + (h & UINT32_C(0xFFFF))) >> 16);
+    dst[i] = finite ? sr : BF16::store(src[i]);
+  }
+}
+}  // namespace
+
+void stochastic_round_bf16(const at::Tensor& src, const at::Tensor& dst, int64_t step, int64_t salt) {
+  TORCH_CHECK(src.scalar_type() == at::kFloat && dst.scalar_type() == at::kBFloat16 && src.is_contiguous() &&
+                  dst.is_contiguous() && src.device().is_cpu() && dst.device().is_cpu() &&
+                  src.numel() == dst.numel(),
+              "foam stochastic_round_bf16: needs contiguous CPU float32 src and bfloat16 dst of one size.");
+  const uint32_t offset = static_cast<uint32_t>(step) * UINT32_C(0x85EBCA77) + static_cast<uint32_t>(salt) * UINT32_C(0xC2B2AE3D);
+  const float* sp = src.data_ptr<float>();
+  uint16_t* dp = reinterpret_cast<uint16_t*>(dst.data_ptr());
+  at::parallel_for(0, src.numel(), 32768, [&](int64_t i0, int64_t i1) { stochastic_round_span(sp, dp, i0, i1, offset); });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "FOAM fused CPU step (see foam_hf/_fused_cpu.py)";
   module.def("fused_step", &fused_step, "One fused FOAM step over lists of tensors (in place).");
+  module.def("stochastic_round_bf16", &stochastic_round_bf16,
+             "dst (bf16) <- src (fp32) stochastically rounded with the (index, step, salt) counter hash.");
   module.def("isa", [] { return std::string(kIsaNames[current_isa()]); }, "The implementation in use.");
   module.def("openmp", [] {
 #ifdef _OPENMP
