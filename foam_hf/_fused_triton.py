@@ -22,6 +22,7 @@ this module is imported), which checks their logic but says nothing of their spe
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -34,7 +35,9 @@ try:  # Triton ships with torch's CUDA builds; without it this path is simply un
 except ImportError:
     triton = None
 
-__all__ = ["TRITON_DTYPES", "triton_available", "triton_supported"]
+__all__ = ["TRITON_DTYPES", "triton_available", "triton_ready", "triton_supported"]
+
+logger = logging.getLogger(__name__)
 
 #: Parameter dtypes the Triton kernels step (moments are always float32).
 TRITON_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
@@ -47,6 +50,54 @@ _ADAMW_BLOCK = 1024
 def triton_available() -> bool:
     """Whether Triton imports here (it comes with torch's CUDA builds)."""
     return triton is not None
+
+
+_ready: dict[torch.device, bool] = {}
+
+
+def triton_ready(device: torch.device) -> bool:
+    """Whether the kernels compile and run on ``device``: checked once per device on a tiny scratch step.
+
+    ``fused=None`` asks this before choosing the Triton path, so a Triton or driver that cannot build these
+    kernels costs one logged warning and the foreach path, not a failed training run. (``fused=True`` does not
+    ask: its errors surface as they are.)
+    """
+    if not triton_available():
+        return False
+    device = torch.device(device)
+    if device not in _ready:
+        try:
+            weight = torch.linspace(-1.0, 1.0, 24, device=device).view(2, 12)
+            bias = torch.ones(3, device=device)
+            params = [weight, bias]
+            exp_avgs = [torch.zeros(2, 3, device=device), torch.zeros(3, device=device)]
+            _fused_foam_triton(
+                params,
+                [p.flip(-1).clone() for p in params],
+                exp_avgs,
+                [torch.zeros_like(m) for m in exp_avgs],
+                [torch.tensor(0.0), torch.tensor(0.0)],
+                lr=1e-3,
+                beta1=0.9,
+                beta2=0.999,
+                eps=1e-8,
+                weight_decay=0.0,
+                block_size=4,
+                scale=1.0,
+                res_scale=1.0,
+                second_moment="mean_sq",
+            )
+            _ready[device] = bool(all(torch.isfinite(p).all() for p in params))
+        except Exception as exc:  # noqa: BLE001 - any failure to build or run means "use the foreach path"
+            _ready[device] = False
+            logger.warning(
+                "FOAM: the Triton kernels could not run on %s, so FOAM uses its foreach path (same results, "
+                "more memory traffic). Reason: %s: %s",
+                device,
+                type(exc).__name__,
+                str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+            )
+    return _ready[device]
 
 
 def triton_supported(param: torch.Tensor) -> bool:

@@ -682,7 +682,11 @@ def foam(
     on_cuda = bool(params) and all(p.is_cuda for p in params)
     if fused is None and foreach is None:
         if on_cuda:
-            fused = fp32_moments and _triton().triton_available() and all(map(_triton().triton_supported, params))
+            fused = (
+                fp32_moments
+                and all(map(_triton().triton_supported, params))
+                and _triton().triton_ready(params[0].device)
+            )
         else:  # the CPU kernel also steps bf16 moments (state_dtype="bfloat16")
             fused = all(map(_fused_cpu.fused_supported, params)) and _fused_cpu.load_kernel() is not None
     if foreach is None:

@@ -121,3 +121,26 @@ def test_cpu_parameters_are_not_triton_parameters():
     assert not fused_triton.triton_supported(torch.nn.Parameter(torch.randn(4, 8)))
     assert fused_triton.triton_available()
     FOAM([torch.nn.Parameter(torch.randn(4, 8))], fused=True)  # builds: the CPU kernel takes it
+
+
+def test_ready_check_runs_the_kernels_once_per_device(monkeypatch):
+    monkeypatch.setattr(fused_triton, "_ready", {})
+    assert fused_triton.triton_ready(torch.device("cpu"))  # the interpreter runs them on CPU tensors
+    calls = []
+    monkeypatch.setattr(fused_triton, "_fused_foam_triton", lambda *a, **k: calls.append(1))
+    assert fused_triton.triton_ready(torch.device("cpu")) and not calls  # cached: not run again
+
+
+def test_ready_check_failure_warns_once_and_says_no(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX assembly failed\nlong compiler log")
+
+    monkeypatch.setattr(fused_triton, "_ready", {})
+    monkeypatch.setattr(fused_triton, "_fused_foam_triton", broken)
+    with caplog.at_level("WARNING", logger="foam_hf._fused_triton"):
+        assert not fused_triton.triton_ready(torch.device("cpu"))
+        assert not fused_triton.triton_ready(torch.device("cpu"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "foreach path" in warnings[0] and "RuntimeError: PTX assembly failed" in warnings[0]
+    assert "long compiler log" not in warnings[0]
