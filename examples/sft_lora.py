@@ -7,9 +7,10 @@
 
 The task: given the first line of a standard-library function (``def name(args):``), write its body
 (prompt-completion pairs, so the loss covers the completion only). Only the adapters are trainable, so only
-they get optimizer states: ``lora_A`` (r x in) folds along ``in``, and ``lora_B`` (out x r) folds along
-``r`` unless ``--optim-args "block_sizes=lora_B:1"`` keeps its AdamW states (see docs/benchmarks-lora.md for
-which is better). Returns the losses, the state bytes and the block size of every adapter weight.
+they get optimizer states, and by default they keep AdamW states: folding them cost loss in every LoRA run
+measured (docs/benchmarks.md, "LoRA adapters"). ``--optim-args "block_sizes=lora_A:4"`` folds ``lora_A``
+(r x in, along ``in``), the cheapest of the folding variants measured. Returns the losses, the state bytes
+and the block size of every adapter weight.
 """
 
 from __future__ import annotations

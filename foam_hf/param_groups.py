@@ -5,10 +5,14 @@ Rules, in order:
 1. Only trainable parameters (``requires_grad``) are considered; a PEFT model therefore contributes only
    its adapter weights. Tied or shared parameters are one tensor and get exactly one block size.
 2. *Default targets*: the ``weight`` of every linear layer (``nn.Linear``, transformers' ``Conv1D``)
-   except the output head and the input embeddings (the paper's choice). Output heads are the module
-   ``get_output_embeddings()`` returns and task heads named as in :data:`OUTPUT_HEAD_NAMES`. ``target_modules`` replaces
-   that set: a list of module-name patterns, one full regex string, or ``"all-linear"`` (every linear
-   layer except the output head, as PEFT defines it). Targets fold with ``block_size``.
+   except the output head and the input embeddings (the paper's choice), and except PEFT adapter weights
+   (any parameter inside a PEFT tuner layer: LoRA's ``lora_A``/``lora_B``, ...). Adapters keep AdamW states
+   by default because folding them cost loss in every LoRA configuration measured (docs/benchmarks.md,
+   "LoRA adapters") while their states are a tiny share of memory; ``block_sizes=lora_A:4`` folds them.
+   Output heads are the module ``get_output_embeddings()`` returns and task heads named as in
+   :data:`OUTPUT_HEAD_NAMES`. ``target_modules`` replaces that set: a list of module-name patterns, one full
+   regex string, or ``"all-linear"`` (every linear layer except the output head, as PEFT defines it).
+   Targets fold with ``block_size``.
 3. *Overrides* (``block_sizes``) then set the block size of every trainable parameter inside a matched
    module, target or not (``lm_head:4`` folds the head, ``q_proj:1`` keeps AdamW states). A pattern
    matches a module name as PEFT's ``rank_pattern`` does: the name ends with the pattern at a ``.``
@@ -96,6 +100,15 @@ def _excluded_modules(model: nn.Module) -> set[int]:
     return excluded
 
 
+def _adapter_layer_names(model: nn.Module) -> set[str]:
+    """Names of the PEFT tuner layers (e.g. a LoRA-wrapped ``q_proj``) in ``model``; empty without PEFT."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # PEFT not installed: no model can hold its layers
+        return set()
+    return {name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+
+
 def _no_match_error(what: str, pattern: str, module_names: list[str]) -> NoMatchingModuleError:
     leaves = sorted({n.rsplit(".", 1)[-1] for n in module_names if n})
     close = difflib.get_close_matches(pattern, leaves, n=5, cutoff=0.5) or difflib.get_close_matches(
@@ -149,12 +162,14 @@ def resolve_block_sizes(
     if isinstance(targets, (list, tuple)) and [t.replace("_", "-") for t in targets] == ["all-linear"]:
         all_linear = True
     output_head = getattr(model, "get_output_embeddings", lambda: None)()
+    adapter_layers = _adapter_layer_names(model) if targets is None else set()
 
     def is_default_target(module_name: str, module: nn.Module, param_name: str) -> bool:
         if param_name != "weight" or not isinstance(module, linear_types):
             return False
         if targets is None:
-            return id(module) not in excluded
+            in_adapter = any(prefix in adapter_layers for prefix in _ancestors(module_name)) if module_name else False
+            return id(module) not in excluded and not in_adapter
         if all_linear:
             return module is not output_head
         if isinstance(targets, str):

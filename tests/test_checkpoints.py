@@ -274,7 +274,7 @@ def train(tmp_path, name, model_fn, *, resume=None, stop_at=None, **overrides):
     kwargs = dict(
         output_dir=str(tmp_path / name / "out"),
         optim="foam",
-        optim_args="block_size=4,block_sizes=lora_B:2",
+        optim_args="block_size=4,block_sizes=lora_A:4;lora_B:2",
         max_steps=STEPS,
         per_device_train_batch_size=4,
         learning_rate=1e-3,
@@ -306,7 +306,7 @@ def test_lora_resume_after_n_of_2n_steps_is_bitwise_exact(tmp_path):
     assert interrupted.state.global_step == STEPS // 2
     checkpoint = tmp_path / "interrupted" / "out" / f"checkpoint-{STEPS // 2}"
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
-    # The adapters fold (B=4 for lora_A, B=2 for lora_B by override); only adapters have state.
+    # The adapters fold by override (B=4 for lora_A, B=2 for lora_B); only adapters have state.
     assert sorted(g["block_size"] for g in saved["param_groups"]) == [2, 4]
     resumed = train(tmp_path, "interrupted", lora_model, resume=str(checkpoint))
     assert resumed.state.global_step == STEPS

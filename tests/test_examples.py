@@ -77,12 +77,21 @@ def test_pretrain_trainer_block_size_and_overrides_reach_the_optimizer(tmp_path)
 
 
 def test_sft_lora_gives_states_to_adapters_only(tmp_path):
-    summary = load_example("sft_lora").main(short_flags(tmp_path, 3) + ["--lora-r", "8"])
-    assert_foam_run(summary, FoamConfig(block_size=4))
+    # By default adapters keep AdamW states (docs/benchmarks.md, "LoRA adapters"): same bytes as AdamW.
+    summary = load_example("sft_lora").main(short_flags(tmp_path / "default", 3) + ["--lora-r", "8"])
     model = summary["trainer"].model
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(summary["block_sizes"]) == trainable and all("lora_" in n for n in trainable)
-    assert summary["block_sizes"] == resolve_block_sizes(model, FoamConfig(block_size=4)).block_sizes
+    assert set(summary["block_sizes"].values()) == {1}
+    assert summary["state_bytes"] == summary["adamw_state_bytes"] == expected_bytes(model, FoamConfig())[1]
+    assert summary["losses"] and all(math.isfinite(x) for x in summary["losses"])
+    # Folding lora_A by override, from the example's command line.
+    flags = short_flags(tmp_path / "folded", 3) + ["--lora-r", "8", "--optim-args", "block_sizes=lora_A:4"]
+    summary = load_example("sft_lora").main(flags)
+    config = FoamConfig(block_size=4, block_sizes={"lora_A": 4})
+    assert_foam_run(summary, config)
+    assert summary["block_sizes"] == resolve_block_sizes(summary["trainer"].model, config).block_sizes
+    assert {n for n, b in summary["block_sizes"].items() if b == 4} == {n for n in trainable if "lora_A" in n}
 
 
 def test_dpo(tmp_path):
