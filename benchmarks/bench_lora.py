@@ -18,12 +18,13 @@ Optimizers. FOAM is built as ``TrainingArguments(optim="foam", optim_args=...)``
 :func:`foam_hf.integration.optimizer_cls_and_kwargs`, i.e. :func:`~foam_hf.param_groups.resolve_block_sizes`
 then :func:`~foam_hf.param_groups.build_param_groups`:
 
-* ``adamw``: ``torch.optim.AdamW`` over the adapter weights;
-* ``foam B=4``: ``block_size=4``, every adapter matrix folds (lora_A ``r x in`` along ``in``, lora_B
-  ``out x r`` along ``r``);
-* ``foam B=4, lora_B:1``: ``block_size=4,block_sizes=lora_B:1``, lora_A folds, lora_B keeps AdamW states;
-* ``foam B=4, lora_A:1``: ``block_size=4,block_sizes=lora_A:1``, lora_B folds, lora_A keeps AdamW states;
-* ``foam B=8``: ``block_size=8``, every adapter matrix folds.
+* ``adamw``: ``torch.optim.AdamW`` over the adapter weights (what ``optim="foam"`` does by default with a
+  PEFT model: adapters keep AdamW states, see :mod:`foam_hf.param_groups`);
+* ``foam B=4``: ``block_sizes=lora_A:4;lora_B:4``, every adapter matrix folds (lora_A ``r x in`` along
+  ``in``, lora_B ``out x r`` along ``r``);
+* ``foam B=4, lora_A only``: ``block_sizes=lora_A:4``, lora_A folds, lora_B keeps AdamW states;
+* ``foam B=4, lora_B only``: ``block_sizes=lora_B:4``, lora_B folds, lora_A keeps AdamW states;
+* ``foam B=8``: ``block_sizes=lora_A:8;lora_B:8``, every adapter matrix folds.
 
 Prints a Markdown table: final train loss (mean of the last 20 steps), eval loss, the eval-loss difference to
 AdamW on the same seed (paired), optimizer-state bytes (measured from the state tensors) and their ratio to
@@ -63,10 +64,10 @@ from foam_hf.pretrain import (
 #: Label -> ``optim_args`` of ``optim="foam"`` (``None``: AdamW).
 VARIANTS: dict[str, str | None] = {
     "adamw": None,
-    "foam B=4": "block_size=4",
-    "foam B=4, lora_B:1": "block_size=4,block_sizes=lora_B:1",
-    "foam B=4, lora_A:1": "block_size=4,block_sizes=lora_A:1",
-    "foam B=8": "block_size=8",
+    "foam B=4": "block_sizes=lora_A:4;lora_B:4",
+    "foam B=4, lora_A only": "block_sizes=lora_A:4",
+    "foam B=4, lora_B only": "block_sizes=lora_B:4",
+    "foam B=8": "block_sizes=lora_A:8;lora_B:8",
 }
 
 # Final train loss: mean over this many last steps (one step's loss is one batch, too noisy alone).
