@@ -4,6 +4,7 @@ One command prints a Markdown table and writes a plot::
 
     python benchmarks/bench_step.py                  # 8 weights of 1024x1024, fp32 and bf16, B in 2,4,8,32
     python benchmarks/bench_step.py --quick          # a smoke run (small weights, few repetitions)
+    python benchmarks/bench_step.py --device cuda --rows 4096 --cols 4096 --dtypes bf16   # a GPU
 
 Timing: every optimizer owns its own copy of the weights and gradients; each repetition steps every
 optimizer once, in a rotating order, in this one process, so machine load hits them all alike. The table
@@ -63,12 +64,22 @@ def transient_peak_bytes(step: Callable[[], None]) -> int:
     return peak
 
 
+def cuda_transient_peak_bytes(step: Callable[[], None]) -> int:
+    """CUDA: peak allocated bytes during ``step`` above what was allocated before it."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
 def make_weights(args, dtype: torch.dtype, seed: int = 0) -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(seed)
     weights = []
     for _ in range(args.n_weights):
-        w = torch.nn.Parameter(torch.randn(args.rows, args.cols, generator=gen).to(dtype))
-        w.grad = (torch.randn(args.rows, args.cols, generator=gen) * 1e-2).to(dtype)
+        w = torch.nn.Parameter(torch.randn(args.rows, args.cols, generator=gen).to(args.device, dtype))
+        w.grad = (torch.randn(args.rows, args.cols, generator=gen) * 1e-2).to(args.device, dtype)
         weights.append(w)
     return weights
 
@@ -175,7 +186,7 @@ def build_candidates(args) -> tuple[list[Candidate], list[tuple[str, str]]]:
         candidates.append(Candidate("FOAM default (fused=None) B=4", dname, lambda ps: FOAM(ps, block_size=4)))
         candidates.append(
             Candidate(
-                "FOAM default (fused) B=4, bf16 states",
+                "FOAM default B=4, bf16 states",
                 dname,
                 lambda ps: FOAM(ps, block_size=4, state_dtype="bfloat16"),
             )
@@ -210,15 +221,31 @@ def main() -> None:
     parser.add_argument("--no-reference", dest="reference", action="store_false")
     parser.add_argument("--plot", default="docs/benchmarks-step.png", help="where to write the plot ('' for none)")
     parser.add_argument("--quick", action="store_true", help="small smoke run")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, or cuda: the fused rows then use the Triton kernels (peers run where they can)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.n_weights, args.rows, args.cols, args.reps, args.warmup = 2, 128, 256, 3, 1
+    on_cuda = torch.device(args.device).type == "cuda"
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
 
     start = time.perf_counter()
-    kernel = _fused_cpu.load_kernel()
-    compile_s = time.perf_counter() - start
-    if kernel is None:
-        raise SystemExit(f"the fused kernel could not be built: {_fused_cpu.kernel_build_error()}")
+    if on_cuda:  # compile the Triton kernels once, outside the timed steps
+        from foam_hf import _fused_triton
+
+        ready = _fused_triton.triton_ready(torch.device(args.device))
+        compile_s = time.perf_counter() - start
+        if not ready:
+            raise SystemExit("the Triton kernels cannot run here (see the warning above)")
+    else:
+        kernel = _fused_cpu.load_kernel()
+        compile_s = time.perf_counter() - start
+        if kernel is None:
+            raise SystemExit(f"the fused kernel could not be built: {_fused_cpu.kernel_build_error()}")
+    peak_bytes = cuda_transient_peak_bytes if on_cuda else transient_peak_bytes
 
     candidates, left_out = build_candidates(args)
     runnable: list[Candidate] = []
@@ -229,7 +256,7 @@ def main() -> None:
             for _ in range(args.warmup):
                 c.optimizer.step()
             c.state_bytes = state_bytes(c.optimizer)
-            c.transient_bytes = transient_peak_bytes(c.optimizer.step)
+            c.transient_bytes = peak_bytes(c.optimizer.step)
             runnable.append(c)
         except Exception as exc:  # a peer that does not step on CPU: report why, keep going
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -239,17 +266,23 @@ def main() -> None:
     for rep in range(args.reps):
         shift = rep % len(runnable)
         for c in runnable[shift:] + runnable[:shift]:
+            sync()
             t0 = time.perf_counter()
             c.optimizer.step()
+            sync()
             c.times.append(time.perf_counter() - t0)
 
     param_bytes = {
         d: args.n_weights * args.rows * args.cols * torch.empty((), dtype=DTYPES[d]).element_size() for d in args.dtypes
     }
     baseline = {c.dtype: statistics.median(c.times) for c in runnable if c.name == "torch AdamW fused"}
+    where = (
+        torch.cuda.get_device_name(torch.device(args.device))
+        if on_cuda
+        else f"{platform.machine()} {platform.processor() or ''} ({torch.get_num_threads()} threads)"
+    )
     print(
-        f"Date {datetime.date.today()}, machine {platform.machine()} {platform.processor() or ''} "
-        f"({torch.get_num_threads()} threads), torch {torch.__version__}, git {git_sha()}; "
+        f"Date {datetime.date.today()}, {where}, torch {torch.__version__}, git {git_sha()}; "
         f"{args.n_weights} weights of {args.rows}x{args.cols}, {args.reps} interleaved reps; "
         f"fused kernel ready in {compile_s:.1f} s in this process."
     )
@@ -293,7 +326,7 @@ def main() -> None:
         ax.set_xlabel("median step time / torch AdamW(fused=True), same dtype (log)")
         ax.invert_yaxis()
         ax.legend(loc="lower right")
-        ax.set_title(f"{args.n_weights} x {args.rows}x{args.cols}, {torch.get_num_threads()} CPU threads")
+        ax.set_title(f"{args.n_weights} x {args.rows}x{args.cols}, {where}")
         fig.tight_layout()
         fig.savefig(args.plot, dpi=110)
         print(f"\nplot written to {args.plot}")
