@@ -258,14 +258,9 @@ def _fused_foam_triton(
         bias_correction1 = 1.0 - beta1**step
         bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
         folded = is_foldable(param, block_size)
-        hyper = dict(
-            decay=1.0 - lr * weight_decay,
-            lerp_weight=lerp_weight,
-            beta2=beta2,
-            one_minus_beta2=1.0 - beta2,
-            eps_bc2=eps * bias_correction2_sqrt,
-            step_c=-lr / bias_correction1 * (scale if folded else 1.0) * bias_correction2_sqrt,
-        )
+        decay = 1.0 - lr * weight_decay
+        eps_bc2 = eps * bias_correction2_sqrt
+        step_c = -lr / bias_correction1 * (scale if folded else 1.0) * bias_correction2_sqrt
         if param.numel() == 0:
             continue
         if grad.dtype != param.dtype or not grad.is_contiguous():
@@ -276,7 +271,7 @@ def _fused_foam_triton(
             num_blocks = (n + block_size - 1) // block_size
             padded = 1 << (block_size - 1).bit_length()
             blocks_per_tile = max(1, _TILE // padded)
-            grid = (rows, _cdiv(num_blocks, blocks_per_tile))
+            grid = (rows, triton.cdiv(num_blocks, blocks_per_tile))
             _foam_fold_kernel[grid](
                 grad,
                 param,
@@ -284,14 +279,14 @@ def _fused_foam_triton(
                 exp_avg_sq,
                 n,
                 num_blocks,
-                hyper["decay"],
-                hyper["lerp_weight"],
-                hyper["beta2"],
-                hyper["one_minus_beta2"],
+                decay,
+                lerp_weight,
+                beta2,
+                1.0 - beta2,
                 res_scale,
                 res_scale * res_scale,
-                hyper["eps_bc2"],
-                hyper["step_c"],
+                eps_bc2,
+                step_c,
                 B=block_size,
                 BP=padded,
                 KB=blocks_per_tile,
@@ -300,24 +295,20 @@ def _fused_foam_triton(
                 OUT_BF16=param.dtype == torch.bfloat16,
             )
         else:
-            grid = (_cdiv(param.numel(), _ADAMW_BLOCK),)
+            grid = (triton.cdiv(param.numel(), _ADAMW_BLOCK),)
             _adamw_kernel[grid](
                 grad,
                 param,
                 exp_avg,
                 exp_avg_sq,
                 param.numel(),
-                hyper["decay"],
-                hyper["lerp_weight"],
-                hyper["beta2"],
-                hyper["one_minus_beta2"],
-                hyper["eps_bc2"],
-                hyper["step_c"],
+                decay,
+                lerp_weight,
+                beta2,
+                1.0 - beta2,
+                eps_bc2,
+                step_c,
                 BLOCK=_ADAMW_BLOCK,
                 SMALL_WEIGHT=small_weight,
                 OUT_BF16=param.dtype == torch.bfloat16,
             )
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
