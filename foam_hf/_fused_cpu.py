@@ -10,6 +10,7 @@ dispatches to; it is tested for parity against ``_single_tensor_foam`` in ``test
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -25,9 +26,17 @@ logger = logging.getLogger(__name__)
 #: Parameter dtypes the fused kernel handles (moments are always float32).
 FUSED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
-# Bump when the C++ source changes incompatibly: torch caches builds by this name.
-_EXTENSION_NAME = "foam_hf_fused_cpu_v3"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "foam_cpu.cpp")
+
+
+def extension_name(source: str = _SOURCE) -> str:
+    """The name torch caches the build under: keyed to the source's bytes, so two checkouts or versions of
+    foam_hf on one machine each keep their own build instead of rebuilding each other's (a fixed name made
+    every switch a rebuild)."""
+    with open(source, "rb") as handle:
+        digest = hashlib.sha256(handle.read()).hexdigest()[:12]
+    return f"foam_hf_fused_cpu_{digest}"
+
 
 _lock = threading.Lock()
 _kernel: Any = None
@@ -45,14 +54,18 @@ def load_kernel() -> Any:
         if _tried:
             return _kernel
         start = time.perf_counter()
+        name = extension_name()
         try:
             from torch.utils.cpp_extension import load
 
+            building = not _is_cached(name)
+            if building:  # about a minute on two cores: say so instead of stalling silently
+                logger.warning("FOAM: building the fused CPU kernel %s (once per foam_hf source version)...", name)
             # at::parallel_for is a header template: with torch's OpenMP backend it only runs in parallel when
             # the extension itself is compiled with -fopenmp (without it the kernel silently uses one thread).
             openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
             _kernel = load(
-                name=_EXTENSION_NAME,
+                name=name,
                 sources=[_SOURCE],
                 # -O3 for the vectoriser; -fno-math-errno so that sqrt vectorises (errno is never read here);
                 # no -march: the source picks AVX-512/AVX2/baseline code at load time (target_clones).
@@ -61,7 +74,10 @@ def load_kernel() -> Any:
                 verbose=False,
             )
             _build_seconds = time.perf_counter() - start
-            logger.info("FOAM: fused CPU kernel ready in %.1f s (built or loaded from torch's cache).", _build_seconds)
+            if building:
+                logger.warning("FOAM: fused CPU kernel %s built in %.1f s.", name, _build_seconds)
+            else:
+                logger.info("FOAM: fused CPU kernel %s loaded from torch's cache in %.1f s.", name, _build_seconds)
         except Exception as exc:  # no compiler, no ninja, no headers, ...: every failure means "unavailable"
             _kernel = None
             _error = f"{type(exc).__name__}: {exc}".strip()
@@ -72,6 +88,14 @@ def load_kernel() -> Any:
             )
         _tried = True
     return _kernel
+
+
+def _is_cached(name: str) -> bool:
+    """Whether torch's extension cache already holds a build called ``name`` (then load only links it)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    return any(os.path.exists(os.path.join(d, f"{name}.so")) for d, _, _ in os.walk(root) if d.endswith(name))
 
 
 def kernel_build_error() -> str | None:
