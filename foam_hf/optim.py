@@ -9,8 +9,6 @@ nothing from transformers, TRL or PEFT.
 from __future__ import annotations
 
 import math
-import os
-import zipfile
 from collections.abc import Callable
 from numbers import Integral, Real
 from typing import Any, Literal
@@ -23,7 +21,7 @@ from .distributed import check_sharding, local_tensor, zeros_state_like
 from .errors import FoamConfigError, FoamStateError
 from .folding import block_mean, folded_shape, is_foldable, unfold
 
-__all__ = ["FOAM", "SECOND_MOMENT_MODES", "STATE_DTYPES", "foam", "load_state_file", "state_dtype_for"]
+__all__ = ["FOAM", "SECOND_MOMENT_MODES", "STATE_DTYPES", "foam", "state_dtype_for"]
 
 SecondMoment = Literal["mean_sq", "sq_mean"]
 
@@ -627,26 +625,6 @@ class FOAM(Optimizer):
         from .memory import state_memory
 
         return state_memory(self)
-
-
-def load_state_file(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` of an optimizer state file, with a clear error for a truncated
-    or corrupt file (torch's own is an empty ``EOFError``, ``OSError: Invalid argument`` or an
-    ``UnpicklingError`` that wrongly advises ``weights_only=False``, depending on where the file was cut)."""
-    size = os.path.getsize(path)
-    complete = zipfile.is_zipfile(path)
-    if complete:
-        try:
-            with zipfile.ZipFile(path) as archive:
-                complete = archive.testzip() is None
-        except (zipfile.BadZipFile, OSError, EOFError):
-            complete = False
-    if not complete:
-        raise FoamStateError(
-            f"{os.fspath(path)} ({size} bytes) is not a complete torch checkpoint: it is truncated or corrupt. "
-            "Fix: resume from an earlier checkpoint, or re-save it."
-        )
-    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 # ---------------------------------------------------------------------------- functional API
