@@ -9,8 +9,6 @@ nothing from transformers, TRL or PEFT.
 from __future__ import annotations
 
 import math
-import os
-import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
 from numbers import Integral, Real
@@ -29,7 +27,7 @@ from .precision import compute_dtype as _compute_dtype
 from .precision import rounding_dither as _rounding_dither  # noqa: F401 - kept importable from here
 from .precision import store_moment as _store_moment
 
-__all__ = ["FOAM", "SECOND_MOMENT_MODES", "STATE_DTYPES", "foam", "load_state_file", "state_dtype_for"]
+__all__ = ["FOAM", "SECOND_MOMENT_MODES", "STATE_DTYPES", "foam", "state_dtype_for"]
 
 SecondMoment = Literal["mean_sq", "sq_mean"]
 
@@ -542,26 +540,6 @@ class FOAM(Optimizer):
         from .memory import state_memory
 
         return state_memory(self)
-
-
-def load_state_file(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` of an optimizer state file, with a clear error for a truncated
-    or corrupt file (torch's own is an empty ``EOFError``, ``OSError: Invalid argument`` or an
-    ``UnpicklingError`` that wrongly advises ``weights_only=False``, depending on where the file was cut)."""
-    size = os.path.getsize(path)
-    complete = zipfile.is_zipfile(path)
-    if complete:
-        try:
-            with zipfile.ZipFile(path) as archive:
-                complete = archive.testzip() is None
-        except (zipfile.BadZipFile, OSError, EOFError):
-            complete = False
-    if not complete:
-        raise FoamStateError(
-            f"{os.fspath(path)} ({size} bytes) is not a complete torch checkpoint: it is truncated or corrupt. "
-            "Fix: resume from an earlier checkpoint, or re-save it."
-        )
-    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 # ---------------------------------------------------------------------------- functional API
