@@ -20,7 +20,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 from . import _fused_cpu
 from .checkpoint import check_loadable, restore_moments
 from .distributed import check_sharding, local_tensor, zeros_state_like
-from .errors import FoamConfigError, FoamStateError
+from .errors import FoamConfigError
 from .folding import block_mean, folded_shape, is_foldable, unfold
 from .precision import STATE_DTYPES, normalize_state_dtype, state_dtype_for
 from .precision import compute_dtype as _compute_dtype
