@@ -10,10 +10,10 @@ imported from its module on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
 from .integration import register_lazily as _register_lazily
+
+TYPE_CHECKING = False  # typing stays unimported: start-up hooks import this package in every process
+
 
 __version__ = "0.1.0"
 
@@ -66,10 +66,12 @@ if TYPE_CHECKING:
     from .optim import FOAM, foam
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # later look-ups skip this function
     return value

@@ -8,11 +8,14 @@ listed in :mod:`foam_hf.integration._seam`; what runs there is :mod:`foam_hf.int
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from ._seam import SeamError, check_seam
 
+TYPE_CHECKING = False  # no typing import at start-up
+
+
 if TYPE_CHECKING:
+    from typing import Any
+
     from .callback import FoamCallback
     from .transformers import foam_config_from_args, is_foam_optim, optimizer_cls_and_kwargs
 

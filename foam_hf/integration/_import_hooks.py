@@ -12,18 +12,20 @@ and the import goes on.
 
 from __future__ import annotations
 
-import importlib.abc
+import _thread
 import sys
-import threading
 import warnings
-from collections.abc import Callable
-from types import ModuleType
-from typing import Any
+
+TYPE_CHECKING = False  # typing is not imported at start-up: this module may run in every process
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import ModuleType
+    from typing import Any
 
 __all__ = ["when_imported"]
 
 _callbacks: dict[str, list[Callable[[ModuleType], None]]] = {}
-_lock = threading.RLock()
+_lock = _thread.RLock()
 
 
 def _run(callbacks: list[Callable[[ModuleType], None]], module: ModuleType) -> None:
@@ -42,7 +44,7 @@ def _fully_imported(name: str) -> ModuleType | None:
     return module
 
 
-class _PostImportFinder(importlib.abc.MetaPathFinder):
+class _PostImportFinder:
     """Finds nothing itself: asks the other finders for a watched module's spec and wraps its loader."""
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import enum
 import functools
-import inspect
-from collections.abc import Callable
-from typing import Any
+
+TYPE_CHECKING = False  # imported at start-up by the launcher's hooks: no typing, no inspect until needed
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 __all__ = [
     "FOAM_OPTIMIZER_NAMES",
@@ -85,6 +87,8 @@ def check_seam() -> None:
         raise _fail(f"OptimizerContext has fields {sorted(fields)}, expected args, model, optimizer_kwargs")
     if "__post_init__" not in vars(TrainingArguments):
         raise _fail("TrainingArguments.__post_init__ is gone")
+    import inspect
+
     params = list(inspect.signature(Trainer.create_optimizer).parameters)
     if params[:2] != ["self", "model"]:
         raise _fail(f"Trainer.create_optimizer has parameters {params}, expected (self, model=None)")
@@ -164,9 +168,10 @@ def insert_callback_first(trainer: Any, callback: Any) -> None:
 
 # The three places foam_hf plugs into, each installed as soon as its transformers module exists (and no
 # sooner: installing at TrainingArguments' import may happen while transformers.trainer is half-imported).
-Validate = Callable[[Any], None]
-Handler = Callable[[Any], Any]
-AfterCreate = Callable[[Any], None]
+if TYPE_CHECKING:
+    Validate = Callable[[Any], None]
+    Handler = Callable[[Any], Any]
+    AfterCreate = Callable[[Any], None]
 
 
 def install_names(training_args: Any, validate: Validate) -> None:
@@ -200,6 +205,8 @@ def install_handler(trainer_optimizer: Any, handler: Handler) -> None:
 
 def install_trainer(trainer: Any, after_create: AfterCreate) -> None:
     """Call ``after_create(trainer)`` right after ``Trainer.create_optimizer``."""
+    import inspect
+
     params = list(inspect.signature(trainer.Trainer.create_optimizer).parameters)
     if params[:2] != ["self", "model"]:
         raise _fail(f"Trainer.create_optimizer has parameters {params}, expected (self, model=None)")
