@@ -30,11 +30,11 @@ _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "foam
 
 
 def extension_name(source: str = _SOURCE) -> str:
-    """The name torch caches the build under: keyed to the source's bytes, so two checkouts or versions of
-    foam_hf on one machine each keep their own build instead of rebuilding each other's (a fixed name made
-    every switch a rebuild)."""
+    """The name torch caches the build under, keyed to the source's bytes *and* its path: torch rebuilds a
+    cached extension whenever its build file changes, and the build file names the source's path, so two
+    checkouts (or versions) of foam_hf sharing one name rebuilt each other's kernel at every switch."""
     with open(source, "rb") as handle:
-        digest = hashlib.sha256(handle.read()).hexdigest()[:12]
+        digest = hashlib.sha256(handle.read() + os.path.realpath(source).encode()).hexdigest()[:12]
     return f"foam_hf_fused_cpu_{digest}"
 
 
