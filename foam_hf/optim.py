@@ -510,6 +510,12 @@ class FOAM(Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
 
+    def _state_shape(self, param: torch.Tensor, group: dict[str, Any]) -> torch.Size:
+        """Shape of each moment FOAM keeps for ``param`` in ``group`` (subclasses that step slices of a
+        tensor, as :class:`foam_hf.zero.ZeroFOAM` does, override it)."""
+        block_size = group["block_size"]
+        return folded_shape(param.shape, block_size) if is_foldable(param, block_size) else param.shape
+
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state, plus each group's ``param_shapes`` (plain lists): with them a load can
         tell a ``(6, 8)`` from a ``(6, 7)`` parameter even though both fold to ``(6, 2)`` at ``B = 4``."""
@@ -582,7 +588,7 @@ class FOAM(Optimizer):
             if pid not in id_to_param:
                 raise FoamStateError(f"FOAM.load_state_dict: saved state for parameter id {pid} has no parameter.")
             p, group, index = id_to_param[pid]
-            expected = folded_shape(p.shape, group["block_size"]) if is_foldable(p, group["block_size"]) else p.shape
+            expected = self._state_shape(p, group)
             step = pstate.get("step")
             if not (isinstance(step, torch.Tensor) and step.numel() == 1) and not _is_real_number(step):
                 raise FoamStateError(
