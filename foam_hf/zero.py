@@ -302,6 +302,9 @@ class ZeroFOAM(FOAM):
     def __init__(self, params: Any, *args: Any, process_group: Any = None, **kwargs: Any) -> None:
         self._process_group = process_group
         super().__init__(params, *args, **kwargs)
+        # ZeRO replaces the groups' tensors by partitions (ZeRO-3 empties them between steps): take the
+        # whole-model figures now, from the full shapes.
+        self._whole_model_memory = _memory_from_shapes(self.param_groups)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -326,9 +329,7 @@ class ZeroFOAM(FOAM):
         names = param_group.get("param_names")
         names = list(names) if names is not None else None
         block_size = param_group.get("block_size", self.defaults["block_size"])
-        folded = [
-            i for i, p in enumerate(params) if isinstance(p, torch.Tensor) and _folds(_shape_of(p), block_size)
-        ]
+        folded = [i for i, p in enumerate(params) if isinstance(p, torch.Tensor) and _folds(_shape_of(p), block_size)]
         options = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
 
         def subgroup(indices: list[int], **extra: Any) -> dict[str, Any]:
@@ -477,6 +478,12 @@ class ZeroFOAM(FOAM):
                     raise _partition_mismatch(index, saved.get(PARTITION_KEY), current)
         super().load_state_dict(state_dict)
 
+    def state_memory(self) -> Any:
+        """State bytes of the *whole model* (all ranks together, before duplicated cut blocks) against AdamW's,
+        from the tensors' full shapes: the figures one-process FOAM reports. This rank's bytes:
+        :meth:`held_state_bytes`."""
+        return self._whole_model_memory
+
     def held_state_bytes(self) -> int:
         """Bytes of the optimizer states this rank holds now (moments and step counters)."""
         return sum(
@@ -485,6 +492,29 @@ class ZeroFOAM(FOAM):
             for value in state.values()
             if isinstance(value, torch.Tensor)
         )
+
+
+def _memory_from_shapes(groups: list[dict[str, Any]]) -> Any:
+    from .memory import StateMemory
+
+    foam_bytes = adamw_bytes = folded = unfolded = 0
+    for group in groups:
+        for p in group["params"]:
+            if not p.requires_grad:
+                continue
+            shape = _shape_of(p)
+            itemsize = torch.empty((), dtype=state_dtype_for(p, group["state_dtype"])).element_size()
+            adamw_itemsize = torch.empty((), dtype=state_dtype_for(p)).element_size()
+            numel = math.prod(shape)
+            if _folds(shape, group["block_size"]):
+                folded += 1
+                moment = numel // shape[-1] * -(-shape[-1] // group["block_size"])
+            else:
+                unfolded += 1
+                moment = numel
+            foam_bytes += 2 * moment * itemsize + 4  # + the float32 step counter
+            adamw_bytes += 2 * numel * adamw_itemsize + 4
+    return StateMemory(foam_bytes, adamw_bytes, folded, unfolded)
 
 
 def _partition_mismatch(index: int, saved: Any, current: Any) -> FoamStateError:
@@ -542,7 +572,7 @@ def _offload_device(section: Any) -> str:
 #: (where, test, why, fix) of DeepSpeed settings under which ZeroFOAM's states would not be what it expects.
 _UNSUPPORTED: tuple[tuple[str, Callable[[dict, dict], bool], str, str], ...] = (
     (
-        "optimizer",
+        "an 'optimizer' section",
         lambda c, z: "optimizer" in c,
         "DeepSpeed then builds its own optimizer and the Trainer's optim='foam' is silently replaced",
         "remove the 'optimizer' section (keep 'scheduler' if you want DeepSpeed's)",
@@ -555,10 +585,12 @@ _UNSUPPORTED: tuple[tuple[str, Callable[[dict, dict], bool], str, str], ...] = (
     ),
     (
         "zero_optimization.offload_optimizer with zero_force_ds_cpu_optimizer not false",
-        lambda c, z: _offload_device(z.get("offload_optimizer")) not in ("none", "")
-        and c.get("zero_force_ds_cpu_optimizer", True) is not False,
+        lambda c, z: (
+            _offload_device(z.get("offload_optimizer")) not in ("none", "")
+            and c.get("zero_force_ds_cpu_optimizer", True) is not False
+        ),
         "accelerate and DeepSpeed then replace FOAM by DeepSpeedCPUAdam (full AdamW states)",
-        "set \"zero_force_ds_cpu_optimizer\": false at the top of the config; FOAM steps the CPU partitions "
+        'set "zero_force_ds_cpu_optimizer": false at the top of the config; FOAM steps the CPU partitions '
         "with its fused CPU kernel",
     ),
     (
@@ -582,8 +614,10 @@ _UNSUPPORTED: tuple[tuple[str, Callable[[dict, dict], bool], str, str], ...] = (
     ),
     (
         "sequence_parallel_size / tensor_parallel.autotp_size",
-        lambda c, z: int(c.get("sequence_parallel_size", 1) or 1) > 1
-        or int((c.get("tensor_parallel") or {}).get("autotp_size", 1) or 1) > 1,
+        lambda c, z: (
+            int(c.get("sequence_parallel_size", 1) or 1) > 1
+            or int((c.get("tensor_parallel") or {}).get("autotp_size", 1) or 1) > 1
+        ),
         "the data-parallel group is then not the whole world, which FOAM reads by default (not tested)",
         "leave them unset, or build ZeroFOAM yourself with process_group=<the data-parallel group>",
     ),
@@ -603,7 +637,7 @@ def check_zero_config(config: Any) -> None:
         return
     zero = config.get("zero_optimization") or {}
     for where, test, why, fix in _UNSUPPORTED:
-        if where != "optimizer" and zero_stage(config) == 0 and where.startswith("zero_optimization"):
+        if zero_stage(config) == 0 and where.startswith("zero_optimization"):
             continue
         if test(config, zero):
             raise FoamConfigError(f"FOAM under DeepSpeed: {where} is not supported: {why}. Fix: {fix}.")

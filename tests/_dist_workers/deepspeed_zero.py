@@ -10,9 +10,9 @@ Launched by tests/test_deepspeed_zero.py (pytest never collects it: no ``test_``
     python tests/_dist_workers/deepspeed_zero.py --model DIR --out DIR     # the 1-process reference, no DeepSpeed
     torchrun --standalone --nproc_per_node=2 tests/_dist_workers/deepspeed_zero.py --zero-redundancy --out DIR
 
-The model (a tiny Llama, hidden 35, intermediate 70, head_dim 6, saved by the test) is loaded with ``from_pretrained``, so
-under ZeRO-3 it is built inside ``deepspeed.zero.Init`` as real runs build it. Rank 0 writes ``DIR/result.pt``:
-full weights, the folded moments re-assembled from every rank's blocks, each rank's moment sizes, losses.
+The model (a tiny Llama, hidden 35, intermediate 70, head_dim 6, saved by the test) is loaded with
+``from_pretrained``, so under ZeRO-3 it is built inside ``deepspeed.zero.Init`` as real runs build it. Rank 0
+writes ``DIR/result.pt``: full weights, every rank's folded moments and partition records, losses.
 """
 
 from __future__ import annotations
@@ -184,6 +184,10 @@ def trainer_run(args) -> dict:
         torch.distributed.all_gather_object(ranks, mine)
         result["ranks"] = ranks
         result["is_deepspeed_enabled"] = trainer.is_deepspeed_enabled
+        ds_optimizer = trainer.model_wrapped.optimizer
+        result["offloaded"] = bool(
+            getattr(ds_optimizer, "cpu_offload", False) or getattr(ds_optimizer, "offload_optimizer", False)
+        )
     return result if trainer.accelerator.is_main_process else None
 
 
@@ -203,7 +207,9 @@ def zero_redundancy_run(args) -> dict | None:
 
     kwargs = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, block_size=8)
     gen = torch.Generator().manual_seed(1)
-    data = [(torch.randn(GLOBAL_BATCH, 35, generator=gen), torch.randn(GLOBAL_BATCH, 36, generator=gen)) for _ in range(4)]
+    data = [
+        (torch.randn(GLOBAL_BATCH, 35, generator=gen), torch.randn(GLOBAL_BATCH, 36, generator=gen)) for _ in range(4)
+    ]
     reference = model()
     single = FOAM(reference.parameters(), **kwargs)
     ddp = torch.nn.parallel.DistributedDataParallel(model())
@@ -214,7 +220,9 @@ def zero_redundancy_run(args) -> dict | None:
         torch.nn.functional.mse_loss(reference(x), y).backward()
         single.step()
         sharded.zero_grad()
-        torch.nn.functional.mse_loss(ddp(x[rank * half : (rank + 1) * half]), y[rank * half : (rank + 1) * half]).backward()
+        torch.nn.functional.mse_loss(
+            ddp(x[rank * half : (rank + 1) * half]), y[rank * half : (rank + 1) * half]
+        ).backward()
         sharded.step()
     local = {tuple(p.shape): tuple(s["exp_avg"].shape) for p, s in sharded.optim.state.items()}
     shapes = [None] * world
