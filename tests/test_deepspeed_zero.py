@@ -97,6 +97,7 @@ def test_trainer_zero_matches_one_process(stage, runs):
     result = runs(f"zero{stage}", "--stage", str(stage), "--save-steps", "2")
     assert_matches_one_process(result, reference(runs), stage)
     assert not result["offloaded"]
+    assert result["built_partitioned"] == (stage == 3)  # ZeRO-3: the model was built inside deepspeed.zero.Init
 
 
 def test_trainer_zero_offload_steps_cpu_partitions_with_the_fused_kernel(runs):

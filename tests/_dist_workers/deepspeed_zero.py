@@ -7,6 +7,8 @@ Launched by tests/test_deepspeed_zero.py (pytest never collects it: no ``test_``
         --offload --out DIR
     torchrun --standalone --nproc_per_node=2 tests/_dist_workers/deepspeed_zero.py --model DIR --stage 3 \
         --resume DIR/run/checkpoint-2 --out DIR2
+    accelerate launch --config_file ds_zero2.yaml tests/_dist_workers/deepspeed_zero.py --model DIR --stage 2 \
+        --launcher-config --out DIR
     python tests/_dist_workers/deepspeed_zero.py --model DIR --out DIR     # the 1-process reference, no DeepSpeed
     torchrun --standalone --nproc_per_node=2 tests/_dist_workers/deepspeed_zero.py --zero-redundancy --out DIR
 
@@ -152,9 +154,11 @@ def trainer_run(args) -> dict:
         report_to="none",
         use_cpu=True,
         seed=0,
-        deepspeed=ds_config(args.stage, args.offload) if args.stage is not None else None,
+        # --launcher-config: the DeepSpeed config comes from `accelerate launch` (its DeepSpeed plugin) instead.
+        deepspeed=ds_config(args.stage, args.offload) if args.stage is not None and not args.launcher_config else None,
     )
     model = LlamaForCausalLM.from_pretrained(args.model)  # inside zero.Init under ZeRO-3 (transformers does it)
+    built_partitioned = all(hasattr(p, "ds_id") for p in model.parameters())  # zero.Init marks what it built
     trainer = Trainer(model=model, args=training_args, train_dataset=Rows())
     trainer.train(resume_from_checkpoint=args.resume)
     foam = trainer.optimizer
@@ -174,6 +178,7 @@ def trainer_run(args) -> dict:
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
         "steps": trainer.state.global_step,
         "fused_calls": fused_calls,
+        "built_partitioned": built_partitioned,
     }
     if args.stage is None:  # the reference: full folded moments per name
         result["exp_avg"] = {n: foam.state[p]["exp_avg"].clone() for n, p in named}
@@ -248,6 +253,11 @@ def main() -> None:
     parser.add_argument("--save-steps", type=int, default=0)
     parser.add_argument("--resume", default=None, help="checkpoint directory to resume from")
     parser.add_argument("--zero-redundancy", action="store_true")
+    parser.add_argument(
+        "--launcher-config",
+        action="store_true",
+        help="take the DeepSpeed config from accelerate launch (--stage: its stage)",
+    )
     args = parser.parse_args()
     result = zero_redundancy_run(args) if args.zero_redundancy else trainer_run(args)
     if result is not None:
