@@ -19,10 +19,26 @@ import sys
 import deepspeed  # noqa: F401  (fail loudly, not skip, when the dev extra is incomplete)
 import pytest
 import torch
-from test_trainer_fsdp import REPO, TIMEOUT, TOLERANCE, launch, torchrun
+from test_trainer_fsdp import REPO, TIMEOUT, TOLERANCE, _free_port, accelerate_launch, launch, torchrun
 
 WORKER = str(REPO / "tests" / "_dist_workers" / "deepspeed_zero.py")
 sys.path.insert(0, str(REPO / "tests" / "_dist_workers"))
+
+# `accelerate launch` with a DeepSpeed plugin: the ZeRO config comes from the launcher, not TrainingArguments.
+# (accelerate refuses a yaml that also sets what the JSON file sets, mixed_precision included.)
+ACCELERATE_DEEPSPEED_YAML = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: DEEPSPEED
+deepspeed_config:
+  deepspeed_config_file: {config}
+  zero3_init_flag: false
+machine_rank: 0
+num_machines: 1
+num_processes: 2
+rdzv_backend: static
+same_network: true
+use_cpu: true
+"""
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +147,26 @@ def test_zero_to_fp32_recovers_the_trained_weights(stage, runs):
     assert sorted(weights) == sorted(result["params"])
     for name, want in result["params"].items():
         assert torch.equal(weights[name], want), name
+
+
+def test_accelerate_launch_with_a_deepspeed_plugin(runs, model_dir, tmp_path):
+    import json
+
+    from deepspeed_zero import ds_config
+
+    (tmp_path / "ds.json").write_text(json.dumps(ds_config(2, offload=False)))
+    yaml = tmp_path / "ds_zero2.yaml"
+    yaml.write_text(ACCELERATE_DEEPSPEED_YAML.format(config=tmp_path / "ds.json"))
+    worker_args = ("--model", str(model_dir), "--stage", "2", "--launcher-config")
+    result = launch(accelerate_launch(yaml), tmp_path / "out", *worker_args, worker=WORKER)
+    assert_matches_one_process(result, reference(runs), 2)
+
+
+def test_deepspeed_launcher(runs, model_dir, tmp_path):
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--no_local_rank"]
+    launcher += ["--master_port", str(_free_port())]
+    result = launch(launcher, tmp_path, "--model", str(model_dir), "--stage", "3", worker=WORKER)
+    assert_matches_one_process(result, reference(runs), 3)
 
 
 def test_checkpoint_at_another_world_size_is_refused(runs, model_dir):
