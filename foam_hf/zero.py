@@ -42,7 +42,15 @@ import torch
 from .errors import FoamConfigError, FoamStateError
 from .optim import FOAM, _compute_dtype, _store_moment, foam, state_dtype_for
 
-__all__ = ["FULL_SHAPE_KEY", "PARTITION_KEY", "FlatSlice", "ZeroFOAM", "check_zero_config", "zero_stage"]
+__all__ = [
+    "FULL_SHAPE_KEY",
+    "PARTITION_KEY",
+    "FlatSlice",
+    "ZeroFOAM",
+    "check_zero_config",
+    "state_bytes_per_rank",
+    "zero_stage",
+]
 
 #: Group key holding the shape of the one tensor a folded group optimizes (a list of ints).
 FULL_SHAPE_KEY = "full_shape"
@@ -651,3 +659,33 @@ def partitions_of(shape: Iterable[int], block_size: int, world_size: int, stage:
     align = 2 * world_size if stage in (1, 2) else world_size
     partition = -(-numel // align) * align // world_size
     return [FlatSlice(shape, block_size, partition, rank, world_size) for rank in range(world_size)]
+
+
+def state_bytes_per_rank(optimizer: ZeroFOAM, world_size: int, stage: int) -> list[int]:
+    """Optimizer-state bytes each rank will hold under ZeRO ``stage`` on ``world_size`` ranks, predicted from
+    ``optimizer``'s groups before DeepSpeed partitions them (what :meth:`ZeroFOAM.held_state_bytes` measures).
+
+    Folded tensors: ``2 * itemsize`` per block the rank's partition touches, plus the 4-byte step. Other groups
+    keep AdamW states of their partition: under ZeRO-1/2 one flat partition per group (the group padded to a
+    multiple of ``2 * world_size``), under ZeRO-3 one sub-group holding every tensor's ``ceil(numel / world)``
+    slice (the default ``sub_group_size`` is larger than any group here).
+    """
+    held = [0] * world_size
+    for group in optimizer.param_groups:
+        params = [p for p in group["params"] if p.requires_grad]
+        if not params:
+            continue
+        itemsize = torch.empty((), dtype=state_dtype_for(params[0], group["state_dtype"])).element_size()
+        shape = group.get(FULL_SHAPE_KEY)
+        if shape is not None:
+            for rank, layout in enumerate(partitions_of(shape, group["block_size"], world_size, stage)):
+                held[rank] += 2 * itemsize * layout.num_local_blocks + 4
+            continue
+        numels = [math.prod(_shape_of(p)) for p in params]
+        if stage == 3:
+            partition = sum(-(-n // world_size) for n in numels)
+        else:
+            partition = -(-sum(numels) // (2 * world_size)) * 2
+        for rank in range(world_size):
+            held[rank] += 2 * itemsize * partition + 4
+    return held

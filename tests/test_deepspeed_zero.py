@@ -106,6 +106,9 @@ def assert_matches_one_process(result: dict, one: dict, stage: int) -> None:
         assert folded <= held <= folded + 1  # one boundary, at most one block held twice
         cuts += held - folded
     assert cuts > 0  # the shapes were chosen so that boundaries cut blocks
+    # Every byte each rank holds (folded moments, AdamW states of the other partitions, step counters), as
+    # predicted from the param groups before DeepSpeed ran.
+    assert [states["__held_bytes__"] for states in ranks] == result["predicted_bytes"]
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

@@ -188,6 +188,14 @@ def trainer_run(args) -> dict:
         ranks = [None] * world
         torch.distributed.all_gather_object(ranks, mine)
         result["ranks"] = ranks
+        # Bytes predicted from the groups alone, to hold the measured bytes to (see state_bytes_per_rank).
+        from foam_hf.integration.transformers import optimizer_cls_and_kwargs
+        from foam_hf.zero import ZeroFOAM, state_bytes_per_rank
+
+        with torch.device("meta"):  # shapes only
+            fresh = LlamaForCausalLM(model.config)
+        predicted = ZeroFOAM(**optimizer_cls_and_kwargs(training_args, fresh)[1])
+        result["predicted_bytes"] = state_bytes_per_rank(predicted, world, args.stage)
         result["is_deepspeed_enabled"] = trainer.is_deepspeed_enabled
         ds_optimizer = trainer.model_wrapped.optimizer
         result["offloaded"] = bool(
