@@ -14,15 +14,8 @@ import pytest
 import torch
 
 from foam_hf import FOAM, FoamConfigError, FoamStateError
-from foam_hf.zero import (
-    FULL_SHAPE_KEY,
-    PARTITION_KEY,
-    ZeroFOAM,
-    check_zero_config,
-    partial_block_sums,
-    partitions_of,
-    step_slice,
-)
+from foam_hf.zero import FULL_SHAPE_KEY, PARTITION_KEY, ZeroFOAM, check_zero_config
+from foam_hf.zero_layout import partial_block_sums, partitions_of, step_slice
 
 OPTIONS = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, scale=1.0, res_scale=1.0)
 GROUP = dict(OPTIONS, second_moment="mean_sq", foreach=None, fused=None, state_dtype=None)

@@ -82,7 +82,7 @@ def folded_names(model, args) -> list[str]:
     """Names of the tensors that fold, in the order ZeroFOAM gives them groups (the Trainer's groups, split)."""
     from foam_hf.folding import is_foldable
     from foam_hf.integration.transformers import optimizer_cls_and_kwargs
-    from foam_hf.zero import _shape_of
+    from foam_hf.zero_layout import _shape_of
 
     names = {id(p): n for n, p in model.named_parameters()}
     order = []
