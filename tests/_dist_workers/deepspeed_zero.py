@@ -64,10 +64,11 @@ def save_tiny_llama(path: str) -> None:
     LlamaForCausalLM(config).save_pretrained(path)
 
 
-def ds_config(stage: int, offload: bool) -> dict:
+def ds_config(stage: int, offload: bool, bf16: bool = False) -> dict:
     zero: dict = {"stage": stage}
     config: dict = {
         "zero_optimization": zero,
+        "bf16": {"enabled": "auto" if bf16 else False},
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
@@ -154,8 +155,11 @@ def trainer_run(args) -> dict:
         report_to="none",
         use_cpu=True,
         seed=0,
+        bf16=args.bf16,
         # --launcher-config: the DeepSpeed config comes from `accelerate launch` (its DeepSpeed plugin) instead.
-        deepspeed=ds_config(args.stage, args.offload) if args.stage is not None and not args.launcher_config else None,
+        deepspeed=ds_config(args.stage, args.offload, args.bf16)
+        if args.stage is not None and not args.launcher_config
+        else None,
     )
     model = LlamaForCausalLM.from_pretrained(args.model)  # inside zero.Init under ZeRO-3 (transformers does it)
     built_partitioned = all(hasattr(p, "ds_id") for p in model.parameters())  # zero.Init marks what it built
@@ -261,6 +265,7 @@ def main() -> None:
     parser.add_argument("--save-steps", type=int, default=0)
     parser.add_argument("--resume", default=None, help="checkpoint directory to resume from")
     parser.add_argument("--zero-redundancy", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="bf16 training (ZeRO-1 then uses BF16_Optimizer)")
     parser.add_argument(
         "--launcher-config",
         action="store_true",
