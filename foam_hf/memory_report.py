@@ -308,6 +308,7 @@ class MemoryReport:
     override_state: int | None = None
     override_default_state: int | None = None
     override_changed: dict[str, tuple[int, int]] = field(default_factory=dict)
+    override_state_dtype: str | None = None
 
     @property
     def num_params(self) -> int:
@@ -322,7 +323,10 @@ class MemoryReport:
         rows = [("AdamW", self.adamw_state)]
         rows += [(f"FOAM B={b}", self.foam_state[b]) for b in self.block_sizes]
         if self.override_state is not None:
-            rows.append((f"FOAM with --optim-args (B={self.override_block_size} + overrides)", self.override_state))
+            states = "bf16 states" if self.override_state_dtype == "bfloat16" else "fp32 states"
+            rows.append(
+                (f"FOAM with --optim-args (B={self.override_block_size} + overrides, {states})", self.override_state)
+            )
         rows += [
             ("8-bit Adam", self.adam8bit_state),
             ("Adafactor (beta1=None: no first moment)", self.adafactor_state),
@@ -357,6 +361,7 @@ class MemoryReport:
             else {
                 "optim_args": self.optim_args,
                 "block_size": self.override_block_size,
+                "state_dtype": self.override_state_dtype or "float32",
                 "state_bytes": self.override_state,
                 "default_state_bytes": self.override_default_state,
                 "changed": {name: {"default": a, "override": b} for name, (a, b) in self.override_changed.items()},
@@ -445,8 +450,8 @@ def memory_report(
         target = default_plan.get(name, 1) > 1 and is_foldable(param, 2)
         entries.append(ParamEntry(name, tuple(param.shape), _category(name, holders, net, param), target))
 
-    def foam_bytes(block_of: dict[str, int]) -> int:
-        return sum(foam_state_bytes(p, block_of[n]) for n, p in named)
+    def foam_bytes(block_of: dict[str, int], state_dtype: str | None = None) -> int:
+        return sum(foam_state_bytes(p, block_of[n], state_dtype) for n, p in named)
 
     adamw = sum(adamw_state_bytes(p) for _, p in named)
     foam = {b: foam_bytes({e.name: b if e.target else 1 for e in entries}) for b in sizes}
@@ -486,8 +491,9 @@ def memory_report(
         default_blocks = _plan(net, FoamConfig(block_size=config_with.block_size))
         report.optim_args = optim_args
         report.override_block_size = config_with.block_size
-        report.override_state = foam_bytes(blocks)
-        report.override_default_state = foam_bytes(default_blocks)
+        report.override_state_dtype = config_with.state_dtype
+        report.override_state = foam_bytes(blocks, config_with.state_dtype)
+        report.override_default_state = foam_bytes(default_blocks, config_with.state_dtype)
         params = dict(named)
 
         def effective(block_of: dict[str, int], n: str) -> int:
@@ -523,7 +529,8 @@ def format_markdown(report: MemoryReport) -> str:
         "",
         f"Shapes from: {report.source}{tied}. Built on the meta device: no weights loaded.",
         "FOAM folds, by default, the weights of every linear layer except the output head and the embeddings; "
-        "all other tensors keep AdamW states. Optimizer states are fp32. 1 GiB = 2^30 bytes.",
+        "all other tensors keep AdamW states. Optimizer states are fp32 unless a row says otherwise "
+        "(--optim-args state_dtype=bfloat16 halves FOAM's). 1 GiB = 2^30 bytes.",
         "",
         "### Optimizer states and training memory",
         "",
@@ -571,7 +578,8 @@ def format_markdown(report: MemoryReport) -> str:
             "",
             f"### Per-module overrides: `{report.optim_args}`",
             "",
-            f"FOAM states: {_gib(report.override_default_state or 0)} with block_size={report.override_block_size} "
+            f"FOAM states ({'bf16' if report.override_state_dtype == 'bfloat16' else 'fp32'}): "
+            f"{_gib(report.override_default_state or 0)} with block_size={report.override_block_size} "
             f"alone, {_gib(report.override_state or 0)} with the overrides; "
             f"{len(report.override_changed)} tensors change block size:",
             "",
@@ -586,7 +594,8 @@ def format_markdown(report: MemoryReport) -> str:
     lines += [
         "",
         "Formulas: AdamW 8 bytes per parameter; FOAM 8 * rows * ceil(n/B) per folded tensor (rows x n), "
-        "8 * numel otherwise; both + 4 bytes of step counter per tensor. "
+        "8 * numel otherwise (4 and 4 bytes per moment entry; 2 and 2 with bf16 states); both + 4 bytes of "
+        "step counter per tensor. "
         f"8-bit Adam: {CONTEXT_FORMULAS['adam8bit']}. Adafactor: {CONTEXT_FORMULAS['adafactor']}. "
         f"GaLore: {CONTEXT_FORMULAS['galore']}.",
     ]

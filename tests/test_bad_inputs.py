@@ -62,8 +62,8 @@ OPTIMIZER_ERRORS = [
     (
         "lr=2-element tensor",
         dict(lr=torch.tensor([1e-3, 2e-3])),
-        TypeError,
-        ["lr=tensor([", "a number or a one-element tensor", "Fix:"],
+        FoamConfigError,
+        ["lr is a tensor of shape (2,)", "a number or a one-element tensor", "Fix:"],
     ),
     ("lr=-inf", dict(lr=-inf), FoamConfigError, ["lr=-inf", "finite and >= 0", "Fix:"]),
     ("eps=nan", dict(eps=nan), FoamConfigError, ["eps=nan", "finite and >= 0", "Fix: pass e.g. eps=1e-8"]),

@@ -8,6 +8,7 @@ grouped by resolved block size (:mod:`foam_hf.param_groups`).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from ..config import FoamConfig
@@ -33,8 +34,19 @@ def _is_layerwise(optim: Any) -> bool:
 
 
 def foam_config_from_args(args: Any) -> FoamConfig:
-    """The :class:`FoamConfig` that ``args.optim_args`` describes (errors list the valid keys)."""
-    return FoamConfig.from_optim_args(args.optim_args)
+    """The :class:`FoamConfig` that ``args.optim_args`` describes (errors list the valid keys).
+
+    Parsed once per distinct ``optim_args`` string: validation when the arguments are built, the handler and
+    the callback then reuse the same (frozen) config."""
+    optim_args = args.optim_args
+    if optim_args is None or isinstance(optim_args, str):
+        return _parse_optim_args(optim_args)
+    return FoamConfig.from_optim_args(optim_args)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_optim_args(optim_args: str | None) -> FoamConfig:
+    return FoamConfig.from_optim_args(optim_args)
 
 
 def validate_training_arguments(args: Any) -> None:
