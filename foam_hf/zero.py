@@ -107,7 +107,9 @@ class ZeroFOAM(FOAM):
         names = param_group.get("param_names")
         names = list(names) if names is not None else None
         block_size = param_group.get("block_size", self.defaults["block_size"])
-        folded = [i for i, p in enumerate(params) if isinstance(p, torch.Tensor) and _folds(_shape_of(p), block_size)]
+        # Named parameters arrive as (name, tensor) pairs (torch.optim accepts model.named_parameters()).
+        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
+        folded = [i for i, p in enumerate(tensors) if isinstance(p, torch.Tensor) and _folds(_shape_of(p), block_size)]
         options = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
 
         def subgroup(indices: list[int], **extra: Any) -> dict[str, Any]:
@@ -117,7 +119,7 @@ class ZeroFOAM(FOAM):
             return group
 
         for i in folded:
-            super().add_param_group(subgroup([i], **{FULL_SHAPE_KEY: list(_shape_of(params[i]))}))
+            super().add_param_group(subgroup([i], **{FULL_SHAPE_KEY: list(_shape_of(tensors[i]))}))
         rest = [i for i in range(len(params)) if i not in set(folded)]
         if rest or not folded:
             super().add_param_group(subgroup(rest))

@@ -138,6 +138,12 @@ def test_zerofoam_without_zero_is_foam_bitwise():
     assert zero.state_memory() == foam.state_memory()
 
 
+def test_named_parameters_are_split_too():
+    zero = ZeroFOAM(_model().named_parameters(), block_size=8)
+    assert [g.get(FULL_SHAPE_KEY) for g in zero.param_groups] == [[70, 35], [6, 70], None]
+    assert [g["param_names"] for g in zero.param_groups] == [["0.weight"], ["2.weight"], ["0.bias", "2.bias"]]
+
+
 def _as_partition(opt: ZeroFOAM, group_index: int, world_size: int, rank: int) -> torch.Tensor:
     """Replace a folded group's tensor by its flat ZeRO-1/2 partition, as DeepSpeed does."""
     group = opt.param_groups[group_index]
