@@ -10,6 +10,7 @@ is loaded, so a refused load leaves the optimizer untouched.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from numbers import Real
 from typing import Any
 
@@ -32,9 +33,15 @@ def _is_real_number(x: Any) -> bool:
     return isinstance(x, Real) and not isinstance(x, bool)
 
 
-def check_loadable(param_groups: list[dict[str, Any]], state_dict: Any) -> ParamIndex:
+def check_loadable(
+    param_groups: list[dict[str, Any]],
+    state_dict: Any,
+    state_shape: Callable[[torch.Tensor, dict[str, Any]], torch.Size] | None = None,
+) -> ParamIndex:
     """Raise :class:`FoamStateError` unless ``state_dict`` continues ``param_groups`` exactly; return the map
-    from saved parameter ids to ``(parameter, group, group index)``."""
+    from saved parameter ids to ``(parameter, group, group index)``. ``state_shape(param, group)`` gives the
+    shape each moment must have (default: the folded shape; ZeRO partitions keep another, see
+    :class:`foam_hf.zero.ZeroFOAM`)."""
     if not isinstance(state_dict, dict):
         raise FoamStateError(
             f"FOAM.load_state_dict: expected the dict optimizer.state_dict() returns, got {type(state_dict).__name__}."
@@ -90,7 +97,10 @@ def check_loadable(param_groups: list[dict[str, Any]], state_dict: Any) -> Param
         if pid not in id_to_param:
             raise FoamStateError(f"FOAM.load_state_dict: saved state for parameter id {pid} has no parameter.")
         p, group, index = id_to_param[pid]
-        expected = folded_shape(p.shape, group["block_size"]) if is_foldable(p, group["block_size"]) else p.shape
+        if state_shape is not None:
+            expected = state_shape(p, group)
+        else:
+            expected = folded_shape(p.shape, group["block_size"]) if is_foldable(p, group["block_size"]) else p.shape
         step = pstate.get("step")
         if not (isinstance(step, torch.Tensor) and step.numel() == 1) and not _is_real_number(step):
             raise FoamStateError(

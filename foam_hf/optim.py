@@ -501,6 +501,12 @@ class FOAM(Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
 
+    def _state_shape(self, param: torch.Tensor, group: dict[str, Any]) -> torch.Size:
+        """Shape of each moment FOAM keeps for ``param`` in ``group`` (subclasses that step slices of a
+        tensor, as :class:`foam_hf.zero.ZeroFOAM` does, override it)."""
+        block_size = group["block_size"]
+        return folded_shape(param.shape, block_size) if is_foldable(param, block_size) else param.shape
+
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state, plus each group's ``param_shapes`` (plain lists): with them a load can
         tell a ``(6, 8)`` from a ``(6, 7)`` parameter even though both fold to ``(6, 2)`` at ``B = 4``."""
@@ -525,7 +531,7 @@ class FOAM(Optimizer):
                 result = pre_hook(self, state_dict)
                 if result is not None:
                     state_dict = result
-        id_to_param = check_loadable(self.param_groups, state_dict)
+        id_to_param = check_loadable(self.param_groups, state_dict, state_shape=self._state_shape)
         hooks, self._optimizer_load_state_dict_pre_hooks = self._optimizer_load_state_dict_pre_hooks, OrderedDict()
         try:
             super().load_state_dict(state_dict)

@@ -296,13 +296,18 @@ def test_import_registers_both_names():
     assert out.stdout.split("\n")[-2] == "[False, False] [True, True]", out.stdout + out.stderr
 
 
-def test_deepspeed_zero_is_refused_by_the_handler(tmp_path):
+def test_deepspeed_zero_gets_zerofoam_from_the_handler(tmp_path):
     from foam_hf.integration import optimizer_cls_and_kwargs
+    from foam_hf.zero import ZeroFOAM
 
     args = make_args(tmp_path)
     # Set after construction: building TrainingArguments(deepspeed=...) needs deepspeed installed.
-    args.deepspeed = {"zero_optimization": {"stage": 2}}
-    with pytest.raises(FoamConfigError, match=r"zero_optimization.stage=2.*Fix: shard with FSDP2"):
+    for stage in (1, 2, 3):
+        args.deepspeed = {"zero_optimization": {"stage": stage}}
+        cls, kwargs = optimizer_cls_and_kwargs(args, tiny_llama())
+        assert cls is ZeroFOAM and kwargs["params"]
+    args.deepspeed = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    with pytest.raises(FoamConfigError, match=r"DeepSpeedCPUAdam.*Fix: "):
         optimizer_cls_and_kwargs(args, tiny_llama())
     args.deepspeed = {"zero_optimization": {"stage": 0}}
     cls, kwargs = optimizer_cls_and_kwargs(args, tiny_llama())
