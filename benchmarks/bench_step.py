@@ -235,6 +235,13 @@ def main() -> None:
     parser.add_argument("--plot", default="docs/benchmarks-step.png", help="where to write the plot ('' for none)")
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for every optimizer (default: torch's; 1 measures the per-core cost, which a "
+        "loaded machine distorts least)",
+    )
+    parser.add_argument(
         "--isa",
         default=None,
         help="CPU kernel implementation: portable, avx2 or avx512 (default: the best this CPU runs)",
@@ -247,6 +254,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.n_weights, args.rows, args.cols, args.reps, args.warmup = 2, 128, 256, 3, 1
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     on_cuda = torch.device(args.device).type == "cuda"
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
 

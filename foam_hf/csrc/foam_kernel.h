@@ -364,10 +364,11 @@ FOAM_INLINE uint32_t rounding_offset(int64_t step, int64_t salt) {
 // `count` entries from flat index first_index on; count <= kMomentTile (the loop runs on 32-bit lanes).
 FOAM_CLONES void stochastic_round(const float* __restrict src, uint16_t* __restrict dst, int64_t count,
                                   int64_t first_index, uint32_t offset) {
-  const uint32_t first = static_cast<uint32_t>(first_index);  // the index mod 2^32, as the Python hash
+  // i·0x9E3779B1 + offset (mod 2^32) advanced by addition from entry to entry: one multiply per entry fewer.
+  uint32_t h_index = static_cast<uint32_t>(first_index) * UINT32_C(0x9E3779B1) + offset;
   const uint32_t n = static_cast<uint32_t>(count);
-  for (uint32_t j = 0; j < n; ++j) {
-    uint32_t h = (first + j) * UINT32_C(0x9E3779B1) + offset;
+  for (uint32_t j = 0; j < n; ++j, h_index += UINT32_C(0x9E3779B1)) {
+    uint32_t h = h_index;
     h ^= h >> 16;
     h *= UINT32_C(0x7FEB352D);
     h ^= h >> 15;

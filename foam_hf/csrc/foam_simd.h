@@ -8,8 +8,8 @@
 //    expanded (lane i gets m̃[i / B]) and stored compacted. Cheap where lane-crossing permutes are (Intel).
 //  * across vectors (fold_chunk, AVX2 only): 8 blocks at a time, horizontal adds leave the 8 block sums in one
 //    vector, the moments are updated a whole vector at a time and unfolded by in-lane shuffles or broadcasts.
-//    AVX2 on AMD Zen splits 256-bit lane-crossing permutes into several micro-ops (vpermps 3, vperm2f128 8 on
-//    Zen 1), and the butterfly path needs 4 of them per 8 columns at B = 4 and 8 (B = 8 ran slower than B = 4).
+//    AMD Zen (1 and 2) splits 256-bit lane-crossing permutes (vpermps, vperm2f128) into several micro-ops,
+//    and the butterfly path needs 4 of them per 8 columns at B = 4 and 8 (there, B = 8 ran slower than B = 4).
 // For other B that are multiples of the lane count, fold_wide: a block is a run of vectors, one horizontal
 // reduction and a scalar moment update per block.
 
