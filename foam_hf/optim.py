@@ -183,7 +183,15 @@ def _check_fused_available(param_groups: list[dict[str, Any]], *, allow_meta: bo
                 raise RuntimeError(
                     f"FOAM: fused=True in param group {index}, but a parameter of shape {tuple(p.shape)} is "
                     f"{p.dtype} on {p.device} (contiguous={p.is_contiguous()}); the fused kernels step contiguous "
-                    "CPU or CUDA float32/bfloat16/float16 tensors. Fix: pass fused=None or False for this group."
+                    "CPU float32/bfloat16/float16/float64 or CUDA float32/bfloat16/float16 tensors. "
+                    "Fix: pass fused=None or False for this group."
+                )
+            moments = state_dtype_for(p, group["state_dtype"])
+            if p.device.type == "cpu" and not _fused_cpu.fused_supported(p, moments):
+                raise FoamConfigError(
+                    f"FOAM: fused=True in param group {index} with {p.dtype} parameters and {moments} states "
+                    f"(state_dtype={group['state_dtype']!r}); the fused CPU kernel keeps the states of float64 "
+                    "parameters in float64. Fix: pass state_dtype=None for this group, or fused=None."
                 )
         if devices == {"cuda", "cpu"}:
             raise RuntimeError(
@@ -587,7 +595,10 @@ def foam(
                 and _triton().triton_ready(params[0].device)
             )
         else:  # the CPU kernel also steps bf16 moments (state_dtype="bfloat16")
-            fused = all(map(_fused_cpu.fused_supported, params)) and _fused_cpu.load_kernel() is not None
+            fused = (
+                all(map(_fused_cpu.fused_supported, params, (m.dtype for m in exp_avgs)))
+                and _fused_cpu.load_kernel() is not None
+            )
     if foreach is None:
         foreach = on_cuda
     if fused:

@@ -16,12 +16,12 @@ def test_the_cache_name_follows_the_source_bytes(tmp_path):
     copy_of_a = tmp_path / "elsewhere" / "a.cpp"
     copy_of_a.parent.mkdir()
     copy_of_a.write_bytes(a.read_bytes())
-    assert _fused_cpu.extension_name(str(a)) != _fused_cpu.extension_name(str(b))
-    assert _fused_cpu.extension_name(str(a)) == _fused_cpu.extension_name(str(a))
+    assert _fused_cpu.extension_name((str(a),)) != _fused_cpu.extension_name((str(b),))
+    assert _fused_cpu.extension_name((str(a),)) == _fused_cpu.extension_name((str(a),))
     # The same bytes in another checkout get their own build (torch's build file names the source path).
-    assert _fused_cpu.extension_name(str(a)) != _fused_cpu.extension_name(str(copy_of_a))
+    assert _fused_cpu.extension_name((str(a),)) != _fused_cpu.extension_name((str(copy_of_a),))
     # The shipped source gets a name of its own, not one fixed name for every version.
-    assert _fused_cpu.extension_name() not in (_fused_cpu.extension_name(str(a)), "foam_hf_fused_cpu_v3")
+    assert _fused_cpu.extension_name() not in (_fused_cpu.extension_name((str(a),)), "foam_hf_fused_cpu_v3")
 
 
 @pytest.fixture
