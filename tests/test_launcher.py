@@ -246,34 +246,29 @@ def sft_assets(tmp_path_factory):
     return root, {n: list(p.shape) for n, p in model.named_parameters()}
 
 
+def sft_config(root, out) -> dict:
+    return {
+        "model_name_or_path": str(root / "model"),
+        "dataset_name": str(root / "data"),
+        "output_dir": str(out),
+        "max_steps": 3,
+        "per_device_train_batch_size": 2,
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": 3,
+        "report_to": "none",
+        "use_cpu": True,
+        "max_length": 32,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }
+
+
 def sft_args(root, out):
-    return [
-        "--model_name_or_path",
-        root / "model",
-        "--dataset_name",
-        root / "data",
-        "--output_dir",
-        out,
-        "--max_steps",
-        "3",
-        "--per_device_train_batch_size",
-        "2",
-        "--logging_steps",
-        "1",
-        "--save_strategy",
-        "steps",
-        "--save_steps",
-        "3",
-        "--report_to",
-        "none",
-        "--use_cpu",
-        "--max_length",
-        "32",
-        "--disable_tqdm",
-        "true",
-        "--dataloader_num_workers",
-        "0",
-    ]
+    flags = []
+    for key, value in sft_config(root, out).items():
+        flags += [f"--{key}"] if value is True else [f"--{key}", str(value)]
+    return flags
 
 
 def check_sft_run(out: Path, shapes: dict, block_size: int):
@@ -320,14 +315,8 @@ def test_trl_sft_through_foam_hf_run(sft_assets, tmp_path):
 def test_trl_sft_with_a_yaml_config_through_foam_hf_run(sft_assets, tmp_path):
     root, shapes = sft_assets
     out = tmp_path / "out"
-    flags = [str(a) for a in sft_args(root, out)]
-    config = {flags[i].lstrip("-"): flags[i + 1] for i in range(0, len(flags), 2) if flags[i] != "--use_cpu"}
-    config = {k: v for k, v in config.items()}
-    lines = [f"{k}: {json.dumps(v)}" for k, v in config.items()] + [
-        "use_cpu: true",
-        "optim: foam",
-        "optim_args: block_size=4",
-    ]
+    config = {**sft_config(root, out), "optim": "foam", "optim_args": "block_size=4"}
+    lines = [f"{key}: {json.dumps(value)}" for key, value in config.items()]
     (tmp_path / "sft.yaml").write_text("\n".join(lines) + "\n")
     ok(sh(BIN / "foam-hf", "run", BIN / "trl", "sft", "--config", tmp_path / "sft.yaml"))
     check_sft_run(out, shapes, 4)
