@@ -8,14 +8,13 @@ listed in :mod:`foam_hf.integration._seam`; what runs there is :mod:`foam_hf.int
 
 from __future__ import annotations
 
-from ._seam import SeamError, check_seam
-
 TYPE_CHECKING = False  # no typing import at start-up
 
 
 if TYPE_CHECKING:
     from typing import Any
 
+    from ._seam import SeamError, check_seam
     from .callback import FoamCallback
     from .transformers import foam_config_from_args, is_foam_optim, optimizer_cls_and_kwargs
 
@@ -59,17 +58,37 @@ def register() -> None:
     _install(_handler, _validate, _after_create)
 
 
-def register_lazily() -> None:
-    """Register when transformers' modules are imported (at once for those already imported); imports nothing."""
-    from ._seam import install_lazily
+#: transformers module -> (the _seam installer for that place, the policy it installs).
+_PLACES = {
+    "transformers.training_args": ("install_names", _validate),
+    "transformers.trainer_optimizer": ("install_handler", _handler),
+    "transformers.trainer": ("install_trainer", _after_create),
+}
 
-    install_lazily(_handler, _validate, _after_create)
+
+def register_lazily() -> None:
+    """Register when transformers' modules are imported (at once for those already imported). Imports only the
+    import hook: under the launcher and ``autoregister`` this runs at every interpreter start-up."""
+    from ._import_hooks import when_imported
+
+    for name, (installer, policy) in _PLACES.items():
+
+        def install(module: Any, installer: str = installer, policy: Any = policy) -> None:
+            from . import _seam
+
+            getattr(_seam, installer)(module, policy)
+
+        when_imported(name, install)
 
 
 install = register  # the name of foam_hf <= 0.1.0
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("SeamError", "check_seam"):
+        from . import _seam
+
+        return getattr(_seam, name)
     if name == "FoamCallback":
         from .callback import FoamCallback
 

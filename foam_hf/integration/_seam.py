@@ -20,7 +20,7 @@ them fails loudly with this module's name in the message):
 This module is the mechanism only: what runs at each place (validation, the handler, the callback)
 is passed in by :mod:`foam_hf.integration`, which wires in the policy of
 :mod:`foam_hf.integration.transformers`. It imports nothing from transformers at module level, so that
-registration can wait until transformers is imported (:func:`install_lazily`).
+registration can wait until transformers is imported (``foam_hf.integration.register_lazily``).
 
 Tested with transformers 5.23-5.24 (see pyproject.toml for the supported range).
 """
@@ -42,7 +42,6 @@ __all__ = [
     "decay_parameter_names",
     "install",
     "install_handler",
-    "install_lazily",
     "install_names",
     "install_trainer",
 ]
@@ -213,7 +212,7 @@ def install_trainer(trainer: Any, after_create: AfterCreate) -> None:
     _wrap_create_optimizer(trainer.Trainer, after_create)
 
 
-_PLACES = ("transformers.training_args", "transformers.trainer_optimizer", "transformers.trainer")
+_PLACES = ("transformers.training_args", "transformers.trainer_optimizer", "transformers.trainer")  # in order
 
 
 def install(handler: Handler, validate: Validate, after_create: AfterCreate) -> None:
@@ -225,15 +224,3 @@ def install(handler: Handler, validate: Validate, after_create: AfterCreate) -> 
     install_names(modules[0], validate)
     install_handler(modules[1], handler)
     install_trainer(modules[2], after_create)
-
-
-def install_lazily(handler: Handler, validate: Validate, after_create: AfterCreate) -> None:
-    """Install each place when its transformers module is imported (now, for those already imported).
-
-    Costs nothing until transformers is imported; safe to call at interpreter start-up and while
-    transformers is half-imported."""
-    from ._import_hooks import when_imported
-
-    when_imported(_PLACES[0], lambda module: install_names(module, validate))
-    when_imported(_PLACES[1], lambda module: install_handler(module, handler))
-    when_imported(_PLACES[2], lambda module: install_trainer(module, after_create))
