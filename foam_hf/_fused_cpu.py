@@ -26,7 +26,7 @@ import torch
 
 from .errors import FoamConfigError
 
-__all__ = ["FUSED_DTYPES", "fused_supported", "kernel_build_error", "kernel_build_seconds", "load_kernel"]
+__all__ = ["FUSED_DTYPES", "fused_supported", "kernel_build_error", "load_kernel"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +60,11 @@ _lock = threading.Lock()
 _kernel: Any = None
 _tried = False
 _error: str | None = None
-_build_seconds: float | None = None
 
 
 def load_kernel() -> Any:
     """The compiled extension module, building it on first call; ``None`` (with one warning) if it cannot be."""
-    global _kernel, _tried, _error, _build_seconds
+    global _kernel, _tried, _error
     if _tried:
         return _kernel
     with _lock:
@@ -92,11 +91,11 @@ def load_kernel() -> Any:
                 extra_include_paths=[_CSRC],
                 verbose=False,
             )
-            _build_seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - start
             if building:
-                logger.warning("FOAM: fused CPU kernel %s built in %.1f s.", name, _build_seconds)
+                logger.warning("FOAM: fused CPU kernel %s built in %.1f s.", name, seconds)
             else:
-                logger.info("FOAM: fused CPU kernel %s loaded from torch's cache in %.1f s.", name, _build_seconds)
+                logger.info("FOAM: fused CPU kernel %s loaded from torch's cache in %.1f s.", name, seconds)
         except Exception as exc:  # no compiler, no ninja, no headers, ...: every failure means "unavailable"
             _kernel = None
             _error = f"{type(exc).__name__}: {exc}".strip()
@@ -137,11 +136,6 @@ def _is_cached(name: str) -> bool:
 def kernel_build_error() -> str | None:
     """Why the kernel could not be built (``None`` if it was built or not yet tried)."""
     return _error
-
-
-def kernel_build_seconds() -> float | None:
-    """Seconds the first :func:`load_kernel` took in this process (compile, or load from cache)."""
-    return _build_seconds
 
 
 def fused_supported(param: torch.Tensor, state_dtype: torch.dtype | None = None) -> bool:
