@@ -16,8 +16,10 @@ Run (prints a Markdown table, writes ``quality.png`` and ``quality.json`` to ``-
     python benchmarks/bench_quality.py --model-size tiny --steps 1000 --batch-size 8 --seq-len 64 \\
         --lrs 1e-3 3e-3 1e-2 --extend-edges --only "AdamW" "AdamW b2=0.95" "FOAM B=4" "FOAM B=8" "FOAM B=32"
 
-With ``--extend-edges`` an optimizer whose best lr is at the edge of its grid gets one more lr beyond it (and
-again, up to twice), so no optimizer is judged at a learning rate the sweep did not bracket. Every finished run
+With ``--extend-edges`` an optimizer whose best lr is at the edge of its grid gets one more lr beyond it on the
+half-decade ladder (and again, up to twice), so no optimizer is judged at a learning rate the sweep did not
+bracket; the table marks a best lr still at an edge. Each optimizer moves from its sweep to its seeds as soon as
+its own sweep is done. Every finished run
 is cached under ``--output-dir``/runs: rerunning the command trains only what is missing. Runs go to
 ``--workers`` spawned processes with one thread each (``torch.set_num_threads(1)``).
 """
@@ -26,13 +28,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import replace
 from pathlib import Path
 
@@ -51,6 +54,12 @@ def _run(spec: OptimizerSpec, lr: float, config: RunConfig) -> RunResult:
     result = run_spec(spec, lr, config)
     result.train_losses = result.train_losses[::10]  # keep the JSON small
     return result
+
+
+def next_lr(lr: float, direction: int) -> float:
+    """The neighbour of ``lr`` on the half-decade ladder ..., 1e-3, 3e-3, 1e-2, ... (``direction`` -1 or +1)."""
+    k = round(2 * math.log10(lr))
+    return float(f"{10 ** ((k + direction) / 2):.0e}")
 
 
 def _git_sha() -> str:
@@ -124,34 +133,51 @@ def main(argv: list[str] | None = None) -> list[dict]:
             parser.error(f"--grid {item!r}: expected NAME=LR,LR,... with NAME one of {sorted(specs)}")
         grids[name] = sorted(float(lr) for lr in lrs.split(","))
     ctx = __import__("multiprocessing").get_context("spawn")
+    extensions = dict.fromkeys(specs, 0)
+    seeded: set[str] = set()
     with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_one_thread) as pool:
+        futures: dict[Future, tuple[str, float, int]] = {}
 
-        def run_all(keys: list[tuple[str, float, int]]) -> dict[tuple[str, float, int], RunResult]:
-            jobs = {}
-            for name, lr, seed in keys:
-                if cache.get(name, lr, seed) is None:
-                    jobs[(name, lr, seed)] = pool.submit(_run, specs[name], lr, replace(base, seed=seed))
-            for (name, lr, seed), job in jobs.items():
+        def submit(name: str, lr: float, seed: int) -> None:
+            if cache.get(name, lr, seed) is None:
+                futures[pool.submit(_run, specs[name], lr, replace(base, seed=seed))] = (name, lr, seed)
+
+        def advance(name: str) -> None:
+            """Once ``name``'s grid is finished: extend it past an edge best, or run the seeds at the best lr.
+            Each optimizer moves on by itself, so no worker waits for the slowest optimizer's sweep."""
+            grid = grids[name]
+            if name in seeded or any(cache.get(name, lr, 0) is None for lr in grid):
+                return
+            best = min(grid, key=lambda lr: cache.get(name, lr, 0).eval_loss)
+            if args.extend_edges and extensions[name] < 2 and best in (grid[0], grid[-1]):
+                extensions[name] += 1
+                beyond = next_lr(best, -1 if best == grid[0] else 1)
+                grid.append(beyond)
+                grid.sort()
+                submit(name, beyond, 0)
+                advance(name)  # already cached: decide again at once
+                return
+            seeded.add(name)
+            for seed in range(1, args.seeds):
+                submit(name, best, seed)
+
+        for name in specs:
+            for lr in grids[name]:
+                submit(name, lr, 0)
+        for name in specs:
+            advance(name)
+        while futures:
+            done, _ = wait(futures, return_when=FIRST_COMPLETED)
+            for job in done:
+                name, lr, seed = futures.pop(job)
                 cache.put(name, lr, seed, job.result())
                 print(f"done {name} lr={lr:g} seed={seed}", file=sys.stderr, flush=True)
-            return {key: cache.get(*key) for key in keys}
-
-        # The sweep at seed 0; a best lr on the edge of the grid gets one more point beyond it (x or / sqrt 10).
-        sweep = run_all([(name, lr, 0) for name in specs for lr in grids[name]])
-        for _ in range(2 if args.extend_edges else 0):
-            for name, grid in grids.items():
-                best = min(grid, key=lambda lr, n=name: sweep[(n, lr, 0)].eval_loss)
-                if best == grid[0]:
-                    grid.insert(0, float(f"{best / 10**0.5:.0e}"))
-                elif best == grid[-1]:
-                    grid.append(float(f"{best * 10**0.5:.0e}"))
-            sweep = run_all([(name, lr, 0) for name in specs for lr in grids[name]])
-        sweep = {(name, lr): r for (name, lr, _), r in sweep.items()}
-        for (name, lr), r in sweep.items():
-            print(f"sweep {name:>22} lr={lr:g}: eval {r.eval_loss:.4f}", file=sys.stderr, flush=True)
-        best_lr = {name: min(grids[name], key=lambda lr, n=name: sweep[(n, lr)].eval_loss) for name in specs}
-        seeds = run_all([(name, best_lr[name], seed) for name in specs for seed in range(1, args.seeds)])
-        seeds = {(name, seed): r for (name, _, seed), r in seeds.items()}
+                advance(name)
+    sweep = {(name, lr): cache.get(name, lr, 0) for name in specs for lr in grids[name]}
+    for (name, lr), r in sweep.items():
+        print(f"sweep {name:>22} lr={lr:g}: eval {r.eval_loss:.4f}", file=sys.stderr, flush=True)
+    best_lr = {name: min(grids[name], key=lambda lr, n=name: sweep[(n, lr)].eval_loss) for name in specs}
+    seeds = {(name, seed): cache.get(name, best_lr[name], seed) for name in specs for seed in range(1, args.seeds)}
     total = time.perf_counter() - t0
 
     rows = []

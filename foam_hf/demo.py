@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 
+from .config import FoamConfig
 from .demo_training import RunConfig, RunResult, adamw_optim_name, load_corpus, train
 
 __all__ = ["DEFAULT_LRS", "DemoOptions", "format_table", "run_demo", "training_path"]
 
-#: Per-optimizer default peak learning rates: each optimizer's best lr on the ``tiny`` model in the sweeps of
-#: ``benchmarks/bench_quality.py`` (docs/benchmarks.md).
+#: Per-optimizer default peak learning rates: each optimizer's best lr for the ``tiny`` model at the demo's
+#: 300-step budget in the sweep of ``benchmarks/bench_quality.py`` (docs/benchmarks.md, "The main job").
 DEFAULT_LRS: dict[str, float] = {"adamw": 3e-3, "foam": 3e-3}
 
 _CSV_FIELDS = (
@@ -136,6 +137,8 @@ def _progress_bar(name: str, steps: int):
 
 def run_demo(options: DemoOptions, *, progress: bool = True) -> list[RunResult]:
     """Train AdamW then FOAM under ``options``; print the table; write the PNG, JSON and CSV."""
+    foam_args = f"block_size={options.block_size}"
+    FoamConfig.from_optim_args(foam_args)  # a bad block size is refused here, not after the AdamW run
     out = Path(options.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     corpus = load_corpus()
@@ -152,7 +155,7 @@ def run_demo(options: DemoOptions, *, progress: bool = True) -> list[RunResult]:
     device = config.resolved_device()
     runs = [
         ("AdamW", adamw_optim_name(device), None, options.lr or DEFAULT_LRS["adamw"]),
-        (f"FOAM B={options.block_size}", "foam", f"block_size={options.block_size}", options.lr or DEFAULT_LRS["foam"]),
+        (f"FOAM B={options.block_size}", "foam", foam_args, options.lr or DEFAULT_LRS["foam"]),
     ]
     print(
         f"corpus: {corpus.describe()}; model: {options.model_size} Llama; device: {device}; {options.steps} steps; "
