@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _engine import OptimizerSpec, RunCache, RunConfig, RunResult, available_configs, run_spec  # noqa: E402
+from _engine import CONFIGS, OptimizerSpec, RunCache, RunConfig, RunResult, available_configs, run_spec  # noqa: E402
 
 
 def _one_thread() -> None:
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
 
     runnable, left_out = available_configs()
+    known = {spec.name for spec in CONFIGS}
     unknown = set(args.only or []) - {s.name for s in runnable} - {line.split(":")[0] for line in left_out}
     if unknown:
         parser.error(f"unknown configuration names {sorted(unknown)}; known: {[s.name for s in runnable]}")
@@ -129,9 +130,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     grids = {name: sorted(args.lrs) for name in specs}
     for item in args.grid:
         name, _, lrs = item.rpartition("=")
-        if name not in specs or not lrs:
-            parser.error(f"--grid {item!r}: expected NAME=LR,LR,... with NAME one of {sorted(specs)}")
-        grids[name] = sorted(float(lr) for lr in lrs.split(","))
+        if name not in known or not lrs:
+            parser.error(f"--grid {item!r}: expected NAME=LR,LR,... with NAME one of {sorted(known)}")
+        if name in specs:  # a grid for a configuration --only leaves out is ignored, so one command fits all
+            grids[name] = sorted(float(lr) for lr in lrs.split(","))
     ctx = __import__("multiprocessing").get_context("spawn")
     extensions = dict.fromkeys(specs, 0)
     seeded: set[str] = set()
