@@ -2,17 +2,18 @@
 
     python benchmarks/bench_lora.py --ranks 8 32 --seeds 0 1 2 --steps 200 --base-steps 300 --seq-len 64 --threads 1
 
-The data, the model, the batches, the schedule and the evaluation are those of :mod:`foam_hf.pretrain`
-(the engine of ``foam-hf demo`` and ``benchmarks/bench_quality.py``): byte-level text of the Python standard
-library's top-level ``.py`` files, whole files held out for evaluation, and a randomly initialised
-``LlamaForCausalLM`` of :data:`~foam_hf.pretrain.MODEL_SIZES`.
+The data, the model, the batches, the schedule and the evaluation are those of ``foam-hf demo`` and
+``benchmarks/bench_quality.py`` (:mod:`foam_hf.demo_training`, through ``benchmarks/_engine.py``): byte-level
+text of the Python standard library's top-level ``.py`` files, whole files held out for evaluation, and a
+randomly initialised ``LlamaForCausalLM`` of :data:`~foam_hf.demo_training.MODEL_SIZES`. The loop is plain
+PyTorch (a PEFT model over a pre-trained base), fed the batches a Trainer run of the same budget would see.
 
 1. *Base*: the model is pre-trained with AdamW on the first half (by bytes) of the training files, once; every
    LoRA run starts from these weights.
 2. *LoRA*: adapters (``target_modules="all-linear"``, ``lora_alpha = 2 r``, no dropout; the output head and
    embeddings stay frozen) are trained on the second half of the training files with each optimizer below,
    then evaluated on the held-out files. Per seed, every optimizer sees the same adapter initialisation and
-   the same batches, under the same linear-warmup + cosine schedule (:func:`foam_hf.pretrain.lr_factor`).
+   the same batches, under the same linear-warmup + cosine schedule (``_engine.lr_factor``).
 
 Optimizers. FOAM is built as ``TrainingArguments(optim="foam", optim_args=...)`` builds it in a Trainer:
 :func:`foam_hf.integration.optimizer_cls_and_kwargs`, i.e. :func:`~foam_hf.param_groups.resolve_block_sizes`
@@ -43,17 +44,19 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 import foam_hf  # noqa: F401  (registers optim="foam" with transformers)
 from foam_hf.integration import optimizer_cls_and_kwargs
-from foam_hf.pretrain import (
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _engine import (  # noqa: E402
     MODEL_SIZES,
-    OptimizerSpec,
-    TrainConfig,
+    RunConfig,
     build_model,
-    build_optimizer,
     evaluate,
     load_corpus,
     lr_factor,
@@ -74,8 +77,8 @@ VARIANTS: dict[str, str | None] = {
 _LAST_STEPS = 20
 
 
-def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: torch.Tensor, config: TrainConfig) -> list:
-    """:func:`foam_hf.pretrain.train`'s loop on a given model and optimizer: its batches, its schedule."""
+def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: torch.Tensor, config: RunConfig) -> list:
+    """A plain loop on a given model and optimizer: the batches and schedule of a Trainer run of ``config``."""
     device = config.resolved_device()
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, config.steps, config.warmup_fraction)
@@ -110,7 +113,7 @@ def lora_optimizer(model: torch.nn.Module, optim_args: str | None, lr: float) ->
     return cls(**kwargs)
 
 
-def lora_run(config: TrainConfig, base_state: dict, rank: int, optim_args: str | None, lr: float, tune, held_out):
+def lora_run(config: RunConfig, base_state: dict, rank: int, optim_args: str | None, lr: float, tune, held_out):
     from peft import LoraConfig, get_peft_model
 
     model = build_model(config.model_size, config.seed, seq_len=config.seq_len)
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--eval-batches", type=int, default=16)
-    parser.add_argument("--max-files", type=int, default=None, help="passed to foam_hf.pretrain.load_corpus")
+    parser.add_argument("--max-files", type=int, default=None, help="passed to load_corpus")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = parser.parse_args(argv)
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     corpus = load_corpus(args.max_files)
     half = corpus.train.numel() // 2
     base_data, tune_data = corpus.train[:half], corpus.train[half:]
-    config = TrainConfig(
+    config = RunConfig(
         model_size=args.model_size,
         steps=args.base_steps,
         batch_size=args.batch_size,
@@ -170,11 +173,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         seed=1234,
         eval_batches=args.eval_batches,
         device=args.device,
-        threads=args.threads,
     )
     print(f"corpus: {corpus.describe()}; base on {half:,} bytes, LoRA on {tune_data.numel():,}", file=sys.stderr)
     base = build_model(args.model_size, config.seed, seq_len=args.seq_len).to(config.resolved_device())
-    losses = fit(base, build_optimizer(OptimizerSpec("base", "adamw", args.base_lr), base), base_data, config)
+    losses = fit(base, torch.optim.AdamW(base.parameters(), lr=args.base_lr, weight_decay=0.0), base_data, config)
     base_eval = evaluate(base, corpus.eval, config)
     base_state = {k: v.detach().cpu().clone() for k, v in base.state_dict().items()}
     del base

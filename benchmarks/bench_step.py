@@ -23,18 +23,20 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import platform
 import statistics
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from foam_hf import FOAM, _fused_cpu
-from foam_hf.pretrain import optimizer_state_bytes as state_bytes
+from foam_hf.demo_training import optimizer_state_bytes as state_bytes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -234,6 +236,7 @@ def main() -> None:
     parser.add_argument("--no-reference", dest="reference", action="store_false")
     parser.add_argument("--plot", default="docs/benchmarks-step.png", help="where to write the plot ('' for none)")
     parser.add_argument("--quick", action="store_true", help="small smoke run")
+    parser.add_argument("--json", default="", help="also write every row to this JSON file (byte counts exact)")
     parser.add_argument(
         "--threads",
         type=int,
@@ -335,6 +338,13 @@ def main() -> None:
             f"{c.state_bytes / 2**20:.1f} | {c.transient_bytes / 2**20:.2f} | "
             f"{c.transient_bytes / param_bytes[c.dtype]:.1%} |"
         )
+    if args.json:
+        records = [
+            dict(name=c.name, dtype=c.dtype, state_bytes=c.state_bytes, transient_bytes=c.transient_bytes, median_s=med)
+            for c, med, _ in rows
+        ]
+        shape = dict(n_weights=args.n_weights, rows=args.rows, cols=args.cols, param_bytes=param_bytes)
+        Path(args.json).write_text(json.dumps(dict(shape=shape, rows=records), indent=1))
     if left_out:
         print()
         print("Not in the table:")

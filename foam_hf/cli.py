@@ -74,15 +74,16 @@ def _output_dir(text: str) -> str:
 
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     from .demo import DEFAULT_LRS, DemoOptions
-    from .pretrain import MODEL_SIZES
+    from .demo_training import MODEL_SIZES
 
     d = DemoOptions()
     p = subparsers.add_parser(
         "demo",
         help="pre-train a tiny Llama with AdamW and with FOAM on local text and compare them",
-        description="Pre-train a tiny Llama on the Python standard library's sources twice (AdamW, then FOAM; "
-        "same seed, batches and budget) and report held-out loss, optimizer-state bytes, peak memory and time "
-        "per step. Writes loss.png, results.json and results.csv to --output-dir. Nothing is downloaded.",
+        description="Pre-train a tiny Llama on the Python standard library's sources twice with transformers.Trainer "
+        "(optim='adamw_torch_fused', then optim='foam'; same seed, batches and budget) and report held-out loss, "
+        "optimizer-state bytes and time per step. Writes loss.png, results.json and results.csv to --output-dir. "
+        "Nothing is downloaded.",
     )
     p.add_argument("--steps", type=_positive_int, default=d.steps, help=f"optimizer steps (default: {d.steps})")
     p.add_argument(

@@ -1,15 +1,19 @@
-"""``foam-hf demo``: pre-train a tiny Llama twice, AdamW then FOAM, and compare them.
+"""``foam-hf demo``: pre-train a tiny Llama twice through ``transformers.Trainer``, AdamW then FOAM, and compare.
 
-Both runs use the same initial weights, the same batches and the same schedule (:mod:`foam_hf.pretrain`).
-Each optimizer gets its own default learning rate, the best of a sweep in ``benchmarks/bench_quality.py``
-on this model (see ``docs/benchmarks-quality.md``); ``--lr`` sets one value for both. Outputs: a Markdown
-table on stdout, and ``loss.png``, ``results.json`` and ``results.csv`` in the output folder.
+Both runs are ordinary Trainer runs (:mod:`foam_hf.demo_training`): AdamW is ``optim="adamw_torch_fused"``
+(``"adamw_torch"`` where torch has no fused AdamW for the device) and FOAM is ``optim="foam"`` with
+``optim_args="block_size=B"``, so FOAM's param groups are exactly those ``optim="foam"`` builds in any
+user's Trainer (:mod:`foam_hf.param_groups`). Same initial weights, batches and schedule for both. Each
+optimizer gets its own default learning rate (:data:`DEFAULT_LRS`); ``--lr`` sets one value for both.
+Outputs: a Markdown table on stdout, and ``loss.png``, ``results.json`` and ``results.csv`` in the output
+folder.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -17,28 +21,27 @@ from pathlib import Path
 
 import torch
 
-from .pretrain import OptimizerSpec, RunResult, TrainConfig, load_corpus, run_isolated
+from .config import FoamConfig
+from .demo_training import RunConfig, RunResult, adamw_optim_name, load_corpus, train
 
-__all__ = ["DEFAULT_LRS", "DemoOptions", "format_table", "run_demo"]
+__all__ = ["DEFAULT_LRS", "DemoOptions", "format_table", "run_demo", "training_path"]
 
-#: Per-optimizer default peak learning rates: each optimizer's best lr in the sweep of
-#: ``benchmarks/bench_quality.py`` on the ``tiny`` model (see ``docs/benchmarks-quality.md``).
+#: Per-optimizer default peak learning rates: each optimizer's best lr for the ``tiny`` model at the demo's
+#: 300-step budget in the sweep of ``benchmarks/bench_quality.py`` (docs/benchmarks.md, "The main job").
 DEFAULT_LRS: dict[str, float] = {"adamw": 3e-3, "foam": 3e-3}
 
 _CSV_FIELDS = (
     "name",
+    "optim",
+    "optim_args",
     "lr",
     "eval_loss",
     "state_bytes",
     "adamw_state_bytes",
-    "peak_memory_bytes",
-    "peak_memory_rise_bytes",
     "step_time_s",
-    "optimizer_step_time_s",
     "wall_time_s",
     "params",
     "device",
-    "memory_measure",
 )
 
 
@@ -59,23 +62,34 @@ class DemoOptions:
     eval_batches: int = 8
 
 
-def _mib(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / 2**20:.2f}"
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f}"
+
+
+def training_path(results: list[RunResult]) -> str:
+    """One sentence saying how each run was built (printed by the demo and stored in results.json)."""
+    parts = [
+        f"{r.name}: optim={r.optim!r}" + (f", optim_args={r.optim_args!r}" if r.optim_args else "") for r in results
+    ]
+    return (
+        "every run is a transformers.Trainer run; "
+        + "; ".join(parts)
+        + " (FOAM's param groups are those optim='foam' builds: foam_hf.param_groups)"
+    )
 
 
 def format_table(results: list[RunResult]) -> str:
     """The demo's Markdown table."""
     base = results[0].state_bytes
     lines = [
-        "| optimizer | lr | eval loss | state MiB | state vs AdamW | peak memory MiB | rise MiB | ms/step | "
-        "optimizer ms/step |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| optimizer | TrainingArguments | lr | held-out loss | state MiB | state vs AdamW | ms/step |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        built = f"optim={r.optim}" + (f", optim_args={r.optim_args}" if r.optim_args else "")
         lines.append(
-            f"| {r.name} | {r.lr:g} | {r.eval_loss:.4f} | {_mib(r.state_bytes)} | {r.state_bytes / base:.2f}x | "
-            f"{_mib(r.peak_memory_bytes)} | {_mib(r.peak_memory_rise_bytes)} | {1e3 * r.step_time_s:.1f} | "
-            f"{1e3 * r.optimizer_step_time_s:.1f} |"
+            f"| {r.name} | {built} | {r.lr:g} | {r.eval_loss:.4f} | {_mib(r.state_bytes)} | "
+            f"{r.state_bytes / base:.2f}x | {1e3 * r.step_time_s:.1f} |"
         )
     return "\n".join(lines)
 
@@ -98,30 +112,37 @@ def _plot(results: list[RunResult], path: Path, title: str) -> None:
     ax1.set_title(title)
     ax1.legend(fontsize=8)
     names = [r.name for r in results]
-    x = torch.arange(len(names)).tolist()
-    ax2.bar([i - 0.2 for i in x], [r.state_bytes / 2**20 for r in results], 0.4, label="optimizer state")
-    if all(r.peak_memory_rise_bytes is not None for r in results):
-        ax2.bar(
-            [i + 0.2 for i in x],
-            [r.peak_memory_rise_bytes / 2**20 for r in results],
-            0.4,
-            label="peak memory rise",
-        )
-    ax2.set_xticks(x, names)
+    ax2.bar(names, [r.state_bytes / 2**20 for r in results], 0.5)
     ax2.set_ylabel("MiB")
-    ax2.set_title("memory")
-    ax2.legend(fontsize=8)
+    ax2.set_title("optimizer state")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
+def _progress_bar(name: str, steps: int):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, desc=name, unit="step", leave=True)
+
+    def update(step: int, logs: dict) -> None:
+        if "loss" in logs:
+            bar.update(step - bar.n)
+            bar.set_postfix(loss=f"{logs['loss']:.3f}")
+        if "eval_loss" in logs:
+            bar.set_postfix(eval=f"{logs['eval_loss']:.3f}")
+
+    return bar, update
+
+
 def run_demo(options: DemoOptions, *, progress: bool = True) -> list[RunResult]:
     """Train AdamW then FOAM under ``options``; print the table; write the PNG, JSON and CSV."""
+    foam_args = f"block_size={options.block_size}"
+    FoamConfig.from_optim_args(foam_args)  # a bad block size is refused here, not after the AdamW run
     out = Path(options.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     corpus = load_corpus()
-    config = TrainConfig(
+    config = RunConfig(
         model_size=options.model_size,
         steps=options.steps,
         batch_size=options.batch_size,
@@ -132,39 +153,37 @@ def run_demo(options: DemoOptions, *, progress: bool = True) -> list[RunResult]:
         device=options.device,
     )
     device = config.resolved_device()
-    specs = [
-        OptimizerSpec("AdamW", "adamw", options.lr if options.lr is not None else DEFAULT_LRS["adamw"]),
-        OptimizerSpec(
-            f"FOAM B={options.block_size}",
-            "foam",
-            options.lr if options.lr is not None else DEFAULT_LRS["foam"],
-            block_size=options.block_size,
-        ),
+    runs = [
+        ("AdamW", adamw_optim_name(device), None, options.lr or DEFAULT_LRS["adamw"]),
+        (f"FOAM B={options.block_size}", "foam", foam_args, options.lr or DEFAULT_LRS["foam"]),
     ]
-    print(f"corpus: {corpus.describe()}; model: {options.model_size} Llama; device: {device}; {options.steps} steps")
-    t0 = time.perf_counter()
-    results = [run_isolated(spec, config, progress=progress) for spec in specs]
-    total = time.perf_counter() - t0
-    table = format_table(results)
-    print(table)
-    memory_note = results[0].memory_measure
     print(
-        f"\nstate bytes are exact; peak memory: {memory_note}"
-        + (", each optimizer in its own process" if device.type == "cpu" else "")
-        + f"; total {total:.0f} s"
+        f"corpus: {corpus.describe()}; model: {options.model_size} Llama; device: {device}; {options.steps} steps; "
+        "each run is a transformers.Trainer run (AdamW: optim='" + runs[0][1] + "', FOAM: optim='foam')"
     )
+    t0 = time.perf_counter()
+    results = []
+    for name, optim, optim_args, lr in runs:
+        bar, update = _progress_bar(name, options.steps) if progress else (None, None)
+        results.append(train(name, optim, lr, config, corpus, optim_args=optim_args, progress=update))
+        if bar is not None:
+            bar.close()
+    total = time.perf_counter() - t0
+    path = training_path(results)
+    print(format_table(results))
+    print(f"\n{path}.\nstate bytes are exact (the optimizer's state tensors); total {total:.0f} s")
 
     meta = dict(
         date=time.strftime("%Y-%m-%d %H:%M"),
-        machine=f"{platform.machine()}, {__import__('os').cpu_count()} CPUs",
+        machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
         python=platform.python_version(),
         torch=torch.__version__,
         transformers=__import__("transformers").__version__,
         device=str(device),
+        training_path=path,
         corpus=dict(source=corpus.source, train_files=corpus.train_files, eval_files=corpus.eval_files),
         options=options.__dict__,
-        train_config=config.__dict__,
-        memory_measure=memory_note,
+        run_config=config.__dict__,
         total_wall_s=total,
     )
     (out / "results.json").write_text(json.dumps(dict(meta=meta, runs=[r.to_dict() for r in results]), indent=1))

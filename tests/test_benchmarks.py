@@ -1,15 +1,20 @@
 """Every benchmark script still runs end to end, at a toy size, and reports what it claims to.
 
 The figures in docs/benchmarks.md come from these scripts at full size; a script broken since would leave
-them unreproducible. Timings and losses are never asserted; state bytes are, since they are exact.
+them unreproducible. Timings and losses are never asserted; state bytes are, byte for byte, against counts
+computed here from the parameter shapes.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,25 +48,84 @@ def number(cell: str) -> float:
     return float(cell.split()[0].replace(",", "").rstrip("x"))
 
 
+def foam_state_bytes_from_shapes(shapes: list[tuple[int, ...]], block_size: int, entry_bytes: int = 4) -> int:
+    """Two moments of ``rows * ceil(cols / B)`` entries per 2-D weight plus a 4-byte step, from the maths."""
+    return sum(2 * math.prod(s[:-1]) * math.ceil(s[-1] / block_size) * entry_bytes + 4 for s in shapes)
+
+
 def test_bench_step(tmp_path):
-    out = run("bench_step.py", "--quick", "--no-peers", "--plot", str(tmp_path / "step.png"), cwd=tmp_path)
-    rows = by_name(table(out), 2)
-    # 2 weights of 128 x 256: AdamW's fp32 moments are 2 x 2 x 32768 x 4 bytes = 0.5 MiB; FOAM B=4 folds them
-    # to a quarter, bf16 states halve that again (the state column is in MiB, one decimal).
-    assert number(rows["torch AdamW fused / fp32"][5]) == 0.5
-    assert number(rows["FOAM fused B=4 / fp32"][5]) == 0.1  # 0.125 MiB
-    assert number(rows["FOAM fused B=32 / fp32"][5]) == 0.0  # 0.016 MiB
-    assert number(rows["FOAM default B=4, bf16 states / fp32"][5]) == 0.1  # 0.0625 MiB
-    assert number(rows["FOAM fused B=4 / fp32"][6]) == 0.0  # the fused step allocates nothing of parameter size
+    out = run(
+        "bench_step.py",
+        "--quick",
+        "--no-peers",
+        "--plot",
+        str(tmp_path / "step.png"),
+        "--json",
+        "step.json",
+        cwd=tmp_path,
+    )
+    assert "| FOAM fused B=4 | fp32 |" in out
+    report = json.loads((tmp_path / "step.json").read_text())
+    shape = report["shape"]
+    assert (shape["n_weights"], shape["rows"], shape["cols"]) == (2, 128, 256)  # what --quick promises
+    shapes = [(128, 256)] * 2
+    rows = {(r["name"], r["dtype"]): r for r in report["rows"]}
+    for dtype, param_bytes in (("fp32", 2 * 128 * 256 * 4), ("bf16", 2 * 128 * 256 * 2)):
+        for b in (2, 4, 8, 32):
+            row = rows[(f"FOAM fused B={b}", dtype)]
+            assert row["state_bytes"] == foam_state_bytes_from_shapes(shapes, b)  # fp32 moments whatever the weights
+            assert row["transient_bytes"] == 0  # the fused step allocates nothing through torch's allocator
+        assert rows[("FOAM default B=4, bf16 states", dtype)]["state_bytes"] == foam_state_bytes_from_shapes(
+            shapes, 4, entry_bytes=2
+        )
+        for path in ("FOAM foreach B=4", "FOAM reference (for-loop) B=4", "FOAM default (fused=None) B=4"):
+            assert rows[(path, dtype)]["state_bytes"] == foam_state_bytes_from_shapes(shapes, 4)
+        # AdamW: two unfolded moments in the weights' dtype (plus whatever torch keeps for the step count).
+        adamw = rows[("torch AdamW fused", dtype)]["state_bytes"]
+        assert 2 * param_bytes <= adamw <= 2 * param_bytes + 64 * len(shapes)
     assert (tmp_path / "step.png").stat().st_size > 0
 
 
-def test_bench_quality_caches_every_run(tmp_path):
+def test_bench_quality_trains_through_optim_foam_and_caches_every_run(tmp_path):
+    from transformers import TrainingArguments
+
+    from foam_hf.demo_training import build_model
+    from foam_hf.integration import optimizer_cls_and_kwargs
+
     args = ["--model-size", "tiny", "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--lrs", "1e-3"]
     args += ["--seeds", "2", "--workers", "1", "--only", "AdamW", "FOAM B=4", "--output-dir", "out"]
-    rows = by_name(table(run("bench_quality.py", *args, cwd=tmp_path)))
+    stdout = run("bench_quality.py", *args, cwd=tmp_path)
+    rows = by_name(table(stdout))
     assert set(rows) == {"AdamW", "FOAM B=4"}
-    assert number(rows["AdamW"][-3]) == 1.0 and number(rows["FOAM B=4"][-3]) < 0.35  # state bytes vs AdamW
+    assert rows["FOAM B=4"][1] == 'optim="foam"' and rows["AdamW"][1].startswith('optim="adamw_torch')
+    assert 'FOAM through optim="foam"' in stdout
+
+    report = json.loads((tmp_path / "out" / "quality.json").read_text())
+    by_row = {r["name"]: r for r in report["rows"]}
+    model = build_model("tiny", seed=0, seq_len=32)
+    # Written here from the rule, not with foam_hf: the weights of linear layers other than the output head fold.
+    folded = {
+        f"{name}.weight": m.weight
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] != "lm_head"
+    }
+    adamw_bytes = sum(8 * p.numel() + 4 for p in model.parameters())
+    foam_bytes = foam_state_bytes_from_shapes([tuple(p.shape) for p in folded.values()], 4) + sum(
+        8 * p.numel() + 4 for n, p in model.named_parameters() if n not in folded
+    )
+    assert by_row["AdamW"]["state_bytes"] == adamw_bytes
+    assert by_row["FOAM B=4"]["state_bytes"] == foam_bytes
+    assert by_row["FOAM B=4"]["adamw_state_bytes"] == adamw_bytes
+    # One folding rule: the benchmark's FOAM groups are those TrainingArguments(optim="foam") builds.
+    user = TrainingArguments(output_dir=str(tmp_path / "u"), optim="foam", optim_args="block_size=4", report_to=[])
+    _, kwargs = optimizer_cls_and_kwargs(user, model)
+    expected_groups = [
+        {"params": sum(p.numel() for p in g["params"]), "tensors": len(g["params"]), "block_size": g["block_size"]}
+        for g in kwargs["params"]
+    ]
+    assert by_row["FOAM B=4"]["groups"] == expected_groups
+    assert sum(g["params"] for g in expected_groups if g["block_size"] == 4) == sum(p.numel() for p in folded.values())
+
     runs = tmp_path / "out" / "runs"
     assert sorted(p.name for p in runs.iterdir()) == [
         "AdamW_lr0.001_seed0.json",
@@ -69,7 +133,7 @@ def test_bench_quality_caches_every_run(tmp_path):
         "FOAM_B_4_lr0.001_seed0.json",
         "FOAM_B_4_lr0.001_seed1.json",
     ]
-    assert (tmp_path / "out" / "quality.json").exists() and (tmp_path / "out" / "quality.png").exists()
+    assert (tmp_path / "out" / "quality.png").exists()
     # A rerun of the same command finds every run cached and trains nothing: the files stay as they were.
     stamps = {p.name: p.stat().st_mtime_ns for p in runs.iterdir()}
     run("bench_quality.py", *args, cwd=tmp_path)
@@ -85,13 +149,26 @@ def test_bench_trainer(tmp_path):
 
 
 def test_bench_lora(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from foam_hf.demo_training import build_model
+
     args = ["--ranks", "4", "--seeds", "0", "--steps", "2", "--base-steps", "2", "--max-files", "5"]
     args += ["--variants", "adamw", "foam B=4", "foam B=4, lora_A only", "--eval-batches", "2"]
     args += ["--batch-size", "2", "--seq-len", "32", "--threads", "1"]
     rows = by_name(table(run("bench_lora.py", *args, cwd=tmp_path)), 2)
-    adamw, both, lora_a = (number(rows[f"4 / {v}"][5]) for v in ("adamw", "foam B=4", "foam B=4, lora_A only"))
-    assert both < lora_a < adamw
-    assert number(rows["4 / foam B=4"][6]) < 0.26  # both adapter matrices folded by 4
+    adamw, both, lora_a = (int(number(rows[f"4 / {v}"][5])) for v in ("adamw", "foam B=4", "foam B=4, lora_A only"))
+
+    # The adapters' shapes, from the same PEFT model built here: lora_A is r x in, lora_B is out x r.
+    model = get_peft_model(build_model("tiny", seed=0, seq_len=32), LoraConfig(r=4, target_modules="all-linear"))
+    adapters = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    a_shapes = [s for n, s in adapters.items() if "lora_A" in n]
+    b_shapes = [s for n, s in adapters.items() if "lora_B" in n]
+    assert a_shapes and len(a_shapes) == len(b_shapes) == len(adapters) // 2
+    assert both == foam_state_bytes_from_shapes(a_shapes + b_shapes, 4)
+    assert lora_a == foam_state_bytes_from_shapes(a_shapes, 4) + foam_state_bytes_from_shapes(b_shapes, 1)
+    unfolded = foam_state_bytes_from_shapes(a_shapes + b_shapes, 1)
+    assert unfolded <= adamw <= unfolded + 64 * len(adapters)  # AdamW: two full moments per adapter matrix
 
 
 def test_bench_zero_memory_predicts_fewer_bytes_per_rank_than_adamw(tmp_path):

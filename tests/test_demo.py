@@ -1,4 +1,4 @@
-"""The demo end to end in a short mode, its reported state bytes, and the corpus split."""
+"""The demo end to end in a short mode: its Trainer runs, their state bytes, their FOAM grouping, the corpus."""
 
 from __future__ import annotations
 
@@ -6,40 +6,49 @@ import csv
 import json
 import math
 import sysconfig
+import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from foam_hf import FOAM, state_memory
 from foam_hf.cli import main
-from foam_hf.pretrain import OptimizerSpec, build_model, build_optimizer, load_corpus
+from foam_hf.demo_training import RunConfig, build_model, build_trainer, load_corpus, unwrap_optimizer
 
 BLOCK_SIZE = 8
-# Tiny budget: the point is the plumbing (spawned runs, table, files), not the loss.
+# Tiny budget: the point is the plumbing (Trainer runs, table, files), not the loss.
 SHORT = ["--steps", "3", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--no-progress"]
 
 
-def _expected_bytes(model: torch.nn.Module, block_size: int) -> tuple[int, int]:
-    """From the maths: fp32 moments (2 x 4 bytes per entry) + a 4-byte step per tensor; linear weights
-    other than lm_head keep ``rows * ceil(n / B)`` entries, everything else ``numel``."""
-    folded_ids = {
-        id(m.weight)
+def folded_weight_names(model: torch.nn.Module) -> set[str]:
+    """Written here from the rule, not with foam_hf: the weights of linear layers other than the output head."""
+    return {
+        f"{name}.weight"
         for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] != "lm_head"
     }
+
+
+def expected_bytes(model: torch.nn.Module, block_size: int) -> tuple[int, int]:
+    """From the maths: fp32 moments (2 x 4 bytes per entry) + a 4-byte step per tensor; a folded ``m x n``
+    weight keeps ``m * ceil(n / B)`` entries, everything else ``numel``."""
+    folded = folded_weight_names(model)
     adamw = sum(8 * p.numel() + 4 for p in model.parameters())
-    foam = sum(
-        8 * (p.numel() // p.shape[-1]) * math.ceil(p.shape[-1] / block_size) + 4
-        if id(p) in folded_ids
-        else 8 * p.numel() + 4
-        for p in model.parameters()
-    )
+    foam = 0
+    for name, p in model.named_parameters():
+        entries = (p.numel() // p.shape[-1]) * math.ceil(p.shape[-1] / block_size) if name in folded else p.numel()
+        foam += 8 * entries + 4
     return adamw, foam
 
 
-def _actual_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values())
+def groups_by_name(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[tuple[int, float, list[str]]]:
+    """Each param group as (block_size, weight_decay, sorted parameter names), in a canonical order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [
+        (g["block_size"], g["weight_decay"], sorted(names[id(p)] for p in g["params"])) for g in optimizer.param_groups
+    ]
+    return sorted(groups)
 
 
 def test_demo_short_mode_writes_outputs_with_true_state_bytes(tmp_path, capsys):
@@ -49,31 +58,60 @@ def test_demo_short_mode_writes_outputs_with_true_state_bytes(tmp_path, capsys):
     for name in ("loss.png", "results.json", "results.csv"):
         assert (out / name).stat().st_size > 0
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    runs = json.loads((out / "results.json").read_text())["runs"]
-    assert [r["kind"] for r in runs] == ["adamw", "foam"]
+    results = json.loads((out / "results.json").read_text())
+    runs = results["runs"]
+    assert [r["optim"] for r in runs] in (["adamw_torch_fused", "foam"], ["adamw_torch", "foam"])
+    assert runs[1]["optim_args"] == f"block_size={BLOCK_SIZE}"
     assert all(len(r["train_losses"]) == 3 and math.isfinite(r["eval_loss"]) for r in runs)
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["state_bytes"]) for r in rows] == [r["state_bytes"] for r in runs]
-    assert "| AdamW |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| AdamW |" in printed and "transformers.Trainer" in printed and "optim='foam'" in printed
+    assert "optim='foam'" in results["meta"]["training_path"]
 
-    # Independent check: rebuild the same model and optimizers here, take one step, count the states.
-    model = build_model("tiny", seed=0, seq_len=32)
-    expected_adamw, expected_foam = _expected_bytes(model, BLOCK_SIZE)
-    x = torch.randint(0, 256, (2, 32))
-    held = {}
-    for spec in (OptimizerSpec("a", "adamw", 1e-3), OptimizerSpec("f", "foam", 1e-3, block_size=BLOCK_SIZE)):
-        opt = build_optimizer(spec, model)
-        model(input_ids=x, labels=x).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        held[spec.kind] = opt
-    assert isinstance(held["foam"], FOAM)
-    assert _actual_state_bytes(held["adamw"]) == expected_adamw == runs[0]["state_bytes"]
-    assert _actual_state_bytes(held["foam"]) == expected_foam == runs[1]["state_bytes"]
-    assert state_memory(held["foam"]).foam_bytes == expected_foam
+    # Independent check: the demo's model, its states counted from the parameter shapes.
+    expected_adamw, expected_foam = expected_bytes(build_model("tiny", seed=0, seq_len=32), BLOCK_SIZE)
+    assert runs[0]["state_bytes"] == expected_adamw
+    assert runs[1]["state_bytes"] == expected_foam
     assert runs[1]["adamw_state_bytes"] == expected_adamw
     assert expected_foam < expected_adamw
+    # The groups it trained with: every linear weight but the head folded by B, the rest at 1.
+    model = build_model("tiny", seed=0, seq_len=32)
+    folded = folded_weight_names(model)
+    numel = dict((n, p.numel()) for n, p in model.named_parameters())
+    by_block = {}
+    for g in runs[1]["groups"]:
+        by_block[g["block_size"]] = by_block.get(g["block_size"], 0) + g["params"]
+    folded_numel = sum(numel[n] for n in folded)
+    assert by_block == {BLOCK_SIZE: folded_numel, 1: sum(numel.values()) - folded_numel}
+
+
+def test_demo_builds_foam_exactly_as_optim_foam_does():
+    """One folding rule: the demo's Trainer and a user's ``TrainingArguments(optim="foam")`` build the same groups."""
+    from transformers import Trainer, TrainingArguments
+
+    config = RunConfig(steps=2, batch_size=2, seq_len=32, eval_every=2, eval_batches=1, device="cpu")
+    corpus = load_corpus()
+    demo_model = build_model("tiny", seed=0, seq_len=32)
+    demo = build_trainer(demo_model, corpus, config, optim="foam", optim_args=f"block_size={BLOCK_SIZE}", lr=1e-3)
+    demo.create_optimizer()
+
+    user_model = build_model("tiny", seed=0, seq_len=32)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, optim="foam", optim_args=f"block_size={BLOCK_SIZE}", use_cpu=True, report_to=[]
+        )
+        user = Trainer(model=user_model, args=args)
+        user.create_optimizer()
+
+    demo_groups = groups_by_name(unwrap_optimizer(demo.optimizer), demo_model)
+    assert demo_groups == groups_by_name(unwrap_optimizer(user.optimizer), user_model)
+    folded = {n for b, _, names in demo_groups if b == BLOCK_SIZE for n in names}
+    assert folded == folded_weight_names(demo_model)  # and both follow the rule written out above
+    assert {n for b, _, names in demo_groups if b == 1 for n in names} == {
+        n for n, _ in demo_model.named_parameters()
+    } - folded
 
 
 def test_corpus_holds_out_whole_files():
@@ -94,3 +132,15 @@ def test_corpus_falls_back_to_generated_text_when_sources_are_missing(tmp_path):
         corpus = load_corpus(stdlib_dir=tmp_path)
     assert corpus.source == "generated"
     assert corpus.train.numel() > 10_000 and corpus.eval.numel() > 1_000
+
+
+def test_old_pretrain_module_forwards_with_a_deprecation_warning():
+    import foam_hf.demo_training
+    import foam_hf.pretrain
+
+    with pytest.warns(DeprecationWarning, match="foam_hf.demo_training.load_corpus"):
+        assert foam_hf.pretrain.load_corpus is foam_hf.demo_training.load_corpus
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(AttributeError, match="benchmarks/_engine.py"):
+            foam_hf.pretrain.train  # noqa: B018
