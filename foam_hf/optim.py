@@ -812,9 +812,7 @@ def _multi_tensor_foam(
     torch._foreach_add_(state_steps, 1)
     steps = [s.item() for s in state_steps]
     folded = [is_foldable(p, block_size) for p in params]
-    costs = [
-        _foreach_bytes_per_entry(p, g, m, f, block_size) for p, g, m, f in zip(params, grads, exp_avgs, folded)
-    ]
+    costs = [_foreach_bytes_per_entry(p, g, m, f, block_size) for p, g, m, f in zip(params, grads, exp_avgs, folded)]
     hyper = dict(
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, block_size=block_size, scale=scale
     )
@@ -968,9 +966,7 @@ _HASH_INDEX, _HASH_STEP, _HASH_SALT, _HASH_MIX = 0x9E3779B1, 0x85EBCA77, 0xC2B2A
 _MASK32 = 0xFFFFFFFF
 
 
-def _rounding_dither(
-    shape: torch.Size, step: float, salt: int, device: torch.device, offset: int = 0
-) -> torch.Tensor:
+def _rounding_dither(shape: torch.Size, step: float, salt: int, device: torch.device, offset: int = 0) -> torch.Tensor:
     """16 pseudo-random bits per element (int32 in ``[0, 2**16)``), a pure function of index, step and salt.
 
     A counter-based hash instead of a random generator: no RNG state to checkpoint, and a resumed run

@@ -106,4 +106,3 @@ def test_batches_cut_rows_within_the_budget():
     assert [(p.param.numel(), p.state_offset) for p in pieces[5:]] == [(18, 0), (18, 18), (4, 36)]
     pieces[0].param.fill_(1.0)  # views: writes land in the parameter
     assert params[0][:2].eq(1).all() and params[0][2:].eq(0).all()
-
