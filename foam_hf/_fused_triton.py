@@ -61,40 +61,84 @@ def triton_available() -> bool:
 
 _ready: dict[torch.device, bool] = {}
 
+# The self-check's tolerances, those of tests/test_fused_triton.py: (weight atol, weight rtol) per parameter
+# dtype, and the moments' rtol per state dtype (bf16 moments may round to a neighbouring value).
+_CHECK_WEIGHT_TOLERANCES = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (1e-6, 2**-7)}
+_CHECK_MOMENT_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-7}
+_CHECK_STEPS = 2  # the second step starts from moments the kernels wrote
+
+
+def _scratch_problem(device: torch.device, dtype: torch.dtype, state_dtype: torch.dtype, block_size: int):
+    """A tiny step problem for the self-check: a folded weight with whole blocks, one with a ragged last block
+    (``n mod B != 0``) and a 1-D bias (the AdamW kernel); seeded, so every check steps the same numbers."""
+    from foam_hf.folding import folded_shape
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(4, 16), (3, 10), (5,)]
+    params = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
+    grads = [[torch.randn(s, generator=gen).to(device, dtype) for s in shapes] for _ in range(_CHECK_STEPS)]
+    state_shapes = [folded_shape(s, block_size) if len(s) >= 2 else s for s in shapes]
+    exp_avgs = [torch.zeros(s, device=device, dtype=state_dtype) for s in state_shapes]
+    exp_avg_sqs = [torch.zeros(s, device=device, dtype=state_dtype) for s in state_shapes]
+    return params, grads, exp_avgs, exp_avg_sqs
+
+
+def _self_check_mismatch(device: torch.device) -> str | None:
+    """Step the scratch problem with the kernels and with the readable path on ``device``; describe the
+    first disagreement beyond the tests' tolerances (``None`` when they agree)."""
+    from foam_hf.optim import _single_tensor_foam
+
+    hyper = dict(
+        lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, scale=1.0, res_scale=1.0, second_moment="mean_sq"
+    )
+    cases = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]  # (params, moments)
+    for dtype, state_dtype in cases:
+        block_size = 4
+        kernel = _scratch_problem(device, dtype, state_dtype, block_size)
+        readable = _scratch_problem(device, dtype, state_dtype, block_size)
+        kernel_steps = [torch.tensor(0.0) for _ in kernel[0]]
+        readable_steps = [torch.tensor(0.0) for _ in readable[0]]
+        for step in range(_CHECK_STEPS):
+            _fused_foam_triton(
+                kernel[0], kernel[1][step], kernel[2], kernel[3], kernel_steps, block_size=block_size, **hyper
+            )
+            _single_tensor_foam(
+                readable[0], readable[1][step], readable[2], readable[3], readable_steps, block_size=block_size, **hyper
+            )
+        atol, rtol = _CHECK_WEIGHT_TOLERANCES[dtype]
+        checks = [("weight", got, want, atol, rtol) for got, want in zip(kernel[0], readable[0])]
+        for name, index in (("exp_avg", 2), ("exp_avg_sq", 3)):
+            for got, want in zip(kernel[index], readable[index]):
+                scale = want.float().abs().max().item()
+                checks.append((name, got, want, 1e-6 * scale + 1e-30, _CHECK_MOMENT_RTOL[state_dtype]))
+        for name, got, want, atol, rtol in checks:
+            got, want = got.float(), want.float()
+            if not torch.allclose(got, want, atol=atol, rtol=rtol):
+                worst = (got - want).abs().nan_to_num(float("inf")).max().item()
+                return (
+                    f"{name} of shape {tuple(got.shape)} ({dtype} parameters, {state_dtype} moments) differs from "
+                    f"the readable path by up to {worst:.3g} (atol={atol:.3g}, rtol={rtol:.3g})"
+                )
+    return None
+
 
 def triton_ready(device: torch.device) -> bool:
-    """Whether the kernels compile and run on ``device``: checked once per device on a tiny scratch step.
+    """Whether the kernels compile, run *and compute FOAM's step* on ``device``: checked once per device.
 
-    ``fused=None`` asks this before choosing the Triton path, so a Triton or driver that cannot build these
-    kernels costs one logged warning and the foreach path, not a failed training run. (``fused=True`` does not
-    ask: its errors surface as they are.)
+    The check steps a tiny seeded problem (a folded weight, a ragged one and a bias; fp32 parameters with
+    fp32 moments and bf16 parameters with bf16 moments; two steps) with the kernels and with the readable path
+    :func:`foam_hf.optim._single_tensor_foam` on the same device and inputs, and compares weights and moments
+    within the tolerances of the tests. ``fused=None`` asks this before choosing the Triton path, so a Triton or
+    driver that cannot build these kernels, or that builds them wrong, costs one logged warning and the
+    foreach path (same results, more memory traffic), never a failed or silently wrong training run.
+    (``fused=True`` does not ask: its errors surface as they are.)
     """
     if not triton_available():
         return False
     device = torch.device(device)
     if device not in _ready:
         try:
-            weight = torch.linspace(-1.0, 1.0, 24, device=device).view(2, 12)
-            bias = torch.ones(3, device=device)
-            params = [weight, bias]
-            exp_avgs = [torch.zeros(2, 3, device=device), torch.zeros(3, device=device)]
-            _fused_foam_triton(
-                params,
-                [p.flip(-1).clone() for p in params],
-                exp_avgs,
-                [torch.zeros_like(m) for m in exp_avgs],
-                [torch.tensor(0.0), torch.tensor(0.0)],
-                lr=1e-3,
-                beta1=0.9,
-                beta2=0.999,
-                eps=1e-8,
-                weight_decay=0.0,
-                block_size=4,
-                scale=1.0,
-                res_scale=1.0,
-                second_moment="mean_sq",
-            )
-            _ready[device] = bool(all(torch.isfinite(p).all() for p in params))
+            mismatch = _self_check_mismatch(device)
         except Exception as exc:  # noqa: BLE001 - any failure to build or run means "use the foreach path"
             _ready[device] = False
             logger.warning(
@@ -104,6 +148,16 @@ def triton_ready(device: torch.device) -> bool:
                 type(exc).__name__,
                 str(exc).strip().splitlines()[0] if str(exc).strip() else "",
             )
+        else:
+            _ready[device] = mismatch is None
+            if mismatch is not None:
+                logger.warning(
+                    "FOAM: the Triton kernels ran on %s but their self-check step disagrees with the readable "
+                    "path: %s. FOAM uses its foreach path there (same results as the readable path, more memory "
+                    "traffic); please report this with your torch, Triton and GPU versions.",
+                    device,
+                    mismatch,
+                )
     return _ready[device]
 
 

@@ -212,11 +212,6 @@ def _check_fused_available(param_groups: list[dict[str, Any]]) -> None:
                 f"FOAM: fused=True in param group {index}, which holds both CPU and CUDA parameters; a fused step "
                 "runs on one device. Fix: put each device's parameters in a group of their own, or pass fused=None."
             )
-        if "cuda" in devices and group["state_dtype"] == "bfloat16":
-            raise FoamConfigError(
-                f"FOAM: fused=True with state_dtype='bfloat16' in param group {index}, on CUDA: the Triton kernels "
-                "keep fp32 moments. Fix: pass fused=None (bf16 states then use the foreach path on CUDA)."
-            )
         if "cuda" in devices and not _triton().triton_available():
             raise RuntimeError(
                 "FOAM: fused=True for CUDA parameters needs Triton, which is not importable here. Fix: install the "
@@ -676,17 +671,13 @@ def foam(
     ``foreach=None`` uses the multi-tensor path when every parameter is on CUDA, as torch does.
     ``fused=None`` (with ``foreach=None``) uses a fused kernel where one is available: the C++ kernel when
     every parameter is a contiguous CPU float32/bfloat16/float16 tensor and it can be built, the Triton
-    kernels when every parameter is such a CUDA tensor, the moments are fp32 and Triton imports.
+    kernels when every parameter is such a CUDA tensor, Triton imports and its self-check passed
+    (:func:`foam_hf._fused_triton.triton_ready`). Both step fp32 and bf16 moments.
     """
-    fp32_moments = all(m.dtype == torch.float32 for m in exp_avgs)
     on_cuda = bool(params) and all(p.is_cuda for p in params)
     if fused is None and foreach is None:
-        if on_cuda:
-            fused = (
-                fp32_moments
-                and all(map(_triton().triton_supported, params))
-                and _triton().triton_ready(params[0].device)
-            )
+        if on_cuda:  # the Triton kernels store fp32 or bf16 moments (state_dtype="bfloat16")
+            fused = all(map(_triton().triton_supported, params)) and _triton().triton_ready(params[0].device)
         else:  # the CPU kernel also steps bf16 moments (state_dtype="bfloat16")
             fused = all(map(_fused_cpu.fused_supported, params)) and _fused_cpu.load_kernel() is not None
     if foreach is None:
