@@ -1,6 +1,6 @@
 """The GPU check: everything about FOAM's CUDA path that only a GPU can tell, in one command.
 
-    python benchmarks/gpu_check.py --out gpu-check          # one H100/H200: about 3-5 minutes
+    python benchmarks/gpu_check.py --out gpu-check     # one H100/H200; sized for well under 8 minutes (not yet timed)
 
 It prints Markdown tables and writes ``results.json`` and ``results.md`` into ``--out``:
 
