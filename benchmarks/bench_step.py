@@ -5,6 +5,7 @@ One command prints a Markdown table and writes a plot::
     python benchmarks/bench_step.py                  # 8 weights of 1024x1024, fp32 and bf16, B in 2,4,8,32
     python benchmarks/bench_step.py --quick          # a smoke run (small weights, few repetitions)
     python benchmarks/bench_step.py --device cuda --rows 4096 --cols 4096 --dtypes bf16   # a GPU
+    python benchmarks/bench_step.py --isa portable   # another implementation of the CPU kernel (or FOAM_CPU_ISA)
 
 Timing: every optimizer owns its own copy of the weights and gradients; each repetition steps every
 optimizer once, in a rotating order, in this one process, so machine load hits them all alike. The table
@@ -207,6 +208,18 @@ def build_candidates(args) -> tuple[list[Candidate], list[tuple[str, str]]]:
     return candidates, left_out
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or ""
+
+
 def git_sha() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
@@ -229,6 +242,18 @@ def main() -> None:
     parser.add_argument("--plot", default="docs/benchmarks-step.png", help="where to write the plot ('' for none)")
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for every optimizer (default: torch's; 1 measures the per-core cost, which a "
+        "loaded machine distorts least)",
+    )
+    parser.add_argument(
+        "--isa",
+        default=None,
+        help="CPU kernel implementation: portable, avx2 or avx512 (default: the best this CPU runs)",
+    )
+    parser.add_argument(
         "--device",
         default="cpu",
         help="cpu, or cuda: the fused rows then use the Triton kernels (peers run where they can)",
@@ -236,6 +261,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.n_weights, args.rows, args.cols, args.reps, args.warmup = 2, 128, 256, 3, 1
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     on_cuda = torch.device(args.device).type == "cuda"
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
 
@@ -252,6 +279,10 @@ def main() -> None:
         compile_s = time.perf_counter() - start
         if kernel is None:
             raise SystemExit(f"the fused kernel could not be built: {_fused_cpu.kernel_build_error()}")
+        if args.isa is not None:
+            if args.isa not in kernel.available_isas():
+                raise SystemExit(f"--isa {args.isa}: this CPU runs {', '.join(kernel.available_isas())}")
+            kernel.set_isa(args.isa)
     peak_bytes = cuda_transient_peak_bytes if on_cuda else transient_peak_bytes
 
     candidates, left_out = build_candidates(args)
@@ -286,7 +317,8 @@ def main() -> None:
     where = (
         torch.cuda.get_device_name(torch.device(args.device))
         if on_cuda
-        else f"{platform.machine()} {platform.processor() or ''} ({torch.get_num_threads()} threads)"
+        else f"{platform.machine()} {cpu_name()} ({torch.get_num_threads()} threads, "
+        f"fused kernel: {_fused_cpu.load_kernel().isa()})"
     )
     print(
         f"Date {datetime.date.today()}, {where}, torch {torch.__version__}, git {git_sha()}; "

@@ -1,11 +1,16 @@
 """The fused CPU step of FOAM: a C++ kernel built at first use, with a clean fallback.
 
-:func:`load_kernel` compiles ``csrc/foam_cpu.cpp`` with :func:`torch.utils.cpp_extension.load` the first
-time it is needed (the build is cached by torch under ``TORCH_EXTENSIONS_DIR``, so later processes only
-load it). When the build cannot happen (no C++ compiler, no ninja, no headers, a non-CPU build of torch
-missing pieces) it logs one warning and returns ``None``; ``fused=None`` then falls back to the other
-paths and only ``fused=True`` raises. :func:`_fused_foam` is the ``impl`` that :func:`foam_hf.optim.foam`
-dispatches to; it is tested for parity against ``_single_tensor_foam`` in ``tests/test_fused.py``.
+:func:`load_kernel` compiles ``csrc/foam_cpu.cpp`` (and the headers beside it) with
+:func:`torch.utils.cpp_extension.load` the first time it is needed (the build is cached by torch under
+``TORCH_EXTENSIONS_DIR``, so later processes only load it). When the build cannot happen (no C++ compiler,
+no ninja, no headers, a non-CPU build of torch missing pieces) it logs one warning and returns ``None``;
+``fused=None`` then falls back to the other paths and only ``fused=True`` raises. :func:`_fused_foam` is the
+``impl`` that :func:`foam_hf.optim.foam` dispatches to; it is tested for parity against ``_single_tensor_foam``
+in ``tests/test_fused.py`` and ``tests/test_fused_kernel.py``.
+
+The kernel picks its implementation from the CPU: AVX-512, AVX2 (both x86 only) or portable C++. The
+environment variable ``FOAM_CPU_ISA`` (``portable``, ``avx2`` or ``avx512``) lowers that choice, e.g. to
+benchmark or test another path on one machine; naming one the CPU cannot run is an error.
 """
 
 from __future__ import annotations
@@ -19,35 +24,47 @@ from typing import Any
 
 import torch
 
-__all__ = ["FUSED_DTYPES", "fused_supported", "kernel_build_error", "kernel_build_seconds", "load_kernel"]
+from .errors import FoamConfigError
+
+__all__ = ["FUSED_DTYPES", "fused_supported", "kernel_build_error", "load_kernel"]
 
 logger = logging.getLogger(__name__)
 
-#: Parameter dtypes the fused kernel handles (moments are always float32).
-FUSED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+#: Parameter dtypes the fused kernel handles. Moments: float32 or bfloat16 (``state_dtype="bfloat16"``), and
+#: float64 for float64 parameters (their default state dtype).
+FUSED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "foam_cpu.cpp")
+#: Environment variable that lowers the kernel's choice of implementation (for tests and benchmarks).
+ISA_ENV = "FOAM_CPU_ISA"
+
+_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+_SOURCE = os.path.join(_CSRC, "foam_cpu.cpp")
+#: Every file the build reads: the source and the headers it includes.
+_BUILD_FILES = (_SOURCE, os.path.join(_CSRC, "foam_kernel.h"), os.path.join(_CSRC, "foam_simd.h"))
 
 
-def extension_name(source: str = _SOURCE) -> str:
-    """The name torch caches the build under: keyed to the source's bytes, so two checkouts or versions of
-    foam_hf on one machine each keep their own build instead of rebuilding each other's (a fixed name made
-    every switch a rebuild)."""
-    with open(source, "rb") as handle:
-        digest = hashlib.sha256(handle.read()).hexdigest()[:12]
-    return f"foam_hf_fused_cpu_{digest}"
+def extension_name(files: tuple[str, ...] = _BUILD_FILES) -> str:
+    """The name torch caches the build under, keyed to the bytes *and* the paths of every file the build
+    reads: torch rebuilds a cached extension whenever its build file changes, and that file names the source's
+    path, so two checkouts or versions of foam_hf sharing one name rebuilt each other's kernel at every
+    switch."""
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as handle:
+            digest.update(handle.read())
+        digest.update(os.path.realpath(path).encode())
+    return f"foam_hf_fused_cpu_{digest.hexdigest()[:12]}"
 
 
 _lock = threading.Lock()
 _kernel: Any = None
 _tried = False
 _error: str | None = None
-_build_seconds: float | None = None
 
 
 def load_kernel() -> Any:
     """The compiled extension module, building it on first call; ``None`` (with one warning) if it cannot be."""
-    global _kernel, _tried, _error, _build_seconds
+    global _kernel, _tried, _error
     if _tried:
         return _kernel
     with _lock:
@@ -71,13 +88,14 @@ def load_kernel() -> Any:
                 # no -march: the source picks AVX-512/AVX2/baseline code at load time (target_clones).
                 extra_cflags=["-O3", "-fno-math-errno", *openmp],
                 extra_ldflags=openmp,
+                extra_include_paths=[_CSRC],
                 verbose=False,
             )
-            _build_seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - start
             if building:
-                logger.warning("FOAM: fused CPU kernel %s built in %.1f s.", name, _build_seconds)
+                logger.warning("FOAM: fused CPU kernel %s built in %.1f s.", name, seconds)
             else:
-                logger.info("FOAM: fused CPU kernel %s loaded from torch's cache in %.1f s.", name, _build_seconds)
+                logger.info("FOAM: fused CPU kernel %s loaded from torch's cache in %.1f s.", name, seconds)
         except Exception as exc:  # no compiler, no ninja, no headers, ...: every failure means "unavailable"
             _kernel = None
             _error = f"{type(exc).__name__}: {exc}".strip()
@@ -87,7 +105,24 @@ def load_kernel() -> Any:
                 _error.splitlines()[0] if _error else "unknown",
             )
         _tried = True
+        if _kernel is not None:
+            _apply_isa_env(_kernel)
     return _kernel
+
+
+def _apply_isa_env(kernel: Any) -> None:
+    """Honour ``FOAM_CPU_ISA``: run the named implementation instead of the best one."""
+    wanted = os.environ.get(ISA_ENV, "").strip().lower()
+    if not wanted:
+        return
+    available = list(kernel.available_isas())
+    if wanted not in available:
+        raise FoamConfigError(
+            f"FOAM: {ISA_ENV}={wanted!r} names an implementation of the fused CPU kernel this CPU cannot run "
+            f"(it can run: {', '.join(available)}). Fix: set {ISA_ENV} to one of those, or unset it."
+        )
+    kernel.set_isa(wanted)
+    logger.info("FOAM: fused CPU kernel uses its %s implementation (%s).", wanted, ISA_ENV)
 
 
 def _is_cached(name: str) -> bool:
@@ -103,13 +138,11 @@ def kernel_build_error() -> str | None:
     return _error
 
 
-def kernel_build_seconds() -> float | None:
-    """Seconds the first :func:`load_kernel` took in this process (compile, or load from cache)."""
-    return _build_seconds
-
-
-def fused_supported(param: torch.Tensor) -> bool:
-    """Whether the fused kernel can step ``param``: a dense, contiguous CPU tensor of a :data:`FUSED_DTYPES`."""
+def fused_supported(param: torch.Tensor, state_dtype: torch.dtype | None = None) -> bool:
+    """Whether the fused kernel can step ``param``: a dense, contiguous CPU tensor of a :data:`FUSED_DTYPES`,
+    and, when ``state_dtype`` (the dtype of its moments) is given, moments the kernel can store."""
+    if state_dtype is not None and state_dtype not in _moment_dtypes(param.dtype):
+        return False
     return (
         param.device.type == "cpu"
         and param.dtype in FUSED_DTYPES
@@ -118,6 +151,11 @@ def fused_supported(param: torch.Tensor) -> bool:
         # Plain tensors only: subclasses (DTensor, quantised wrappers) have no flat data pointer to step.
         and type(param) in (torch.Tensor, torch.nn.Parameter)
     )
+
+
+def _moment_dtypes(param_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """Moment dtypes the kernel steps for parameters of ``param_dtype``."""
+    return (torch.float64,) if param_dtype == torch.float64 else (torch.float32, torch.bfloat16)
 
 
 def _fused_foam(
@@ -140,31 +178,37 @@ def _fused_foam(
     """The fused path: one C++ call per group, one read of G and W and one write of W per element.
 
     Gradients that are not contiguous or not in the parameter's dtype are made so first (a copy, the only
-    full-size allocation this path can make; Trainer's gradients never need it). Tensors with bf16 moments
-    are stepped one at a time on fp32 copies of their moments, which are then stochastically rounded back.
+    full-size allocation this path can make; Trainer's gradients never need it). bf16 moments are widened,
+    stepped and stochastically rounded back inside the kernel, a few hundred entries at a time (the rounding
+    is :func:`foam_hf.optim._store_moment`'s, bit for bit).
     """
     if not params:
         return
     kernel = load_kernel()
     if kernel is None:
         raise RuntimeError(f"FOAM: fused=True but the fused CPU kernel could not be built: {_error}")
-    for p in params:
+    for p, m, v in zip(params, exp_avgs, exp_avg_sqs):
         if not fused_supported(p):
             raise RuntimeError(
                 f"FOAM: the fused CPU path got a parameter of shape {tuple(p.shape)}, dtype {p.dtype}, device "
-                f"{p.device}, contiguous={p.is_contiguous()}; it needs contiguous CPU float32/bfloat16/float16 "
-                "tensors. Fix: pass fused=False (or None) for this group."
+                f"{p.device}, contiguous={p.is_contiguous()}; it needs contiguous CPU float32/bfloat16/float16/"
+                "float64 tensors. Fix: pass fused=False (or None) for this group."
             )
-    for m, v in zip(exp_avgs, exp_avg_sqs):
-        if m.dtype != v.dtype or m.dtype not in (torch.float32, torch.bfloat16):
+        if m.dtype != v.dtype or m.dtype not in _moment_dtypes(p.dtype):
             raise RuntimeError(
-                f"FOAM: the fused CPU path stores moments in float32 or bfloat16; got {m.dtype} and {v.dtype}. "
+                f"FOAM: the fused CPU path got {p.dtype} parameters with {m.dtype}/{v.dtype} moments; it stores "
+                f"moments of {p.dtype} parameters as {' or '.join(map(str, _moment_dtypes(p.dtype)))}. "
                 "Fix: pass fused=None or False for this group."
             )
     grads = [
         g if g.dtype == p.dtype and g.is_contiguous() else g.to(p.dtype).contiguous() for p, g in zip(params, grads)
     ]
-    hyper = (
+    kernel.fused_step(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        state_steps,
         float(lr),
         float(beta1),
         float(beta2),
@@ -175,16 +219,3 @@ def _fused_foam(
         float(res_scale),
         second_moment == "mean_sq",
     )
-    fp32 = [i for i, m in enumerate(exp_avgs) if m.dtype == torch.float32]
-    if fp32:
-        pick = lambda seq: [seq[i] for i in fp32]  # noqa: E731
-        kernel.fused_step(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(state_steps), *hyper)
-    # bf16 moments (state_dtype="bfloat16"): one tensor at a time, the moments staged in fp32 (transient bytes:
-    # 8 per moment entry of the tensor being stepped, i.e. 8/B per weight entry), stepped by the same kernel,
-    # then stored back with the stochastic rounding of the other paths (foam_hf.optim._store_moment).
-    for i in (i for i, m in enumerate(exp_avgs) if m.dtype == torch.bfloat16):
-        exp_avg, exp_avg_sq = exp_avgs[i].float(), exp_avg_sqs[i].float()
-        kernel.fused_step([params[i]], [grads[i]], [exp_avg], [exp_avg_sq], [state_steps[i]], *hyper)
-        step = int(state_steps[i].item())
-        kernel.stochastic_round_bf16(exp_avg, exp_avgs[i], step, 0)
-        kernel.stochastic_round_bf16(exp_avg_sq, exp_avg_sqs[i], step, 1)

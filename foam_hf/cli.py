@@ -11,10 +11,6 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
-from .memory_report import add_memory_parser
-
 __all__ = ["build_parser", "main"]
 
 
@@ -45,6 +41,8 @@ def _device(text: str) -> str:
     """A device torch can use here, checked before any training starts (not minutes into the AdamW run)."""
     if text == "auto":
         return text
+    import torch
+
     try:
         device = torch.device(text)
     except RuntimeError:
@@ -132,16 +130,91 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_NOT_REGISTERED = (
+    "Without it, transformers answers `argument --optim: invalid choice: 'foam'` (argparse, e.g. `trl sft`) or "
+    "`ValueError: foam is not a valid OptimizerNames` (a config file, or TrainingArguments built before "
+    "`import foam_hf`)."
+)
+
+
+def _add_run(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "run",
+        help="run any command with optim='foam' registered in every Python process it starts",
+        description="Run CMD so that every Python process it starts, children included, has optim='foam' "
+        "registered before it parses arguments: `foam-hf run trl sft --optim foam ...`, `foam-hf run "
+        "accelerate launch train.py --optim foam`, `foam-hf run torchrun ...`, `foam-hf run python "
+        f"run_clm.py args.json`. The exit code is CMD's. {_NOT_REGISTERED}",
+    )
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD [ARGS...]", help="the command to run")
+    p.set_defaults(func=_run_run)
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from .launcher import run_command
+
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not command:
+        raise SystemExit("foam-hf run: no command given. Fix: e.g. foam-hf run trl sft --optim foam ...")
+    return run_command(command)
+
+
+def _add_autoregister(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "autoregister",
+        help="install or remove a start-up hook that registers optim='foam' in this environment",
+        description="`on` writes a start-up hook into this environment's site-packages (a .pth import line, "
+        "and its PEP 829 .start twin for Python 3.15+) so that every Python process of the environment "
+        "registers optim='foam' when it imports transformers, with no command prefix. It only imports "
+        "foam_hf, which imports neither torch nor transformers. `off` removes it; `status` says what is "
+        f"installed where. Off by default. {_NOT_REGISTERED}",
+    )
+    p.add_argument("action", choices=["on", "off", "status"])
+    p.add_argument("--site-dir", default=None, help="the site-packages folder (default: this Python's)")
+    p.set_defaults(func=_run_autoregister)
+
+
+def _run_autoregister(args: argparse.Namespace) -> int:
+    from .launcher import autoregister, autoregister_status
+
+    if args.action == "status":
+        status = autoregister_status(args.site_dir)
+    else:
+        status = autoregister(args.action == "on", args.site_dir)
+    print(status.describe())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``foam-hf`` parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(prog="foam-hf", description="FOAM, the folded-state Adam optimizer.")
+    from .memory_report import add_memory_parser
+
+    parser = argparse.ArgumentParser(
+        prog="foam-hf",
+        description="FOAM, the folded-state Adam optimizer. To use optim='foam' from an unmodified command "
+        "(trl sft, accelerate launch, torchrun, example scripts, YAML/JSON configs): `foam-hf run CMD ...`, "
+        f"or `foam-hf autoregister on` once per environment. {_NOT_REGISTERED}",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo(subparsers)
     add_memory_parser(subparsers)
+    _add_run(subparsers)
+    _add_autoregister(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``foam-hf`` console script and of ``python -m foam_hf``; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    import sys
+
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] in (["run"], ["autoregister"]):
+        # Launcher subcommands parse without the others: building those imports torch and transformers (seconds).
+        parser = argparse.ArgumentParser(prog="foam-hf")
+        light = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+        _add_run(light)
+        _add_autoregister(light)
+        args = parser.parse_args(words)
+    else:
+        args = build_parser().parse_args(words)
     return args.func(args)

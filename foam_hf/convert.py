@@ -38,6 +38,7 @@ import torch
 
 from .errors import FoamStateError
 from .folding import block_mean, folded_shape, is_foldable, unfold
+from .precision import state_dtype_for
 
 __all__ = ["adamw_state_from_foam", "foam_state_from_adamw"]
 
@@ -60,10 +61,7 @@ def _check_is_foam(optimizer: Any, argument: str) -> None:
 
 
 def _target_dtype(param: torch.Tensor, group: dict[str, Any]) -> torch.dtype:
-    from .optim import state_dtype_for
-
-    chosen = group.get("state_dtype")
-    return chosen if chosen is not None else state_dtype_for(param)
+    return state_dtype_for(param, group.get("state_dtype"))
 
 
 def foam_state_from_adamw(adamw: torch.optim.Optimizer | dict[str, Any], foam_optimizer: Any) -> None:

@@ -12,9 +12,9 @@ A placement that splits the folded (last) dimension, ``Shard(ndim - 1)`` (tensor
 split, for instance), would cut blocks across ranks; FOAM refuses it when the parameter group is built.
 One-dimensional tensors never fold, so any sharding of them is exact.
 
-DeepSpeed ZeRO is refused (:func:`check_deepspeed_config`): ZeRO hands the client optimizer one flat fp32
-partition per param group, so FOAM would see a single 1-D tensor and silently fall back to plain AdamW
-states (no memory saved). Use FSDP2 instead (see ``docs/scale-out.md``).
+DeepSpeed ZeRO hands the client optimizer flat 1-D partitions instead; :class:`foam_hf.zero.ZeroFOAM` folds
+those exactly, and :func:`check_deepspeed_config` refuses the DeepSpeed settings it cannot run under (see
+``docs/scale-out.md``).
 """
 
 from __future__ import annotations
@@ -118,32 +118,16 @@ def sum_over_shards(values: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Te
 
 
 def check_deepspeed_config(config: Any) -> None:
-    """Refuse a DeepSpeed config that runs ZeRO (stage >= 1) around FOAM, with a pointer to FSDP2.
+    """Refuse a DeepSpeed config that FOAM cannot run under exactly, naming the setting and the fix.
 
     Args:
         config: the DeepSpeed config as a dict, a path to its JSON file, or ``None`` (no DeepSpeed: passes).
             ``TrainingArguments.deepspeed`` and ``accelerate``'s ``DeepSpeedPlugin.deepspeed_config`` are
             both accepted.
 
-    ZeRO stage 0 (DeepSpeed without partitioning) hands FOAM the real parameters and is allowed.
+    ZeRO stages 0-3 run (stages >= 1 through :class:`foam_hf.zero.ZeroFOAM`); the refused settings are
+    listed in :func:`foam_hf.zero.check_zero_config`.
     """
-    if config is None:
-        return
-    if isinstance(config, str):
-        import json
+    from .zero import check_zero_config  # zero.py builds on optim.py, which imports this module
 
-        with open(config, encoding="utf-8") as f:
-            config = json.load(f)
-    if not isinstance(config, dict):
-        raise TypeError(
-            f"check_deepspeed_config: expected a DeepSpeed config dict or JSON path, got {type(config).__name__}."
-        )
-    stage = config.get("zero_optimization", {}).get("stage", 0)
-    if stage == "auto" or int(stage) >= 1:  # "auto" may resolve to a ZeRO stage: refuse it too
-        raise FoamConfigError(
-            f"FOAM cannot run under DeepSpeed ZeRO (zero_optimization.stage={stage!r}): ZeRO hands the optimizer "
-            "flat 1-D partitions of all parameters, which lose the matrix shapes FOAM folds along, so FOAM "
-            "would keep full AdamW states and save no memory. Fix: shard with FSDP2 instead (Trainer "
-            "fsdp='full_shard' with fsdp_config={'fsdp_version': 2}, or accelerate's FSDP plugin with "
-            "fsdp_version: 2; see docs/scale-out.md), or set zero_optimization.stage=0."
-        )
+    check_zero_config(config)

@@ -19,32 +19,27 @@ from dataclasses import dataclass
 import torch
 
 from .folding import folded_shape, is_foldable
+from .precision import state_itemsize
 
 __all__ = ["StateMemory", "adamw_state_bytes", "foam_state_bytes", "state_memory"]
 
 _STEP_BYTES = 4  # state["step"] is a float32 scalar tensor, as in torch.optim.Adam
 
 
-def _state_itemsize(param: torch.Tensor, state_dtype: str | None = None) -> int:
-    from .optim import state_dtype_for
-
-    return torch.empty((), dtype=state_dtype_for(param, state_dtype)).element_size()
-
-
-def foam_state_bytes(param: torch.Tensor, block_size: int, state_dtype: str | None = None) -> int:
+def foam_state_bytes(param: torch.Tensor, block_size: int, state_dtype: str | torch.dtype | None = None) -> int:
     """Bytes FOAM holds for ``param`` under ``block_size``: two moments plus the step counter.
 
     ``state_dtype`` is the group option (``None``: fp32 for half parameters, else the parameter's dtype;
     ``"bfloat16"``: 2 bytes per moment entry).
     """
     shape = folded_shape(param.shape, block_size) if is_foldable(param, block_size) else param.shape
-    return 2 * shape.numel() * _state_itemsize(param, state_dtype) + _STEP_BYTES
+    return 2 * shape.numel() * state_itemsize(param, state_dtype) + _STEP_BYTES
 
 
 def adamw_state_bytes(param: torch.Tensor) -> int:
     """Bytes ``torch.optim.AdamW`` holds for ``param`` (fp32 moments for half parameters, as FOAM's
     default): two full moments plus the step."""
-    return 2 * param.numel() * _state_itemsize(param) + _STEP_BYTES
+    return 2 * param.numel() * state_itemsize(param) + _STEP_BYTES
 
 
 @dataclass(frozen=True)

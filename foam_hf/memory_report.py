@@ -36,6 +36,7 @@ from .config import FoamConfig
 from .errors import FoamConfigError
 from .folding import is_foldable
 from .memory import adamw_state_bytes, foam_state_bytes
+from .model_shapes import KNOWN_MODELS
 from .param_groups import resolve_block_sizes
 
 __all__ = [
@@ -54,120 +55,6 @@ __all__ = [
 ]
 
 DEFAULT_BLOCK_SIZES: tuple[int, ...] = (2, 4, 8, 16, 32)
-
-#: Built-in architectures: the shapes that decide memory, written out from each model's published config.
-#: ``source`` says where the numbers come from. Add a model by copying the shape fields of its config.json.
-KNOWN_MODELS: dict[str, dict[str, Any]] = {
-    # The FOAM paper pre-trains the LLaMA configs of the GaLore paper (Zhao et al. 2024, Table 2 / the
-    # configs/llama_*.json files of the GaLore code release): vocab 32000, untied embeddings.
-    "llama-60m": dict(
-        model_type="llama",
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        vocab_size=32000,
-        tie_word_embeddings=False,
-        source="GaLore/FOAM paper LLaMA 60M (GaLore configs/llama_60m.json)",
-    ),
-    "llama-130m": dict(
-        model_type="llama",
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        vocab_size=32000,
-        tie_word_embeddings=False,
-        source="GaLore/FOAM paper LLaMA 130M (GaLore configs/llama_130m.json)",
-    ),
-    "llama-350m": dict(
-        model_type="llama",
-        hidden_size=1024,
-        intermediate_size=2736,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        vocab_size=32000,
-        tie_word_embeddings=False,
-        source="GaLore/FOAM paper LLaMA 350M (GaLore configs/llama_350m.json)",
-    ),
-    "llama-1b": dict(
-        model_type="llama",
-        hidden_size=2048,
-        intermediate_size=5461,
-        num_hidden_layers=24,
-        num_attention_heads=32,
-        vocab_size=32000,
-        tie_word_embeddings=False,
-        source="GaLore/FOAM paper LLaMA 1B (GaLore configs/llama_1b.json)",
-    ),
-    "llama-7b": dict(
-        model_type="llama",
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        vocab_size=32000,
-        tie_word_embeddings=False,
-        source="GaLore/FOAM paper LLaMA 7B (GaLore configs/llama_7b.json)",
-    ),
-    # Current open models, shape fields of their published config.json files.
-    "llama-3.1-8b": dict(
-        model_type="llama",
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        tie_word_embeddings=False,
-        source="meta-llama/Llama-3.1-8B config.json",
-    ),
-    "qwen2.5-0.5b": dict(
-        model_type="qwen2",
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-        source="Qwen/Qwen2.5-0.5B config.json",
-    ),
-    "qwen2.5-7b": dict(
-        model_type="qwen2",
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        vocab_size=152064,
-        tie_word_embeddings=False,
-        source="Qwen/Qwen2.5-7B config.json",
-    ),
-    "mistral-7b": dict(
-        model_type="mistral",
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=32768,
-        tie_word_embeddings=False,
-        source="mistralai/Mistral-7B-v0.3 config.json",
-    ),
-    "gemma-2-2b": dict(
-        model_type="gemma2",
-        hidden_size=2304,
-        intermediate_size=9216,
-        num_hidden_layers=26,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=256,
-        vocab_size=256000,
-        tie_word_embeddings=True,
-        source="google/gemma-2-2b config.json",
-    ),
-}
 
 #: How the context optimizers are counted (all states fp32 unless said otherwise).
 CONTEXT_FORMULAS: dict[str, str] = {
@@ -308,6 +195,7 @@ class MemoryReport:
     override_state: int | None = None
     override_default_state: int | None = None
     override_changed: dict[str, tuple[int, int]] = field(default_factory=dict)
+    override_state_dtype: str | None = None
 
     @property
     def num_params(self) -> int:
@@ -322,7 +210,10 @@ class MemoryReport:
         rows = [("AdamW", self.adamw_state)]
         rows += [(f"FOAM B={b}", self.foam_state[b]) for b in self.block_sizes]
         if self.override_state is not None:
-            rows.append((f"FOAM with --optim-args (B={self.override_block_size} + overrides)", self.override_state))
+            states = "bf16 states" if self.override_state_dtype == "bfloat16" else "fp32 states"
+            rows.append(
+                (f"FOAM with --optim-args (B={self.override_block_size} + overrides, {states})", self.override_state)
+            )
         rows += [
             ("8-bit Adam", self.adam8bit_state),
             ("Adafactor (beta1=None: no first moment)", self.adafactor_state),
@@ -357,6 +248,7 @@ class MemoryReport:
             else {
                 "optim_args": self.optim_args,
                 "block_size": self.override_block_size,
+                "state_dtype": self.override_state_dtype or "float32",
                 "state_bytes": self.override_state,
                 "default_state_bytes": self.override_default_state,
                 "changed": {name: {"default": a, "override": b} for name, (a, b) in self.override_changed.items()},
@@ -445,8 +337,8 @@ def memory_report(
         target = default_plan.get(name, 1) > 1 and is_foldable(param, 2)
         entries.append(ParamEntry(name, tuple(param.shape), _category(name, holders, net, param), target))
 
-    def foam_bytes(block_of: dict[str, int]) -> int:
-        return sum(foam_state_bytes(p, block_of[n]) for n, p in named)
+    def foam_bytes(block_of: dict[str, int], state_dtype: str | None = None) -> int:
+        return sum(foam_state_bytes(p, block_of[n], state_dtype) for n, p in named)
 
     adamw = sum(adamw_state_bytes(p) for _, p in named)
     foam = {b: foam_bytes({e.name: b if e.target else 1 for e in entries}) for b in sizes}
@@ -486,8 +378,9 @@ def memory_report(
         default_blocks = _plan(net, FoamConfig(block_size=config_with.block_size))
         report.optim_args = optim_args
         report.override_block_size = config_with.block_size
-        report.override_state = foam_bytes(blocks)
-        report.override_default_state = foam_bytes(default_blocks)
+        report.override_state_dtype = config_with.state_dtype
+        report.override_state = foam_bytes(blocks, config_with.state_dtype)
+        report.override_default_state = foam_bytes(default_blocks, config_with.state_dtype)
         params = dict(named)
 
         def effective(block_of: dict[str, int], n: str) -> int:
@@ -523,7 +416,8 @@ def format_markdown(report: MemoryReport) -> str:
         "",
         f"Shapes from: {report.source}{tied}. Built on the meta device: no weights loaded.",
         "FOAM folds, by default, the weights of every linear layer except the output head and the embeddings; "
-        "all other tensors keep AdamW states. Optimizer states are fp32. 1 GiB = 2^30 bytes.",
+        "all other tensors keep AdamW states. Optimizer states are fp32 unless a row says otherwise "
+        "(--optim-args state_dtype=bfloat16 halves FOAM's). 1 GiB = 2^30 bytes.",
         "",
         "### Optimizer states and training memory",
         "",
@@ -571,7 +465,8 @@ def format_markdown(report: MemoryReport) -> str:
             "",
             f"### Per-module overrides: `{report.optim_args}`",
             "",
-            f"FOAM states: {_gib(report.override_default_state or 0)} with block_size={report.override_block_size} "
+            f"FOAM states ({'bf16' if report.override_state_dtype == 'bfloat16' else 'fp32'}): "
+            f"{_gib(report.override_default_state or 0)} with block_size={report.override_block_size} "
             f"alone, {_gib(report.override_state or 0)} with the overrides; "
             f"{len(report.override_changed)} tensors change block size:",
             "",
@@ -586,7 +481,8 @@ def format_markdown(report: MemoryReport) -> str:
     lines += [
         "",
         "Formulas: AdamW 8 bytes per parameter; FOAM 8 * rows * ceil(n/B) per folded tensor (rows x n), "
-        "8 * numel otherwise; both + 4 bytes of step counter per tensor. "
+        "8 * numel otherwise (4 and 4 bytes per moment entry; 2 and 2 with bf16 states); both + 4 bytes of "
+        "step counter per tensor. "
         f"8-bit Adam: {CONTEXT_FORMULAS['adam8bit']}. Adafactor: {CONTEXT_FORMULAS['adafactor']}. "
         f"GaLore: {CONTEXT_FORMULAS['galore']}.",
     ]

@@ -9,8 +9,7 @@ nothing from transformers, TRL or PEFT.
 from __future__ import annotations
 
 import math
-import os
-import zipfile
+from collections import OrderedDict
 from collections.abc import Callable
 from numbers import Integral, Real
 from typing import Any, Literal
@@ -19,11 +18,16 @@ import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from . import _chunking, _fused_cpu
+from .checkpoint import check_loadable, restore_moments
 from .distributed import check_sharding, local_tensor, zeros_state_like
-from .errors import FoamConfigError, FoamStateError
+from .errors import FoamConfigError
 from .folding import block_mean, folded_shape, is_foldable, unfold
+from .precision import STATE_DTYPES, normalize_state_dtype, state_dtype_for
+from .precision import compute_dtype as _compute_dtype
+from .precision import rounding_dither as _rounding_dither  # noqa: F401 - kept importable from here
+from .precision import store_moment as _store_moment
 
-__all__ = ["FOAM", "SECOND_MOMENT_MODES", "STATE_DTYPES", "foam", "load_state_file", "state_dtype_for"]
+__all__ = ["FOAM", "SECOND_MOMENT_MODES", "STATE_DTYPES", "foam", "state_dtype_for"]
 
 SecondMoment = Literal["mean_sq", "sq_mean"]
 
@@ -47,47 +51,6 @@ _GROUP_DEFAULTS: dict[str, Any] = {
     "state_dtype": None,
 }
 
-#: Storage dtypes of the moments a group may ask for with ``state_dtype``; ``None`` means fp32 for half
-#: parameters and the parameter's dtype otherwise. ``"bfloat16"`` halves state memory again: moments are
-#: computed in fp32 and stored with stochastic rounding (see :func:`_store_moment`).
-STATE_DTYPES: dict[str | None, torch.dtype | None] = {
-    None: None,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-}
-
-# Keys whose value decides the *shape or meaning* of the saved state: a checkpoint written under other
-# values cannot be continued exactly, so load_state_dict refuses it instead of silently adopting them.
-_STRUCTURAL_KEYS = ("block_size", "second_moment")
-
-
-def state_dtype_for(param: torch.Tensor, state_dtype: str | None = None) -> torch.dtype:
-    """dtype of FOAM's moment states for ``param``.
-
-    ``state_dtype`` (a group's option, a key of :data:`STATE_DTYPES`) wins when given; by default the
-    states are fp32 for fp16/bf16 parameters and in the parameter's dtype otherwise.
-    """
-    chosen = STATE_DTYPES.get(state_dtype)
-    if chosen is not None:
-        return chosen
-    if param.dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
-    return param.dtype
-
-
-def normalize_state_dtype(value: Any) -> Any:
-    """Map ``torch.float32``/``torch.bfloat16`` to the strings groups store (plain data in checkpoints)."""
-    if isinstance(value, torch.dtype):
-        for name, dtype in STATE_DTYPES.items():
-            if dtype == value:
-                return name
-    return value
-
-
-def _compute_dtype(param: torch.Tensor) -> torch.dtype:
-    """The dtype the update is computed in: fp32, or fp64 for fp64 parameters."""
-    return torch.promote_types(param.dtype, torch.float32)
-
 
 def _is_real_number(x: Any) -> bool:
     return isinstance(x, Real) and not isinstance(x, bool)
@@ -96,7 +59,10 @@ def _is_real_number(x: Any) -> bool:
 def _check_number(name: str, value: Any, *, rule: str, ok: Callable[[float], bool], fix: str) -> None:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise TypeError(f"FOAM: {name}={value!r} must be a number or a one-element tensor. Fix: {fix}")
+            raise FoamConfigError(
+                f"FOAM: {name} is a tensor of shape {tuple(value.shape)}; it must be a number or a one-element "
+                f"tensor. Fix: {fix}"
+            )
         value = value.item()
     if not _is_real_number(value):
         raise TypeError(f"FOAM: {name}={value!r} has type {type(value).__name__}; it must be a real number. Fix: {fix}")
@@ -193,19 +159,39 @@ def _triton() -> Any:
     return _fused_triton
 
 
-def _check_fused_available(param_groups: list[dict[str, Any]]) -> None:
+def _check_fused_available(param_groups: list[dict[str, Any]], *, allow_meta: bool = False) -> None:
     """Raise a clear error when a group asks for ``fused=True`` and no fused kernel can step it: the C++
-    kernel for CPU tensors, the Triton kernels for CUDA tensors."""
+    kernel for CPU tensors, the Triton kernels for CUDA tensors.
+
+    ``allow_meta`` (at construction) lets parameters on the meta device through: with deferred
+    initialisation they get their real device later (``to_empty``), and :meth:`FOAM.step` checks them then,
+    as torch's fused AdamW does."""
     for index, group in enumerate(param_groups):
         if not group["fused"]:
             continue
-        devices = {p.device.type for p in group["params"]}
-        for p in group["params"]:
+        params = [p for p in group["params"] if not (allow_meta and p.device.type == "meta")]
+        devices = {p.device.type for p in params}
+        for p in params:
+            if p.device.type == "meta":
+                raise RuntimeError(
+                    f"FOAM: fused=True in param group {index}, but a parameter of shape {tuple(p.shape)} is still "
+                    "on the meta device at step(). Fix: materialise the model first (module.to_empty(device=...) "
+                    "with torch.__future__.set_swap_module_params_on_conversion(True) keeps the optimizer's "
+                    "parameters, or build the optimizer after materialising)."
+                )
             if not (_fused_cpu.fused_supported(p) or (p.is_cuda and _triton().triton_supported(p))):
                 raise RuntimeError(
                     f"FOAM: fused=True in param group {index}, but a parameter of shape {tuple(p.shape)} is "
                     f"{p.dtype} on {p.device} (contiguous={p.is_contiguous()}); the fused kernels step contiguous "
-                    "CPU or CUDA float32/bfloat16/float16 tensors. Fix: pass fused=None or False for this group."
+                    "CPU float32/bfloat16/float16/float64 or CUDA float32/bfloat16/float16 tensors. "
+                    "Fix: pass fused=None or False for this group."
+                )
+            moments = state_dtype_for(p, group["state_dtype"])
+            if p.device.type == "cpu" and not _fused_cpu.fused_supported(p, moments):
+                raise FoamConfigError(
+                    f"FOAM: fused=True in param group {index} with {p.dtype} parameters and {moments} states "
+                    f"(state_dtype={group['state_dtype']!r}); the fused CPU kernel keeps the states of float64 "
+                    "parameters in float64. Fix: pass state_dtype=None for this group, or fused=None."
                 )
         if devices == {"cuda", "cpu"}:
             raise RuntimeError(
@@ -349,7 +335,7 @@ class FOAM(Optimizer):
         validate_group_options(defaults)
         super().__init__(params, defaults)
         if any(group["fused"] for group in self.param_groups):
-            _check_fused_available(self.param_groups)
+            _check_fused_available(self.param_groups, allow_meta=True)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group after validating its options and parameters (see :class:`torch.optim.Optimizer`)."""
@@ -362,8 +348,14 @@ class FOAM(Optimizer):
                 "Fix: pass {'params': [tensors], ...}."
             )
         params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params) if not isinstance(params, set) else []
-        for p in params:
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif not isinstance(params, set):  # torch refuses sets itself (their order is not reproducible)
+            # Materialise once: a generator (model.parameters()) would be used up by the duplicate check below
+            # and reach torch empty, leaving a group that silently trains nothing.
+            params = list(params)
+            param_group = {**param_group, "params": params}
+        for p in params if not isinstance(params, set) else ():
             if not isinstance(p, torch.Tensor):
                 continue  # torch's own check names the type
             for other, group in enumerate(self.param_groups):
@@ -383,6 +375,8 @@ class FOAM(Optimizer):
             )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if group["fused"]:
+            self._fused_checked = False  # step() checks the kernels cover it, once its tensors are materialised
         if isinstance(group["betas"], list):
             group["betas"] = tuple(group["betas"])
         group["state_dtype"] = normalize_state_dtype(group["state_dtype"])
@@ -394,8 +388,10 @@ class FOAM(Optimizer):
                 if torch.is_complex(p):
                     raise TypeError(
                         f"FOAM: param group {index} holds a complex parameter of shape {tuple(p.shape)}; "
-                        "FOAM folds real tensors only. Fix: optimize it with torch.optim.AdamW, or "
-                        "use torch.view_as_real on it."
+                        "FOAM folds real tensors only (torch.view_as_real would not help: it appends a dimension "
+                        "of 2, so blocks would mix real and imaginary parts). Fix: optimize complex parameters "
+                        "with torch.optim.AdamW in a second optimizer, or store the real and imaginary parts as "
+                        "two real parameters, which FOAM folds each along its own last dimension."
                     )
                 if not p.is_floating_point():
                     raise TypeError(
@@ -475,6 +471,9 @@ class FOAM(Optimizer):
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor] | None = None) -> None:
         """One FOAM step over ``group`` (or over ``params``, a subset of it: the layer-wise seam)."""
+        if not getattr(self, "_fused_checked", True):
+            _check_fused_available(self.param_groups)
+            self._fused_checked = True
         params_with_grad: list[torch.Tensor] = []
         grads: list[torch.Tensor] = []
         exp_avgs: list[torch.Tensor] = []
@@ -505,6 +504,12 @@ class FOAM(Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
 
+    def _state_shape(self, param: torch.Tensor, group: dict[str, Any]) -> torch.Size:
+        """Shape of each moment FOAM keeps for ``param`` in ``group`` (subclasses that step slices of a
+        tensor, as :class:`foam_hf.zero.ZeroFOAM` does, override it)."""
+        block_size = group["block_size"]
+        return folded_shape(param.shape, block_size) if is_foldable(param, block_size) else param.shape
+
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state, plus each group's ``param_shapes`` (plain lists): with them a load can
         tell a ``(6, 8)`` from a ``(6, 7)`` parameter even though both fold to ``(6, 2)`` at ``B = 4``."""
@@ -521,99 +526,21 @@ class FOAM(Optimizer):
         shape differs from the shape this parameter folds to. Moments keep their saved dtype (fp32 for
         half-precision parameters) instead of torch's default cast to the parameter's dtype.
         """
-        if not isinstance(state_dict, dict):
-            raise FoamStateError(
-                f"FOAM.load_state_dict: expected the dict optimizer.state_dict() returns, got "
-                f"{type(state_dict).__name__}."
-            )
-        saved_groups = state_dict.get("param_groups")
-        saved_state = state_dict.get("state")
-        if not isinstance(saved_groups, list) or not isinstance(saved_state, dict):
-            raise FoamStateError(
-                "FOAM.load_state_dict: expected a dict with 'state' and 'param_groups' (what "
-                f"optimizer.state_dict() returns); got keys {sorted(map(str, state_dict))}. The file may be "
-                "truncated or not an optimizer state."
-            )
-        if len(saved_groups) != len(self.param_groups):
-            raise FoamStateError(
-                f"FOAM.load_state_dict: the saved state has {len(saved_groups)} param groups, this optimizer "
-                f"has {len(self.param_groups)}. Fix: build the optimizer with the same groups as the run that "
-                "saved the checkpoint."
-            )
-        id_to_param: dict[int, tuple[torch.Tensor, dict[str, Any], int]] = {}
-        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            missing = [k for k in _STRUCTURAL_KEYS if k not in saved]
-            if missing:
-                raise FoamStateError(
-                    f"FOAM.load_state_dict: saved param group {index} has no {missing}: this state was not "
-                    "written by FOAM (an AdamW checkpoint?). Fix: load it into the optimizer that wrote it, "
-                    "or convert it to FOAM states first."
-                )
-            for key in _STRUCTURAL_KEYS:
-                if saved[key] != group[key]:
-                    raise FoamStateError(
-                        f"FOAM.load_state_dict: param group {index} was saved with {key}={saved[key]!r} but "
-                        f"this optimizer has {key}={group[key]!r}; its states cannot be continued exactly. "
-                        f"Fix: build FOAM with {key}={saved[key]!r} to resume this checkpoint."
-                    )
-            if len(saved["params"]) != len(group["params"]):
-                raise FoamStateError(
-                    f"FOAM.load_state_dict: param group {index} holds {len(group['params'])} parameters but "
-                    f"the saved group holds {len(saved['params'])}. Fix: build the optimizer over the same "
-                    "parameters, in the same order, as the run that saved it."
-                )
-            shapes = saved.get("param_shapes")
-            if shapes is not None:
-                for position, (shape, p) in enumerate(zip(shapes, group["params"])):
-                    if tuple(shape) != tuple(p.shape):
-                        raise FoamStateError(
-                            f"FOAM.load_state_dict: parameter {position} of param group {index} was saved with "
-                            f"shape {tuple(shape)} but has shape {tuple(p.shape)} here. Fix: build the model and "
-                            "the optimizer as in the run that saved the checkpoint."
-                        )
-            for pid, p in zip(saved["params"], group["params"]):
-                id_to_param[pid] = (p, group, index)
-        for pid, pstate in saved_state.items():
-            if pid not in id_to_param:
-                raise FoamStateError(f"FOAM.load_state_dict: saved state for parameter id {pid} has no parameter.")
-            p, group, index = id_to_param[pid]
-            expected = folded_shape(p.shape, group["block_size"]) if is_foldable(p, group["block_size"]) else p.shape
-            step = pstate.get("step")
-            if not (isinstance(step, torch.Tensor) and step.numel() == 1) and not _is_real_number(step):
-                raise FoamStateError(
-                    f"FOAM.load_state_dict: saved state of a parameter of shape {tuple(p.shape)} in group {index} "
-                    f"has no 'step' counter (keys: {sorted(pstate)}); not a FOAM state. Fix: load a state written "
-                    "by FOAM.state_dict()."
-                )
-            for key in ("exp_avg", "exp_avg_sq"):
-                value = pstate.get(key)
-                if not isinstance(value, torch.Tensor):
-                    raise FoamStateError(
-                        f"FOAM.load_state_dict: saved state of a parameter of shape {tuple(p.shape)} in group "
-                        f"{index} has no tensor '{key}' (keys: {sorted(pstate)}); not a FOAM state."
-                    )
-                if value.shape != expected:
-                    raise FoamStateError(
-                        f"FOAM.load_state_dict: saved '{key}' of a parameter of shape {tuple(p.shape)} in group "
-                        f"{index} has shape {tuple(value.shape)}, but with block_size={group['block_size']} "
-                        f"FOAM keeps shape {tuple(expected)}. The checkpoint was written with other folding "
-                        "(or by AdamW). Fix: resume with the block sizes of the run that saved it."
-                    )
-        super().load_state_dict(state_dict)
-        # torch casts floating states to the parameter's dtype; FOAM keeps its own state dtype (fp32 moments
-        # for half params by default). As in torch, the loaded group's options (state_dtype included) win.
-        for pid, pstate in saved_state.items():
-            p, _, index = id_to_param[pid]
-            dtype = state_dtype_for(p, self.param_groups[index]["state_dtype"])
-            for key in ("exp_avg", "exp_avg_sq"):
-                self.state[p][key] = pstate[key].to(device=p.device, dtype=dtype, copy=True)
-            step = self.state[p]["step"]
-            if not isinstance(step, torch.Tensor):  # a plain number, as torch.optim.Adam accepts it
-                self.state[p]["step"] = torch.tensor(float(step), dtype=torch.float32)
-            else:
-                self.state[p]["step"] = step.detach().to(device="cpu", dtype=torch.float32).reshape(())
-        for group in self.param_groups:
-            group.pop("param_shapes", None)  # written afresh by state_dict()
+        if isinstance(state_dict, dict):
+            # torch's contract: the pre-hooks see, and may replace, what loads. Run them here once, so that what
+            # is validated and whose moments are restored is what they returned; torch then loads it unhooked.
+            state_dict = state_dict.copy()
+            for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+                result = pre_hook(self, state_dict)
+                if result is not None:
+                    state_dict = result
+        id_to_param = check_loadable(self.param_groups, state_dict, state_shape=self._state_shape)
+        hooks, self._optimizer_load_state_dict_pre_hooks = self._optimizer_load_state_dict_pre_hooks, OrderedDict()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = hooks
+        restore_moments(self, state_dict["state"], id_to_param)
 
     # ------------------------------------------------------------------ memory
 
@@ -622,26 +549,6 @@ class FOAM(Optimizer):
         from .memory import state_memory
 
         return state_memory(self)
-
-
-def load_state_file(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` of an optimizer state file, with a clear error for a truncated
-    or corrupt file (torch's own is an empty ``EOFError``, ``OSError: Invalid argument`` or an
-    ``UnpicklingError`` that wrongly advises ``weights_only=False``, depending on where the file was cut)."""
-    size = os.path.getsize(path)
-    complete = zipfile.is_zipfile(path)
-    if complete:
-        try:
-            with zipfile.ZipFile(path) as archive:
-                complete = archive.testzip() is None
-        except (zipfile.BadZipFile, OSError, EOFError):
-            complete = False
-    if not complete:
-        raise FoamStateError(
-            f"{os.fspath(path)} ({size} bytes) is not a complete torch checkpoint: it is truncated or corrupt. "
-            "Fix: resume from an earlier checkpoint, or re-save it."
-        )
-    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 # ---------------------------------------------------------------------------- functional API
@@ -679,7 +586,10 @@ def foam(
         if on_cuda:  # the Triton kernels store fp32 or bf16 moments (state_dtype="bfloat16")
             fused = all(map(_triton().triton_supported, params)) and _triton().triton_ready(params[0].device)
         else:  # the CPU kernel also steps bf16 moments (state_dtype="bfloat16")
-            fused = all(map(_fused_cpu.fused_supported, params)) and _fused_cpu.load_kernel() is not None
+            fused = (
+                all(map(_fused_cpu.fused_supported, params, (m.dtype for m in exp_avgs)))
+                and _fused_cpu.load_kernel() is not None
+            )
     if foreach is None:
         foreach = on_cuda
     if fused:
@@ -948,47 +858,3 @@ def _unfold_copy(y: torch.Tensor, n: int, block_size: int) -> torch.Tensor:
     if n % block_size:
         out[..., whole * block_size :].copy_(y[..., whole:])
     return out
-
-
-# ---------------------------------------------------------------------------- low-precision states
-
-# Constants of a counter-based hash (Knuth's multiplicative hash, then murmur3's finaliser steps).
-_HASH_INDEX, _HASH_STEP, _HASH_SALT, _HASH_MIX = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x7FEB352D
-_MASK32 = 0xFFFFFFFF
-
-
-def _rounding_dither(shape: torch.Size, step: float, salt: int, device: torch.device, offset: int = 0) -> torch.Tensor:
-    """16 pseudo-random bits per element (int32 in ``[0, 2**16)``), a pure function of index, step and salt.
-
-    A counter-based hash instead of a random generator: no RNG state to checkpoint, and a resumed run
-    draws exactly the dither the uninterrupted run drew. The index of an element is its C-order position in
-    the whole moment: ``offset`` is that of the first element when ``shape`` is a run of rows of it.
-    """
-    key = (int(step) * _HASH_STEP + salt * _HASH_SALT) & _MASK32
-    index = torch.arange(offset, offset + shape.numel(), dtype=torch.int64, device=device)
-    h = (index * _HASH_INDEX + key) & _MASK32
-    h ^= h >> 16
-    h = (h * _HASH_MIX) & _MASK32
-    h ^= h >> 15
-    return (h & 0xFFFF).to(torch.int32).view(shape)
-
-
-def _store_moment(stored: torch.Tensor, value: torch.Tensor, step: float, salt: int, offset: int = 0) -> None:
-    r"""Write a moment computed in ``value`` into its storage ``stored`` (a no-op when they are one tensor).
-
-    Into bf16 storage the fp32 value is *stochastically rounded*: a uniform 16-bit dither is added to its
-    bit pattern and the low 16 bits dropped, so :math:`\mathbb E[\mathrm{round}(x)] = x`. Round-to-nearest
-    would freeze the second moment: with :math:`\beta_2 = 0.999` a step changes :math:`\tilde v` by 0.1 %,
-    below half a bf16 ulp (0.2-0.4 %), so decays and small increments would all round away.
-    """
-    if stored is value:
-        return
-    if stored.dtype != torch.bfloat16 or value.dtype != torch.float32:
-        stored.copy_(value)
-        return
-    bits = value.contiguous().view(torch.int32)
-    dither = _rounding_dither(value.shape, step, salt, value.device, offset)
-    rounded = ((bits + dither) & -65536).view(torch.float32)
-    # Non-finite values keep their class (a carry must not turn NaN into -0 or a large value into inf).
-    rounded = torch.where(torch.isfinite(value), rounded, value)
-    stored.copy_(rounded)  # exact: the low 16 bits are zero

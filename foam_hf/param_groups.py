@@ -48,9 +48,6 @@ class BlockSizePlan:
 
     block_sizes: dict[str, int]
 
-    def folded(self) -> list[str]:
-        return [name for name, b in self.block_sizes.items() if b > 1]
-
 
 def _linear_types() -> tuple[type[nn.Module], ...]:
     types: list[type[nn.Module]] = [nn.Linear]

@@ -92,3 +92,13 @@ def test_bench_lora(tmp_path):
     adamw, both, lora_a = (number(rows[f"4 / {v}"][5]) for v in ("adamw", "foam B=4", "foam B=4, lora_A only"))
     assert both < lora_a < adamw
     assert number(rows["4 / foam B=4"][6]) < 0.26  # both adapter matrices folded by 4
+
+
+def test_bench_zero_memory_predicts_fewer_bytes_per_rank_than_adamw(tmp_path):
+    rows = table(run("bench_zero_memory.py", "--toy", cwd=tmp_path))
+    assert [(r[0], r[1]) for r in rows] == [("2", "2"), ("2", "3")]
+    for _, _, adamw, foam, _, all_ranks, one_process in rows:
+        adamw, foam, all_ranks, one_process = (int(v.replace(",", "")) for v in (adamw, foam, all_ranks, one_process))
+        assert foam < adamw
+        # Over all ranks FOAM holds at least its one-process states: the split only adds copies and padding.
+        assert one_process <= all_ranks <= 2 * foam

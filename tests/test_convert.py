@@ -184,3 +184,24 @@ def test_non_adam_states_are_refused():
         foam_state_from_adamw(stepped_adamw(params), torch.optim.AdamW(params))
     with pytest.raises(FoamStateError, match=r"expected an AdamW optimizer or its state_dict"):
         foam_state_from_adamw([1, 2], FOAM(params))
+
+
+@pytest.mark.parametrize("state_dtype", ["bfloat16", torch.bfloat16, "float32"])
+def test_conversion_into_foam_with_a_state_dtype_stores_moments_in_it(state_dtype):
+    params = make_params(dtype=torch.float32)
+    adamw = adamw_after(params, steps=2)
+    foam = FOAM(params, block_size=4, state_dtype=state_dtype, **HPARAMS)
+    foam_state_from_adamw(adamw, foam)
+    expected_dtype = torch.bfloat16 if state_dtype in ("bfloat16", torch.bfloat16) else torch.float32
+    for p in params:
+        state = foam.state[p]
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == expected_dtype
+        # The fold of AdamW's first moment (block means along the last dimension), rounded to the state dtype.
+        m = adamw.state[p]["exp_avg"]
+        if p.dim() >= 2 and p.shape[-1] > 1:
+            folded = m @ fold_matrix(p.shape[-1], 4).to(m.dtype)
+        else:
+            folded = m
+        torch.testing.assert_close(
+            state["exp_avg"].float(), folded, rtol=1e-2 if expected_dtype != torch.float32 else 1e-6, atol=1e-6
+        )

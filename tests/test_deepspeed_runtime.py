@@ -1,4 +1,6 @@
-"""FOAM with a real DeepSpeed install on CPU: ZeRO is refused through Trainer, ZeRO stage 0 trains exactly.
+"""FOAM with a real DeepSpeed install on CPU: config checks through Trainer, ZeRO stage 0 trains exactly.
+
+ZeRO stages 1-3 with ``ZeroFOAM`` are tested in tests/test_deepspeed_zero.py.
 
 DeepSpeed comes with the ``dev`` extra (``pip install ".[dev]"``, or ``".[deepspeed]"`` alone); without it
 this module fails to import rather than skipping. DeepSpeed runs on its CPU accelerator with gloo; ranks are
@@ -18,18 +20,17 @@ WORKER = str(REPO / "tests" / "_dist_workers" / "deepspeed_rank.py")
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_trainer_refuses_zero_with_real_deepspeed(stage, tmp_path):
+def test_trainer_arguments_accept_zero_and_refuse_offload_that_replaces_foam(stage, tmp_path):
     from transformers import TrainingArguments
 
     import foam_hf  # noqa: F401  (registers optim="foam")
 
     config = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto"}
-    with pytest.raises(FoamConfigError, match=rf"stage={stage}.*FSDP2"):
-        TrainingArguments(output_dir=str(tmp_path), optim="foam", deepspeed=config, report_to="none")
-    # Stage 0 builds: transformers' DeepSpeed config object (it needs deepspeed) is created and kept.
-    config["zero_optimization"]["stage"] = 0
     args = TrainingArguments(output_dir=str(tmp_path), optim="foam", deepspeed=config, report_to="none")
     assert args.hf_deepspeed_config is not None
+    config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    with pytest.raises(FoamConfigError, match=r"offload_optimizer.*DeepSpeedCPUAdam"):
+        TrainingArguments(output_dir=str(tmp_path), optim="foam", deepspeed=config, report_to="none")
 
 
 def test_engine_zero0_two_ranks_match_one_process_and_zero2_flattens(tmp_path):
@@ -53,8 +54,8 @@ def test_engine_zero0_two_ranks_match_one_process_and_zero2_flattens(tmp_path):
     assert stage0["exp_avg_shapes"] == [(12, 3), (12,), (3, 3), (3,)]  # folded, block_size=4
     for got, want in zip(stage0["params"], model.parameters()):
         torch.testing.assert_close(got, want.detach(), atol=TOLERANCE, rtol=0)
-    # ZeRO stage 2 (reached only by bypassing foam-hf's refusal): FOAM gets one flat 1-D partition per rank
-    # (171 values, padded and halved) and keeps full AdamW states for it. This is why foam-hf refuses ZeRO.
+    # ZeRO stage 2 with plain FOAM: it gets one flat 1-D partition per rank (171 values, padded and halved)
+    # and keeps full AdamW states for it. This is why ZeRO needs ZeroFOAM (what optim="foam" builds under ZeRO).
     stage2 = result["stage2"]
     assert stage2["wrapper"] == "DeepSpeedZeroOptimizer"
     assert stage2["client_param_shapes"] == [(86,)] and stage2["exp_avg_shapes"] == [(86,)]

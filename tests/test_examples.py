@@ -2,9 +2,10 @@
 
 Each test imports the script by path, calls its ``main([...])`` with test-sized flags, and checks the
 result against something computed independently: the optimizer really is FOAM, the losses are finite, the
-state bytes equal the sum of :func:`foam_hf.memory.foam_state_bytes` over the block sizes that
-:func:`foam_hf.param_groups.resolve_block_sizes` gives (and are below AdamW's), the printed block sizes
-equal the resolver's, and a resumed run equals an uninterrupted one bit for bit.
+state bytes equal two moments of ``rows * ceil(n / B)`` entries (4 bytes each) plus a 4-byte step per
+parameter, worked out in the test from the parameter shapes and the documented folding rule
+(tests/_helpers.py), and are below AdamW's; the block sizes the examples report and print follow the same
+rule; and a resumed run equals an uninterrupted one bit for bit.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import expected_block_sizes, expected_state_bytes
 
 from foam_hf import FOAM, FoamConfig
-from foam_hf.memory import adamw_state_bytes, foam_state_bytes
-from foam_hf.param_groups import resolve_block_sizes
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -42,21 +42,13 @@ def unwrapped(optimizer):
     return optimizer
 
 
-def expected_bytes(model, config: FoamConfig) -> tuple[int, int]:
-    """(FOAM, AdamW) state bytes from the resolver's plan, independently of the optimizer's groups."""
-    plan = resolve_block_sizes(model, config).block_sizes
-    params = dict(model.named_parameters())
-    return (
-        sum(foam_state_bytes(params[n], b) for n, b in plan.items()),
-        sum(adamw_state_bytes(params[n]) for n in plan),
-    )
-
-
-def assert_foam_run(summary, config: FoamConfig):
+def assert_foam_run(summary, block_size: int, overrides: dict[str, int] | None = None):
     trainer = summary["trainer"]
     assert summary["optimizer"] == "FOAM" and type(unwrapped(trainer.optimizer)) is FOAM
     assert summary["losses"] and all(math.isfinite(x) for x in summary["losses"])
-    foam_bytes, adamw_bytes = expected_bytes(trainer.model, config)
+    foam_bytes, adamw_bytes = expected_state_bytes(
+        trainer.model, expected_block_sizes(trainer.model, block_size, overrides)
+    )
     assert (summary["state_bytes"], summary["adamw_state_bytes"]) == (foam_bytes, adamw_bytes)
     assert summary["state_bytes"] < summary["adamw_state_bytes"]
     # The states really are folded: an exp_avg smaller than its parameter exists.
@@ -66,14 +58,14 @@ def assert_foam_run(summary, config: FoamConfig):
 
 def test_pretrain_trainer(tmp_path):
     summary = load_example("pretrain_trainer").main(short_flags(tmp_path, 4))
-    assert_foam_run(summary, FoamConfig(block_size=4))
+    assert_foam_run(summary, block_size=4)
     assert summary["global_step"] == 4 and math.isfinite(summary["eval_loss"])
 
 
 def test_pretrain_trainer_block_size_and_overrides_reach_the_optimizer(tmp_path):
     flags = short_flags(tmp_path, 2) + ["--block-size", "8", "--optim-args", "block_sizes=lm_head:2"]
     summary = load_example("pretrain_trainer").main(flags)
-    assert_foam_run(summary, FoamConfig(block_size=8, block_sizes={"lm_head": 2}))
+    assert_foam_run(summary, block_size=8, overrides={"lm_head": 2})
 
 
 def test_sft_lora_gives_states_to_adapters_only(tmp_path):
@@ -83,20 +75,23 @@ def test_sft_lora_gives_states_to_adapters_only(tmp_path):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(summary["block_sizes"]) == trainable and all("lora_" in n for n in trainable)
     assert set(summary["block_sizes"].values()) == {1}
-    assert summary["state_bytes"] == summary["adamw_state_bytes"] == expected_bytes(model, FoamConfig())[1]
+    assert (
+        summary["state_bytes"]
+        == summary["adamw_state_bytes"]
+        == expected_state_bytes(model, {n: 1 for n in trainable})[1]
+    )
     assert summary["losses"] and all(math.isfinite(x) for x in summary["losses"])
     # Folding lora_A by override, from the example's command line.
     flags = short_flags(tmp_path / "folded", 3) + ["--lora-r", "8", "--optim-args", "block_sizes=lora_A:4"]
     summary = load_example("sft_lora").main(flags)
-    config = FoamConfig(block_size=4, block_sizes={"lora_A": 4})
-    assert_foam_run(summary, config)
-    assert summary["block_sizes"] == resolve_block_sizes(summary["trainer"].model, config).block_sizes
+    assert_foam_run(summary, block_size=4, overrides={"lora_A": 4})
+    assert summary["block_sizes"] == expected_block_sizes(summary["trainer"].model, 4, {"lora_A": 4})
     assert {n for n, b in summary["block_sizes"].items() if b == 4} == {n for n in trainable if "lora_A" in n}
 
 
 def test_dpo(tmp_path):
     summary = load_example("dpo").main(short_flags(tmp_path, 3))
-    assert_foam_run(summary, FoamConfig(block_size=4))
+    assert_foam_run(summary, block_size=4)
     assert summary["reward_margins"] and all(math.isfinite(x) for x in summary["reward_margins"])
     trainer = summary["trainer"]
     in_optimizer = {id(p) for g in unwrapped(trainer.optimizer).param_groups for p in g["params"]}
@@ -106,7 +101,7 @@ def test_dpo(tmp_path):
 def test_grpo(tmp_path):
     module = load_example("grpo")
     summary = module.main(short_flags(tmp_path, 3))
-    assert_foam_run(summary, FoamConfig(block_size=4))
+    assert_foam_run(summary, block_size=4)
     assert summary["rewards"] and all(math.isfinite(x) for x in summary["rewards"])
 
 
@@ -134,7 +129,7 @@ def test_per_module_block_sizes_from_python(tmp_path, capsys):
     assert result["route"] == "python"
     config = FoamConfig(block_size=4, block_sizes=module.PYTHON_BLOCK_SIZES)
     assert FoamConfig.from_optim_args(result["optim_args"]) == config
-    expected = resolve_block_sizes(result["model"], config).block_sizes
+    expected = expected_block_sizes(result["model"], 4, module.PYTHON_BLOCK_SIZES)
     assert result["block_sizes"] == expected
     assert printed_block_sizes(capsys.readouterr().out) == expected
     assert expected["lm_head.weight"] == 1 and expected["model.layers.0.self_attn.q_proj.weight"] == 8
@@ -146,7 +141,7 @@ def test_per_module_block_sizes_from_the_command_line(tmp_path, capsys):
     argv += ["--max_steps", "2", "--per_device_train_batch_size", "2", "--report_to", "none", "--save_strategy", "no"]
     result = load_example("per_module_block_sizes").main(argv)
     assert result["route"] == "command line"
-    expected = resolve_block_sizes(result["model"], FoamConfig.from_optim_args(optim_args)).block_sizes
+    expected = expected_block_sizes(result["model"], 2, {"q_proj": 8, "lm_head": 1, "embed_tokens": 4})
     assert result["block_sizes"] == expected
     assert printed_block_sizes(capsys.readouterr().out) == expected
     assert expected["model.embed_tokens.weight"] == 4 and expected["model.layers.0.mlp.up_proj.weight"] == 2

@@ -259,3 +259,18 @@ def test_console_script_has_the_memory_subcommand(capsys):
     assert main(["memory", "llama-60m", "--block-sizes", "4"]) == 0
     out = capsys.readouterr().out
     assert "| AdamW |" in out and "| FOAM B=4 |" in out
+
+
+def test_state_dtype_in_optim_args_counts_the_bytes_a_real_foam_holds(config_path):
+    # bf16 states: 2 bytes per moment entry, for folded and unfolded tensors alike; read off a real FOAM.
+    result = memory_report(config_path, block_sizes=(4,), optim_args="block_size=4,state_dtype=bfloat16")
+    real = _real_model()
+    optimizer = FOAM(_groups_by_hand(real, _default_block(4)), state_dtype="bfloat16")
+    _one_step(real, optimizer)
+    assert result.override_state == _held_bytes(optimizer)
+    assert result.override_state < result.foam_state[4]  # the fp32 comparison rows stay fp32
+    assert result.to_dict()["overrides"]["state_dtype"] == "bfloat16"
+    from foam_hf.memory_report import format_markdown
+
+    text = format_markdown(result)
+    assert "bf16 states" in text and "FOAM states (bf16)" in text

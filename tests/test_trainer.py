@@ -10,7 +10,6 @@ import torch
 from hf_fixtures import lm_dataset, tiny_llama
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
-import foam_hf
 from foam_hf import FOAM, FoamCallback, FoamConfig, FoamConfigError, LayerwiseFOAM, NoMatchingModuleError
 from foam_hf.integration import check_seam
 from foam_hf.memory import adamw_state_bytes, foam_state_bytes
@@ -274,19 +273,41 @@ def test_layerwise_refuses_what_it_cannot_do(tmp_path, overrides, regex):
 
 
 def test_import_registers_both_names():
-    from transformers.training_args import OptimizerNames
+    """In a fresh interpreter transformers refuses optim="foam"; ``import foam_hf`` registers both names with
+    FOAM's handler."""
+    import subprocess
+    import sys
 
-    assert OptimizerNames("foam").value == "foam" and OptimizerNames("foam_layerwise").value == "foam_layerwise"
-    assert foam_hf.FOAM is FOAM
+    code = (
+        "from transformers import trainer_optimizer\n"
+        "from transformers.training_args import OptimizerNames\n"
+        "def known(name):\n"
+        "    try:\n"
+        "        return OptimizerNames(name) in trainer_optimizer._OPTIMIZER_HANDLERS\n"
+        "    except ValueError:\n"
+        "        return False\n"
+        "before = [known('foam'), known('foam_layerwise')]\n"
+        "import foam_hf\n"
+        "handlers = [trainer_optimizer._OPTIMIZER_HANDLERS[OptimizerNames(n)] for n in ('foam', 'foam_layerwise')]\n"
+        "after = [h.__module__.startswith('foam_hf.') for h in handlers]\n"
+        "print(before, after)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[-2] == "[False, False] [True, True]", out.stdout + out.stderr
 
 
-def test_deepspeed_zero_is_refused_by_the_handler(tmp_path):
+def test_deepspeed_zero_gets_zerofoam_from_the_handler(tmp_path):
     from foam_hf.integration import optimizer_cls_and_kwargs
+    from foam_hf.zero import ZeroFOAM
 
     args = make_args(tmp_path)
     # Set after construction: building TrainingArguments(deepspeed=...) needs deepspeed installed.
-    args.deepspeed = {"zero_optimization": {"stage": 2}}
-    with pytest.raises(FoamConfigError, match=r"zero_optimization.stage=2.*Fix: shard with FSDP2"):
+    for stage in (1, 2, 3):
+        args.deepspeed = {"zero_optimization": {"stage": stage}}
+        cls, kwargs = optimizer_cls_and_kwargs(args, tiny_llama())
+        assert cls is ZeroFOAM and kwargs["params"]
+    args.deepspeed = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    with pytest.raises(FoamConfigError, match=r"DeepSpeedCPUAdam.*Fix: "):
         optimizer_cls_and_kwargs(args, tiny_llama())
     args.deepspeed = {"zero_optimization": {"stage": 0}}
     cls, kwargs = optimizer_cls_and_kwargs(args, tiny_llama())

@@ -1,7 +1,10 @@
 """optim="foam" in every TRL trainer that builds its optimizer through Trainer, and with PEFT LoRA.
 
-Each test runs the real trainer on a tiny Llama for a couple of steps and checks that the optimizer in
-use is FOAM, that it folded what it should, and that the losses are finite.
+Each TRL test runs the real trainer on a tiny Llama for a couple of steps and checks, against expectations
+the test works out itself (tests/_helpers.py): the optimizer in use is FOAM; every trainable parameter has
+moments of the folded shape ``(rows, ceil(n / B))`` for the targeted linear layers and of its own shape
+otherwise; and the trained weights equal, bit for bit, those of a twin run of the same trainer given a
+``FOAM(...)`` built by hand (param groups by module name) through ``optimizer_cls_and_kwargs``.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import math
 import pytest
 import torch
 import trl
+from _helpers import expected_block_sizes, expected_moment_shape, hand_built_foam_groups
 from hf_fixtures import (
     lm_dataset,
     preference_dataset,
@@ -23,29 +27,88 @@ from hf_fixtures import (
 import foam_hf  # noqa: F401  (registers optim="foam")
 from foam_hf import FOAM, NoMatchingModuleError
 
+# The AdamW-style hyper-parameters, given explicitly so the hand-built twin can use the same numbers
+# (TRL configs change some TrainingArguments defaults). Weight decay > 0 so the no-decay rule matters.
+HPARAMS = dict(learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.99, adam_epsilon=1e-8, weight_decay=0.1)
+
 COMMON = dict(
     optim="foam",
     max_steps=2,
     per_device_train_batch_size=2,
-    learning_rate=1e-3,
     logging_steps=1,
     save_strategy="no",
     report_to=[],
     use_cpu=True,
     seed=0,
     disable_tqdm=True,
+    **HPARAMS,
 )
 
 
-def assert_trained_with_foam(trainer):
-    optimizer = trainer.optimizer
+def unwrapped(optimizer):
     while not isinstance(optimizer, FOAM) and hasattr(optimizer, "optimizer"):
         optimizer = optimizer.optimizer
+    return optimizer
+
+
+def assert_trained_with_foam(trainer):
+    optimizer = unwrapped(trainer.optimizer)
     assert isinstance(optimizer, FOAM), type(trainer.optimizer)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert losses and all(math.isfinite(x) for x in losses)
     assert any(s.get("exp_avg") is not None for s in optimizer.state.values())
     return optimizer
+
+
+def hand_built_foam(model):
+    """``(FOAM, kwargs)`` as a user would write them for optim="foam" on ``model``, without foam_hf's grouping."""
+    groups = hand_built_foam_groups(model, expected_block_sizes(model), HPARAMS["weight_decay"])
+    kwargs = dict(
+        params=groups,
+        lr=HPARAMS["learning_rate"],
+        betas=(HPARAMS["adam_beta1"], HPARAMS["adam_beta2"]),
+        eps=HPARAMS["adam_epsilon"],
+    )
+    return FOAM, kwargs
+
+
+def assert_foam_run_matches_hand_built_twin(make_model, make_trainer, *, as_argument=True):
+    """Train with optim="foam", then check its optimizer state and its weights against a hand-built twin.
+
+    ``make_trainer(model, optim, **trainer_kwargs)`` builds an untrained trainer. The twin runs under
+    ``optim="adamw_torch"`` so nothing of optim="foam" is involved; its FOAM arrives through the
+    ``optimizer_cls_and_kwargs`` argument, or, for the TRL trainers whose ``__init__`` does not take it,
+    through the attribute of that name that ``Trainer.create_optimizer`` reads.
+    """
+    trainer = make_trainer(make_model(), "foam")
+    trainer.train()
+    optimizer = assert_trained_with_foam(trainer)
+    model = trainer.model
+    sizes = expected_block_sizes(model)
+    assert any(b > 1 for b in sizes.values()) and any(b == 1 for b in sizes.values())
+    params = dict(model.named_parameters())
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert in_optimizer == {id(params[n]) for n in sizes}
+    for name, block_size in sizes.items():
+        state = optimizer.state[params[name]]
+        expected = expected_moment_shape(tuple(params[name].shape), block_size)
+        assert tuple(state["exp_avg"].shape) == tuple(state["exp_avg_sq"].shape) == expected, name
+
+    twin_model = make_model()
+    initial = {n: p.detach().clone() for n, p in twin_model.named_parameters()}
+    if as_argument:
+        twin = make_trainer(twin_model, "adamw_torch", optimizer_cls_and_kwargs=hand_built_foam(twin_model))
+    else:
+        twin = make_trainer(twin_model, "adamw_torch")
+        twin.optimizer_cls_and_kwargs = hand_built_foam(twin.model)
+    twin.train()
+    assert type(unwrapped(twin.optimizer)) is FOAM
+    twin_params = dict(twin.model.named_parameters())
+    assert twin_params.keys() == params.keys()
+    for name, p in params.items():
+        assert torch.equal(p, twin_params[name]), name
+    # Not vacuous: the runs trained every parameter the optimizer holds, away from the shared start.
+    assert all(not torch.equal(initial[n], twin_params[n]) for n in sizes)
 
 
 def reward_len(completions, **kwargs):
@@ -54,74 +117,77 @@ def reward_len(completions, **kwargs):
 
 
 def test_sft(tmp_path):
-    config = trl.SFTConfig(output_dir=str(tmp_path), max_length=32, **COMMON)
-    trainer = trl.SFTTrainer(
-        model=tiny_llama(), args=config, train_dataset=text_dataset(), processing_class=tokenizer()
-    )
-    trainer.train()
-    assert_trained_with_foam(trainer)
+    def make(model, optim, **kwargs):
+        config = trl.SFTConfig(output_dir=str(tmp_path / optim), max_length=32, **{**COMMON, "optim": optim})
+        return trl.SFTTrainer(
+            model=model, args=config, train_dataset=text_dataset(), processing_class=tokenizer(), **kwargs
+        )
+
+    assert_foam_run_matches_hand_built_twin(tiny_llama, make)
 
 
 def test_dpo(tmp_path):
-    config = trl.DPOConfig(output_dir=str(tmp_path), max_length=48, **COMMON)
-    trainer = trl.DPOTrainer(
-        model=tiny_llama(),
-        ref_model=tiny_llama(),  # given, so TRL does not look for the reference model on a hub
-        args=config,
-        train_dataset=preference_dataset(),
-        processing_class=tokenizer(),
-    )
-    trainer.train()
-    assert_trained_with_foam(trainer)
+    def make(model, optim):
+        config = trl.DPOConfig(output_dir=str(tmp_path / optim), max_length=48, **{**COMMON, "optim": optim})
+        return trl.DPOTrainer(
+            model=model,
+            ref_model=tiny_llama(),  # given, so TRL does not look for the reference model on a hub
+            args=config,
+            train_dataset=preference_dataset(),
+            processing_class=tokenizer(),
+        )
+
+    assert_foam_run_matches_hand_built_twin(tiny_llama, make, as_argument=False)
 
 
 def test_reward(tmp_path):
-    config = trl.RewardConfig(output_dir=str(tmp_path), max_length=48, **COMMON)
-    model = tiny_llama(num_labels=1)
-    trainer = trl.RewardTrainer(
-        model=model, args=config, train_dataset=preference_dataset(), processing_class=tokenizer()
-    )
-    trainer.train()
-    optimizer = assert_trained_with_foam(trainer)
+    def make(model, optim, **kwargs):
+        config = trl.RewardConfig(output_dir=str(tmp_path / optim), max_length=48, **{**COMMON, "optim": optim})
+        return trl.RewardTrainer(
+            model=model, args=config, train_dataset=preference_dataset(), processing_class=tokenizer(), **kwargs
+        )
+
     # The scalar reward head ("score", 1 x hidden) is a linear layer but the model's output head: unfolded.
-    assert (
-        next(g["block_size"] for g in optimizer.param_groups if any(p is model.score.weight for p in g["params"])) == 1
-    )
+    make_model = lambda: tiny_llama(num_labels=1)  # noqa: E731
+    assert expected_block_sizes(make_model())["score.weight"] == 1
+    assert_foam_run_matches_hand_built_twin(make_model, make)
 
 
-def _online_config(cls, tmp_path):
+def _online_config(cls, tmp_path, optim):
     return cls(
-        output_dir=str(tmp_path),
+        output_dir=str(tmp_path / optim),
         beta=0.0,  # no KL term, so no reference model is built (it would be looked up on a hub)
         num_generations=2,
         max_completion_length=8,
         generation_batch_size=2,
-        **{**COMMON, "per_device_train_batch_size": 2},
+        **{**COMMON, "optim": optim, "per_device_train_batch_size": 2},
     )
 
 
 def test_grpo(tmp_path):
-    trainer = trl.GRPOTrainer(
-        model=tiny_llama(),
-        reward_funcs=reward_len,
-        args=_online_config(trl.GRPOConfig, tmp_path),
-        train_dataset=prompt_dataset(),
-        processing_class=tokenizer(),
-    )
-    trainer.train()
-    assert_trained_with_foam(trainer)
+    def make(model, optim):
+        return trl.GRPOTrainer(
+            model=model,
+            reward_funcs=reward_len,
+            args=_online_config(trl.GRPOConfig, tmp_path, optim),
+            train_dataset=prompt_dataset(),
+            processing_class=tokenizer(),
+        )
+
+    assert_foam_run_matches_hand_built_twin(tiny_llama, make, as_argument=False)
 
 
 def test_rloo(tmp_path):
-    trainer = trl.RLOOTrainer(
-        model=tiny_llama(),
-        reward_funcs=reward_len,
-        args=_online_config(trl.RLOOConfig, tmp_path),
-        train_dataset=prompt_dataset(),
-        processing_class=tokenizer(),
-    )
-    trainer.train()
-    assert_trained_with_foam(trainer)
+    def make(model, optim):
+        return trl.RLOOTrainer(
+            model=model,
+            reward_funcs=reward_len,
+            args=_online_config(trl.RLOOConfig, tmp_path, optim),
+            train_dataset=prompt_dataset(),
+            processing_class=tokenizer(),
+        )
+
+    assert_foam_run_matches_hand_built_twin(tiny_llama, make, as_argument=False)
 
 
 def test_kto(tmp_path):
@@ -134,12 +200,14 @@ def test_kto(tmp_path):
             "label": [i % 2 == 0 for i in range(8)],
         }
     )
-    config = trl.KTOConfig(output_dir=str(tmp_path), max_length=32, **COMMON)
-    trainer = trl.KTOTrainer(
-        model=tiny_llama(), ref_model=tiny_llama(), args=config, train_dataset=data, processing_class=tokenizer()
-    )
-    trainer.train()
-    assert_trained_with_foam(trainer)
+
+    def make(model, optim):
+        config = trl.KTOConfig(output_dir=str(tmp_path / optim), max_length=32, **{**COMMON, "optim": optim})
+        return trl.KTOTrainer(
+            model=model, ref_model=tiny_llama(), args=config, train_dataset=data, processing_class=tokenizer()
+        )
+
+    assert_foam_run_matches_hand_built_twin(tiny_llama, make, as_argument=False)
 
 
 def test_lora_under_trainer_gives_states_to_adapters_only_unfolded_by_default(tmp_path):
@@ -210,13 +278,16 @@ def test_lora_with_sft_trainer(tmp_path):
 
 
 def test_distillation(tmp_path):
-    config = trl.DistillationConfig(output_dir=str(tmp_path), max_completion_length=8, **COMMON)
-    trainer = trl.DistillationTrainer(
-        model=tiny_llama(),
-        teacher_model=tiny_llama(seed=1),
-        args=config,
-        train_dataset=prompt_dataset(),
-        processing_class=tokenizer(),
-    )
-    trainer.train()
-    assert_trained_with_foam(trainer)
+    def make(model, optim):
+        config = trl.DistillationConfig(
+            output_dir=str(tmp_path / optim), max_completion_length=8, **{**COMMON, "optim": optim}
+        )
+        return trl.DistillationTrainer(
+            model=model,
+            teacher_model=tiny_llama(seed=1),
+            args=config,
+            train_dataset=prompt_dataset(),
+            processing_class=tokenizer(),
+        )
+
+    assert_foam_run_matches_hand_built_twin(tiny_llama, make, as_argument=False)

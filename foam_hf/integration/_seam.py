@@ -17,18 +17,34 @@ them fails loudly with this module's name in the message):
 5. ``Trainer.get_decay_parameter_names(self, model)`` uses no trainer state (we call it to get the
    Trainer's own weight-decay rule).
 
-Tested with transformers 5.23 (see pyproject.toml for the supported range).
+This module is the mechanism only: what runs at each place (validation, the handler, the callback)
+is passed in by :mod:`foam_hf.integration`, which wires in the policy of
+:mod:`foam_hf.integration.transformers`. It imports nothing from transformers at module level, so that
+registration can wait until transformers is imported (``foam_hf.integration.register_lazily``).
+
+Tested with transformers 5.23-5.24 (see pyproject.toml for the supported range).
 """
 
 from __future__ import annotations
 
 import enum
 import functools
-import inspect
-from collections.abc import Callable
-from typing import Any
 
-__all__ = ["FOAM_OPTIMIZER_NAMES", "SeamError", "check_seam", "decay_parameter_names", "install"]
+TYPE_CHECKING = False  # imported at start-up by the launcher's hooks: no typing, no inspect until needed
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+__all__ = [
+    "FOAM_OPTIMIZER_NAMES",
+    "SeamError",
+    "check_seam",
+    "decay_parameter_names",
+    "install",
+    "install_handler",
+    "install_names",
+    "install_trainer",
+]
 
 #: Enum member name -> the string users write in ``optim=``.
 FOAM_OPTIMIZER_NAMES: dict[str, str] = {"FOAM": "foam", "FOAM_LAYERWISE": "foam_layerwise"}
@@ -70,6 +86,8 @@ def check_seam() -> None:
         raise _fail(f"OptimizerContext has fields {sorted(fields)}, expected args, model, optimizer_kwargs")
     if "__post_init__" not in vars(TrainingArguments):
         raise _fail("TrainingArguments.__post_init__ is gone")
+    import inspect
+
     params = list(inspect.signature(Trainer.create_optimizer).parameters)
     if params[:2] != ["self", "model"]:
         raise _fail(f"Trainer.create_optimizer has parameters {params}, expected (self, model=None)")
@@ -88,7 +106,9 @@ def decay_parameter_names(model: Any) -> list[str]:
 def _name_from_pickle(value: str) -> Any:
     """Unpickling target of our enum members: registers the names first, so a pickled
     ``training_args.bin`` loads in a process that has not imported foam_hf."""
-    install()
+    from . import register
+
+    register()
     from transformers.training_args import OptimizerNames
 
     return OptimizerNames(value)
@@ -145,17 +165,62 @@ def insert_callback_first(trainer: Any, callback: Any) -> None:
     callback_handler.callbacks.insert(0, callback)
 
 
-@functools.cache
-def install() -> None:
-    """Register ``optim="foam"`` and ``optim="foam_layerwise"`` with transformers (idempotent)."""
-    from transformers import Trainer, TrainingArguments, trainer_optimizer
+# The three places foam_hf plugs into, each installed as soon as its transformers module exists (and no
+# sooner: installing at TrainingArguments' import may happen while transformers.trainer is half-imported).
+if TYPE_CHECKING:
+    Validate = Callable[[Any], None]
+    Handler = Callable[[Any], Any]
+    AfterCreate = Callable[[Any], None]
+
+
+def install_names(training_args: Any, validate: Validate) -> None:
+    """Add ``"foam"``/``"foam_layerwise"`` to ``OptimizerNames`` and validate FOAM's options after
+    ``TrainingArguments.__post_init__``. Needs nothing but ``transformers.training_args`` itself, so argparse
+    parsers built from it (HfArgumentParser, TRL's CLI) offer ``--optim foam``."""
+    names = getattr(training_args, "OptimizerNames", None)
+    if not (isinstance(names, type) and issubclass(names, enum.Enum) and issubclass(names, str)):
+        raise _fail("transformers.training_args.OptimizerNames is no longer a str Enum")
+    for attr in ("_member_map_", "_value2member_map_", "_member_names_"):
+        if not hasattr(names, attr):
+            raise _fail(f"OptimizerNames has no {attr}")
+    arguments = training_args.TrainingArguments
+    if "__post_init__" not in vars(arguments):
+        raise _fail("TrainingArguments.__post_init__ is gone")
+    for member_name, value in FOAM_OPTIMIZER_NAMES.items():
+        _add_member(names, member_name, value)
+    _wrap_post_init(arguments, validate)
+
+
+def install_handler(trainer_optimizer: Any, handler: Handler) -> None:
+    """Put ``handler`` into transformers' optimizer handler table for both FOAM names."""
     from transformers.training_args import OptimizerNames
 
-    from .transformers import after_create_optimizer, foam_handler, validate_training_arguments
+    handlers = getattr(trainer_optimizer, "_OPTIMIZER_HANDLERS", None)
+    if not isinstance(handlers, dict) or OptimizerNames.ADAMW_TORCH not in handlers:
+        raise _fail("transformers.trainer_optimizer._OPTIMIZER_HANDLERS is no longer the handler table")
+    for value in FOAM_OPTIMIZER_NAMES.values():
+        handlers[OptimizerNames(value)] = handler
 
+
+def install_trainer(trainer: Any, after_create: AfterCreate) -> None:
+    """Call ``after_create(trainer)`` right after ``Trainer.create_optimizer``."""
+    import inspect
+
+    params = list(inspect.signature(trainer.Trainer.create_optimizer).parameters)
+    if params[:2] != ["self", "model"]:
+        raise _fail(f"Trainer.create_optimizer has parameters {params}, expected (self, model=None)")
+    _wrap_create_optimizer(trainer.Trainer, after_create)
+
+
+_PLACES = ("transformers.training_args", "transformers.trainer_optimizer", "transformers.trainer")  # in order
+
+
+def install(handler: Handler, validate: Validate, after_create: AfterCreate) -> None:
+    """Install all three places now, importing transformers (idempotent)."""
+    import importlib
+
+    modules = [importlib.import_module(name) for name in _PLACES]
     check_seam()
-    for member_name, value in FOAM_OPTIMIZER_NAMES.items():
-        member = _add_member(OptimizerNames, member_name, value)
-        trainer_optimizer._OPTIMIZER_HANDLERS[member] = foam_handler
-    _wrap_post_init(TrainingArguments, validate_training_arguments)
-    _wrap_create_optimizer(Trainer, after_create_optimizer)
+    install_names(modules[0], validate)
+    install_handler(modules[1], handler)
+    install_trainer(modules[2], after_create)

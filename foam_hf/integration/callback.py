@@ -26,7 +26,6 @@ from transformers import TrainerCallback
 from ..distributed import local_tensor, sum_over_shards
 from ..errors import FoamConfigError
 from ..folding import block_mean, is_foldable, unfold
-from ..memory import state_memory
 from ..optim import FOAM
 
 __all__ = ["FoamCallback"]
@@ -72,7 +71,7 @@ class FoamCallback(TrainerCallback):
                 "trainer that overrides create_optimizer). Fix: drop the explicit optimizer, or remove "
                 "FoamCallback (optim_args='callback=false') if that is intended."
             )
-        memory = state_memory(foam)
+        memory = foam.state_memory()  # ZeroFOAM reports the whole model's figures under ZeRO
         self._pending.update(
             {
                 "foam/state_bytes": memory.foam_bytes,

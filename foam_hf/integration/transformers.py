@@ -8,6 +8,7 @@ grouped by resolved block size (:mod:`foam_hf.param_groups`).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from ..config import FoamConfig
@@ -16,6 +17,7 @@ from ..errors import FoamConfigError
 from ..layerwise import LayerwiseFOAM
 from ..optim import FOAM
 from ..param_groups import build_param_groups, resolve_block_sizes
+from ..zero import ZeroFOAM, zero_stage
 from ._seam import FOAM_OPTIMIZER_NAMES, decay_parameter_names, insert_callback_first
 
 __all__ = ["foam_config_from_args", "is_foam_optim", "optimizer_cls_and_kwargs"]
@@ -32,8 +34,19 @@ def _is_layerwise(optim: Any) -> bool:
 
 
 def foam_config_from_args(args: Any) -> FoamConfig:
-    """The :class:`FoamConfig` that ``args.optim_args`` describes (errors list the valid keys)."""
-    return FoamConfig.from_optim_args(args.optim_args)
+    """The :class:`FoamConfig` that ``args.optim_args`` describes (errors list the valid keys).
+
+    Parsed once per distinct ``optim_args`` string: validation when the arguments are built, the handler and
+    the callback then reuse the same (frozen) config."""
+    optim_args = args.optim_args
+    if optim_args is None or isinstance(optim_args, str):
+        return _parse_optim_args(optim_args)
+    return FoamConfig.from_optim_args(optim_args)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_optim_args(optim_args: str | None) -> FoamConfig:
+    return FoamConfig.from_optim_args(optim_args)
 
 
 def validate_training_arguments(args: Any) -> None:
@@ -41,7 +54,7 @@ def validate_training_arguments(args: Any) -> None:
     if not is_foam_optim(args.optim):
         return
     foam_config_from_args(args)
-    check_deepspeed_config(getattr(args, "deepspeed", None))
+    check_deepspeed_config(_deepspeed_config(args))
     _check_hyperparameter_fields(args)
     if _is_layerwise(args.optim):
         if args.max_grad_norm is not None and args.max_grad_norm > 0:
@@ -66,6 +79,15 @@ _FIELD_RULES = (
     ("adam_epsilon", "finite and >= 0", lambda v: v >= 0, "adam_epsilon=1e-8"),
     ("weight_decay", "finite and >= 0", lambda v: v >= 0, "weight_decay=0.0"),
 )
+
+
+def _deepspeed_config(args: Any) -> Any:
+    """The DeepSpeed config the run will use: ``TrainingArguments.deepspeed``, or accelerate's DeepSpeed plugin
+    (``accelerate launch`` with a DeepSpeed config); ``None`` without DeepSpeed."""
+    plugin = getattr(args, "deepspeed_plugin", None)
+    if plugin is not None and getattr(plugin, "deepspeed_config", None) is not None:
+        return plugin.deepspeed_config
+    return getattr(args, "deepspeed", None)
 
 
 def _check_hyperparameter_fields(args: Any) -> None:
@@ -105,8 +127,9 @@ def optimizer_cls_and_kwargs(args: Any, model: Any) -> tuple[type[FOAM], dict[st
     if model is None:
         raise FoamConfigError("optim='foam' needs the model to choose which weights fold; the Trainer got none.")
     config = foam_config_from_args(args)
-    # ZeRO hands the optimizer flat partitions: folding would silently degrade to AdamW states.
-    check_deepspeed_config(getattr(args, "deepspeed", None))
+    # ZeRO hands the optimizer flat partitions: ZeroFOAM folds them exactly (foam_hf.zero).
+    ds_config = _deepspeed_config(args)
+    check_deepspeed_config(ds_config)
     plan = resolve_block_sizes(model, config, args.optim_target_modules)
     groups = build_param_groups(
         model, plan, weight_decay=args.weight_decay, decay_parameter_names=decay_parameter_names(model)
@@ -124,7 +147,7 @@ def optimizer_cls_and_kwargs(args: Any, model: Any) -> tuple[type[FOAM], dict[st
         state_dtype=config.state_dtype,
     )
     if not _is_layerwise(args.optim):
-        return FOAM, kwargs
+        return (ZeroFOAM if zero_stage(ds_config) != 0 else FOAM), kwargs
 
     from transformers.training_args import ParallelMode
 

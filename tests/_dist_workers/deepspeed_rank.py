@@ -6,9 +6,9 @@ Launched by tests/test_deepspeed_runtime.py (pytest never collects it: no ``test
     torchrun --standalone --nproc_per_node=1 tests/_dist_workers/deepspeed_rank.py trainer --out DIR
 
 ``engine``: ``deepspeed.initialize`` with FOAM as the client optimizer, first under ZeRO stage 0 (trained on
-half of each global batch per rank), then under ZeRO stage 2 (only to record what ZeRO hands the optimizer;
-foam-hf refuses that combination, this bypasses the refusal on purpose). ``trainer``: ``transformers.Trainer``
-with ``optim="foam"`` and a ZeRO stage 0 DeepSpeed config. Rank 0 writes ``DIR/result.pt``.
+half of each global batch per rank), then under ZeRO stage 2 with plain FOAM (only to record what ZeRO hands
+the optimizer: the reason foam_hf.zero.ZeroFOAM exists). ``trainer``: ``transformers.Trainer`` with
+``optim="foam"`` and a ZeRO stage 0 DeepSpeed config. Rank 0 writes ``DIR/result.pt``.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def engine(stage: int, rank: int, world: int) -> dict:
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": stage},
         "gradient_clipping": 0.0,  # the plain FOAM run it is held to does not clip (see GRADIENT_CLIPPING_DEFAULT)
-        # ZeRO >= 1 asserts on client optimizers it does not know; stage 2 runs here only to show what it does.
+        # ZeRO >= 1 asserts on client optimizers it does not know; stage 2 runs plain FOAM to show what ZeRO hands it.
         "zero_allow_untested_optimizer": stage > 0,
     }
     runner, optimizer, _, _ = deepspeed.initialize(

@@ -1,0 +1,143 @@
+"""Checkpoint validation of FOAM's optimizer state: what :meth:`foam_hf.FOAM.load_state_dict` refuses, and how
+it restores the moments in FOAM's own state dtype.
+
+A FOAM state can only be continued exactly under the same folding: the same ``block_size`` and
+``second_moment`` per group, the same parameter shapes (a ``(6, 8)`` and a ``(6, 7)`` weight both fold to
+``(6, 2)`` at ``B = 4``, so shapes are recorded in ``state_dict()['param_groups'][i]['param_shapes']``) and
+moments of the folded shape. Every refusal raises :class:`~foam_hf.errors.FoamStateError` before anything
+is loaded, so a refused load leaves the optimizer untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from numbers import Real
+from typing import Any
+
+import torch
+
+from .errors import FoamStateError
+from .folding import folded_shape, is_foldable
+from .precision import state_dtype_for
+
+__all__ = ["STRUCTURAL_KEYS", "check_loadable", "restore_moments"]
+
+#: Keys whose value decides the *shape or meaning* of the saved state: a checkpoint written under other
+#: values cannot be continued exactly, so it is refused instead of silently adopting them.
+STRUCTURAL_KEYS = ("block_size", "second_moment")
+
+ParamIndex = dict[int, tuple[torch.Tensor, dict[str, Any], int]]
+
+
+def _is_real_number(x: Any) -> bool:
+    return isinstance(x, Real) and not isinstance(x, bool)
+
+
+def check_loadable(
+    param_groups: list[dict[str, Any]],
+    state_dict: Any,
+    state_shape: Callable[[torch.Tensor, dict[str, Any]], torch.Size] | None = None,
+) -> ParamIndex:
+    """Raise :class:`FoamStateError` unless ``state_dict`` continues ``param_groups`` exactly; return the map
+    from saved parameter ids to ``(parameter, group, group index)``. ``state_shape(param, group)`` gives the
+    shape each moment must have (default: the folded shape; ZeRO partitions keep another, see
+    :class:`foam_hf.zero.ZeroFOAM`)."""
+    if not isinstance(state_dict, dict):
+        raise FoamStateError(
+            f"FOAM.load_state_dict: expected the dict optimizer.state_dict() returns, got {type(state_dict).__name__}."
+        )
+    saved_groups = state_dict.get("param_groups")
+    saved_state = state_dict.get("state")
+    if not isinstance(saved_groups, list) or not isinstance(saved_state, dict):
+        raise FoamStateError(
+            "FOAM.load_state_dict: expected a dict with 'state' and 'param_groups' (what "
+            f"optimizer.state_dict() returns); got keys {sorted(map(str, state_dict))}. The file may be "
+            "truncated or not an optimizer state."
+        )
+    if len(saved_groups) != len(param_groups):
+        raise FoamStateError(
+            f"FOAM.load_state_dict: the saved state has {len(saved_groups)} param groups, this optimizer "
+            f"has {len(param_groups)}. Fix: build the optimizer with the same groups as the run that "
+            "saved the checkpoint."
+        )
+    id_to_param: dict[int, tuple[torch.Tensor, dict[str, Any], int]] = {}
+    for index, (saved, group) in enumerate(zip(saved_groups, param_groups)):
+        missing = [k for k in STRUCTURAL_KEYS if k not in saved]
+        if missing:
+            raise FoamStateError(
+                f"FOAM.load_state_dict: saved param group {index} has no {missing}: this state was not "
+                "written by FOAM (an AdamW checkpoint?). Fix: load it into the optimizer that wrote it, "
+                "or convert it to FOAM states first."
+            )
+        for key in STRUCTURAL_KEYS:
+            if saved[key] != group[key]:
+                raise FoamStateError(
+                    f"FOAM.load_state_dict: param group {index} was saved with {key}={saved[key]!r} but "
+                    f"this optimizer has {key}={group[key]!r}; its states cannot be continued exactly. "
+                    f"Fix: build FOAM with {key}={saved[key]!r} to resume this checkpoint."
+                )
+        if len(saved["params"]) != len(group["params"]):
+            raise FoamStateError(
+                f"FOAM.load_state_dict: param group {index} holds {len(group['params'])} parameters but "
+                f"the saved group holds {len(saved['params'])}. Fix: build the optimizer over the same "
+                "parameters, in the same order, as the run that saved it."
+            )
+        shapes = saved.get("param_shapes")
+        if shapes is not None:
+            for position, (shape, p) in enumerate(zip(shapes, group["params"])):
+                if tuple(shape) != tuple(p.shape):
+                    raise FoamStateError(
+                        f"FOAM.load_state_dict: parameter {position} of param group {index} was saved with "
+                        f"shape {tuple(shape)} but has shape {tuple(p.shape)} here. Fix: build the model and "
+                        "the optimizer as in the run that saved the checkpoint."
+                    )
+        for pid, p in zip(saved["params"], group["params"]):
+            id_to_param[pid] = (p, group, index)
+    for pid, pstate in saved_state.items():
+        if pid not in id_to_param:
+            raise FoamStateError(f"FOAM.load_state_dict: saved state for parameter id {pid} has no parameter.")
+        p, group, index = id_to_param[pid]
+        if state_shape is not None:
+            expected = state_shape(p, group)
+        else:
+            expected = folded_shape(p.shape, group["block_size"]) if is_foldable(p, group["block_size"]) else p.shape
+        step = pstate.get("step")
+        if not (isinstance(step, torch.Tensor) and step.numel() == 1) and not _is_real_number(step):
+            raise FoamStateError(
+                f"FOAM.load_state_dict: saved state of a parameter of shape {tuple(p.shape)} in group {index} "
+                f"has no 'step' counter (keys: {sorted(pstate)}); not a FOAM state. Fix: load a state written "
+                "by FOAM.state_dict()."
+            )
+        for key in ("exp_avg", "exp_avg_sq"):
+            value = pstate.get(key)
+            if not isinstance(value, torch.Tensor):
+                raise FoamStateError(
+                    f"FOAM.load_state_dict: saved state of a parameter of shape {tuple(p.shape)} in group "
+                    f"{index} has no tensor '{key}' (keys: {sorted(pstate)}); not a FOAM state."
+                )
+            if value.shape != expected:
+                raise FoamStateError(
+                    f"FOAM.load_state_dict: saved '{key}' of a parameter of shape {tuple(p.shape)} in group "
+                    f"{index} has shape {tuple(value.shape)}, but with block_size={group['block_size']} "
+                    f"FOAM keeps shape {tuple(expected)}. The checkpoint was written with other folding "
+                    "(or by AdamW). Fix: resume with the block sizes of the run that saved it."
+                )
+    return id_to_param
+
+
+def restore_moments(optimizer: torch.optim.Optimizer, saved_state: dict[Any, Any], id_to_param: ParamIndex) -> None:
+    """After torch's ``load_state_dict``: put back the moments in FOAM's state dtype and the step as a CPU fp32
+    scalar (torch casts floating states to the parameter's dtype, which would round fp32 moments of half
+    parameters). As in torch, the loaded group's options (``state_dtype`` included) win."""
+    for pid, pstate in saved_state.items():
+        p, _, index = id_to_param[pid]
+        dtype = state_dtype_for(p, optimizer.param_groups[index]["state_dtype"])
+        for key in ("exp_avg", "exp_avg_sq"):
+            optimizer.state[p][key] = pstate[key].to(device=p.device, dtype=dtype, copy=True)
+        step = optimizer.state[p]["step"]
+        if not isinstance(step, torch.Tensor):  # a plain number, as torch.optim.Adam accepts it
+            optimizer.state[p]["step"] = torch.tensor(float(step), dtype=torch.float32)
+        else:
+            optimizer.state[p]["step"] = step.detach().to(device="cpu", dtype=torch.float32).reshape(())
+    for group in optimizer.param_groups:
+        group.pop("param_shapes", None)  # written afresh by state_dict()

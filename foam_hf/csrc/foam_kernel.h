@@ -1,0 +1,434 @@
+// FOAM's fused CPU step without torch: the math, the readable and portable code, the bf16-moment tiles and the
+// choice of instruction set. foam_cpu.cpp binds it to torch (tensors, threads); foam_simd.h holds the
+// explicit-SIMD code. Nothing here allocates anything of parameter size.
+//
+// Layout: a folded tensor is `rows` rows of n columns; its moments are rows x K, K = ceil(n / B), the last
+// block of a row ragged (averaged over its own entries) when B does not divide n. An unfolded tensor (1-D, or
+// B = 1) is stepped as AdamW, element by element.
+#pragma once
+
+#include <c10/util/Half.h>  // the fp16 <-> fp32 conversions only
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+// The explicit-SIMD paths need gcc's per-function target pragmas (clang and others get the portable code).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FOAM_HAVE_SIMD 1
+#include <immintrin.h>
+#else
+#define FOAM_HAVE_SIMD 0
+#endif
+
+// The portable code is compiled once per instruction set and picked at load time (gcc's target_clones). By
+// feature, not by "arch=haswell": the resolver matches arch= names with __builtin_cpu_is, which no AMD CPU
+// passes, so AVX2 AMD CPUs ran the SSE2 clone.
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define FOAM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FOAM_CLONES
+#endif
+#define FOAM_INLINE inline __attribute__((always_inline))
+
+namespace foam {
+namespace {
+
+// Parameter storage types: T is what is stored, C what the step computes in (fp64 for fp64 parameters, else
+// fp32). Loads widen to C; stores round from C (bf16 round-to-nearest-even as c10::BFloat16, NaN -> 0x7FC0).
+struct F32 {
+  using T = float;
+  using C = float;
+  static FOAM_INLINE float load(float x) { return x; }
+  static FOAM_INLINE float store(float x) { return x; }
+};
+struct F64 {
+  using T = double;
+  using C = double;
+  static FOAM_INLINE double load(double x) { return x; }
+  static FOAM_INLINE double store(double x) { return x; }
+};
+struct BF16 {
+  using T = uint16_t;
+  using C = float;
+  static FOAM_INLINE float load(uint16_t h) {
+    uint32_t u = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+  }
+  static FOAM_INLINE uint16_t store(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof(u));
+    uint32_t rounded = (u + UINT32_C(0x7FFF) + ((u >> 16) & 1)) >> 16;
+    return f != f ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
+  }
+};
+struct F16 {
+  using T = uint16_t;
+  using C = float;
+  static FOAM_INLINE float load(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
+  static FOAM_INLINE uint16_t store(float f) { return c10::detail::fp16_ieee_from_fp32_value(f); }
+};
+
+// The step's constants in the compute type.
+template <typename C>
+struct Hyper {
+  C decay;       // 1 - lr * weight_decay
+  C beta2;
+  C lerp_w;      // 1 - beta1, the weight of torch.lerp_
+  C one_m_b2;    // 1 - beta2
+  C rho, rho2;   // res_scale and its square
+  C eps_bc2;     // eps * sqrt(1 - beta2^t): eps moved inside, so that one division suffices
+  C step_c;      // -lr * scale / (1 - beta1^t) * sqrt(1 - beta2^t)
+  bool mean_sq;  // g̃⁽²⁾ = blockmean(G⊙G) (else g̃⊙g̃)
+};
+
+// torch.lerp's formula (aten/src/ATen/native/Lerp.h), so that the moments match the reference path.
+template <typename C>
+FOAM_INLINE C lerp(C self, C end, C w) {
+  return std::abs(w) < C(0.5) ? self + w * (end - self) : end - (end - self) * (C(1) - w);
+}
+
+// ---------------------------------------------------------------------------------------------- readable path
+// The reference for every other path in this file and in foam_simd.h, and what they use for row tails: the
+// blocks of one row starting at column c0 (a multiple of B) up to n, each line a line of FOAM's algorithm box.
+template <typename S>
+FOAM_INLINE void fold_span(const typename S::T* __restrict gr, typename S::T* __restrict wr,
+                           typename S::C* __restrict mr, typename S::C* __restrict vr, int64_t c0, int64_t n,
+                           int64_t B, const Hyper<typename S::C>& h) {
+  using C = typename S::C;
+  for (int64_t c = c0; c < n; c += B) {
+    const int64_t cnt = std::min(B, n - c);  // < B only for the ragged last block of a row
+    C s = 0, q = 0;
+    for (int64_t b = 0; b < cnt; ++b) {
+      const C x = S::load(gr[c + b]);
+      s += x;
+      q += x * x;
+    }
+    const C cf = static_cast<C>(cnt);
+    const C gm = s / cf;                          // g̃ = blockmean(G)
+    const C g2 = h.mean_sq ? q / cf : gm * gm;    // g̃⁽²⁾
+    const C mk = lerp(mr[c / B], gm, h.lerp_w);  // m̃ ← lerp(m̃, g̃, 1−β1)
+    const C vk = vr[c / B] * h.beta2 + h.one_m_b2 * g2;  // ṽ ← β2 ṽ + (1−β2) g̃⁽²⁾
+    mr[c / B] = mk;
+    vr[c / B] = vk;
+    for (int64_t b = 0; b < cnt; ++b) {
+      const C r = S::load(gr[c + b]) - gm;  // R = G − unfold(g̃)
+      const C M = mk + h.rho * r;            // M = unfold(m̃) + ρR
+      const C V = vk + h.rho2 * (r * r);     // V = unfold(ṽ) + ρ²R⊙R
+      // W ← W(1−γλ) − γα M̂ / (√V̂ + ε), the bias corrections folded into step_c and eps_bc2.
+      wr[c + b] = S::store(S::load(wr[c + b]) * h.decay + h.step_c * (M / (std::sqrt(V) + h.eps_bc2)));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- portable path
+// The same math in tiles whose element loops the compiler vectorises (the path without explicit SIMD: other
+// architectures, x86 without AVX2+FMA+F16C, fp64, and block sizes the SIMD code does not specialise).
+constexpr int64_t kTile = 1024;  // columns per tile: 4 buffers of this size stay in L1
+
+// Rows [r0, r1) of a folded tensor; BS > 0 is a compile-time block size, 0 means "use B".
+template <typename S, int BS>
+FOAM_INLINE void fold_rows_impl(const typename S::T* __restrict g, typename S::T* __restrict w,
+                                typename S::C* __restrict m, typename S::C* __restrict v, int64_t r0, int64_t r1,
+                                int64_t n, int64_t B_rt, const Hyper<typename S::C>& h) {
+  using C = typename S::C;
+  const int64_t B = BS > 0 ? BS : B_rt;
+  const int64_t K = (n + B - 1) / B;
+  const int64_t tile_blocks = std::max<int64_t>(1, kTile / B);
+  const int64_t T = tile_blocks * B;
+  C stack_buf[4 * kTile];
+  std::vector<C> heap_buf;
+  C* buf = stack_buf;
+  if (T > kTile) {  // only when B > kTile: one block per tile
+    heap_buf.resize(4 * T);
+    buf = heap_buf.data();
+  }
+  C* __restrict gf = buf;          // G of the tile, in the compute type
+  C* __restrict eg = buf + T;      // unfold(g̃)
+  C* __restrict em = buf + 2 * T;  // unfold(m̃)
+  C* __restrict ev = buf + 3 * T;  // unfold(ṽ)
+  const C decay = h.decay, rho = h.rho, rho2 = h.rho2, eps_bc2 = h.eps_bc2, step_c = h.step_c;
+
+  for (int64_t row = r0; row < r1; ++row) {
+    const typename S::T* gr = g + row * n;
+    typename S::T* wr = w + row * n;
+    C* mr = m + row * K;
+    C* vr = v + row * K;
+    for (int64_t k0 = 0; k0 < K; k0 += tile_blocks) {
+      const int64_t k1 = std::min(K, k0 + tile_blocks);
+      const int64_t c0 = k0 * B;
+      const int64_t len = std::min(n, k1 * B) - c0;
+      for (int64_t j = 0; j < len; ++j) gf[j] = S::load(gr[c0 + j]);
+      // g̃, g̃⁽²⁾, then the moments; broadcast back over the tile.
+      for (int64_t kk = 0; kk < k1 - k0; ++kk) {
+        const int64_t start = kk * B;
+        const int64_t cnt = std::min(B, len - start);
+        const int64_t full = (BS > 0 && cnt == BS) ? BS : cnt;  // a constant trip count when it can be
+        C s = 0, q = 0;
+        for (int64_t b = 0; b < full; ++b) {
+          const C x = gf[start + b];
+          s += x;
+          q += x * x;
+        }
+        const C c = static_cast<C>(cnt);
+        const C gm = s / c;
+        const C g2 = h.mean_sq ? q / c : gm * gm;
+        const C mk = lerp(mr[k0 + kk], gm, h.lerp_w);
+        const C vk = vr[k0 + kk] * h.beta2 + h.one_m_b2 * g2;
+        mr[k0 + kk] = mk;
+        vr[k0 + kk] = vk;
+        for (int64_t b = 0; b < full; ++b) {
+          eg[start + b] = gm;
+          em[start + b] = mk;
+          ev[start + b] = vk;
+        }
+      }
+      for (int64_t j = 0; j < len; ++j) {
+        const C r = gf[j] - eg[j];
+        const C M = em[j] + rho * r;
+        const C V = ev[j] + rho2 * (r * r);
+        wr[c0 + j] = S::store(S::load(wr[c0 + j]) * decay + step_c * (M / (std::sqrt(V) + eps_bc2)));
+      }
+    }
+  }
+}
+
+template <typename S>
+FOAM_INLINE void fold_rows_dispatch(const typename S::T* g, typename S::T* w, typename S::C* m, typename S::C* v,
+                                    int64_t r0, int64_t r1, int64_t n, int64_t B, const Hyper<typename S::C>& h) {
+  switch (B) {
+    case 2: return fold_rows_impl<S, 2>(g, w, m, v, r0, r1, n, B, h);
+    case 4: return fold_rows_impl<S, 4>(g, w, m, v, r0, r1, n, B, h);
+    case 8: return fold_rows_impl<S, 8>(g, w, m, v, r0, r1, n, B, h);
+    case 16: return fold_rows_impl<S, 16>(g, w, m, v, r0, r1, n, B, h);
+    case 32: return fold_rows_impl<S, 32>(g, w, m, v, r0, r1, n, B, h);
+    default: return fold_rows_impl<S, 0>(g, w, m, v, r0, r1, n, B, h);
+  }
+}
+
+// Unfolded tensors: AdamW on elements [i0, i1), op for op as torch's single-tensor AdamW (eps moved inside).
+template <typename S>
+FOAM_INLINE void adamw_impl(const typename S::T* __restrict g, typename S::T* __restrict w,
+                            typename S::C* __restrict m, typename S::C* __restrict v, int64_t i0, int64_t i1,
+                            const Hyper<typename S::C>& h) {
+  using C = typename S::C;
+  for (int64_t i = i0; i < i1; ++i) {
+    const C x = S::load(g[i]);
+    const C mi = lerp(m[i], x, h.lerp_w);
+    const C vi = v[i] * h.beta2 + h.one_m_b2 * x * x;
+    m[i] = mi;
+    v[i] = vi;
+    w[i] = S::store(S::load(w[i]) * h.decay + h.step_c * (mi / (std::sqrt(vi) + h.eps_bc2)));
+  }
+}
+
+template <typename S>
+using FoldFn = void (*)(const typename S::T*, typename S::T*, typename S::C*, typename S::C*, int64_t, int64_t,
+                        int64_t, int64_t, const Hyper<typename S::C>&);
+template <typename S>
+using AdamwFn = void (*)(const typename S::T*, typename S::T*, typename S::C*, typename S::C*, int64_t, int64_t,
+                         const Hyper<typename S::C>&);
+
+// The per-instruction-set entry points of the portable code (target_clones cannot be put on templates).
+template <typename S>
+struct Portable;
+#define FOAM_ENTRY(S)                                                                                          \
+  FOAM_CLONES void fold_rows_##S(const S::T* g, S::T* w, S::C* m, S::C* v, int64_t r0, int64_t r1, int64_t n, \
+                                 int64_t B, const Hyper<S::C>& h) {                                            \
+    fold_rows_dispatch<S>(g, w, m, v, r0, r1, n, B, h);                                                        \
+  }                                                                                                            \
+  FOAM_CLONES void adamw_##S(const S::T* g, S::T* w, S::C* m, S::C* v, int64_t i0, int64_t i1,                  \
+                             const Hyper<S::C>& h) {                                                           \
+    adamw_impl<S>(g, w, m, v, i0, i1, h);                                                                      \
+  }                                                                                                            \
+  template <>                                                                                                  \
+  struct Portable<S> {                                                                                         \
+    static constexpr FoldFn<S> fold = fold_rows_##S;                                                           \
+    static constexpr AdamwFn<S> adamw = adamw_##S;                                                             \
+  };
+FOAM_ENTRY(F32)
+FOAM_ENTRY(BF16)
+FOAM_ENTRY(F16)
+FOAM_ENTRY(F64)
+#undef FOAM_ENTRY
+
+}  // namespace
+}  // namespace foam
+
+#if FOAM_HAVE_SIMD
+// The explicit-SIMD code, once per instruction set (fp32 compute only).
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma,f16c")
+#define FOAM_SIMD_NS simd_avx512
+#define FOAM_SIMD_LANES 16
+#include "foam_simd.h"
+#undef FOAM_SIMD_NS
+#undef FOAM_SIMD_LANES
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define FOAM_SIMD_NS simd_avx2
+#define FOAM_SIMD_LANES 8
+#include "foam_simd.h"
+#undef FOAM_SIMD_NS
+#undef FOAM_SIMD_LANES
+#pragma GCC pop_options
+#endif
+
+namespace foam {
+namespace {
+
+// ------------------------------------------------------------------------------------------- instruction set
+// Which implementation runs: the best the CPU (and the OS, for the AVX-512 state) supports, unless set_isa
+// lowered it (tests and benchmarks run each path this way; FOAM_CPU_ISA does it from the environment).
+enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+const char* const kIsaNames[] = {"portable", "avx2", "avx512"};
+
+int best_isa() {
+#if FOAM_HAVE_SIMD
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (avx2 && __builtin_cpu_supports("avx512f")) return kAvx512;
+  if (avx2) return kAvx2;
+#endif
+  return kPortable;
+}
+
+std::atomic<int> g_isa{-1};
+
+int current_isa() {
+  int isa = g_isa.load();
+  if (isa < 0) {
+    isa = best_isa();
+    g_isa.store(isa);
+  }
+  return isa;
+}
+
+// False when this CPU cannot run `name` (or no such implementation exists).
+bool set_isa(const std::string& name) {
+  for (int i = 0; i <= best_isa(); ++i) {
+    if (name == kIsaNames[i]) {
+      g_isa.store(i);
+      return true;
+    }
+  }
+  return false;
+}
+
+template <typename S>
+FoldFn<S> fold_fn() {
+  if constexpr (std::is_same_v<typename S::C, float>) {
+    switch (current_isa()) {
+#if FOAM_HAVE_SIMD
+      case kAvx512: return simd_avx512::fold_rows<S>;
+      case kAvx2: return simd_avx2::fold_rows<S>;
+#endif
+      default: break;
+    }
+  }
+  return Portable<S>::fold;
+}
+
+template <typename S>
+AdamwFn<S> adamw_fn() {
+  if constexpr (std::is_same_v<typename S::C, float>) {
+    switch (current_isa()) {
+#if FOAM_HAVE_SIMD
+      case kAvx512: return simd_avx512::adamw<S>;
+      case kAvx2: return simd_avx2::adamw<S>;
+#endif
+      default: break;
+    }
+  }
+  return Portable<S>::adamw;
+}
+
+// ------------------------------------------------------------------------------------------- bf16 moments
+// state_dtype="bfloat16": moments are stored in bf16 and stochastically rounded, exactly foam_hf.optim's
+// _store_moment. The dither of moment entry i (its flat index in the moment tensor) is a counter hash of
+// (i, step, salt): h = i·0x9E3779B1 + offset (mod 2^32), h ^= h >> 16, h *= 0x7FEB352D, h ^= h >> 15,
+// dither = h & 0xFFFF, with offset = step·0x85EBCA77 + salt·0xC2B2AE3D; finite values become
+// (bits(x) + dither) >> 16, non-finite ones round to nearest (NaN -> 0x7FC0). The loops vectorise.
+FOAM_INLINE uint32_t rounding_offset(int64_t step, int64_t salt) {
+  return static_cast<uint32_t>(step) * UINT32_C(0x85EBCA77) + static_cast<uint32_t>(salt) * UINT32_C(0xC2B2AE3D);
+}
+
+// `count` entries from flat index first_index on; count <= kMomentTile (the loop runs on 32-bit lanes).
+FOAM_CLONES void stochastic_round(const float* __restrict src, uint16_t* __restrict dst, int64_t count,
+                                  int64_t first_index, uint32_t offset) {
+  // i·0x9E3779B1 + offset (mod 2^32) advanced by addition from entry to entry: one multiply per entry fewer.
+  uint32_t h_index = static_cast<uint32_t>(first_index) * UINT32_C(0x9E3779B1) + offset;
+  const uint32_t n = static_cast<uint32_t>(count);
+  for (uint32_t j = 0; j < n; ++j, h_index += UINT32_C(0x9E3779B1)) {
+    uint32_t h = h_index;
+    h ^= h >> 16;
+    h *= UINT32_C(0x7FEB352D);
+    h ^= h >> 15;
+    uint32_t bits;
+    std::memcpy(&bits, &src[j], sizeof(bits));
+    const bool finite = (bits & UINT32_C(0x7F800000)) != UINT32_C(0x7F800000);
+    const bool nan = (bits & UINT32_C(0x7FFFFFFF)) > UINT32_C(0x7F800000);
+    // ±inf keep their bits (the low half is zero); NaN becomes 0x7FC0, as BF16::store rounds it.
+    const uint32_t rounded = nan ? UINT32_C(0x7FC00000) : (finite ? bits + (h & UINT32_C(0xFFFF)) : bits);
+    dst[j] = static_cast<uint16_t>(rounded >> 16);
+  }
+}
+
+FOAM_CLONES void widen_bf16(const uint16_t* __restrict src, float* __restrict dst, int64_t count) {
+  for (int64_t j = 0; j < count; ++j) dst[j] = BF16::load(src[j]);
+}
+
+// The fp32 kernels step bf16 moments through a tile of fp32 copies that stays in L1: widen a run of moments,
+// step the columns they cover, round the run back. Memory traffic is that of stepping bf16 moments in place
+// (2 + 2 bytes per moment entry), and nothing larger than the tile is allocated.
+constexpr int64_t kMomentTile = 512;
+
+struct RoundingOffsets {
+  uint32_t exp_avg, exp_avg_sq;  // rounding_offset(step, 0) and rounding_offset(step, 1)
+};
+
+template <typename S>
+void fold_rows_bf16_moments(FoldFn<S> fold, const typename S::T* g, typename S::T* w, uint16_t* m, uint16_t* v,
+                            int64_t r0, int64_t r1, int64_t n, int64_t B, const Hyper<float>& h,
+                            RoundingOffsets offsets) {
+  const int64_t K = (n + B - 1) / B;
+  float m_tile[kMomentTile], v_tile[kMomentTile];
+  for (int64_t row = r0; row < r1; ++row) {
+    for (int64_t k0 = 0; k0 < K; k0 += kMomentTile) {
+      const int64_t count = std::min(K - k0, kMomentTile);
+      const int64_t first = row * K + k0;  // flat index of the run's first moment entry
+      const int64_t c0 = k0 * B;
+      widen_bf16(m + first, m_tile, count);
+      widen_bf16(v + first, v_tile, count);
+      // The run's columns as a one-row tensor of their own: c0 is a multiple of B, so the blocks are the same.
+      fold(g + row * n + c0, w + row * n + c0, m_tile, v_tile, 0, 1, std::min(n, (k0 + count) * B) - c0, B, h);
+      stochastic_round(m_tile, m + first, count, first, offsets.exp_avg);
+      stochastic_round(v_tile, v + first, count, first, offsets.exp_avg_sq);
+    }
+  }
+}
+
+template <typename S>
+void adamw_bf16_moments(AdamwFn<S> adamw, const typename S::T* g, typename S::T* w, uint16_t* m, uint16_t* v,
+                        int64_t i0, int64_t i1, const Hyper<float>& h, RoundingOffsets offsets) {
+  float m_tile[kMomentTile], v_tile[kMomentTile];
+  for (int64_t first = i0; first < i1; first += kMomentTile) {
+    const int64_t count = std::min(i1 - first, kMomentTile);
+    widen_bf16(m + first, m_tile, count);
+    widen_bf16(v + first, v_tile, count);
+    adamw(g + first, w + first, m_tile, v_tile, 0, count, h);
+    stochastic_round(m_tile, m + first, count, first, offsets.exp_avg);
+    stochastic_round(v_tile, v + first, count, first, offsets.exp_avg_sq);
+  }
+}
+
+}  // namespace
+}  // namespace foam

@@ -1,0 +1,450 @@
+// Explicit SIMD for FOAM's fused CPU step, fp32 compute. Included twice by foam_kernel.h, inside a
+// `#pragma GCC target` region, with FOAM_SIMD_NS and FOAM_SIMD_LANES set: AVX-512 (16 lanes) and AVX2 (8).
+// The math is that of fold_span / adamw_impl (foam_kernel.h), one vector at a time; row tails go to fold_span.
+//
+// Two ways to find the block means:
+//  * in-register butterflies (fold_small, B = 2, 4, 8 and 16 with AVX-512): one vector holds whole blocks,
+//    every lane ends up holding its block's sum (the sum and its unfold in one), the moments are loaded
+//    expanded (lane i gets m̃[i / B]) and stored compacted. Cheap where lane-crossing permutes are (Intel).
+//  * across vectors (fold_chunk, AVX2 only): 8 blocks at a time, horizontal adds leave the 8 block sums in one
+//    vector, the moments are updated a whole vector at a time and unfolded by in-lane shuffles or broadcasts.
+//    AMD Zen (1 and 2) splits 256-bit lane-crossing permutes (vpermps, vperm2f128) into several micro-ops,
+//    and the butterfly path needs 4 of them per 8 columns at B = 4 and 8 (there, B = 8 ran slower than B = 4).
+// For other B that are multiples of the lane count, fold_wide: a block is a run of vectors, one horizontal
+// reduction and a scalar moment update per block.
+
+namespace foam {
+namespace {
+namespace FOAM_SIMD_NS {
+
+#if FOAM_SIMD_LANES == 16
+struct V {
+  using vec = __m512;
+  static constexpr int N = 16;
+  static FOAM_INLINE vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static FOAM_INLINE void store(float* p, vec x) { _mm512_storeu_ps(p, x); }
+  static FOAM_INLINE vec set1(float x) { return _mm512_set1_ps(x); }
+  static FOAM_INLINE vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
+  static FOAM_INLINE vec sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+  static FOAM_INLINE vec mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+  static FOAM_INLINE vec div(vec a, vec b) { return _mm512_div_ps(a, b); }
+  static FOAM_INLINE vec sqrt(vec a) { return _mm512_sqrt_ps(a); }
+  static FOAM_INLINE float reduce(vec a) { return _mm512_reduce_add_ps(a); }
+  // Every lane gets the sum of its aligned group of B lanes (B = 2, 4, 8, 16): butterflies, so the lanes of
+  // a group hold bit-identical sums (a + b == b + a). This is the block sum and its unfold in one.
+  template <int B>
+  static FOAM_INLINE vec group_sum(vec x) {
+    if (B >= 2) x = add(x, _mm512_permute_ps(x, 0xB1));         // lanes [1,0,3,2] in each 128-bit quarter
+    if (B >= 4) x = add(x, _mm512_permute_ps(x, 0x4E));         // lanes [2,3,0,1] in each quarter
+    if (B >= 8) x = add(x, _mm512_shuffle_f32x4(x, x, 0xB1));   // quarters [1,0,3,2]
+    if (B >= 16) x = add(x, _mm512_shuffle_f32x4(x, x, 0x4E));  // quarters [2,3,0,1]
+    return x;
+  }
+  // Lane i gets p[i / B] (reads exactly N / B floats): unfold of a run of folded moments. Loads and stores of
+  // the moments have their exact width, never a masked 512-bit access: a masked store followed by a masked load
+  // of the next, disjoint moments blocks store forwarding and cost ~40% of the B = 4 step.
+  template <int L>  // L = log2(B)
+  static FOAM_INLINE vec expand(const float* p) {
+    constexpr int count = N >> L;
+    if (count == 1) return _mm512_set1_ps(*p);
+    __m512 x;
+    if (count == 8) x = _mm512_castps256_ps512(_mm256_loadu_ps(p));
+    else if (count == 4) x = _mm512_castps128_ps512(_mm_loadu_ps(p));
+    else x = _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p))));
+    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    return _mm512_permutexvar_ps(_mm512_srli_epi32(iota, L), x);
+  }
+  // p[i] = x[i * B] for i < N / B: the fold of lanes that expand() produced (writes exactly N / B floats).
+  template <int L>
+  static FOAM_INLINE void compact_store(float* p, vec x) {
+    constexpr int count = N >> L;
+    if (count == 1) {
+      _mm_store_ss(p, _mm512_castps512_ps128(x));
+      return;
+    }
+    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512 y = _mm512_permutexvar_ps(_mm512_slli_epi32(iota, L), x);
+    if (count == 8) _mm256_storeu_ps(p, _mm512_castps512_ps256(y));
+    else if (count == 4) _mm_storeu_ps(p, _mm512_castps512_ps128(y));
+    else _mm_store_sd(reinterpret_cast<double*>(p), _mm_castps_pd(_mm512_castps512_ps128(y)));
+  }
+};
+// Storage conversions, as F32/BF16/F16::load/store lane-wise.
+template <typename S>
+struct Ld;
+template <>
+struct Ld<F32> {
+  static FOAM_INLINE __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+  static FOAM_INLINE void store(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+};
+template <>
+struct Ld<BF16> {
+  static FOAM_INLINE __m512 load(const uint16_t* p) {
+    const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+  }
+  static FOAM_INLINE void store(uint16_t* p, __m512 x) {  // round to nearest even; NaN -> 0x7FC0
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  }
+};
+template <>
+struct Ld<F16> {  // the hardware conversions (round to nearest even, as c10's)
+  static FOAM_INLINE __m512 load(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static FOAM_INLINE void store(uint16_t* p, __m512 x) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+  }
+};
+#else
+struct V {
+  using vec = __m256;
+  static constexpr int N = 8;
+  static FOAM_INLINE vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static FOAM_INLINE void store(float* p, vec x) { _mm256_storeu_ps(p, x); }
+  static FOAM_INLINE vec set1(float x) { return _mm256_set1_ps(x); }
+  static FOAM_INLINE vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
+  static FOAM_INLINE vec sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+  static FOAM_INLINE vec mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+  static FOAM_INLINE vec div(vec a, vec b) { return _mm256_div_ps(a, b); }
+  static FOAM_INLINE vec sqrt(vec a) { return _mm256_sqrt_ps(a); }
+  static FOAM_INLINE float reduce(vec a) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+  }
+  template <int B>  // as the AVX-512 version, B = 2, 4, 8
+  static FOAM_INLINE vec group_sum(vec x) {
+    if (B >= 2) x = add(x, _mm256_permute_ps(x, 0xB1));
+    if (B >= 4) x = add(x, _mm256_permute_ps(x, 0x4E));
+    if (B >= 8) x = add(x, _mm256_permute2f128_ps(x, x, 0x01));
+    return x;
+  }
+  template <int L>
+  static FOAM_INLINE vec expand(const float* p) {
+    constexpr int count = N >> L;
+    __m128 x;
+    if (count == 4) x = _mm_loadu_ps(p);
+    else if (count == 2) x = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)));
+    else x = _mm_load_ss(p);
+    const __m256i iota = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(x), _mm256_srli_epi32(iota, L));
+  }
+  template <int L>
+  static FOAM_INLINE void compact_store(float* p, vec x) {
+    constexpr int count = N >> L;
+    const __m256i iota = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+    const __m128 y = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(x, _mm256_slli_epi32(iota, L)));
+    if (count == 4) _mm_storeu_ps(p, y);
+    else if (count == 2) _mm_store_sd(reinterpret_cast<double*>(p), _mm_castps_pd(y));
+    else _mm_store_ss(p, y);
+  }
+};
+template <typename S>
+struct Ld;
+template <>
+struct Ld<F32> {
+  static FOAM_INLINE __m256 load(const float* p) { return _mm256_loadu_ps(p); }
+  static FOAM_INLINE void store(float* p, __m256 x) { _mm256_storeu_ps(p, x); }
+};
+template <>
+struct Ld<BF16> {
+  static FOAM_INLINE __m256 load(const uint16_t* p) {
+    const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+  }
+  static FOAM_INLINE void store(uint16_t* p, __m256 x) {  // round to nearest even; NaN -> 0x7FC0
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+    // 8 x u32 (each < 2^16) -> 8 x u16: pack within 128-bit halves (in-lane, cheap), store the two halves.
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+  }
+};
+template <>
+struct Ld<F16> {
+  static FOAM_INLINE __m256 load(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static FOAM_INLINE void store(uint16_t* p, __m256 x) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+  }
+};
+#endif
+using vec = V::vec;
+
+// Software prefetch of the streams a loop walks, kPrefetchBytes ahead of the current vector. One core here
+// draws far less bandwidth than it could from the hardware prefetchers alone on FOAM's two-and-a-half streams
+// (G and W read, W written; the moments are B times smaller): with this hint a step took ~0.6x the time it
+// took without on the 8 x 1024x1024 benchmark on an AVX-512 Xeon (docs/benchmarks.md), where the arithmetic
+// is not the limit. Prefetches never fault, so running past the end of a tensor is harmless.
+constexpr int64_t kPrefetchBytes = 4096;
+template <typename T>
+FOAM_INLINE void prefetch_ahead(const T* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
+}
+
+// The step's constants, broadcast.
+struct VHyper {
+  vec decay, rho, rho2, eps_bc2, step_c, beta2, one_m_b2, lerp_w, one_m_lerp_w;
+  bool small_w, mean_sq;
+  explicit VHyper(const Hyper<float>& h)
+      : decay(V::set1(h.decay)), rho(V::set1(h.rho)), rho2(V::set1(h.rho2)), eps_bc2(V::set1(h.eps_bc2)),
+        step_c(V::set1(h.step_c)), beta2(V::set1(h.beta2)), one_m_b2(V::set1(h.one_m_b2)),
+        lerp_w(V::set1(h.lerp_w)), one_m_lerp_w(V::set1(1.0f - h.lerp_w)), small_w(std::abs(h.lerp_w) < 0.5f),
+        mean_sq(h.mean_sq) {}
+};
+
+// lerp(self, end, w) as torch computes it; the branch on w is loop-invariant.
+FOAM_INLINE vec lerp_v(vec self, vec end, const VHyper& c) {
+  const vec d = V::sub(end, self);
+  return c.small_w ? V::add(self, V::mul(c.lerp_w, d)) : V::sub(end, V::mul(d, c.one_m_lerp_w));
+}
+
+// W(1−γλ) − γα M̂ / (√V̂ + ε) with R = G − g̃, M = m̃ + ρR, V = ṽ + ρ²R⊙R (all unfolded, lane-wise).
+FOAM_INLINE vec new_weight(vec g, vec gm, vec mk, vec vk, vec w, const VHyper& c) {
+  const vec r = V::sub(g, gm);
+  const vec M = V::add(mk, V::mul(c.rho, r));
+  const vec Vv = V::add(vk, V::mul(c.rho2, V::mul(r, r)));
+  // The exact square root and division: replacing them by the hardware estimates refined by a Newton step made
+  // the AVX2 step slower, not faster, on AMD Zen 1 (their extra multiplies compete for the same two pipes).
+  return V::add(V::mul(w, c.decay), V::mul(c.step_c, V::div(M, V::add(V::sqrt(Vv), c.eps_bc2))));
+}
+
+template <typename S>
+FOAM_INLINE void update_vector(const typename S::T* gp, typename S::T* wp, vec gm, vec mk, vec vk, const VHyper& c) {
+  Ld<S>::store(wp, new_weight(Ld<S>::load(gp), gm, mk, vk, Ld<S>::load(wp), c));
+}
+
+// B = 2^L divides the lane count: each vector holds N / B whole blocks.
+template <typename S, int L>
+void fold_small(const typename S::T* g, typename S::T* w, float* m, float* v, int64_t r0, int64_t r1, int64_t n,
+                const Hyper<float>& h) {
+  constexpr int64_t B = int64_t{1} << L;
+  const int64_t K = (n + B - 1) / B;
+  const int64_t nv = n / V::N * V::N;  // columns in whole vectors; the rest (and any ragged block) is the tail
+  const VHyper c(h);
+  const vec inv_b = V::set1(1.0f / static_cast<float>(B));  // exact: B is a power of two
+  for (int64_t row = r0; row < r1; ++row) {
+    const typename S::T* gr = g + row * n;
+    typename S::T* wr = w + row * n;
+    float* mr = m + row * K;
+    float* vr = v + row * K;
+    for (int64_t j = 0; j < nv; j += V::N) {
+      prefetch_ahead(gr + j);
+      prefetch_ahead(wr + j);
+      const vec x = Ld<S>::load(gr + j);
+      const vec gm = V::mul(V::template group_sum<B>(x), inv_b);  // unfold(g̃)
+      const vec g2 = c.mean_sq ? V::mul(V::template group_sum<B>(V::mul(x, x)), inv_b) : V::mul(gm, gm);
+      const vec mk = lerp_v(V::template expand<L>(mr + j / B), gm, c);  // unfold(m̃ ← lerp(m̃, g̃, 1−β1))
+      const vec vk = V::add(V::mul(V::template expand<L>(vr + j / B), c.beta2), V::mul(c.one_m_b2, g2));
+      V::template compact_store<L>(mr + j / B, mk);
+      V::template compact_store<L>(vr + j / B, vk);
+      Ld<S>::store(wr + j, new_weight(x, gm, mk, vk, Ld<S>::load(wr + j), c));
+    }
+    fold_span<S>(gr, wr, mr, vr, nv, n, B, h);
+  }
+}
+
+// Whole blocks of one row, columns [c0, c1), B a multiple of the lane count: a block is B / N vectors; one
+// reduction and a scalar moment update each.
+template <typename S>
+FOAM_INLINE void fold_wide_span(const typename S::T* gr, typename S::T* wr, float* mr, float* vr, int64_t c0,
+                                int64_t c1, int64_t B, const VHyper& c, const Hyper<float>& h) {
+  const float bf = static_cast<float>(B);
+  for (int64_t cb = c0; cb < c1; cb += B) {
+    vec s = V::set1(0.0f), q = V::set1(0.0f);
+    for (int64_t j = cb; j < cb + B; j += V::N) {
+      prefetch_ahead(gr + j);
+      prefetch_ahead(wr + j);
+      const vec x = Ld<S>::load(gr + j);
+      s = V::add(s, x);
+      q = V::add(q, V::mul(x, x));
+    }
+    const float gm = V::reduce(s) / bf;
+    const float g2 = h.mean_sq ? V::reduce(q) / bf : gm * gm;
+    const float mk = lerp(mr[cb / B], gm, h.lerp_w);
+    const float vk = vr[cb / B] * h.beta2 + h.one_m_b2 * g2;
+    mr[cb / B] = mk;
+    vr[cb / B] = vk;
+    const vec gmv = V::set1(gm), mkv = V::set1(mk), vkv = V::set1(vk);
+    for (int64_t j = cb; j < cb + B; j += V::N) update_vector<S>(gr + j, wr + j, gmv, mkv, vkv, c);
+  }
+}
+
+template <typename S>
+void fold_wide(const typename S::T* g, typename S::T* w, float* m, float* v, int64_t r0, int64_t r1, int64_t n,
+               int64_t B, const Hyper<float>& h) {
+  const int64_t K = (n + B - 1) / B;
+  const int64_t nb = n / B * B;  // columns in whole blocks
+  const VHyper c(h);
+  for (int64_t row = r0; row < r1; ++row) {
+    const typename S::T* gr = g + row * n;
+    typename S::T* wr = w + row * n;
+    fold_wide_span<S>(gr, wr, m + row * K, v + row * K, 0, nb, B, c, h);
+    fold_span<S>(gr, wr, m + row * K, v + row * K, nb, n, B, h);
+  }
+}
+
+#if FOAM_SIMD_LANES == 8
+// ------------------------------------------------------------ AVX2, B = 2, 4, 8: 8 blocks across vectors
+// One chunk = 8 blocks = 8B columns = B vectors. Horizontal adds (which stay inside 128-bit halves) leave the
+// 8 block sums in one vector; the moments are loaded in that lane order (one permute per moment vector),
+// updated 8 blocks at a time, put back in order and stored at full width; the update of each vector of
+// columns gets its blocks' values by an in-lane shuffle (B = 2, 4) or a broadcast (B = 8).
+//
+// Lane L of the sums vector holds block moment_order<B>[L]:
+//   B = 2: hadd(x0, x1) gives blocks [0 1 4 5 | 2 3 6 7];
+//   B = 4: hadd(hadd(x0, x1), hadd(x2, x3)) gives [0 2 4 6 | 1 3 5 7];
+//   B = 8: hadd trees then one exchange of halves (sum_each_of_8) give [0 .. 7].
+template <int B>
+FOAM_INLINE __m256i moment_order() {
+  if (B == 2) return _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+  return _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+}
+template <int B>
+FOAM_INLINE __m256i moment_order_inverse() {
+  if (B == 2) return _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);  // its own inverse
+  return _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+}
+template <int B>
+FOAM_INLINE vec load_moments(const float* p) {
+  const vec x = V::load(p);
+  if constexpr (B == 8) return x;
+  return _mm256_permutevar8x32_ps(x, moment_order<B>());
+}
+template <int B>
+FOAM_INLINE void store_moments(float* p, vec x) {
+  if constexpr (B == 8) return V::store(p, x);
+  V::store(p, _mm256_permutevar8x32_ps(x, moment_order_inverse<B>()));
+}
+
+// The sums of the lanes of each of y[0..7], in order: s[k] = Σ_lanes y[k].
+FOAM_INLINE vec sum_each_of_8(const vec* y) {
+  const vec t0 = _mm256_hadd_ps(_mm256_hadd_ps(y[0], y[1]), _mm256_hadd_ps(y[2], y[3]));  // [y0..y3 lo | hi]
+  const vec t1 = _mm256_hadd_ps(_mm256_hadd_ps(y[4], y[5]), _mm256_hadd_ps(y[6], y[7]));  // [y4..y7 lo | hi]
+  return V::add(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+// Block sums of the chunk's B vectors x[0..B), in moment_order<B>.
+template <int B>
+FOAM_INLINE vec chunk_sums(const vec* x) {
+  if constexpr (B == 2) return _mm256_hadd_ps(x[0], x[1]);
+  if constexpr (B == 4) return _mm256_hadd_ps(_mm256_hadd_ps(x[0], x[1]), _mm256_hadd_ps(x[2], x[3]));
+  return sum_each_of_8(x);
+}
+
+// Vector i of a chunk gets its lanes' g̃, m̃ or ṽ out of the chunk's vector of 8 by an in-lane shuffle
+// (B = 2: lanes [0 0 1 1] of each half, +2 for i = 1; B = 4: lane i of each half). B = 8 broadcasts lane i
+// from a copy in memory instead: a load, where a register broadcast would cross halves (slow on Zen).
+template <int B>
+FOAM_INLINE vec unfold_lanes(vec x, int i, const float* copy) {
+  if constexpr (B == 2)
+    return _mm256_permutevar_ps(x, _mm256_add_epi32(_mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1), _mm256_set1_epi32(2 * i)));
+  if constexpr (B == 4) return _mm256_permutevar_ps(x, _mm256_set1_epi32(i));
+  return _mm256_broadcast_ss(copy + i);
+}
+
+template <typename S, int B>
+void fold_chunk(const typename S::T* g, typename S::T* w, float* m, float* v, int64_t r0, int64_t r1, int64_t n,
+                const Hyper<float>& h) {
+  constexpr int64_t kChunk = 8 * B;
+  const int64_t K = (n + B - 1) / B;
+  const int64_t nc = n / kChunk * kChunk;  // columns in whole chunks; the rest is the portable tail
+  const VHyper c(h);
+  const vec inv_b = V::set1(1.0f / static_cast<float>(B));  // exact: B is a power of two
+  for (int64_t row = r0; row < r1; ++row) {
+    const typename S::T* gr = g + row * n;
+    typename S::T* wr = w + row * n;
+    float* mr = m + row * K;
+    float* vr = v + row * K;
+    for (int64_t j = 0; j < nc; j += kChunk) {
+      constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(typename S::T));  // entries per cache line
+      for (int64_t p = 0; p < kChunk; p += kLine) {
+        prefetch_ahead(gr + j + p);
+        prefetch_ahead(wr + j + p);
+      }
+      vec x[B], x2[B];
+      for (int i = 0; i < B; ++i) {
+        x[i] = Ld<S>::load(gr + j + 8 * i);
+        x2[i] = V::mul(x[i], x[i]);
+      }
+      const vec gm = V::mul(chunk_sums<B>(x), inv_b);                                 // g̃ of 8 blocks
+      const vec g2 = c.mean_sq ? V::mul(chunk_sums<B>(x2), inv_b) : V::mul(gm, gm);  // g̃⁽²⁾
+      const vec mk = lerp_v(load_moments<B>(mr + j / B), gm, c);                       // m̃ ← lerp(m̃, g̃, 1−β1)
+      const vec vk = V::add(V::mul(load_moments<B>(vr + j / B), c.beta2), V::mul(c.one_m_b2, g2));
+      store_moments<B>(mr + j / B, mk);
+      store_moments<B>(vr + j / B, vk);
+      alignas(32) float copy[3][8];  // used by B = 8 only
+      if constexpr (B == 8) {
+        V::store(copy[0], gm);
+        V::store(copy[1], mk);
+        V::store(copy[2], vk);
+      }
+      for (int i = 0; i < B; ++i) {  // R, M, V and the new weights, vector by vector
+        const vec wi = Ld<S>::load(wr + j + 8 * i);
+        Ld<S>::store(wr + j + 8 * i, new_weight(x[i], unfold_lanes<B>(gm, i, copy[0]), unfold_lanes<B>(mk, i, copy[1]),
+                                                unfold_lanes<B>(vk, i, copy[2]), wi, c));
+      }
+    }
+    fold_span<S>(gr, wr, mr, vr, nc, n, B, h);
+  }
+}
+#endif
+
+template <typename S>
+void fold_rows(const typename S::T* g, typename S::T* w, float* m, float* v, int64_t r0, int64_t r1, int64_t n,
+               int64_t B, const Hyper<float>& h) {
+#if FOAM_SIMD_LANES == 8
+  switch (B) {
+    case 2: return fold_chunk<S, 2>(g, w, m, v, r0, r1, n, h);
+    case 4: return fold_chunk<S, 4>(g, w, m, v, r0, r1, n, h);
+    case 8: return fold_chunk<S, 8>(g, w, m, v, r0, r1, n, h);
+    default: break;
+  }
+#else
+  switch (B) {
+    case 2: return fold_small<S, 1>(g, w, m, v, r0, r1, n, h);
+    case 4: return fold_small<S, 2>(g, w, m, v, r0, r1, n, h);
+    case 8: return fold_small<S, 3>(g, w, m, v, r0, r1, n, h);
+    case 16: return fold_small<S, 4>(g, w, m, v, r0, r1, n, h);
+    default: break;
+  }
+#endif
+  if (B % V::N == 0) return fold_wide<S>(g, w, m, v, r0, r1, n, B, h);
+  return Portable<S>::fold(g, w, m, v, r0, r1, n, B, h);  // e.g. B = 3: the portable tile code
+}
+
+// Unfolded tensors: AdamW on elements [i0, i1), as adamw_impl.
+template <typename S>
+void adamw(const typename S::T* g, typename S::T* w, float* m, float* v, int64_t i0, int64_t i1,
+           const Hyper<float>& h) {
+  const VHyper c(h);
+  int64_t i = i0;
+  for (; i + V::N <= i1; i += V::N) {
+    prefetch_ahead(g + i);
+    prefetch_ahead(w + i);
+    prefetch_ahead(m + i);
+    prefetch_ahead(v + i);
+    const vec x = Ld<S>::load(g + i);
+    const vec mi = lerp_v(V::load(m + i), x, c);
+    const vec vi = V::add(V::mul(V::load(v + i), c.beta2), V::mul(V::mul(c.one_m_b2, x), x));
+    V::store(m + i, mi);
+    V::store(v + i, vi);
+    const vec upd = V::mul(c.step_c, V::div(mi, V::add(V::sqrt(vi), c.eps_bc2)));
+    Ld<S>::store(w + i, V::add(V::mul(Ld<S>::load(w + i), c.decay), upd));
+  }
+  adamw_impl<S>(g, w, m, v, i, i1, h);
+}
+
+}  // namespace FOAM_SIMD_NS
+}  // namespace
+}  // namespace foam

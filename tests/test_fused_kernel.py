@@ -1,0 +1,213 @@
+"""Each implementation of the fused CPU kernel (portable, AVX2, AVX-512: those this CPU runs) against the
+readable path, over every block size 1..33, ragged last blocks, fp32/bf16/fp16/fp64 parameters, both state
+dtypes and both second-moment modes; and the in-kernel stochastic rounding of bf16 states against
+``foam_hf.optim._store_moment``, bit for bit.
+
+Nothing here depends on the CPU's instruction set: a path the CPU cannot run is skipped with that reason, and
+the portable path runs everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from foam_hf import FOAM, FoamConfigError, _fused_cpu
+from foam_hf.optim import _store_moment
+
+BLOCK_SIZES = list(range(1, 34))
+MODES = ["mean_sq", "sq_mean"]
+# Every term on: scale != 1, weight decay, a residual weight that is neither 0 nor 1, and a beta2 low enough
+# that the second moment moves within the few steps we run.
+HPARAMS = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05, scale=1.7, res_scale=0.7)
+STEPS = 3  # the bias corrections and the moments' history both enter from the second step on
+
+# (dtype, weight atol, weight rtol). fp32: the kernel moves eps inside the square root's scale and sums blocks
+# in another order, ~1 ulp per step. bf16/fp16: each step's fp32 result may round to the neighbouring value,
+# one ulp (2^-8 / 2^-11 relative) per step: bf16 2^-7 as in test_fused.py; fp16 4 ulps (2^-9) for the STEPS,
+# and 2e-5 absolute for weights near zero, where 0.005 has an fp16 spacing of 4e-6. fp64: the fp32 reordering,
+# in double.
+PARAM_DTYPES = {
+    "fp32": (torch.float32, 1e-6, 1e-5),
+    "bf16": (torch.bfloat16, 1e-6, 2**-7),
+    "fp16": (torch.float16, 2e-5, 2**-9),
+    "fp64": (torch.float64, 1e-13, 1e-12),
+}
+
+
+def shapes_for(block_size: int) -> list[tuple[int, ...]]:
+    """Widths that give the SIMD code whole chunks of 8 blocks plus a ragged tail, a single ragged block,
+    n < B, a width past one moment tile (512 blocks) and a 3-D tensor; plus a 1-D tensor (never folded)."""
+    b = block_size
+    return [(3, 16 * b + b // 2 + 1), (2, 8 * b), (2, max(1, b - 1)), (2, 3, 9 * b + 1), (1, 513 * b + 3), (37,)]
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    module = _fused_cpu.load_kernel()
+    if module is None:
+        pytest.fail(f"the fused kernel did not build: {_fused_cpu.kernel_build_error()}")
+    return module
+
+
+@pytest.fixture(params=["portable", "avx2", "avx512"])
+def isa(request, kernel):
+    """Each implementation of the kernel this CPU can run; the default is restored afterwards."""
+    if request.param not in kernel.available_isas():
+        pytest.skip(f"this CPU cannot run the {request.param} kernel (it runs {kernel.available_isas()})")
+    default = kernel.isa()
+    kernel.set_isa(request.param)
+    yield request.param
+    kernel.set_isa(default)
+
+
+def make_params(dtype, shapes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).requires_grad_() for s in shapes]
+
+
+def grad_sequence(params, steps, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) for p in params] for _ in range(steps)
+    ]
+
+
+def step_with(optimizer, params, grads):
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    optimizer.step()
+
+
+def clone_params(params):
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
+@pytest.mark.parametrize("param_dtype", list(PARAM_DTYPES), ids=list(PARAM_DTYPES))
+@pytest.mark.parametrize("second_moment", MODES)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_fp32_states_match_the_readable_path(isa, block_size, second_moment, param_dtype):
+    dtype, atol, rtol = PARAM_DTYPES[param_dtype]
+    params = make_params(dtype, shapes_for(block_size))
+    ours, theirs = clone_params(params), clone_params(params)
+    kwargs = dict(block_size=block_size, second_moment=second_moment, **HPARAMS)
+    fused = FOAM(ours, fused=True, **kwargs)
+    reference = FOAM(theirs, foreach=False, fused=False, **kwargs)
+    for grads in grad_sequence(params, STEPS):
+        step_with(fused, ours, grads)
+        step_with(reference, theirs, grads)
+    state_tol = dict(atol=1e-15, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-7, rtol=1e-5)
+    for a, b in zip(ours, theirs):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.detach().double(), b.detach().double(), atol=atol, rtol=rtol)
+        for key in ("exp_avg", "exp_avg_sq"):
+            ours_state, ref_state = fused.state[a][key], reference.state[b][key]
+            assert ours_state.dtype == ref_state.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+            assert ours_state.shape == ref_state.shape
+            torch.testing.assert_close(ours_state, ref_state, **state_tol)
+        assert fused.state[a]["step"].item() == STEPS
+
+
+@pytest.mark.parametrize("param_dtype", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("second_moment", MODES)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_bf16_states_are_the_fp32_step_stochastically_rounded(isa, block_size, second_moment, param_dtype):
+    """With bf16 states the kernel steps fp32 copies of the moments and rounds them back itself. From the same
+    moments, one step must give the weights of the fp32-state step and exactly ``_store_moment`` of its
+    moments, bit for bit (the rounding's dither depends on each entry's flat index and on the step)."""
+    dtype = PARAM_DTYPES[param_dtype][0]
+    params = make_params(dtype, shapes_for(block_size))
+    bf16_params, fp32_params = clone_params(params), clone_params(params)
+    kwargs = dict(block_size=block_size, second_moment=second_moment, fused=True, **HPARAMS)
+    bf16 = FOAM(bf16_params, state_dtype="bfloat16", **kwargs)
+    fp32 = FOAM(fp32_params, state_dtype="float32", **kwargs)
+    for step, grads in enumerate(grad_sequence(params, STEPS), start=1):
+        if step > 1:  # start the fp32 twin from the bf16 moments (exact: bf16 widens to fp32 exactly)
+            for a, b in zip(bf16_params, fp32_params):
+                for key in ("exp_avg", "exp_avg_sq"):
+                    fp32.state[b][key].copy_(bf16.state[a][key])
+        step_with(bf16, bf16_params, grads)
+        step_with(fp32, fp32_params, grads)
+        for a, b in zip(bf16_params, fp32_params):
+            assert torch.equal(a, b)
+            for salt, key in enumerate(("exp_avg", "exp_avg_sq")):
+                stored = bf16.state[a][key]
+                assert stored.dtype == torch.bfloat16
+                expected = torch.empty_like(stored)
+                _store_moment(expected, fp32.state[b][key].clone(), step, salt)
+                assert torch.equal(stored.view(torch.int16), expected.view(torch.int16)), (key, step)
+
+
+def test_bf16_states_round_non_finite_moments_as_the_python_paths(kernel):
+    """A gradient of inf/NaN makes non-finite moments: they keep their class (NaN, ±inf) as _store_moment does."""
+    weight = torch.zeros(4, 64, requires_grad=True)
+    optimizer = FOAM([weight], block_size=4, fused=True, state_dtype="bfloat16")
+    grad = torch.randn(4, 64)
+    grad[0, 5], grad[1, 9], grad[2, 0] = float("inf"), float("-inf"), float("nan")
+    weight.grad = grad
+    optimizer.step()
+    twin = torch.zeros(4, 64, requires_grad=True)
+    reference = FOAM([twin], block_size=4, foreach=False, fused=False, state_dtype="bfloat16")
+    twin.grad = grad.clone()
+    reference.step()
+    for key in ("exp_avg", "exp_avg_sq"):
+        ours, theirs = optimizer.state[weight][key].float(), reference.state[twin][key].float()
+        assert ours.isnan().any() and ours.isinf().any()  # the gradient above reaches both classes
+        for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+            assert torch.equal(kind(ours), kind(theirs)), (key, kind.__name__)
+    assert torch.equal(weight.isnan(), twin.isnan())
+
+
+def test_fp64_fused_steps_as_the_readable_path(kernel):
+    """torch's fused AdamW steps float64 on CPU; so does FOAM's kernel (it used to refuse fused=True)."""
+    params = make_params(torch.float64, [(5, 33), (2, 3, 8), (7,)])
+    ours, theirs = clone_params(params), clone_params(params)
+    fused = FOAM(ours, block_size=4, fused=True, **HPARAMS)
+    reference = FOAM(theirs, block_size=4, foreach=False, fused=False, **HPARAMS)
+    for grads in grad_sequence(params, 4):
+        step_with(fused, ours, grads)
+        step_with(reference, theirs, grads)
+    for a, b in zip(ours, theirs):
+        assert fused.state[a]["exp_avg"].dtype == torch.float64
+        torch.testing.assert_close(a, b, atol=1e-13, rtol=1e-12)
+
+
+def test_fp64_with_other_state_dtypes_is_refused_for_fused_and_left_to_the_for_loop_by_default(kernel, monkeypatch):
+    weight = torch.zeros(4, 8, dtype=torch.float64, requires_grad=True)
+    for state_dtype in ("bfloat16", "float32"):
+        with pytest.raises(FoamConfigError, match=f"float64 parameters and torch.{state_dtype} states.*Fix"):
+            FOAM([weight], fused=True, state_dtype=state_dtype)
+    calls = []
+    original = _fused_cpu._fused_foam
+    monkeypatch.setattr(_fused_cpu, "_fused_foam", lambda *a, **k: calls.append(1) or original(*a, **k))
+    default = FOAM([weight], state_dtype="bfloat16")  # fused=None: the for-loop path steps it
+    weight.grad = torch.ones_like(weight)
+    default.step()
+    assert calls == []
+    assert default.state[weight]["exp_avg"].dtype == torch.bfloat16
+
+
+def test_isa_environment_variable_picks_the_implementation(kernel, monkeypatch):
+    default = kernel.isa()
+    try:
+        for name in kernel.available_isas():
+            monkeypatch.setenv(_fused_cpu.ISA_ENV, name)
+            _fused_cpu._apply_isa_env(kernel)
+            assert kernel.isa() == name
+        monkeypatch.setenv(_fused_cpu.ISA_ENV, "sse9")
+        with pytest.raises(FoamConfigError, match="FOAM_CPU_ISA='sse9'.*it can run: portable.*Fix"):
+            _fused_cpu._apply_isa_env(kernel)
+    finally:
+        kernel.set_isa(default)
+
+
+def test_isa_environment_variable_reaches_a_fresh_process(kernel):
+    # The kernel is cached by torch, so the child only loads it.
+    code = "from foam_hf import _fused_cpu; print(_fused_cpu.load_kernel().isa())"
+    env = {**os.environ, _fused_cpu.ISA_ENV: "portable"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "portable"
