@@ -178,6 +178,13 @@ def build_candidates(args) -> tuple[list[Candidate], list[tuple[str, str]]]:
         candidates.append(
             Candidate("FOAM foreach B=4", dname, lambda ps: FOAM(ps, block_size=4, foreach=True, fused=False))
         )
+        candidates.append(
+            Candidate(
+                "FOAM foreach B=4, bf16 states",
+                dname,
+                lambda ps: FOAM(ps, block_size=4, foreach=True, fused=False, state_dtype="bfloat16"),
+            )
+        )
         if args.reference:
             candidates.append(
                 Candidate(

@@ -13,7 +13,10 @@ readable path (:func:`foam_hf.optim._single_tensor_foam`), which the tests hold 
 
 Square roots and divisions are IEEE round-to-nearest (``tl.sqrt_rn``, ``tl.div_rn``), not the GPU's fast
 approximations, so results match the CPU paths to rounding. G and W are read once and W written once per
-entry, in the parameter's dtype; moments are float32.
+entry, in the parameter's dtype; moments are float32, or bfloat16 (``state_dtype="bfloat16"``): loaded into
+fp32, updated, used for the step, and stored with the stochastic rounding of the other paths
+(:func:`foam_hf.optim._store_moment`), the same counter hash of (index, step, salt) computed in-kernel, so a
+bf16 moment comes out bit for bit what the readable path stores for the same fp32 value.
 
 Triton ships with the CUDA builds of torch; without it this module still imports and reports the path
 unavailable. Tests run the kernels on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``, set before
@@ -39,11 +42,15 @@ __all__ = ["TRITON_DTYPES", "triton_available", "triton_ready", "triton_supporte
 
 logger = logging.getLogger(__name__)
 
-#: Parameter dtypes the Triton kernels step (moments are always float32).
+#: Parameter dtypes the Triton kernels step (moments are float32 or bfloat16).
 TRITON_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
 # Tile sizes: entries per program of the folded kernel (KB · BP, at least one block) and of the 1-D kernel.
 _TILE = 2048
+#: Moment dtypes the kernels store (bfloat16 with stochastic rounding).
+STATE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
+# The counter hash of foam_hf.optim._rounding_dither: the per-(step, salt) key is computed here, once a step.
+_HASH_STEP, _HASH_SALT, _MASK32 = 0x85EBCA77, 0xC2B2AE3D, 0xFFFFFFFF
 _ADAMW_BLOCK = 1024
 
 
@@ -54,40 +61,84 @@ def triton_available() -> bool:
 
 _ready: dict[torch.device, bool] = {}
 
+# The self-check's tolerances, those of tests/test_fused_triton.py: (weight atol, weight rtol) per parameter
+# dtype, and the moments' rtol per state dtype (bf16 moments may round to a neighbouring value).
+_CHECK_WEIGHT_TOLERANCES = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (1e-6, 2**-7)}
+_CHECK_MOMENT_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-7}
+_CHECK_STEPS = 2  # the second step starts from moments the kernels wrote
+
+
+def _scratch_problem(device: torch.device, dtype: torch.dtype, state_dtype: torch.dtype, block_size: int):
+    """A tiny step problem for the self-check: a folded weight with whole blocks, one with a ragged last block
+    (``n mod B != 0``) and a 1-D bias (the AdamW kernel); seeded, so every check steps the same numbers."""
+    from foam_hf.folding import folded_shape
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(4, 16), (3, 10), (5,)]
+    params = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
+    grads = [[torch.randn(s, generator=gen).to(device, dtype) for s in shapes] for _ in range(_CHECK_STEPS)]
+    state_shapes = [folded_shape(s, block_size) if len(s) >= 2 else s for s in shapes]
+    exp_avgs = [torch.zeros(s, device=device, dtype=state_dtype) for s in state_shapes]
+    exp_avg_sqs = [torch.zeros(s, device=device, dtype=state_dtype) for s in state_shapes]
+    return params, grads, exp_avgs, exp_avg_sqs
+
+
+def _self_check_mismatch(device: torch.device) -> str | None:
+    """Step the scratch problem with the kernels and with the readable path on ``device``; describe the
+    first disagreement beyond the tests' tolerances (``None`` when they agree)."""
+    from foam_hf.optim import _single_tensor_foam
+
+    hyper = dict(
+        lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, scale=1.0, res_scale=1.0, second_moment="mean_sq"
+    )
+    cases = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]  # (params, moments)
+    for dtype, state_dtype in cases:
+        block_size = 4
+        kernel = _scratch_problem(device, dtype, state_dtype, block_size)
+        readable = _scratch_problem(device, dtype, state_dtype, block_size)
+        kernel_steps = [torch.tensor(0.0) for _ in kernel[0]]
+        readable_steps = [torch.tensor(0.0) for _ in readable[0]]
+        for step in range(_CHECK_STEPS):
+            _fused_foam_triton(
+                kernel[0], kernel[1][step], kernel[2], kernel[3], kernel_steps, block_size=block_size, **hyper
+            )
+            _single_tensor_foam(
+                readable[0], readable[1][step], readable[2], readable[3], readable_steps, block_size=block_size, **hyper
+            )
+        atol, rtol = _CHECK_WEIGHT_TOLERANCES[dtype]
+        checks = [("weight", got, want, atol, rtol) for got, want in zip(kernel[0], readable[0])]
+        for name, index in (("exp_avg", 2), ("exp_avg_sq", 3)):
+            for got, want in zip(kernel[index], readable[index]):
+                scale = want.float().abs().max().item()
+                checks.append((name, got, want, 1e-6 * scale + 1e-30, _CHECK_MOMENT_RTOL[state_dtype]))
+        for name, got, want, atol, rtol in checks:
+            got, want = got.float(), want.float()
+            if not torch.allclose(got, want, atol=atol, rtol=rtol):
+                worst = (got - want).abs().nan_to_num(float("inf")).max().item()
+                return (
+                    f"{name} of shape {tuple(got.shape)} ({dtype} parameters, {state_dtype} moments) differs from "
+                    f"the readable path by up to {worst:.3g} (atol={atol:.3g}, rtol={rtol:.3g})"
+                )
+    return None
+
 
 def triton_ready(device: torch.device) -> bool:
-    """Whether the kernels compile and run on ``device``: checked once per device on a tiny scratch step.
+    """Whether the kernels compile, run *and compute FOAM's step* on ``device``: checked once per device.
 
-    ``fused=None`` asks this before choosing the Triton path, so a Triton or driver that cannot build these
-    kernels costs one logged warning and the foreach path, not a failed training run. (``fused=True`` does not
-    ask: its errors surface as they are.)
+    The check steps a tiny seeded problem (a folded weight, a ragged one and a bias; fp32 parameters with
+    fp32 moments and bf16 parameters with bf16 moments; two steps) with the kernels and with the readable path
+    :func:`foam_hf.optim._single_tensor_foam` on the same device and inputs, and compares weights and moments
+    within the tolerances of the tests. ``fused=None`` asks this before choosing the Triton path, so a Triton or
+    driver that cannot build these kernels, or that builds them wrong, costs one logged warning and the
+    foreach path (same results, more memory traffic), never a failed or silently wrong training run.
+    (``fused=True`` does not ask: its errors surface as they are.)
     """
     if not triton_available():
         return False
     device = torch.device(device)
     if device not in _ready:
         try:
-            weight = torch.linspace(-1.0, 1.0, 24, device=device).view(2, 12)
-            bias = torch.ones(3, device=device)
-            params = [weight, bias]
-            exp_avgs = [torch.zeros(2, 3, device=device), torch.zeros(3, device=device)]
-            _fused_foam_triton(
-                params,
-                [p.flip(-1).clone() for p in params],
-                exp_avgs,
-                [torch.zeros_like(m) for m in exp_avgs],
-                [torch.tensor(0.0), torch.tensor(0.0)],
-                lr=1e-3,
-                beta1=0.9,
-                beta2=0.999,
-                eps=1e-8,
-                weight_decay=0.0,
-                block_size=4,
-                scale=1.0,
-                res_scale=1.0,
-                second_moment="mean_sq",
-            )
-            _ready[device] = bool(all(torch.isfinite(p).all() for p in params))
+            mismatch = _self_check_mismatch(device)
         except Exception as exc:  # noqa: BLE001 - any failure to build or run means "use the foreach path"
             _ready[device] = False
             logger.warning(
@@ -97,6 +148,16 @@ def triton_ready(device: torch.device) -> bool:
                 type(exc).__name__,
                 str(exc).strip().splitlines()[0] if str(exc).strip() else "",
             )
+        else:
+            _ready[device] = mismatch is None
+            if mismatch is not None:
+                logger.warning(
+                    "FOAM: the Triton kernels ran on %s but their self-check step disagrees with the readable "
+                    "path: %s. FOAM uses its foreach path there (same results as the readable path, more memory "
+                    "traffic); please report this with your torch, Triton and GPU versions.",
+                    device,
+                    mismatch,
+                )
     return _ready[device]
 
 
@@ -126,6 +187,25 @@ if triton is not None:
             tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _store_moment(ptrs, value, mask, index, key, STATE_BF16: tl.constexpr):
+        # fp32 -> the moment's storage. bf16: stochastic rounding, foam_hf.optim._store_moment's arithmetic: the
+        # dither of entry `index` is h = index·0x9E3779B1 + key (mod 2^32), h ^= h >> 16, h *= 0x7FEB352D,
+        # h ^= h >> 15, dither = h & 0xFFFF; finite values become (bits + dither) >> 16, infinities keep their
+        # bits, NaN becomes 0x7FC0 (torch's round-to-nearest of the non-finite values).
+        if STATE_BF16:
+            h = index.to(tl.uint32) * 0x9E3779B1 + key.to(tl.uint32)
+            h ^= h >> 16
+            h = h * 0x7FEB352D
+            h ^= h >> 15
+            bits = value.to(tl.uint32, bitcast=True)
+            rounded = (bits + (h & 0xFFFF)) >> 16
+            finite = (bits & 0x7F800000) != 0x7F800000
+            rounded = tl.where(finite, rounded, tl.where(value != value, 0x7FC0, bits >> 16))
+            tl.store(ptrs, rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        else:
+            tl.store(ptrs, value, mask=mask)
+
+    @triton.jit
     def _foam_fold_kernel(
         g_ptr,
         w_ptr,
@@ -141,12 +221,15 @@ if triton is not None:
         rho2,
         eps_bc2,
         step_c,
+        key_m,
+        key_v,
         B: tl.constexpr,
         BP: tl.constexpr,
         KB: tl.constexpr,
         MEAN_SQ: tl.constexpr,
         SMALL_WEIGHT: tl.constexpr,
         OUT_BF16: tl.constexpr,
+        STATE_BF16: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         k = tl.program_id(1) * KB + tl.arange(0, KB)  # block indices of this tile
@@ -164,15 +247,16 @@ if triton is not None:
         else:
             grad_sq_mean = grad_mean * grad_mean
         # m̃ ← lerp(m̃, g̃, 1−β1) (torch.lerp's two-sided formula);  ṽ ← β2 ṽ + (1−β2) g̃⁽²⁾
-        m_old = tl.load(m_ptr + row * num_blocks + k, mask=has_block, other=0.0)
-        v_old = tl.load(v_ptr + row * num_blocks + k, mask=has_block, other=0.0)
+        moment_index = row * num_blocks + k  # C-order index in the moment (the hash's counter)
+        m_old = tl.load(m_ptr + moment_index, mask=has_block, other=0.0).to(tl.float32)
+        v_old = tl.load(v_ptr + moment_index, mask=has_block, other=0.0).to(tl.float32)
         if SMALL_WEIGHT:
             m_new = m_old + lerp_weight * (grad_mean - m_old)
         else:
             m_new = grad_mean - (grad_mean - m_old) * (1.0 - lerp_weight)
         v_new = v_old * beta2 + one_minus_beta2 * grad_sq_mean
-        tl.store(m_ptr + row * num_blocks + k, m_new, mask=has_block)
-        tl.store(v_ptr + row * num_blocks + k, v_new, mask=has_block)
+        _store_moment(m_ptr + moment_index, m_new, has_block, moment_index, key_m, STATE_BF16)
+        _store_moment(v_ptr + moment_index, v_new, has_block, moment_index, key_v, STATE_BF16)
         # R = G − unfold(g̃);  M = unfold(m̃) + ρR;  V = unfold(ṽ) + ρ²R⊙R;  W ← W(1−γλ) + c·M/(√V + ε√bc2)
         residual = g - grad_mean[:, None]
         first = m_new[:, None] + rho * residual
@@ -195,21 +279,24 @@ if triton is not None:
         one_minus_beta2,
         eps_bc2,
         step_c,
+        key_m,
+        key_v,
         BLOCK: tl.constexpr,
         SMALL_WEIGHT: tl.constexpr,
         OUT_BF16: tl.constexpr,
+        STATE_BF16: tl.constexpr,
     ):
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < numel
         g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        m_old = tl.load(m_ptr + offsets, mask=mask, other=0.0)
+        m_old = tl.load(m_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         if SMALL_WEIGHT:
             m = m_old + lerp_weight * (g - m_old)
         else:
             m = g - (g - m_old) * (1.0 - lerp_weight)
-        v = tl.load(v_ptr + offsets, mask=mask, other=0.0) * beta2 + one_minus_beta2 * g * g
-        tl.store(m_ptr + offsets, m, mask=mask)
-        tl.store(v_ptr + offsets, v, mask=mask)
+        v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(tl.float32) * beta2 + one_minus_beta2 * g * g
+        _store_moment(m_ptr + offsets, m, mask, offsets, key_m, STATE_BF16)
+        _store_moment(v_ptr + offsets, v, mask, offsets, key_v, STATE_BF16)
         w = tl.load(w_ptr + offsets, mask=mask, other=0.0)
         w_new = w.to(tl.float32) * decay + step_c * tl.div_rn(m, tl.sqrt_rn(v) + eps_bc2)
         _store_weight(w_ptr + offsets, w_new, mask, OUT_BF16)
@@ -244,11 +331,12 @@ def _fused_foam_triton(
             "FOAM: fused=True on CUDA needs Triton, which is not importable here. Fix: install the CUDA build of "
             "torch (it ships Triton) or `pip install triton`, or pass fused=None to use the foreach path."
         )
-    if any(m.dtype != torch.float32 or v.dtype != torch.float32 for m, v in zip(exp_avgs, exp_avg_sqs)):
-        raise RuntimeError(
-            "FOAM: the fused path keeps float32 moments; got other state dtypes (state_dtype='bfloat16'?). "
-            "Fix: pass fused=None or False for this group."
-        )
+    for m, v in zip(exp_avgs, exp_avg_sqs):
+        if m.dtype != v.dtype or m.dtype not in STATE_DTYPES:
+            raise RuntimeError(
+                f"FOAM: the Triton kernels store moments in float32 or bfloat16; got {m.dtype} and {v.dtype}. "
+                "Fix: pass fused=None or False for this group."
+            )
 
     lerp_weight = 1.0 - beta1
     small_weight = abs(lerp_weight) < 0.5
@@ -261,6 +349,8 @@ def _fused_foam_triton(
         decay = 1.0 - lr * weight_decay
         eps_bc2 = eps * bias_correction2_sqrt
         step_c = -lr / bias_correction1 * (scale if folded else 1.0) * bias_correction2_sqrt
+        key_m, key_v = ((int(step) * _HASH_STEP + salt * _HASH_SALT) & _MASK32 for salt in (0, 1))
+        state_bf16 = exp_avg.dtype == torch.bfloat16
         if param.numel() == 0:
             continue
         if grad.dtype != param.dtype or not grad.is_contiguous():
@@ -287,12 +377,15 @@ def _fused_foam_triton(
                 res_scale * res_scale,
                 eps_bc2,
                 step_c,
+                key_m,
+                key_v,
                 B=block_size,
                 BP=padded,
                 KB=blocks_per_tile,
                 MEAN_SQ=second_moment == "mean_sq",
                 SMALL_WEIGHT=small_weight,
                 OUT_BF16=param.dtype == torch.bfloat16,
+                STATE_BF16=state_bf16,
             )
         else:
             grid = (triton.cdiv(param.numel(), _ADAMW_BLOCK),)
@@ -308,7 +401,10 @@ def _fused_foam_triton(
                 1.0 - beta2,
                 eps_bc2,
                 step_c,
+                key_m,
+                key_v,
                 BLOCK=_ADAMW_BLOCK,
                 SMALL_WEIGHT=small_weight,
                 OUT_BF16=param.dtype == torch.bfloat16,
+                STATE_BF16=state_bf16,
             )

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from . import _fused_cpu
+from . import _chunking, _fused_cpu
 from .checkpoint import check_loadable, restore_moments
 from .distributed import check_sharding, local_tensor, zeros_state_like
 from .errors import FoamConfigError
@@ -197,11 +197,6 @@ def _check_fused_available(param_groups: list[dict[str, Any]], *, allow_meta: bo
             raise RuntimeError(
                 f"FOAM: fused=True in param group {index}, which holds both CPU and CUDA parameters; a fused step "
                 "runs on one device. Fix: put each device's parameters in a group of their own, or pass fused=None."
-            )
-        if "cuda" in devices and group["state_dtype"] == "bfloat16":
-            raise FoamConfigError(
-                f"FOAM: fused=True with state_dtype='bfloat16' in param group {index}, on CUDA: the Triton kernels "
-                "keep fp32 moments. Fix: pass fused=None (bf16 states then use the foreach path on CUDA)."
             )
         if "cuda" in devices and not _triton().triton_available():
             raise RuntimeError(
@@ -583,17 +578,13 @@ def foam(
     ``foreach=None`` uses the multi-tensor path when every parameter is on CUDA, as torch does.
     ``fused=None`` (with ``foreach=None``) uses a fused kernel where one is available: the C++ kernel when
     every parameter is a contiguous CPU float32/bfloat16/float16 tensor and it can be built, the Triton
-    kernels when every parameter is such a CUDA tensor, the moments are fp32 and Triton imports.
+    kernels when every parameter is such a CUDA tensor, Triton imports and its self-check passed
+    (:func:`foam_hf._fused_triton.triton_ready`). Both step fp32 and bf16 moments.
     """
-    fp32_moments = all(m.dtype == torch.float32 for m in exp_avgs)
     on_cuda = bool(params) and all(p.is_cuda for p in params)
     if fused is None and foreach is None:
-        if on_cuda:
-            fused = (
-                fp32_moments
-                and all(map(_triton().triton_supported, params))
-                and _triton().triton_ready(params[0].device)
-            )
+        if on_cuda:  # the Triton kernels store fp32 or bf16 moments (state_dtype="bfloat16")
+            fused = all(map(_triton().triton_supported, params)) and _triton().triton_ready(params[0].device)
         else:  # the CPU kernel also steps bf16 moments (state_dtype="bfloat16")
             fused = (
                 all(map(_fused_cpu.fused_supported, params, (m.dtype for m in exp_avgs)))
@@ -709,37 +700,86 @@ def _multi_tensor_foam(
     res_scale: float,
     second_moment: str,
 ) -> None:
-    """The ``torch._foreach_*`` path: state updates and the final update batched over tensors.
+    """The ``torch._foreach_*`` path: element-wise updates batched over tensors, in batches of bounded size.
 
-    Folding itself is per tensor (shapes differ); everything element-wise runs as one foreach call per
-    operation. Same operations, same order as :func:`_single_tensor_foam`.
+    The tensors are cut into row pieces and stepped batch by batch (:mod:`foam_hf._chunking`), so the
+    temporaries of a step stay within 25 % of the stepped parameters' bytes instead of several times them.
+    Folding is per piece (shapes differ): the unfolded moments are added into the residual by broadcasting,
+    never materialised. Same operations on the same values as :func:`_single_tensor_foam`, so the same
+    results up to the rounding of vectorised kernels, and the same stochastic rounding of bf16 moments.
     """
     if not params:
         return
-    compute_dtypes = [_compute_dtype(p) for p in params]
-    weights = [p.to(dt) for p, dt in zip(params, compute_dtypes)]
-    grads = [g.to(dt) for g, dt in zip(grads, compute_dtypes)]
-    stored_avgs, stored_avg_sqs = exp_avgs, exp_avg_sqs
-    exp_avgs = [m.to(dt) for m, dt in zip(exp_avgs, compute_dtypes)]
-    exp_avg_sqs = [v.to(dt) for v, dt in zip(exp_avg_sqs, compute_dtypes)]
-
     torch._foreach_add_(state_steps, 1)
     steps = [s.item() for s in state_steps]
-    bias_correction2_sqrts = [(1 - beta2**s) ** 0.5 for s in steps]
-    step_sizes = [lr / (1 - beta1**s) for s in steps]
+    folded = [is_foldable(p, block_size) for p in params]
+    costs = [_foreach_bytes_per_entry(p, g, m, f, block_size) for p, g, m, f in zip(params, grads, exp_avgs, folded)]
+    hyper = dict(
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, block_size=block_size, scale=scale
+    )
+    for batch in _chunking.batches(
+        params, grads, exp_avgs, exp_avg_sqs, folded, costs, _chunking.transient_budget(params)
+    ):
+        _foreach_step_batch(batch, steps, folded, res_scale=res_scale, second_moment=second_moment, **hyper)
 
+
+def _foreach_bytes_per_entry(
+    param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, folded: bool, block_size: int
+) -> int:
+    """An upper bound of the temporaries one entry of ``param`` costs in :func:`_foreach_step_batch`."""
+    compute_dtype = _compute_dtype(param)
+    itemsize = torch.empty((), dtype=compute_dtype).element_size()
+    weight_copy = param.dtype != compute_dtype
+    state_copies = 2 * (exp_avg.dtype != compute_dtype)
+    # Stochastic rounding into bf16 (_store_moment): int64 indices and hash steps, ~48 bytes per moment entry.
+    rounding = 48 if exp_avg.dtype == torch.bfloat16 else 0
+    if folded:
+        # the weight's copy; G⊙G and its zero-padded copy (ragged rows) while folding; then the residual (the
+        # gradient's copy or clone) and the second moment: 3 full-size buffers at most; plus g̃, g̃⁽²⁾, moments.
+        return math.ceil(itemsize * (weight_copy + 3 + (2 + state_copies) / block_size) + rounding / block_size)
+    # weight, gradient and moment copies, and the denominator
+    return itemsize * (weight_copy + (grad.dtype != compute_dtype) + state_copies + 1) + rounding
+
+
+def _foreach_step_batch(
+    batch: list[_chunking.Piece],
+    steps: list[float],
+    folded: list[bool],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    block_size: int,
+    scale: float,
+    res_scale: float,
+    second_moment: str,
+) -> None:
+    """One batch of :func:`_multi_tensor_foam`: the algorithm box, line by line, over a list of row pieces."""
+    compute_dtypes = [_compute_dtype(piece.param) for piece in batch]
+    # Half-precision pieces or bf16 states: fp32 copies (of this batch only), written back at the end.
+    weights = [piece.param.to(dt) for piece, dt in zip(batch, compute_dtypes)]
+    piece_grads = [piece.grad.to(dt) for piece, dt in zip(batch, compute_dtypes)]
+    moments = [piece.exp_avg.to(dt) for piece, dt in zip(batch, compute_dtypes)]
+    moments_sq = [piece.exp_avg_sq.to(dt) for piece, dt in zip(batch, compute_dtypes)]
+    piece_steps = [steps[piece.index] for piece in batch]
+    bias_correction2_sqrts = [(1 - beta2**s) ** 0.5 for s in piece_steps]
+    step_sizes = [lr / (1 - beta1**s) for s in piece_steps]
+
+    # W ← W(1 − γλ), on the old weights, as AdamW.
     if weight_decay != 0:
         torch._foreach_mul_(weights, 1 - lr * weight_decay)
 
-    folded = [i for i, p in enumerate(params) if is_foldable(p, block_size)]
-    plain = [i for i, p in enumerate(params) if not is_foldable(p, block_size)]
+    plain = [i for i, piece in enumerate(batch) if not folded[piece.index]]
+    fold = [i for i, piece in enumerate(batch) if folded[piece.index]]
 
     def pick(seq: list[Any], idx: list[int]) -> list[Any]:
         return [seq[i] for i in idx]
 
-    if plain:
-        p_w, p_g = pick(weights, plain), pick(grads, plain)
-        p_m, p_v = pick(exp_avgs, plain), pick(exp_avg_sqs, plain)
+    if plain:  # plain AdamW, op for op as torch.optim.AdamW's foreach path
+        p_w, p_g = pick(weights, plain), pick(piece_grads, plain)
+        p_m, p_v = pick(moments, plain), pick(moments_sq, plain)
         torch._foreach_lerp_(p_m, p_g, 1 - beta1)
         torch._foreach_mul_(p_v, beta2)
         torch._foreach_addcmul_(p_v, p_g, p_g, 1 - beta2)
@@ -747,37 +787,74 @@ def _multi_tensor_foam(
         torch._foreach_div_(denom, pick(bias_correction2_sqrts, plain))
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(p_w, p_m, denom, [-s for s in pick(step_sizes, plain)])
+        del denom
 
-    if folded:
-        f_w, f_g = pick(weights, folded), pick(grads, folded)
-        f_m, f_v = pick(exp_avgs, folded), pick(exp_avg_sqs, folded)
-        ns = [g.shape[-1] for g in f_g]
-        grad_means = [block_mean(g, block_size) for g in f_g]
+    if fold:
+        f_w, f_m, f_v = pick(weights, fold), pick(moments, fold), pick(moments_sq, fold)
+        # g̃ = blockmean(G);  g̃⁽²⁾ = blockmean(G⊙G) or g̃⊙g̃
+        grad_means = [block_mean(piece_grads[i], block_size) for i in fold]
         if second_moment == "mean_sq":
-            grad_sq_means = [block_mean(g * g, block_size) for g in f_g]
+            grad_sq_means = [block_mean(piece_grads[i] * piece_grads[i], block_size) for i in fold]
         else:
             grad_sq_means = torch._foreach_mul(grad_means, grad_means)
+        # m̃ ← β1 m̃ + (1−β1) g̃;  ṽ ← β2 ṽ + (1−β2) g̃⁽²⁾
         torch._foreach_lerp_(f_m, grad_means, 1 - beta1)
         torch._foreach_mul_(f_v, beta2)
         torch._foreach_add_(f_v, grad_sq_means, alpha=1 - beta2)
-        first = [unfold(m, n, block_size) for m, n in zip(f_m, ns)]
-        second = [unfold(v, n, block_size) for v, n in zip(f_v, ns)]
-        if res_scale != 0:
-            residuals = torch._foreach_sub(f_g, [unfold(gm, n, block_size) for gm, n in zip(grad_means, ns)])
-            first = torch._foreach_add(first, torch._foreach_mul(residuals, res_scale))
-            second = torch._foreach_add(
-                second, torch._foreach_mul(torch._foreach_mul(residuals, residuals), res_scale * res_scale)
-            )
-        denom = torch._foreach_sqrt(second)
-        torch._foreach_div_(denom, pick(bias_correction2_sqrts, folded))
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(f_w, first, denom, [-s * scale for s in pick(step_sizes, folded)])
+        del grad_sq_means
+        firsts, seconds = [], []
+        for j, i in enumerate(fold):
+            grad = piece_grads[i]
+            if res_scale != 0:
+                # R = G − unfold(g̃), in the gradient's fp32 copy when there is one (it is not needed after this)
+                residual = grad if grad is not batch[i].grad else grad.clone()
+                piece_grads[i] = None
+                _add_unfolded_(residual, grad_means[j], block_size, subtract=True)
+                # V = unfold(ṽ) + ρ²R⊙R;  M = unfold(m̃) + ρR
+                second = residual * residual
+                second.mul_(res_scale * res_scale)
+                _add_unfolded_(second, f_v[j], block_size)
+                first = residual.mul_(res_scale)
+                _add_unfolded_(first, f_m[j], block_size)
+            else:
+                first = _unfold_copy(f_m[j], grad.shape[-1], block_size)
+                second = _unfold_copy(f_v[j], grad.shape[-1], block_size)
+            firsts.append(first)
+            seconds.append(second)
+        # W ← W − γα (M/bc1) / (sqrt(V/bc2) + ε)
+        torch._foreach_sqrt_(seconds)
+        torch._foreach_div_(seconds, pick(bias_correction2_sqrts, fold))
+        torch._foreach_add_(seconds, eps)
+        torch._foreach_addcdiv_(f_w, firsts, seconds, [-s * scale for s in pick(step_sizes, fold)])
+        del firsts, seconds
 
-    for param, weight in zip(params, weights):
-        if weight is not param:
-            param.copy_(weight)
-    for stored_avg, stored_avg_sq, exp_avg, exp_avg_sq, step in zip(
-        stored_avgs, stored_avg_sqs, exp_avgs, exp_avg_sqs, steps
-    ):
-        _store_moment(stored_avg, exp_avg, step, salt=0)
-        _store_moment(stored_avg_sq, exp_avg_sq, step, salt=1)
+    for piece, weight in zip(batch, weights):
+        if weight is not piece.param:
+            piece.param.copy_(weight)
+    for piece, exp_avg, exp_avg_sq, step in zip(batch, moments, moments_sq, piece_steps):
+        _store_moment(piece.exp_avg, exp_avg, step, salt=0, offset=piece.state_offset)
+        _store_moment(piece.exp_avg_sq, exp_avg_sq, step, salt=1, offset=piece.state_offset)
+
+
+def _add_unfolded_(x: torch.Tensor, y: torch.Tensor, block_size: int, subtract: bool = False) -> torch.Tensor:
+    """``x += unfold(y)`` (or ``x -= unfold(y)``) in place, by broadcasting each folded entry over its block: no
+    full-size temporary, and elementwise the same IEEE operation as ``x + unfold(y)`` (``x - unfold(y)``)."""
+    n = x.shape[-1]
+    whole = n // block_size  # blocks of B entries; a ragged last block holds n mod B
+    op = torch.Tensor.sub_ if subtract else torch.Tensor.add_
+    if whole:
+        op(x[..., : whole * block_size].unflatten(-1, (whole, block_size)), y[..., :whole].unsqueeze(-1))
+    if n % block_size:
+        op(x[..., whole * block_size :], y[..., whole:])
+    return x
+
+
+def _unfold_copy(y: torch.Tensor, n: int, block_size: int) -> torch.Tensor:
+    """A fresh, contiguous ``unfold(y, n, block_size)`` (``unfold`` itself may return a view of ``y``)."""
+    out = y.new_empty((*y.shape[:-1], n))
+    whole = n // block_size
+    if whole:
+        out[..., : whole * block_size].unflatten(-1, (whole, block_size)).copy_(y[..., :whole].unsqueeze(-1))
+    if n % block_size:
+        out[..., whole * block_size :].copy_(y[..., whole:])
+    return out

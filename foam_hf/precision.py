@@ -69,21 +69,23 @@ _HASH_INDEX, _HASH_STEP, _HASH_SALT, _HASH_MIX = 0x9E3779B1, 0x85EBCA77, 0xC2B2A
 _MASK32 = 0xFFFFFFFF
 
 
-def rounding_dither(shape: torch.Size, step: float, salt: int, device: torch.device) -> torch.Tensor:
+def rounding_dither(shape: torch.Size, step: float, salt: int, device: torch.device, offset: int = 0) -> torch.Tensor:
     """16 pseudo-random bits per element (int32 in ``[0, 2**16)``), a pure function of index, step and salt.
 
     A counter-based hash instead of a random generator: no RNG state to checkpoint, and a resumed run
-    draws exactly the dither the uninterrupted run drew.
+    draws exactly the dither the uninterrupted run drew. The index of an element is its C-order position in
+    the whole moment: ``offset`` is that of the first element when ``shape`` is a run of rows of it.
     """
-    offset = (int(step) * _HASH_STEP + salt * _HASH_SALT) & _MASK32
-    h = (torch.arange(shape.numel(), dtype=torch.int64, device=device) * _HASH_INDEX + offset) & _MASK32
+    key = (int(step) * _HASH_STEP + salt * _HASH_SALT) & _MASK32
+    index = torch.arange(offset, offset + shape.numel(), dtype=torch.int64, device=device)
+    h = (index * _HASH_INDEX + key) & _MASK32
     h ^= h >> 16
     h = (h * _HASH_MIX) & _MASK32
     h ^= h >> 15
     return (h & 0xFFFF).to(torch.int32).view(shape)
 
 
-def store_moment(stored: torch.Tensor, value: torch.Tensor, step: float, salt: int) -> None:
+def store_moment(stored: torch.Tensor, value: torch.Tensor, step: float, salt: int, offset: int = 0) -> None:
     r"""Write a moment computed in ``value`` into its storage ``stored`` (a no-op when they are one tensor).
 
     Into bf16 storage the fp32 value is *stochastically rounded*: a uniform 16-bit dither is added to its
@@ -97,7 +99,8 @@ def store_moment(stored: torch.Tensor, value: torch.Tensor, step: float, salt: i
         stored.copy_(value)
         return
     bits = value.contiguous().view(torch.int32)
-    rounded = ((bits + rounding_dither(value.shape, step, salt, value.device)) & -65536).view(torch.float32)
+    dither = rounding_dither(value.shape, step, salt, value.device, offset)
+    rounded = ((bits + dither) & -65536).view(torch.float32)
     # Non-finite values keep their class (a carry must not turn NaN into -0 or a large value into inf).
     rounded = torch.where(torch.isfinite(value), rounded, value)
     stored.copy_(rounded)  # exact: the low 16 bits are zero

@@ -17,7 +17,7 @@ from test_fused import HPARAMS, SHAPES
 
 from foam_hf import _fused_triton as fused_triton
 from foam_hf.folding import folded_shape, is_foldable
-from foam_hf.optim import FOAM, _single_tensor_foam
+from foam_hf.optim import FOAM, _single_tensor_foam, _store_moment
 
 # tests/conftest.py turns the interpreter on before anything imports Triton; without it these tests would run
 # nothing they claim to.
@@ -32,20 +32,17 @@ STEPS = 4  # bias corrections and the moments' history both matter after a few s
 DTYPES = [(torch.float32, 1e-6, 1e-5), (torch.bfloat16, 1e-6, 2**-7)]
 
 
-def fresh_state(params, block_size):
+def fresh_state(params, block_size, state_dtype=torch.float32):
     exp_avgs = [
-        torch.zeros(folded_shape(p.shape, block_size) if is_foldable(p, block_size) else p.shape) for p in params
+        torch.zeros(folded_shape(p.shape, block_size) if is_foldable(p, block_size) else p.shape, dtype=state_dtype)
+        for p in params
     ]
     return exp_avgs, [torch.zeros_like(m) for m in exp_avgs], [torch.tensor(0.0) for _ in params]
 
 
-def run_both(block_size, second_moment, res_scale, dtype, hparams=HPARAMS):
-    gen = torch.Generator().manual_seed(0)
-    reference = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
-    triton = [p.clone() for p in reference]
-    state_ref, state_triton = fresh_state(reference, block_size), fresh_state(triton, block_size)
+def step_kwargs(block_size, second_moment="mean_sq", res_scale=1.0, hparams=HPARAMS):
     betas = hparams["betas"]
-    kwargs = dict(
+    return dict(
         lr=hparams["lr"],
         beta1=betas[0],
         beta2=betas[1],
@@ -56,6 +53,15 @@ def run_both(block_size, second_moment, res_scale, dtype, hparams=HPARAMS):
         res_scale=res_scale,
         second_moment=second_moment,
     )
+
+
+def run_both(block_size, second_moment, res_scale, dtype, hparams=HPARAMS, state_dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    reference = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
+    triton = [p.clone() for p in reference]
+    state_ref = fresh_state(reference, block_size, state_dtype)
+    state_triton = fresh_state(triton, block_size, state_dtype)
+    kwargs = step_kwargs(block_size, second_moment, res_scale, hparams)
     for _ in range(STEPS):
         grads = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
         _single_tensor_foam(reference, grads, *state_ref, **kwargs)
@@ -94,25 +100,81 @@ def test_triton_large_lerp_weight_uses_torchs_other_branch():
         torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
 
 
-def test_triton_refuses_bf16_states():
+# The interpreter is slow (~10 s a case on a loaded 2-core machine): the AdamW kernel (1), a padded tile (3), a
+# single ragged block per row (32), and bf16 parameters at the default B=4.
+BF16_STATE_CASES = [(1, *DTYPES[0]), (3, *DTYPES[0]), (32, *DTYPES[0]), (4, *DTYPES[1])]
+
+
+@pytest.mark.parametrize(
+    "block_size, dtype, atol, rtol", BF16_STATE_CASES, ids=["1-fp32", "3-fp32", "32-fp32", "4-bf16"]
+)
+def test_triton_bf16_states_match_single_tensor(block_size, dtype, atol, rtol):
+    reference, triton, state_ref, state_triton = run_both(block_size, "mean_sq", 0.5, dtype, state_dtype=torch.bfloat16)
+    for p, q in zip(reference, triton):
+        torch.testing.assert_close(q.float(), p.float(), atol=atol, rtol=rtol)
+    for expected, actual in zip(state_ref[0] + state_ref[1], state_triton[0] + state_triton[1]):
+        assert actual.dtype == torch.bfloat16
+        # fp32 moments ~1 ulp apart may round to neighbouring bf16 values: one bf16 spacing.
+        torch.testing.assert_close(actual.float(), expected.float(), rtol=2**-7, atol=1e-30)
+
+
+def bits_or_nan(x):
+    """The bf16 bit patterns, every NaN as one value: torch's own fp32 -> bf16 copy writes NaN as 0x7FC0 or
+    0xFFFF depending on whether it ran vectorised, so only "is NaN" is a property of the rounding."""
+    return torch.where(x.isnan(), torch.full_like(x, float("nan")), x).view(torch.int16)
+
+
+@pytest.mark.parametrize(
+    "block_size, dtype",
+    [(1, torch.float32), (3, torch.bfloat16), (4, torch.float32)],
+    ids=["1-fp32", "3-bf16", "4-fp32"],
+)
+def test_triton_bf16_states_round_bit_for_bit_as_store_moment(block_size, dtype):
+    """From the same bf16 states, the kernel's stored moments are foam_hf.optim._store_moment of the fp32
+    moments the same kernel computes with fp32 states, bit for bit (the same counter hash of index, step and
+    salt), and the weights are the same (both step with the unrounded moments)."""
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
+    exp_avgs, exp_avg_sqs, _ = fresh_state(params, block_size, torch.bfloat16)
+    for m, v in zip(exp_avgs, exp_avg_sqs):
+        m.copy_(torch.randn(m.shape, generator=gen))
+        v.copy_(torch.rand(v.shape, generator=gen))
+    # every class of value: infinities, NaN, and the largest bf16, whose dithered rounding may carry into inf
+    special = torch.tensor([float("inf"), float("-inf"), float("nan"), 3.3e38, -3.3e38, 0.0])
+    exp_avgs[0].view(-1)[: special.numel()] = special
+    kwargs = step_kwargs(block_size, hparams=HPARAMS)
+    for step in range(2):  # the second step starts from moments the kernel itself rounded
+        grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in params]
+        params_fp32, avgs_fp32, avg_sqs_fp32 = (
+            [p.clone() for p in params],
+            [m.float() for m in exp_avgs],
+            [v.float() for v in exp_avg_sqs],
+        )
+        fused_triton._fused_foam_triton(
+            params_fp32, grads, avgs_fp32, avg_sqs_fp32, [torch.tensor(float(step)) for _ in params], **kwargs
+        )
+        fused_triton._fused_foam_triton(
+            params, grads, exp_avgs, exp_avg_sqs, [torch.tensor(float(step)) for _ in params], **kwargs
+        )
+        for p, q in zip(params_fp32, params):
+            torch.testing.assert_close(q, p, rtol=0, atol=0, equal_nan=True)
+        for salt, stored, computed in ((0, exp_avgs, avgs_fp32), (1, exp_avg_sqs, avg_sqs_fp32)):
+            for actual, value in zip(stored, computed):
+                expected = torch.empty_like(actual)
+                _store_moment(expected, value, step + 1, salt=salt)
+                assert torch.equal(bits_or_nan(actual), bits_or_nan(expected))
+
+
+def test_triton_refuses_fp16_states():
     params = [torch.randn(4, 8)]
-    exp_avgs = [torch.zeros(4, 2, dtype=torch.bfloat16)]
-    with pytest.raises(RuntimeError, match=r"keeps float32 moments.*state_dtype='bfloat16'.*Fix: pass fused=None"):
+    with pytest.raises(RuntimeError, match=r"float32 or bfloat16; got torch.float16.*Fix: pass fused=None"):
         fused_triton._fused_foam_triton(
             params,
             [torch.randn(4, 8)],
-            exp_avgs,
-            [torch.zeros(4, 2, dtype=torch.bfloat16)],
+            [torch.zeros(4, 2, dtype=torch.float16)],
+            [torch.zeros(4, 2, dtype=torch.float16)],
             [torch.tensor(0.0)],
-            lr=1e-3,
-            beta1=0.9,
-            beta2=0.999,
-            eps=1e-8,
-            weight_decay=0.0,
-            block_size=4,
-            scale=1.0,
-            res_scale=1.0,
-            second_moment="mean_sq",
+            **step_kwargs(4),
         )
 
 
@@ -144,3 +206,45 @@ def test_ready_check_failure_warns_once_and_says_no(monkeypatch, caplog):
     assert len(warnings) == 1
     assert "foreach path" in warnings[0] and "RuntimeError: PTX assembly failed" in warnings[0]
     assert "long compiler log" not in warnings[0]
+
+
+def perturbed_kernels(monkeypatch, perturb):
+    """Swap the kernels' launcher for one that runs them and then corrupts their result with ``perturb``."""
+    real = fused_triton._fused_foam_triton
+
+    def wrong(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs):
+        real(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs)
+        perturb(params, exp_avgs, exp_avg_sqs)
+
+    monkeypatch.setattr(fused_triton, "_ready", {})
+    monkeypatch.setattr(fused_triton, "_fused_foam_triton", wrong)
+
+
+def nudge_last_weight(params, exp_avgs, exp_avg_sqs):
+    params[-1].view(-1)[0] += 1e-3  # one entry of the bias, 1e-3 off: far above the tolerances, far below "inf"
+
+
+def scale_bf16_moments(params, exp_avgs, exp_avg_sqs):
+    for v in exp_avg_sqs:
+        if v.dtype == torch.bfloat16:
+            v.mul_(1.1)  # a broken bf16 store (10 % off); the fp32-moment case stays right
+
+
+@pytest.mark.parametrize(
+    "perturb, what", [(nudge_last_weight, "weight of shape (5,)"), (scale_bf16_moments, "exp_avg_sq")]
+)
+def test_ready_check_compares_numbers_and_falls_back_with_one_warning(monkeypatch, caplog, perturb, what):
+    perturbed_kernels(monkeypatch, perturb)
+    with caplog.at_level("WARNING", logger="foam_hf._fused_triton"):
+        assert not fused_triton.triton_ready(torch.device("cpu"))
+        assert not fused_triton.triton_ready(torch.device("cpu"))  # decided once per device
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "disagrees with the readable path" in warnings[0] and what in warnings[0]
+    assert "foreach path" in warnings[0]
+
+
+def test_ready_check_accepts_differences_within_the_tolerance(monkeypatch):
+    # A perturbation inside the tests' tolerance (1 part in 1e7 of a weight) is not a miscompiled kernel.
+    perturbed_kernels(monkeypatch, lambda params, *_: params[0].mul_(1 + 1e-7))
+    assert fused_triton.triton_ready(torch.device("cpu"))

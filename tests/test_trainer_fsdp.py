@@ -10,12 +10,14 @@ DeepSpeed one). ``test_cpu_fsdp_args_fall_back_to_ddp`` pins that behaviour down
 three fields that branch would have set (``force_fsdp_on_cpu`` in the worker) and run everything else as
 shipped: Trainer's ``fsdp``/``fsdp_config`` arguments or accelerate's launcher, ``fsdp2_prepare_model``
 (``fully_shard`` per decoder layer and on the root), optimizer creation after wrapping, gradient clipping,
-and Trainer's FSDP checkpoint save and ``resume_from_checkpoint``.
+and Trainer's FSDP checkpoint save and ``resume_from_checkpoint``; with ``fsdp_config["cpu_offload"]``,
+FSDP2's ``CPUOffloadPolicy`` too, unpinned (pinned host memory needs an accelerator).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -119,6 +121,23 @@ def assert_fsdp2(result: dict) -> None:
     assert result["local_exp_avg_shapes"]["model.layers.0.self_attn.q_proj.weight"] == (16, 8)
     # Not folded (embeddings keep AdamW states), still sharded by rows.
     assert result["local_exp_avg_shapes"]["model.embed_tokens.weight"] == (32, 32)
+
+
+def test_trainer_fsdp2_cpu_offload_steps_the_offloaded_shards_with_the_fused_kernel(one_process, tmp_path):
+    # Trainer's fsdp_config["cpu_offload"]=True: FSDP2's CPUOffloadPolicy keeps every shard, its gradient and
+    # FOAM's moments on the host, and FOAM steps them there, as under ZeRO-Offload-like setups on GPUs. The
+    # worker unpins the offload (pinned memory needs an accelerator; see unpinned_cpu_offload there).
+    result = launch(torchrun(), tmp_path, "--fsdp", "--cpu-fsdp-shim", "--cpu-offload")
+    assert_fsdp2(result)
+    assert result["offloaded"] and all(result["offloaded"])
+    # Each step's local shards are plain, contiguous CPU tensors: the fused C++ kernel takes them (where a
+    # compiler exists to build it), one call per param group and step.
+    fused = bool(shutil.which("c++") or shutil.which("g++"))
+    implementations = {(c["impl"], tuple(c["devices"]), tuple(c["types"])) for c in result["implementations"]}
+    assert implementations == {("_fused_foam" if fused else "_single_tensor_foam", ("cpu",), ("Tensor",))}
+    assert len(result["implementations"]) == len(one_process["implementations"])  # per group and step, as there
+    assert_same_run(result, one_process, atol=TOLERANCE)
+    assert result["losses"] == pytest.approx(one_process["losses"], abs=1e-5)
 
 
 def test_trainer_fsdp2_matches_one_process(one_process, fsdp2):

@@ -3,11 +3,13 @@
 Launched by tests/test_trainer_fsdp.py in a subprocess (pytest never collects it: no ``test_`` prefix):
 
     torchrun --standalone --nproc_per_node=2 tests/_dist_workers/trainer_fsdp2.py --fsdp --cpu-fsdp-shim --out DIR
+    torchrun ... trainer_fsdp2.py --fsdp --cpu-fsdp-shim --cpu-offload --out DIR   # fsdp_config["cpu_offload"]
     accelerate launch --config_file fsdp2.yaml tests/_dist_workers/trainer_fsdp2.py --cpu-fsdp-shim --out DIR
     python tests/_dist_workers/trainer_fsdp2.py --out DIR                       # the 1-process reference
 
 Rank 0 writes ``DIR/result.pt``: the full (unsharded) weights and FOAM moments, the local moment shapes, what
-accelerate made of the run (FSDP version, parameter types) and the logged losses and ``foam/*`` values.
+accelerate made of the run (FSDP version, parameter types, CPU offload), which FOAM implementation stepped
+which tensors, and the logged losses and ``foam/*`` values.
 """
 
 from __future__ import annotations
@@ -78,6 +80,59 @@ def force_fsdp_on_cpu() -> None:
     AcceleratorState.__init__ = init
 
 
+def unpinned_cpu_offload() -> None:
+    """FSDP2 CPU offload without pinned memory, which needs an accelerator (``Tensor.pin_memory()`` raises
+    "Cannot access accelerator device when none is available" on a CPU-only machine).
+
+    ``fsdp_config["cpu_offload"]=True`` reaches accelerate as ``cpu_offload=True``, which its plugin turns into
+    ``CPUOffloadPolicy()`` (``pin_memory=True``). This swaps in ``CPUOffloadPolicy(pin_memory=False)`` after
+    that conversion; ``fully_shard`` then offloads as on a GPU machine, minus the pinning.
+    """
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    original = FullyShardedDataParallelPlugin.set_cpu_offload
+
+    def set_cpu_offload(self):
+        original(self)
+        if isinstance(self.cpu_offload, CPUOffloadPolicy):
+            self.cpu_offload = CPUOffloadPolicy(pin_memory=False)
+
+    FullyShardedDataParallelPlugin.set_cpu_offload = set_cpu_offload
+
+
+def record_implementations() -> list[dict]:
+    """Record, for every call of FOAM's functional step, which implementation ran and on what tensors."""
+    from foam_hf import _fused_cpu, optim
+
+    calls: list[dict] = []
+    for module, name in ((_fused_cpu, "_fused_foam"), (optim, "_multi_tensor_foam"), (optim, "_single_tensor_foam")):
+        original = getattr(module, name)
+
+        def recording(params, *args, _original=original, _name=name, **kwargs):
+            calls.append(
+                {
+                    "impl": _name,
+                    "devices": sorted({p.device.type for p in params}),
+                    "types": sorted({type(p).__name__ for p in params}),
+                }
+            )
+            return _original(params, *args, **kwargs)
+
+        setattr(module, name, recording)
+    return calls
+
+
+def offloaded(model) -> list[bool]:
+    """Whether FSDP2 holds each of the model's parameters offloaded to CPU (``CPUOffloadPolicy``)."""
+    flags = []
+    for module in model.modules():
+        state = module._get_fsdp_state() if hasattr(module, "_get_fsdp_state") else None
+        group = getattr(state, "_fsdp_param_group", None) if state is not None else None
+        flags += [fsdp_param.offload_to_cpu for fsdp_param in (group.fsdp_params if group else [])]
+    return flags
+
+
 def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
 
@@ -92,6 +147,7 @@ def main() -> None:
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 from TrainingArguments(fsdp=True, fsdp_config)")
     parser.add_argument("--cpu-fsdp-shim", action="store_true", help="see force_fsdp_on_cpu")
     parser.add_argument("--state-dict-type", default="FULL_STATE_DICT", help="fsdp_config['state_dict_type']")
+    parser.add_argument("--cpu-offload", action="store_true", help="fsdp_config['cpu_offload']=True")
     parser.add_argument("--max-steps", type=int, default=4)
     parser.add_argument(
         "--interrupt-at", type=int, default=0, help="save and stop at this step, then resume in a new Trainer"
@@ -105,6 +161,9 @@ def main() -> None:
 
     if args.cpu_fsdp_shim:
         force_fsdp_on_cpu()
+        if args.cpu_offload:
+            unpinned_cpu_offload()
+    calls = record_implementations()
     fsdp_kwargs = {}
     if args.fsdp:
         fsdp_kwargs = dict(
@@ -113,6 +172,7 @@ def main() -> None:
                 "version": 2,
                 "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
                 "state_dict_type": args.state_dict_type,
+                **({"cpu_offload": True} if args.cpu_offload else {}),
             },
         )
 
@@ -175,6 +235,8 @@ def main() -> None:
         "exp_avg_sq": {n: full(optimizer.state[p]["exp_avg_sq"]) for n, p in named},
         "local_exp_avg_shapes": {n: local_shape(optimizer.state[p]["exp_avg"]) for n, p in named},
         "steps": trainer.state.global_step,
+        "offloaded": offloaded(trainer.model),
+        "implementations": calls,
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
         "foam_logs": [
             {k: v for k, v in e.items() if k.startswith("foam/")} for e in trainer.state.log_history if "loss" in e

@@ -1,0 +1,364 @@
+"""The GPU check: everything about FOAM's CUDA path that only a GPU can tell, in one command.
+
+    python benchmarks/gpu_check.py --out gpu-check     # one H100/H200; sized for well under 8 minutes (not yet timed)
+
+It prints Markdown tables and writes ``results.json`` and ``results.md`` into ``--out``:
+
+1. **parity**: the Triton kernels against the readable path (``_single_tensor_foam``, run on the same GPU)
+   over shapes (ragged rows, 1-D, 3-D, n < B), block sizes, parameter dtypes and both state dtypes, 3 steps,
+   within the tolerances of tests/test_fused_triton.py; bf16 moments may differ by one bf16 spacing;
+2. **step time**: median CUDA-event time of one ``step()`` on 8 x 4096² weights, bf16 and fp32, as a ratio to
+   ``torch.optim.AdamW(fused=True)``, for FOAM's Triton path (fp32 and bf16 states) and its foreach path;
+3. **peak transient memory** of every path: ``torch.cuda.max_memory_allocated`` during one step above what was
+   allocated before it, in bytes and as a share of the parameter bytes;
+4. **Trainer**: a short ``bf16=True`` run of ``transformers.Trainer`` with ``optim="foam"`` on a small Llama
+   built from a config (no download), with the losses and which FOAM implementation stepped.
+
+Without CUDA it exits at once with a message saying so. ``--interpret`` runs the parity harness on CPU tensors
+in Triton's interpreter instead (set ``TRITON_INTERPRET=1``; toy sizes with ``--quick``), which is how
+tests/test_gpu_check.py keeps this script from rotting; it measures nothing of a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+STATE_DTYPES = {"fp32": None, "bf16": "bfloat16"}
+HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, scale=1.0, res_scale=1.0)
+# Ragged rows (1000, 130 at most B), 1-D (AdamW kernel), 3-D (leading dims as rows), n < B, one long row.
+FULL_SHAPES = [(7,), (64, 64), (33, 1000), (3, 5, 130), (2, 3), (1, 70000), (1024, 4096)]
+QUICK_SHAPES = [(7,), (6, 8), (5, 9), (2, 3, 10)]
+# fp16 weights (the tests cover fp32 and bf16): neighbouring fp16 values are 2**-10 to 2**-11 apart, relatively.
+FP16_TOLERANCES = (1e-6, 2**-9)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="gpu-check", help="folder for results.json and results.md")
+    parser.add_argument("--device", default="cuda", help="the CUDA device to check (default: cuda)")
+    parser.add_argument("--quick", action="store_true", help="toy sizes everywhere (a smoke run)")
+    parser.add_argument(
+        "--interpret", action="store_true", help="parity on CPU in Triton's interpreter (TRITON_INTERPRET=1)"
+    )
+    parser.add_argument("--block-sizes", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16, 32, 64])
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16", "fp16"], choices=sorted(DTYPES))
+    parser.add_argument("--state-dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(STATE_DTYPES))
+    parser.add_argument("--steps", type=int, default=3, help="steps per parity case")
+    parser.add_argument("--n-weights", type=int, default=8)
+    parser.add_argument("--size", type=int, default=4096, help="timed weights are size x size")
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--trainer-steps", type=int, default=30, help="0 skips the Trainer run")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.block_sizes = [b for b in args.block_sizes if b in (1, 3, 4)] or [4]
+        args.n_weights, args.size, args.reps, args.steps = 2, 256, 3, 2
+        args.trainer_steps = min(args.trainer_steps, 3)
+    return args
+
+
+# ---------------------------------------------------------------------------- 1. parity
+
+
+def state_shape(shape: tuple[int, ...], block_size: int) -> tuple[int, ...]:
+    from foam_hf.folding import folded_shape
+
+    return tuple(folded_shape(shape, block_size)) if len(shape) >= 2 and block_size > 1 else shape
+
+
+def parity_case(device, shapes, block_size: int, dtype: torch.dtype, state_dtype: str | None, steps: int) -> dict:
+    """Step the same problem with the Triton kernels and the readable path on ``device``; the worst gaps."""
+    from foam_hf import _fused_triton
+    from foam_hf.optim import _single_tensor_foam, state_dtype_for
+
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    moment_dtype = state_dtype_for(weights[0], state_dtype)
+    runs = []
+    for _ in range(2):  # (Triton, readable): identical copies
+        params = [w.to(device, copy=True) for w in weights]  # copies even where device is the CPU
+        exp_avgs = [torch.zeros(state_shape(s, block_size), dtype=moment_dtype, device=device) for s in shapes]
+        runs.append((params, exp_avgs, [torch.zeros_like(m) for m in exp_avgs], [torch.tensor(0.0) for _ in shapes]))
+    kwargs = dict(HYPER, block_size=block_size, second_moment="mean_sq")
+    for _ in range(steps):
+        grads = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
+        for step, (params, exp_avgs, exp_avg_sqs, state_steps) in zip(
+            (_fused_triton._fused_foam_triton, _single_tensor_foam), runs
+        ):
+            step(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs)
+    atol, rtol = _fused_triton._CHECK_WEIGHT_TOLERANCES.get(dtype, FP16_TOLERANCES)
+    moment_rtol = _fused_triton._CHECK_MOMENT_RTOL[moment_dtype]
+    weight_gap = moment_gap = 0.0
+    ok = True
+    for got, want in zip(runs[0][0], runs[1][0]):
+        got, want = got.float(), want.float()
+        weight_gap = max(weight_gap, (got - want).abs().max().item())
+        ok &= bool(torch.allclose(got, want, atol=atol, rtol=rtol))
+    for index in (1, 2):
+        for got, want in zip(runs[0][index], runs[1][index]):
+            got, want = got.float(), want.float()
+            scale = want.abs().max().item()
+            gap = ((got - want).abs() / (want.abs() + 1e-30)).max().item()
+            moment_gap = max(moment_gap, gap)
+            ok &= bool(torch.allclose(got, want, rtol=moment_rtol, atol=1e-6 * scale + 1e-30))
+    return {
+        "block_size": block_size,
+        "dtype": str(dtype).removeprefix("torch."),
+        "state_dtype": str(moment_dtype).removeprefix("torch."),
+        "max_weight_gap": weight_gap,
+        "max_moment_rel_gap": moment_gap,
+        "pass": ok,
+    }
+
+
+def check_parity(args, device) -> list[dict]:
+    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    rows = []
+    for block_size, dname, sname in itertools.product(args.block_sizes, args.dtypes, args.state_dtypes):
+        rows.append(parity_case(device, shapes, block_size, DTYPES[dname], STATE_DTYPES[sname], args.steps))
+    return rows
+
+
+# ---------------------------------------------------------------------------- 2-3. step time and memory
+
+
+def step_candidates():
+    from foam_hf import FOAM
+
+    return [
+        ("torch AdamW fused", lambda ps: torch.optim.AdamW(ps, fused=True)),
+        ("torch AdamW foreach", lambda ps: torch.optim.AdamW(ps, foreach=True)),
+        ("FOAM Triton B=4", lambda ps: FOAM(ps, block_size=4, fused=True)),
+        ("FOAM Triton B=4, bf16 states", lambda ps: FOAM(ps, block_size=4, fused=True, state_dtype="bfloat16")),
+        ("FOAM default B=4", lambda ps: FOAM(ps, block_size=4)),
+        ("FOAM foreach B=4", lambda ps: FOAM(ps, block_size=4, foreach=True, fused=False)),
+        ("FOAM foreach B=4, bf16 states", lambda ps: FOAM(ps, block_size=4, foreach=True, state_dtype="bfloat16")),
+        ("FOAM for-loop B=4", lambda ps: FOAM(ps, block_size=4, foreach=False, fused=False)),
+    ]
+
+
+def time_and_memory(args, device) -> list[dict]:
+    rows = []
+    for dname in ("bf16", "fp32"):
+        dtype = DTYPES[dname]
+        for name, make in step_candidates():
+            gen = torch.Generator(device=device).manual_seed(0)
+            params = []
+            for _ in range(args.n_weights):
+                p = torch.nn.Parameter(torch.randn(args.size, args.size, device=device, generator=gen).to(dtype))
+                p.grad = (torch.randn(p.shape, device=device, generator=gen) * 1e-2).to(dtype)
+                params.append(p)
+            param_bytes = sum(p.numel() * p.element_size() for p in params)
+            optimizer = make(params)
+            for _ in range(3):  # states allocated, kernels compiled
+                optimizer.step()
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            optimizer.step()
+            torch.cuda.synchronize(device)
+            transient = torch.cuda.max_memory_allocated(device) - before
+            reps = args.reps if "for-loop" not in name else max(3, args.reps // 5)
+            times = []
+            for _ in range(reps):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                optimizer.step()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            rows.append(
+                {
+                    "path": name,
+                    "dtype": dname,
+                    "ms": statistics.median(times),
+                    "transient_bytes": transient,
+                    "transient_share": transient / param_bytes,
+                }
+            )
+            del optimizer, params
+            torch.cuda.empty_cache()
+        base = next(r["ms"] for r in rows if r["dtype"] == dname and r["path"] == "torch AdamW fused")
+        for r in rows:
+            if r["dtype"] == dname:
+                r["ratio_to_adamw_fused"] = r["ms"] / base
+    return rows
+
+
+# ---------------------------------------------------------------------------- 4. Trainer
+
+
+def trainer_run(args, device, out: Path) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    import foam_hf  # noqa: F401  (registers optim="foam")
+    from foam_hf import _fused_cpu, _fused_triton, optim
+
+    calls: list[str] = []
+    for module, name in (
+        (_fused_triton, "_fused_foam_triton"),
+        (_fused_cpu, "_fused_foam"),
+        (optim, "_multi_tensor_foam"),
+        (optim, "_single_tensor_foam"),
+    ):
+        original = getattr(module, name)
+
+        def recording(*a, _original=original, _name=name, **k):
+            calls.append(_name)
+            return _original(*a, **k)
+
+        setattr(module, name, recording)
+    small = args.quick or device.type != "cuda"
+    config = LlamaConfig(
+        vocab_size=256 if small else 4096,
+        hidden_size=32 if small else 512,
+        intermediate_size=64 if small else 1536,
+        num_hidden_layers=2 if small else 8,
+        num_attention_heads=4 if small else 8,
+        num_key_value_heads=2 if small else 4,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    seq = 32 if small else 128
+    ids = torch.randint(0, config.vocab_size, (64, seq), generator=torch.Generator().manual_seed(0))
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+    training_args = TrainingArguments(
+        output_dir=str(out / "trainer"),
+        optim="foam",
+        bf16=True,
+        learning_rate=1e-3,
+        max_steps=args.trainer_steps,
+        per_device_train_batch_size=4 if small else 16,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=device.type != "cuda",
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = Trainer(model=model, args=training_args, train_dataset=dataset)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return {
+        "steps": trainer.state.global_step,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "all_finite": all(map(lambda x: x == x and abs(x) != float("inf"), losses)),
+        "seconds_per_step": seconds / max(1, trainer.state.global_step),
+        "implementations": sorted(set(calls)),
+    }
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        f"GPU check, {results['date']}: {results['device']}; torch {results['torch']}, triton {results['triton']}, "
+        f"git {results['git']}, {results.get('seconds', 0):.0f} s"
+    ]
+    if "ready" in results:
+        lines += ["", f"**Self-check** (`triton_ready`, what `fused=None` asks): {results['ready']}"]
+    if results["parity"]:
+        passed = sum(r["pass"] for r in results["parity"])
+        lines += ["", f"**Triton vs readable path**: {passed}/{len(results['parity'])} cases within tolerance", ""]
+        lines += ["| B | params | moments | max weight gap | max moment rel. gap | pass |", "|---|---|---|---|---|---|"]
+        for r in results["parity"]:
+            lines.append(
+                f"| {r['block_size']} | {r['dtype']} | {r['state_dtype']} | {r['max_weight_gap']:.2e} "
+                f"| {r['max_moment_rel_gap']:.2e} | {'yes' if r['pass'] else '**NO**'} |"
+            )
+    if results["steps"]:
+        lines += ["", "**Step time and peak transient memory** (median; ratio to AdamW fused, same dtype)", ""]
+        lines += ["| path | dtype | ms/step | x AdamW fused | transient | % of params |", "|---|---|---|---|---|---|"]
+        for r in results["steps"]:
+            lines.append(
+                f"| {r['path']} | {r['dtype']} | {r['ms']:.3f} | {r['ratio_to_adamw_fused']:.2f}x "
+                f"| {r['transient_bytes'] / 2**20:.1f} MiB | {100 * r['transient_share']:.1f}% |"
+            )
+    if results["trainer"]:
+        t = results["trainer"]
+        lines += [
+            "",
+            f'**Trainer bf16, optim="foam"**: {t["steps"]} steps, loss {t["first_loss"]:.4f} -> '
+            f"{t['last_loss']:.4f}, finite: {t['all_finite']}, {t['seconds_per_step']:.3f} s/step, "
+            f"stepped by {', '.join(t['implementations'])}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.interpret:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("gpu_check: --interpret needs TRITON_INTERPRET=1 in the environment (set it, then rerun).")
+        device = torch.device("cpu")
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit(
+                "gpu_check: no CUDA device here (torch.cuda.is_available() is False), so there is nothing to check. "
+                "Run it on a machine with an NVIDIA GPU and a CUDA build of torch; --interpret runs the parity "
+                "harness in Triton's interpreter on CPU instead."
+            )
+        device = torch.device(args.device)
+    from foam_hf import _fused_triton
+
+    if not _fused_triton.triton_available():
+        raise SystemExit("gpu_check: Triton is not importable here; install the CUDA build of torch (it ships it).")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import triton
+
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, Triton interpreter",
+        "host": platform.node(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "git": git_sha(),
+        "argv": sys.argv[1:] if argv is None else argv,
+        "parity": [],
+        "steps": [],
+        "trainer": None,
+    }
+    start = time.perf_counter()
+    if device.type == "cuda":
+        results["ready"] = _fused_triton.triton_ready(device)  # the self-check the default path runs
+    results["parity"] = check_parity(args, device)
+    if device.type == "cuda":
+        results["steps"] = time_and_memory(args, device)
+    if args.trainer_steps:
+        results["trainer"] = trainer_run(args, device, out)
+    results["seconds"] = time.perf_counter() - start
+    text = markdown(results)
+    print(text)
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    failed = [r for r in results["parity"] if not r["pass"]]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

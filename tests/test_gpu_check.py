@@ -1,0 +1,92 @@
+"""benchmarks/gpu_check.py keeps working on machines without a GPU: its arguments, its clean exit without CUDA,
+and its parity harness, which runs the Triton kernels in Triton's interpreter at toy size (tests/conftest.py
+sets TRITON_INTERPRET=1) and must report a wrong kernel as a failure. What it measures on a GPU is not tested
+here (docs/benchmarks.md says whether it has run on one)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from foam_hf import _fused_triton
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_check.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(*args: str, interpret: bool, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    command = [sys.executable, str(SCRIPT), *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_arguments_and_quick_sizes():
+    gpu_check = load_script()
+    args = gpu_check.parse_args(["--out", "x"])
+    assert args.block_sizes == [1, 2, 3, 4, 8, 16, 32, 64] and args.dtypes == ["fp32", "bf16", "fp16"]
+    assert args.state_dtypes == ["fp32", "bf16"] and (args.n_weights, args.size) == (8, 4096)
+    quick = gpu_check.parse_args(["--quick", "--block-sizes", "3", "32"])
+    assert quick.block_sizes == [3] and quick.size == 256 and quick.trainer_steps == 3
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--dtypes", "fp8"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_without_cuda_it_exits_with_a_clear_message(tmp_path):
+    proc = run("--out", str(tmp_path / "out"), interpret=False, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "no CUDA device here" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()  # nothing written that could pass for results
+
+
+def test_interpreter_run_writes_parity_and_trainer_results(tmp_path):
+    out = tmp_path / "out"
+    proc = run(
+        "--interpret", "--quick", "--block-sizes", "3", "--dtypes", "fp32", "bf16", "--out", str(out),
+        "--trainer-steps", "2",
+        interpret=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    # the interpreter is slow: 1 block size (3: a padded tile, ragged rows) x 2 parameter dtypes x 2 state dtypes
+    cases = {(r["block_size"], r["dtype"], r["state_dtype"]) for r in results["parity"]}
+    assert cases == {(3, d, s) for d in ("float32", "bfloat16") for s in ("float32", "bfloat16")}
+    assert all(r["pass"] for r in results["parity"]), results["parity"]
+    assert results["steps"] == []  # step time and CUDA memory need a GPU
+    trainer = results["trainer"]
+    assert trainer["steps"] == 2 and trainer["all_finite"]
+    # on CPU the C++ kernel steps (where a compiler builds it); on a GPU this would name the Triton path
+    fused = bool(shutil.which("c++") or shutil.which("g++"))
+    assert trainer["implementations"] == (["_fused_foam"] if fused else ["_single_tensor_foam"])
+    assert (out / "results.md").read_text() in proc.stdout
+
+
+def test_parity_harness_reports_a_wrong_kernel(monkeypatch):
+    gpu_check = load_script()
+    real = _fused_triton._fused_foam_triton
+
+    def wrong(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs):
+        real(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs)
+        params[0].mul_(1.01)  # 1 % off: what a miscompiled kernel might do
+
+    monkeypatch.setattr(_fused_triton, "_fused_foam_triton", wrong)
+    row = gpu_check.parity_case(torch.device("cpu"), gpu_check.QUICK_SHAPES, 4, torch.float32, None, steps=1)
+    assert not row["pass"] and row["max_weight_gap"] > 1e-3
