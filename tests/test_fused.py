@@ -169,7 +169,7 @@ def broken_build(monkeypatch):
         raise RuntimeError("simulated: no C++ compiler")
 
     monkeypatch.setattr("torch.utils.cpp_extension.load", fail)
-    for name, value in (("_tried", False), ("_kernel", None), ("_error", None), ("_build_seconds", None)):
+    for name, value in (("_tried", False), ("_kernel", None), ("_error", None)):
         monkeypatch.setattr(_fused_cpu, name, value)
 
 
