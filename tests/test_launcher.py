@@ -246,6 +246,9 @@ def sft_assets(tmp_path_factory):
     return root, {n: list(p.shape) for n, p in model.named_parameters()}
 
 
+FOAM_HF_RUN_TRL_SFT = [BIN / "foam-hf", "run", BIN / "trl", "sft"]
+
+
 def sft_config(root, out) -> dict:
     return {
         "model_name_or_path": str(root / "model"),
@@ -296,19 +299,7 @@ def test_trl_sft_without_registration_refuses_optim_foam(sft_assets, tmp_path):
 def test_trl_sft_through_foam_hf_run(sft_assets, tmp_path):
     root, shapes = sft_assets
     out = tmp_path / "out"
-    ok(
-        sh(
-            BIN / "foam-hf",
-            "run",
-            BIN / "trl",
-            "sft",
-            *sft_args(root, out),
-            "--optim",
-            "foam",
-            "--optim_args",
-            "block_size=8",
-        )
-    )
+    ok(sh(*FOAM_HF_RUN_TRL_SFT, *sft_args(root, out), "--optim", "foam", "--optim_args", "block_size=8"))
     check_sft_run(out, shapes, 8)
 
 
@@ -318,22 +309,14 @@ def test_trl_sft_with_a_yaml_config_through_foam_hf_run(sft_assets, tmp_path):
     config = {**sft_config(root, out), "optim": "foam", "optim_args": "block_size=4"}
     lines = [f"{key}: {json.dumps(value)}" for key, value in config.items()]
     (tmp_path / "sft.yaml").write_text("\n".join(lines) + "\n")
-    ok(sh(BIN / "foam-hf", "run", BIN / "trl", "sft", "--config", tmp_path / "sft.yaml"))
+    ok(sh(*FOAM_HF_RUN_TRL_SFT, "--config", tmp_path / "sft.yaml"))
     check_sft_run(out, shapes, 4)
 
 
 def test_trl_sft_bad_optim_args_fail_at_parse_time(sft_assets, tmp_path):
     root, _ = sft_assets
     result = sh(
-        BIN / "foam-hf",
-        "run",
-        BIN / "trl",
-        "sft",
-        *sft_args(root, tmp_path / "out"),
-        "--optim",
-        "foam",
-        "--optim_args",
-        "block_sise=8",
+        *FOAM_HF_RUN_TRL_SFT, *sft_args(root, tmp_path / "out"), "--optim", "foam", "--optim_args", "block_sise=8"
     )
     assert result.returncode != 0
     assert "unknown key(s) ['block_sise']" in result.stderr and "Valid keys" in result.stderr
