@@ -270,7 +270,7 @@ def sft_config(root, out) -> dict:
 def sft_args(root, out):
     flags = []
     for key, value in sft_config(root, out).items():
-        flags += [f"--{key}"] if value is True else [f"--{key}", str(value)]
+        flags += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
     return flags
 
 
