@@ -336,6 +336,10 @@ class FOAM(Optimizer):
         super().__init__(params, defaults)
         if any(group["fused"] for group in self.param_groups):
             _check_fused_available(self.param_groups, allow_meta=True)
+            # Checked in full unless a fused group still holds meta tensors: then step() checks once they are real.
+            self._fused_checked = not any(
+                p.device.type == "meta" for group in self.param_groups if group["fused"] for p in group["params"]
+            )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group after validating its options and parameters (see :class:`torch.optim.Optimizer`)."""
