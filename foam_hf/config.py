@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import FoamConfigError
-from .optim import SECOND_MOMENT_MODES, validate_group_options
+from .options import GROUP_DEFAULTS, SECOND_MOMENT_MODES, check_option
 
 __all__ = ["OPTIM_ARGS_KEYS", "FoamConfig"]
 
@@ -77,32 +77,19 @@ class FoamConfig:
         True
     """
 
-    block_size: int = 4
-    scale: float = 1.0
-    res_scale: float = 1.0
-    second_moment: str = "mean_sq"
-    state_dtype: str | None = None
+    block_size: int = GROUP_DEFAULTS["block_size"]
+    scale: float = GROUP_DEFAULTS["scale"]
+    res_scale: float = GROUP_DEFAULTS["res_scale"]
+    second_moment: str = GROUP_DEFAULTS["second_moment"]
+    state_dtype: str | None = GROUP_DEFAULTS["state_dtype"]
     block_sizes: dict[str, int] = field(default_factory=dict)
     target_modules: list[str] | str | None = None
     callback: bool = True
 
     def __post_init__(self) -> None:
-        where = "FoamConfig / optim_args"
-        validate_group_options(
-            dict(
-                lr=0.0,
-                betas=(0.9, 0.999),
-                eps=0.0,
-                weight_decay=0.0,
-                block_size=self.block_size,
-                scale=self.scale,
-                res_scale=self.res_scale,
-                second_moment=self.second_moment,
-                foreach=None,
-                state_dtype=self.state_dtype,
-            ),
-            where=where,
-        )
+        # FOAM's own rules, option by option (the optimizer checks the same values with the same functions).
+        for name in ("block_size", "scale", "res_scale", "second_moment", "state_dtype"):
+            check_option(name, getattr(self, name), where="FoamConfig / optim_args")
         if not isinstance(self.block_sizes, dict):
             raise TypeError(
                 f"FoamConfig: block_sizes={self.block_sizes!r} must be a dict {{pattern: size}}, "

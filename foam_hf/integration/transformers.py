@@ -16,6 +16,7 @@ from ..distributed import check_deepspeed_config
 from ..errors import FoamConfigError
 from ..layerwise import LayerwiseFOAM
 from ..optim import FOAM
+from ..options import check_number
 from ..param_groups import build_param_groups, resolve_block_sizes
 from ..zero import ZeroFOAM, zero_stage
 from ._seam import FOAM_OPTIMIZER_NAMES, decay_parameter_names, insert_callback_first
@@ -70,14 +71,14 @@ def validate_training_arguments(args: Any) -> None:
             )
 
 
-# (TrainingArguments field, rule, test, example) for the fields FOAM reads; checked under their own names so
-# that a bad value fails when the arguments are built, not at the first training step.
+# The TrainingArguments fields FOAM reads, with the option rule of foam_hf.options that each obeys and an example;
+# checked under their own names, so that a bad value fails when the arguments are built, not at the first step.
 _FIELD_RULES = (
-    ("learning_rate", "finite and >= 0", lambda v: v >= 0, "learning_rate=1e-4"),
-    ("adam_beta1", "in [0, 1)", lambda v: 0 <= v < 1, "adam_beta1=0.9"),
-    ("adam_beta2", "in [0, 1)", lambda v: 0 <= v < 1, "adam_beta2=0.999"),
-    ("adam_epsilon", "finite and >= 0", lambda v: v >= 0, "adam_epsilon=1e-8"),
-    ("weight_decay", "finite and >= 0", lambda v: v >= 0, "weight_decay=0.0"),
+    ("learning_rate", "lr", "1e-4"),
+    ("adam_beta1", "beta", "0.9"),
+    ("adam_beta2", "beta", "0.999"),
+    ("adam_epsilon", "eps", "1e-8"),
+    ("weight_decay", "weight_decay", "0.0"),
 )
 
 
@@ -91,17 +92,22 @@ def _deepspeed_config(args: Any) -> Any:
 
 
 def _check_hyperparameter_fields(args: Any) -> None:
-    import math
     import re
 
-    for name, rule, ok, example in _FIELD_RULES:
+    optim = getattr(args.optim, "value", args.optim)
+    for name, rule, example in _FIELD_RULES:
         value = getattr(args, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
-            raise FoamConfigError(
-                f"TrainingArguments: {name}={value!r} is invalid for optim="
-                f"{getattr(args.optim, 'value', args.optim)!r}: it must be {rule}. "
-                f"Fix: pass e.g. {example}."
+        try:
+            check_number(
+                name,
+                value,
+                rule,
+                owner="TrainingArguments",
+                invalid_for=f" for optim={optim!r}",
+                fix=f"pass e.g. {name}={example}",
             )
+        except TypeError as err:  # TrainingArguments types its fields; a wrong type is a bad value here too
+            raise FoamConfigError(str(err)) from None
     targets = args.optim_target_modules
     if targets is not None:
         if isinstance(targets, (list, tuple)) and not targets:
