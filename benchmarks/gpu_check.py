@@ -81,7 +81,8 @@ def state_shape(shape: tuple[int, ...], block_size: int) -> tuple[int, ...]:
 def parity_case(device, shapes, block_size: int, dtype: torch.dtype, state_dtype: str | None, steps: int) -> dict:
     """Step the same problem with the Triton kernels and the readable path on ``device``; the worst gaps."""
     from foam_hf import _fused_triton
-    from foam_hf.optim import _single_tensor_foam, state_dtype_for
+    from foam_hf.functional import _single_tensor_foam
+    from foam_hf.precision import state_dtype_for
 
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(s, generator=gen).to(dtype) for s in shapes]

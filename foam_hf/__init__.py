@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 #: Public name -> the module that defines it.
 _EXPORTS: dict[str, str] = {
     "FOAM": "optim",
-    "foam": "optim",
+    "foam": "functional",
     "FoamCallback": "integration.callback",
     "FoamConfig": "config",
     "FoamConfigError": "errors",
@@ -60,10 +60,11 @@ if TYPE_CHECKING:
     from .config import FoamConfig
     from .errors import FoamConfigError, FoamStateError, NoMatchingModuleError
     from .folding import block_mean, folded_shape, is_foldable, unfold
+    from .functional import foam
     from .integration.callback import FoamCallback
     from .layerwise import LayerwiseFOAM
     from .memory import StateMemory, adamw_state_bytes, foam_state_bytes, state_memory
-    from .optim import FOAM, foam
+    from .optim import FOAM
 
 
 def __getattr__(name: str) -> object:

@@ -1,6 +1,6 @@
 r"""Row pieces in bounded batches: how the foreach path keeps its temporaries to a fraction of the parameters.
 
-The foreach path (:func:`foam_hf.optim._multi_tensor_foam`) computes with whole-tensor temporaries: the
+The foreach path (:func:`foam_hf.functional._multi_tensor_foam`) computes with whole-tensor temporaries: the
 fp32 copies of half-precision weights and gradients, ``G⊙G``, the unfolded moments, the residual and the
 denominator. Stepping a whole group at once would hold several of them for *every* parameter at the same
 time (550 % of the parameter bytes for fp32 parameters, 1500 % for bf16 ones). Instead the step runs batch by
@@ -10,7 +10,7 @@ batch, each batch a list of *row pieces* whose temporaries fit in a byte budget:
   a tensor that does not fold), never inside a row, so a piece folds exactly as the whole tensor does;
 * pieces are views: the in-place updates of weights and moments land in the tensors themselves;
 * a piece knows the C-order index of its first moment entry, so the stochastic rounding of bf16 moments
-  (:func:`foam_hf.optim._store_moment`) draws the same dither as for the whole tensor.
+  (:func:`foam_hf.precision.store_moment`) draws the same dither as for the whole tensor.
 
 The budget is :data:`TRANSIENT_FRACTION` of the bytes of the parameters being stepped, and at least
 :data:`MIN_BATCH_BYTES` (so a group of small tensors is not cut into thousands of launches), and at least one

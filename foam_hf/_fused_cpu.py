@@ -5,7 +5,7 @@
 ``TORCH_EXTENSIONS_DIR``, so later processes only load it). When the build cannot happen (no C++ compiler,
 no ninja, no headers, a non-CPU build of torch missing pieces) it logs one warning and returns ``None``;
 ``fused=None`` then falls back to the other paths and only ``fused=True`` raises. :func:`_fused_foam` is the
-``impl`` that :func:`foam_hf.optim.foam` dispatches to; it is tested for parity against ``_single_tensor_foam``
+``impl`` that :func:`foam_hf.functional.foam` dispatches to; it is tested for parity against ``_single_tensor_foam``
 in ``tests/test_fused.py`` and ``tests/test_fused_kernel.py``.
 
 The kernel picks its implementation from the CPU: AVX-512, AVX2 (both x86 only) or portable C++. The
@@ -180,7 +180,7 @@ def _fused_foam(
     Gradients that are not contiguous or not in the parameter's dtype are made so first (a copy, the only
     full-size allocation this path can make; Trainer's gradients never need it). bf16 moments are widened,
     stepped and stochastically rounded back inside the kernel, a few hundred entries at a time (the rounding
-    is :func:`foam_hf.optim._store_moment`'s, bit for bit).
+    is :func:`foam_hf.precision.store_moment`'s, bit for bit).
     """
     if not params:
         return

@@ -1,7 +1,7 @@
 """The fused CUDA step of FOAM: Triton kernels, one launch per tensor, no full-size temporaries.
 
 The same math, constants and order of operations as the fused CPU kernel (``csrc/foam_cpu.cpp``) and the
-readable path (:func:`foam_hf.optim._single_tensor_foam`), which the tests hold it to:
+readable path (:func:`foam_hf.functional._single_tensor_foam`), which the tests hold it to:
 
 * a folded tensor ``(*rows, n)`` is viewed as ``rows x n``; program ``(r, t)`` takes ``KB`` blocks of row
   ``r`` as a ``KB x BP`` tile (``BP`` = ``B`` rounded up to a power of two, the extra lanes masked), so any
@@ -15,7 +15,7 @@ Square roots and divisions are IEEE round-to-nearest (``tl.sqrt_rn``, ``tl.div_r
 approximations, so results match the CPU paths to rounding. G and W are read once and W written once per
 entry, in the parameter's dtype; moments are float32, or bfloat16 (``state_dtype="bfloat16"``): loaded into
 fp32, updated, used for the step, and stored with the stochastic rounding of the other paths
-(:func:`foam_hf.optim._store_moment`), the same counter hash of (index, step, salt) computed in-kernel, so a
+(:func:`foam_hf.precision.store_moment`), the same counter hash of (index, step, salt) computed in-kernel, so a
 bf16 moment comes out bit for bit what the readable path stores for the same fp32 value.
 
 Triton ships with the CUDA builds of torch; without it this module still imports and reports the path
@@ -26,11 +26,11 @@ this module is imported), which checks their logic but says nothing of their spe
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
 from foam_hf.folding import is_foldable
+from foam_hf.step_scalars import step_constants
 
 try:  # Triton ships with torch's CUDA builds; without it this path is simply unavailable.
     import triton
@@ -49,7 +49,7 @@ TRITON_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.f
 _TILE = 2048
 #: Moment dtypes the kernels store (bfloat16 with stochastic rounding).
 STATE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
-# The counter hash of foam_hf.optim._rounding_dither: the per-(step, salt) key is computed here, once a step.
+# The counter hash of foam_hf.precision.rounding_dither: the per-(step, salt) key is computed here, once a step.
 _HASH_STEP, _HASH_SALT, _MASK32 = 0x85EBCA77, 0xC2B2AE3D, 0xFFFFFFFF
 _ADAMW_BLOCK = 1024
 
@@ -86,7 +86,7 @@ def _scratch_problem(device: torch.device, dtype: torch.dtype, state_dtype: torc
 def _self_check_mismatch(device: torch.device) -> str | None:
     """Step the scratch problem with the kernels and with the readable path on ``device``; describe the
     first disagreement beyond the tests' tolerances (``None`` when they agree)."""
-    from foam_hf.optim import _single_tensor_foam
+    from .functional import _single_tensor_foam
 
     hyper = dict(
         lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, scale=1.0, res_scale=1.0, second_moment="mean_sq"
@@ -127,7 +127,7 @@ def triton_ready(device: torch.device) -> bool:
 
     The check steps a tiny seeded problem (a folded weight, a ragged one and a bias; fp32 parameters with
     fp32 moments and bf16 parameters with bf16 moments; two steps) with the kernels and with the readable path
-    :func:`foam_hf.optim._single_tensor_foam` on the same device and inputs, and compares weights and moments
+    :func:`foam_hf.functional._single_tensor_foam` on the same device and inputs, and compares weights and moments
     within the tolerances of the tests. ``fused=None`` asks this before choosing the Triton path, so a Triton or
     driver that cannot build these kernels, or that builds them wrong, costs one logged warning and the
     foreach path (same results, more memory traffic), never a failed or silently wrong training run.
@@ -188,7 +188,7 @@ if triton is not None:
 
     @triton.jit
     def _store_moment(ptrs, value, mask, index, key, STATE_BF16: tl.constexpr):
-        # fp32 -> the moment's storage. bf16: stochastic rounding, foam_hf.optim._store_moment's arithmetic: the
+        # fp32 -> the moment's storage. bf16: stochastic rounding, foam_hf.precision.store_moment's arithmetic: the
         # dither of entry `index` is h = index·0x9E3779B1 + key (mod 2^32), h ^= h >> 16, h *= 0x7FEB352D,
         # h ^= h >> 15, dither = h & 0xFFFF; finite values become (bits + dither) >> 16, infinities keep their
         # bits, NaN becomes 0x7FC0 (torch's round-to-nearest of the non-finite values).
@@ -319,7 +319,7 @@ def _fused_foam_triton(
     res_scale: float,
     second_moment: str,
 ) -> None:
-    """The CUDA fused path: one kernel launch per tensor; the ``impl`` :func:`foam_hf.optim.foam` picks on CUDA.
+    """The CUDA fused path: one kernel launch per tensor; the ``impl`` :func:`foam_hf.functional.foam` picks on CUDA.
 
     The bias corrections come from ``state_steps`` (CPU scalars, as in torch's Adam), so a step never waits
     on the GPU. Gradients that are not contiguous or not in the parameter's dtype are made so first.
@@ -343,12 +343,10 @@ def _fused_foam_triton(
     for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
         step_t += 1
         step = step_t.item()
-        bias_correction1 = 1.0 - beta1**step
-        bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
         folded = is_foldable(param, block_size)
-        decay = 1.0 - lr * weight_decay
-        eps_bc2 = eps * bias_correction2_sqrt
-        step_c = -lr / bias_correction1 * (scale if folded else 1.0) * bias_correction2_sqrt
+        constants = step_constants(step, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
+        decay = constants.decay
+        eps_bc2, step_c = constants.fused(eps, scale if folded else 1.0)
         key_m, key_v = ((int(step) * _HASH_STEP + salt * _HASH_SALT) & _MASK32 for salt in (0, 1))
         state_bf16 = exp_avg.dtype == torch.bfloat16
         if param.numel() == 0:

@@ -15,7 +15,7 @@ elements ``[r P, r P + P)`` of the tensor flattened row-major, ``P`` being the p
 all three stages (the padding is at the end of the group). :class:`FlatSlice` turns that range into rows
 and blocks, aligned to the tensor's own column index:
 
-* the blocks that lie wholly inside the range are stepped by :func:`foam_hf.optim.foam` on 2-D views of
+* the blocks that lie wholly inside the range are stepped by :func:`foam_hf.functional.foam` on 2-D views of
   the partition (a leading partial row, the whole rows, a trailing partial row), with the moments as views
   of one flat local buffer: the same arithmetic as on one process, fused CPU kernel included;
 * a block cut by a partition boundary (at most one per boundary) needs the sums of all its entries: each

@@ -15,7 +15,10 @@ from typing import Any
 
 import torch
 
-from .optim import _compute_dtype, _store_moment, foam
+from .functional import foam
+from .precision import compute_dtype as _compute_dtype
+from .precision import store_moment as _store_moment
+from .step_scalars import step_constants
 
 __all__ = ["FlatSlice", "partial_block_sums", "partitions_of", "step_slice"]
 
@@ -209,12 +212,12 @@ def step_slice(
         )
     step_t += 1
 
-    # Cut blocks: the same lines as foam_hf.optim._single_tensor_foam, with the block means taken from the
+    # Cut blocks: the same lines as foam_hf.functional._single_tensor_foam, with the block means taken from the
     # all-reduced sums instead of this rank's entries.
     step = step_t.item()
-    bias_correction1 = 1 - beta1**step
-    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-    step_size = lr / bias_correction1
+    decay, step_size, bias_correction2_sqrt = step_constants(
+        step, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay
+    )
     compute_dtype = _compute_dtype(param)
     cut = layout.cut_blocks()
     for block in layout.partial_blocks():
@@ -231,7 +234,7 @@ def step_slice(
             grad_sq_mean = (block_sums[1, column] / count).to(compute_dtype).reshape(1)
         else:
             grad_sq_mean = grad_mean * grad_mean
-        weight.mul_(1 - lr * weight_decay)
+        weight.mul_(decay)
         m.lerp_(grad_mean, 1 - beta1)
         v.mul_(beta2).add_(grad_sq_mean, alpha=1 - beta2)
         first_moment, second_moment = m.expand_as(g), v.expand_as(g)

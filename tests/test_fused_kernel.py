@@ -1,7 +1,7 @@
 """Each implementation of the fused CPU kernel (portable, AVX2, AVX-512: those this CPU runs) against the
 readable path, over every block size 1..33, ragged last blocks, fp32/bf16/fp16/fp64 parameters, both state
 dtypes and both second-moment modes; and the in-kernel stochastic rounding of bf16 states against
-``foam_hf.optim._store_moment``, bit for bit.
+``foam_hf.precision.store_moment``, bit for bit.
 
 Nothing here depends on the CPU's instruction set: a path the CPU cannot run is skipped with that reason, and
 the portable path runs everywhere.
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from foam_hf import FOAM, FoamConfigError, _fused_cpu
-from foam_hf.optim import _store_moment
+from foam_hf.precision import store_moment as _store_moment
 
 BLOCK_SIZES = list(range(1, 34))
 MODES = ["mean_sq", "sq_mean"]

@@ -15,9 +15,11 @@ import pytest
 import torch
 from test_fused import HPARAMS, SHAPES
 
+from foam_hf import FOAM
 from foam_hf import _fused_triton as fused_triton
 from foam_hf.folding import folded_shape, is_foldable
-from foam_hf.optim import FOAM, _single_tensor_foam, _store_moment
+from foam_hf.functional import _single_tensor_foam
+from foam_hf.precision import store_moment as _store_moment
 
 # tests/conftest.py turns the interpreter on before anything imports Triton; without it these tests would run
 # nothing they claim to.
@@ -130,7 +132,7 @@ def bits_or_nan(x):
     ids=["1-fp32", "3-bf16", "4-fp32"],
 )
 def test_triton_bf16_states_round_bit_for_bit_as_store_moment(block_size, dtype):
-    """From the same bf16 states, the kernel's stored moments are foam_hf.optim._store_moment of the fp32
+    """From the same bf16 states, the kernel's stored moments are foam_hf.precision.store_moment of the fp32
     moments the same kernel computes with fp32 states, bit for bit (the same counter hash of index, step and
     salt), and the weights are the same (both step with the unrounded moments)."""
     gen = torch.Generator().manual_seed(1)

@@ -117,7 +117,7 @@ def test_stochastic_rounding_tracks_a_decay_that_round_to_nearest_freezes():
 def test_fused_kernel_rounds_exactly_as_the_python_paths():
     """The C++ stochastic rounding is _store_moment's arithmetic, bit for bit, for every class of value."""
     from foam_hf import _fused_cpu
-    from foam_hf.optim import _store_moment
+    from foam_hf.precision import store_moment as _store_moment
 
     kernel = _fused_cpu.load_kernel()
     gen = torch.Generator().manual_seed(0)

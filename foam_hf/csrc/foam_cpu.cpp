@@ -3,7 +3,7 @@
 // One pass per folded tensor: each row of G and W is read once; the block means (ragged last block averaged
 // over its own entries), the folded moments and the new weights are computed in that pass, and nothing of
 // parameter size is allocated. Unfolded tensors (1-D, or block_size == 1) take the plain AdamW update. The
-// Python reference is foam_hf.optim._single_tensor_foam; the tests hold this kernel to it.
+// Python reference is foam_hf.functional._single_tensor_foam; the tests hold this kernel to it.
 //
 // The kernel itself lives in foam_kernel.h (readable path, portable path, bf16 moments, choice of instruction
 // set) and foam_simd.h (AVX-512 and AVX2). Here: checks, the step counter and bias corrections, threads.
@@ -155,7 +155,7 @@ void fused_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
 }
 
 // dst (bf16) <- src (fp32) stochastically rounded, the kernel's own rounding of bf16 moments (foam_kernel.h),
-// over a whole tensor: the tests hold it to foam_hf.optim._store_moment bit for bit.
+// over a whole tensor: the tests hold it to foam_hf.precision.store_moment bit for bit.
 void stochastic_round_bf16(const at::Tensor& src, const at::Tensor& dst, int64_t step, int64_t salt) {
   TORCH_CHECK(src.scalar_type() == at::kFloat && dst.scalar_type() == at::kBFloat16 && src.is_contiguous() &&
                   dst.is_contiguous() && src.device().is_cpu() && dst.device().is_cpu() &&

@@ -1,0 +1,110 @@
+"""Which implementation steps a param group: the readable path, the ``torch._foreach_*`` path or a fused kernel.
+
+One place decides, as ``torch.optim``'s ``_default_to_fused_or_foreach`` does for Adam:
+
+* ``fused=None, foreach=None`` (the default): a fused kernel when one covers every tensor of the group — the C++
+  kernel for contiguous CPU float32/bfloat16/float16/float64 tensors (:mod:`foam_hf._fused_cpu`, built at first
+  use), the Triton kernels for such CUDA tensors once their numeric self-check passed
+  (:func:`foam_hf._fused_triton.triton_ready`); else foreach on CUDA and the readable path on CPU;
+* ``fused=True``: the fused kernel, and :func:`check_fused_available` says at construction why it cannot be;
+* ``foreach=True`` / ``False``: that path.
+
+The functions of each path live in :mod:`foam_hf.functional`; this module only names them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+from . import _fused_cpu
+from .errors import FoamConfigError
+from .precision import state_dtype_for
+
+__all__ = ["Implementation", "check_fused_available", "select_implementation"]
+
+#: The four step functions of :mod:`foam_hf.functional`, by name.
+Implementation = Literal["single_tensor", "foreach", "fused_cpu", "fused_triton"]
+
+
+def _triton() -> Any:
+    """``foam_hf._fused_triton``, imported on first use: only CUDA parameters need it (and Triton)."""
+    from . import _fused_triton
+
+    return _fused_triton
+
+
+def _fused_default(params: list[torch.Tensor], exp_avgs: list[torch.Tensor], on_cuda: bool) -> bool:
+    """Whether ``fused=None`` means fused for these tensors (every one covered, the kernel ready)."""
+    if on_cuda:  # the Triton kernels store fp32 or bf16 moments (state_dtype="bfloat16")
+        return all(map(_triton().triton_supported, params)) and _triton().triton_ready(params[0].device)
+    # the CPU kernel also steps bf16 moments, and float64 parameters with float64 moments
+    return all(map(_fused_cpu.fused_supported, params, (m.dtype for m in exp_avgs))) and (
+        _fused_cpu.load_kernel() is not None
+    )
+
+
+def select_implementation(
+    params: list[torch.Tensor], exp_avgs: list[torch.Tensor], *, foreach: bool | None, fused: bool | None
+) -> Implementation:
+    """The implementation that steps one group's ``params`` (with moments ``exp_avgs``) under its options."""
+    on_cuda = bool(params) and all(p.is_cuda for p in params)
+    if fused is None and foreach is None:
+        fused = _fused_default(params, exp_avgs, on_cuda)
+    if fused:
+        return "fused_triton" if on_cuda else "fused_cpu"
+    if foreach is None:
+        foreach = on_cuda
+    return "foreach" if foreach else "single_tensor"
+
+
+def check_fused_available(param_groups: list[dict[str, Any]], *, allow_meta: bool = False) -> None:
+    """Raise a clear error when a group asks for ``fused=True`` and no fused kernel can step it: the C++
+    kernel for CPU tensors, the Triton kernels for CUDA tensors.
+
+    ``allow_meta`` (at construction) lets parameters on the meta device through: with deferred
+    initialisation they get their real device later (``to_empty``), and :meth:`FOAM.step` checks them then,
+    as torch's fused AdamW does."""
+    for index, group in enumerate(param_groups):
+        if not group["fused"]:
+            continue
+        params = [p for p in group["params"] if not (allow_meta and p.device.type == "meta")]
+        devices = {p.device.type for p in params}
+        for p in params:
+            if p.device.type == "meta":
+                raise RuntimeError(
+                    f"FOAM: fused=True in param group {index}, but a parameter of shape {tuple(p.shape)} is still "
+                    "on the meta device at step(). Fix: materialise the model first (module.to_empty(device=...) "
+                    "with torch.__future__.set_swap_module_params_on_conversion(True) keeps the optimizer's "
+                    "parameters, or build the optimizer after materialising)."
+                )
+            if not (_fused_cpu.fused_supported(p) or (p.is_cuda and _triton().triton_supported(p))):
+                raise RuntimeError(
+                    f"FOAM: fused=True in param group {index}, but a parameter of shape {tuple(p.shape)} is "
+                    f"{p.dtype} on {p.device} (contiguous={p.is_contiguous()}); the fused kernels step contiguous "
+                    "CPU float32/bfloat16/float16/float64 or CUDA float32/bfloat16/float16 tensors. "
+                    "Fix: pass fused=None or False for this group."
+                )
+            moments = state_dtype_for(p, group["state_dtype"])
+            if p.device.type == "cpu" and not _fused_cpu.fused_supported(p, moments):
+                raise FoamConfigError(
+                    f"FOAM: fused=True in param group {index} with {p.dtype} parameters and {moments} states "
+                    f"(state_dtype={group['state_dtype']!r}); the fused CPU kernel keeps the states of float64 "
+                    "parameters in float64. Fix: pass state_dtype=None for this group, or fused=None."
+                )
+        if devices == {"cuda", "cpu"}:
+            raise RuntimeError(
+                f"FOAM: fused=True in param group {index}, which holds both CPU and CUDA parameters; a fused step "
+                "runs on one device. Fix: put each device's parameters in a group of their own, or pass fused=None."
+            )
+        if "cuda" in devices and not _triton().triton_available():
+            raise RuntimeError(
+                "FOAM: fused=True for CUDA parameters needs Triton, which is not importable here. Fix: install the "
+                "CUDA build of torch (it ships Triton) or `pip install triton`, or pass fused=None."
+            )
+        if "cpu" in devices and _fused_cpu.load_kernel() is None:
+            raise RuntimeError(
+                "FOAM: fused=True, but the fused CPU kernel could not be built: "
+                f"{_fused_cpu.kernel_build_error()}. Fix: install a C++ compiler and ninja, or pass fused=None."
+            )
