@@ -1,0 +1,156 @@
+"""The single ways through the core: one option table, one implementation selector, one set of step scalars.
+
+Each test holds one of them to something outside it: the options' errors to what FOAM and FoamConfig raise, the
+selector to the path that actually ran, the step scalars to torch's AdamW and to the readable path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+import torch
+
+from foam_hf import FOAM, FoamConfig, FoamConfigError, _fused_cpu, functional
+from foam_hf.implementation import select_implementation
+from foam_hf.options import GROUP_DEFAULTS, check_option
+from foam_hf.step_scalars import step_constants
+
+KERNEL = _fused_cpu.load_kernel() is not None
+
+
+def test_foam_and_foam_config_take_their_defaults_from_the_one_table():
+    foam_defaults = {
+        name: p.default for name, p in inspect.signature(FOAM.__init__).parameters.items() if name in GROUP_DEFAULTS
+    }
+    assert foam_defaults == GROUP_DEFAULTS
+    config_defaults = {f.name: f.default for f in dataclasses.fields(FoamConfig) if f.name in GROUP_DEFAULTS}
+    assert config_defaults == {k: GROUP_DEFAULTS[k] for k in config_defaults} and len(config_defaults) == 5
+    group = FOAM([torch.nn.Parameter(torch.zeros(2, 4))]).param_groups[0]
+    assert {k: group[k] for k in GROUP_DEFAULTS} == GROUP_DEFAULTS
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("block_size", 0), ("block_size", 2.0), ("scale", 0.0), ("res_scale", float("nan")), ("second_moment", "x")]
+    + [("state_dtype", "float16")],
+)
+def test_foam_and_foam_config_reject_a_bad_option_with_the_same_words(name, value):
+    with pytest.raises((TypeError, FoamConfigError)) as from_foam:
+        FOAM([torch.nn.Parameter(torch.zeros(2, 4))], **{name: value})
+    with pytest.raises((TypeError, FoamConfigError)) as from_config:
+        FoamConfig(**{name: value})
+    with pytest.raises((TypeError, FoamConfigError)) as from_check:
+        check_option(name, value)
+    assert type(from_foam.value) is type(from_config.value) is type(from_check.value)
+    assert str(from_foam.value) == str(from_check.value)
+    # FoamConfig says where the value came from; the rest of the message is the option's own.
+    assert str(from_config.value) == str(from_check.value)[:-1] + " (in FoamConfig / optim_args)."
+
+
+def test_training_arguments_fields_are_checked_by_the_option_rules(tmp_path):
+    from transformers import TrainingArguments
+
+    with pytest.raises(FoamConfigError) as info:
+        TrainingArguments(output_dir=str(tmp_path), optim="foam", use_cpu=True, report_to=[], adam_beta2=1.0)
+    with pytest.raises(FoamConfigError) as rule:
+        check_option("betas", (0.9, 1.0))
+    rule_text = str(rule.value).split(": it must be ")[1].split(".")[0]
+    assert f"adam_beta2=1.0 is invalid for optim='foam': it must be {rule_text}." in str(info.value)
+
+
+def _group(dtype=torch.float32, shapes=((6, 8), (7,))):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+    return params, [torch.zeros_like(p, dtype=torch.float32) for p in params]
+
+
+@pytest.mark.parametrize(
+    "foreach, fused, expected",
+    [(None, False, "single_tensor"), (False, None, "single_tensor"), (True, None, "foreach"), (None, True, "fused_cpu")]
+    + ([(None, None, "fused_cpu")] if KERNEL else [(None, None, "single_tensor")]),
+)
+def test_select_implementation_names_the_path_that_runs(monkeypatch, foreach, fused, expected):
+    params, moments = _group()
+    assert select_implementation(params, moments, foreach=foreach, fused=fused) == expected
+    if expected == "fused_cpu" and not KERNEL:
+        return  # fused=True without a kernel fails at construction (test_bad_inputs covers it)
+    ran = []
+    for name in ("_single_tensor_foam", "_multi_tensor_foam"):
+        original = getattr(functional, name)
+        monkeypatch.setattr(functional, name, lambda *a, _n=name, _f=original, **k: ran.append(_n) or _f(*a, **k))
+    original_fused = _fused_cpu._fused_foam
+    monkeypatch.setattr(_fused_cpu, "_fused_foam", lambda *a, **k: ran.append("fused") or original_fused(*a, **k))
+    weights = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = FOAM(weights, foreach=foreach, fused=fused)
+    for w in weights:
+        w.grad = torch.ones_like(w)
+    opt.step()
+    path = {"single_tensor": "_single_tensor_foam", "foreach": "_multi_tensor_foam", "fused_cpu": "fused"}
+    assert ran == [path[expected]]
+
+
+def test_select_implementation_falls_back_where_no_kernel_covers_a_tensor():
+    params, moments = _group()
+    strided = [params[0].t(), params[1]]  # a transposed view is not contiguous
+    assert select_implementation(strided, moments, foreach=None, fused=None) == "single_tensor"
+    assert select_implementation([], [], foreach=None, fused=False) == "single_tensor"
+
+
+def test_foreach_path_groups_tensors_by_dtype_and_matches_the_readable_path(monkeypatch):
+    """One group of fp32, fp64 and bf16 tensors: each dtype is stepped in foreach batches of its own, and the
+    result is the readable path's."""
+    batch_dtypes = []
+    original = functional._foreach_step_batch
+
+    def record(batch, *args, **kwargs):
+        batch_dtypes.append({piece.param.dtype for piece in batch})
+        return original(batch, *args, **kwargs)
+
+    monkeypatch.setattr(functional, "_foreach_step_batch", record)
+
+    def run(foreach):
+        gen = torch.Generator().manual_seed(3)
+        specs = [((6, 8), torch.float32), ((5, 9), torch.float64), ((4, 12), torch.bfloat16), ((7,), torch.float32)]
+        weights = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=d)) for s, d in specs]
+        opt = FOAM(weights, lr=1e-2, weight_decay=0.1, foreach=foreach, fused=False)
+        for _ in range(3):
+            for w in weights:
+                w.grad = torch.randn(w.shape, generator=gen, dtype=w.dtype)
+            opt.step()
+        return weights, opt
+
+    readable, _ = run(False)
+    batched, opt = run(True)
+    for a, b in zip(readable, batched):
+        tol = dict(rtol=1e-2, atol=1e-2) if a.dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, **tol)
+    assert {opt.state[w]["exp_avg"].dtype for w in batched} == {torch.float32, torch.float64}
+    assert all(len(dtypes) == 1 for dtypes in batch_dtypes)
+    assert set().union(*batch_dtypes) == {torch.float32, torch.float64, torch.bfloat16}
+
+
+@pytest.mark.parametrize("step", [1, 2, 10, 1000])
+def test_step_constants_are_torch_adamw_scalars(step):
+    """At B = 1 FOAM is AdamW; its scalars are the ones torch's AdamW update implies: one step of AdamW from
+    known moments m, v gives W(1 − γλ) − step_size · m / (√v / bc2 + ε) with these values."""
+    lr, beta1, beta2, eps, wd = 3e-3, 0.9, 0.95, 1e-8, 0.1
+    c = step_constants(step, lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd)
+    weight = torch.nn.Parameter(torch.tensor([1.5, -2.0], dtype=torch.float64))
+    opt = torch.optim.AdamW([weight], lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=wd, foreach=False)
+    grad = torch.tensor([0.3, -0.7], dtype=torch.float64)
+    weight.grad = grad
+    opt.step()  # creates the state at step 1
+    state = opt.state[weight]
+    state["step"].fill_(step - 1)
+    m0, v0 = state["exp_avg"].clone(), state["exp_avg_sq"].clone()
+    before = weight.detach().clone()
+    opt.step()
+    m = m0.lerp(grad, 1 - beta1)
+    v = v0 * beta2 + (1 - beta2) * grad * grad
+    expected = before * c.decay - c.step_size * m / (v.sqrt() / c.bias_correction2_sqrt + eps)
+    torch.testing.assert_close(weight.detach(), expected, rtol=1e-14, atol=0)
+    eps_inside, step_scale = c.fused(eps, 1.0)
+    fused_form = before * c.decay + step_scale * m / (v.sqrt() + eps_inside)
+    torch.testing.assert_close(fused_form, expected, rtol=1e-12, atol=0)
