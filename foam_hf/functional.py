@@ -4,8 +4,8 @@ r"""FOAM's step as functions of tensor lists, in the layout of ``torch.optim.ada
 runs and calls it. :func:`_single_tensor_foam` is the readable path, each line a line of the algorithm box of
 :class:`~foam_hf.FOAM`; :func:`_multi_tensor_foam` is the ``torch._foreach_*`` path (tensors batched by device
 and dtype, in pieces of bounded size); the fused kernels are :func:`foam_hf._fused_cpu._fused_foam` (C++) and
-:func:`foam_hf._fused_triton._fused_foam_triton` (CUDA). Every path takes its scalars from
-:func:`foam_hf.step_scalars.step_constants`.
+:func:`foam_hf._fused_triton._fused_foam_triton` (CUDA). The Python paths take their scalars from
+:func:`foam_hf.step_scalars.step_constants`; the C++ kernel forms the same expressions in double.
 """
 
 from __future__ import annotations
