@@ -166,36 +166,33 @@ def _multi_tensor_foam(
     """
     if not params:
         return
+    hyper = dict(
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        block_size=block_size,
+        scale=scale,
+        res_scale=res_scale,
+        second_moment=second_moment,
+    )
     by_kind: dict[tuple[torch.device, torch.dtype, torch.dtype], list[int]] = {}
     for i, (param, exp_avg) in enumerate(zip(params, exp_avgs)):
         by_kind.setdefault((param.device, param.dtype, exp_avg.dtype), []).append(i)
     if len(by_kind) > 1:  # torch._foreach_* ops take tensors of one device (and run fastest on one dtype)
         for indices in by_kind.values():
             tensors = [[seq[i] for i in indices] for seq in (params, grads, exp_avgs, exp_avg_sqs, state_steps)]
-            _multi_tensor_foam(
-                *tensors,
-                lr=lr,
-                beta1=beta1,
-                beta2=beta2,
-                eps=eps,
-                weight_decay=weight_decay,
-                block_size=block_size,
-                scale=scale,
-                res_scale=res_scale,
-                second_moment=second_moment,
-            )
+            _multi_tensor_foam(*tensors, **hyper)
         return
     torch._foreach_add_(state_steps, 1)
     steps = [s.item() for s in state_steps]
     folded = [is_foldable(p, block_size) for p in params]
     costs = [_foreach_bytes_per_entry(p, g, m, f, block_size) for p, g, m, f in zip(params, grads, exp_avgs, folded)]
-    hyper = dict(
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, block_size=block_size, scale=scale
-    )
     for batch in _chunking.batches(
         params, grads, exp_avgs, exp_avg_sqs, folded, costs, _chunking.transient_budget(params)
     ):
-        _foreach_step_batch(batch, steps, folded, res_scale=res_scale, second_moment=second_moment, **hyper)
+        _foreach_step_batch(batch, steps, folded, **hyper)
 
 
 def _foreach_bytes_per_entry(
