@@ -426,7 +426,8 @@ void fold_rows(const typename S::T* g, typename S::T* w, float* m, float* v, int
 #if FOAM_SIMD_LANES == 8
 // ----------------------------------------------------- AVX2: widening and stochastic rounding of bf16 moments
 // foam_kernel.h's widen_bf16 and stochastic_round (the reference), 8 entries at a time. gcc vectorises the
-// rounding loop itself, but ~3x slower than this (selects and an in-lane pack fixed up by a lane-crossing permute).
+// rounding loop itself, but it ran ~3x slower than this on AMD Zen 1 (chains of blends, and an in-lane pack
+// fixed up by a lane-crossing permute).
 void widen_bf16(const uint16_t* __restrict src, float* __restrict dst, int64_t count) {
   int64_t j = 0;
   for (; j + 8 <= count; j += 8) V::store(dst + j, Ld<BF16>::load(src + j));
@@ -458,7 +459,9 @@ void stochastic_round(const float* __restrict src, uint16_t* __restrict dst, int
                                   _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), golden));
   const __m256i stride = _mm256_slli_epi32(golden, 3);  // 8 entries further
   int64_t j = 0;
-  for (; j + 8 <= count; j += 8, hash = _mm256_add_epi32(hash, stride)) stochastic_round8(dst + j, V::load(src + j), hash);
+  for (; j + 8 <= count; j += 8, hash = _mm256_add_epi32(hash, stride)) {
+    stochastic_round8(dst + j, V::load(src + j), hash);
+  }
   if (j < count) foam::stochastic_round(src + j, dst + j, count - j, first_index + j, offset);
 }
 #endif
