@@ -179,3 +179,22 @@ def test_bench_zero_memory_predicts_fewer_bytes_per_rank_than_adamw(tmp_path):
         assert foam < adamw
         # Over all ranks FOAM holds at least its one-process states: the split only adds copies and padding.
         assert one_process <= all_ranks <= 2 * foam
+
+
+def test_bench_kernel_floor_counts_each_steps_bytes(tmp_path):
+    out = run("bench_kernel_floor.py", "--quick", cwd=tmp_path)
+    rows = by_name(table(out))
+    # Bytes per parameter entry, from what each step reads and writes: G, W twice, and the two moments twice
+    # each, at every entry (AdamW, states in the parameters' dtype) or at 1/B of them (FOAM).
+    expected = {
+        "AdamW fused, fp32 params": 4 + 2 * 4 + 4 * 4,
+        "AdamW fused, bf16 params": 2 + 2 * 2 + 4 * 2,
+        "FOAM B=4, fp32 params": 4 + 2 * 4 + 4 * 4 / 4,
+        "FOAM B=8, fp32 params": 4 + 2 * 4 + 4 * 4 / 8,
+        "FOAM B=4, bf16 params": 2 + 2 * 2 + 4 * 4 / 4,
+        "FOAM B=8, bf16 params": 2 + 2 * 2 + 4 * 4 / 8,
+        "FOAM B=4, fp32 params, bf16 states": 4 + 2 * 4 + 4 * 2 / 4,
+        "FOAM B=4, bf16 params, bf16 states": 2 + 2 * 2 + 4 * 2 / 4,
+    }
+    assert {name: number(row[1]) for name, row in rows.items()} == expected
+    assert "Arithmetic floor" in out and "fused kernel:" in out

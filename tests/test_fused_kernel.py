@@ -162,6 +162,26 @@ def test_bf16_states_round_non_finite_moments_as_the_python_paths(kernel):
     assert torch.equal(weight.isnan(), twin.isnan())
 
 
+def test_each_implementation_rounds_every_class_of_value_as_store_moment(isa, kernel):
+    """The whole-tensor rounding entry point uses the implementation's own rounding (explicit SIMD on AVX2): bit
+    for bit _store_moment on normals, denormals, signed zeros, the largest finites and ±inf, and NaN stays NaN,
+    over lengths that leave every remainder of the 8-entry vectors."""
+    gen = torch.Generator().manual_seed(3)
+    for length in (1, 7, 8, 9, 517):
+        values = torch.randn(length, generator=gen) * torch.logspace(-42, 38, length)  # denormals to near-max
+        values[::5] = torch.tensor([0.0, -0.0, 3.4e38, -3.4e38, float("inf"), float("-inf"), float("nan")])[
+            torch.arange(0, length, 5) % 7
+        ]
+        for step, salt in [(1, 0), (9, 1), (2**33 + 5, 1)]:  # a step past 2**32 wraps the same way
+            expected = torch.empty(length, dtype=torch.bfloat16)
+            actual = torch.empty(length, dtype=torch.bfloat16)
+            _store_moment(expected, values.clone(), step, salt)
+            kernel.stochastic_round_bf16(values, actual, step, salt)
+            nan = values.isnan()
+            assert torch.equal(actual.isnan(), nan), (isa, length)
+            assert torch.equal(actual[~nan].view(torch.int16), expected[~nan].view(torch.int16)), (isa, length, step)
+
+
 def test_fp64_fused_steps_as_the_readable_path(kernel):
     """torch's fused AdamW steps float64 on CPU; so does FOAM's kernel (it used to refuse fused=True)."""
     params = make_params(torch.float64, [(5, 33), (2, 3, 8), (7,)])

@@ -28,6 +28,7 @@ void run_tensor(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, c
   const T* gp = reinterpret_cast<const T*>(g.const_data_ptr());
   T* wp = reinterpret_cast<T*>(p.data_ptr());
   const bool bf16_moments = m.scalar_type() == at::kBFloat16;
+  const Bf16Ops ops = bf16_ops();
   if (folded) {
     const int64_t n = p.size(-1);
     const int64_t rows = p.numel() / n;
@@ -38,7 +39,7 @@ void run_tensor(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, c
         uint16_t* mp = reinterpret_cast<uint16_t*>(m.data_ptr());
         uint16_t* vp = reinterpret_cast<uint16_t*>(v.data_ptr());
         at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-          fold_rows_bf16_moments<S>(fold, gp, wp, mp, vp, r0, r1, n, B, h, offsets);
+          fold_rows_bf16_moments<S>(fold, ops, gp, wp, mp, vp, r0, r1, n, B, h, offsets);
         });
         return;
       }
@@ -53,7 +54,7 @@ void run_tensor(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, c
         uint16_t* mp = reinterpret_cast<uint16_t*>(m.data_ptr());
         uint16_t* vp = reinterpret_cast<uint16_t*>(v.data_ptr());
         at::parallel_for(0, p.numel(), kGrain, [&](int64_t i0, int64_t i1) {
-          adamw_bf16_moments<S>(adamw, gp, wp, mp, vp, i0, i1, h, offsets);
+          adamw_bf16_moments<S>(adamw, ops, gp, wp, mp, vp, i0, i1, h, offsets);
         });
         return;
       }
@@ -154,18 +155,20 @@ void fused_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
   }
 }
 
-// dst (bf16) <- src (fp32) stochastically rounded, the kernel's own rounding of bf16 moments (foam_kernel.h),
-// over a whole tensor: the tests hold it to foam_hf.precision.store_moment bit for bit.
+// dst (bf16) <- src (fp32) stochastically rounded, the kernel's own rounding of bf16 moments (foam_kernel.h; the
+// explicit AVX2 version under the avx2 implementation), over a whole tensor: the tests hold it to
+// foam_hf.precision.store_moment bit for bit.
 void stochastic_round_bf16(const at::Tensor& src, const at::Tensor& dst, int64_t step, int64_t salt) {
   TORCH_CHECK(src.scalar_type() == at::kFloat && dst.scalar_type() == at::kBFloat16 && src.is_contiguous() &&
                   dst.is_contiguous() && src.device().is_cpu() && dst.device().is_cpu() &&
                   src.numel() == dst.numel(),
               "foam stochastic_round_bf16: needs contiguous CPU float32 src and bfloat16 dst of one size.");
   const uint32_t offset = rounding_offset(step, salt);
+  const RoundFn round = bf16_ops().round;
   const float* sp = src.data_ptr<float>();
   uint16_t* dp = reinterpret_cast<uint16_t*>(dst.data_ptr());
   at::parallel_for(0, src.numel(), kGrain,
-                   [&](int64_t i0, int64_t i1) { stochastic_round(sp + i0, dp + i0, i1 - i0, i0, offset); });
+                   [&](int64_t i0, int64_t i1) { round(sp + i0, dp + i0, i1 - i0, i0, offset); });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

@@ -259,6 +259,96 @@ FOAM_ENTRY(F16)
 FOAM_ENTRY(F64)
 #undef FOAM_ENTRY
 
+// ------------------------------------------------------------------------------------------- bf16 moments
+// state_dtype="bfloat16": moments are stored in bf16 and stochastically rounded, exactly foam_hf.optim's
+// _store_moment. The dither of moment entry i (its flat index in the moment tensor) is a counter hash of
+// (i, step, salt): h = i·0x9E3779B1 + offset (mod 2^32), h ^= h >> 16, h *= 0x7FEB352D, h ^= h >> 15,
+// dither = h & 0xFFFF, with offset = step·0x85EBCA77 + salt·0xC2B2AE3D; finite values become
+// (bits(x) + dither) >> 16, non-finite ones round to nearest (NaN -> 0x7FC0). stochastic_round below is the
+// readable and portable version (gcc vectorises it, poorly: ~3x slower than foam_simd.h's explicit AVX2 one).
+FOAM_INLINE uint32_t rounding_offset(int64_t step, int64_t salt) {
+  return static_cast<uint32_t>(step) * UINT32_C(0x85EBCA77) + static_cast<uint32_t>(salt) * UINT32_C(0xC2B2AE3D);
+}
+
+// `count` entries from flat index first_index on; count <= kMomentTile (the loop runs on 32-bit lanes).
+FOAM_CLONES void stochastic_round(const float* __restrict src, uint16_t* __restrict dst, int64_t count,
+                                  int64_t first_index, uint32_t offset) {
+  // i·0x9E3779B1 + offset (mod 2^32) advanced by addition from entry to entry: one multiply per entry fewer.
+  uint32_t h_index = static_cast<uint32_t>(first_index) * UINT32_C(0x9E3779B1) + offset;
+  const uint32_t n = static_cast<uint32_t>(count);
+  for (uint32_t j = 0; j < n; ++j, h_index += UINT32_C(0x9E3779B1)) {
+    uint32_t h = h_index;
+    h ^= h >> 16;
+    h *= UINT32_C(0x7FEB352D);
+    h ^= h >> 15;
+    uint32_t bits;
+    std::memcpy(&bits, &src[j], sizeof(bits));
+    const bool finite = (bits & UINT32_C(0x7F800000)) != UINT32_C(0x7F800000);
+    const bool nan = (bits & UINT32_C(0x7FFFFFFF)) > UINT32_C(0x7F800000);
+    // ±inf keep their bits (the low half is zero); NaN becomes 0x7FC0, as BF16::store rounds it.
+    const uint32_t rounded = nan ? UINT32_C(0x7FC00000) : (finite ? bits + (h & UINT32_C(0xFFFF)) : bits);
+    dst[j] = static_cast<uint16_t>(rounded >> 16);
+  }
+}
+
+FOAM_CLONES void widen_bf16(const uint16_t* __restrict src, float* __restrict dst, int64_t count) {
+  for (int64_t j = 0; j < count; ++j) dst[j] = BF16::load(src[j]);
+}
+
+// The fp32 kernels step bf16 moments through a tile of fp32 copies that stays in L1: widen a run of moments,
+// step the columns they cover, round the run back. Memory traffic is that of stepping bf16 moments in place
+// (2 + 2 bytes per moment entry), and nothing larger than the tile is allocated. Rounding the moments in the
+// registers of the AVX2 step instead (no tile) measured slower on AMD Zen 1 than this tile with explicit AVX2
+// rounding, and needed -ffp-contract=off to keep the weights bit-equal to the fp32-state step (12% slower).
+constexpr int64_t kMomentTile = 512;
+
+struct RoundingOffsets {
+  uint32_t exp_avg, exp_avg_sq;  // rounding_offset(step, 0) and rounding_offset(step, 1)
+};
+
+// The widening and the rounding of a run, per instruction set (Bf16Ops{widen_bf16, stochastic_round} here).
+using WidenFn = void (*)(const uint16_t*, float*, int64_t);
+using RoundFn = void (*)(const float*, uint16_t*, int64_t, int64_t, uint32_t);
+struct Bf16Ops {
+  WidenFn widen;
+  RoundFn round;
+};
+
+template <typename S>
+void fold_rows_bf16_moments(FoldFn<S> fold, Bf16Ops ops, const typename S::T* g, typename S::T* w, uint16_t* m,
+                            uint16_t* v, int64_t r0, int64_t r1, int64_t n, int64_t B, const Hyper<float>& h,
+                            RoundingOffsets offsets) {
+  const int64_t K = (n + B - 1) / B;
+  float m_tile[kMomentTile], v_tile[kMomentTile];
+  for (int64_t row = r0; row < r1; ++row) {
+    for (int64_t k0 = 0; k0 < K; k0 += kMomentTile) {
+      const int64_t count = std::min(K - k0, kMomentTile);
+      const int64_t first = row * K + k0;  // flat index of the run's first moment entry
+      const int64_t c0 = k0 * B;
+      ops.widen(m + first, m_tile, count);
+      ops.widen(v + first, v_tile, count);
+      // The run's columns as a one-row tensor of their own: c0 is a multiple of B, so the blocks are the same.
+      fold(g + row * n + c0, w + row * n + c0, m_tile, v_tile, 0, 1, std::min(n, (k0 + count) * B) - c0, B, h);
+      ops.round(m_tile, m + first, count, first, offsets.exp_avg);
+      ops.round(v_tile, v + first, count, first, offsets.exp_avg_sq);
+    }
+  }
+}
+
+template <typename S>
+void adamw_bf16_moments(AdamwFn<S> adamw, Bf16Ops ops, const typename S::T* g, typename S::T* w, uint16_t* m,
+                        uint16_t* v, int64_t i0, int64_t i1, const Hyper<float>& h, RoundingOffsets offsets) {
+  float m_tile[kMomentTile], v_tile[kMomentTile];
+  for (int64_t first = i0; first < i1; first += kMomentTile) {
+    const int64_t count = std::min(i1 - first, kMomentTile);
+    ops.widen(m + first, m_tile, count);
+    ops.widen(v + first, v_tile, count);
+    adamw(g + first, w + first, m_tile, v_tile, 0, count, h);
+    ops.round(m_tile, m + first, count, first, offsets.exp_avg);
+    ops.round(v_tile, v + first, count, first, offsets.exp_avg_sq);
+  }
+}
+
 }  // namespace
 }  // namespace foam
 
@@ -337,6 +427,13 @@ FoldFn<S> fold_fn() {
   return Portable<S>::fold;
 }
 
+Bf16Ops bf16_ops() {
+#if FOAM_HAVE_SIMD
+  if (current_isa() == kAvx2) return {simd_avx2::widen_bf16, simd_avx2::stochastic_round};
+#endif
+  return {widen_bf16, stochastic_round};  // AVX-512 runs gcc's avx512f clone of the portable loops
+}
+
 template <typename S>
 AdamwFn<S> adamw_fn() {
   if constexpr (std::is_same_v<typename S::C, float>) {
@@ -349,85 +446,6 @@ AdamwFn<S> adamw_fn() {
     }
   }
   return Portable<S>::adamw;
-}
-
-// ------------------------------------------------------------------------------------------- bf16 moments
-// state_dtype="bfloat16": moments are stored in bf16 and stochastically rounded, exactly foam_hf.optim's
-// _store_moment. The dither of moment entry i (its flat index in the moment tensor) is a counter hash of
-// (i, step, salt): h = i·0x9E3779B1 + offset (mod 2^32), h ^= h >> 16, h *= 0x7FEB352D, h ^= h >> 15,
-// dither = h & 0xFFFF, with offset = step·0x85EBCA77 + salt·0xC2B2AE3D; finite values become
-// (bits(x) + dither) >> 16, non-finite ones round to nearest (NaN -> 0x7FC0). The loops vectorise.
-FOAM_INLINE uint32_t rounding_offset(int64_t step, int64_t salt) {
-  return static_cast<uint32_t>(step) * UINT32_C(0x85EBCA77) + static_cast<uint32_t>(salt) * UINT32_C(0xC2B2AE3D);
-}
-
-// `count` entries from flat index first_index on; count <= kMomentTile (the loop runs on 32-bit lanes).
-FOAM_CLONES void stochastic_round(const float* __restrict src, uint16_t* __restrict dst, int64_t count,
-                                  int64_t first_index, uint32_t offset) {
-  // i·0x9E3779B1 + offset (mod 2^32) advanced by addition from entry to entry: one multiply per entry fewer.
-  uint32_t h_index = static_cast<uint32_t>(first_index) * UINT32_C(0x9E3779B1) + offset;
-  const uint32_t n = static_cast<uint32_t>(count);
-  for (uint32_t j = 0; j < n; ++j, h_index += UINT32_C(0x9E3779B1)) {
-    uint32_t h = h_index;
-    h ^= h >> 16;
-    h *= UINT32_C(0x7FEB352D);
-    h ^= h >> 15;
-    uint32_t bits;
-    std::memcpy(&bits, &src[j], sizeof(bits));
-    const bool finite = (bits & UINT32_C(0x7F800000)) != UINT32_C(0x7F800000);
-    const bool nan = (bits & UINT32_C(0x7FFFFFFF)) > UINT32_C(0x7F800000);
-    // ±inf keep their bits (the low half is zero); NaN becomes 0x7FC0, as BF16::store rounds it.
-    const uint32_t rounded = nan ? UINT32_C(0x7FC00000) : (finite ? bits + (h & UINT32_C(0xFFFF)) : bits);
-    dst[j] = static_cast<uint16_t>(rounded >> 16);
-  }
-}
-
-FOAM_CLONES void widen_bf16(const uint16_t* __restrict src, float* __restrict dst, int64_t count) {
-  for (int64_t j = 0; j < count; ++j) dst[j] = BF16::load(src[j]);
-}
-
-// The fp32 kernels step bf16 moments through a tile of fp32 copies that stays in L1: widen a run of moments,
-// step the columns they cover, round the run back. Memory traffic is that of stepping bf16 moments in place
-// (2 + 2 bytes per moment entry), and nothing larger than the tile is allocated.
-constexpr int64_t kMomentTile = 512;
-
-struct RoundingOffsets {
-  uint32_t exp_avg, exp_avg_sq;  // rounding_offset(step, 0) and rounding_offset(step, 1)
-};
-
-template <typename S>
-void fold_rows_bf16_moments(FoldFn<S> fold, const typename S::T* g, typename S::T* w, uint16_t* m, uint16_t* v,
-                            int64_t r0, int64_t r1, int64_t n, int64_t B, const Hyper<float>& h,
-                            RoundingOffsets offsets) {
-  const int64_t K = (n + B - 1) / B;
-  float m_tile[kMomentTile], v_tile[kMomentTile];
-  for (int64_t row = r0; row < r1; ++row) {
-    for (int64_t k0 = 0; k0 < K; k0 += kMomentTile) {
-      const int64_t count = std::min(K - k0, kMomentTile);
-      const int64_t first = row * K + k0;  // flat index of the run's first moment entry
-      const int64_t c0 = k0 * B;
-      widen_bf16(m + first, m_tile, count);
-      widen_bf16(v + first, v_tile, count);
-      // The run's columns as a one-row tensor of their own: c0 is a multiple of B, so the blocks are the same.
-      fold(g + row * n + c0, w + row * n + c0, m_tile, v_tile, 0, 1, std::min(n, (k0 + count) * B) - c0, B, h);
-      stochastic_round(m_tile, m + first, count, first, offsets.exp_avg);
-      stochastic_round(v_tile, v + first, count, first, offsets.exp_avg_sq);
-    }
-  }
-}
-
-template <typename S>
-void adamw_bf16_moments(AdamwFn<S> adamw, const typename S::T* g, typename S::T* w, uint16_t* m, uint16_t* v,
-                        int64_t i0, int64_t i1, const Hyper<float>& h, RoundingOffsets offsets) {
-  float m_tile[kMomentTile], v_tile[kMomentTile];
-  for (int64_t first = i0; first < i1; first += kMomentTile) {
-    const int64_t count = std::min(i1 - first, kMomentTile);
-    widen_bf16(m + first, m_tile, count);
-    widen_bf16(v + first, v_tile, count);
-    adamw(g + first, w + first, m_tile, v_tile, 0, count, h);
-    stochastic_round(m_tile, m + first, count, first, offsets.exp_avg);
-    stochastic_round(v_tile, v + first, count, first, offsets.exp_avg_sq);
-  }
 }
 
 }  // namespace
