@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import os
 
+import _helpers
 import pytest
 import torch
-from test_fused import HPARAMS, SHAPES
+from _helpers import _single_tensor_foam, _store_moment
 
-from foam_hf import _fused_triton as fused_triton
+from foam_hf import FOAM
 from foam_hf.folding import folded_shape, is_foldable
-from foam_hf.optim import FOAM, _single_tensor_foam, _store_moment
+
+fused_triton = _helpers._fused_triton  # imported only now: after tests/conftest.py set TRITON_INTERPRET
+# The shapes and hyper-parameters of the fused CPU kernel's tests (tests/test_fused.py).
+SHAPES = _helpers.SHAPES["simd"]
+SCALED = _helpers.HPARAMS["scaled"]
 
 # tests/conftest.py turns the interpreter on before anything imports Triton; without it these tests would run
 # nothing they claim to.
@@ -40,7 +45,7 @@ def fresh_state(params, block_size, state_dtype=torch.float32):
     return exp_avgs, [torch.zeros_like(m) for m in exp_avgs], [torch.tensor(0.0) for _ in params]
 
 
-def step_kwargs(block_size, second_moment="mean_sq", res_scale=1.0, hparams=HPARAMS):
+def step_kwargs(block_size, second_moment="mean_sq", res_scale=1.0, hparams=SCALED):
     betas = hparams["betas"]
     return dict(
         lr=hparams["lr"],
@@ -55,7 +60,7 @@ def step_kwargs(block_size, second_moment="mean_sq", res_scale=1.0, hparams=HPAR
     )
 
 
-def run_both(block_size, second_moment, res_scale, dtype, hparams=HPARAMS, state_dtype=torch.float32):
+def run_both(block_size, second_moment, res_scale, dtype, hparams=SCALED, state_dtype=torch.float32):
     gen = torch.Generator().manual_seed(0)
     reference = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
     triton = [p.clone() for p in reference]
@@ -92,7 +97,7 @@ def test_triton_residual_scales_and_dtypes(block_size, res_scale, dtype, atol, r
 
 def test_triton_large_lerp_weight_uses_torchs_other_branch():
     # beta1 < 0.5 makes 1 - beta1 > 0.5: torch.lerp then computes end - (end - start)(1 - w); so must the kernel.
-    hparams = dict(HPARAMS, betas=(0.3, 0.99))
+    hparams = dict(SCALED, betas=(0.3, 0.99))
     reference, triton, state_ref, state_triton = run_both(4, "mean_sq", 1.0, torch.float32, hparams)
     for p, q in zip(reference, triton):
         torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5)
@@ -130,7 +135,7 @@ def bits_or_nan(x):
     ids=["1-fp32", "3-bf16", "4-fp32"],
 )
 def test_triton_bf16_states_round_bit_for_bit_as_store_moment(block_size, dtype):
-    """From the same bf16 states, the kernel's stored moments are foam_hf.optim._store_moment of the fp32
+    """From the same bf16 states, the kernel's stored moments are ``_store_moment`` of the fp32
     moments the same kernel computes with fp32 states, bit for bit (the same counter hash of index, step and
     salt), and the weights are the same (both step with the unrounded moments)."""
     gen = torch.Generator().manual_seed(1)
@@ -142,7 +147,7 @@ def test_triton_bf16_states_round_bit_for_bit_as_store_moment(block_size, dtype)
     # every class of value: infinities, NaN, and the largest bf16, whose dithered rounding may carry into inf
     special = torch.tensor([float("inf"), float("-inf"), float("nan"), 3.3e38, -3.3e38, 0.0])
     exp_avgs[0].view(-1)[: special.numel()] = special
-    kwargs = step_kwargs(block_size, hparams=HPARAMS)
+    kwargs = step_kwargs(block_size, hparams=SCALED)
     for step in range(2):  # the second step starts from moments the kernel itself rounded
         grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in params]
         params_fp32, avgs_fp32, avg_sqs_fp32 = (
