@@ -133,6 +133,20 @@ def saved_and_loaded(state_dict: dict) -> dict:
     return torch.load(buffer, weights_only=True)
 
 
+def all_params(optimizer) -> list[torch.Tensor]:
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
+def assert_same_state(a, b) -> None:
+    """The two optimizers hold bit-identical parameters and states (same keys, dtypes and values)."""
+    for p, q in zip(all_params(a), all_params(b), strict=True):
+        assert torch.equal(p, q)
+        assert a.state[p].keys() == b.state[q].keys()
+        for key in a.state[p]:
+            assert a.state[p][key].dtype == b.state[q][key].dtype
+            assert torch.equal(a.state[p][key], b.state[q][key]), key
+
+
 def clone_params(params) -> list[torch.Tensor]:
     """Fresh leaf copies with the same values: the twin a test steps alongside."""
     return [p.detach().clone().requires_grad_() for p in params]

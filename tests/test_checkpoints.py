@@ -14,7 +14,7 @@ import pickle
 import pytest
 import torch
 from _helpers import HPARAMS as HPARAM_SETS
-from _helpers import SHAPES, clone_params, fused_kernel_builds, make_params
+from _helpers import SHAPES, assert_same_state, clone_params, fused_kernel_builds, make_params
 from hf_fixtures import StopAt, lm_dataset, tiny_llama, training_args
 from transformers import Trainer, TrainerCallback
 
@@ -30,22 +30,9 @@ def step(opt, params, seed):
     opt.step()
 
 
-def all_params(opt):
-    return [p for g in opt.param_groups for p in g["params"]]
-
-
 def clone_into(opt_builder, params):
     twins = clone_params(params)
     return opt_builder(twins), twins
-
-
-def assert_same_state(a: FOAM, b: FOAM) -> None:
-    for p, q in zip(all_params(a), all_params(b)):
-        assert torch.equal(p, q)
-        assert a.state[p].keys() == b.state[q].keys()
-        for key in a.state[p]:
-            assert a.state[p][key].dtype == b.state[q][key].dtype
-            assert torch.equal(a.state[p][key], b.state[q][key]), key
 
 
 # ---------------------------------------------------------------------------- save, load weights_only, continue

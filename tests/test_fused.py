@@ -12,7 +12,17 @@ import logging
 
 import pytest
 import torch
-from _helpers import HPARAMS, SHAPES, _fused_cpu, clone_params, grad_sequence, make_params, run, saved_and_loaded
+from _helpers import (
+    HPARAMS,
+    SHAPES,
+    _fused_cpu,
+    assert_same_state,
+    clone_params,
+    grad_sequence,
+    make_params,
+    run,
+    saved_and_loaded,
+)
 
 from foam_hf import FOAM
 
@@ -95,10 +105,7 @@ def test_state_dict_continuation(kernel):
     assert resumed.param_groups[0]["fused"] is None  # filled in by __setstate__
     run(opt, params, grads[5:])
     run(resumed, resumed_params, grads[5:])
-    for a, b in zip(params, resumed_params):
-        assert torch.equal(a, b)
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(opt.state[a][key], resumed.state[b][key])
+    assert_same_state(opt, resumed)
 
 
 @pytest.fixture
@@ -116,7 +123,7 @@ def broken_build(monkeypatch):
 def test_build_failure_warns_once_and_falls_back(broken_build, caplog):
     params = simd_params(torch.float32)
     ours, theirs = clone_params(params), clone_params(params)
-    with caplog.at_level(logging.WARNING, logger="foam_hf._fused_cpu"):
+    with caplog.at_level(logging.WARNING, logger=_fused_cpu.__name__):
         opt = FOAM(ours, block_size=4, **SCALED)  # fused=None
         run(opt, ours, grad_sequence(params, 3))
     warnings = [r for r in caplog.records if "could not be built" in r.getMessage()]

@@ -164,7 +164,7 @@ def test_isa_environment_variable_picks_the_implementation(kernel, monkeypatch):
 
 def test_isa_environment_variable_reaches_a_fresh_process(kernel):
     # The kernel is cached by torch, so the child only loads it.
-    code = "from foam_hf import _fused_cpu; print(_fused_cpu.load_kernel().isa())"
+    code = f"import importlib; print(importlib.import_module({_fused_cpu.__name__!r}).load_kernel().isa())"
     env = {**os.environ, _fused_cpu.ISA_ENV: "portable"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "portable"

@@ -204,7 +204,7 @@ def test_ready_check_failure_warns_once_and_says_no(monkeypatch, caplog):
 
     monkeypatch.setattr(fused_triton, "_ready", {})
     monkeypatch.setattr(fused_triton, "_fused_foam_triton", broken)
-    with caplog.at_level("WARNING", logger="foam_hf._fused_triton"):
+    with caplog.at_level("WARNING", logger=fused_triton.__name__):
         assert not fused_triton.triton_ready(torch.device("cpu"))
         assert not fused_triton.triton_ready(torch.device("cpu"))
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -240,7 +240,7 @@ def scale_bf16_moments(params, exp_avgs, exp_avg_sqs):
 )
 def test_ready_check_compares_numbers_and_falls_back_with_one_warning(monkeypatch, caplog, perturb, what):
     perturbed_kernels(monkeypatch, perturb)
-    with caplog.at_level("WARNING", logger="foam_hf._fused_triton"):
+    with caplog.at_level("WARNING", logger=fused_triton.__name__):
         assert not fused_triton.triton_ready(torch.device("cpu"))
         assert not fused_triton.triton_ready(torch.device("cpu"))  # decided once per device
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]

@@ -6,7 +6,16 @@ import copy
 
 import pytest
 import torch
-from _helpers import HPARAMS, clone_params, grad_sequence, make_params, reference_kwargs, run, saved_and_loaded
+from _helpers import (
+    HPARAMS,
+    assert_same_state,
+    clone_params,
+    grad_sequence,
+    make_params,
+    reference_kwargs,
+    run,
+    saved_and_loaded,
+)
 
 from foam_hf import FOAM, FoamStateError, folded_shape, state_memory
 from foam_hf.reference import FoamReference
@@ -185,10 +194,7 @@ def test_state_dict_round_trip_continues_bit_identically(foreach):
     resumed.load_state_dict(saved)
     run(opt, params, grads[5:])
     run(resumed, resumed_params, grads[5:])
-    for a, b in zip(params, resumed_params):
-        assert torch.equal(a, b)
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(opt.state[a][key], resumed.state[b][key])
+    assert_same_state(opt, resumed)
 
 
 def test_load_keeps_fp32_states_for_bf16_params():
