@@ -7,13 +7,13 @@
 * foam_hf's private modules and functions (``_fused_cpu``, ``_single_tensor_foam``, ``_store_moment``, ...).
   They are imported here and nowhere else in the tests, so a move inside the library changes this file only.
 * Launching multi-process runs (torchrun, ``accelerate launch``) of the workers in tests/_dist_workers.
-* Expectations the tests work out for themselves from a model's module names and parameter shapes (below).
+* Expectations the tests work out for themselves from a model's module names and parameter shapes.
 
 What builds a Hugging Face run (tokenizer, tiny Llama, datasets, ``TrainingArguments``, the ``StopAt``
 callback) lives in tests/hf_fixtures.py; pytest fixtures over these tables (the fused kernel, one ISA at a
 time) live in tests/conftest.py.
 
-Expectations: nothing below calls foam_hf's resolver, grouping or memory functions (``foam_hf.param_groups``,
+The expectations call none of foam_hf's resolver, grouping or memory functions (``foam_hf.param_groups``,
 ``foam_hf.memory``): those are what the tests check. The rules are written out from the documentation
 (docs/integration.md, ``foam_hf.param_groups``): under ``optim="foam"`` the ``weight`` of every
 ``nn.Linear`` folds with the default block size, except the output heads and PEFT adapter layers; every
@@ -96,7 +96,10 @@ FOAM_DEFAULTS = dict(weight_decay=0.0, block_size=4, scale=1.0, res_scale=1.0, s
 
 def reference_kwargs(*hparams: dict) -> dict:
     """The full option set FOAM runs with, for ``foam_hf.reference.FoamReference``: defaults, then ``hparams``."""
-    return functools.reduce(lambda a, b: {**a, **b}, hparams, dict(FOAM_DEFAULTS))
+    full = dict(FOAM_DEFAULTS)
+    for entry in hparams:
+        full.update(entry)
+    return full
 
 
 # ============================================================================ parameters, gradients, steps
