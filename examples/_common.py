@@ -58,6 +58,13 @@ def add_common_args(parser: argparse.ArgumentParser, *, max_steps: int, learning
     parser.add_argument("--short", action="store_true", help="test-sized model and data: seconds on a CPU")
 
 
+def example_parser(doc: str, *, max_steps: int, learning_rate: float) -> argparse.ArgumentParser:
+    """An argument parser described by the first line of ``doc``, with the flags every example shares."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    add_common_args(parser, max_steps=max_steps, learning_rate=learning_rate)
+    return parser
+
+
 def foam_optim_args(block_size: int, extra: str = "") -> str:
     """The ``optim_args`` string for ``block_size`` plus ``extra`` options, validated by :class:`FoamConfig`."""
     text = f"block_size={block_size}" + (f",{extra}" if extra else "")
@@ -133,6 +140,12 @@ def function_snippets(texts: list[str], n: int, max_chars: int = 240) -> list[tu
             if len(snippets) >= n:
                 return snippets
     return snippets
+
+
+def function_pairs(short: bool) -> list[tuple[str, str]]:
+    """(first line, body) pairs of standard-library functions: 64 from 20 files with ``--short``, else up to 2000
+    from 200 files."""
+    return function_snippets(stdlib_texts(max_files=20 if short else 200), n=64 if short else 2000)
 
 
 def block_dataset(tokenizer, texts: list[str], seq_len: int, max_rows: int):

@@ -13,26 +13,17 @@ reward margins and the state bytes.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
-    add_common_args,
-    function_snippets,
-    load_model_and_tokenizer,
-    stdlib_texts,
-    summarize,
-    training_kwargs,
-)
+from _common import example_parser, function_pairs, load_model_and_tokenizer, summarize, training_kwargs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser, max_steps=60, learning_rate=5e-4)
+    parser = example_parser(__doc__, max_steps=60, learning_rate=5e-4)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--max-length", type=int, default=128)
     args = parser.parse_args(argv)
@@ -46,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, tokenizer = load_model_and_tokenizer(args)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    pairs = function_snippets(stdlib_texts(max_files=20 if args.short else 200), n=64 if args.short else 2000)
+    pairs = function_pairs(args.short)
     data = Dataset.from_dict(
         {
             "prompt": [p for p, _ in pairs],

@@ -13,20 +13,12 @@ nothing is looked up on a hub. Returns the losses, the mean rewards and the stat
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
-    add_common_args,
-    function_snippets,
-    load_model_and_tokenizer,
-    stdlib_texts,
-    summarize,
-    training_kwargs,
-)
+from _common import example_parser, function_pairs, load_model_and_tokenizer, summarize, training_kwargs  # noqa: E402
 
 
 def function_body_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
@@ -45,8 +37,7 @@ def function_body_reward(prompts: list[str], completions: list[str], **kwargs) -
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser, max_steps=40, learning_rate=1e-3)
+    parser = example_parser(__doc__, max_steps=40, learning_rate=1e-3)
     parser.add_argument("--num-generations", type=int, default=4)
     parser.add_argument("--max-completion-length", type=int, default=32)
     args = parser.parse_args(argv)
@@ -60,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     import foam_hf  # noqa: F401  (registers optim="foam")
 
     model, tokenizer = load_model_and_tokenizer(args)
-    pairs = function_snippets(stdlib_texts(max_files=20 if args.short else 200), n=64 if args.short else 2000)
+    pairs = function_pairs(args.short)
     data = Dataset.from_dict({"prompt": [p for p, _ in pairs]})
     config = trl.GRPOConfig(
         **training_kwargs(

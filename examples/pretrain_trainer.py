@@ -13,26 +13,17 @@ optimizer-state bytes.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
-    add_common_args,
-    block_dataset,
-    load_model_and_tokenizer,
-    stdlib_texts,
-    summarize,
-    training_kwargs,
-)
+from _common import block_dataset, example_parser, load_model_and_tokenizer, stdlib_texts, summarize, training_kwargs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser, max_steps=200, learning_rate=3e-3)
+    parser = example_parser(__doc__, max_steps=200, learning_rate=3e-3)
     parser.add_argument("--seq-len", type=int, default=128)
     args = parser.parse_args(argv)
     if args.short:

@@ -15,17 +15,15 @@ and the block size of every adapter weight.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    add_common_args,
-    function_snippets,
+    example_parser,
+    function_pairs,
     load_model_and_tokenizer,
-    stdlib_texts,
     summarize,
     training_kwargs,
     unwrap_optimizer,
@@ -33,8 +31,7 @@ from _common import (  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser, max_steps=100, learning_rate=2e-3)
+    parser = example_parser(__doc__, max_steps=100, learning_rate=2e-3)
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--lora-alpha", type=int, default=None, help="default: 2 * r")
     parser.add_argument("--max-length", type=int, default=128)
@@ -49,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     import foam_hf  # noqa: F401  (registers optim="foam")
 
     model, tokenizer = load_model_and_tokenizer(args)
-    pairs = function_snippets(stdlib_texts(max_files=20 if args.short else 200), n=64 if args.short else 2000)
+    pairs = function_pairs(args.short)
     data = Dataset.from_dict({"prompt": [p for p, _ in pairs], "completion": [c for _, c in pairs]})
 
     config = trl.SFTConfig(**training_kwargs(args, "sft_lora", max_length=args.max_length))

@@ -1,6 +1,19 @@
-"""Expectations the tests work out for themselves, from a model's module names and parameter shapes.
+"""The one place the test suite keeps what several test modules share.
 
-Nothing here calls foam_hf's resolver, grouping or memory functions (``foam_hf.param_groups``,
+* Tables (optax's ``_OPTIMIZERS_UNDER_TEST`` and torch's OptimizerInfo database are the model): ``SHAPES``,
+  ``HPARAMS``, the implementation ``PATHS`` (readable for-loop, foreach, fused) and the ``CPU_ISAS`` of the
+  fused kernel; and the catalogue of bad inputs with the errors they must raise (run by tests/test_errors.py).
+* Helpers over them: ``make_params``, ``grad_sequence``, ``run``, ``clone_params``.
+* foam_hf's private modules and functions (``_fused_cpu``, ``_single_tensor_foam``, ``_store_moment``, ...).
+  They are imported here and nowhere else in the tests, so a move inside the library changes this file only.
+* Launching multi-process runs (torchrun, ``accelerate launch``) of the workers in tests/_dist_workers.
+* Expectations the tests work out for themselves from a model's module names and parameter shapes.
+
+What builds a Hugging Face run (tokenizer, tiny Llama, datasets, ``TrainingArguments``, the ``StopAt``
+callback) lives in tests/hf_fixtures.py; pytest fixtures over these tables (the fused kernel, one ISA at a
+time) live in tests/conftest.py.
+
+The expectations call none of foam_hf's resolver, grouping or memory functions (``foam_hf.param_groups``,
 ``foam_hf.memory``): those are what the tests check. The rules are written out from the documentation
 (docs/integration.md, ``foam_hf.param_groups``): under ``optim="foam"`` the ``weight`` of every
 ``nn.Linear`` folds with the default block size, except the output heads and PEFT adapter layers; every
@@ -10,10 +23,223 @@ biases and norm weights, as ``Trainer`` does.
 
 from __future__ import annotations
 
+import functools
+import io
 import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
+
+from foam_hf import FOAM, FoamConfig, FoamConfigError, _chunking, _fused_cpu
+from foam_hf import functional as _functional_module
+from foam_hf.functional import _multi_tensor_foam, _single_tensor_foam
+from foam_hf.precision import store_moment as _store_moment
+from foam_hf.zero_layout import _shape_of
+
+__all__ = [  # the private names, re-exported for the test modules (``_fused_triton`` on first use: see below)
+    "_chunking",
+    "_fused_cpu",
+    "_multi_tensor_foam",
+    "_shape_of",
+    "_single_tensor_foam",
+    "_store_moment",
+]
+
+
+def __getattr__(name: str):
+    # ``foam_hf._fused_triton`` imports Triton, which must not happen before tests/conftest.py has set
+    # TRITON_INTERPRET, nor in the worker processes that never need it: imported on first use only.
+    if name == "_fused_triton":
+        from foam_hf import _fused_triton
+
+        return _fused_triton
+    raise AttributeError(name)
+
+
+# ============================================================================ shapes and hyper-parameters
+
+#: Parameter shapes under test. Awkward on purpose (R9 of the style notes); each entry says why it exists.
+SHAPES = {
+    # Divisible (8 at B=2, 4), ragged (n = kB + 1), n < B, a single column, 1-D (never folded) and 3-D.
+    "awkward": [(6, 8), (5, 9), (3, 2), (4, 1), (7,), (2, 3, 10)],
+    # The same, plus a 0-d scalar and an empty tensor (the foreach path's batching must cope with both).
+    "with_empty": [(6, 8), (5, 9), (3, 2), (4, 1), (7,), (2, 3, 10), (), (0, 5)],
+    # For the fused CPU kernel: widths that give the SIMD paths whole vectors (16 and 8 lanes) and a tail
+    # (100 = 6 * 16 + 4, 81 = 5 * 16 + 1), ragged n = kB + 1 for several B, n < B, a single column, 3-D, and a
+    # 1-D tensor long enough for the vectorised AdamW loop plus its tail.
+    "simd": [(6, 32), (5, 33), (3, 2), (4, 1), (7,), (2, 3, 10), (9, 257), (3, 100), (2, 81), (37,)],
+}
+
+# lr 1e-2 so a few steps move the weights visibly; beta2 = 0.99, low enough that the second moment changes
+# within the few steps the tests run.
+_ADAM = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
+
+#: Hyper-parameter sets, by what they exercise. A test takes the entry it needs; FOAM's defaults fill the rest.
+HPARAMS = {
+    # Adam's terms only: for tests that set weight_decay themselves (AdamW parity at 0 and 0.1).
+    "adam": dict(_ADAM),
+    # Decoupled weight decay on: the no-decay/decay split and the decay term of every path matter.
+    "decay": dict(_ADAM, weight_decay=0.1),
+    # Every term of the update a fast path implements besides the residual: scale != 1 and weight decay.
+    "scaled": dict(_ADAM, weight_decay=0.05, scale=1.7),
+    # Every term, with a residual weight that is neither 0 nor 1.
+    "every_term": dict(_ADAM, weight_decay=0.05, scale=1.7, res_scale=0.7),
+}
+
+#: ``FOAM``'s documented defaults for the options ``HPARAMS`` leaves out (the reference takes them explicitly).
+FOAM_DEFAULTS = dict(weight_decay=0.0, block_size=4, scale=1.0, res_scale=1.0, second_moment="mean_sq")
+
+
+def reference_kwargs(*hparams: dict) -> dict:
+    """The full option set FOAM runs with, for ``foam_hf.reference.FoamReference``: defaults, then ``hparams``."""
+    full = dict(FOAM_DEFAULTS)
+    for entry in hparams:
+        full.update(entry)
+    return full
+
+
+# ============================================================================ parameters, gradients, steps
+
+
+def make_params(shapes=SHAPES["awkward"], dtype=torch.float32, seed=0) -> list[torch.Tensor]:
+    """Leaf tensors of ``shapes``, standard normal. Drawn in float64 and cast, so every dtype sees the same
+    numbers (rounded), whichever dtype a test asks for."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).requires_grad_() for s in shapes]
+
+
+def grad_sequence(params, steps: int, seed: int = 1) -> list[list[torch.Tensor]]:
+    """``steps`` lists of gradients, one per parameter, drawn in float64 and cast to each parameter's dtype."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) for p in params] for _ in range(steps)
+    ]
+
+
+def run(optimizer, params, grads) -> None:
+    """One ``optimizer.step()`` per entry of ``grads`` (from ``grad_sequence``), each gradient a fresh copy."""
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        optimizer.step()
+
+
+def saved_and_loaded(state_dict: dict) -> dict:
+    """``state_dict`` after ``torch.save`` and ``torch.load(weights_only=True)``, what Trainer's safe loading does."""
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def all_params(optimizer) -> list[torch.Tensor]:
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
+def assert_same_state(a, b) -> None:
+    """The two optimizers hold bit-identical parameters and states (same keys, dtypes and values)."""
+    for p, q in zip(all_params(a), all_params(b), strict=True):
+        assert torch.equal(p, q)
+        assert a.state[p].keys() == b.state[q].keys()
+        for key in a.state[p]:
+            assert a.state[p][key].dtype == b.state[q][key].dtype
+            assert torch.equal(a.state[p][key], b.state[q][key]), key
+
+
+def clone_params(params) -> list[torch.Tensor]:
+    """Fresh leaf copies with the same values: the twin a test steps alongside."""
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
+# ============================================================================ implementation paths
+
+# The implementations a group can run on: ``_single_tensor_foam`` (the readable reference path), the foreach
+# path (``_multi_tensor_foam``) and the fused C++ kernel (``_fused_cpu``); ``default`` lets FOAM choose.
+FOR_LOOP = dict(foreach=False, fused=False)
+FOREACH = dict(foreach=True, fused=False)
+FUSED = dict(fused=True)
+PATHS = {"for-loop": FOR_LOOP, "foreach": FOREACH, "fused": FUSED, "default": {}}
+
+#: The fused CPU kernel's implementations; tests run each one this CPU can run and skip the others.
+CPU_ISAS = ("portable", "avx2", "avx512")
+
+#: Where each of FOAM's step functions lives, as ``(module, attribute)``: patch there to see which one runs.
+STEP_FUNCTIONS = {
+    "_fused_foam": (_fused_cpu, "_fused_foam"),
+    "_multi_tensor_foam": (_functional_module, "_multi_tensor_foam"),
+    "_single_tensor_foam": (_functional_module, "_single_tensor_foam"),
+}
+
+
+@functools.cache
+def fused_kernel_builds() -> bool:
+    """Whether the fused CPU kernel is available here (it needs a C++ compiler). tests/test_fused.py fails
+    loudly when a compiler is present and the kernel does not build."""
+    return _fused_cpu.load_kernel() is not None
+
+
+def path_names(*names: str) -> list[str]:
+    """``names`` (keys of ``PATHS``) without ``"fused"`` where the kernel is unavailable: parametrize over these."""
+    return [n for n in names if n != "fused" or fused_kernel_builds()]
+
+
+# ============================================================================ multi-process runs
+
+REPO = Path(__file__).resolve().parents[1]
+DIST_WORKERS = REPO / "tests" / "_dist_workers"
+# Float32 gradients reduced in another order differ in the last bits, and FOAM's division by sqrt(V) can
+# amplify them where V is tiny; 2e-4 is far above that (1e-7 seen here) and far below a wrong fold or a lost
+# half batch (O(lr) = O(1e-2) per step).
+DIST_TOLERANCE = 2e-4
+LAUNCH_TIMEOUT = 480  # seconds per launch: 10-25 s on 2 idle cores, several times that when they are shared
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env() -> dict[str, str]:
+    """The environment of a launched worker: one thread per rank, this checkout importable, and nothing of
+    accelerate's or FSDP's configuration leaking in from the calling shell."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
+    for key in [k for k in env if k.startswith(("ACCELERATE_", "FSDP_"))]:
+        del env[key]
+    return env
+
+
+def launch(launcher: list[str], out: Path, *worker_args: str, worker: str) -> dict:
+    """Run ``worker`` under ``launcher`` (empty: 1 plain process) and return what rank 0 saved."""
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [*(launcher or [sys.executable]), worker, *worker_args, "--out", str(out)]
+    proc = subprocess.run(cmd, env=worker_env(), cwd=out, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return torch.load(out / "result.pt", weights_only=False)
+
+
+def torchrun(nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
+def accelerate_launch(config_file: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config_file),
+        "--main_process_port",
+        str(free_port()),
+    ]
+
+
+# ============================================================================ expectations from module names
 
 #: ``FoamConfig``'s documented default block size.
 DEFAULT_BLOCK_SIZE = 4
@@ -102,3 +328,279 @@ def hand_built_foam_groups(model: nn.Module, block_sizes: dict[str, int], weight
     return [
         {"params": ps, "block_size": b, "weight_decay": weight_decay if d else 0.0} for (b, d), ps in groups.items()
     ]
+
+
+# ============================================================================ the catalogue of bad inputs
+# Every bad input is here once, with the error a user reads. Messages are checked on key fragments: the
+# offending value, the rule it breaks and the fix (R7/R8 of the style notes). tests/test_errors.py runs the
+# tables; the inputs that need a model or a Trainer (overrides, the command line, Trainer set-up) are in
+# tests/test_bad_inputs.py beside the behaviours of the awkward inputs that are accepted.
+
+nan, inf = math.nan, math.inf
+
+
+def leaf(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A fresh random leaf tensor that requires grad."""
+    return torch.randn(*shape, dtype=dtype).requires_grad_()
+
+
+# (id, kwargs of FOAM([leaf(2, 4)], **kwargs), error type, fragments). Every message also carries "Fix:".
+FOAM_ERROR_INPUTS = [
+    ("lr=-0.001", dict(lr=-1e-3), FoamConfigError, ["lr=-0.001 is invalid: it must be finite and >= 0"]),
+    ("lr=nan", dict(lr=nan), FoamConfigError, ["lr=nan is invalid"]),
+    ("lr=inf", dict(lr=inf), FoamConfigError, ["lr=inf is invalid"]),
+    ("lr=-inf", dict(lr=-inf), FoamConfigError, ["lr=-inf", "finite and >= 0", "Fix:"]),
+    ("lr='1e-3'", dict(lr="1e-3"), TypeError, ["lr='1e-3' has type str"]),
+    ("lr=None", dict(lr=None), TypeError, ["lr=None", "must be a real number", "Fix: pass e.g. lr=1e-3"]),
+    (
+        "lr=2-element tensor",
+        dict(lr=torch.tensor([1e-3, 2e-3])),
+        FoamConfigError,
+        ["lr is a tensor of shape (2,)", "a number or a one-element tensor", "Fix:"],
+    ),
+    ("eps=-1.0", dict(eps=-1.0), FoamConfigError, ["eps=-1.0 is invalid"]),
+    ("eps=nan", dict(eps=nan), FoamConfigError, ["eps=nan", "finite and >= 0", "Fix: pass e.g. eps=1e-8"]),
+    ("eps=inf", dict(eps=inf), FoamConfigError, ["eps=inf", "finite and >= 0", "Fix:"]),
+    ("weight_decay=-0.1", dict(weight_decay=-0.1), FoamConfigError, ["weight_decay=-0.1 is invalid"]),
+    ("weight_decay=nan", dict(weight_decay=nan), FoamConfigError, ["weight_decay=nan"]),
+    ("weight_decay=inf", dict(weight_decay=inf), FoamConfigError, ["weight_decay=inf", "finite and >= 0", "Fix:"]),
+    (
+        "betas=(1.0, 0.999)",
+        dict(betas=(1.0, 0.999)),
+        FoamConfigError,
+        ["betas[0]=1.0 is invalid: it must be in [0, 1)"],
+    ),
+    ("betas=(nan, 0.999)", dict(betas=(nan, 0.999)), FoamConfigError, ["betas[0]=nan", "in [0, 1)", "Fix:"]),
+    ("betas=(0.9, -0.1)", dict(betas=(0.9, -0.1)), FoamConfigError, ["betas[1]=-0.1"]),
+    ("betas=(0.9, 1.0)", dict(betas=(0.9, 1.0)), FoamConfigError, ["betas[1]=1.0", "in [0, 1)", "Fix:"]),
+    ("betas=0.9", dict(betas=0.9), TypeError, ["betas=0.9 must be a pair"]),
+    ("betas=(0.9,)", dict(betas=(0.9,)), TypeError, ["betas=(0.9,)", "must be a pair", "Fix: pass betas=(0.9, 0.999)"]),
+    ("betas='ab'", dict(betas="ab"), TypeError, ["betas='ab'", "must be a pair", "Fix:"]),
+    ("block_size=0", dict(block_size=0), FoamConfigError, ["block_size=0 is invalid: it must be a positive int"]),
+    ("block_size=-4", dict(block_size=-4), FoamConfigError, ["block_size=-4"]),
+    ("block_size=4.0", dict(block_size=4.0), TypeError, ["block_size=4.0 has type float"]),
+    ("block_size=True", dict(block_size=True), TypeError, ["block_size=True has type bool"]),
+    ("block_size='4'", dict(block_size="4"), TypeError, ["block_size='4'", "has type str", "Fix: pass block_size=4"]),
+    ("block_size=inf", dict(block_size=inf), TypeError, ["block_size=inf", "has type float", "positive int", "Fix:"]),
+    ("scale=0.0", dict(scale=0.0), FoamConfigError, ["scale=0.0 is invalid: it must be finite and > 0"]),
+    ("scale=-1.0", dict(scale=-1.0), FoamConfigError, ["scale=-1.0"]),
+    ("scale=inf", dict(scale=inf), FoamConfigError, ["scale=inf", "finite and > 0", "Fix: pass scale=1.0"]),
+    ("scale=nan", dict(scale=nan), FoamConfigError, ["scale=nan", "finite and > 0", "Fix:"]),
+    (
+        "res_scale=-0.5",
+        dict(res_scale=-0.5),
+        FoamConfigError,
+        ["res_scale=-0.5 is invalid: it must be finite and >= 0"],
+    ),
+    ("res_scale=nan", dict(res_scale=nan), FoamConfigError, ["res_scale=nan", "finite and >= 0", "Fix:"]),
+    ("res_scale=inf", dict(res_scale=inf), FoamConfigError, ["res_scale=inf", "finite and >= 0", "Fix:"]),
+    (
+        "second_moment='mean'",
+        dict(second_moment="mean"),
+        FoamConfigError,
+        ["second_moment='mean' is invalid: it must be one of"],
+    ),
+    (
+        "second_moment=None",
+        dict(second_moment=None),
+        FoamConfigError,
+        ["second_moment=None", "one of ('mean_sq', 'sq_mean')", "Fix: pass second_moment='mean_sq'"],
+    ),
+    ("foreach='yes'", dict(foreach="yes"), TypeError, ["foreach='yes'"]),
+    ("foreach=1.5", dict(foreach=1.5), TypeError, ["foreach=1.5", "None, True or False", "Fix:"]),
+    ("fused='yes'", dict(fused="yes"), TypeError, ["fused='yes'", "None, True or False", "Fix:"]),
+    ("fused=True and foreach=True", dict(fused=True, foreach=True), FoamConfigError, ["fused=True and foreach=True"]),
+    (
+        "state_dtype='float16'",
+        dict(state_dtype="float16"),
+        FoamConfigError,
+        ["state_dtype='float16'", "underflow", "Fix: pass state_dtype='bfloat16'"],
+    ),
+    ("state_dtype=torch.float16", dict(state_dtype=torch.float16), FoamConfigError, ["torch.float16", "underflow"]),
+    ("state_dtype='bf16'", dict(state_dtype="bf16"), FoamConfigError, ["state_dtype='bf16'", "'bfloat16'"]),
+]
+
+
+def _same_parameter_in_two_groups():
+    p = leaf(2, 4)
+    return FOAM([{"params": [p]}, {"params": [p], "lr": 0.1}])
+
+
+# (id, builder, error type, fragments): parameter lists and param groups. Rows marked "torch" are raised by
+# torch.optim.Optimizer with torch's own words; FOAM keeps torch's contract there (the same inputs fail the
+# same way for torch.optim.AdamW). Rows whose id says "fused=True" need the fused kernel: where it cannot be
+# built, the same call fails on the build instead (tests/test_errors.py checks that).
+PARAM_ERROR_INPUTS = [
+    ("torch: empty parameter list", lambda: FOAM([]), ValueError, ["empty parameter list"]),
+    (
+        "torch: a bare tensor, not an iterable",
+        lambda: FOAM(leaf(2, 4)),
+        TypeError,
+        ["iterable of Tensors", "FloatTensor"],
+    ),
+    (
+        "torch: a string among the params",
+        lambda: FOAM([leaf(2, 4), "w"]),
+        TypeError,
+        ["can only optimize Tensors", "str"],
+    ),
+    ("torch: a non-leaf tensor", lambda: FOAM([leaf(2, 4) * 2]), ValueError, ["non-leaf Tensor"]),
+    ("same parameter in two groups", _same_parameter_in_two_groups, ValueError, ["more than one parameter group"]),
+    (
+        "a param group that is a list",
+        lambda: FOAM([leaf(2, 4)]).add_param_group([leaf(2, 4)]),
+        TypeError,
+        ["param group must be a dict", "list"],
+    ),
+    (
+        "block_size=0 in group 1 names the group",
+        lambda: FOAM([{"params": [leaf(2, 4)]}, {"params": [leaf(2, 4)], "block_size": 0}]),
+        FoamConfigError,
+        ["block_size=0", "(in param group 1)"],
+    ),
+    (
+        "NaN lr in group 1 names the group",
+        lambda: FOAM([{"params": [leaf(2, 4)]}, {"params": [leaf(2, 4)], "lr": nan}]),
+        FoamConfigError,
+        ["lr=nan", "finite and >= 0", "(in param group 1)"],
+    ),
+    (
+        "misspelled group key 'rho'",
+        lambda: FOAM([{"params": [leaf(2, 4)], "rho": 0.5}]),
+        FoamConfigError,
+        ["['rho']", "not FOAM options", "Valid options", "Fix:"],
+    ),
+    (
+        "FoamConfig key 'level' as a group option",
+        lambda: FOAM([{"params": [leaf(2, 4)], "level": 2}]),
+        FoamConfigError,
+        ["['level'] are not FOAM options"],
+    ),
+    (
+        "complex parameter",
+        lambda: FOAM([leaf(2, 4, dtype=torch.complex64)]),
+        TypeError,
+        ["complex parameter of shape"],
+    ),
+    ("integer parameter", lambda: FOAM([torch.zeros(2, 4, dtype=torch.long)]), TypeError, ["dtype torch.int64"]),
+    (
+        "fused=True on a float64 parameter with bf16 states",
+        lambda: FOAM([leaf(2, 4, dtype=torch.float64)], fused=True, state_dtype="bfloat16"),
+        FoamConfigError,
+        [
+            "fused=True in param group 0",
+            "torch.float64 parameters and torch.bfloat16 states",
+            "keeps the states of float64 parameters in float64",
+            "Fix: pass state_dtype=None",
+        ],
+    ),
+    (
+        "fused=True on a float64 parameter with fp32 states",
+        lambda: FOAM([leaf(2, 4, dtype=torch.float64)], fused=True, state_dtype="float32"),
+        FoamConfigError,
+        ["fused=True in param group 0", "torch.float64 parameters and torch.float32 states", "Fix:"],
+    ),
+    (
+        "fused=True on a transposed parameter",
+        lambda: FOAM([torch.randn(6, 4).t().requires_grad_()], fused=True),
+        RuntimeError,
+        ["shape (4, 6)", "contiguous=False", "Fix: pass fused=None or False"],
+    ),
+]
+
+# (optim_args string, error type, fragments). Each is refused by ``FoamConfig.from_optim_args`` and, with the
+# same message, when ``TrainingArguments(optim="foam", optim_args=...)`` is built (tests/test_errors.py).
+OPTIM_ARGS_ERRORS = [
+    (123, TypeError, ["optim_args=123", "has type int", "Fix:"]),
+    ("block_size=4,block_size=8", FoamConfigError, ["'block_size' is given twice", "block_size=4", "Fix: keep one"]),
+    ("=4", FoamConfigError, ["'=4' is not of the form key=value", "Example:"]),
+    ("block_size=4=5", FoamConfigError, ["'block_size=4=5' is not of the form key=value", "Example:"]),
+    ("lr=1e-3", FoamConfigError, ["unknown key(s) ['lr']", "Valid keys", "block_size:", "Example:"]),
+    ("block_size=4,blocksize=8", FoamConfigError, ["unknown key(s) ['blocksize']. Valid keys"]),
+    ("block_size=", FoamConfigError, ["block_size=''", "is not an integer", "Example: block_size=4"]),
+    ("block_size=2.5", FoamConfigError, ["block_size='2.5'", "is not an integer", "Example:"]),
+    ("block_size=four", FoamConfigError, ["block_size='four' is not an integer"]),
+    ("block_size=0", FoamConfigError, ["block_size=0 is invalid"]),
+    ("block_size=4,level=2", FoamConfigError, ["both given"]),
+    ("level=20", FoamConfigError, ["level=20", "an int in [0, 16]", "Fix: e.g. level=2"]),
+    ("level=-1", FoamConfigError, ["level=-1", "an int in [0, 16]", "Fix:"]),
+    ("scale=0", FoamConfigError, ["scale=0.0", "finite and > 0", "Fix:"]),
+    ("scale=nan", FoamConfigError, ["scale=nan", "finite and > 0", "Fix: pass scale=1.0", "optim_args"]),
+    ("scale=1e400", FoamConfigError, ["scale=inf", "finite and > 0", "Fix:"]),
+    ("res_scale=abc", FoamConfigError, ["res_scale='abc'", "is not a number", "Example: res_scale=1.0"]),
+    ("second_moment=", FoamConfigError, ["second_moment=''", "one of ('mean_sq', 'sq_mean')", "Fix:"]),
+    ("second_moment=mean", FoamConfigError, ["second_moment='mean' is invalid"]),
+    ("target_modules=;", FoamConfigError, ["target_modules= is empty", "Fix: e.g. target_modules=q_proj;v_proj"]),
+    ("block_sizes=q_proj", FoamConfigError, ["entry 'q_proj' is not pattern:size"]),
+    ("block_sizes=:4", FoamConfigError, ["':4' is not pattern:size", "Example: block_sizes=q_proj:8"]),
+    ("block_sizes=q_proj:abc", FoamConfigError, ["'q_proj:abc'", "size 'abc' is not an int >= 1", "Fix: e.g."]),
+    ("block_sizes=q_proj:0", FoamConfigError, ["'q_proj:0': size '0' is not an int >= 1"]),
+    ("block_sizes=q_proj:-2", FoamConfigError, ["'q_proj:-2'", "an int >= 1", "Fix: e.g. block_sizes=q_proj:4"]),
+    ("block_sizes=q_proj:4;q_proj:8", FoamConfigError, ["'q_proj' is given twice", "q_proj:4", "q_proj:8", "Fix:"]),
+    ("block_sizes=q_proj:4,8", FoamConfigError, ["'8' follows block_sizes=", "separated by ';', not ','", "Fix:"]),
+    ("block_sizes=q_proj:8,lm_head:1", FoamConfigError, ["'lm_head:1' follows block_sizes=", "separated by ';'"]),
+    ("block_sizes=q_proj(:4", FoamConfigError, ["'q_proj('", "not a valid regex", "Fix:"]),
+    ("callback=maybe", FoamConfigError, ["callback='maybe'", "not a boolean", "callback=true"]),
+]
+
+# (id, builder, error type, fragments): the typed config, as Python users write it.
+CONFIG_ERRORS = [
+    (
+        "block_sizes as a string",
+        lambda: FoamConfig(block_sizes="q_proj:4"),
+        TypeError,
+        ["block_sizes='q_proj:4'", "must be a dict", "e.g. {'q_proj': 8"],
+    ),
+    (
+        "empty pattern",
+        lambda: FoamConfig(block_sizes={"": 4}),
+        FoamConfigError,
+        ["pattern ''", "non-empty string", "Fix:"],
+    ),
+    (
+        "float block size in block_sizes",
+        lambda: FoamConfig(block_sizes={"q_proj": 4.0}),
+        FoamConfigError,
+        ["block_sizes['q_proj']=4.0", "an int >= 1", "Fix:"],
+    ),
+    (
+        "empty target_modules list",
+        lambda: FoamConfig(target_modules=[]),
+        TypeError,
+        ["target_modules=[]", "non-empty list", "Fix: e.g. target_modules=['q_proj', 'v_proj']"],
+    ),
+    ("callback='yes'", lambda: FoamConfig(callback="yes"), TypeError, ["callback='yes'", "True or False", "Fix:"]),
+    (
+        "pattern the optim_args string cannot carry",
+        lambda: FoamConfig(block_sizes={"a:b": 4}).to_optim_args(),
+        FoamConfigError,
+        ["'a:b'", "contains one of ',=;:'", "Fix: pass the FoamConfig object"],
+    ),
+]
+
+# (id, TrainingArguments fields besides optim="foam", fragments of the FoamConfigError): the Adam-style fields
+# reach FOAM under their own names and are refused, under those names, when the arguments are built.
+TRAINING_ARGS_ERRORS = [
+    (
+        "learning_rate=nan",
+        dict(learning_rate=nan),
+        ["learning_rate=nan", "finite and >= 0", "Fix: pass e.g. learning_rate="],
+    ),
+    ("adam_beta1=-0.1", dict(adam_beta1=-0.1), ["adam_beta1=-0.1", "in [0, 1)"]),
+    ("adam_beta2=1.0", dict(adam_beta2=1.0), ["adam_beta2=1.0", "in [0, 1)", "Fix: pass e.g. adam_beta2=0.999"]),
+    ("adam_epsilon=inf", dict(adam_epsilon=inf), ["adam_epsilon=inf", "finite"]),
+    ("weight_decay=-0.01", dict(weight_decay=-0.01), ["weight_decay=-0.01", ">= 0"]),
+    ("optim_target_modules=[]", dict(optim_target_modules=[]), ["optim_target_modules=[] would fold nothing", "Fix:"]),
+    (
+        "optim_target_modules='(q'",
+        dict(optim_target_modules="(q"),
+        ["optim_target_modules='(q' is not a valid regex", "Fix:"],
+    ),
+    ("foam_layerwise with clipping", dict(optim="foam_layerwise", max_grad_norm=1.0), ["max_grad_norm=0"]),
+    ("foam_layerwise with fp16", dict(optim="foam_layerwise", max_grad_norm=0.0, fp16=True), ["bf16=True"]),
+]
+
+
+def assert_fragments(message: str, fragments: list[str]) -> None:
+    missing = [f for f in fragments if f not in message]
+    assert not missing, f"message lacks {missing}:\n{message}"

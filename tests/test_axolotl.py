@@ -36,16 +36,10 @@ ENV = {
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from hf_fixtures import TEXT, tiny_llama, tokenizer
+    from hf_fixtures import save_tiny_llama_and_text
 
     root = tmp_path_factory.mktemp("axolotl")
-    model = tiny_llama()
-    model.save_pretrained(root / "model")
-    tokenizer().save_pretrained(root / "model")
-    with open(root / "text.jsonl", "w") as handle:
-        for i in range(16):
-            handle.write(json.dumps({"text": TEXT[i % len(TEXT)]}) + "\n")
-    return root, {n: list(p.shape) for n, p in model.named_parameters()}
+    return root, save_tiny_llama_and_text(root / "model", root / "text.jsonl")
 
 
 def write_config(root: Path, out: Path, optim_args: dict) -> Path:

@@ -13,17 +13,14 @@ import pickle
 
 import pytest
 import torch
-from hf_fixtures import lm_dataset, tiny_llama
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from _helpers import HPARAMS as HPARAM_SETS
+from _helpers import SHAPES, assert_same_state, clone_params, fused_kernel_builds, make_params
+from hf_fixtures import StopAt, lm_dataset, tiny_llama, training_args
+from transformers import Trainer, TrainerCallback
 
-from foam_hf import FOAM, FoamStateError, _fused_cpu
+from foam_hf import FOAM, FoamStateError
 
-HPARAMS = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
-
-
-def params_of(shapes, seed=0, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes]
+HPARAMS = HPARAM_SETS["decay"]  # weight decay on, so the no-decay group below differs from the others
 
 
 def step(opt, params, seed):
@@ -33,27 +30,12 @@ def step(opt, params, seed):
     opt.step()
 
 
-def all_params(opt):
-    return [p for g in opt.param_groups for p in g["params"]]
-
-
 def clone_into(opt_builder, params):
-    twins = [p.detach().clone().requires_grad_() for p in params]
+    twins = clone_params(params)
     return opt_builder(twins), twins
 
 
-def assert_same_state(a: FOAM, b: FOAM) -> None:
-    for p, q in zip(all_params(a), all_params(b)):
-        assert torch.equal(p, q)
-        assert a.state[p].keys() == b.state[q].keys()
-        for key in a.state[p]:
-            assert a.state[p][key].dtype == b.state[q][key].dtype
-            assert torch.equal(a.state[p][key], b.state[q][key]), key
-
-
 # ---------------------------------------------------------------------------- save, load weights_only, continue
-
-SHAPES = [(6, 8), (5, 9), (7,), (2, 3, 10)]
 
 # (id, dtype of the parameters, optimizer builder over a parameter list). Every layout a run can have.
 LAYOUTS = [
@@ -75,13 +57,13 @@ LAYOUTS = [
     ("bf16 states", torch.float32, lambda ps: FOAM(ps, block_size=4, state_dtype="bfloat16", **HPARAMS)),
     ("foreach path", torch.float32, lambda ps: FOAM(ps, block_size=3, foreach=True, **HPARAMS)),
 ]
-if _fused_cpu.load_kernel() is not None:
+if fused_kernel_builds():
     LAYOUTS.append(("fused path", torch.float32, lambda ps: FOAM(ps, block_size=3, fused=True, **HPARAMS)))
 
 
 @pytest.mark.parametrize("dtype, build", [r[1:] for r in LAYOUTS], ids=[r[0] for r in LAYOUTS])
 def test_saved_state_loads_with_weights_only_and_continues_bitwise(tmp_path, dtype, build):
-    params = params_of(SHAPES, dtype=dtype)
+    params = make_params(SHAPES["awkward"], dtype=dtype)
     straight = build(params)
     for seed in range(3):
         step(straight, params, seed)
@@ -99,14 +81,14 @@ def test_saved_state_loads_with_weights_only_and_continues_bitwise(tmp_path, dty
 
 
 def _foam_state(shapes=((6, 8), (7,)), **kwargs):
-    params = params_of(shapes)
+    params = make_params(shapes)
     opt = FOAM(params, **{**HPARAMS, "block_size": 4, **kwargs})
     step(opt, params, 0)
     return opt.state_dict()
 
 
 def _adamw_state(shapes=((6, 8), (7,))):
-    params = params_of(shapes)
+    params = make_params(shapes)
     opt = torch.optim.AdamW(params, **HPARAMS)
     step(opt, params, 0)
     return opt.state_dict()
@@ -200,7 +182,7 @@ MISMATCHES = [
     "saved, shapes, kwargs, fragments", [r[1:] for r in MISMATCHES], ids=[r[0] for r in MISMATCHES]
 )
 def test_mismatched_state_is_refused_and_loses_nothing(saved, shapes, kwargs, fragments):
-    params = params_of(shapes, seed=1)
+    params = make_params(shapes, seed=1)
     build = lambda ps: FOAM(ps, **{**HPARAMS, "block_size": 4, **kwargs})  # noqa: E731
     target = build(params)
     step(target, params, 7)  # the target already holds state of its own
@@ -219,25 +201,14 @@ def test_mismatched_state_is_refused_and_loses_nothing(saved, shapes, kwargs, fr
 
 
 def test_group_count_mismatch_is_refused():
-    params = params_of(((6, 8), (7,)))
+    params = make_params(((6, 8), (7,)))
     opt = FOAM([{"params": params[:1]}, {"params": params[1:], "block_size": 1}], **HPARAMS)
     step(opt, params, 0)
     with pytest.raises(FoamStateError, match=r"saved state has 2 param groups, this optimizer has 1.*Fix"):
-        FOAM(params_of(((6, 8), (7,))), **HPARAMS).load_state_dict(opt.state_dict())
+        FOAM(make_params(((6, 8), (7,))), **HPARAMS).load_state_dict(opt.state_dict())
 
 
 # ---------------------------------------------------------------------------- Trainer: LoRA resume, damaged file
-
-
-class StopAt(TrainerCallback):
-    """Interrupts training after ``step`` optimizer steps, as a preempted job would."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 STEPS = 6  # 2N with N = 3: the checkpoint is written at step 3
@@ -252,11 +223,8 @@ def lora_model():
 
 def train(tmp_path, name, model_fn, *, resume=None, stop_at=None, **overrides):
     kwargs = dict(
-        output_dir=str(tmp_path / name / "out"),
-        optim="foam",
         optim_args="block_size=4,block_sizes=lora_A:4;lora_B:2",
         max_steps=STEPS,
-        per_device_train_batch_size=4,
         learning_rate=1e-3,
         weight_decay=0.1,
         lr_scheduler_type="cosine",
@@ -264,18 +232,10 @@ def train(tmp_path, name, model_fn, *, resume=None, stop_at=None, **overrides):
         logging_steps=1,
         save_strategy="steps",
         save_steps=STEPS // 2,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
     )
-    kwargs.update(overrides)
+    args = training_args(tmp_path / name / "out", **{**kwargs, **overrides})
     callbacks = [StopAt(stop_at)] if stop_at else []
-    trainer = Trainer(
-        model=model_fn(), args=TrainingArguments(**kwargs), train_dataset=lm_dataset(24), callbacks=callbacks
-    )
+    trainer = Trainer(model=model_fn(), args=args, train_dataset=lm_dataset(24), callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -316,9 +276,7 @@ def test_resume_from_a_truncated_optimizer_file_fails_before_training(tmp_path):
         def on_step_end(self, args, state, control, **kwargs):
             stepped.append(state.global_step)
 
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "again"), optim="foam", max_steps=4, report_to=[], use_cpu=True, disable_tqdm=True
-    )
+    args = training_args(tmp_path / "again", max_steps=4)
     trainer = Trainer(model=tiny_llama(), args=args, train_dataset=lm_dataset(24), callbacks=[Count()])
     with pytest.raises((RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError)) as info:
         trainer.train(resume_from_checkpoint=str(checkpoint))

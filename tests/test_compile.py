@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_fixtures import lm_dataset, tiny_llama
-from transformers import Trainer, TrainingArguments
+from hf_fixtures import lm_dataset, tiny_llama, training_args
+from transformers import Trainer
 
 import foam_hf  # noqa: F401  (registers optim="foam")
 from foam_hf import FOAM
@@ -24,20 +24,11 @@ ATOL = 1e-5
 
 
 def train_with_trainer(tmp_path, torch_compile: bool):
-    args = TrainingArguments(
-        output_dir=str(tmp_path / f"compile-{torch_compile}"),
-        optim="foam",
+    args = training_args(
+        tmp_path / f"compile-{torch_compile}",
         max_steps=STEPS,
-        per_device_train_batch_size=4,
         learning_rate=1e-3,
         logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
         torch_compile=torch_compile,
         # Trainer's part is the wrapping (the compiled module is what trains, FOAM is built on its parameters);
         # Dynamo and AOTAutograd trace forward and backward as with Inductor, which the plain-loop tests below

@@ -6,24 +6,19 @@ import copy
 
 import pytest
 import torch
+from _helpers import HPARAMS as HPARAM_SETS
+from _helpers import grad_sequence, make_params
 
 from foam_hf import FOAM, FoamStateError, folded_shape
 from foam_hf.convert import adamw_state_from_foam, foam_state_from_adamw
 from foam_hf.reference import fold_matrix, unfold_matrix
 
-# Divisible, ragged (n = kB + 1), n < B, one column, 1-D (unfolded fallback) and 3-D.
-SHAPES = [(6, 8), (5, 9), (3, 2), (4, 1), (7,), (2, 3, 10)]
-HPARAMS = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
-
-
-def make_params(dtype=torch.float64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in SHAPES]
+HPARAMS = HPARAM_SETS["decay"]  # weight decay on: the conversion must carry the decoupled decay through
 
 
 def random_grads(params, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    (grads,) = grad_sequence(params, 1, seed)
+    return grads
 
 
 def adamw_after(params, steps):
@@ -70,7 +65,7 @@ def hand_step(w, m, v, g, t, *, block_size, res_scale, scale, second_moment):
 @pytest.mark.parametrize("from_state_dict", [False, True], ids=["optimizer", "state_dict"])
 def test_first_step_after_conversion_matches_hand_computation(kwargs, from_state_dict):
     full = dict(block_size=4, res_scale=1.0, scale=1.0, second_moment="mean_sq") | kwargs
-    params = make_params()
+    params = make_params(dtype=torch.float64)
     adamw = adamw_after(params, steps=5)  # 5 AdamW steps: moments far from zero, bias corrections live
     adam_moments = [(adamw.state[p]["exp_avg"].clone(), adamw.state[p]["exp_avg_sq"].clone()) for p in params]
     weights = [p.detach().clone() for p in params]
@@ -92,7 +87,7 @@ def test_first_step_after_conversion_matches_hand_computation(kwargs, from_state
 
 def test_conversion_is_exact_for_mean_sq_foam_from_the_start():
     """Folding AdamW's m and v equals the state of a FOAM that saw the same gradients (module docstring)."""
-    params = make_params()
+    params = make_params(dtype=torch.float64)
     twins = [p.detach().clone().requires_grad_() for p in params]
     adamw = torch.optim.AdamW(twins, foreach=False, **HPARAMS)
     foam_direct = FOAM(params, block_size=3, **HPARAMS)
@@ -110,7 +105,7 @@ def test_conversion_is_exact_for_mean_sq_foam_from_the_start():
 
 
 def test_round_trip_shapes_and_values():
-    params = make_params(torch.float32)
+    params = make_params(dtype=torch.float32)
     foam = FOAM(params, block_size=3, **HPARAMS)
     for s in range(3):
         for p, g in zip(params, random_grads(params, seed=300 + s)):
@@ -159,7 +154,7 @@ def stepped_adamw(params, **kwargs):
 
 
 def test_mismatched_parameter_lists_are_refused_without_changing_state():
-    params = make_params(torch.float32)
+    params = make_params(dtype=torch.float32)
     adamw = stepped_adamw(params)
     foam_fewer = FOAM(params[:-1])
     with pytest.raises(FoamStateError, match=r"AdamW holds 6 parameters but FOAM holds 5.*same order"):
@@ -171,7 +166,7 @@ def test_mismatched_parameter_lists_are_refused_without_changing_state():
 
 
 def test_non_adam_states_are_refused():
-    params = make_params(torch.float32)
+    params = make_params(dtype=torch.float32)
     sgd = torch.optim.SGD(params, lr=0.1, momentum=0.9)
     for p in params:
         p.grad = torch.ones_like(p)

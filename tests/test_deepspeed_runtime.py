@@ -12,11 +12,12 @@ from __future__ import annotations
 import deepspeed  # noqa: F401  (fail loudly, not skip, when the dev extra is incomplete)
 import pytest
 import torch
-from test_trainer_fsdp import REPO, TOLERANCE, launch, torchrun
+from _helpers import DIST_TOLERANCE as TOLERANCE
+from _helpers import DIST_WORKERS, launch, torchrun
 
 from foam_hf import FOAM, FoamConfigError
 
-WORKER = str(REPO / "tests" / "_dist_workers" / "deepspeed_rank.py")
+WORKER = str(DIST_WORKERS / "deepspeed_rank.py")
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -36,7 +37,7 @@ def test_trainer_arguments_accept_zero_and_refuse_offload_that_replaces_foam(sta
 def test_engine_zero0_two_ranks_match_one_process_and_zero2_flattens(tmp_path):
     import sys
 
-    sys.path.insert(0, str(REPO / "tests" / "_dist_workers"))
+    sys.path.insert(0, str(DIST_WORKERS))
     from deepspeed_rank import FOAM_KWARGS, batches, make_model
 
     model = make_model()
@@ -62,9 +63,7 @@ def test_engine_zero0_two_ranks_match_one_process_and_zero2_flattens(tmp_path):
 
 
 def test_trainer_deepspeed_zero0_matches_plain_trainer(tmp_path):
-    from test_trainer_fsdp import WORKER as TRAINER_WORKER
-
-    plain = launch([], tmp_path / "plain", worker=TRAINER_WORKER)
+    plain = launch([], tmp_path / "plain", worker=str(DIST_WORKERS / "trainer_fsdp2.py"))
     result = launch(torchrun(1), tmp_path / "deepspeed", "trainer", worker=WORKER)
     assert result["distributed_type"] == "DEEPSPEED" and result["is_deepspeed_enabled"]
     assert result["optimizer"] == "FOAM"

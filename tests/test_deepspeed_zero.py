@@ -12,17 +12,17 @@ import rather than skipping.
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 
 import deepspeed  # noqa: F401  (fail loudly, not skip, when the dev extra is incomplete)
 import pytest
 import torch
-from test_trainer_fsdp import REPO, TIMEOUT, TOLERANCE, _free_port, accelerate_launch, launch, torchrun
+from _helpers import DIST_TOLERANCE as TOLERANCE
+from _helpers import DIST_WORKERS, LAUNCH_TIMEOUT, accelerate_launch, free_port, launch, torchrun, worker_env
 
-WORKER = str(REPO / "tests" / "_dist_workers" / "deepspeed_zero.py")
-sys.path.insert(0, str(REPO / "tests" / "_dist_workers"))
+WORKER = str(DIST_WORKERS / "deepspeed_zero.py")
+sys.path.insert(0, str(DIST_WORKERS))  # the worker's own helpers (save_tiny_llama, ds_config)
 
 # `accelerate launch` with a DeepSpeed plugin: the ZeRO config comes from the launcher, not TrainingArguments.
 # (accelerate refuses a yaml that also sets what the JSON file sets, mixed_precision included.)
@@ -167,7 +167,7 @@ def test_accelerate_launch_with_a_deepspeed_plugin(runs, model_dir, tmp_path):
 
 def test_deepspeed_launcher(runs, model_dir, tmp_path):
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--no_local_rank"]
-    launcher += ["--master_port", str(_free_port())]
+    launcher += ["--master_port", str(free_port())]
     result = launch(launcher, tmp_path, "--model", str(model_dir), "--stage", "3", worker=WORKER)
     assert_matches_one_process(result, reference(runs), 3)
 
@@ -178,8 +178,9 @@ def test_checkpoint_at_another_world_size_is_refused(runs, model_dir):
     out = whole["dir"].parent / "zero2_one_rank"
     out.mkdir(exist_ok=True)
     cmd = [*torchrun(1), WORKER, "--model", str(model_dir), "--stage", "2", "--resume", str(checkpoint)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True, timeout=TIMEOUT, cwd=out)
+    proc = subprocess.run(
+        [*cmd, "--out", str(out)], env=worker_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=out
+    )
     assert proc.returncode != 0 and not (out / "result.pt").exists()
     assert "world size of 2 but the current world size is 1" in proc.stdout + proc.stderr
 

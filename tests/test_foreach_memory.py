@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import FOR_LOOP, FOREACH, SHAPES, _chunking, grad_sequence, make_params, run
+from _helpers import HPARAMS as HPARAM_SETS
 from torch.profiler import ProfilerActivity, profile
 
-from foam_hf import FOAM, _chunking
+from foam_hf import FOAM
 
-FOREACH = dict(foreach=True, fused=False)
-HPARAMS = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
-# Awkward on purpose: ragged rows (9, 10 at B=4), 3-D, a scalar, a 1-D tensor, n < B, an empty tensor, and a
-# transposed (non-contiguous) weight that can only be cut along its dimension 0.
-SHAPES = [(6, 8), (5, 9), (3, 2), (7,), (2, 3, 10), (), (4, 1), (0, 5)]
+HPARAMS = HPARAM_SETS["decay"]
 
 
 def peak_transient_bytes(step) -> int:
@@ -36,19 +34,16 @@ def peak_transient_bytes(step) -> int:
     return peak
 
 
-def make_params(dtype, shapes=SHAPES, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
-    params.append(torch.nn.Parameter(torch.randn(9, 6, generator=gen).to(dtype).t()))  # non-contiguous (6, 9)
-    return params, gen
+def awkward_params(dtype):
+    """SHAPES["with_empty"] (ragged rows at B=4, 3-D, a scalar, a 1-D tensor, n < B, an empty tensor) and a
+    transposed (non-contiguous) weight, which can only be cut along its dimension 0."""
+    (transposed,) = make_params([(9, 6)], dtype, seed=1)
+    return [*make_params(SHAPES["with_empty"], dtype), transposed.detach().t().requires_grad_()]
 
 
-def train(params, gen, steps=3, **kwargs):
+def train(params, steps=3, **kwargs):
     optimizer = FOAM(params, **HPARAMS, **kwargs)
-    for _ in range(steps):  # bias corrections and moment history both matter after a few steps
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
-        optimizer.step()
+    run(optimizer, params, grad_sequence(params, steps))  # bias corrections and moment history both matter
     return [p.detach() for p in params] + [optimizer.state[p][k] for p in params for k in ("exp_avg", "exp_avg_sq")]
 
 
@@ -57,9 +52,10 @@ def train(params, gen, steps=3, **kwargs):
 def test_foreach_step_temporaries_stay_within_a_quarter_of_the_parameters(dtype, state_dtype):
     # 8.4 MB of fp32 (4.2 MB of bf16) parameters: above the 1 MiB floor of the budget at 25 %, so the bound
     # tested is the fraction. 1030 columns make ragged rows at B=4 (the zero-padded fold).
-    params, gen = make_params(dtype, shapes=[(512, 1030)] * 4 + [(1030,)])
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+    params = make_params([(512, 1030)] * 4 + [(1030,)], dtype)
+    (grads,) = grad_sequence(params, 1)
+    for p, g in zip(params, grads):
+        p.grad = g
     optimizer = FOAM(params, block_size=4, state_dtype=state_dtype, **FOREACH, **HPARAMS)
     optimizer.step()  # states allocated: later steps allocate only temporaries
     param_bytes = sum(p.numel() * p.element_size() for p in params)
@@ -75,14 +71,14 @@ def test_foreach_step_temporaries_stay_within_a_quarter_of_the_parameters(dtype,
 def test_row_pieces_change_no_bit(monkeypatch, dtype, state_dtype, block_size, res_scale, second_moment):
     options = dict(block_size=block_size, res_scale=res_scale, second_moment=second_moment, state_dtype=state_dtype)
     monkeypatch.setattr(_chunking, "MIN_BATCH_BYTES", 1 << 40)  # one batch of whole tensors
-    whole = train(*make_params(dtype), **options, **FOREACH)
+    whole = train(awkward_params(dtype), **options, **FOREACH)
     monkeypatch.setattr(_chunking, "MIN_BATCH_BYTES", 0)
     monkeypatch.setattr(_chunking, "TRANSIENT_FRACTION", 1e-9)  # one row per piece, one piece per batch
-    pieces = train(*make_params(dtype), **options, **FOREACH)
+    pieces = train(awkward_params(dtype), **options, **FOREACH)
     for a, b in zip(whole, pieces):
         assert torch.equal(a, b)
     # and the single-tensor reference path, within the tolerances of tests/test_fuzz.py
-    reference = train(*make_params(dtype), **options, foreach=False, fused=False)
+    reference = train(awkward_params(dtype), **options, **FOR_LOOP)
     rtol = 2**-7 if torch.bfloat16 in (dtype, reference[-1].dtype) else 1e-6
     for a, b in zip(reference, pieces):
         torch.testing.assert_close(b, a, rtol=rtol, atol=1e-6)

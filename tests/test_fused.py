@@ -8,26 +8,30 @@ with that reason, and the fallback itself is tested (it needs no compiler).
 from __future__ import annotations
 
 import copy
-import io
 import logging
-import shutil
 
 import pytest
 import torch
+from _helpers import (
+    HPARAMS,
+    SHAPES,
+    _fused_cpu,
+    assert_same_state,
+    clone_params,
+    grad_sequence,
+    make_params,
+    run,
+    saved_and_loaded,
+)
 
-from foam_hf import FOAM, FoamConfigError, _fused_cpu
+from foam_hf import FOAM
 
-# Divisible, ragged (n = kB + 1 for several B), n < B, a single column, 1-D (never folded) and 3-D; widths
-# that give the SIMD paths whole vectors (16 and 8 lanes) and a tail (100 = 6 * 16 + 4, 81 = 5 * 16 + 1),
-# and a 1-D tensor long enough for the vectorised AdamW loop plus its tail.
-SHAPES = [(6, 32), (5, 33), (3, 2), (4, 1), (7,), (2, 3, 10), (9, 257), (3, 100), (2, 81), (37,)]
 # 2, 4, 8 (and 16 with AVX-512): in-register blocks; 16, 32: blocks of whole vectors; 3: the portable code.
 BLOCK_SIZES = [1, 2, 3, 4, 8, 16, 32]
 RES_SCALES = [0.0, 0.5, 1.0]
 MODES = ["mean_sq", "sq_mean"]
-# Hyper-parameters that exercise every term: scale != 1 and weight decay on, beta2 low enough that the
-# second moment changes visibly within the few steps we run.
-HPARAMS = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05, scale=1.7)
+# Every term besides the residual (scale != 1, weight decay on); the residual weight is swept above.
+SCALED = HPARAMS["scaled"]
 STEPS = 6  # several steps: the bias corrections and the moments' history both matter
 
 # (dtype, weight atol, weight rtol). fp32: the kernel moves eps inside the square root's scale (one
@@ -36,47 +40,8 @@ STEPS = 6  # several steps: the bias corrections and the moments' history both m
 DTYPES = [(torch.float32, 1e-6, 1e-5), (torch.bfloat16, 1e-6, 2**-7)]
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    module = _fused_cpu.load_kernel()
-    if module is None:
-        if shutil.which("c++") or shutil.which("g++"):
-            reason = _fused_cpu.kernel_build_error()
-            pytest.fail(f"a C++ compiler is present but the fused kernel did not build: {reason}")
-        pytest.skip(f"no C++ compiler on this machine, fused kernel unavailable: {_fused_cpu.kernel_build_error()}")
-    return module
-
-
-@pytest.fixture(params=["portable", "avx2", "avx512"])
-def isa(request, kernel):
-    """Each implementation of the kernel this CPU can run (the default is the best one)."""
-    if request.param not in kernel.available_isas():
-        pytest.skip(f"this CPU cannot run the {request.param} kernel")
-    default = kernel.isa()
-    kernel.set_isa(request.param)
-    yield request.param
-    kernel.set_isa(default)
-
-
-def make_params(dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in SHAPES]
-
-
-def grad_sequence(params, steps, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return [[torch.randn(p.shape, generator=gen).to(p.dtype) for p in params] for _ in range(steps)]
-
-
-def run(optimizer, params, grads):
-    for step_grads in grads:
-        for p, g in zip(params, step_grads):
-            p.grad = g.clone()
-        optimizer.step()
-
-
-def clone_params(params):
-    return [p.detach().clone().requires_grad_() for p in params]
+def simd_params(dtype):
+    return make_params(SHAPES["simd"], dtype)
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES, ids=["fp32", "bf16"])
@@ -84,9 +49,9 @@ def clone_params(params):
 @pytest.mark.parametrize("second_moment", MODES)
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 def test_fused_matches_single_tensor(isa, block_size, second_moment, res_scale, dtype, atol, rtol):
-    params = make_params(dtype)
+    params = simd_params(dtype)
     ours, theirs = clone_params(params), clone_params(params)
-    kwargs = dict(block_size=block_size, second_moment=second_moment, res_scale=res_scale, **HPARAMS)
+    kwargs = dict(block_size=block_size, second_moment=second_moment, res_scale=res_scale, **SCALED)
     fused = FOAM(ours, fused=True, **kwargs)
     reference = FOAM(theirs, foreach=False, fused=False, **kwargs)
     grads = grad_sequence(params, STEPS)
@@ -107,12 +72,12 @@ def test_default_picks_fused_on_cpu_fp32(kernel, monkeypatch):
     calls = []
     original = _fused_cpu._fused_foam
     monkeypatch.setattr(_fused_cpu, "_fused_foam", lambda *a, **k: calls.append(1) or original(*a, **k))
-    params = make_params(torch.float32)
+    params = simd_params(torch.float32)
     opt = FOAM(params, block_size=4)
     run(opt, params, grad_sequence(params, 1))
     assert calls == [1]
     # float64 with float64 states (its default) is fused too; with bf16 states the for-loop path steps it.
-    doubles = make_params(torch.float64)
+    doubles = simd_params(torch.float64)
     run(FOAM(doubles, block_size=4), doubles, grad_sequence(doubles, 1))
     assert calls == [1, 1]
     run(FOAM(doubles, block_size=4, state_dtype="bfloat16"), doubles, grad_sequence(doubles, 1))
@@ -126,39 +91,21 @@ def test_kernel_threads_as_torch_does(kernel):
 
 
 def test_state_dict_continuation(kernel):
-    params = make_params(torch.float32)
-    opt = FOAM(params, block_size=3, fused=True, **HPARAMS)
+    params = simd_params(torch.float32)
+    opt = FOAM(params, block_size=3, fused=True, **SCALED)
     grads = grad_sequence(params, 10)
     run(opt, params, grads[:5])
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    saved = saved_and_loaded(opt.state_dict())
     # A checkpoint from before the ``fused`` option existed must still load.
     for group in saved["param_groups"]:
         del group["fused"]
     resumed_params = clone_params(params)
-    resumed = FOAM(resumed_params, block_size=3, fused=True, **HPARAMS)
+    resumed = FOAM(resumed_params, block_size=3, fused=True, **SCALED)
     resumed.load_state_dict(saved)
     assert resumed.param_groups[0]["fused"] is None  # filled in by __setstate__
     run(opt, params, grads[5:])
     run(resumed, resumed_params, grads[5:])
-    for a, b in zip(params, resumed_params):
-        assert torch.equal(a, b)
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(opt.state[a][key], resumed.state[b][key])
-
-
-def test_fused_true_rejects_unsupported_params(kernel):
-    with pytest.raises(RuntimeError, match=r"contiguous=False"):
-        FOAM([torch.zeros(4, 6).t().requires_grad_()], fused=True)
-
-
-def test_fused_and_foreach_together_is_an_error():
-    with pytest.raises(FoamConfigError, match="fused=True and foreach=True"):
-        FOAM([torch.zeros(2, 2, requires_grad=True)], fused=True, foreach=True)
-    with pytest.raises(TypeError, match="fused='yes'"):
-        FOAM([torch.zeros(2, 2, requires_grad=True)], fused="yes")
+    assert_same_state(opt, resumed)
 
 
 @pytest.fixture
@@ -174,14 +121,14 @@ def broken_build(monkeypatch):
 
 
 def test_build_failure_warns_once_and_falls_back(broken_build, caplog):
-    params = make_params(torch.float32)
+    params = simd_params(torch.float32)
     ours, theirs = clone_params(params), clone_params(params)
-    with caplog.at_level(logging.WARNING, logger="foam_hf._fused_cpu"):
-        opt = FOAM(ours, block_size=4, **HPARAMS)  # fused=None
+    with caplog.at_level(logging.WARNING, logger=_fused_cpu.__name__):
+        opt = FOAM(ours, block_size=4, **SCALED)  # fused=None
         run(opt, ours, grad_sequence(params, 3))
     warnings = [r for r in caplog.records if "could not be built" in r.getMessage()]
     assert len(warnings) == 1 and "simulated: no C++ compiler" in warnings[0].getMessage()
-    reference = FOAM(theirs, block_size=4, foreach=False, **HPARAMS)
+    reference = FOAM(theirs, block_size=4, foreach=False, **SCALED)
     run(reference, theirs, grad_sequence(params, 3))
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)  # the fallback is the for-loop path itself
@@ -190,8 +137,8 @@ def test_build_failure_warns_once_and_falls_back(broken_build, caplog):
 
 
 def test_fused_does_not_touch_grads(kernel):
-    params = make_params(torch.bfloat16)
-    opt = FOAM(params, block_size=4, fused=True, **HPARAMS)
+    params = simd_params(torch.bfloat16)
+    opt = FOAM(params, block_size=4, fused=True, **SCALED)
     grads = grad_sequence(params, 1)
     for p, g in zip(params, grads[0]):
         p.grad = g.clone()

@@ -15,15 +15,15 @@ import sys
 
 import pytest
 import torch
+from _helpers import HPARAMS, _fused_cpu, _store_moment, clone_params, grad_sequence, make_params, run
 
-from foam_hf import FOAM, FoamConfigError, _fused_cpu
-from foam_hf.precision import store_moment as _store_moment
+from foam_hf import FOAM, FoamConfigError
 
 BLOCK_SIZES = list(range(1, 34))
 MODES = ["mean_sq", "sq_mean"]
 # Every term on: scale != 1, weight decay, a residual weight that is neither 0 nor 1, and a beta2 low enough
 # that the second moment moves within the few steps we run.
-HPARAMS = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05, scale=1.7, res_scale=0.7)
+EVERY_TERM = HPARAMS["every_term"]
 STEPS = 3  # the bias corrections and the moments' history both enter from the second step on
 
 # (dtype, weight atol, weight rtol). fp32: the kernel moves eps inside the square root's scale and sums blocks
@@ -46,60 +46,19 @@ def shapes_for(block_size: int) -> list[tuple[int, ...]]:
     return [(3, 16 * b + b // 2 + 1), (2, 8 * b), (2, max(1, b - 1)), (2, 3, 9 * b + 1), (1, 513 * b + 3), (37,)]
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    module = _fused_cpu.load_kernel()
-    if module is None:
-        pytest.fail(f"the fused kernel did not build: {_fused_cpu.kernel_build_error()}")
-    return module
-
-
-@pytest.fixture(params=["portable", "avx2", "avx512"])
-def isa(request, kernel):
-    """Each implementation of the kernel this CPU can run; the default is restored afterwards."""
-    if request.param not in kernel.available_isas():
-        pytest.skip(f"this CPU cannot run the {request.param} kernel (it runs {kernel.available_isas()})")
-    default = kernel.isa()
-    kernel.set_isa(request.param)
-    yield request.param
-    kernel.set_isa(default)
-
-
-def make_params(dtype, shapes, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).requires_grad_() for s in shapes]
-
-
-def grad_sequence(params, steps, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return [
-        [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) for p in params] for _ in range(steps)
-    ]
-
-
-def step_with(optimizer, params, grads):
-    for p, g in zip(params, grads):
-        p.grad = g.clone()
-    optimizer.step()
-
-
-def clone_params(params):
-    return [p.detach().clone().requires_grad_() for p in params]
-
-
 @pytest.mark.parametrize("param_dtype", list(PARAM_DTYPES), ids=list(PARAM_DTYPES))
 @pytest.mark.parametrize("second_moment", MODES)
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 def test_fp32_states_match_the_readable_path(isa, block_size, second_moment, param_dtype):
     dtype, atol, rtol = PARAM_DTYPES[param_dtype]
-    params = make_params(dtype, shapes_for(block_size))
+    params = make_params(shapes_for(block_size), dtype)
     ours, theirs = clone_params(params), clone_params(params)
-    kwargs = dict(block_size=block_size, second_moment=second_moment, **HPARAMS)
+    kwargs = dict(block_size=block_size, second_moment=second_moment, **EVERY_TERM)
     fused = FOAM(ours, fused=True, **kwargs)
     reference = FOAM(theirs, foreach=False, fused=False, **kwargs)
-    for grads in grad_sequence(params, STEPS):
-        step_with(fused, ours, grads)
-        step_with(reference, theirs, grads)
+    grads = grad_sequence(params, STEPS)
+    run(fused, ours, grads)
+    run(reference, theirs, grads)
     state_tol = dict(atol=1e-15, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-7, rtol=1e-5)
     for a, b in zip(ours, theirs):
         assert a.dtype == dtype
@@ -120,9 +79,9 @@ def test_bf16_states_are_the_fp32_step_stochastically_rounded(isa, block_size, s
     moments, one step must give the weights of the fp32-state step and exactly ``_store_moment`` of its
     moments, bit for bit (the rounding's dither depends on each entry's flat index and on the step)."""
     dtype = PARAM_DTYPES[param_dtype][0]
-    params = make_params(dtype, shapes_for(block_size))
+    params = make_params(shapes_for(block_size), dtype)
     bf16_params, fp32_params = clone_params(params), clone_params(params)
-    kwargs = dict(block_size=block_size, second_moment=second_moment, fused=True, **HPARAMS)
+    kwargs = dict(block_size=block_size, second_moment=second_moment, fused=True, **EVERY_TERM)
     bf16 = FOAM(bf16_params, state_dtype="bfloat16", **kwargs)
     fp32 = FOAM(fp32_params, state_dtype="float32", **kwargs)
     for step, grads in enumerate(grad_sequence(params, STEPS), start=1):
@@ -130,8 +89,8 @@ def test_bf16_states_are_the_fp32_step_stochastically_rounded(isa, block_size, s
             for a, b in zip(bf16_params, fp32_params):
                 for key in ("exp_avg", "exp_avg_sq"):
                     fp32.state[b][key].copy_(bf16.state[a][key])
-        step_with(bf16, bf16_params, grads)
-        step_with(fp32, fp32_params, grads)
+        run(bf16, bf16_params, [grads])
+        run(fp32, fp32_params, [grads])
         for a, b in zip(bf16_params, fp32_params):
             assert torch.equal(a, b)
             for salt, key in enumerate(("exp_avg", "exp_avg_sq")):
@@ -184,23 +143,21 @@ def test_each_implementation_rounds_every_class_of_value_as_store_moment(isa, ke
 
 def test_fp64_fused_steps_as_the_readable_path(kernel):
     """torch's fused AdamW steps float64 on CPU; so does FOAM's kernel (it used to refuse fused=True)."""
-    params = make_params(torch.float64, [(5, 33), (2, 3, 8), (7,)])
+    params = make_params([(5, 33), (2, 3, 8), (7,)], torch.float64)
     ours, theirs = clone_params(params), clone_params(params)
-    fused = FOAM(ours, block_size=4, fused=True, **HPARAMS)
-    reference = FOAM(theirs, block_size=4, foreach=False, fused=False, **HPARAMS)
-    for grads in grad_sequence(params, 4):
-        step_with(fused, ours, grads)
-        step_with(reference, theirs, grads)
+    fused = FOAM(ours, block_size=4, fused=True, **EVERY_TERM)
+    reference = FOAM(theirs, block_size=4, foreach=False, fused=False, **EVERY_TERM)
+    grads = grad_sequence(params, 4)
+    run(fused, ours, grads)
+    run(reference, theirs, grads)
     for a, b in zip(ours, theirs):
         assert fused.state[a]["exp_avg"].dtype == torch.float64
         torch.testing.assert_close(a, b, atol=1e-13, rtol=1e-12)
 
 
-def test_fp64_with_other_state_dtypes_is_refused_for_fused_and_left_to_the_for_loop_by_default(kernel, monkeypatch):
+def test_fp64_with_other_state_dtypes_is_left_to_the_for_loop_by_default(kernel, monkeypatch):
+    # fused=True on the same input is refused: tests/_helpers.py PARAM_ERROR_INPUTS, "fused=True on a float64 ...".
     weight = torch.zeros(4, 8, dtype=torch.float64, requires_grad=True)
-    for state_dtype in ("bfloat16", "float32"):
-        with pytest.raises(FoamConfigError, match=f"float64 parameters and torch.{state_dtype} states.*Fix"):
-            FOAM([weight], fused=True, state_dtype=state_dtype)
     calls = []
     original = _fused_cpu._fused_foam
     monkeypatch.setattr(_fused_cpu, "_fused_foam", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -227,7 +184,7 @@ def test_isa_environment_variable_picks_the_implementation(kernel, monkeypatch):
 
 def test_isa_environment_variable_reaches_a_fresh_process(kernel):
     # The kernel is cached by torch, so the child only loads it.
-    code = "from foam_hf import _fused_cpu; print(_fused_cpu.load_kernel().isa())"
+    code = f"import importlib; print(importlib.import_module({_fused_cpu.__name__!r}).load_kernel().isa())"
     env = {**os.environ, _fused_cpu.ISA_ENV: "portable"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "portable"

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import os
 
+import _helpers
 import pytest
 import torch
-from test_fused import HPARAMS, SHAPES
+from _helpers import _single_tensor_foam, _store_moment
 
 from foam_hf import FOAM
-from foam_hf import _fused_triton as fused_triton
 from foam_hf.folding import folded_shape, is_foldable
-from foam_hf.functional import _single_tensor_foam
-from foam_hf.precision import store_moment as _store_moment
+
+fused_triton = _helpers._fused_triton  # imported only now: after tests/conftest.py set TRITON_INTERPRET
+# The shapes and hyper-parameters of the fused CPU kernel's tests (tests/test_fused.py).
+SHAPES = _helpers.SHAPES["simd"]
+SCALED = _helpers.HPARAMS["scaled"]
 
 # tests/conftest.py turns the interpreter on before anything imports Triton; without it these tests would run
 # nothing they claim to.
@@ -42,7 +45,7 @@ def fresh_state(params, block_size, state_dtype=torch.float32):
     return exp_avgs, [torch.zeros_like(m) for m in exp_avgs], [torch.tensor(0.0) for _ in params]
 
 
-def step_kwargs(block_size, second_moment="mean_sq", res_scale=1.0, hparams=HPARAMS):
+def step_kwargs(block_size, second_moment="mean_sq", res_scale=1.0, hparams=SCALED):
     betas = hparams["betas"]
     return dict(
         lr=hparams["lr"],
@@ -57,7 +60,7 @@ def step_kwargs(block_size, second_moment="mean_sq", res_scale=1.0, hparams=HPAR
     )
 
 
-def run_both(block_size, second_moment, res_scale, dtype, hparams=HPARAMS, state_dtype=torch.float32):
+def run_both(block_size, second_moment, res_scale, dtype, hparams=SCALED, state_dtype=torch.float32):
     gen = torch.Generator().manual_seed(0)
     reference = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
     triton = [p.clone() for p in reference]
@@ -94,7 +97,7 @@ def test_triton_residual_scales_and_dtypes(block_size, res_scale, dtype, atol, r
 
 def test_triton_large_lerp_weight_uses_torchs_other_branch():
     # beta1 < 0.5 makes 1 - beta1 > 0.5: torch.lerp then computes end - (end - start)(1 - w); so must the kernel.
-    hparams = dict(HPARAMS, betas=(0.3, 0.99))
+    hparams = dict(SCALED, betas=(0.3, 0.99))
     reference, triton, state_ref, state_triton = run_both(4, "mean_sq", 1.0, torch.float32, hparams)
     for p, q in zip(reference, triton):
         torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5)
@@ -144,7 +147,7 @@ def test_triton_bf16_states_round_bit_for_bit_as_store_moment(block_size, dtype)
     # every class of value: infinities, NaN, and the largest bf16, whose dithered rounding may carry into inf
     special = torch.tensor([float("inf"), float("-inf"), float("nan"), 3.3e38, -3.3e38, 0.0])
     exp_avgs[0].view(-1)[: special.numel()] = special
-    kwargs = step_kwargs(block_size, hparams=HPARAMS)
+    kwargs = step_kwargs(block_size, hparams=SCALED)
     for step in range(2):  # the second step starts from moments the kernel itself rounded
         grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in params]
         params_fp32, avgs_fp32, avg_sqs_fp32 = (
@@ -201,7 +204,7 @@ def test_ready_check_failure_warns_once_and_says_no(monkeypatch, caplog):
 
     monkeypatch.setattr(fused_triton, "_ready", {})
     monkeypatch.setattr(fused_triton, "_fused_foam_triton", broken)
-    with caplog.at_level("WARNING", logger="foam_hf._fused_triton"):
+    with caplog.at_level("WARNING", logger=fused_triton.__name__):
         assert not fused_triton.triton_ready(torch.device("cpu"))
         assert not fused_triton.triton_ready(torch.device("cpu"))
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -237,7 +240,7 @@ def scale_bf16_moments(params, exp_avgs, exp_avg_sqs):
 )
 def test_ready_check_compares_numbers_and_falls_back_with_one_warning(monkeypatch, caplog, perturb, what):
     perturbed_kernels(monkeypatch, perturb)
-    with caplog.at_level("WARNING", logger="foam_hf._fused_triton"):
+    with caplog.at_level("WARNING", logger=fused_triton.__name__):
         assert not fused_triton.triton_ready(torch.device("cpu"))
         assert not fused_triton.triton_ready(torch.device("cpu"))  # decided once per device
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]

@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import PATHS, path_names
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from foam_hf import FOAM, _fused_cpu
+from foam_hf import FOAM
 
-REFERENCE = dict(foreach=False, fused=False)
-FAST_PATHS = {"foreach": dict(foreach=True, fused=False)}
-if _fused_cpu.load_kernel() is not None:
-    FAST_PATHS["fused"] = dict(fused=True)
+REFERENCE = "for-loop"
+FAST_PATHS = path_names("foreach", "fused")
 
 # (path, dtype) -> (weight atol, weight rtol); see the module docstring.
 WEIGHT_TOLERANCES = {
@@ -83,14 +82,14 @@ cases = st.fixed_dictionaries(
 
 
 def build(case, path):
-    """Fresh parameters (from the case's seed) and a FOAM over them with the case's groups on ``path``."""
+    """Fresh parameters (from the case's seed) and a FOAM over them with the case's groups on ``PATHS[path]``."""
     gen = torch.Generator().manual_seed(case["seed"])
     param_groups = []
     for g in case["groups"]:
         params = [torch.randn(s, generator=gen).to(DTYPES[g["dtype"]]).requires_grad_() for s in g["shapes"]]
         options = {k: v for k, v in g.items() if k not in ("shapes", "dtype")}
         param_groups.append({"params": params, **options})
-    return FOAM(param_groups, **path)
+    return FOAM(param_groups, **PATHS[path])
 
 
 def run(opt, case):
@@ -108,12 +107,12 @@ def assert_state_close(actual, expected):
     torch.testing.assert_close(actual, expected, rtol=STATE_RTOL, atol=atol)
 
 
-@pytest.mark.parametrize("path", sorted(FAST_PATHS))
+@pytest.mark.parametrize("path", FAST_PATHS)
 @FUZZ
 @given(case=cases)
 def test_fast_paths_match_the_reference_path(path, case):
     reference = build(case, REFERENCE)
-    fast = build(case, FAST_PATHS[path])
+    fast = build(case, path)
     for p, q in zip(run(reference, case), run(fast, case)):
         assert p.dtype == q.dtype and p.shape == q.shape
         atol, rtol = WEIGHT_TOLERANCES[(path, p.dtype)]
@@ -162,16 +161,15 @@ DETERMINISM_CASE = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("path", ["reference", "default", *sorted(FAST_PATHS)])
+@pytest.mark.parametrize("path", [REFERENCE, "default", *FAST_PATHS])
 def test_same_seed_same_result_bitwise(path):
-    kwargs = {"reference": REFERENCE, "default": {}, **FAST_PATHS}[path]
-    first, second = build(DETERMINISM_CASE, kwargs), build(DETERMINISM_CASE, kwargs)
+    first, second = build(DETERMINISM_CASE, path), build(DETERMINISM_CASE, path)
     for p, q in zip(run(first, DETERMINISM_CASE), run(second, DETERMINISM_CASE)):
         assert torch.equal(p, q)
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(first.state[p][key], second.state[q][key])
     # Not vacuous: another seed gives other weights.
-    other = build({**DETERMINISM_CASE, "seed": 4321}, kwargs)
+    other = build({**DETERMINISM_CASE, "seed": 4321}, path)
     assert not all(torch.equal(p, q) for p, q in zip(run(other, DETERMINISM_CASE), run(first, DETERMINISM_CASE)))
 
 

@@ -13,10 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _helpers
 import pytest
 import torch
 
-from foam_hf import _fused_triton
+_fused_triton = _helpers._fused_triton  # imported only now: after tests/conftest.py set TRITON_INTERPRET
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"

@@ -11,8 +11,9 @@ import inspect
 
 import pytest
 import torch
+from _helpers import _fused_cpu
 
-from foam_hf import FOAM, FoamConfig, FoamConfigError, _fused_cpu, functional
+from foam_hf import FOAM, FoamConfig, FoamConfigError, functional
 from foam_hf.implementation import select_implementation
 from foam_hf.options import GROUP_DEFAULTS, check_option
 from foam_hf.step_scalars import step_constants

@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-
-from foam_hf import _fused_cpu
+from _helpers import _fused_cpu
 
 
 def test_the_cache_name_follows_the_source_bytes(tmp_path):
@@ -39,7 +38,7 @@ def fresh_loader(monkeypatch):
 
 def test_a_build_into_an_empty_cache_is_announced_with_its_duration(tmp_path, monkeypatch, caplog, fresh_loader):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    with caplog.at_level(logging.INFO, logger="foam_hf._fused_cpu"):
+    with caplog.at_level(logging.INFO, logger=_fused_cpu.__name__):
         assert _fused_cpu.load_kernel() is not None
     name = _fused_cpu.extension_name()
     assert fresh_loader == [name]
@@ -54,7 +53,7 @@ def test_a_cached_build_is_only_loaded(tmp_path, monkeypatch, caplog, fresh_load
     (tmp_path / "py311_cpu" / name).mkdir(parents=True)
     (tmp_path / "py311_cpu" / name / f"{name}.so").write_bytes(b"")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    with caplog.at_level(logging.INFO, logger="foam_hf._fused_cpu"):
+    with caplog.at_level(logging.INFO, logger=_fused_cpu.__name__):
         _fused_cpu.load_kernel()
     messages = [r.getMessage() for r in caplog.records]
     assert not any("building" in m for m in messages)

@@ -233,17 +233,10 @@ def test_the_launcher_keeps_an_existing_sitecustomize(tmp_path):
 
 @pytest.fixture(scope="module")
 def sft_assets(tmp_path_factory):
-    from hf_fixtures import TEXT, tiny_llama, tokenizer
+    from hf_fixtures import save_tiny_llama_and_text
 
     root = tmp_path_factory.mktemp("sft")
-    model = tiny_llama()
-    model.save_pretrained(root / "model")
-    tokenizer().save_pretrained(root / "model")
-    (root / "data").mkdir()
-    with open(root / "data" / "train.jsonl", "w") as handle:
-        for i in range(16):
-            handle.write(json.dumps({"text": TEXT[i % len(TEXT)]}) + "\n")
-    return root, {n: list(p.shape) for n, p in model.named_parameters()}
+    return root, save_tiny_llama_and_text(root / "model", root / "data" / "train.jsonl")
 
 
 FOAM_HF_RUN_TRL_SFT = [BIN / "foam-hf", "run", BIN / "trl", "sft"]

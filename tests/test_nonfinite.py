@@ -19,17 +19,15 @@ import math
 
 import pytest
 import torch
-from hf_fixtures import lm_dataset, tiny_llama
+from _helpers import FOR_LOOP, PATHS, path_names
+from _helpers import HPARAMS as HPARAM_SETS
+from hf_fixtures import lm_dataset, tiny_llama, training_args
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from foam_hf import FOAM, FoamCallback, _fused_cpu
+from foam_hf import FOAM, FoamCallback
 
-FOR_LOOP = dict(foreach=False, fused=False)
-FOREACH = dict(foreach=True, fused=False)
-PATHS = [FOR_LOOP, FOREACH] + ([dict(fused=True)] if _fused_cpu.load_kernel() is not None else [])
-PATH_IDS = ["for-loop", "foreach", "fused"][: len(PATHS)]
 BAD_VALUES = [math.nan, math.inf, -math.inf]
-HPARAMS = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+HPARAMS = HPARAM_SETS["decay"]
 
 
 def grads(shape, steps, seed=0):
@@ -73,12 +71,12 @@ FOLDED_CASES = [
 
 @pytest.mark.parametrize("second_moment", ["mean_sq", "sq_mean"])
 @pytest.mark.parametrize("bad", BAD_VALUES, ids=["nan", "inf", "-inf"])
-@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("path", path_names("for-loop", "foreach", "fused"))
 @pytest.mark.parametrize("shape, block_size, entry, poisoned", FOLDED_CASES, ids=["B=4", "ragged", "3-D B=n"])
 def test_folded_path_poisons_exactly_the_block(shape, block_size, entry, poisoned, path, bad, second_moment):
     start = torch.randn(shape)
     hurt, clean = start.clone().requires_grad_(), start.clone().requires_grad_()
-    kwargs = dict(block_size=block_size, second_moment=second_moment, res_scale=0.7, **HPARAMS, **path)
+    kwargs = dict(block_size=block_size, second_moment=second_moment, res_scale=0.7, **HPARAMS, **PATHS[path])
     opt_hurt, opt_clean = FOAM([hurt], **kwargs), FOAM([clean], **kwargs)
     sequence = grads(shape, steps=4)
     clean_sequence = [g.clone() for g in sequence]
@@ -103,7 +101,7 @@ def test_folded_path_poisons_exactly_the_block(shape, block_size, entry, poisone
 def test_folded_group_keeps_one_dimensional_tensors_as_adamw():
     bias = torch.randn(7, requires_grad=True)
     bias_adamw = bias.detach().clone().requires_grad_()
-    foam = FOAM([bias], block_size=4, foreach=False, fused=False, **HPARAMS)
+    foam = FOAM([bias], block_size=4, **FOR_LOOP, **HPARAMS)
     adamw = torch.optim.AdamW([bias_adamw], foreach=False, **HPARAMS)
     sequence = grads((7,), steps=3)
     sequence[0][3] = math.nan
@@ -133,21 +131,9 @@ def train_with_nan_at(tmp_path, step, *, parameter, **overrides):
         return grad
 
     target.register_hook(poison)
-    kwargs = dict(
-        output_dir=str(tmp_path / "out"),
-        optim="foam",
-        max_steps=5,
-        per_device_train_batch_size=4,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-    )
     before_train = overrides.pop("before_train", None)
-    kwargs.update(overrides)
-    trainer = Trainer(model=model, args=TrainingArguments(**kwargs), train_dataset=lm_dataset())
+    args = training_args(tmp_path / "out", max_steps=5, logging_steps=1, **overrides)
+    trainer = Trainer(model=model, args=args, train_dataset=lm_dataset())
     if before_train is not None:
         before_train(trainer)
     trainer.train()

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
+from _helpers import (
+    HPARAMS,
+    assert_same_state,
+    clone_params,
+    grad_sequence,
+    make_params,
+    reference_kwargs,
+    run,
+    saved_and_loaded,
+)
 
 from foam_hf import FOAM, FoamStateError, folded_shape, state_memory
 from foam_hf.reference import FoamReference
 
-# Deliberately awkward shapes: divisible, ragged (n = kB + 1), n < B, a single column, 1-D and 3-D.
-SHAPES = [(6, 8), (5, 9), (3, 2), (4, 1), (7,), (2, 3, 10)]
-
-# (kwargs, description): every generic test runs over this table.
+# (kwargs, description): every generic test runs over this table, on SHAPES["awkward"].
 FOAM_CONFIGS = [
     (dict(block_size=2), "B=2"),
     (dict(block_size=3), "B=3 ragged"),
@@ -26,34 +32,15 @@ FOAM_CONFIGS = [
 ]
 CONFIG_IDS = [desc for _, desc in FOAM_CONFIGS]
 
-HPARAMS = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
+# Adam's terms only: the tests below set weight decay themselves.
+ADAM = HPARAMS["adam"]
 
 
-def reference_kwargs(kwargs):
-    """The full hyper-parameter set FOAM runs with (its documented defaults, HPARAMS, kwargs)."""
-    defaults = dict(weight_decay=0.0, block_size=4, scale=1.0, res_scale=1.0, second_moment="mean_sq")
-    return {**defaults, **HPARAMS, **kwargs}
-
-
-def make_params(dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in SHAPES]
-
-
-def grad_sequence(params, steps, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return [[torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params] for _ in range(steps)]
-
-
-def run(optimizer, params, grads):
+def step_both(foam, reference, params, grads):
+    """Step ``foam`` and the matrix reference on the same gradients."""
     for step_grads in grads:
-        for p, g in zip(params, step_grads):
-            p.grad = g.clone()
-        optimizer.step()
-
-
-def clone_params(params):
-    return [p.detach().clone().requires_grad_() for p in params]
+        run(foam, params, [step_grads])
+        reference.step(step_grads)
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
@@ -61,8 +48,8 @@ def clone_params(params):
 def test_block_size_one_is_adamw(weight_decay, foreach):
     params = make_params()
     ours, theirs = clone_params(params), clone_params(params)
-    foam = FOAM(ours, block_size=1, weight_decay=weight_decay, foreach=foreach, **HPARAMS)
-    adamw = torch.optim.AdamW(theirs, weight_decay=weight_decay, foreach=False, **HPARAMS)
+    foam = FOAM(ours, block_size=1, weight_decay=weight_decay, foreach=foreach, **ADAM)
+    adamw = torch.optim.AdamW(theirs, weight_decay=weight_decay, foreach=False, **ADAM)
     grads = grad_sequence(params, steps=25)  # >= 20 steps, so bias corrections have decayed
     run(foam, ours, grads)
     run(adamw, theirs, grads)
@@ -76,15 +63,10 @@ def test_block_size_one_is_adamw(weight_decay, foreach):
 @pytest.mark.parametrize("kwargs", [c for c, _ in FOAM_CONFIGS], ids=CONFIG_IDS)
 @pytest.mark.parametrize("foreach", [False, True])
 def test_matches_matrix_reference_float64(kwargs, foreach):
-    params = make_params(torch.float64)
-    foam = FOAM(params, foreach=foreach, **HPARAMS, **kwargs)
-    reference = FoamReference(params, **reference_kwargs(kwargs))
-    grads = grad_sequence(params, steps=12)
-    for step_grads in grads:
-        for p, g in zip(params, step_grads):
-            p.grad = g.clone()
-        foam.step()
-        reference.step(step_grads)
+    params = make_params(dtype=torch.float64)
+    foam = FOAM(params, foreach=foreach, **ADAM, **kwargs)
+    reference = FoamReference(params, **reference_kwargs(ADAM, kwargs))
+    step_both(foam, reference, params, grad_sequence(params, steps=12))
     for p, w_ref, m_ref, v_ref in zip(params, reference.weights, reference.m, reference.v):
         torch.testing.assert_close(p.detach(), w_ref, atol=1e-10, rtol=0)
         torch.testing.assert_close(foam.state[p]["exp_avg"], m_ref, atol=1e-12, rtol=0)
@@ -93,15 +75,10 @@ def test_matches_matrix_reference_float64(kwargs, foreach):
 
 @pytest.mark.parametrize("kwargs", [c for c, _ in FOAM_CONFIGS], ids=CONFIG_IDS)
 def test_matches_matrix_reference_float32(kwargs):
-    params = make_params(torch.float32)
-    foam = FOAM(params, **HPARAMS, **kwargs)
-    reference = FoamReference(params, **reference_kwargs(kwargs))
-    grads = grad_sequence(params, steps=20)
-    for step_grads in grads:
-        for p, g in zip(params, step_grads):
-            p.grad = g.clone()
-        foam.step()
-        reference.step(step_grads)
+    params = make_params(dtype=torch.float32)
+    foam = FOAM(params, **ADAM, **kwargs)
+    reference = FoamReference(params, **reference_kwargs(ADAM, kwargs))
+    step_both(foam, reference, params, grad_sequence(params, steps=20))
     for p, w_ref in zip(params, reference.weights):
         # fp32 arithmetic against a float64 reference: 20 steps of fp32 rounding (~1.2e-7 relative each)
         # on weights up to |w| ~ 3 stay within 1e-6 absolute + 1e-6 relative.
@@ -112,8 +89,8 @@ def test_matches_matrix_reference_float32(kwargs):
 def test_foreach_equals_single_tensor(kwargs):
     params = make_params()
     a, b = clone_params(params), clone_params(params)
-    opt_a = FOAM(a, foreach=False, **HPARAMS, **kwargs)
-    opt_b = FOAM(b, foreach=True, **HPARAMS, **kwargs)
+    opt_a = FOAM(a, foreach=False, **ADAM, **kwargs)
+    opt_b = FOAM(b, foreach=True, **ADAM, **kwargs)
     grads = grad_sequence(params, steps=10)
     run(opt_a, a, grads)
     run(opt_b, b, grads)
@@ -166,8 +143,8 @@ def test_half_precision_params_keep_fp32_states(dtype):
     half = [p.detach().to(dtype).requires_grad_() for p in make_params()]
     # Independent expectation: the same step on an fp32 copy of the half weights, rounded once at the end.
     full = [p.detach().float().requires_grad_() for p in half]
-    opt_half = FOAM(half, block_size=3, weight_decay=0.1, **HPARAMS)
-    opt_full = FOAM(full, block_size=3, weight_decay=0.1, **HPARAMS)
+    opt_half = FOAM(half, block_size=3, weight_decay=0.1, **ADAM)
+    opt_full = FOAM(full, block_size=3, weight_decay=0.1, **ADAM)
     grads = grad_sequence(half, steps=1)
     run(opt_half, half, grads)
     run(opt_full, full, [[g.float() for g in grads[0]]])
@@ -206,24 +183,18 @@ def test_closure_is_evaluated_with_grad():
 @pytest.mark.parametrize("foreach", [False, True])
 def test_state_dict_round_trip_continues_bit_identically(foreach):
     params = make_params()
-    opt = FOAM(params, block_size=3, weight_decay=0.1, foreach=foreach, **HPARAMS)
+    opt = FOAM(params, block_size=3, weight_decay=0.1, foreach=foreach, **ADAM)
     grads = grad_sequence(params, steps=10)
     run(opt, params, grads[:5])
 
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)  # what Trainer's safe loading does
+    saved = saved_and_loaded(opt.state_dict())
 
     resumed_params = clone_params(params)
-    resumed = FOAM(resumed_params, block_size=3, weight_decay=0.1, foreach=foreach, **HPARAMS)
+    resumed = FOAM(resumed_params, block_size=3, weight_decay=0.1, foreach=foreach, **ADAM)
     resumed.load_state_dict(saved)
     run(opt, params, grads[5:])
     run(resumed, resumed_params, grads[5:])
-    for a, b in zip(params, resumed_params):
-        assert torch.equal(a, b)
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(opt.state[a][key], resumed.state[b][key])
+    assert_same_state(opt, resumed)
 
 
 def test_load_keeps_fp32_states_for_bf16_params():

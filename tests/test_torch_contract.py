@@ -10,10 +10,12 @@ import copy
 
 import pytest
 import torch
+from _helpers import HPARAMS as HPARAM_SETS
+from _helpers import fused_kernel_builds
 
-from foam_hf import FOAM, FoamConfigError, _fused_cpu
+from foam_hf import FOAM, FoamConfigError
 
-HPARAMS = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, block_size=4)
+HPARAMS = dict(HPARAM_SETS["decay"], block_size=4)
 
 
 def small_model(seed=0):
@@ -134,7 +136,7 @@ def test_a_one_element_tensor_lr_trains_like_the_number():
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
-needs_kernel = pytest.mark.skipif(_fused_cpu.load_kernel() is None, reason="fused CPU kernel unavailable")
+needs_kernel = pytest.mark.skipif(not fused_kernel_builds(), reason="fused CPU kernel unavailable")
 
 
 @needs_kernel

@@ -16,26 +16,19 @@ FSDP2's ``CPUOffloadPolicy`` too, unpinned (pinned host memory needs an accelera
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from _helpers import DIST_TOLERANCE as TOLERANCE
+from _helpers import DIST_WORKERS, accelerate_launch, torchrun
+from _helpers import launch as launch_worker
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
-REPO = Path(__file__).resolve().parents[1]
-WORKER = str(REPO / "tests" / "_dist_workers" / "trainer_fsdp2.py")
-# Float32 gradients reduced in another order differ in the last bits, and FOAM's division by sqrt(V) can
-# amplify them where V is tiny; the issue's bound 2e-4 is far above that (1e-7 seen here) and far below a
-# wrong fold or a lost half batch (O(lr) = O(1e-2) per step).
-TOLERANCE = 2e-4
-TIMEOUT = 480  # seconds per launch: 10-25 s on 2 idle cores, several times that when they are shared
+WORKER = str(DIST_WORKERS / "trainer_fsdp2.py")
 ACCELERATE_FSDP2_YAML = """\
 compute_environment: LOCAL_MACHINE
 distributed_type: FSDP
@@ -57,38 +50,8 @@ use_cpu: false
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(launcher: list[str], out: Path, *worker_args: str, worker: str = WORKER) -> dict:
-    """Run ``worker`` under ``launcher`` (empty: 1 plain process) and return what rank 0 saved."""
-    out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
-    for key in [k for k in env if k.startswith(("ACCELERATE_", "FSDP_"))]:  # nothing leaks in from outside
-        del env[key]
-    cmd = [*(launcher or [sys.executable]), worker, *worker_args, "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, cwd=out, capture_output=True, text=True, timeout=TIMEOUT)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return torch.load(out / "result.pt", weights_only=False)
-
-
-def torchrun(nproc: int = 2) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-
-
-def accelerate_launch(config_file: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(config_file),
-        "--main_process_port",
-        str(_free_port()),
-    ]
+def launch(launcher: list[str], out: Path, *worker_args: str) -> dict:
+    return launch_worker(launcher, out, *worker_args, worker=WORKER)
 
 
 @pytest.fixture(scope="module")

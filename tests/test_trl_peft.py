@@ -16,12 +16,14 @@ import torch
 import trl
 from _helpers import expected_block_sizes, expected_moment_shape, hand_built_foam_groups
 from hf_fixtures import (
+    RUN_DEFAULTS,
     lm_dataset,
     preference_dataset,
     prompt_dataset,
     text_dataset,
     tiny_llama,
     tokenizer,
+    unwrap_foam,
 )
 
 import foam_hf  # noqa: F401  (registers optim="foam")
@@ -31,28 +33,11 @@ from foam_hf import FOAM, NoMatchingModuleError
 # (TRL configs change some TrainingArguments defaults). Weight decay > 0 so the no-decay rule matters.
 HPARAMS = dict(learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.99, adam_epsilon=1e-8, weight_decay=0.1)
 
-COMMON = dict(
-    optim="foam",
-    max_steps=2,
-    per_device_train_batch_size=2,
-    logging_steps=1,
-    save_strategy="no",
-    report_to=[],
-    use_cpu=True,
-    seed=0,
-    disable_tqdm=True,
-    **HPARAMS,
-)
-
-
-def unwrapped(optimizer):
-    while not isinstance(optimizer, FOAM) and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    return optimizer
+COMMON = {**RUN_DEFAULTS, "per_device_train_batch_size": 2, "logging_steps": 1, **HPARAMS}
 
 
 def assert_trained_with_foam(trainer):
-    optimizer = unwrapped(trainer.optimizer)
+    optimizer = unwrap_foam(trainer.optimizer)
     assert isinstance(optimizer, FOAM), type(trainer.optimizer)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert losses and all(math.isfinite(x) for x in losses)
@@ -102,7 +87,7 @@ def assert_foam_run_matches_hand_built_twin(make_model, make_trainer, *, as_argu
         twin = make_trainer(twin_model, "adamw_torch")
         twin.optimizer_cls_and_kwargs = hand_built_foam(twin.model)
     twin.train()
-    assert type(unwrapped(twin.optimizer)) is FOAM
+    assert type(unwrap_foam(twin.optimizer)) is FOAM
     twin_params = dict(twin.model.named_parameters())
     assert twin_params.keys() == params.keys()
     for name, p in params.items():
@@ -153,36 +138,23 @@ def test_reward(tmp_path):
     assert_foam_run_matches_hand_built_twin(make_model, make)
 
 
-def _online_config(cls, tmp_path, optim):
-    return cls(
-        output_dir=str(tmp_path / optim),
-        beta=0.0,  # no KL term, so no reference model is built (it would be looked up on a hub)
-        num_generations=2,
-        max_completion_length=8,
-        generation_batch_size=2,
-        **{**COMMON, "optim": optim, "per_device_train_batch_size": 2},
-    )
+@pytest.mark.parametrize("trainer_cls, config_cls", [("GRPOTrainer", "GRPOConfig"), ("RLOOTrainer", "RLOOConfig")])
+def test_online_trainers(tmp_path, trainer_cls, config_cls):
+    """GRPO and RLOO: generate completions, score them with ``reward_len``, train."""
 
-
-def test_grpo(tmp_path):
     def make(model, optim):
-        return trl.GRPOTrainer(
-            model=model,
-            reward_funcs=reward_len,
-            args=_online_config(trl.GRPOConfig, tmp_path, optim),
-            train_dataset=prompt_dataset(),
-            processing_class=tokenizer(),
+        config = getattr(trl, config_cls)(
+            output_dir=str(tmp_path / optim),
+            beta=0.0,  # no KL term, so no reference model is built (it would be looked up on a hub)
+            num_generations=2,
+            max_completion_length=8,
+            generation_batch_size=2,
+            **{**COMMON, "optim": optim},
         )
-
-    assert_foam_run_matches_hand_built_twin(tiny_llama, make, as_argument=False)
-
-
-def test_rloo(tmp_path):
-    def make(model, optim):
-        return trl.RLOOTrainer(
+        return getattr(trl, trainer_cls)(
             model=model,
             reward_funcs=reward_len,
-            args=_online_config(trl.RLOOConfig, tmp_path, optim),
+            args=config,
             train_dataset=prompt_dataset(),
             processing_class=tokenizer(),
         )

@@ -72,15 +72,17 @@ def engine(stage: int, rank: int, world: int) -> dict:
 
 
 def trainer(out: str) -> dict:
+    """One rank of the same Trainer run as tests/_dist_workers/trainer_fsdp2.py, under DeepSpeed ZeRO stage 0."""
     import sys
+    from pathlib import Path
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from trainer_fsdp2 import GLOBAL_BATCH as ROWS_PER_STEP
-    from trainer_fsdp2 import Rows, tiny_llama
-    from transformers import Trainer, TrainingArguments
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: hf_fixtures
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from hf_fixtures import TokenRows, rank_training_args, unwrap_foam
+    from trainer_fsdp2 import tiny_llama
+    from transformers import Trainer
 
     import foam_hf  # noqa: F401  (registers optim="foam")
-    from foam_hf import FOAM
 
     config = {
         "zero_optimization": {"stage": 0},
@@ -88,27 +90,10 @@ def trainer(out: str) -> dict:
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
     }
-    args = TrainingArguments(
-        output_dir=os.path.join(out, "run"),
-        optim="foam",
-        optim_args="block_size=4",
-        learning_rate=1e-2,
-        weight_decay=0.1,
-        lr_scheduler_type="constant",
-        max_steps=4,
-        per_device_train_batch_size=ROWS_PER_STEP,
-        train_sampling_strategy="sequential",
-        save_strategy="no",
-        logging_steps=1,
-        report_to="none",
-        seed=0,
-        deepspeed=config,
-    )
-    run = Trainer(model=tiny_llama(), args=args, train_dataset=Rows())
+    args = rank_training_args(os.path.join(out, "run"), use_cpu=False, deepspeed=config)
+    run = Trainer(model=tiny_llama(), args=args, train_dataset=TokenRows())
     run.train()
-    foam = run.optimizer
-    while not isinstance(foam, FOAM) and hasattr(foam, "optimizer"):
-        foam = foam.optimizer
+    foam = unwrap_foam(run.optimizer)
     named = list(run.model.named_parameters())
     return {
         "distributed_type": run.accelerator.distributed_type.value,

@@ -21,43 +21,32 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
 import torch
 
 torch.set_num_threads(1)  # 2 ranks share 2 cores
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: hf_fixtures, _helpers
 
-VOCAB, SEQ, ROWS = 64, 16, 64
-GLOBAL_BATCH = 8  # 2 ranks x 4 rows, or 1 process x 8 rows: the same rows in the same step
 # Ragged last blocks everywhere (35 = 4*8 + 3, 70 = 8*8 + 6 = 4*16 + 6) and per-module block sizes.
 OPTIM_ARGS = "block_size=8,block_sizes=down_proj:16;k_proj:4"
 
 
-class Rows(torch.utils.data.Dataset):
-    """Fixed-length random token rows: no padding, so every rank's loss averages the same token count."""
-
-    def __init__(self) -> None:
-        self.ids = torch.randint(0, VOCAB, (ROWS, SEQ), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self) -> int:
-        return ROWS
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 def save_tiny_llama(path: str) -> None:
     """Odd widths, so that ZeRO's partition boundaries cut rows and blocks (see tests/test_deepspeed_zero.py)."""
+    from hf_fixtures import RANK_SEQ, RANK_VOCAB
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=RANK_VOCAB,
         hidden_size=35,
         intermediate_size=70,
         num_hidden_layers=2,
         num_attention_heads=5,
         num_key_value_heads=1,
         head_dim=6,  # RoPE needs an even head dimension; q_proj is then (30, 35), o_proj (35, 30)
-        max_position_embeddings=SEQ,
+        max_position_embeddings=RANK_SEQ,
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
@@ -81,9 +70,10 @@ def ds_config(stage: int, offload: bool, bf16: bool = False) -> dict:
 
 def folded_names(model, args) -> list[str]:
     """Names of the tensors that fold, in the order ZeroFOAM gives them groups (the Trainer's groups, split)."""
+    from _helpers import _shape_of
+
     from foam_hf.folding import is_foldable
     from foam_hf.integration.transformers import optimizer_cls_and_kwargs
-    from foam_hf.zero_layout import _shape_of
 
     names = {id(p): n for n, p in model.named_parameters()}
     order = []
@@ -124,37 +114,28 @@ def zero_states(trainer, foam, names: list[str]) -> dict:
 
 
 def trainer_run(args) -> dict:
-    from transformers import LlamaForCausalLM, Trainer, TrainingArguments
+    from _helpers import STEP_FUNCTIONS
+    from hf_fixtures import TokenRows, rank_training_args, unwrap_foam
+    from transformers import LlamaForCausalLM, Trainer
 
     import foam_hf  # noqa: F401  (registers optim="foam")
-    from foam_hf import FOAM, _fused_cpu
 
     fused_calls = []
-    original = _fused_cpu._fused_foam
+    module, attribute = STEP_FUNCTIONS["_fused_foam"]
+    original = getattr(module, attribute)
 
     def counting(params, *rest, **kwargs):  # records that the fused CPU kernel stepped the partitions' pieces
         fused_calls.append(len(params))
         return original(params, *rest, **kwargs)
 
-    _fused_cpu._fused_foam = counting
+    setattr(module, attribute, counting)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    training_args = TrainingArguments(
-        output_dir=os.path.join(args.out, "run"),
-        optim="foam",
+    training_args = rank_training_args(
+        os.path.join(args.out, "run"),
         optim_args=OPTIM_ARGS,
-        learning_rate=1e-2,
-        weight_decay=0.1,
-        lr_scheduler_type="constant",
         max_steps=args.max_steps,
-        per_device_train_batch_size=GLOBAL_BATCH // world,
-        train_sampling_strategy="sequential",  # the same rows in each global batch, however many ranks
-        save_strategy="steps" if args.save_steps else "no",
-        save_steps=args.save_steps or 1,
+        save_steps=args.save_steps,
         save_only_model=False,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        seed=0,
         bf16=args.bf16,
         # --launcher-config: the DeepSpeed config comes from `accelerate launch` (its DeepSpeed plugin) instead.
         deepspeed=ds_config(args.stage, args.offload, args.bf16)
@@ -163,11 +144,9 @@ def trainer_run(args) -> dict:
     )
     model = LlamaForCausalLM.from_pretrained(args.model)  # inside zero.Init under ZeRO-3 (transformers does it)
     built_partitioned = all(hasattr(p, "ds_id") for p in model.parameters())  # zero.Init marks what it built
-    trainer = Trainer(model=model, args=training_args, train_dataset=Rows())
+    trainer = Trainer(model=model, args=training_args, train_dataset=TokenRows())
     trainer.train(resume_from_checkpoint=args.resume)
-    foam = trainer.optimizer
-    while not isinstance(foam, FOAM) and hasattr(foam, "optimizer"):
-        foam = foam.optimizer
+    foam = unwrap_foam(trainer.optimizer)
     named = list(trainer.model.named_parameters())
     if args.stage == 3:
         import deepspeed
@@ -211,6 +190,7 @@ def trainer_run(args) -> dict:
 def zero_redundancy_run(args) -> dict | None:
     """``ZeroRedundancyOptimizer(optimizer_class=FOAM)`` over DDP, against one-process FOAM on the whole batch."""
     import torch.distributed as dist
+    from hf_fixtures import GLOBAL_BATCH
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     from foam_hf import FOAM

@@ -16,39 +16,27 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
 import torch
 
 torch.set_num_threads(1)  # 2 ranks share 2 cores
-
-VOCAB, SEQ, ROWS = 64, 16, 64
-GLOBAL_BATCH = 8  # 2 ranks x 4 rows, or 1 process x 8 rows: the same rows in the same step
-
-
-class Rows(torch.utils.data.Dataset):
-    """Fixed-length random token rows: no padding, so every rank's loss averages the same token count."""
-
-    def __init__(self) -> None:
-        self.ids = torch.randint(0, VOCAB, (ROWS, SEQ), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self) -> int:
-        return ROWS
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: hf_fixtures, _helpers
 
 
 def tiny_llama(seed: int = 0):
+    from hf_fixtures import RANK_SEQ, RANK_VOCAB
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=RANK_VOCAB,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=SEQ,
+        max_position_embeddings=RANK_SEQ,
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
@@ -103,11 +91,11 @@ def unpinned_cpu_offload() -> None:
 
 def record_implementations() -> list[dict]:
     """Record, for every call of FOAM's functional step, which implementation ran and on what tensors."""
-    from foam_hf import _fused_cpu, optim
+    from _helpers import STEP_FUNCTIONS
 
     calls: list[dict] = []
-    for module, name in ((_fused_cpu, "_fused_foam"), (optim, "_multi_tensor_foam"), (optim, "_single_tensor_foam")):
-        original = getattr(module, name)
+    for name, (module, attribute) in STEP_FUNCTIONS.items():
+        original = getattr(module, attribute)
 
         def recording(params, *args, _original=original, _name=name, **kwargs):
             calls.append(
@@ -119,7 +107,7 @@ def record_implementations() -> list[dict]:
             )
             return _original(params, *args, **kwargs)
 
-        setattr(module, name, recording)
+        setattr(module, attribute, recording)
     return calls
 
 
@@ -154,10 +142,10 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from hf_fixtures import StopAt, TokenRows, rank_training_args, unwrap_foam
+    from transformers import Trainer
 
     import foam_hf  # noqa: F401  (registers optim="foam")
-    from foam_hf import FOAM
 
     if args.cpu_fsdp_shim:
         force_fsdp_on_cpu()
@@ -176,37 +164,14 @@ def main() -> None:
             },
         )
 
-    class StopAt(TrainerCallback):
-        def __init__(self, step: int) -> None:
-            self.step = step
-
-        def on_step_end(self, training_args, state, control, **kwargs):
-            if state.global_step == self.step:
-                control.should_training_stop = True
-
     def make_trainer(*, save_steps: int = 0, stop_at: int = 0, init_seed: int = 0) -> Trainer:
-        training_args = TrainingArguments(
-            output_dir=os.path.join(args.out, "run"),
-            optim="foam",
-            optim_args="block_size=4",
-            learning_rate=1e-2,
-            weight_decay=0.1,
-            lr_scheduler_type="constant",
-            max_steps=args.max_steps,
-            per_device_train_batch_size=GLOBAL_BATCH // int(os.environ.get("WORLD_SIZE", "1")),
-            train_sampling_strategy="sequential",  # the same rows in each global batch, however many ranks
-            save_strategy="steps" if save_steps else "no",
-            save_steps=save_steps or 1,
-            logging_steps=1,
-            report_to="none",
-            use_cpu=True,
-            seed=0,
-            **fsdp_kwargs,
+        training_args = rank_training_args(
+            os.path.join(args.out, "run"), max_steps=args.max_steps, save_steps=save_steps, **fsdp_kwargs
         )
         return Trainer(
             model=tiny_llama(init_seed),
             args=training_args,
-            train_dataset=Rows(),
+            train_dataset=TokenRows(),
             callbacks=[StopAt(stop_at)] if stop_at else [],
         )
 
@@ -220,9 +185,7 @@ def main() -> None:
         trainer = make_trainer()
         trainer.train()
 
-    optimizer = trainer.optimizer
-    while not isinstance(optimizer, FOAM) and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
+    optimizer = unwrap_foam(trainer.optimizer)
     named = list(trainer.model.named_parameters())
     plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
     result = {
