@@ -180,26 +180,12 @@ def _fused_foam(
     Gradients that are not contiguous or not in the parameter's dtype are made so first (a copy, the only
     full-size allocation this path can make; Trainer's gradients never need it). bf16 moments are widened,
     stepped and stochastically rounded back inside the kernel, a few hundred entries at a time (the rounding
-    is :func:`foam_hf.precision.store_moment`'s, bit for bit).
+    is :func:`foam_hf.precision.store_moment`'s, bit for bit). :func:`foam_hf.functional.foam` checks first
+    that the kernel covers every tensor (:func:`foam_hf.implementation.check_fused_tensors`).
     """
     if not params:
         return
-    kernel = load_kernel()
-    if kernel is None:
-        raise RuntimeError(f"FOAM: fused=True but the fused CPU kernel could not be built: {_error}")
-    for p, m, v in zip(params, exp_avgs, exp_avg_sqs):
-        if not fused_supported(p):
-            raise RuntimeError(
-                f"FOAM: the fused CPU path got a parameter of shape {tuple(p.shape)}, dtype {p.dtype}, device "
-                f"{p.device}, contiguous={p.is_contiguous()}; it needs contiguous CPU float32/bfloat16/float16/"
-                "float64 tensors. Fix: pass fused=False (or None) for this group."
-            )
-        if m.dtype != v.dtype or m.dtype not in _moment_dtypes(p.dtype):
-            raise RuntimeError(
-                f"FOAM: the fused CPU path got {p.dtype} parameters with {m.dtype}/{v.dtype} moments; it stores "
-                f"moments of {p.dtype} parameters as {' or '.join(map(str, _moment_dtypes(p.dtype)))}. "
-                "Fix: pass fused=None or False for this group."
-            )
+    kernel = load_kernel()  # the caller checked it was built and covers these tensors (check_fused_tensors)
     grads = [
         g if g.dtype == p.dtype and g.is_contiguous() else g.to(p.dtype).contiguous() for p, g in zip(params, grads)
     ]

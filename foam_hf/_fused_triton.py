@@ -323,21 +323,11 @@ def _fused_foam_triton(
 
     The bias corrections come from ``state_steps`` (CPU scalars, as in torch's Adam), so a step never waits
     on the GPU. Gradients that are not contiguous or not in the parameter's dtype are made so first.
+    :func:`foam_hf.functional.foam` checks first that the kernels cover every tensor
+    (:func:`foam_hf.implementation.check_fused_tensors`).
     """
     if not params:
         return
-    if not triton_available():
-        raise RuntimeError(
-            "FOAM: fused=True on CUDA needs Triton, which is not importable here. Fix: install the CUDA build of "
-            "torch (it ships Triton) or `pip install triton`, or pass fused=None to use the foreach path."
-        )
-    for m, v in zip(exp_avgs, exp_avg_sqs):
-        if m.dtype != v.dtype or m.dtype not in STATE_DTYPES:
-            raise RuntimeError(
-                f"FOAM: the Triton kernels store moments in float32 or bfloat16; got {m.dtype} and {v.dtype}. "
-                "Fix: pass fused=None or False for this group."
-            )
-
     lerp_weight = 1.0 - beta1
     small_weight = abs(lerp_weight) < 0.5
     for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):

@@ -18,7 +18,7 @@ import torch
 
 from . import _chunking, _fused_cpu
 from .folding import block_mean, is_foldable, unfold
-from .implementation import Implementation, _triton, select_implementation
+from .implementation import Implementation, _triton, check_fused_tensors, select_implementation
 from .precision import compute_dtype as _compute_dtype
 from .precision import store_moment as _store_moment
 from .step_scalars import step_constants
@@ -50,7 +50,10 @@ def foam(
     Which path runs is :func:`foam_hf.implementation.select_implementation`'s choice: with both ``None``, a
     fused kernel where one covers every tensor, else the foreach path on CUDA and the readable path on CPU.
     """
-    impl = _step_function(select_implementation(params, exp_avgs, foreach=foreach, fused=fused))
+    implementation = select_implementation(params, exp_avgs, foreach=foreach, fused=fused)
+    if fused:  # asked for, not chosen: say why a kernel cannot step these tensors, before it is called
+        check_fused_tensors(params, exp_avgs)
+    impl = _step_function(implementation)
     impl(
         params,
         grads,

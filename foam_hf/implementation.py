@@ -20,9 +20,15 @@ import torch
 
 from . import _fused_cpu
 from .errors import FoamConfigError
-from .precision import state_dtype_for
+from .precision import STATE_DTYPES, state_dtype_for
 
-__all__ = ["Implementation", "check_fused_available", "select_implementation"]
+__all__ = [
+    "Implementation",
+    "check_fused_available",
+    "check_fused_tensors",
+    "fused_unsupported",
+    "select_implementation",
+]
 
 #: The four step functions of :mod:`foam_hf.functional`, by name.
 Implementation = Literal["single_tensor", "foreach", "fused_cpu", "fused_triton"]
@@ -59,6 +65,54 @@ def select_implementation(
     return "foreach" if foreach else "single_tensor"
 
 
+def fused_unsupported(param: torch.Tensor, moment_dtype: torch.dtype) -> tuple[type[Exception], str] | None:
+    """Why no fused kernel steps ``param`` with moments of ``moment_dtype``: ``(error type, reason)``, or ``None``
+    when one does. The one statement of what the kernels cover, for the check at construction
+    (:func:`check_fused_available`) and for direct calls of the functional API (:func:`check_fused_tensors`)."""
+    if not (_fused_cpu.fused_supported(param) or (param.is_cuda and _triton().triton_supported(param))):
+        return RuntimeError, (
+            f"a parameter of shape {tuple(param.shape)} that is {param.dtype} on {param.device} "
+            f"(contiguous={param.is_contiguous()}): the fused kernels step contiguous CPU "
+            "float32/bfloat16/float16/float64 or CUDA float32/bfloat16/float16 tensors"
+        )
+    if param.is_cuda and moment_dtype not in STATE_DTYPES.values():
+        return RuntimeError, f"{moment_dtype} moments: the Triton kernels store moments in float32 or bfloat16"
+    if param.device.type == "cpu" and not _fused_cpu.fused_supported(param, moment_dtype):
+        return FoamConfigError, (
+            f"{param.dtype} parameters and {moment_dtype} states: the fused CPU kernel keeps the states of "
+            "float64 parameters in float64 (and of the others in float32 or bfloat16)"
+        )
+    return None
+
+
+def _kernels_missing(devices: set[str]) -> str | None:
+    if "cuda" in devices and not _triton().triton_available():
+        return (
+            "FOAM: fused=True for CUDA parameters needs Triton, which is not importable here. Fix: install the "
+            "CUDA build of torch (it ships Triton) or `pip install triton`, or pass fused=None."
+        )
+    if "cpu" in devices and _fused_cpu.load_kernel() is None:
+        return (
+            "FOAM: fused=True, but the fused CPU kernel could not be built: "
+            f"{_fused_cpu.kernel_build_error()}. Fix: install a C++ compiler and ninja, or pass fused=None."
+        )
+    return None
+
+
+def check_fused_tensors(params: list[torch.Tensor], exp_avgs: list[torch.Tensor]) -> None:
+    """Raise unless a fused kernel steps every one of ``params`` with its moments: what a direct call of
+    :func:`foam_hf.functional.foam` with ``fused=True`` is checked by (:class:`~foam_hf.FOAM` checks at
+    construction, :func:`check_fused_available`)."""
+    for param, exp_avg in zip(params, exp_avgs):
+        problem = fused_unsupported(param, exp_avg.dtype)
+        if problem is not None:
+            error, reason = problem
+            raise error(f"FOAM: fused=True with {reason}. Fix: pass fused=None or False for these tensors.")
+    missing = _kernels_missing({p.device.type for p in params})
+    if missing:
+        raise RuntimeError(missing)
+
+
 def check_fused_available(param_groups: list[dict[str, Any]], *, allow_meta: bool = False) -> None:
     """Raise a clear error when a group asks for ``fused=True`` and no fused kernel can step it: the C++
     kernel for CPU tensors, the Triton kernels for CUDA tensors.
@@ -79,32 +133,21 @@ def check_fused_available(param_groups: list[dict[str, Any]], *, allow_meta: boo
                     "with torch.__future__.set_swap_module_params_on_conversion(True) keeps the optimizer's "
                     "parameters, or build the optimizer after materialising)."
                 )
-            if not (_fused_cpu.fused_supported(p) or (p.is_cuda and _triton().triton_supported(p))):
-                raise RuntimeError(
-                    f"FOAM: fused=True in param group {index}, but a parameter of shape {tuple(p.shape)} is "
-                    f"{p.dtype} on {p.device} (contiguous={p.is_contiguous()}); the fused kernels step contiguous "
-                    "CPU float32/bfloat16/float16/float64 or CUDA float32/bfloat16/float16 tensors. "
-                    "Fix: pass fused=None or False for this group."
-                )
-            moments = state_dtype_for(p, group["state_dtype"])
-            if p.device.type == "cpu" and not _fused_cpu.fused_supported(p, moments):
-                raise FoamConfigError(
-                    f"FOAM: fused=True in param group {index} with {p.dtype} parameters and {moments} states "
-                    f"(state_dtype={group['state_dtype']!r}); the fused CPU kernel keeps the states of float64 "
-                    "parameters in float64. Fix: pass state_dtype=None for this group, or fused=None."
+            problem = fused_unsupported(p, state_dtype_for(p, group["state_dtype"]))
+            if problem is not None:
+                error, reason = problem
+                fix = "pass fused=None or False for this group"
+                if error is FoamConfigError:
+                    fix = "pass state_dtype=None for this group, or fused=None"
+                raise error(
+                    f"FOAM: fused=True in param group {index} (state_dtype={group['state_dtype']!r}) with {reason}. "
+                    f"Fix: {fix}."
                 )
         if devices == {"cuda", "cpu"}:
             raise RuntimeError(
                 f"FOAM: fused=True in param group {index}, which holds both CPU and CUDA parameters; a fused step "
                 "runs on one device. Fix: put each device's parameters in a group of their own, or pass fused=None."
             )
-        if "cuda" in devices and not _triton().triton_available():
-            raise RuntimeError(
-                "FOAM: fused=True for CUDA parameters needs Triton, which is not importable here. Fix: install the "
-                "CUDA build of torch (it ships Triton) or `pip install triton`, or pass fused=None."
-            )
-        if "cpu" in devices and _fused_cpu.load_kernel() is None:
-            raise RuntimeError(
-                "FOAM: fused=True, but the fused CPU kernel could not be built: "
-                f"{_fused_cpu.kernel_build_error()}. Fix: install a C++ compiler and ninja, or pass fused=None."
-            )
+        missing = _kernels_missing(devices)
+        if missing:
+            raise RuntimeError(missing)

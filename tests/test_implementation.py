@@ -155,3 +155,31 @@ def test_step_constants_are_torch_adamw_scalars(step):
     eps_inside, step_scale = c.fused(eps, 1.0)
     fused_form = before * c.decay + step_scale * m / (v.sqrt() + eps_inside)
     torch.testing.assert_close(fused_form, expected, rtol=1e-12, atol=0)
+
+
+def test_functional_foam_with_fused_true_says_why_a_tensor_cannot_be_fused():
+    """The functional API checks what the fused kernels cover with the words FOAM uses at construction."""
+    weight = torch.randn(6, 4).t()  # not contiguous
+    state = [torch.zeros(4, 2)], [torch.zeros(4, 2)], [torch.tensor(0.0)]
+    with pytest.raises(RuntimeError) as direct:
+        functional.foam(
+            [weight],
+            [torch.ones_like(weight)],
+            *state,
+            lr=1e-3,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            block_size=4,
+            scale=1.0,
+            res_scale=1.0,
+            second_moment="mean_sq",
+            fused=True,
+        )
+    with pytest.raises(RuntimeError) as constructed:
+        FOAM([weight.requires_grad_()], fused=True)
+    reason = str(constructed.value).split(" with ", 1)[1].split(". Fix:")[0]
+    assert "shape (4, 6)" in reason and "contiguous=False" in reason
+    assert f"with {reason}. Fix: pass fused=None or False" in str(direct.value)
+    assert torch.equal(state[2][0], torch.tensor(0.0))  # refused before anything was stepped
