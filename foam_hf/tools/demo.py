@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .config import FoamConfig
+from ..config import FoamConfig
 from .demo_training import RunConfig, RunResult, adamw_optim_name, load_corpus, train
 
 __all__ = ["DEFAULT_LRS", "DemoOptions", "format_table", "run_demo", "training_path"]

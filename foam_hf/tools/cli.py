@@ -152,7 +152,7 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_run(args: argparse.Namespace) -> int:
-    from .launcher import run_command
+    from ..launcher import run_command
 
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not command:
@@ -176,7 +176,7 @@ def _add_autoregister(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_autoregister(args: argparse.Namespace) -> int:
-    from .launcher import autoregister, autoregister_status
+    from ..launcher import autoregister, autoregister_status
 
     if args.action == "status":
         status = autoregister_status(args.site_dir)

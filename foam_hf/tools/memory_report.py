@@ -32,12 +32,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import FoamConfig
-from .errors import FoamConfigError
-from .folding import is_foldable
-from .memory import adamw_state_bytes, foam_state_bytes
+from ..config import FoamConfig
+from ..errors import FoamConfigError
+from ..folding import is_foldable
+from ..memory import adamw_state_bytes, foam_state_bytes
 from .model_shapes import KNOWN_MODELS
-from .param_groups import resolve_block_sizes
+from ..param_groups import resolve_block_sizes
 
 __all__ = [
     "CONTEXT_FORMULAS",

@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-from .errors import FoamConfigError
-from .memory import state_memory
-from .optim import FOAM
+from ..errors import FoamConfigError
+from ..memory import state_memory
+from ..optim import FOAM
 
 __all__ = [
     "MODEL_SIZES",
