@@ -36,7 +36,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from foam_hf import FOAM, _fused_cpu
-from foam_hf.demo_training import optimizer_state_bytes as state_bytes
+from foam_hf.tools.demo_training import optimizer_state_bytes as state_bytes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -17,9 +17,9 @@ from hf_fixtures import lm_dataset, tiny_llama
 from transformers import Trainer, TrainingArguments
 
 from foam_hf import FOAM, FoamConfig, FoamConfigError, NoMatchingModuleError, _fused_cpu, state_memory
-from foam_hf.cli import main as cli_main
 from foam_hf.param_groups import resolve_block_sizes
 from foam_hf.reference import FoamReference
+from foam_hf.tools.cli import main as cli_main
 
 nan, inf = math.nan, math.inf
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from foam_hf.cli import main
-from foam_hf.demo_training import RunConfig, build_model, build_trainer, load_corpus, unwrap_optimizer
+from foam_hf.tools.cli import main
+from foam_hf.tools.demo_training import RunConfig, build_model, build_trainer, load_corpus, unwrap_optimizer
 
 BLOCK_SIZE = 8
 # Tiny budget: the point is the plumbing (Trainer runs, table, files), not the loss.

@@ -12,8 +12,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.optimization import Adafactor
 
 from foam_hf import FOAM, FoamConfig, FoamConfigError, NoMatchingModuleError
-from foam_hf.memory_report import add_memory_parser, memory_report
 from foam_hf.param_groups import resolve_block_sizes
+from foam_hf.tools.cli import _add_memory as add_memory_parser
+from foam_hf.tools.memory_report import memory_report
 
 # hidden 32, intermediate 40: down_proj rows have n=40, ragged for B in {3, 16, 32}; B=64 exceeds every row.
 BLOCK_SIZES = (2, 3, 4, 16, 64)
@@ -254,7 +255,7 @@ def test_pattern_on_a_parent_module_covers_its_linear_weights():
 
 def test_console_script_has_the_memory_subcommand(capsys):
     """``foam-hf memory`` as installed: the real entry point's parser, not a test-built one."""
-    from foam_hf.cli import main
+    from foam_hf.tools.cli import main
 
     assert main(["memory", "llama-60m", "--block-sizes", "4"]) == 0
     out = capsys.readouterr().out
@@ -270,7 +271,7 @@ def test_state_dtype_in_optim_args_counts_the_bytes_a_real_foam_holds(config_pat
     assert result.override_state == _held_bytes(optimizer)
     assert result.override_state < result.foam_state[4]  # the fp32 comparison rows stay fp32
     assert result.to_dict()["overrides"]["state_dtype"] == "bfloat16"
-    from foam_hf.memory_report import format_markdown
+    from foam_hf.tools.memory_markdown import format_markdown
 
     text = format_markdown(result)
     assert "bf16 states" in text and "FOAM states (bf16)" in text

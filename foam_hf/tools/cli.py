@@ -1,27 +1,37 @@
-"""The ``foam-hf`` command line.
+"""The ``foam-hf`` command line (also ``python -m foam_hf``).
 
-One subcommand = one ``_add_<name>(subparsers)`` function that calls ``subparsers.add_parser`` and sets
-``func`` to a ``_run_<name>(args) -> int`` handler; the work itself lives in a library module.
+One subcommand = one ``_add_<name>(subparsers)`` function that registers it through :func:`_add_command`
+with a ``_run_<name>(args) -> int`` handler; the work itself lives in a module of its own
+(:mod:`~foam_hf.tools.demo`, :mod:`~foam_hf.tools.memory_report`, :mod:`foam_hf.launcher`). Values are
+checked by the ``type=`` converters below while the arguments are parsed, before any work starts.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 __all__ = ["build_parser", "main"]
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer: it must be an int >= 1, e.g. 4") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is invalid: it must be an int >= 1, e.g. 4")
-    return value
+def _positive_int(example: str) -> Callable[[str], int]:
+    """An argparse ``type=`` for an int >= 1; ``example`` (e.g. ``"--rank 256"``) ends its error messages."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not an integer: it must be an int >= 1. Example: {example}"
+            ) from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an int >= 1 ({value} is invalid). Example: {example}")
+        return value
+
+    return convert
 
 
 def _positive_float(text: str) -> float:
@@ -72,22 +82,58 @@ def _output_dir(text: str) -> str:
     return text
 
 
-def _add_demo(subparsers: argparse._SubParsersAction) -> None:
+def _block_size_list(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of ints. Example: --block-sizes 2,4,8,16,32"
+        ) from None
+    if not sizes or any(b < 1 for b in sizes):
+        raise argparse.ArgumentTypeError(f"{text!r}: block sizes are ints >= 1. Example: --block-sizes 2,4,8,16,32")
+    return sizes
+
+
+def _add_command(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    run: Callable[[argparse.Namespace], int],
+    *,
+    help: str,
+    description: str,
+) -> argparse.ArgumentParser:
+    """Register subcommand ``name``, dispatched to ``run(args)`` (the exit code) through ``args.func``."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _add_demo(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from .demo import DEFAULT_LRS, DemoOptions
     from .demo_training import MODEL_SIZES
 
     d = DemoOptions()
-    p = subparsers.add_parser(
+    p = _add_command(
+        subparsers,
         "demo",
+        _run_demo,
         help="pre-train a tiny Llama with AdamW and with FOAM on local text and compare them",
         description="Pre-train a tiny Llama on the Python standard library's sources twice with transformers.Trainer "
         "(optim='adamw_torch_fused', then optim='foam'; same seed, batches and budget) and report held-out loss, "
         "optimizer-state bytes and time per step. Writes loss.png, results.json and results.csv to --output-dir. "
         "Nothing is downloaded.",
     )
-    p.add_argument("--steps", type=_positive_int, default=d.steps, help=f"optimizer steps (default: {d.steps})")
     p.add_argument(
-        "--block-size", type=_positive_int, default=d.block_size, help=f"FOAM block size B (default: {d.block_size})"
+        "--steps",
+        type=_positive_int(f"--steps {d.steps}"),
+        default=d.steps,
+        help=f"optimizer steps (default: {d.steps})",
+    )
+    p.add_argument(
+        "--block-size",
+        type=_positive_int(f"--block-size {d.block_size}"),
+        default=d.block_size,
+        help=f"FOAM block size B (default: {d.block_size})",
     )
     p.add_argument("--model-size", choices=sorted(MODEL_SIZES), default=d.model_size, help=f"(default: {d.model_size})")
     p.add_argument("--output-dir", type=_output_dir, default=d.output_dir, help=f"(default: {d.output_dir}/)")
@@ -100,34 +146,93 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=d.seed, help=f"weights and batch order (default: {d.seed})")
     p.add_argument("--device", type=_device, default=d.device, help="cpu, cuda, cuda:1, ... or auto (default: auto)")
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"(default: {d.batch_size})")
-    p.add_argument("--seq-len", type=_positive_int, default=d.seq_len, help=f"(default: {d.seq_len})")
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int(f"--batch-size {d.batch_size}"),
+        default=d.batch_size,
+        help=f"(default: {d.batch_size})",
+    )
+    p.add_argument(
+        "--seq-len", type=_positive_int(f"--seq-len {d.seq_len}"), default=d.seq_len, help=f"(default: {d.seq_len})"
+    )
     p.add_argument(
         "--eval-batches",
-        type=_positive_int,
+        type=_positive_int(f"--eval-batches {d.eval_batches}"),
         default=d.eval_batches,
         help=f"held-out batches per evaluation (default: {d.eval_batches})",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    p.set_defaults(func=_run_demo)
+    return p
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import DemoOptions, run_demo
 
-    options = DemoOptions(
-        steps=args.steps,
-        block_size=args.block_size,
-        model_size=args.model_size,
-        output_dir=args.output_dir,
-        lr=args.lr,
-        seed=args.seed,
-        device=args.device,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        eval_batches=args.eval_batches,
+    run_demo(DemoOptions.from_namespace(args), progress=not args.no_progress)
+    return 0
+
+
+def _add_memory(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from .memory_report import DEFAULT_COMPARED_BLOCK_SIZES
+    from .model_shapes import KNOWN_MODELS
+
+    p = _add_command(
+        subparsers,
+        "memory",
+        _run_memory,
+        help="optimizer-state and training memory of AdamW vs FOAM for a model (no weights loaded)",
+        description="Print optimizer-state and whole-training memory (weights + grads + states) of AdamW and FOAM "
+        "at several block sizes, with 8-bit Adam, Adafactor and GaLore for context. The model is built on the "
+        "meta device from its config: nothing is loaded or downloaded.",
     )
-    run_demo(options, progress=not args.no_progress)
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a config.json path (or a folder holding one) or a built-in name: " + ", ".join(KNOWN_MODELS),
+    )
+    p.add_argument(
+        "--block-sizes",
+        dest="compared_block_sizes",
+        metavar="BLOCK_SIZES",
+        type=_block_size_list,
+        default=DEFAULT_COMPARED_BLOCK_SIZES,
+        help="comma-separated FOAM block sizes to compare (default: "
+        + ",".join(map(str, DEFAULT_COMPARED_BLOCK_SIZES))
+        + ")",
+    )
+    p.add_argument(
+        "--rank",
+        type=_positive_int("--rank 256"),
+        default=None,
+        help="GaLore rank for the context row (default: hidden_size // 4)",
+    )
+    p.add_argument(
+        "--optim-args",
+        default=None,
+        help="show the effect of per-module overrides written as in TrainingArguments.optim_args, "
+        "e.g. 'block_size=4,block_sizes=q_proj:8;lm_head:4'",
+    )
+    p.add_argument("--format", choices=("markdown", "json"), default="markdown", help="output format")
+    return p
+
+
+def _run_memory(args: argparse.Namespace) -> int:
+    """Print the report; on bad input print the error and return 2."""
+    import json
+
+    from ..errors import FoamConfigError
+    from .memory_markdown import format_markdown
+    from .memory_report import memory_report
+
+    try:
+        report = memory_report(args.model, args.compared_block_sizes, args.rank, args.optim_args)
+    except FoamConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(format_markdown(report), end="")
     return 0
 
 
@@ -138,9 +243,11 @@ _NOT_REGISTERED = (
 )
 
 
-def _add_run(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+def _add_run(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = _add_command(
+        subparsers,
         "run",
+        _run_run,
         help="run any command with optim='foam' registered in every Python process it starts",
         description="Run CMD so that every Python process it starts, children included, has optim='foam' "
         "registered before it parses arguments: `foam-hf run trl sft --optim foam ...`, `foam-hf run "
@@ -148,7 +255,7 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
         f"run_clm.py args.json`. The exit code is CMD's. {_NOT_REGISTERED}",
     )
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD [ARGS...]", help="the command to run")
-    p.set_defaults(func=_run_run)
+    return p
 
 
 def _run_run(args: argparse.Namespace) -> int:
@@ -160,9 +267,11 @@ def _run_run(args: argparse.Namespace) -> int:
     return run_command(command)
 
 
-def _add_autoregister(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+def _add_autoregister(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = _add_command(
+        subparsers,
         "autoregister",
+        _run_autoregister,
         help="install or remove a start-up hook that registers optim='foam' in this environment",
         description="`on` writes a start-up hook into this environment's site-packages (a .pth import line, "
         "and its PEP 829 .start twin for Python 3.15+) so that every Python process of the environment "
@@ -172,7 +281,7 @@ def _add_autoregister(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("action", choices=["on", "off", "status"])
     p.add_argument("--site-dir", default=None, help="the site-packages folder (default: this Python's)")
-    p.set_defaults(func=_run_autoregister)
+    return p
 
 
 def _run_autoregister(args: argparse.Namespace) -> int:
@@ -188,8 +297,6 @@ def _run_autoregister(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``foam-hf`` parser with every subcommand registered."""
-    from .memory_report import add_memory_parser
-
     parser = argparse.ArgumentParser(
         prog="foam-hf",
         description="FOAM, the folded-state Adam optimizer. To use optim='foam' from an unmodified command "
@@ -198,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo(subparsers)
-    add_memory_parser(subparsers)
+    _add_memory(subparsers)
     _add_run(subparsers)
     _add_autoregister(subparsers)
     return parser
@@ -206,8 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``foam-hf`` console script and of ``python -m foam_hf``; returns the exit code."""
-    import sys
-
     words = list(sys.argv[1:] if argv is None else argv)
     if words[:1] in (["run"], ["autoregister"]):
         # Launcher subcommands parse without the others: building those imports torch and transformers (seconds).

@@ -1,6 +1,6 @@
 """``foam-hf demo``: pre-train a tiny Llama twice through ``transformers.Trainer``, AdamW then FOAM, and compare.
 
-Both runs are ordinary Trainer runs (:mod:`foam_hf.demo_training`): AdamW is ``optim="adamw_torch_fused"``
+Both runs are ordinary Trainer runs (:mod:`foam_hf.tools.demo_training`): AdamW is ``optim="adamw_torch_fused"``
 (``"adamw_torch"`` where torch has no fused AdamW for the device) and FOAM is ``optim="foam"`` with
 ``optim_args="block_size=B"``, so FOAM's param groups are exactly those ``optim="foam"`` builds in any
 user's Trainer (:mod:`foam_hf.param_groups`). Same initial weights, batches and schedule for both. Each
@@ -11,10 +11,10 @@ folder.
 
 from __future__ import annotations
 
+import argparse
 import csv
+import dataclasses
 import json
-import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..config import FoamConfig
-from .demo_training import RunConfig, RunResult, adamw_optim_name, load_corpus, train
+from .demo_training import RunConfig, RunResult, adamw_optim_name, load_corpus, run_environment, train
 
 __all__ = ["DEFAULT_LRS", "DemoOptions", "format_table", "run_demo", "training_path"]
 
@@ -60,6 +60,17 @@ class DemoOptions:
     seq_len: int = 128
     eval_every: int = 50
     eval_batches: int = 8
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> DemoOptions:
+        """The options parsed by ``foam-hf demo``: each field the namespace holds, the default for the others."""
+        given = vars(args)
+        return cls(**{f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given})
+
+    def run_config(self) -> RunConfig:
+        """The budget and data of each of the demo's runs (the fields both classes have, taken from here)."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(RunConfig) if hasattr(self, f.name)}
+        return RunConfig(**{**shared, "eval_every": min(self.eval_every, self.steps)})
 
 
 def _mib(n: int) -> str:
@@ -142,16 +153,7 @@ def run_demo(options: DemoOptions, *, progress: bool = True) -> list[RunResult]:
     out = Path(options.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     corpus = load_corpus()
-    config = RunConfig(
-        model_size=options.model_size,
-        steps=options.steps,
-        batch_size=options.batch_size,
-        seq_len=options.seq_len,
-        seed=options.seed,
-        eval_every=min(options.eval_every, options.steps),
-        eval_batches=options.eval_batches,
-        device=options.device,
-    )
+    config = options.run_config()
     device = config.resolved_device()
     runs = [
         ("AdamW", adamw_optim_name(device), None, options.lr or DEFAULT_LRS["adamw"]),
@@ -174,11 +176,7 @@ def run_demo(options: DemoOptions, *, progress: bool = True) -> list[RunResult]:
     print(f"\n{path}.\nstate bytes are exact (the optimizer's state tensors); total {total:.0f} s")
 
     meta = dict(
-        date=time.strftime("%Y-%m-%d %H:%M"),
-        machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
-        python=platform.python_version(),
-        torch=torch.__version__,
-        transformers=__import__("transformers").__version__,
+        **run_environment(),
         device=str(device),
         training_path=path,
         corpus=dict(source=corpus.source, train_files=corpus.train_files, eval_files=corpus.eval_files),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import random
 import statistics
 import sysconfig
@@ -47,7 +48,9 @@ __all__ = [
     "build_model",
     "build_trainer",
     "load_corpus",
+    "cpu_name",
     "optimizer_state_bytes",
+    "run_environment",
     "train",
     "unwrap_optimizer",
 ]
@@ -474,4 +477,33 @@ def train(
         train_losses=[e["loss"] for e in history if "loss" in e],
         eval_steps=[s for s, _ in evals],
         eval_losses=[v for _, v in evals],
+    )
+
+
+# ------------------------------------------------------------------------------------------ environment
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from ``/proc/cpuinfo`` on Linux), else what :mod:`platform` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_environment() -> dict[str, str]:
+    """Where and with what a run ran: date, machine (architecture, CPU, CPU count), Python, torch and
+    transformers versions. The demo's ``results.json`` and the quality benchmark both record it."""
+    import transformers
+
+    return dict(
+        date=time.strftime("%Y-%m-%d %H:%M"),
+        machine=f"{platform.machine()} {cpu_name()}, {os.cpu_count()} CPUs",
+        python=platform.python_version(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
     )

@@ -14,17 +14,18 @@ milliseconds. The report gives, in bytes:
 * a per-category breakdown (embeddings, lm_head, attention, MLP, norms, other);
 * the effect of per-module overrides written as in ``optim_args``.
 
-Use :func:`memory_report` from Python, or the CLI through :func:`add_memory_parser` / :func:`run_memory`.
+This module computes the report (:func:`memory_report` returns a :class:`MemoryReport`, JSON-ready through
+:meth:`MemoryReport.to_dict`); :func:`foam_hf.tools.memory_markdown.format_markdown` renders it, and
+:mod:`foam_hf.tools.cli` is the command line.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
-import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,25 +37,23 @@ from ..config import FoamConfig
 from ..errors import FoamConfigError
 from ..folding import is_foldable
 from ..memory import adamw_state_bytes, foam_state_bytes
-from .model_shapes import KNOWN_MODELS
 from ..param_groups import resolve_block_sizes
+from .model_shapes import KNOWN_MODELS
 
 __all__ = [
+    "CATEGORIES",
     "CONTEXT_FORMULAS",
-    "DEFAULT_BLOCK_SIZES",
+    "DEFAULT_COMPARED_BLOCK_SIZES",
     "KNOWN_MODELS",
     "MemoryReport",
     "ParamEntry",
-    "add_memory_parser",
     "build_meta_model",
-    "format_markdown",
     "load_config",
-    "main",
     "memory_report",
-    "run_memory",
 ]
 
-DEFAULT_BLOCK_SIZES: tuple[int, ...] = (2, 4, 8, 16, 32)
+#: The FOAM block sizes a report compares unless told otherwise (``foam-hf memory --block-sizes``).
+DEFAULT_COMPARED_BLOCK_SIZES: tuple[int, ...] = (2, 4, 8, 16, 32)
 
 #: How the context optimizers are counted (all states fp32 unless said otherwise).
 CONTEXT_FORMULAS: dict[str, str] = {
@@ -70,8 +69,6 @@ CONTEXT_FORMULAS: dict[str, str] = {
 }
 
 CATEGORIES: tuple[str, ...] = ("embeddings", "lm_head", "attention", "mlp", "norms", "other")
-
-_GIB = 1 << 30
 
 
 # ---------------------------------------------------------------------------- model loading
@@ -152,7 +149,7 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
 
 
 def _plan(model: nn.Module, config: FoamConfig) -> dict[str, int]:
-    return resolve_block_sizes(model, config).block_sizes
+    return resolve_block_sizes(model, config).size_by_parameter
 
 
 # ---------------------------------------------------------------------------- the report
@@ -174,14 +171,18 @@ class ParamEntry:
 
 @dataclass
 class MemoryReport:
-    """Everything the ``memory`` command prints; :meth:`to_dict` is the JSON form. All sizes in bytes."""
+    """Everything the ``memory`` command prints; :meth:`to_dict` is the JSON form. All sizes in bytes.
+
+    ``compared_block_sizes`` are the FOAM block sizes of the comparison rows (``foam_state`` is keyed by
+    them); the block sizes of ``--optim-args`` overrides are in ``override_changed``.
+    """
 
     model: str
     source: str
     architecture: str
     tied_embeddings: bool
     params: list[ParamEntry]
-    block_sizes: tuple[int, ...]
+    compared_block_sizes: tuple[int, ...]
     rank: int
     adamw_state: int
     foam_state: dict[int, int]
@@ -198,6 +199,17 @@ class MemoryReport:
     override_state_dtype: str | None = None
 
     @property
+    def block_sizes(self) -> tuple[int, ...]:
+        """Deprecated name of :attr:`compared_block_sizes`."""
+        warnings.warn(
+            "MemoryReport.block_sizes is deprecated: use MemoryReport.compared_block_sizes (the FOAM block sizes "
+            "the report compares).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.compared_block_sizes
+
+    @property
     def num_params(self) -> int:
         return sum(p.numel for p in self.params)
 
@@ -208,7 +220,7 @@ class MemoryReport:
     def optimizer_rows(self) -> list[tuple[str, int]]:
         """(label, state bytes) for every optimizer in the comparison, AdamW first."""
         rows = [("AdamW", self.adamw_state)]
-        rows += [(f"FOAM B={b}", self.foam_state[b]) for b in self.block_sizes]
+        rows += [(f"FOAM B={b}", self.foam_state[b]) for b in self.compared_block_sizes]
         if self.override_state is not None:
             states = "bf16 states" if self.override_state_dtype == "bfloat16" else "fp32 states"
             rows.append(
@@ -230,7 +242,8 @@ class MemoryReport:
             "tied_embeddings": self.tied_embeddings,
             "num_params": self.num_params,
             "num_tensors": len(self.params),
-            "block_sizes": list(self.block_sizes),
+            "compared_block_sizes": list(self.compared_block_sizes),
+            "block_sizes": list(self.compared_block_sizes),  # its earlier name, kept for readers of it
             "rank": self.rank,
             "optimizers": [
                 {
@@ -297,23 +310,39 @@ def _galore_bytes(shape: tuple[int, ...], rank: int, projected: bool) -> int:
 
 def memory_report(
     model: str | Any,
-    block_sizes: Sequence[int] = DEFAULT_BLOCK_SIZES,
+    compared_block_sizes: Sequence[int] = DEFAULT_COMPARED_BLOCK_SIZES,
     rank: int | None = None,
     optim_args: str | None = None,
+    *,
+    block_sizes: Sequence[int] | None = None,
 ) -> MemoryReport:
     """Compute the report for MODEL (a built-in name, a config.json path, or a transformers config object).
 
     Args:
         model: see :func:`load_config`; a ``PretrainedConfig`` instance is used as is.
-        block_sizes: FOAM block sizes to compare (default: 2, 4, 8, 16, 32).
+        compared_block_sizes: FOAM block sizes to compare, one row each (default: 2, 4, 8, 16, 32).
         rank: GaLore rank; ``None`` means ``hidden_size // 4`` (the GaLore paper's ratio for most sizes).
         optim_args: optional ``"block_size=4,block_sizes=q_proj:8;lm_head:4"`` to show per-module overrides.
+        block_sizes: deprecated name of ``compared_block_sizes``.
     """
+    if block_sizes is not None:
+        if compared_block_sizes is not DEFAULT_COMPARED_BLOCK_SIZES:
+            raise TypeError(
+                f"memory_report: compared_block_sizes={compared_block_sizes!r} and block_sizes={block_sizes!r} are "
+                "the same option (block_sizes is its deprecated name). Fix: pass compared_block_sizes only."
+            )
+        warnings.warn(
+            "memory_report(block_sizes=...) is deprecated: use compared_block_sizes=... (block_sizes is the "
+            "optim_args key of per-module overrides).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        compared_block_sizes = block_sizes
     if isinstance(model, str):
         config, label, source = load_config(model)
     else:
         config, label, source = model, type(model).__name__, "config object"
-    sizes = tuple(block_sizes)
+    sizes = tuple(compared_block_sizes)
     for b in sizes:
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
             raise FoamConfigError(
@@ -362,7 +391,7 @@ def memory_report(
         architecture=type(net).__name__,
         tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         params=entries,
-        block_sizes=sizes,
+        compared_block_sizes=sizes,
         rank=rank,
         adamw_state=adamw,
         foam_state=foam,
@@ -392,186 +421,3 @@ def memory_report(
             if effective(blocks, n) != effective(default_blocks, n)
         }
     return report
-
-
-# ---------------------------------------------------------------------------- formatting
-
-
-def _gib(n: int) -> str:
-    return f"{n / _GIB:.2f} GiB" if n >= _GIB // 10 else f"{n / (1 << 20):.1f} MiB"
-
-
-def _count(n: int) -> str:
-    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
-
-
-def format_markdown(report: MemoryReport) -> str:
-    """The report as Markdown tables (what ``foam-hf memory MODEL`` prints)."""
-    n = report.num_params
-    tied = (
-        " (input embeddings tied to the output head, counted once under embeddings)" if report.tied_embeddings else ""
-    )
-    lines = [
-        f"## {report.model}: {report.architecture}, {_count(n)} parameters, {len(report.params)} tensors",
-        "",
-        f"Shapes from: {report.source}{tied}. Built on the meta device: no weights loaded.",
-        "FOAM folds, by default, the weights of every linear layer except the output head and the embeddings; "
-        "all other tensors keep AdamW states. Optimizer states are fp32 unless a row says otherwise "
-        "(--optim-args state_dtype=bfloat16 halves FOAM's). 1 GiB = 2^30 bytes.",
-        "",
-        "### Optimizer states and training memory",
-        "",
-        "| optimizer | optimizer states | AdamW / this | weights + grads + states, fp32 weights "
-        "| weights + grads + states, bf16 weights |",
-        "|---|--:|--:|--:|--:|",
-    ]
-    for label, state in report.optimizer_rows():
-        ratio = f"{report.adamw_state / state:.2f}x" if state else "-"
-        lines.append(
-            f"| {label} | {_gib(state)} | {ratio} | {_gib(report.training_bytes(state, 4))} "
-            f"| {_gib(report.training_bytes(state, 2))} |"
-        )
-    lines += [
-        "",
-        "Weights and gradients: 4 + 4 bytes per parameter (fp32) or 2 + 2 (bf16); activations are not counted.",
-        "",
-        "### Where the parameters and the states are",
-        "",
-        "| category | tensors | parameters | share | AdamW states | "
-        + " | ".join(f"FOAM B={b}" for b in report.block_sizes)
-        + " |",
-        "|---|--:|--:|--:|--:|" + "--:|" * len(report.block_sizes),
-    ]
-    for cat, info in report.categories.items():
-        lines.append(
-            f"| {cat} | {info['tensors']} | {_count(info['params'])} | {100 * info['params'] / n:.1f}% "
-            f"| {_gib(info['adamw_state_bytes'])} | "
-            + " | ".join(_gib(info["foam_state_bytes"][b]) for b in report.block_sizes)
-            + " |"
-        )
-    if report.block_sizes:
-        big = max(report.block_sizes)
-        unfolded = sum(
-            info["foam_state_bytes"][big] for cat, info in report.categories.items() if cat in ("embeddings", "lm_head")
-        )
-        lines += [
-            "",
-            f"At B={big}, embeddings and the output head hold {100 * unfolded / report.foam_state[big]:.0f}% of "
-            f"FOAM's optimizer states ({_gib(unfolded)} of {_gib(report.foam_state[big])}): they are not folded "
-            "by default.",
-        ]
-    if report.optim_args is not None:
-        lines += [
-            "",
-            f"### Per-module overrides: `{report.optim_args}`",
-            "",
-            f"FOAM states ({'bf16' if report.override_state_dtype == 'bfloat16' else 'fp32'}): "
-            f"{_gib(report.override_default_state or 0)} with block_size={report.override_block_size} "
-            f"alone, {_gib(report.override_state or 0)} with the overrides; "
-            f"{len(report.override_changed)} tensors change block size:",
-            "",
-            "| block size: default -> override | tensors | example |",
-            "|---|--:|---|",
-        ]
-        groups: dict[tuple[int, int], list[str]] = {}
-        for name, change in report.override_changed.items():
-            groups.setdefault(change, []).append(name)
-        for (a, b), names in sorted(groups.items()):
-            lines.append(f"| {a} -> {b} | {len(names)} | `{names[0]}` |")
-    lines += [
-        "",
-        "Formulas: AdamW 8 bytes per parameter; FOAM 8 * rows * ceil(n/B) per folded tensor (rows x n), "
-        "8 * numel otherwise (4 and 4 bytes per moment entry; 2 and 2 with bf16 states); both + 4 bytes of "
-        "step counter per tensor. "
-        f"8-bit Adam: {CONTEXT_FORMULAS['adam8bit']}. Adafactor: {CONTEXT_FORMULAS['adafactor']}. "
-        f"GaLore: {CONTEXT_FORMULAS['galore']}.",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------- command line
-
-
-def _block_size_list(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of ints. Example: --block-sizes 2,4,8,16,32"
-        ) from None
-    if not sizes or any(b < 1 for b in sizes):
-        raise argparse.ArgumentTypeError(f"{text!r}: block sizes are ints >= 1. Example: --block-sizes 2,4,8,16,32")
-    return sizes
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an int >= 1. Example: --rank 256")
-    return value
-
-
-def add_memory_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``memory`` subcommand to an ``argparse`` subparsers object; it dispatches to :func:`run_memory`
-    through ``set_defaults(func=run_memory)``."""
-    parser = subparsers.add_parser(
-        "memory",
-        help="optimizer-state and training memory of AdamW vs FOAM for a model (no weights loaded)",
-        description=(
-            "Print optimizer-state and whole-training memory (weights + grads + states) of AdamW and FOAM at "
-            "several block sizes, with 8-bit Adam, Adafactor and GaLore for context. The model is built on the "
-            "meta device from its config: nothing is loaded or downloaded."
-        ),
-    )
-    parser.add_argument(
-        "model",
-        metavar="MODEL",
-        help="a config.json path (or a folder holding one) or a built-in name: " + ", ".join(KNOWN_MODELS),
-    )
-    parser.add_argument(
-        "--block-sizes",
-        type=_block_size_list,
-        default=DEFAULT_BLOCK_SIZES,
-        help="comma-separated FOAM block sizes to compare (default: 2,4,8,16,32)",
-    )
-    parser.add_argument(
-        "--rank", type=_positive_int, default=None, help="GaLore rank for the context row (default: hidden_size // 4)"
-    )
-    parser.add_argument(
-        "--optim-args",
-        default=None,
-        help="show the effect of per-module overrides written as in TrainingArguments.optim_args, "
-        "e.g. 'block_size=4,block_sizes=q_proj:8;lm_head:4'",
-    )
-    parser.add_argument("--format", choices=("markdown", "json"), default="markdown", help="output format")
-    parser.set_defaults(func=run_memory)
-    return parser
-
-
-def run_memory(args: argparse.Namespace) -> int:
-    """Run the ``memory`` subcommand: print the report; on bad input print the error and return 2."""
-    try:
-        report = memory_report(args.model, args.block_sizes, args.rank, args.optim_args)
-    except FoamConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.format == "json":
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        print(format_markdown(report), end="")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m foam_hf.memory_report MODEL ...``: the ``memory`` subcommand on its own."""
-    parser = argparse.ArgumentParser(prog="foam-hf")
-    add_memory_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["memory", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
