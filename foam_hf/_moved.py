@@ -1,7 +1,7 @@
 """Old import paths of modules that moved: a module-level ``__getattr__`` that forwards, with a warning.
 
 A module that moved keeps a file at its old path holding only ``__getattr__ = forward(__name__, NEW)``, so
-``from foam_hf.OLD import name`` and ``foam_hf.OLD.name`` still work. Each look-up gives the object from its
+``from <old module> import name`` and ``<old module>.name`` still work. Each look-up gives the object from its
 new place and a ``DeprecationWarning`` naming that place, attributed to the line that looked it up.
 """
 
