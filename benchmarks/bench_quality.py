@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -42,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _engine import CONFIGS, OptimizerSpec, RunCache, RunConfig, RunResult, available_configs, run_spec  # noqa: E402
+from _provenance import git_sha  # noqa: E402
 
 from foam_hf.tools.demo_training import run_environment  # noqa: E402
 
@@ -60,13 +60,6 @@ def next_lr(lr: float, direction: int) -> float:
     """The neighbour of ``lr`` on the half-decade ladder ..., 1e-3, 3e-3, 1e-2, ... (``direction`` -1 or +1)."""
     k = round(2 * math.log10(lr))
     return float(f"{10 ** ((k + direction) / 2):.0e}")
-
-
-def _git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -221,7 +214,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     meta = dict(
         **run_environment(),
-        git_sha=_git_sha(),
+        git_sha=git_sha(),
         command="python benchmarks/bench_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
         path="transformers.Trainer; FOAM via optim='foam' (foam_hf.param_groups), AdamW via optim='adamw_torch_fused'",
         config=base.__dict__,
