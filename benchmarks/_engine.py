@@ -1,6 +1,6 @@
 """What the quality benchmarks share: the optimizer configurations, third-party peers, and a cache of runs.
 
-Training itself is :func:`foam_hf.demo_training.train`, the engine of ``foam-hf demo``: a
+Training itself is :func:`foam_hf.tools.demo_training.train`, the engine of ``foam-hf demo``: a
 ``transformers.Trainer`` run with ``TrainingArguments.optim`` set to ``"foam"`` (FOAM, grouped exactly as
 ``optim="foam"`` groups any model: :mod:`foam_hf.param_groups`), ``"adamw_torch_fused"`` or ``"adafactor"``.
 Third-party peers (GaLore, APOLLO, Adam-mini, torchao's 8-bit AdamW) are built here by their own
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from foam_hf.demo_training import (
+from foam_hf.tools.demo_training import (
     MODEL_SIZES,
     Corpus,
     RunConfig,

@@ -3,9 +3,9 @@
     python benchmarks/bench_lora.py --ranks 8 32 --seeds 0 1 2 --steps 200 --base-steps 300 --seq-len 64 --threads 1
 
 The data, the model, the batches, the schedule and the evaluation are those of ``foam-hf demo`` and
-``benchmarks/bench_quality.py`` (:mod:`foam_hf.demo_training`, through ``benchmarks/_engine.py``): byte-level
+``benchmarks/bench_quality.py`` (:mod:`foam_hf.tools.demo_training`, through ``benchmarks/_engine.py``): byte-level
 text of the Python standard library's top-level ``.py`` files, whole files held out for evaluation, and a
-randomly initialised ``LlamaForCausalLM`` of :data:`~foam_hf.demo_training.MODEL_SIZES`. The loop is plain
+randomly initialised ``LlamaForCausalLM`` of :data:`~foam_hf.tools.demo_training.MODEL_SIZES`. The loop is plain
 PyTorch (a PEFT model over a pre-trained base), fed the batches a Trainer run of the same budget would see.
 
 1. *Base*: the model is pre-trained with AdamW on the first half (by bytes) of the training files, once; every

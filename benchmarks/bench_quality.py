@@ -4,7 +4,7 @@ Every run is a ``transformers.Trainer`` run, the product path: FOAM is ``optim="
 ``optim="foam"`` groups any model, :mod:`foam_hf.param_groups`), AdamW is ``optim="adamw_torch_fused"`` (also
 with ``adam_beta2=0.95``), Adafactor is ``optim="adafactor"``; third-party peers are built by their own
 constructors with their own grouping and handed to the same Trainer (labelled "own grouping"). A Llama of
-``foam_hf.demo_training.MODEL_SIZES`` is pre-trained from scratch on the Python standard library's ``.py``
+``foam_hf.tools.demo_training.MODEL_SIZES`` is pre-trained from scratch on the Python standard library's ``.py``
 files (byte-level; whole files held out for eval) with the Trainer's defaults (weight decay 0,
 ``max_grad_norm=1.0``), 10% warm-up then cosine to 10% of the peak lr. For every optimizer configuration: a
 learning-rate sweep at seed 0, then more seeds at the best lr; the table reports the held-out loss after the
@@ -29,10 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -44,6 +41,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _engine import CONFIGS, OptimizerSpec, RunCache, RunConfig, RunResult, available_configs, run_spec  # noqa: E402
+from _provenance import git_sha  # noqa: E402
+
+from foam_hf.tools.demo_training import run_environment  # noqa: E402
 
 
 def _one_thread() -> None:
@@ -60,23 +60,6 @@ def next_lr(lr: float, direction: int) -> float:
     """The neighbour of ``lr`` on the half-decade ladder ..., 1e-3, 3e-3, 1e-2, ... (``direction`` -1 or +1)."""
     k = round(2 * math.log10(lr))
     return float(f"{10 ** ((k + direction) / 2):.0e}")
-
-
-def _git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -230,12 +213,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"{r['wall_s']:.1f} | {r['step_ms']:.1f} |"
         )
     meta = dict(
-        date=time.strftime("%Y-%m-%d"),
-        machine=f"{platform.machine()} {_cpu_name()}, {os.cpu_count()} CPUs",
-        python=platform.python_version(),
-        torch=torch.__version__,
-        transformers=__import__("transformers").__version__,
-        git_sha=_git_sha(),
+        **run_environment(),
+        git_sha=git_sha(),
         command="python benchmarks/bench_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
         path="transformers.Trainer; FOAM via optim='foam' (foam_hf.param_groups), AdamW via optim='adamw_torch_fused'",
         config=base.__dict__,

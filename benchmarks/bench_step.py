@@ -26,7 +26,7 @@ import datetime
 import json
 import platform
 import statistics
-import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +36,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from foam_hf import FOAM, _fused_cpu
-from foam_hf.demo_training import optimizer_state_bytes as state_bytes
+from foam_hf.tools.demo_training import cpu_name
+from foam_hf.tools.demo_training import optimizer_state_bytes as state_bytes
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _provenance import git_sha  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -208,26 +213,6 @@ def build_candidates(args) -> tuple[list[Candidate], list[tuple[str, str]]]:
             else:
                 candidates.append(Candidate(name, "fp32", factory))
     return candidates, left_out
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or ""
-
-
-def git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:

@@ -15,8 +15,11 @@ import argparse
 import torch
 
 
-def llama(toy: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama(toy: bool) -> torch.nn.Module:
+    """The tests' tiny Llama, or the Llama-2-7B shapes (``foam-hf memory llama-7b``), on the meta device."""
+    from transformers import LlamaConfig
+
+    from foam_hf.tools.memory_report import build_meta_model, load_config
 
     if toy:
         config = LlamaConfig(
@@ -30,18 +33,9 @@ def llama(toy: bool):
             max_position_embeddings=16,
             tie_word_embeddings=False,
         )
-    else:  # Llama-2-7B
-        config = LlamaConfig(
-            vocab_size=32000,
-            hidden_size=4096,
-            intermediate_size=11008,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            tie_word_embeddings=False,
-        )
-    with torch.device("meta"):
-        return LlamaForCausalLM(config)
+    else:
+        config, _, _ = load_config("llama-7b")
+    return build_meta_model(config)
 
 
 def main() -> None:

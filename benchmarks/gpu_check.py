@@ -28,12 +28,15 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _provenance import git_sha  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STATE_DTYPES = {"fp32": None, "bf16": "bfloat16"}
@@ -268,6 +271,13 @@ def trainer_run(args, device, out: Path) -> dict:
 # ---------------------------------------------------------------------------- report
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Markdown table lines: the header, its rule, one line per row."""
+    return [" | ".join(["", *header, ""]).strip(), "|---" * len(header) + "|"] + [
+        " | ".join(["", *row, ""]).strip() for row in rows
+    ]
+
+
 def markdown(results: dict) -> str:
     lines = [
         f"GPU check, {results['date']}: {results['device']}; torch {results['torch']}, triton {results['triton']}, "
@@ -278,20 +288,36 @@ def markdown(results: dict) -> str:
     if results["parity"]:
         passed = sum(r["pass"] for r in results["parity"])
         lines += ["", f"**Triton vs readable path**: {passed}/{len(results['parity'])} cases within tolerance", ""]
-        lines += ["| B | params | moments | max weight gap | max moment rel. gap | pass |", "|---|---|---|---|---|---|"]
-        for r in results["parity"]:
-            lines.append(
-                f"| {r['block_size']} | {r['dtype']} | {r['state_dtype']} | {r['max_weight_gap']:.2e} "
-                f"| {r['max_moment_rel_gap']:.2e} | {'yes' if r['pass'] else '**NO**'} |"
-            )
+        lines += _table(
+            ["B", "params", "moments", "max weight gap", "max moment rel. gap", "pass"],
+            [
+                [
+                    str(r["block_size"]),
+                    r["dtype"],
+                    str(r["state_dtype"]),
+                    f"{r['max_weight_gap']:.2e}",
+                    f"{r['max_moment_rel_gap']:.2e}",
+                    "yes" if r["pass"] else "**NO**",
+                ]
+                for r in results["parity"]
+            ],
+        )
     if results["steps"]:
         lines += ["", "**Step time and peak transient memory** (median; ratio to AdamW fused, same dtype)", ""]
-        lines += ["| path | dtype | ms/step | x AdamW fused | transient | % of params |", "|---|---|---|---|---|---|"]
-        for r in results["steps"]:
-            lines.append(
-                f"| {r['path']} | {r['dtype']} | {r['ms']:.3f} | {r['ratio_to_adamw_fused']:.2f}x "
-                f"| {r['transient_bytes'] / 2**20:.1f} MiB | {100 * r['transient_share']:.1f}% |"
-            )
+        lines += _table(
+            ["path", "dtype", "ms/step", "x AdamW fused", "transient", "% of params"],
+            [
+                [
+                    r["path"],
+                    r["dtype"],
+                    f"{r['ms']:.3f}",
+                    f"{r['ratio_to_adamw_fused']:.2f}x",
+                    f"{r['transient_bytes'] / 2**20:.1f} MiB",
+                    f"{100 * r['transient_share']:.1f}%",
+                ]
+                for r in results["steps"]
+            ],
+        )
     if results["trainer"]:
         t = results["trainer"]
         lines += [
@@ -301,13 +327,6 @@ def markdown(results: dict) -> str:
             f"stepped by {', '.join(t['implementations'])}",
         ]
     return "\n".join(lines) + "\n"
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -44,9 +45,21 @@ __all__ = ["BlockSizePlan", "build_param_groups", "resolve_block_sizes"]
 
 @dataclass(frozen=True)
 class BlockSizePlan:
-    """The resolved plan: trainable parameter name → block size (1 = AdamW states)."""
+    """The resolved plan: ``size_by_parameter`` maps each trainable parameter's name to its block size
+    (1 = AdamW states). (``FoamConfig.block_sizes`` is something else: the pattern → size overrides.)"""
 
-    block_sizes: dict[str, int]
+    size_by_parameter: dict[str, int]
+
+    @property
+    def block_sizes(self) -> dict[str, int]:
+        """Deprecated name of :attr:`size_by_parameter`."""
+        warnings.warn(
+            "BlockSizePlan.block_sizes is deprecated: use BlockSizePlan.size_by_parameter (parameter name -> "
+            "block size; block_sizes is FoamConfig's name for the pattern overrides).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.size_by_parameter
 
 
 def _linear_types() -> tuple[type[nn.Module], ...]:
@@ -175,7 +188,7 @@ def resolve_block_sizes(
 
     used_targets: set[str] = set()
     used_patterns: set[str] = set()
-    block_sizes: dict[str, int] = {}
+    size_by_parameter: dict[str, int] = {}
     for name, p in trainable:
         param_owners = owners.get(id(p), [])
         size = 1
@@ -207,7 +220,7 @@ def resolve_block_sizes(
                 )
             used_patterns.update(chosen)
             size = sizes.pop()
-        block_sizes[name] = size
+        size_by_parameter[name] = size
 
     for pattern in config.block_sizes:
         if pattern not in used_patterns:
@@ -225,7 +238,7 @@ def resolve_block_sizes(
         for target in [targets] if isinstance(targets, str) else targets:
             if target not in used_targets:
                 raise _no_match_error("target module", target, module_names)
-    return BlockSizePlan(block_sizes)
+    return BlockSizePlan(size_by_parameter)
 
 
 def build_param_groups(
@@ -243,9 +256,9 @@ def build_param_groups(
     decay = set(decay_parameter_names)
     groups: dict[tuple[int, bool], list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
-        if name not in plan.block_sizes:
+        if name not in plan.size_by_parameter:
             continue
-        key = (plan.block_sizes[name], name in decay)
+        key = (plan.size_by_parameter[name], name in decay)
         groups.setdefault(key, []).append(p)
     return [
         {"params": params, "block_size": block_size, "weight_decay": weight_decay if decays else 0.0}

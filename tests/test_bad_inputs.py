@@ -19,9 +19,9 @@ from hf_fixtures import lm_dataset, tiny_llama, training_args
 from transformers import Trainer
 
 from foam_hf import FOAM, FoamConfig, FoamConfigError, NoMatchingModuleError, state_memory
-from foam_hf.cli import main as cli_main
 from foam_hf.param_groups import resolve_block_sizes
 from foam_hf.reference import FoamReference
+from foam_hf.tools.cli import main as cli_main
 
 EXPLICIT_PATHS = path_names("for-loop", "foreach", "fused")
 PYTHON_PATHS = ["for-loop", "foreach", "default"]  # the default one fuses where the CPU kernel builds
@@ -325,8 +325,8 @@ def test_shadowed_override_is_not_an_error_and_the_specific_one_wins():
     # 'down_proj' is shadowed in layer 1 by a deeper pattern but still matches layer 0: not "matches nothing".
     model = tiny_llama()
     plan = resolve_block_sizes(model, FoamConfig(block_sizes={"down_proj": 4, "layers.1.mlp.down_proj": 2}))
-    assert plan.block_sizes["model.layers.0.mlp.down_proj.weight"] == 4
-    assert plan.block_sizes["model.layers.1.mlp.down_proj.weight"] == 2
+    assert plan.size_by_parameter["model.layers.0.mlp.down_proj.weight"] == 4
+    assert plan.size_by_parameter["model.layers.1.mlp.down_proj.weight"] == 2
 
 
 # ====================================================================== 5. the command line

@@ -89,8 +89,8 @@ def test_bench_step(tmp_path):
 def test_bench_quality_trains_through_optim_foam_and_caches_every_run(tmp_path):
     from transformers import TrainingArguments
 
-    from foam_hf.demo_training import build_model
     from foam_hf.integration import optimizer_cls_and_kwargs
+    from foam_hf.tools.demo_training import build_model
 
     args = ["--model-size", "tiny", "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--lrs", "1e-3"]
     args += ["--seeds", "2", "--workers", "1", "--only", "AdamW", "FOAM B=4", "--output-dir", "out"]
@@ -151,7 +151,7 @@ def test_bench_trainer(tmp_path):
 def test_bench_lora(tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from foam_hf.demo_training import build_model
+    from foam_hf.tools.demo_training import build_model
 
     args = ["--ranks", "4", "--seeds", "0", "--steps", "2", "--base-steps", "2", "--max-files", "5"]
     args += ["--variants", "adamw", "foam B=4", "foam B=4, lora_A only", "--eval-batches", "2"]

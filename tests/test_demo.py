@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from foam_hf.cli import main
-from foam_hf.demo_training import RunConfig, build_model, build_trainer, load_corpus, unwrap_optimizer
+from foam_hf.tools.cli import main
+from foam_hf.tools.demo_training import RunConfig, build_model, build_trainer, load_corpus, unwrap_optimizer
 
 BLOCK_SIZE = 8
 # Tiny budget: the point is the plumbing (Trainer runs, table, files), not the loss.
@@ -135,11 +135,11 @@ def test_corpus_falls_back_to_generated_text_when_sources_are_missing(tmp_path):
 
 
 def test_old_pretrain_module_forwards_with_a_deprecation_warning():
-    import foam_hf.demo_training
     import foam_hf.pretrain
+    import foam_hf.tools.demo_training
 
-    with pytest.warns(DeprecationWarning, match="foam_hf.demo_training.load_corpus"):
-        assert foam_hf.pretrain.load_corpus is foam_hf.demo_training.load_corpus
+    with pytest.warns(DeprecationWarning, match="foam_hf.tools.demo_training.load_corpus"):
+        assert foam_hf.pretrain.load_corpus is foam_hf.tools.demo_training.load_corpus
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(AttributeError, match="benchmarks/_engine.py"):

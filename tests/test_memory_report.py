@@ -12,8 +12,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.optimization import Adafactor
 
 from foam_hf import FOAM, FoamConfig, FoamConfigError, NoMatchingModuleError
-from foam_hf.memory_report import add_memory_parser, memory_report
 from foam_hf.param_groups import resolve_block_sizes
+from foam_hf.tools.cli import _add_memory as add_memory_parser
+from foam_hf.tools.memory_report import memory_report
 
 # hidden 32, intermediate 40: down_proj rows have n=40, ragged for B in {3, 16, 32}; B=64 exceeds every row.
 BLOCK_SIZES = (2, 3, 4, 16, 64)
@@ -40,7 +41,7 @@ def config_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(config_path):
-    return memory_report(config_path, block_sizes=BLOCK_SIZES, rank=8)
+    return memory_report(config_path, compared_block_sizes=BLOCK_SIZES, rank=8)
 
 
 def _real_model() -> LlamaForCausalLM:
@@ -142,16 +143,16 @@ def test_training_memory_adds_weights_and_grads(report):
 def test_override_changes_exactly_the_tensors_it_names(config_path):
     with torch.device("meta"):
         model = LlamaForCausalLM(tiny_config())
-    default = resolve_block_sizes(model, FoamConfig(block_size=4)).block_sizes
+    default = resolve_block_sizes(model, FoamConfig(block_size=4)).size_by_parameter
     overridden = resolve_block_sizes(
         model, FoamConfig(block_size=4, block_sizes={"q_proj": 8, "lm_head": 4})
-    ).block_sizes
+    ).size_by_parameter
     changed = {n for n in default if default[n] != overridden[n]}
     named = {n for n, _ in model.named_parameters() if n.endswith("q_proj.weight") or n == "lm_head.weight"}
     assert changed == named
     assert all(overridden[n] == 8 for n in named if "q_proj" in n) and overridden["lm_head.weight"] == 4
 
-    result = memory_report(config_path, block_sizes=(4,), optim_args="block_size=4,block_sizes=q_proj:8;lm_head:4")
+    result = memory_report(config_path, compared_block_sizes=(4,), optim_args="block_size=4,block_sizes=q_proj:8;lm_head:4")
     assert set(result.override_changed) == named
     real = _real_model()
 
@@ -172,7 +173,7 @@ def test_most_specific_pattern_wins():
     with torch.device("meta"):
         model = LlamaForCausalLM(tiny_config())
     overrides = {"q_proj": 8, r"layers\.1\.self_attn\.q_proj": 2, "lm_head": 1}
-    sizes = resolve_block_sizes(model, FoamConfig(block_size=4, block_sizes=overrides)).block_sizes
+    sizes = resolve_block_sizes(model, FoamConfig(block_size=4, block_sizes=overrides)).size_by_parameter
     assert sizes["model.layers.0.self_attn.q_proj.weight"] == 8
     assert sizes["model.layers.1.self_attn.q_proj.weight"] == 2
     assert sizes["lm_head.weight"] == 1
@@ -181,7 +182,7 @@ def test_most_specific_pattern_wins():
 
 def test_override_matching_nothing_raises(config_path):
     with pytest.raises(NoMatchingModuleError, match=r"'qproj' matches no trainable parameter.*\['q_proj'"):
-        memory_report(config_path, block_sizes=(4,), optim_args="block_sizes=qproj:8")
+        memory_report(config_path, compared_block_sizes=(4,), optim_args="block_sizes=qproj:8")
 
 
 def test_bad_model_name_lists_the_valid_names():
@@ -200,7 +201,7 @@ def test_bad_model_name_lists_the_valid_names():
 )
 def test_bad_optim_args_name_the_value(config_path, optim_args, regex):
     with pytest.raises(FoamConfigError, match=regex):
-        memory_report(config_path, block_sizes=(4,), optim_args=optim_args)
+        memory_report(config_path, compared_block_sizes=(4,), optim_args=optim_args)
 
 
 def _parse(argv):
@@ -234,7 +235,7 @@ def test_cli_bad_model_exits_2_with_the_names(capsys):
 def test_builtin_paper_model_counts_by_hand():
     """llama-60m from the GaLore/FOAM config: 512 hidden, 1376 intermediate, 8 layers, vocab 32000."""
     h, i, layers, vocab = 512, 1376, 8, 32000
-    result = memory_report("llama-60m", block_sizes=(4,))
+    result = memory_report("llama-60m", compared_block_sizes=(4,))
     assert result.num_params == 2 * vocab * h + layers * (4 * h * h + 3 * h * i + 2 * h) + h
     folded = layers * (4 * h * math.ceil(h / 4) + 2 * i * math.ceil(h / 4) + h * math.ceil(i / 4))
     steps = 4 * len(result.params)
@@ -244,7 +245,7 @@ def test_builtin_paper_model_counts_by_hand():
 def test_pattern_on_a_parent_module_covers_its_linear_weights():
     with torch.device("meta"):
         model = LlamaForCausalLM(tiny_config())
-    sizes = resolve_block_sizes(model, FoamConfig(block_size=4, block_sizes={"self_attn": 16, "o_proj": 2})).block_sizes
+    sizes = resolve_block_sizes(model, FoamConfig(block_size=4, block_sizes={"self_attn": 16, "o_proj": 2})).size_by_parameter
     for name in sizes:
         if ".self_attn." in name:
             assert sizes[name] == (2 if ".o_proj." in name else 16), name
@@ -254,7 +255,7 @@ def test_pattern_on_a_parent_module_covers_its_linear_weights():
 
 def test_console_script_has_the_memory_subcommand(capsys):
     """``foam-hf memory`` as installed: the real entry point's parser, not a test-built one."""
-    from foam_hf.cli import main
+    from foam_hf.tools.cli import main
 
     assert main(["memory", "llama-60m", "--block-sizes", "4"]) == 0
     out = capsys.readouterr().out
@@ -263,14 +264,14 @@ def test_console_script_has_the_memory_subcommand(capsys):
 
 def test_state_dtype_in_optim_args_counts_the_bytes_a_real_foam_holds(config_path):
     # bf16 states: 2 bytes per moment entry, for folded and unfolded tensors alike; read off a real FOAM.
-    result = memory_report(config_path, block_sizes=(4,), optim_args="block_size=4,state_dtype=bfloat16")
+    result = memory_report(config_path, compared_block_sizes=(4,), optim_args="block_size=4,state_dtype=bfloat16")
     real = _real_model()
     optimizer = FOAM(_groups_by_hand(real, _default_block(4)), state_dtype="bfloat16")
     _one_step(real, optimizer)
     assert result.override_state == _held_bytes(optimizer)
     assert result.override_state < result.foam_state[4]  # the fp32 comparison rows stay fp32
     assert result.to_dict()["overrides"]["state_dtype"] == "bfloat16"
-    from foam_hf.memory_report import format_markdown
+    from foam_hf.tools.memory_markdown import format_markdown
 
     text = format_markdown(result)
     assert "bf16 states" in text and "FOAM states (bf16)" in text
