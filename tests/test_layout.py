@@ -116,3 +116,15 @@ def test_the_optimizer_core_imports_no_trainer_code():
             for a in n.names
         }
         assert not top & {"transformers", "trl", "peft", "accelerate", "deepspeed"}, (module, top)
+
+
+# The modules that only forward old import paths to the tools (and the ``python -m foam_hf`` entry).
+FORWARDERS = {"foam_hf.cli", "foam_hf.__main__"}
+
+
+def test_the_library_core_never_imports_a_tool():
+    graph = import_graph()
+    assert "foam_hf.tools.cli" in graph, sorted(graph)  # the checker sees the tools package
+    core = {m for m in graph if not m.startswith("foam_hf.tools") and m not in FORWARDERS}
+    offenders = {m: sorted(t for t in graph[m] if t.startswith("foam_hf.tools")) for m in core}
+    assert not {m: t for m, t in offenders.items() if t}, offenders

@@ -152,7 +152,9 @@ def test_override_changes_exactly_the_tensors_it_names(config_path):
     assert changed == named
     assert all(overridden[n] == 8 for n in named if "q_proj" in n) and overridden["lm_head.weight"] == 4
 
-    result = memory_report(config_path, compared_block_sizes=(4,), optim_args="block_size=4,block_sizes=q_proj:8;lm_head:4")
+    result = memory_report(
+        config_path, compared_block_sizes=(4,), optim_args="block_size=4,block_sizes=q_proj:8;lm_head:4"
+    )
     assert set(result.override_changed) == named
     real = _real_model()
 
@@ -245,7 +247,9 @@ def test_builtin_paper_model_counts_by_hand():
 def test_pattern_on_a_parent_module_covers_its_linear_weights():
     with torch.device("meta"):
         model = LlamaForCausalLM(tiny_config())
-    sizes = resolve_block_sizes(model, FoamConfig(block_size=4, block_sizes={"self_attn": 16, "o_proj": 2})).size_by_parameter
+    sizes = resolve_block_sizes(
+        model, FoamConfig(block_size=4, block_sizes={"self_attn": 16, "o_proj": 2})
+    ).size_by_parameter
     for name in sizes:
         if ".self_attn." in name:
             assert sizes[name] == (2 if ".o_proj." in name else 16), name
