@@ -208,14 +208,14 @@ def trainer_run(args, device, out: Path) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     import foam_hf  # noqa: F401  (registers optim="foam")
-    from foam_hf import _fused_cpu, _fused_triton, optim
+    from foam_hf import _fused_cpu, _fused_triton, functional
 
     calls: list[str] = []
     for module, name in (
         (_fused_triton, "_fused_foam_triton"),
         (_fused_cpu, "_fused_foam"),
-        (optim, "_multi_tensor_foam"),
-        (optim, "_single_tensor_foam"),
+        (functional, "_multi_tensor_foam"),
+        (functional, "_single_tensor_foam"),
     ):
         original = getattr(module, name)
 

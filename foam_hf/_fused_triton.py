@@ -328,6 +328,13 @@ def _fused_foam_triton(
     """
     if not params:
         return
+    for m, v in zip(exp_avgs, exp_avg_sqs):  # what the kernels can store; also reached where no CUDA device is
+        if m.dtype != v.dtype or m.dtype not in STATE_DTYPES:
+            raise RuntimeError(
+                f"FOAM: the Triton kernels store moments in float32 or bfloat16; got {m.dtype} and {v.dtype}. "
+                "Fix: pass fused=None or False for this group."
+            )
+
     lerp_weight = 1.0 - beta1
     small_weight = abs(lerp_weight) < 0.5
     for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
