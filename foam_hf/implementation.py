@@ -20,7 +20,7 @@ import torch
 
 from . import _fused_cpu
 from .errors import FoamConfigError
-from .precision import STATE_DTYPES, state_dtype_for
+from .precision import state_dtype_for
 
 __all__ = [
     "Implementation",
@@ -75,7 +75,7 @@ def fused_unsupported(param: torch.Tensor, moment_dtype: torch.dtype) -> tuple[t
             f"(contiguous={param.is_contiguous()}): the fused kernels step contiguous CPU "
             "float32/bfloat16/float16/float64 or CUDA float32/bfloat16/float16 tensors"
         )
-    if param.is_cuda and moment_dtype not in STATE_DTYPES.values():
+    if param.is_cuda and moment_dtype not in _triton().STATE_DTYPES:
         return RuntimeError, f"{moment_dtype} moments: the Triton kernels store moments in float32 or bfloat16"
     if param.device.type == "cpu" and not _fused_cpu.fused_supported(param, moment_dtype):
         return FoamConfigError, (

@@ -75,8 +75,10 @@ def _group(dtype=torch.float32, shapes=((6, 8), (7,))):
 def test_select_implementation_names_the_path_that_runs(monkeypatch, foreach, fused, expected):
     params, moments = _group()
     assert select_implementation(params, moments, foreach=foreach, fused=fused) == expected
-    if expected == "fused_cpu" and not KERNEL:
-        return  # fused=True without a kernel fails at construction (test_bad_inputs covers it)
+    if expected == "fused_cpu" and not KERNEL:  # asked for, and no kernel: refused at construction
+        with pytest.raises(RuntimeError, match="fused CPU kernel could not be built"):
+            FOAM([torch.nn.Parameter(p.clone()) for p in params], foreach=foreach, fused=fused)
+        return
     ran = []
     for name in ("_single_tensor_foam", "_multi_tensor_foam"):
         original = getattr(functional, name)
