@@ -42,17 +42,29 @@ _SOURCE = os.path.join(_CSRC, "foam_cpu.cpp")
 #: Every file the build reads: the source and the headers it includes.
 _BUILD_FILES = (_SOURCE, os.path.join(_CSRC, "foam_kernel.h"), os.path.join(_CSRC, "foam_simd.h"))
 
+#: The compiler flags of the build (besides OpenMP's, which follow torch's backend).
+#:  * ``-O3`` for the vectoriser; ``-fno-math-errno`` so that sqrt vectorises (errno is never read here).
+#:  * ``-ffp-contract=off``: the compiler may not fuse ``a * b + c`` into one FMA on its own. Where it did,
+#:    the vectorised body of a loop and its scalar remainder rounded differently (the AVX-512 clone of the
+#:    portable code fused only the body), so an entry's result depended on where a tile boundary fell, and bf16
+#:    and fp32 states, which tile rows differently, stopped giving bit-equal weights. The explicit-SIMD code
+#:    writes its FMAs out (``foam_simd.h``), so it keeps them, in the same places on every path.
+#:  * no ``-march``: the source picks AVX-512/AVX2/baseline code at load time (target_clones).
+CFLAGS: tuple[str, ...] = ("-O3", "-fno-math-errno", "-ffp-contract=off")
 
-def extension_name(files: tuple[str, ...] = _BUILD_FILES) -> str:
+
+def extension_name(files: tuple[str, ...] = _BUILD_FILES, cflags: tuple[str, ...] = CFLAGS) -> str:
     """The name torch caches the build under, keyed to the bytes *and* the paths of every file the build
-    reads: torch rebuilds a cached extension whenever its build file changes, and that file names the source's
-    path, so two checkouts or versions of foam_hf sharing one name rebuilt each other's kernel at every
-    switch."""
+    reads, and to the compiler flags: torch rebuilds a cached extension whenever its build file changes, and
+    that file names the source's path, so two checkouts or versions of foam_hf sharing one name rebuilt each
+    other's kernel at every switch; and torch does not key its cache to the flags, so new flags under an old
+    name would load the old build."""
     digest = hashlib.sha256()
     for path in files:
         with open(path, "rb") as handle:
             digest.update(handle.read())
         digest.update(os.path.realpath(path).encode())
+    digest.update(" ".join(cflags).encode())
     return f"foam_hf_fused_cpu_{digest.hexdigest()[:12]}"
 
 
@@ -84,9 +96,7 @@ def load_kernel() -> Any:
             _kernel = load(
                 name=name,
                 sources=[_SOURCE],
-                # -O3 for the vectoriser; -fno-math-errno so that sqrt vectorises (errno is never read here);
-                # no -march: the source picks AVX-512/AVX2/baseline code at load time (target_clones).
-                extra_cflags=["-O3", "-fno-math-errno", *openmp],
+                extra_cflags=[*CFLAGS, *openmp],
                 extra_ldflags=openmp,
                 extra_include_paths=[_CSRC],
                 verbose=False,

@@ -19,6 +19,8 @@ def test_the_cache_name_follows_the_source_bytes(tmp_path):
     assert _fused_cpu.extension_name((str(a),)) == _fused_cpu.extension_name((str(a),))
     # The same bytes in another checkout get their own build (torch's build file names the source path).
     assert _fused_cpu.extension_name((str(a),)) != _fused_cpu.extension_name((str(copy_of_a),))
+    # Other compiler flags get a build of their own (torch's cache is not keyed to them).
+    assert _fused_cpu.extension_name((str(a),), ("-O3",)) != _fused_cpu.extension_name((str(a),), ("-O2",))
     # The shipped source gets a name of its own, not one fixed name for every version.
     assert _fused_cpu.extension_name() not in (_fused_cpu.extension_name((str(a),)), "foam_hf_fused_cpu_v3")
 

@@ -27,6 +27,8 @@ struct V {
   static FOAM_INLINE vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
   static FOAM_INLINE vec sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
   static FOAM_INLINE vec mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+  static FOAM_INLINE vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }  // a·b + c, one rounding
+  static FOAM_INLINE vec fnma(vec a, vec b, vec c) { return _mm512_fnmadd_ps(a, b, c); }  // c − a·b, likewise
   static FOAM_INLINE vec div(vec a, vec b) { return _mm512_div_ps(a, b); }
   static FOAM_INLINE vec sqrt(vec a) { return _mm512_sqrt_ps(a); }
   static FOAM_INLINE float reduce(vec a) { return _mm512_reduce_add_ps(a); }
@@ -110,6 +112,8 @@ struct V {
   static FOAM_INLINE vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
   static FOAM_INLINE vec sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
   static FOAM_INLINE vec mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+  static FOAM_INLINE vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }  // a·b + c, one rounding
+  static FOAM_INLINE vec fnma(vec a, vec b, vec c) { return _mm256_fnmadd_ps(a, b, c); }  // c − a·b, likewise
   static FOAM_INLINE vec div(vec a, vec b) { return _mm256_div_ps(a, b); }
   static FOAM_INLINE vec sqrt(vec a) { return _mm256_sqrt_ps(a); }
   static FOAM_INLINE float reduce(vec a) {
@@ -206,17 +210,17 @@ struct VHyper {
 // lerp(self, end, w) as torch computes it; the branch on w is loop-invariant.
 FOAM_INLINE vec lerp_v(vec self, vec end, const VHyper& c) {
   const vec d = V::sub(end, self);
-  return c.small_w ? V::add(self, V::mul(c.lerp_w, d)) : V::sub(end, V::mul(d, c.one_m_lerp_w));
+  return c.small_w ? V::fma(c.lerp_w, d, self) : V::fnma(d, c.one_m_lerp_w, end);
 }
 
 // W(1−γλ) − γα M̂ / (√V̂ + ε) with R = G − g̃, M = m̃ + ρR, V = ṽ + ρ²R⊙R (all unfolded, lane-wise).
 FOAM_INLINE vec new_weight(vec g, vec gm, vec mk, vec vk, vec w, const VHyper& c) {
   const vec r = V::sub(g, gm);
-  const vec M = V::add(mk, V::mul(c.rho, r));
-  const vec Vv = V::add(vk, V::mul(c.rho2, V::mul(r, r)));
+  const vec M = V::fma(c.rho, r, mk);
+  const vec Vv = V::fma(c.rho2, V::mul(r, r), vk);
   // The exact square root and division: replacing them by the hardware estimates refined by a Newton step made
   // the AVX2 step slower, not faster, on AMD Zen 1 (their extra multiplies compete for the same two pipes).
-  return V::add(V::mul(w, c.decay), V::mul(c.step_c, V::div(M, V::add(V::sqrt(Vv), c.eps_bc2))));
+  return V::fma(w, c.decay, V::mul(c.step_c, V::div(M, V::add(V::sqrt(Vv), c.eps_bc2))));
 }
 
 template <typename S>
@@ -245,7 +249,7 @@ void fold_small(const typename S::T* g, typename S::T* w, float* m, float* v, in
       const vec gm = V::mul(V::template group_sum<B>(x), inv_b);  // unfold(g̃)
       const vec g2 = c.mean_sq ? V::mul(V::template group_sum<B>(V::mul(x, x)), inv_b) : V::mul(gm, gm);
       const vec mk = lerp_v(V::template expand<L>(mr + j / B), gm, c);  // unfold(m̃ ← lerp(m̃, g̃, 1−β1))
-      const vec vk = V::add(V::mul(V::template expand<L>(vr + j / B), c.beta2), V::mul(c.one_m_b2, g2));
+      const vec vk = V::fma(V::template expand<L>(vr + j / B), c.beta2, V::mul(c.one_m_b2, g2));
       V::template compact_store<L>(mr + j / B, mk);
       V::template compact_store<L>(vr + j / B, vk);
       Ld<S>::store(wr + j, new_weight(x, gm, mk, vk, Ld<S>::load(wr + j), c));
@@ -380,7 +384,7 @@ void fold_chunk(const typename S::T* g, typename S::T* w, float* m, float* v, in
       const vec gm = V::mul(chunk_sums<B>(x), inv_b);                                 // g̃ of 8 blocks
       const vec g2 = c.mean_sq ? V::mul(chunk_sums<B>(x2), inv_b) : V::mul(gm, gm);  // g̃⁽²⁾
       const vec mk = lerp_v(load_moments<B>(mr + j / B), gm, c);                       // m̃ ← lerp(m̃, g̃, 1−β1)
-      const vec vk = V::add(V::mul(load_moments<B>(vr + j / B), c.beta2), V::mul(c.one_m_b2, g2));
+      const vec vk = V::fma(load_moments<B>(vr + j / B), c.beta2, V::mul(c.one_m_b2, g2));
       store_moments<B>(mr + j / B, mk);
       store_moments<B>(vr + j / B, vk);
       alignas(32) float copy[3][8];  // used by B = 8 only
@@ -479,11 +483,11 @@ void adamw(const typename S::T* g, typename S::T* w, float* m, float* v, int64_t
     prefetch_ahead(v + i);
     const vec x = Ld<S>::load(g + i);
     const vec mi = lerp_v(V::load(m + i), x, c);
-    const vec vi = V::add(V::mul(V::load(v + i), c.beta2), V::mul(V::mul(c.one_m_b2, x), x));
+    const vec vi = V::fma(V::load(v + i), c.beta2, V::mul(V::mul(c.one_m_b2, x), x));
     V::store(m + i, mi);
     V::store(v + i, vi);
     const vec upd = V::mul(c.step_c, V::div(mi, V::add(V::sqrt(vi), c.eps_bc2)));
-    Ld<S>::store(w + i, V::add(V::mul(Ld<S>::load(w + i), c.decay), upd));
+    Ld<S>::store(w + i, V::fma(Ld<S>::load(w + i), c.decay, upd));
   }
   adamw_impl<S>(g, w, m, v, i, i1, h);
 }
