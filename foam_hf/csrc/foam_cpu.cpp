@@ -156,7 +156,7 @@ void fused_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
 }
 
 // dst (bf16) <- src (fp32) stochastically rounded, the kernel's own rounding of bf16 moments (foam_kernel.h; the
-// explicit AVX2 version under the avx2 implementation), over a whole tensor: the tests hold it to
+// explicit AVX2 and AVX-512 versions under those implementations), over a whole tensor: the tests hold it to
 // foam_hf.precision.store_moment bit for bit.
 void stochastic_round_bf16(const at::Tensor& src, const at::Tensor& dst, int64_t step, int64_t salt) {
   TORCH_CHECK(src.scalar_type() == at::kFloat && dst.scalar_type() == at::kBFloat16 && src.is_contiguous() &&

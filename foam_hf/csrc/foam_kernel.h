@@ -265,7 +265,8 @@ FOAM_ENTRY(F64)
 // (i, step, salt): h = i·0x9E3779B1 + offset (mod 2^32), h ^= h >> 16, h *= 0x7FEB352D, h ^= h >> 15,
 // dither = h & 0xFFFF, with offset = step·0x85EBCA77 + salt·0xC2B2AE3D; finite values become
 // (bits(x) + dither) >> 16, non-finite ones round to nearest (NaN -> 0x7FC0). stochastic_round below is the
-// readable and portable version (gcc vectorises it, poorly: ~3x slower than foam_simd.h's explicit AVX2 one).
+// readable and portable version (gcc vectorises it, poorly: ~3x slower than foam_simd.h's explicit AVX2 one on
+// AMD Zen 1, ~2x slower than its AVX-512 one on AMD Zen 5).
 FOAM_INLINE uint32_t rounding_offset(int64_t step, int64_t salt) {
   return static_cast<uint32_t>(step) * UINT32_C(0x85EBCA77) + static_cast<uint32_t>(salt) * UINT32_C(0xC2B2AE3D);
 }
@@ -428,10 +429,13 @@ FoldFn<S> fold_fn() {
 }
 
 Bf16Ops bf16_ops() {
+  switch (current_isa()) {
 #if FOAM_HAVE_SIMD
-  if (current_isa() == kAvx2) return {simd_avx2::widen_bf16, simd_avx2::stochastic_round};
+    case kAvx512: return {simd_avx512::widen_bf16, simd_avx512::stochastic_round};
+    case kAvx2: return {simd_avx2::widen_bf16, simd_avx2::stochastic_round};
 #endif
-  return {widen_bf16, stochastic_round};  // AVX-512 runs gcc's avx512f clone of the portable loops
+    default: return {widen_bf16, stochastic_round};
+  }
 }
 
 template <typename S>

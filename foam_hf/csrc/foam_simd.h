@@ -427,48 +427,77 @@ void fold_rows(const typename S::T* g, typename S::T* w, float* m, float* v, int
   return Portable<S>::fold(g, w, m, v, r0, r1, n, B, h);  // e.g. B = 3: the portable tile code
 }
 
-#if FOAM_SIMD_LANES == 8
-// ----------------------------------------------------- AVX2: widening and stochastic rounding of bf16 moments
-// foam_kernel.h's widen_bf16 and stochastic_round (the reference), 8 entries at a time. gcc vectorises the
-// rounding loop itself, but it ran ~3x slower than this on AMD Zen 1 (chains of blends, and an in-lane pack
-// fixed up by a lane-crossing permute).
+// -------------------------------------------------------------- widening and stochastic rounding of bf16 moments
+// foam_kernel.h's widen_bf16 and stochastic_round (the reference), a vector at a time. gcc vectorises the
+// rounding loop itself, but it ran ~3x slower than this on AMD Zen 1 (AVX2: chains of blends, and an in-lane
+// pack fixed up by a lane-crossing permute) and ~2x slower on AMD Zen 5 (AVX-512).
 void widen_bf16(const uint16_t* __restrict src, float* __restrict dst, int64_t count) {
   int64_t j = 0;
-  for (; j + 8 <= count; j += 8) V::store(dst + j, Ld<BF16>::load(src + j));
+  for (; j + V::N <= count; j += V::N) V::store(dst + j, Ld<BF16>::load(src + j));
   for (; j < count; ++j) dst[j] = BF16::load(src[j]);
 }
 
+#if FOAM_SIMD_LANES == 16
+using ivec = __m512i;
+FOAM_INLINE ivec iota_times(uint32_t k) {  // lane i holds i·k (mod 2^32)
+  return _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                            _mm512_set1_epi32(static_cast<int>(k)));
+}
+FOAM_INLINE ivec add_lanes(ivec a, ivec b) { return _mm512_add_epi32(a, b); }
+FOAM_INLINE ivec broadcast(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
+
+// `hash` holds i·0x9E3779B1 + offset for the flat indices i of the 16 entries of x.
+FOAM_INLINE void stochastic_round_vector(uint16_t* p, vec x, ivec hash) {
+  ivec h = _mm512_xor_si512(hash, _mm512_srli_epi32(hash, 16));
+  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x7FEB352D));
+  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 15));
+  const ivec bits = _mm512_castps_si512(x);
+  const ivec exponent = _mm512_set1_epi32(0x7F800000);
+  // Finite values get the dither; ±inf keep their bits (the low half is zero); NaN becomes 0x7FC0.
+  const __mmask16 finite = _mm512_cmpneq_epi32_mask(_mm512_and_si512(bits, exponent), exponent);
+  ivec r = _mm512_mask_add_epi32(bits, finite, bits, _mm512_and_si512(h, _mm512_set1_epi32(0xFFFF)));
+  r = _mm512_srli_epi32(r, 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));  // 16 x u32 (< 2^16) -> u16
+}
+#else
+using ivec = __m256i;
+FOAM_INLINE ivec iota_times(uint32_t k) {
+  return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(k)));
+}
+FOAM_INLINE ivec add_lanes(ivec a, ivec b) { return _mm256_add_epi32(a, b); }
+FOAM_INLINE ivec broadcast(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
+
 // `hash` holds i·0x9E3779B1 + offset for the flat indices i of the 8 entries of x.
-FOAM_INLINE void stochastic_round8(uint16_t* p, vec x, __m256i hash) {
-  __m256i h = _mm256_xor_si256(hash, _mm256_srli_epi32(hash, 16));
+FOAM_INLINE void stochastic_round_vector(uint16_t* p, vec x, ivec hash) {
+  ivec h = _mm256_xor_si256(hash, _mm256_srli_epi32(hash, 16));
   h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0x7FEB352D));
   h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 15));
-  const __m256i bits = _mm256_castps_si256(x);
-  const __m256i exponent = _mm256_set1_epi32(0x7F800000);
-  const __m256i non_finite = _mm256_cmpeq_epi32(_mm256_and_si256(bits, exponent), exponent);
+  const ivec bits = _mm256_castps_si256(x);
+  const ivec exponent = _mm256_set1_epi32(0x7F800000);
+  const ivec non_finite = _mm256_cmpeq_epi32(_mm256_and_si256(bits, exponent), exponent);
   // Finite values get the dither; ±inf keep their bits (the low half is zero); NaN becomes 0x7FC0.
-  const __m256i dither = _mm256_andnot_si256(non_finite, _mm256_and_si256(h, _mm256_set1_epi32(0xFFFF)));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, dither), 16);
+  const ivec dither = _mm256_andnot_si256(non_finite, _mm256_and_si256(h, _mm256_set1_epi32(0xFFFF)));
+  ivec r = _mm256_srli_epi32(_mm256_add_epi32(bits, dither), 16);
   r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
   // 8 x u32 (each < 2^16) -> 8 x u16: pack within 128-bit halves (in-lane, cheap), store the two halves.
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
                    _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
 }
+#endif
 
 void stochastic_round(const float* __restrict src, uint16_t* __restrict dst, int64_t count, int64_t first_index,
                       uint32_t offset) {
-  const __m256i golden = _mm256_set1_epi32(static_cast<int>(UINT32_C(0x9E3779B1)));
-  const uint32_t first_hash = static_cast<uint32_t>(first_index) * UINT32_C(0x9E3779B1) + offset;
-  __m256i hash = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first_hash)),
-                                  _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), golden));
-  const __m256i stride = _mm256_slli_epi32(golden, 3);  // 8 entries further
+  const uint32_t golden = UINT32_C(0x9E3779B1);
+  const uint32_t first_hash = static_cast<uint32_t>(first_index) * golden + offset;
+  ivec hash = add_lanes(broadcast(first_hash), iota_times(golden));
+  const ivec stride = broadcast(golden * static_cast<uint32_t>(V::N));  // V::N entries further
   int64_t j = 0;
-  for (; j + 8 <= count; j += 8, hash = _mm256_add_epi32(hash, stride)) {
-    stochastic_round8(dst + j, V::load(src + j), hash);
+  for (; j + V::N <= count; j += V::N, hash = add_lanes(hash, stride)) {
+    stochastic_round_vector(dst + j, V::load(src + j), hash);
   }
   if (j < count) foam::stochastic_round(src + j, dst + j, count - j, first_index + j, offset);
 }
-#endif
 
 // Unfolded tensors: AdamW on elements [i0, i1), as adamw_impl.
 template <typename S>
