@@ -309,27 +309,54 @@ void fold_wide(const typename S::T* g, typename S::T* w, float* m, float* v, int
 //   B = 2: hadd(x0, x1) gives blocks [0 1 4 5 | 2 3 6 7];
 //   B = 4: hadd(hadd(x0, x1), hadd(x2, x3)) gives [0 2 4 6 | 1 3 5 7];
 //   B = 8: hadd trees then one exchange of halves (sum_each_of_8) give [0 .. 7].
-template <int B>
+// bf16 parameters are loaded interleaved (PairBf16 below): x0 holds columns [0..3 | 8..11] and x1 columns
+// [4..7 | 12..15] of each 16, so each 128-bit half still holds whole blocks (B = 2, 4) but other ones:
+//   B = 2: [0 1 2 3 | 4 5 6 7], no permute at all;  B = 4: [0 1 4 5 | 2 3 6 7] (B = 2's plain order).
+template <int B, bool kInterleaved>
+constexpr bool kMomentsInOrder = B == 8 || (kInterleaved && B == 2);
+template <int B, bool kInterleaved>
 FOAM_INLINE __m256i moment_order() {
-  if (B == 2) return _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+  if (B == 2 || (kInterleaved && B == 4)) return _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
   return _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
 }
-template <int B>
+template <int B, bool kInterleaved>
 FOAM_INLINE __m256i moment_order_inverse() {
-  if (B == 2) return _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);  // its own inverse
+  if (B == 2 || (kInterleaved && B == 4)) return _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);  // its own inverse
   return _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
 }
-template <int B>
+template <int B, bool kInterleaved>
 FOAM_INLINE vec load_moments(const float* p) {
   const vec x = V::load(p);
-  if constexpr (B == 8) return x;
-  return _mm256_permutevar8x32_ps(x, moment_order<B>());
+  if constexpr (kMomentsInOrder<B, kInterleaved>) return x;
+  return _mm256_permutevar8x32_ps(x, moment_order<B, kInterleaved>());
 }
-template <int B>
+template <int B, bool kInterleaved>
 FOAM_INLINE void store_moments(float* p, vec x) {
-  if constexpr (B == 8) return V::store(p, x);
-  V::store(p, _mm256_permutevar8x32_ps(x, moment_order_inverse<B>()));
+  if constexpr (kMomentsInOrder<B, kInterleaved>) return V::store(p, x);
+  V::store(p, _mm256_permutevar8x32_ps(x, moment_order_inverse<B, kInterleaved>()));
 }
+
+// bf16 parameters, 16 columns at a time, without crossing 128-bit halves: interleaving with zeros widens
+// columns [0..3 | 8..11] into one fp32 vector and [4..7 | 12..15] into the other; packing the two back
+// (packus, in-lane) restores the column order. Lane-wise loads and stores (Ld<BF16>) take a cross-half
+// widening each, and a pack plus an extract of the upper half each: on AMD Zen 5 those shuffles cost the bf16
+// step ~25% at B = 4. Rounding as BF16::store: to nearest even, NaN -> 0x7FC0.
+struct PairBf16 {
+  static FOAM_INLINE void load(const uint16_t* p, vec& lo, vec& hi) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), x));
+    hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), x));
+  }
+  static FOAM_INLINE __m256i rounded(vec x) {  // lane-wise bf16 bits, in the low 16 bits of each lane
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+    return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+  }
+  static FOAM_INLINE void store(uint16_t* p, vec lo, vec hi) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_packus_epi32(rounded(lo), rounded(hi)));
+  }
+};
 
 // The sums of the lanes of each of y[0..7], in order: s[k] = Σ_lanes y[k].
 FOAM_INLINE vec sum_each_of_8(const vec* y) {
@@ -361,6 +388,8 @@ template <typename S, int B>
 void fold_chunk(const typename S::T* g, typename S::T* w, float* m, float* v, int64_t r0, int64_t r1, int64_t n,
                 const Hyper<float>& h) {
   constexpr int64_t kChunk = 8 * B;
+  // bf16 parameters at B = 2 and 4 go through PairBf16 (a chunk is a whole number of its 16-column pairs).
+  constexpr bool kInterleaved = std::is_same_v<S, BF16> && B <= 4;
   const int64_t K = (n + B - 1) / B;
   const int64_t nc = n / kChunk * kChunk;  // columns in whole chunks; the rest is the portable tail
   const VHyper c(h);
@@ -376,17 +405,25 @@ void fold_chunk(const typename S::T* g, typename S::T* w, float* m, float* v, in
         prefetch_ahead(gr + j + p);
         prefetch_ahead(wr + j + p);
       }
-      vec x[B], x2[B];
-      for (int i = 0; i < B; ++i) {
-        x[i] = Ld<S>::load(gr + j + 8 * i);
-        x2[i] = V::mul(x[i], x[i]);
+      vec x[B], x2[B], wv[B];
+      if constexpr (kInterleaved) {
+        for (int i = 0; i < B; i += 2) {
+          PairBf16::load(gr + j + 8 * i, x[i], x[i + 1]);
+          PairBf16::load(wr + j + 8 * i, wv[i], wv[i + 1]);
+        }
+      } else {
+        for (int i = 0; i < B; ++i) {
+          x[i] = Ld<S>::load(gr + j + 8 * i);
+          wv[i] = Ld<S>::load(wr + j + 8 * i);
+        }
       }
+      for (int i = 0; i < B; ++i) x2[i] = V::mul(x[i], x[i]);
       const vec gm = V::mul(chunk_sums<B>(x), inv_b);                                 // g̃ of 8 blocks
       const vec g2 = c.mean_sq ? V::mul(chunk_sums<B>(x2), inv_b) : V::mul(gm, gm);  // g̃⁽²⁾
-      const vec mk = lerp_v(load_moments<B>(mr + j / B), gm, c);                       // m̃ ← lerp(m̃, g̃, 1−β1)
-      const vec vk = V::fma(load_moments<B>(vr + j / B), c.beta2, V::mul(c.one_m_b2, g2));
-      store_moments<B>(mr + j / B, mk);
-      store_moments<B>(vr + j / B, vk);
+      const vec mk = lerp_v(load_moments<B, kInterleaved>(mr + j / B), gm, c);       // m̃ ← lerp(m̃, g̃, 1−β1)
+      const vec vk = V::fma(load_moments<B, kInterleaved>(vr + j / B), c.beta2, V::mul(c.one_m_b2, g2));
+      store_moments<B, kInterleaved>(mr + j / B, mk);
+      store_moments<B, kInterleaved>(vr + j / B, vk);
       alignas(32) float copy[3][8];  // used by B = 8 only
       if constexpr (B == 8) {
         V::store(copy[0], gm);
@@ -394,9 +431,13 @@ void fold_chunk(const typename S::T* g, typename S::T* w, float* m, float* v, in
         V::store(copy[2], vk);
       }
       for (int i = 0; i < B; ++i) {  // R, M, V and the new weights, vector by vector
-        const vec wi = Ld<S>::load(wr + j + 8 * i);
-        Ld<S>::store(wr + j + 8 * i, new_weight(x[i], unfold_lanes<B>(gm, i, copy[0]), unfold_lanes<B>(mk, i, copy[1]),
-                                                unfold_lanes<B>(vk, i, copy[2]), wi, c));
+        wv[i] = new_weight(x[i], unfold_lanes<B>(gm, i, copy[0]), unfold_lanes<B>(mk, i, copy[1]),
+                           unfold_lanes<B>(vk, i, copy[2]), wv[i], c);
+      }
+      if constexpr (kInterleaved) {
+        for (int i = 0; i < B; i += 2) PairBf16::store(wr + j + 8 * i, wv[i], wv[i + 1]);
+      } else {
+        for (int i = 0; i < B; ++i) Ld<S>::store(wr + j + 8 * i, wv[i]);
       }
     }
     fold_span<S>(gr, wr, mr, vr, nc, n, B, h);
