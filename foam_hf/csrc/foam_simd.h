@@ -388,8 +388,13 @@ template <typename S, int B>
 void fold_chunk(const typename S::T* g, typename S::T* w, float* m, float* v, int64_t r0, int64_t r1, int64_t n,
                 const Hyper<float>& h) {
   constexpr int64_t kChunk = 8 * B;
-  // bf16 parameters at B = 2 and 4 go through PairBf16 (a chunk is a whole number of its 16-column pairs).
-  constexpr bool kInterleaved = std::is_same_v<S, BF16> && B <= 4;
+  // bf16 parameters go through PairBf16 (a chunk is a whole number of its 16-column pairs). At B = 8 a block is
+  // then half of each vector of a pair (columns 0..3 in one, 4..7 in the other): the pair's lane-wise sum holds
+  // two blocks, one per half, as one vector does at B = 4, so the sums, moments and unfolds are B = 4's over
+  // those sums (kSumB), and both vectors of a pair unfold the same values.
+  constexpr bool kInterleaved = std::is_same_v<S, BF16>;
+  constexpr int kSumB = kInterleaved && B == 8 ? 4 : B;  // vectors summed per chunk, each holding whole blocks
+  constexpr bool kSumsInterleaved = kInterleaved && B <= 4;
   const int64_t K = (n + B - 1) / B;
   const int64_t nc = n / kChunk * kChunk;  // columns in whole chunks; the rest is the portable tail
   const VHyper c(h);
@@ -405,7 +410,7 @@ void fold_chunk(const typename S::T* g, typename S::T* w, float* m, float* v, in
         prefetch_ahead(gr + j + p);
         prefetch_ahead(wr + j + p);
       }
-      vec x[B], x2[B], wv[B];
+      vec x[B], wv[B], y[kSumB], y2[kSumB];
       if constexpr (kInterleaved) {
         for (int i = 0; i < B; i += 2) {
           PairBf16::load(gr + j + 8 * i, x[i], x[i + 1]);
@@ -417,22 +422,30 @@ void fold_chunk(const typename S::T* g, typename S::T* w, float* m, float* v, in
           wv[i] = Ld<S>::load(wr + j + 8 * i);
         }
       }
-      for (int i = 0; i < B; ++i) x2[i] = V::mul(x[i], x[i]);
-      const vec gm = V::mul(chunk_sums<B>(x), inv_b);                                 // g̃ of 8 blocks
-      const vec g2 = c.mean_sq ? V::mul(chunk_sums<B>(x2), inv_b) : V::mul(gm, gm);  // g̃⁽²⁾
-      const vec mk = lerp_v(load_moments<B, kInterleaved>(mr + j / B), gm, c);       // m̃ ← lerp(m̃, g̃, 1−β1)
-      const vec vk = V::fma(load_moments<B, kInterleaved>(vr + j / B), c.beta2, V::mul(c.one_m_b2, g2));
-      store_moments<B, kInterleaved>(mr + j / B, mk);
-      store_moments<B, kInterleaved>(vr + j / B, vk);
-      alignas(32) float copy[3][8];  // used by B = 8 only
-      if constexpr (B == 8) {
+      if constexpr (kSumB == B) {
+        for (int i = 0; i < B; ++i) y[i] = x[i], y2[i] = V::mul(x[i], x[i]);
+      } else {
+        for (int i = 0; i < kSumB; ++i) {
+          y[i] = V::add(x[2 * i], x[2 * i + 1]);
+          y2[i] = V::fma(x[2 * i], x[2 * i], V::mul(x[2 * i + 1], x[2 * i + 1]));
+        }
+      }
+      const vec gm = V::mul(chunk_sums<kSumB>(y), inv_b);                                 // g̃ of 8 blocks
+      const vec g2 = c.mean_sq ? V::mul(chunk_sums<kSumB>(y2), inv_b) : V::mul(gm, gm);  // g̃⁽²⁾
+      const vec mk = lerp_v(load_moments<kSumB, kSumsInterleaved>(mr + j / B), gm, c);   // m̃ ← lerp(m̃, g̃, 1−β1)
+      const vec vk = V::fma(load_moments<kSumB, kSumsInterleaved>(vr + j / B), c.beta2, V::mul(c.one_m_b2, g2));
+      store_moments<kSumB, kSumsInterleaved>(mr + j / B, mk);
+      store_moments<kSumB, kSumsInterleaved>(vr + j / B, vk);
+      alignas(32) float copy[3][8];  // used by kSumB = 8 only
+      if constexpr (kSumB == 8) {
         V::store(copy[0], gm);
         V::store(copy[1], mk);
         V::store(copy[2], vk);
       }
       for (int i = 0; i < B; ++i) {  // R, M, V and the new weights, vector by vector
-        wv[i] = new_weight(x[i], unfold_lanes<B>(gm, i, copy[0]), unfold_lanes<B>(mk, i, copy[1]),
-                           unfold_lanes<B>(vk, i, copy[2]), wv[i], c);
+        const int u = kSumB == B ? i : i / 2;  // which summed vector's blocks vector i holds
+        wv[i] = new_weight(x[i], unfold_lanes<kSumB>(gm, u, copy[0]), unfold_lanes<kSumB>(mk, u, copy[1]),
+                           unfold_lanes<kSumB>(vk, u, copy[2]), wv[i], c);
       }
       if constexpr (kInterleaved) {
         for (int i = 0; i < B; i += 2) PairBf16::store(wr + j + 8 * i, wv[i], wv[i + 1]);
