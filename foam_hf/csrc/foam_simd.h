@@ -102,6 +102,28 @@ struct Ld<F16> {  // the hardware conversions (round to nearest even, as c10's)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
   }
 };
+// bf16 parameters two vectors at a time (32 columns), without crossing 128-bit quarters: interleaving with
+// zeros widens columns [0..3 | 8..11 | 16..19 | 24..27] into one fp32 vector (lo) and [4..7 | 12..15 | ...]
+// into the other (hi); packing the two back (packus, in-lane) restores the column order. Each quarter still
+// holds whole blocks at B <= 4, and at B >= 8 a block is the same quarters of both. Lane-wise loads and stores
+// (Ld<BF16>) take a cross-lane widening or narrowing each: on AMD Zen 5 those cost the bf16 step ~20-25%.
+// Rounding as BF16::store: to nearest even, NaN -> 0x7FC0.
+struct PairBf16 {
+  static FOAM_INLINE void load(const uint16_t* p, __m512& lo, __m512& hi) {
+    const __m512i x = _mm512_loadu_si512(p);
+    lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), x));
+    hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), x));
+  }
+  static FOAM_INLINE __m512i rounded(__m512 x) {  // lane-wise bf16 bits, in the low 16 bits of each lane
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+    return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  }
+  static FOAM_INLINE void store(uint16_t* p, __m512 lo, __m512 hi) {
+    _mm512_storeu_si512(p, _mm512_packus_epi32(rounded(lo), rounded(hi)));
+  }
+};
 #else
 struct V {
   using vec = __m256;
@@ -182,6 +204,24 @@ struct Ld<F16> {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
   }
 };
+// bf16 parameters two vectors at a time (16 columns), without crossing 128-bit halves: lo holds columns
+// [0..3 | 8..11], hi [4..7 | 12..15]. See the AVX-512 version.
+struct PairBf16 {
+  static FOAM_INLINE void load(const uint16_t* p, __m256& lo, __m256& hi) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), x));
+    hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), x));
+  }
+  static FOAM_INLINE __m256i rounded(__m256 x) {  // lane-wise bf16 bits, in the low 16 bits of each lane
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+    return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+  }
+  static FOAM_INLINE void store(uint16_t* p, __m256 lo, __m256 hi) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_packus_epi32(rounded(lo), rounded(hi)));
+  }
+};
 #endif
 using vec = V::vec;
 
@@ -258,20 +298,121 @@ void fold_small(const typename S::T* g, typename S::T* w, float* m, float* v, in
   }
 }
 
+#if FOAM_SIMD_LANES == 16
+// fold_small for bf16 parameters, a PairBf16 (32 columns) at a time.
+//  * B = 2, 4: a quarter of lo or hi holds whole blocks, but not lane-wise ones: lane i of lo holds column
+//    8(i/4) + i%4 and lane i of hi column 8(i/4) + 4 + i%4, so the moments are unfolded and folded back by index
+//    (pair_expand_index, pair_compact_index).
+//  * B >= 8: quarter q of lo and of hi together hold 8 adjacent columns, so lo + hi (lane-wise) holds each block
+//    in B/2 adjacent lanes; both vectors then unfold the same g̃, m̃ and ṽ, fold_small's at B/2.
+template <int L>
+FOAM_INLINE __m512i pair_expand_index(bool hi) {  // lane i: the block of lo's (hi's) lane i among the pair's
+  alignas(64) int32_t idx[16];
+  for (int i = 0; i < 16; ++i) {
+    const int column = 8 * (i / 4) + (hi ? 4 : 0) + i % 4;
+    idx[i] = column >> L;
+  }
+  return _mm512_load_si512(idx);
+}
+template <int L>
+FOAM_INLINE __m512i pair_compact_index() {  // lane k: the lane of lo (k' < 16) or hi (16 + k') holding block k
+  alignas(64) int32_t idx[16];
+  constexpr int B = 1 << L;
+  for (int k = 0; k < 16; ++k) {
+    const int column = (k * B) % 32;  // the first column of block k (lanes past 32 / B are not stored)
+    const int quarter = column / 8, offset = column % 8;
+    idx[k] = (offset < 4 ? 0 : 16) + 4 * quarter + offset % 4;
+  }
+  return _mm512_load_si512(idx);
+}
+template <int L>  // the pair's 32 / B moments, exactly that many floats read or written
+FOAM_INLINE vec load_pair_moments(const float* p) {
+  if constexpr (L == 1) return _mm512_loadu_ps(p);
+  return _mm512_castps256_ps512(_mm256_loadu_ps(p));
+}
+template <int L>
+FOAM_INLINE void store_pair_moments(float* p, vec x) {
+  if constexpr (L == 1) return _mm512_storeu_ps(p, x);
+  _mm256_storeu_ps(p, _mm512_castps512_ps256(x));
+}
+
+template <int L>
+void fold_small_pairs(const uint16_t* g, uint16_t* w, float* m, float* v, int64_t r0, int64_t r1, int64_t n,
+                      const Hyper<float>& h) {
+  constexpr int64_t B = int64_t{1} << L;
+  constexpr int64_t kPair = 2 * V::N;
+  const int64_t K = (n + B - 1) / B;
+  const int64_t np = n / kPair * kPair;  // columns in whole pairs; the rest (and any ragged block) is the tail
+  const VHyper c(h);
+  const vec inv_b = V::set1(1.0f / static_cast<float>(B));  // exact: B is a power of two
+  const __m512i expand_lo = pair_expand_index<L>(false), expand_hi = pair_expand_index<L>(true);
+  const __m512i compact = pair_compact_index<L>();
+  for (int64_t row = r0; row < r1; ++row) {
+    const uint16_t* gr = g + row * n;
+    uint16_t* wr = w + row * n;
+    float* mr = m + row * K;
+    float* vr = v + row * K;
+    for (int64_t j = 0; j < np; j += kPair) {
+      prefetch_ahead(gr + j);
+      prefetch_ahead(wr + j);
+      vec xl, xh, wl, wh;
+      PairBf16::load(gr + j, xl, xh);
+      PairBf16::load(wr + j, wl, wh);
+      float* mj = mr + j / B;
+      float* vj = vr + j / B;
+      if constexpr (B >= 8) {
+        constexpr int H = static_cast<int>(B / 2);  // lanes per block in lo + hi
+        const vec gm = V::mul(V::template group_sum<H>(V::add(xl, xh)), inv_b);
+        const vec g2 =
+            c.mean_sq ? V::mul(V::template group_sum<H>(V::fma(xl, xl, V::mul(xh, xh))), inv_b) : V::mul(gm, gm);
+        const vec mk = lerp_v(V::template expand<L - 1>(mj), gm, c);
+        const vec vk = V::fma(V::template expand<L - 1>(vj), c.beta2, V::mul(c.one_m_b2, g2));
+        V::template compact_store<L - 1>(mj, mk);
+        V::template compact_store<L - 1>(vj, vk);
+        PairBf16::store(wr + j, new_weight(xl, gm, mk, vk, wl, c), new_weight(xh, gm, mk, vk, wh, c));
+      } else {
+        const vec gl = V::mul(V::template group_sum<B>(xl), inv_b);
+        const vec gh = V::mul(V::template group_sum<B>(xh), inv_b);
+        const vec g2l = c.mean_sq ? V::mul(V::template group_sum<B>(V::mul(xl, xl)), inv_b) : V::mul(gl, gl);
+        const vec g2h = c.mean_sq ? V::mul(V::template group_sum<B>(V::mul(xh, xh)), inv_b) : V::mul(gh, gh);
+        const vec mf = load_pair_moments<L>(mj), vf = load_pair_moments<L>(vj);
+        const vec mkl = lerp_v(_mm512_permutexvar_ps(expand_lo, mf), gl, c);
+        const vec mkh = lerp_v(_mm512_permutexvar_ps(expand_hi, mf), gh, c);
+        const vec vkl = V::fma(_mm512_permutexvar_ps(expand_lo, vf), c.beta2, V::mul(c.one_m_b2, g2l));
+        const vec vkh = V::fma(_mm512_permutexvar_ps(expand_hi, vf), c.beta2, V::mul(c.one_m_b2, g2h));
+        store_pair_moments<L>(mj, _mm512_permutex2var_ps(mkl, compact, mkh));
+        store_pair_moments<L>(vj, _mm512_permutex2var_ps(vkl, compact, vkh));
+        PairBf16::store(wr + j, new_weight(xl, gl, mkl, vkl, wl, c), new_weight(xh, gh, mkh, vkh, wh, c));
+      }
+    }
+    fold_span<BF16>(gr, wr, mr, vr, np, n, B, h);
+  }
+}
+#endif
+
 // Whole blocks of one row, columns [c0, c1), B a multiple of the lane count: a block is B / N vectors; one
-// reduction and a scalar moment update each.
-template <typename S>
+// reduction and a scalar moment update each. bf16 parameters go a PairBf16 at a time where B is a multiple of
+// two vectors (kPairs): the sums then take the block's columns in another order.
+template <typename S, bool kPairs>
 FOAM_INLINE void fold_wide_span(const typename S::T* gr, typename S::T* wr, float* mr, float* vr, int64_t c0,
                                 int64_t c1, int64_t B, const VHyper& c, const Hyper<float>& h) {
+  constexpr int64_t kStep = kPairs ? 2 * V::N : V::N;
   const float bf = static_cast<float>(B);
   for (int64_t cb = c0; cb < c1; cb += B) {
     vec s = V::set1(0.0f), q = V::set1(0.0f);
-    for (int64_t j = cb; j < cb + B; j += V::N) {
+    for (int64_t j = cb; j < cb + B; j += kStep) {
       prefetch_ahead(gr + j);
       prefetch_ahead(wr + j);
-      const vec x = Ld<S>::load(gr + j);
-      s = V::add(s, x);
-      q = V::add(q, V::mul(x, x));
+      if constexpr (kPairs) {
+        vec lo, hi;
+        PairBf16::load(gr + j, lo, hi);
+        s = V::add(s, V::add(lo, hi));
+        q = V::add(q, V::fma(lo, lo, V::mul(hi, hi)));
+      } else {
+        const vec x = Ld<S>::load(gr + j);
+        s = V::add(s, x);
+        q = V::add(q, V::mul(x, x));
+      }
     }
     const float gm = V::reduce(s) / bf;
     const float g2 = h.mean_sq ? V::reduce(q) / bf : gm * gm;
@@ -280,7 +421,16 @@ FOAM_INLINE void fold_wide_span(const typename S::T* gr, typename S::T* wr, floa
     mr[cb / B] = mk;
     vr[cb / B] = vk;
     const vec gmv = V::set1(gm), mkv = V::set1(mk), vkv = V::set1(vk);
-    for (int64_t j = cb; j < cb + B; j += V::N) update_vector<S>(gr + j, wr + j, gmv, mkv, vkv, c);
+    for (int64_t j = cb; j < cb + B; j += kStep) {
+      if constexpr (kPairs) {
+        vec xl, xh, wl, wh;
+        PairBf16::load(gr + j, xl, xh);
+        PairBf16::load(wr + j, wl, wh);
+        PairBf16::store(wr + j, new_weight(xl, gmv, mkv, vkv, wl, c), new_weight(xh, gmv, mkv, vkv, wh, c));
+      } else {
+        update_vector<S>(gr + j, wr + j, gmv, mkv, vkv, c);
+      }
+    }
   }
 }
 
@@ -290,10 +440,15 @@ void fold_wide(const typename S::T* g, typename S::T* w, float* m, float* v, int
   const int64_t K = (n + B - 1) / B;
   const int64_t nb = n / B * B;  // columns in whole blocks
   const VHyper c(h);
+  const bool pairs = std::is_same_v<S, BF16> && B % (2 * V::N) == 0;
   for (int64_t row = r0; row < r1; ++row) {
     const typename S::T* gr = g + row * n;
     typename S::T* wr = w + row * n;
-    fold_wide_span<S>(gr, wr, m + row * K, v + row * K, 0, nb, B, c, h);
+    if (pairs) {
+      if constexpr (std::is_same_v<S, BF16>) fold_wide_span<S, true>(gr, wr, m + row * K, v + row * K, 0, nb, B, c, h);
+    } else {
+      fold_wide_span<S, false>(gr, wr, m + row * K, v + row * K, 0, nb, B, c, h);
+    }
     fold_span<S>(gr, wr, m + row * K, v + row * K, nb, n, B, h);
   }
 }
@@ -336,27 +491,6 @@ FOAM_INLINE void store_moments(float* p, vec x) {
   V::store(p, _mm256_permutevar8x32_ps(x, moment_order_inverse<B, kInterleaved>()));
 }
 
-// bf16 parameters, 16 columns at a time, without crossing 128-bit halves: interleaving with zeros widens
-// columns [0..3 | 8..11] into one fp32 vector and [4..7 | 12..15] into the other; packing the two back
-// (packus, in-lane) restores the column order. Lane-wise loads and stores (Ld<BF16>) take a cross-half
-// widening each, and a pack plus an extract of the upper half each: on AMD Zen 5 those shuffles cost the bf16
-// step ~25% at B = 4. Rounding as BF16::store: to nearest even, NaN -> 0x7FC0.
-struct PairBf16 {
-  static FOAM_INLINE void load(const uint16_t* p, vec& lo, vec& hi) {
-    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), x));
-    hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), x));
-  }
-  static FOAM_INLINE __m256i rounded(vec x) {  // lane-wise bf16 bits, in the low 16 bits of each lane
-    const __m256i u = _mm256_castps_si256(x);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-    return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
-  }
-  static FOAM_INLINE void store(uint16_t* p, vec lo, vec hi) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_packus_epi32(rounded(lo), rounded(hi)));
-  }
-};
 
 // The sums of the lanes of each of y[0..7], in order: s[k] = Σ_lanes y[k].
 FOAM_INLINE vec sum_each_of_8(const vec* y) {
@@ -469,6 +603,15 @@ void fold_rows(const typename S::T* g, typename S::T* w, float* m, float* v, int
     default: break;
   }
 #else
+  if constexpr (std::is_same_v<S, BF16>) {
+    switch (B) {
+      case 2: return fold_small_pairs<1>(g, w, m, v, r0, r1, n, h);
+      case 4: return fold_small_pairs<2>(g, w, m, v, r0, r1, n, h);
+      case 8: return fold_small_pairs<3>(g, w, m, v, r0, r1, n, h);
+      case 16: return fold_small_pairs<4>(g, w, m, v, r0, r1, n, h);
+      default: break;
+    }
+  }
   switch (B) {
     case 2: return fold_small<S, 1>(g, w, m, v, r0, r1, n, h);
     case 4: return fold_small<S, 2>(g, w, m, v, r0, r1, n, h);
