@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from hf_fixtures import end_rank
 
 from foam_hf import FOAM, FoamConfigError, FoamStateError
 
@@ -73,7 +74,8 @@ def ddp_worker(rank: int, tmp: str) -> None:
         for x, y in batches():
             train_step(model, opt, *local_half(rank, x, y))
         torch.save([p.detach() for p in model.module.parameters()], f"{tmp}/ddp{rank}.pt")
-    finally:
+        end_rank()  # tears the group down and leaves without finalization (see hf_fixtures.end_rank)
+    finally:  # on failure only: end_rank does not return
         dist.destroy_process_group()
 
 
@@ -147,7 +149,8 @@ def fsdp2_worker(rank: int, tmp: str) -> None:
             result["last_dim"] = str(e)
         FOAM([split], block_size=1)  # ... but fine without folding: plain AdamW is element-wise
         torch.save(result, f"{tmp}/fsdp{rank}.pt")
-    finally:
+        end_rank()  # tears the group down and leaves without finalization (see hf_fixtures.end_rank)
+    finally:  # on failure only: end_rank does not return
         dist.destroy_process_group()
 
 

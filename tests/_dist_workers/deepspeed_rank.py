@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: hf_fixtures
 
 torch.set_num_threads(1)  # ranks share 2 cores
 
@@ -73,10 +77,6 @@ def engine(stage: int, rank: int, world: int) -> dict:
 
 def trainer(out: str) -> dict:
     """One rank of the same Trainer run as tests/_dist_workers/trainer_fsdp2.py, under DeepSpeed ZeRO stage 0."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: hf_fixtures
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from hf_fixtures import TokenRows, rank_training_args, unwrap_foam
     from trainer_fsdp2 import tiny_llama
@@ -106,6 +106,8 @@ def trainer(out: str) -> dict:
 
 
 def main() -> None:
+    from hf_fixtures import end_rank
+
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["engine", "trainer"])
     parser.add_argument("--out", required=True)
@@ -117,8 +119,7 @@ def main() -> None:
         result = trainer(args.out)
     if rank == 0:
         torch.save(result, os.path.join(args.out, "result.pt"))
-    if torch.distributed.is_initialized():  # see trainer_fsdp2.py: exit with no gloo threads running
-        torch.distributed.destroy_process_group()
+    end_rank()  # not a plain return: see hf_fixtures.end_rank
 
 
 if __name__ == "__main__":

@@ -236,6 +236,8 @@ def zero_redundancy_run(args) -> dict | None:
 
 
 def main() -> None:
+    from hf_fixtures import end_rank
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--model", help="directory of the saved tiny Llama")
@@ -255,8 +257,7 @@ def main() -> None:
     result = zero_redundancy_run(args) if args.zero_redundancy else trainer_run(args)
     if result is not None:
         torch.save(result, os.path.join(args.out, "result.pt"))
-    if torch.distributed.is_initialized():  # exit with no gloo threads running (see trainer_fsdp2.py)
-        torch.distributed.destroy_process_group()
+    end_rank()  # not a plain return: see hf_fixtures.end_rank
 
 
 if __name__ == "__main__":

@@ -142,7 +142,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from hf_fixtures import StopAt, TokenRows, rank_training_args, unwrap_foam
+    from hf_fixtures import StopAt, TokenRows, end_rank, rank_training_args, unwrap_foam
     from transformers import Trainer
 
     import foam_hf  # noqa: F401  (registers optim="foam")
@@ -207,10 +207,7 @@ def main() -> None:
     }
     if trainer.accelerator.is_main_process:
         torch.save(result, os.path.join(args.out, "result.pt"))
-    # Tear the process group down before exit: a rank that exits with gloo's threads still running can abort
-    # ("terminate called without an active exception", SIGABRT) and fail the launch after the work is done.
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_rank()  # not a plain return: see hf_fixtures.end_rank
 
 
 if __name__ == "__main__":
