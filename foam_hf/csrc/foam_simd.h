@@ -5,13 +5,17 @@
 // Two ways to find the block means:
 //  * in-register butterflies (fold_small, B = 2, 4, 8 and 16 with AVX-512): one vector holds whole blocks,
 //    every lane ends up holding its block's sum (the sum and its unfold in one), the moments are loaded
-//    expanded (lane i gets m̃[i / B]) and stored compacted. Cheap where lane-crossing permutes are (Intel).
-//  * across vectors (fold_chunk, AVX2 only): 8 blocks at a time, horizontal adds leave the 8 block sums in one
-//    vector, the moments are updated a whole vector at a time and unfolded by in-lane shuffles or broadcasts.
-//    AMD Zen (1 and 2) splits 256-bit lane-crossing permutes (vpermps, vperm2f128) into several micro-ops,
-//    and the butterfly path needs 4 of them per 8 columns at B = 4 and 8 (there, B = 8 ran slower than B = 4).
+//    expanded (lane i gets m̃[i / B]) and stored compacted. Cheap where lane-crossing permutes are (Intel, and
+//    AMD Zen 4/5 at 512 bits).
+//  * across vectors (fold_chunk, AVX2 only, B = 2, 4, 8, 16, and 32 for bf16): 8 blocks at a time, horizontal
+//    adds leave the 8 block sums in one vector, the moments are updated a whole vector at a time and unfolded
+//    by in-lane shuffles or broadcasts. AMD Zen (1 and 2) splits 256-bit lane-crossing permutes (vpermps,
+//    vperm2f128) into several micro-ops, and the butterfly path needs 4 of them per 8 columns at B = 4 and 8
+//    (there, B = 8 ran slower than B = 4).
 // For other B that are multiples of the lane count, fold_wide: a block is a run of vectors, one horizontal
 // reduction and a scalar moment update per block.
+// bf16 parameters are loaded and stored two vectors at a time (PairBf16), in an order that never crosses
+// 128-bit lanes; the block sums and the moments' order follow it.
 
 namespace foam {
 namespace {
@@ -525,9 +529,11 @@ void fold_chunk(const typename S::T* g, typename S::T* w, float* m, float* v, in
   // bf16 parameters go through PairBf16 (a chunk is a whole number of its 16-column pairs). At B = 8 a block is
   // then half of each vector of a pair (columns 0..3 in one, 4..7 in the other): the pair's lane-wise sum holds
   // two blocks, one per half, as one vector does at B = 4, so the sums, moments and unfolds are B = 4's over
-  // those sums (kSumB), and both vectors of a pair unfold the same values.
+  // those sums, and both vectors of a pair unfold the same values. At B = 16 and 32 (any parameter dtype) a
+  // block is 2 or 4 whole vectors; their lane-wise sum is one vector per block, and the rest is B = 8's.
   constexpr bool kInterleaved = std::is_same_v<S, BF16>;
-  constexpr int kSumB = kInterleaved && B == 8 ? 4 : B;  // vectors summed per chunk, each holding whole blocks
+  constexpr int kGroup = B >= 16 ? B / 8 : (kInterleaved && B == 8 ? 2 : 1);  // vectors added lane-wise
+  constexpr int kSumB = B / kGroup;  // the block size whose code the sums take: 2, 4 or 8
   constexpr bool kSumsInterleaved = kInterleaved && B <= 4;
   const int64_t K = (n + B - 1) / B;
   const int64_t nc = n / kChunk * kChunk;  // columns in whole chunks; the rest is the portable tail
@@ -556,12 +562,12 @@ void fold_chunk(const typename S::T* g, typename S::T* w, float* m, float* v, in
           wv[i] = Ld<S>::load(wr + j + 8 * i);
         }
       }
-      if constexpr (kSumB == B) {
-        for (int i = 0; i < B; ++i) y[i] = x[i], y2[i] = V::mul(x[i], x[i]);
-      } else {
-        for (int i = 0; i < kSumB; ++i) {
-          y[i] = V::add(x[2 * i], x[2 * i + 1]);
-          y2[i] = V::fma(x[2 * i], x[2 * i], V::mul(x[2 * i + 1], x[2 * i + 1]));
+      for (int u = 0; u < kSumB; ++u) {
+        y[u] = x[kGroup * u];
+        y2[u] = V::mul(x[kGroup * u], x[kGroup * u]);
+        for (int t = 1; t < kGroup; ++t) {
+          y[u] = V::add(y[u], x[kGroup * u + t]);
+          y2[u] = V::fma(x[kGroup * u + t], x[kGroup * u + t], y2[u]);
         }
       }
       const vec gm = V::mul(chunk_sums<kSumB>(y), inv_b);                                 // g̃ of 8 blocks
@@ -577,7 +583,7 @@ void fold_chunk(const typename S::T* g, typename S::T* w, float* m, float* v, in
         V::store(copy[2], vk);
       }
       for (int i = 0; i < B; ++i) {  // R, M, V and the new weights, vector by vector
-        const int u = kSumB == B ? i : i / 2;  // which summed vector's blocks vector i holds
+        const int u = i / kGroup;  // which summed vector's blocks vector i holds
         wv[i] = new_weight(x[i], unfold_lanes<kSumB>(gm, u, copy[0]), unfold_lanes<kSumB>(mk, u, copy[1]),
                            unfold_lanes<kSumB>(vk, u, copy[2]), wv[i], c);
       }
@@ -600,6 +606,10 @@ void fold_rows(const typename S::T* g, typename S::T* w, float* m, float* v, int
     case 2: return fold_chunk<S, 2>(g, w, m, v, r0, r1, n, h);
     case 4: return fold_chunk<S, 4>(g, w, m, v, r0, r1, n, h);
     case 8: return fold_chunk<S, 8>(g, w, m, v, r0, r1, n, h);
+    case 16: return fold_chunk<S, 16>(g, w, m, v, r0, r1, n, h);
+    case 32:  // 32 vectors of columns and 32 of weights per chunk spill; fp32 runs faster one block at a time
+      if constexpr (std::is_same_v<S, BF16>) return fold_chunk<S, 32>(g, w, m, v, r0, r1, n, h);
+      break;
     default: break;
   }
 #else
