@@ -198,3 +198,26 @@ def test_bench_kernel_floor_counts_each_steps_bytes(tmp_path):
     }
     assert {name: number(row[1]) for name, row in rows.items()} == expected
     assert "Arithmetic floor" in out and "fused kernel:" in out
+
+
+def test_bench_kernel_compute_has_a_column_per_implementation_this_cpu_runs(tmp_path):
+    from _helpers import _fused_cpu
+
+    kernel = _fused_cpu.load_kernel()
+    assert kernel is not None, _fused_cpu.kernel_build_error()
+    out = run("bench_kernel_compute.py", "--quick", cwd=tmp_path)
+    header = next(line for line in out.splitlines() if line.startswith("| step |"))
+    isas = list(kernel.available_isas())
+    assert header == "| step | params | states | " + "".join(f"{i} (ps/entry) | " for i in isas) + (
+        "torch AdamW fused (ps/entry) |"
+    )
+    rows = table(out)
+    assert [r[:3] for r in rows] == [
+        ["FOAM B=4", "fp32", "fp32"],
+        ["FOAM B=4", "bf16", "fp32"],
+        ["FOAM B=4", "fp32", "bf16"],
+        ["FOAM B=4", "bf16", "bf16"],
+    ]
+    assert all(len(r) == 3 + len(isas) + 1 for r in rows)
+    chosen = os.environ.get("FOAM_CPU_ISA", "").strip().lower() or isas[-1]  # the best this CPU runs, unless set
+    assert f"the CPU's choice: {chosen}" in out
