@@ -266,7 +266,7 @@ FOAM_ENTRY(F64)
 // dither = h & 0xFFFF, with offset = step·0x85EBCA77 + salt·0xC2B2AE3D; finite values become
 // (bits(x) + dither) >> 16, non-finite ones round to nearest (NaN -> 0x7FC0). stochastic_round below is the
 // readable and portable version (gcc vectorises it, poorly: ~3x slower than foam_simd.h's explicit AVX2 one on
-// AMD Zen 1, ~2x slower than its AVX-512 one on AMD Zen 5).
+// AMD Zen 1, ~3x slower than its AVX-512 one on AMD Zen 5).
 FOAM_INLINE uint32_t rounding_offset(int64_t step, int64_t salt) {
   return static_cast<uint32_t>(step) * UINT32_C(0x85EBCA77) + static_cast<uint32_t>(salt) * UINT32_C(0xC2B2AE3D);
 }
