@@ -168,6 +168,37 @@ def test_fp64_with_other_state_dtypes_is_left_to_the_for_loop_by_default(kernel,
     assert default.state[weight]["exp_avg"].dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("block_size", [2, 4, 8, 16, 32, 5])
+def test_bf16_weights_round_special_values_as_torch(isa, block_size):
+    """bf16 weights are widened and rounded back by the kernel's own code (two vectors at a time, by column
+    parity, on the SIMD paths). Weights that are NaN, ±inf, ±0, subnormal or the largest finite values must come
+    out of a step as from the readable path, which rounds through torch: NaN where it has NaN, ±inf and the
+    largest values bit for bit (a step cannot move them by a bf16 ulp), the rest within the bf16 tolerance. The
+    kernel's NaNs are all 0x7FC0, c10::BFloat16's rounding of a NaN (torch's vectorised bf16 arithmetic keeps
+    other NaN payloads, so the readable path's NaN bits are not compared)."""
+    torch.manual_seed(block_size)
+    huge = [float("inf"), -float("inf"), 3.3e38, -3.3e38]
+    specials = torch.tensor([0.0, *huge, 1e-39, -1e-39, 0.0, -0.0]).to(torch.bfloat16)
+    specials.view(torch.int16)[0] = -1  # a NaN whose rounding would carry into the sign: 0xFFFF
+    nans = torch.tensor([0x7FC0, 0x7FFF, -64], dtype=torch.int16).view(torch.bfloat16)  # 0xFFC0: a negative NaN
+    specials = torch.cat([specials, nans])
+    weight = torch.randn(4, 16 * block_size + 3).to(torch.bfloat16)
+    where = torch.randperm(weight.numel())[: 10 * len(specials)]
+    weight.view(-1)[where] = specials.repeat(10)
+    grad = (torch.randn(weight.shape) * 1e-3).to(torch.bfloat16)
+    ours, theirs = torch.nn.Parameter(weight.clone()), torch.nn.Parameter(weight.clone())
+    for p, fused in ((ours, True), (theirs, False)):
+        p.grad = grad.clone()
+        FOAM([p], lr=1e-2, weight_decay=0.1, block_size=block_size, fused=fused, foreach=False).step()
+    a, b = ours.detach(), theirs.detach()
+    assert torch.equal(a.isnan(), b.isnan()) and a.isnan().any()
+    assert set(a.view(torch.int16)[a.isnan()].tolist()) == {0x7FC0}
+    was_huge = torch.isin(weight.float(), torch.tensor(huge).to(torch.bfloat16).float()) & ~a.isnan()
+    assert was_huge.sum() > 0
+    assert torch.equal(a[was_huge].view(torch.int16), b[was_huge].view(torch.int16))
+    torch.testing.assert_close(a[~a.isnan()].float(), b[~b.isnan()].float(), atol=1e-6, rtol=2**-7)
+
+
 def test_isa_environment_variable_picks_the_implementation(kernel, monkeypatch):
     default = kernel.isa()
     try:

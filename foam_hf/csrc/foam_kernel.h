@@ -356,7 +356,7 @@ void adamw_bf16_moments(AdamwFn<S> adamw, Bf16Ops ops, const typename S::T* g, t
 #if FOAM_HAVE_SIMD
 // The explicit-SIMD code, once per instruction set (fp32 compute only).
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx2,fma,f16c")
 #define FOAM_SIMD_NS simd_avx512
 #define FOAM_SIMD_LANES 16
 #include "foam_simd.h"
@@ -386,7 +386,7 @@ int best_isa() {
 #if FOAM_HAVE_SIMD
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return kAvx512;
+  if (avx2 && __builtin_cpu_supports("avx512f")) return kAvx512;
   if (avx2) return kAvx2;
 #endif
   return kPortable;

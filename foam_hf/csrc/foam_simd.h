@@ -36,8 +36,8 @@ struct V {
   static FOAM_INLINE vec div(vec a, vec b) { return _mm512_div_ps(a, b); }
   static FOAM_INLINE vec sqrt(vec a) { return _mm512_sqrt_ps(a); }
   static FOAM_INLINE float reduce(vec a) { return _mm512_reduce_add_ps(a); }
-  // Every lane gets the sum of its aligned group of B lanes (B = 2, 4, 8, 16): butterflies, so the lanes of
-  // a group hold bit-identical sums (a + b == b + a). This is the block sum and its unfold in one.
+  // Every lane gets the sum of its aligned group of B lanes (B = 1, 2, 4, 8, 16): butterflies, so the lanes
+  // of a group hold bit-identical sums (a + b == b + a). This is the block sum and its unfold in one.
   template <int B>
   static FOAM_INLINE vec group_sum(vec x) {
     if (B >= 2) x = add(x, _mm512_permute_ps(x, 0xB1));         // lanes [1,0,3,2] in each 128-bit quarter
@@ -46,13 +46,14 @@ struct V {
     if (B >= 16) x = add(x, _mm512_shuffle_f32x4(x, x, 0x4E));  // quarters [2,3,0,1]
     return x;
   }
-  // Lane i gets p[i / B] (reads exactly N / B floats): unfold of a run of folded moments. Loads and stores of
+  // Lane i gets p[i / B], B = 2^L (reads exactly N / B floats): unfold of a run of folded moments. Loads and stores of
   // the moments have their exact width, never a masked 512-bit access: a masked store followed by a masked load
   // of the next, disjoint moments blocks store forwarding and cost ~40% of the B = 4 step.
   template <int L>  // L = log2(B)
   static FOAM_INLINE vec expand(const float* p) {
     constexpr int count = N >> L;
     if (count == 1) return _mm512_set1_ps(*p);
+    if (count == 16) return _mm512_loadu_ps(p);  // L = 0: one block per lane
     __m512 x;
     if (count == 8) x = _mm512_castps256_ps512(_mm256_loadu_ps(p));
     else if (count == 4) x = _mm512_castps128_ps512(_mm_loadu_ps(p));
@@ -68,6 +69,7 @@ struct V {
       _mm_store_ss(p, _mm512_castps512_ps128(x));
       return;
     }
+    if (count == 16) return _mm512_storeu_ps(p, x);  // L = 0
     const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512 y = _mm512_permutexvar_ps(_mm512_slli_epi32(iota, L), x);
     if (count == 8) _mm256_storeu_ps(p, _mm512_castps512_ps256(y));
@@ -106,26 +108,30 @@ struct Ld<F16> {  // the hardware conversions (round to nearest even, as c10's)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
   }
 };
-// bf16 parameters two vectors at a time (32 columns), without crossing 128-bit quarters: interleaving with
-// zeros widens columns [0..3 | 8..11 | 16..19 | 24..27] into one fp32 vector (lo) and [4..7 | 12..15 | ...]
-// into the other (hi); packing the two back (packus, in-lane) restores the column order. Each quarter still
-// holds whole blocks at B <= 4, and at B >= 8 a block is the same quarters of both. Lane-wise loads and stores
-// (Ld<BF16>) take a cross-lane widening or narrowing each: on AMD Zen 5 those cost the bf16 step ~20-25%.
-// Rounding as BF16::store: to nearest even, NaN -> 0x7FC0.
+// bf16 parameters two vectors at a time (32 columns), split by the parity of their columns: each 32-bit lane of
+// a load holds two adjacent columns, so a shift widens the even one into an fp32 lane (even) and a mask the odd
+// one (odd); narrowing is the same two steps back and one bitwise select. No shuffle, nothing crosses a lane.
+// Lane k of even + odd holds columns 2k and 2k + 1, so a block of B columns is B/2 adjacent lanes of that sum,
+// and both vectors unfold the same block values. Lane-wise loads and stores (Ld<BF16>) take a cross-lane
+// widening or narrowing each: on AMD Zen 5 those cost the bf16 step ~25%. Rounding as BF16::store: to nearest
+// even, NaN -> 0x7FC0.
 struct PairBf16 {
-  static FOAM_INLINE void load(const uint16_t* p, __m512& lo, __m512& hi) {
+  static FOAM_INLINE void load(const uint16_t* p, __m512& even, __m512& odd) {
     const __m512i x = _mm512_loadu_si512(p);
-    lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), x));
-    hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), x));
+    even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+    odd = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
-  static FOAM_INLINE __m512i rounded(__m512 x) {  // lane-wise bf16 bits, in the low 16 bits of each lane
+  static FOAM_INLINE __m512i rounded_high(__m512 x) {  // each lane's bf16 bits in its upper 16 bits
     const __m512i u = _mm512_castps_si512(x);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-    return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
+    return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
   }
-  static FOAM_INLINE void store(uint16_t* p, __m512 lo, __m512 hi) {
-    _mm512_storeu_si512(p, _mm512_packus_epi32(rounded(lo), rounded(hi)));
+  static FOAM_INLINE void store(uint16_t* p, __m512 even, __m512 odd) {
+    // 0xD8: bitwise "mask ? odd's bits : even's bits shifted down", the mask holding each lane's upper half.
+    const __m512i upper = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    _mm512_storeu_si512(p, _mm512_ternarylogic_epi32(_mm512_srli_epi32(rounded_high(even), 16), rounded_high(odd),
+                                                     upper, 0xD8));
   }
 };
 #else
@@ -208,22 +214,25 @@ struct Ld<F16> {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
   }
 };
-// bf16 parameters two vectors at a time (16 columns), without crossing 128-bit halves: lo holds columns
-// [0..3 | 8..11], hi [4..7 | 12..15]. See the AVX-512 version.
+// bf16 parameters two vectors at a time (16 columns), split by the parity of their columns; see the AVX-512
+// version.
 struct PairBf16 {
-  static FOAM_INLINE void load(const uint16_t* p, __m256& lo, __m256& hi) {
+  static FOAM_INLINE void load(const uint16_t* p, __m256& even, __m256& odd) {
     const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), x));
-    hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), x));
+    even = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+    odd = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
-  static FOAM_INLINE __m256i rounded(__m256 x) {  // lane-wise bf16 bits, in the low 16 bits of each lane
+  static FOAM_INLINE __m256i rounded_high(__m256 x) {  // each lane's bf16 bits in its upper 16 bits
     const __m256i u = _mm256_castps_si256(x);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-    return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+    const __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC00000), nan);
   }
-  static FOAM_INLINE void store(uint16_t* p, __m256 lo, __m256 hi) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_packus_epi32(rounded(lo), rounded(hi)));
+  static FOAM_INLINE void store(uint16_t* p, __m256 even, __m256 odd) {
+    // 16-bit words: the even columns' from the lower halves, the odd ones' from the upper halves (0xAA).
+    const __m256i words = _mm256_blend_epi16(_mm256_srli_epi32(rounded_high(even), 16), rounded_high(odd), 0xAA);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), words);
   }
 };
 #endif
@@ -303,54 +312,19 @@ void fold_small(const typename S::T* g, typename S::T* w, float* m, float* v, in
 }
 
 #if FOAM_SIMD_LANES == 16
-// fold_small for bf16 parameters, a PairBf16 (32 columns) at a time.
-//  * B = 2, 4: a quarter of lo or hi holds whole blocks, but not lane-wise ones: lane i of lo holds column
-//    8(i/4) + i%4 and lane i of hi column 8(i/4) + 4 + i%4, so the moments are unfolded and folded back by index
-//    (pair_expand_index, pair_compact_index).
-//  * B >= 8: quarter q of lo and of hi together hold 8 adjacent columns, so lo + hi (lane-wise) holds each block
-//    in B/2 adjacent lanes; both vectors then unfold the same g̃, m̃ and ṽ, fold_small's at B/2.
-template <int L>
-FOAM_INLINE __m512i pair_expand_index(bool hi) {  // lane i: the block of lo's (hi's) lane i among the pair's
-  alignas(64) int32_t idx[16];
-  for (int i = 0; i < 16; ++i) {
-    const int column = 8 * (i / 4) + (hi ? 4 : 0) + i % 4;
-    idx[i] = column >> L;
-  }
-  return _mm512_load_si512(idx);
-}
-template <int L>
-FOAM_INLINE __m512i pair_compact_index() {  // lane k: the lane of lo (k' < 16) or hi (16 + k') holding block k
-  alignas(64) int32_t idx[16];
-  constexpr int B = 1 << L;
-  for (int k = 0; k < 16; ++k) {
-    const int column = (k * B) % 32;  // the first column of block k (lanes past 32 / B are not stored)
-    const int quarter = column / 8, offset = column % 8;
-    idx[k] = (offset < 4 ? 0 : 16) + 4 * quarter + offset % 4;
-  }
-  return _mm512_load_si512(idx);
-}
-template <int L>  // the pair's 32 / B moments, exactly that many floats read or written
-FOAM_INLINE vec load_pair_moments(const float* p) {
-  if constexpr (L == 1) return _mm512_loadu_ps(p);
-  return _mm512_castps256_ps512(_mm256_loadu_ps(p));
-}
-template <int L>
-FOAM_INLINE void store_pair_moments(float* p, vec x) {
-  if constexpr (L == 1) return _mm512_storeu_ps(p, x);
-  _mm256_storeu_ps(p, _mm512_castps512_ps256(x));
-}
-
+// fold_small for bf16 parameters, a PairBf16 (32 columns) at a time: even + odd holds each block in B/2 adjacent
+// lanes, so its sums and moments are fold_small's at B/2 over that vector, and both halves of the pair unfold
+// the same g̃, m̃ and ṽ.
 template <int L>
 void fold_small_pairs(const uint16_t* g, uint16_t* w, float* m, float* v, int64_t r0, int64_t r1, int64_t n,
                       const Hyper<float>& h) {
   constexpr int64_t B = int64_t{1} << L;
+  constexpr int H = 1 << (L - 1);  // lanes per block in even + odd
   constexpr int64_t kPair = 2 * V::N;
   const int64_t K = (n + B - 1) / B;
   const int64_t np = n / kPair * kPair;  // columns in whole pairs; the rest (and any ragged block) is the tail
   const VHyper c(h);
   const vec inv_b = V::set1(1.0f / static_cast<float>(B));  // exact: B is a power of two
-  const __m512i expand_lo = pair_expand_index<L>(false), expand_hi = pair_expand_index<L>(true);
-  const __m512i compact = pair_compact_index<L>();
   for (int64_t row = r0; row < r1; ++row) {
     const uint16_t* gr = g + row * n;
     uint16_t* wr = w + row * n;
@@ -359,35 +333,19 @@ void fold_small_pairs(const uint16_t* g, uint16_t* w, float* m, float* v, int64_
     for (int64_t j = 0; j < np; j += kPair) {
       prefetch_ahead(gr + j);
       prefetch_ahead(wr + j);
-      vec xl, xh, wl, wh;
-      PairBf16::load(gr + j, xl, xh);
-      PairBf16::load(wr + j, wl, wh);
+      vec xe, xo, we, wo;
+      PairBf16::load(gr + j, xe, xo);
+      PairBf16::load(wr + j, we, wo);
       float* mj = mr + j / B;
       float* vj = vr + j / B;
-      if constexpr (B >= 8) {
-        constexpr int H = static_cast<int>(B / 2);  // lanes per block in lo + hi
-        const vec gm = V::mul(V::template group_sum<H>(V::add(xl, xh)), inv_b);
-        const vec g2 =
-            c.mean_sq ? V::mul(V::template group_sum<H>(V::fma(xl, xl, V::mul(xh, xh))), inv_b) : V::mul(gm, gm);
-        const vec mk = lerp_v(V::template expand<L - 1>(mj), gm, c);
-        const vec vk = V::fma(V::template expand<L - 1>(vj), c.beta2, V::mul(c.one_m_b2, g2));
-        V::template compact_store<L - 1>(mj, mk);
-        V::template compact_store<L - 1>(vj, vk);
-        PairBf16::store(wr + j, new_weight(xl, gm, mk, vk, wl, c), new_weight(xh, gm, mk, vk, wh, c));
-      } else {
-        const vec gl = V::mul(V::template group_sum<B>(xl), inv_b);
-        const vec gh = V::mul(V::template group_sum<B>(xh), inv_b);
-        const vec g2l = c.mean_sq ? V::mul(V::template group_sum<B>(V::mul(xl, xl)), inv_b) : V::mul(gl, gl);
-        const vec g2h = c.mean_sq ? V::mul(V::template group_sum<B>(V::mul(xh, xh)), inv_b) : V::mul(gh, gh);
-        const vec mf = load_pair_moments<L>(mj), vf = load_pair_moments<L>(vj);
-        const vec mkl = lerp_v(_mm512_permutexvar_ps(expand_lo, mf), gl, c);
-        const vec mkh = lerp_v(_mm512_permutexvar_ps(expand_hi, mf), gh, c);
-        const vec vkl = V::fma(_mm512_permutexvar_ps(expand_lo, vf), c.beta2, V::mul(c.one_m_b2, g2l));
-        const vec vkh = V::fma(_mm512_permutexvar_ps(expand_hi, vf), c.beta2, V::mul(c.one_m_b2, g2h));
-        store_pair_moments<L>(mj, _mm512_permutex2var_ps(mkl, compact, mkh));
-        store_pair_moments<L>(vj, _mm512_permutex2var_ps(vkl, compact, vkh));
-        PairBf16::store(wr + j, new_weight(xl, gl, mkl, vkl, wl, c), new_weight(xh, gh, mkh, vkh, wh, c));
-      }
+      const vec gm = V::mul(V::template group_sum<H>(V::add(xe, xo)), inv_b);  // unfold(g̃), in pair columns
+      const vec g2 =
+          c.mean_sq ? V::mul(V::template group_sum<H>(V::fma(xe, xe, V::mul(xo, xo))), inv_b) : V::mul(gm, gm);
+      const vec mk = lerp_v(V::template expand<L - 1>(mj), gm, c);
+      const vec vk = V::fma(V::template expand<L - 1>(vj), c.beta2, V::mul(c.one_m_b2, g2));
+      V::template compact_store<L - 1>(mj, mk);
+      V::template compact_store<L - 1>(vj, vk);
+      PairBf16::store(wr + j, new_weight(xe, gm, mk, vk, we, c), new_weight(xo, gm, mk, vk, wo, c));
     }
     fold_span<BF16>(gr, wr, mr, vr, np, n, B, h);
   }
@@ -408,10 +366,10 @@ FOAM_INLINE void fold_wide_span(const typename S::T* gr, typename S::T* wr, floa
       prefetch_ahead(gr + j);
       prefetch_ahead(wr + j);
       if constexpr (kPairs) {
-        vec lo, hi;
-        PairBf16::load(gr + j, lo, hi);
-        s = V::add(s, V::add(lo, hi));
-        q = V::add(q, V::fma(lo, lo, V::mul(hi, hi)));
+        vec even, odd;
+        PairBf16::load(gr + j, even, odd);
+        s = V::add(s, V::add(even, odd));
+        q = V::add(q, V::fma(even, even, V::mul(odd, odd)));
       } else {
         const vec x = Ld<S>::load(gr + j);
         s = V::add(s, x);
@@ -427,10 +385,10 @@ FOAM_INLINE void fold_wide_span(const typename S::T* gr, typename S::T* wr, floa
     const vec gmv = V::set1(gm), mkv = V::set1(mk), vkv = V::set1(vk);
     for (int64_t j = cb; j < cb + B; j += kStep) {
       if constexpr (kPairs) {
-        vec xl, xh, wl, wh;
-        PairBf16::load(gr + j, xl, xh);
-        PairBf16::load(wr + j, wl, wh);
-        PairBf16::store(wr + j, new_weight(xl, gmv, mkv, vkv, wl, c), new_weight(xh, gmv, mkv, vkv, wh, c));
+        vec xe, xo, we, wo;
+        PairBf16::load(gr + j, xe, xo);
+        PairBf16::load(wr + j, we, wo);
+        PairBf16::store(wr + j, new_weight(xe, gmv, mkv, vkv, we, c), new_weight(xo, gmv, mkv, vkv, wo, c));
       } else {
         update_vector<S>(gr + j, wr + j, gmv, mkv, vkv, c);
       }
@@ -465,36 +423,33 @@ void fold_wide(const typename S::T* g, typename S::T* w, float* m, float* v, int
 // columns gets its blocks' values by an in-lane shuffle (B = 2, 4) or a broadcast (B = 8).
 //
 // Lane L of the sums vector holds block moment_order<B>[L]:
+//   B = 1: the vector itself (bf16 at B = 2, below), [0 .. 7];
 //   B = 2: hadd(x0, x1) gives blocks [0 1 4 5 | 2 3 6 7];
 //   B = 4: hadd(hadd(x0, x1), hadd(x2, x3)) gives [0 2 4 6 | 1 3 5 7];
 //   B = 8: hadd trees then one exchange of halves (sum_each_of_8) give [0 .. 7].
-// bf16 parameters are loaded interleaved (PairBf16 below): x0 holds columns [0..3 | 8..11] and x1 columns
-// [4..7 | 12..15] of each 16, so each 128-bit half still holds whole blocks (B = 2, 4) but other ones:
-//   B = 2: [0 1 2 3 | 4 5 6 7], no permute at all;  B = 4: [0 1 4 5 | 2 3 6 7] (B = 2's plain order).
-template <int B, bool kInterleaved>
-constexpr bool kMomentsInOrder = B == 8 || (kInterleaved && B == 2);
-template <int B, bool kInterleaved>
+template <int B>
+constexpr bool kMomentsInOrder = B == 1 || B == 8;
+template <int B>
 FOAM_INLINE __m256i moment_order() {
-  if (B == 2 || (kInterleaved && B == 4)) return _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+  if (B == 2) return _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
   return _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
 }
-template <int B, bool kInterleaved>
+template <int B>
 FOAM_INLINE __m256i moment_order_inverse() {
-  if (B == 2 || (kInterleaved && B == 4)) return _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);  // its own inverse
+  if (B == 2) return _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);  // its own inverse
   return _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
 }
-template <int B, bool kInterleaved>
+template <int B>
 FOAM_INLINE vec load_moments(const float* p) {
   const vec x = V::load(p);
-  if constexpr (kMomentsInOrder<B, kInterleaved>) return x;
-  return _mm256_permutevar8x32_ps(x, moment_order<B, kInterleaved>());
+  if constexpr (kMomentsInOrder<B>) return x;
+  return _mm256_permutevar8x32_ps(x, moment_order<B>());
 }
-template <int B, bool kInterleaved>
+template <int B>
 FOAM_INLINE void store_moments(float* p, vec x) {
-  if constexpr (kMomentsInOrder<B, kInterleaved>) return V::store(p, x);
-  V::store(p, _mm256_permutevar8x32_ps(x, moment_order_inverse<B, kInterleaved>()));
+  if constexpr (kMomentsInOrder<B>) return V::store(p, x);
+  V::store(p, _mm256_permutevar8x32_ps(x, moment_order_inverse<B>()));
 }
-
 
 // The sums of the lanes of each of y[0..7], in order: s[k] = Σ_lanes y[k].
 FOAM_INLINE vec sum_each_of_8(const vec* y) {
@@ -506,6 +461,7 @@ FOAM_INLINE vec sum_each_of_8(const vec* y) {
 // Block sums of the chunk's B vectors x[0..B), in moment_order<B>.
 template <int B>
 FOAM_INLINE vec chunk_sums(const vec* x) {
+  if constexpr (B == 1) return x[0];
   if constexpr (B == 2) return _mm256_hadd_ps(x[0], x[1]);
   if constexpr (B == 4) return _mm256_hadd_ps(_mm256_hadd_ps(x[0], x[1]), _mm256_hadd_ps(x[2], x[3]));
   return sum_each_of_8(x);
@@ -516,6 +472,7 @@ FOAM_INLINE vec chunk_sums(const vec* x) {
 // from a copy in memory instead: a load, where a register broadcast would cross halves (slow on Zen).
 template <int B>
 FOAM_INLINE vec unfold_lanes(vec x, int i, const float* copy) {
+  if constexpr (B == 1) return x;
   if constexpr (B == 2)
     return _mm256_permutevar_ps(x, _mm256_add_epi32(_mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1), _mm256_set1_epi32(2 * i)));
   if constexpr (B == 4) return _mm256_permutevar_ps(x, _mm256_set1_epi32(i));
@@ -526,15 +483,13 @@ template <typename S, int B>
 void fold_chunk(const typename S::T* g, typename S::T* w, float* m, float* v, int64_t r0, int64_t r1, int64_t n,
                 const Hyper<float>& h) {
   constexpr int64_t kChunk = 8 * B;
-  // bf16 parameters go through PairBf16 (a chunk is a whole number of its 16-column pairs). At B = 8 a block is
-  // then half of each vector of a pair (columns 0..3 in one, 4..7 in the other): the pair's lane-wise sum holds
-  // two blocks, one per half, as one vector does at B = 4, so the sums, moments and unfolds are B = 4's over
-  // those sums, and both vectors of a pair unfold the same values. At B = 16 and 32 (any parameter dtype) a
-  // block is 2 or 4 whole vectors; their lane-wise sum is one vector per block, and the rest is B = 8's.
-  constexpr bool kInterleaved = std::is_same_v<S, BF16>;
-  constexpr int kGroup = B >= 16 ? B / 8 : (kInterleaved && B == 8 ? 2 : 1);  // vectors added lane-wise
-  constexpr int kSumB = B / kGroup;  // the block size whose code the sums take: 2, 4 or 8
-  constexpr bool kSumsInterleaved = kInterleaved && B <= 4;
+  // bf16 parameters go through PairBf16 (a chunk is a whole number of its 16-column pairs): even + odd holds
+  // each block in B/2 adjacent lanes, so the sums, moments and unfolds are those of B/2 over that sum, and both
+  // vectors of a pair unfold the same values. At B = 16 and 32 (any parameter dtype) a block is 2 or 4 whole
+  // vectors; their lane-wise sum is one vector per block, and the rest is B = 8's.
+  constexpr bool kPairs = std::is_same_v<S, BF16>;
+  constexpr int kGroup = B >= 16 ? B / 8 : (kPairs ? 2 : 1);  // vectors added lane-wise
+  constexpr int kSumB = B / kGroup;                            // the block size whose code the sums take
   const int64_t K = (n + B - 1) / B;
   const int64_t nc = n / kChunk * kChunk;  // columns in whole chunks; the rest is the portable tail
   const VHyper c(h);
@@ -551,7 +506,7 @@ void fold_chunk(const typename S::T* g, typename S::T* w, float* m, float* v, in
         prefetch_ahead(wr + j + p);
       }
       vec x[B], wv[B], y[kSumB], y2[kSumB];
-      if constexpr (kInterleaved) {
+      if constexpr (kPairs) {
         for (int i = 0; i < B; i += 2) {
           PairBf16::load(gr + j + 8 * i, x[i], x[i + 1]);
           PairBf16::load(wr + j + 8 * i, wv[i], wv[i + 1]);
@@ -572,10 +527,10 @@ void fold_chunk(const typename S::T* g, typename S::T* w, float* m, float* v, in
       }
       const vec gm = V::mul(chunk_sums<kSumB>(y), inv_b);                                 // g̃ of 8 blocks
       const vec g2 = c.mean_sq ? V::mul(chunk_sums<kSumB>(y2), inv_b) : V::mul(gm, gm);  // g̃⁽²⁾
-      const vec mk = lerp_v(load_moments<kSumB, kSumsInterleaved>(mr + j / B), gm, c);   // m̃ ← lerp(m̃, g̃, 1−β1)
-      const vec vk = V::fma(load_moments<kSumB, kSumsInterleaved>(vr + j / B), c.beta2, V::mul(c.one_m_b2, g2));
-      store_moments<kSumB, kSumsInterleaved>(mr + j / B, mk);
-      store_moments<kSumB, kSumsInterleaved>(vr + j / B, vk);
+      const vec mk = lerp_v(load_moments<kSumB>(mr + j / B), gm, c);   // m̃ ← lerp(m̃, g̃, 1−β1)
+      const vec vk = V::fma(load_moments<kSumB>(vr + j / B), c.beta2, V::mul(c.one_m_b2, g2));
+      store_moments<kSumB>(mr + j / B, mk);
+      store_moments<kSumB>(vr + j / B, vk);
       alignas(32) float copy[3][8];  // used by kSumB = 8 only
       if constexpr (kSumB == 8) {
         V::store(copy[0], gm);
@@ -587,7 +542,7 @@ void fold_chunk(const typename S::T* g, typename S::T* w, float* m, float* v, in
         wv[i] = new_weight(x[i], unfold_lanes<kSumB>(gm, u, copy[0]), unfold_lanes<kSumB>(mk, u, copy[1]),
                            unfold_lanes<kSumB>(vk, u, copy[2]), wv[i], c);
       }
-      if constexpr (kInterleaved) {
+      if constexpr (kPairs) {
         for (int i = 0; i < B; i += 2) PairBf16::store(wr + j + 8 * i, wv[i], wv[i + 1]);
       } else {
         for (int i = 0; i < B; ++i) Ld<S>::store(wr + j + 8 * i, wv[i]);
