@@ -360,7 +360,7 @@ def main() -> None:
         ax.set_xlabel("median step time / torch AdamW(fused=True), same dtype (log)")
         ax.invert_yaxis()
         ax.legend(loc="lower right")
-        ax.set_title(f"{args.n_weights} x {args.rows}x{args.cols}, {where}")
+        ax.set_title(f"{args.n_weights} x {args.rows}x{args.cols}\n{where}", fontsize=9)  # two lines: it fits
         fig.tight_layout()
         fig.savefig(args.plot, dpi=110)
         print(f"\nplot written to {args.plot}")
