@@ -6,8 +6,9 @@ avx2, avx512; the same choice as ``FOAM_CPU_ISA``)::
     python benchmarks/bench_kernel_compute.py            # B = 2, 4, 8, 16, 32; fp32 and bf16 parameters
     python benchmarks/bench_kernel_compute.py --quick    # a smoke run
 
-Each measurement calls the kernel's entry point (the one ``FOAM(fused=True)`` calls) on one tensor of
-32 x 1024 listed many times in one call, on one thread, so that G, W and the moments stay in the core's L2
+Each measurement is ``bench_kernel_floor.py``'s in-cache step (the kernel's entry point, the one
+``FOAM(fused=True)`` calls, with FOAM's default second moment) on one tensor of 32 x 1024 listed 256 times in
+one call, on one thread, so that G, W and the moments stay in the core's L2
 cache and the step pays for its instructions only: block sums, unfolds, the moment updates, the square root and
 the division, the conversions of bf16 parameters and the rounding of bf16 states. It is the compute side of a
 step; ``bench_kernel_floor.py`` gives the memory side, and ``bench_step.py`` what a real step takes.
@@ -28,12 +29,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernel_floor import in_cache_runner  # noqa: E402
 from bench_step import cpu_name, git_sha  # noqa: E402
 
 from foam_hf import _fused_cpu  # noqa: E402
 
-ROWS, COLS = 32, 1024  # 128 KiB of fp32 per tensor: G, W and the moments fit in a 1 MiB L2 together
-HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, scale=1.0, res_scale=1.0)
+SHAPE = (32, 1024)  # 128 KiB of fp32 per tensor: G, W and the moments fit in a 1 MiB L2 together
 
 
 def median_seconds(step, reps: int, warmup: int = 3) -> float:
@@ -47,39 +48,14 @@ def median_seconds(step, reps: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def foam_step(kernel, param_dtype: torch.dtype, block_size: int, state_dtype: torch.dtype, copies: int):
-    """One kernel call over ``copies`` references to one cache-resident tensor, and its entry count."""
-    w = torch.randn(ROWS, COLS).to(param_dtype)
-    g = (torch.randn(ROWS, COLS) * 1e-3).to(param_dtype)
-    folds = (COLS + block_size - 1) // block_size
-    m = torch.zeros(ROWS, folds, dtype=state_dtype)
-    v = torch.zeros(ROWS, folds, dtype=state_dtype)
-    steps = [torch.zeros((), dtype=torch.float32) for _ in range(copies)]
-    h = HYPER
-
-    def step() -> None:
-        kernel.fused_step(
-            [w] * copies, [g] * copies, [m] * copies, [v] * copies, steps, h["lr"], h["beta1"], h["beta2"],
-            h["eps"], h["weight_decay"], block_size, h["scale"], h["res_scale"], True,
-        )  # fmt: skip
-
-    return step, ROWS * COLS * copies
-
-
-def adamw_step(param_dtype: torch.dtype, copies: int):
-    w = torch.randn(ROWS, COLS).to(param_dtype)
-    g = (torch.randn(ROWS, COLS) * 1e-3).to(param_dtype)
-    m, v = torch.zeros_like(w), torch.zeros_like(w)
-    steps = [torch.zeros((), dtype=torch.float32) for _ in range(copies)]
-
-    def step() -> None:
-        torch._fused_adamw_(
-            [w] * copies, [g] * copies, [m] * copies, [v] * copies, [], steps, lr=HYPER["lr"],
-            beta1=HYPER["beta1"], beta2=HYPER["beta2"], weight_decay=HYPER["weight_decay"], eps=HYPER["eps"],
-            amsgrad=False, maximize=False,
-        )  # fmt: skip
-
-    return step, ROWS * COLS * copies
+def ps_per_entry(kernel, param_dtype, state_dtype, block_size, copies: int, reps: int) -> float:
+    """bench_kernel_floor's in-cache step (FOAM's with its default second moment; block_size None: fused AdamW),
+    one call over ``copies`` references to one tensor, in picoseconds per parameter entry."""
+    entries = SHAPE[0] * SHAPE[1] * copies
+    step = in_cache_runner(
+        kernel, entries, param_dtype, state_dtype, block_size, shape=SHAPE, copies=copies, mean_sq=True
+    )
+    return median_seconds(step, reps) / entries * 1e12
 
 
 def main() -> None:
@@ -105,21 +81,17 @@ def main() -> None:
     for param_dtype, block_size, state_dtype in configs:
         for isa in isas:
             kernel.set_isa(isa)
-            step, entries = foam_step(kernel, param_dtype, block_size, state_dtype, args.copies)
-            results.setdefault((param_dtype, block_size, state_dtype), {})[isa] = (
-                median_seconds(step, args.reps) / entries * 1e12
+            results.setdefault((param_dtype, block_size, state_dtype), {})[isa] = ps_per_entry(
+                kernel, param_dtype, state_dtype, block_size, args.copies, args.reps
             )
     kernel.set_isa(chosen)
-    adamw = {}
-    for param_dtype in (torch.float32, torch.bfloat16):
-        step, entries = adamw_step(param_dtype, args.copies)
-        adamw[param_dtype] = median_seconds(step, args.reps) / entries * 1e12
+    adamw = {p: ps_per_entry(kernel, p, p, None, args.copies, args.reps) for p in (torch.float32, torch.bfloat16)}
 
     names = {torch.float32: "fp32", torch.bfloat16: "bf16"}
     print(
         f"Date {datetime.date.today()}, {platform.machine()} {cpu_name()} (1 thread; implementations: "
         f"{', '.join(isas)}; the CPU's choice: {chosen}), torch {torch.__version__}, git {git_sha()}; one "
-        f"{ROWS}x{COLS} tensor x {args.copies} per call, median of {args.reps}.\n"
+        f"{SHAPE[0]}x{SHAPE[1]} tensor x {args.copies} per call, median of {args.reps}.\n"
     )
     header = " | ".join(f"{isa} (ps/entry)" for isa in isas)
     print(f"| step | params | states | {header} | torch AdamW fused (ps/entry) |")

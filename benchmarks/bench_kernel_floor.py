@@ -194,18 +194,27 @@ IN_CACHE_COPIES = 64  # list entries per call: the per-call overhead is spread o
 
 
 def in_cache_runner(
-    kernel, entries: int, param_dtype: torch.dtype, state_dtype: torch.dtype, block_size: int | None
+    kernel,
+    entries: int,
+    param_dtype: torch.dtype,
+    state_dtype: torch.dtype,
+    block_size: int | None,
+    *,
+    shape: tuple[int, int] = IN_CACHE_SHAPE,
+    copies: int = IN_CACHE_COPIES,
+    mean_sq: bool = False,
 ) -> Callable[[], None] | None:
-    """``entries`` entries of the step on one small tensor, listed IN_CACHE_COPIES times per call; block_size
-    None is fused AdamW (states in the parameters' dtype, as torch keeps them). None where torch lacks the op."""
-    rows, cols = IN_CACHE_SHAPE
+    """``entries`` entries of the step on one small tensor of ``shape``, listed up to ``copies`` times per call;
+    block_size None is fused AdamW (states in the parameters' dtype, as torch keeps them). None where torch lacks
+    the op. ``mean_sq`` picks FOAM's second moment (``second_moment="mean_sq"``, the default, or ``sq_mean``)."""
+    rows, cols = shape
     gen = torch.Generator().manual_seed(0)
     p = torch.randn(rows, cols, generator=gen).to(param_dtype)
     g = (torch.randn(rows, cols, generator=gen) * 1e-2).to(param_dtype)
     k = cols if block_size is None else -(-cols // block_size)
     m = torch.zeros(rows, k, dtype=param_dtype if block_size is None else state_dtype)
     v = torch.zeros_like(m)
-    n = max(1, min(IN_CACHE_COPIES, entries // (rows * cols)))
+    n = max(1, min(copies, entries // (rows * cols)))
     steps = [torch.zeros((), dtype=torch.float32) for _ in range(n)]
     calls = max(1, entries // (rows * cols * n))
     if block_size is None:
@@ -223,7 +232,7 @@ def in_cache_runner(
     def foam() -> None:
         for _ in range(calls):
             kernel.fused_step(
-                [p] * n, [g] * n, [m] * n, [v] * n, steps, 1e-3, 0.9, 0.999, 1e-8, 0.01, block_size, 1.0, 1.0, False
+                [p] * n, [g] * n, [m] * n, [v] * n, steps, 1e-3, 0.9, 0.999, 1e-8, 0.01, block_size, 1.0, 1.0, mean_sq
             )
 
     return foam
