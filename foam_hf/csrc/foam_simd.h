@@ -91,11 +91,16 @@ struct Ld<BF16> {
     const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
   }
-  static FOAM_INLINE void store(uint16_t* p, __m512 x) {  // round to nearest even; NaN -> 0x7FC0
+  // Each lane rounded to bf16 as BF16::store (to nearest even, NaN -> 0x7FC0), its bits in the upper 16 bits of
+  // the lane (the lower 16 are not cleared). The one rounding rule of this file's bf16 stores.
+  static FOAM_INLINE __m512i rounded_high(__m512 x) {
     const __m512i u = _mm512_castps_si512(x);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
+    return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
+  }
+  static FOAM_INLINE void store(uint16_t* p, __m512 x) {
+    const __m512i r = _mm512_srli_epi32(rounded_high(x), 16);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
   }
 };
@@ -113,25 +118,18 @@ struct Ld<F16> {  // the hardware conversions (round to nearest even, as c10's)
 // one (odd); narrowing is the same two steps back and one bitwise select. No shuffle, nothing crosses a lane.
 // Lane k of even + odd holds columns 2k and 2k + 1, so a block of B columns is B/2 adjacent lanes of that sum,
 // and both vectors unfold the same block values. Lane-wise loads and stores (Ld<BF16>) take a cross-lane
-// widening or narrowing each: on AMD Zen 5 those cost the bf16 step ~25%. Rounding as BF16::store: to nearest
-// even, NaN -> 0x7FC0.
+// widening or narrowing each: on AMD Zen 5 those cost the bf16 step ~25%. Rounding: Ld<BF16>::rounded_high.
 struct PairBf16 {
   static FOAM_INLINE void load(const uint16_t* p, __m512& even, __m512& odd) {
     const __m512i x = _mm512_loadu_si512(p);
     even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
     odd = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
-  static FOAM_INLINE __m512i rounded_high(__m512 x) {  // each lane's bf16 bits in its upper 16 bits
-    const __m512i u = _mm512_castps_si512(x);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
-    return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
-  }
   static FOAM_INLINE void store(uint16_t* p, __m512 even, __m512 odd) {
     // 0xD8: bitwise "mask ? odd's bits : even's bits shifted down", the mask holding each lane's upper half.
     const __m512i upper = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-    _mm512_storeu_si512(p, _mm512_ternarylogic_epi32(_mm512_srli_epi32(rounded_high(even), 16), rounded_high(odd),
-                                                     upper, 0xD8));
+    const __m512i low = _mm512_srli_epi32(Ld<BF16>::rounded_high(even), 16);
+    _mm512_storeu_si512(p, _mm512_ternarylogic_epi32(low, Ld<BF16>::rounded_high(odd), upper, 0xD8));
   }
 };
 #else
@@ -194,12 +192,16 @@ struct Ld<BF16> {
     const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
   }
-  static FOAM_INLINE void store(uint16_t* p, __m256 x) {  // round to nearest even; NaN -> 0x7FC0
+  // As the AVX-512 version: each lane rounded as BF16::store, its bits in the upper 16 bits of the lane.
+  static FOAM_INLINE __m256i rounded_high(__m256 x) {
     const __m256i u = _mm256_castps_si256(x);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+    const __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb);
     const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+    return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC00000), nan);
+  }
+  static FOAM_INLINE void store(uint16_t* p, __m256 x) {
+    const __m256i r = _mm256_srli_epi32(rounded_high(x), 16);
     // 8 x u32 (each < 2^16) -> 8 x u16: pack within 128-bit halves (in-lane, cheap), store the two halves.
     const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
@@ -222,16 +224,10 @@ struct PairBf16 {
     even = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
     odd = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
-  static FOAM_INLINE __m256i rounded_high(__m256 x) {  // each lane's bf16 bits in its upper 16 bits
-    const __m256i u = _mm256_castps_si256(x);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    const __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb);
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-    return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC00000), nan);
-  }
   static FOAM_INLINE void store(uint16_t* p, __m256 even, __m256 odd) {
     // 16-bit words: the even columns' from the lower halves, the odd ones' from the upper halves (0xAA).
-    const __m256i words = _mm256_blend_epi16(_mm256_srli_epi32(rounded_high(even), 16), rounded_high(odd), 0xAA);
+    const __m256i low = _mm256_srli_epi32(Ld<BF16>::rounded_high(even), 16);
+    const __m256i words = _mm256_blend_epi16(low, Ld<BF16>::rounded_high(odd), 0xAA);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), words);
   }
 };
