@@ -123,14 +123,16 @@ def test_bf16_states_round_non_finite_moments_as_the_python_paths(kernel):
 
 def test_each_implementation_rounds_every_class_of_value_as_store_moment(isa, kernel):
     """The whole-tensor rounding entry point uses the implementation's own rounding (explicit SIMD on AVX2): bit
-    for bit _store_moment on normals, denormals, signed zeros, the largest finites and ±inf, and NaN stays NaN,
-    over lengths that leave every remainder of the 8-entry vectors."""
+    for bit _store_moment on normals, denormals, signed zeros, the largest finites and ±inf, and every NaN (any
+    sign or payload) becomes 0x7FC0, the kernel's rule. Lengths leave every remainder of the 8- and 16-entry
+    vectors; specials every 5th entry put one in every vector, every 23rd leave some vectors all finite (the
+    SIMD code takes a shortcut for those)."""
     gen = torch.Generator().manual_seed(3)
-    for length in (1, 7, 8, 9, 517):
+    nans = torch.tensor([0x7FC00000, 0x7FFFFFFF, -0x00400000, -1, 0x7F800001], dtype=torch.int32).view(torch.float32)
+    specials = torch.cat([torch.tensor([0.0, -0.0, 3.4e38, -3.4e38, float("inf"), float("-inf")]), nans])
+    for length, every in [(1, 5), (7, 5), (8, 5), (9, 5), (16, 5), (33, 5), (517, 5), (517, 23)]:
         values = torch.randn(length, generator=gen) * torch.logspace(-42, 38, length)  # denormals to near-max
-        values[::5] = torch.tensor([0.0, -0.0, 3.4e38, -3.4e38, float("inf"), float("-inf"), float("nan")])[
-            torch.arange(0, length, 5) % 7
-        ]
+        values[::every] = specials[torch.arange(0, length, every) % len(specials)]
         for step, salt in [(1, 0), (9, 1), (2**33 + 5, 1)]:  # a step past 2**32 wraps the same way
             expected = torch.empty(length, dtype=torch.bfloat16)
             actual = torch.empty(length, dtype=torch.bfloat16)
@@ -138,6 +140,7 @@ def test_each_implementation_rounds_every_class_of_value_as_store_moment(isa, ke
             kernel.stochastic_round_bf16(values, actual, step, salt)
             nan = values.isnan()
             assert torch.equal(actual.isnan(), nan), (isa, length)
+            assert (actual[nan].view(torch.int16) == 0x7FC0).all(), (isa, length)
             assert torch.equal(actual[~nan].view(torch.int16), expected[~nan].view(torch.int16)), (isa, length, step)
 
 
