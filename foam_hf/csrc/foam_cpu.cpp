@@ -38,6 +38,12 @@ void run_tensor(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, c
       if (bf16_moments) {
         uint16_t* mp = reinterpret_cast<uint16_t*>(m.data_ptr());
         uint16_t* vp = reinterpret_cast<uint16_t*>(v.data_ptr());
+        if (const FoldBf16Fn<S> one_pass = fold_bf16_fn<S>(B)) {
+          at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+            one_pass(gp, wp, mp, vp, r0, r1, n, B, h, offsets);
+          });
+          return;
+        }
         at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
           fold_rows_bf16_moments<S>(fold, ops, gp, wp, mp, vp, r0, r1, n, B, h, offsets);
         });

@@ -298,9 +298,10 @@ FOAM_CLONES void widen_bf16(const uint16_t* __restrict src, float* __restrict ds
 
 // The fp32 kernels step bf16 moments through a tile of fp32 copies that stays in L1: widen a run of moments,
 // step the columns they cover, round the run back. Memory traffic is that of stepping bf16 moments in place
-// (2 + 2 bytes per moment entry), and nothing larger than the tile is allocated. Rounding the moments in the
-// registers of the AVX2 step instead (no tile) measured slower on AMD Zen 1 than this tile with explicit AVX2
-// rounding, and needed -ffp-contract=off to keep the weights bit-equal to the fp32-state step (12% slower).
+// (2 + 2 bytes per moment entry), and nothing larger than the tile is allocated. AVX2's fold_chunk block sizes
+// skip the tile (fold_bf16_fn): they widen and round the moments in the step's registers, 8 at a time, which
+// took 0.90-0.92x the tile's time per entry with the AVX2 code on AMD Zen 5. (An earlier attempt measured
+// slower than the tile on AMD Zen 1; it was not re-measured there.)
 constexpr int64_t kMomentTile = 512;
 
 struct RoundingOffsets {
@@ -314,6 +315,12 @@ struct Bf16Ops {
   WidenFn widen;
   RoundFn round;
 };
+
+// Rows [r0, r1) of a folded tensor with bf16 moments in one pass, rounding them in the step's registers (AVX2's
+// fold_chunk; bit for bit the tile's result).
+template <typename S>
+using FoldBf16Fn = void (*)(const typename S::T*, typename S::T*, uint16_t*, uint16_t*, int64_t, int64_t, int64_t,
+                            int64_t, const Hyper<float>&, RoundingOffsets);
 
 template <typename S>
 void fold_rows_bf16_moments(FoldFn<S> fold, Bf16Ops ops, const typename S::T* g, typename S::T* w, uint16_t* m,
@@ -426,6 +433,19 @@ FoldFn<S> fold_fn() {
     }
   }
   return Portable<S>::fold;
+}
+
+// The one-pass fold with bf16 moments where this implementation has one for block size B, else nullptr (then
+// fold_rows_bf16_moments's tile). Only AVX2's: on AVX-512 the tile measured as fast, on Zen 5.
+template <typename S>
+FoldBf16Fn<S> fold_bf16_fn(int64_t B) {
+#if FOAM_HAVE_SIMD
+  if constexpr (std::is_same_v<typename S::C, float>) {
+    if (current_isa() == kAvx2 && simd_avx2::folds_bf16_in_registers<S>(B)) return simd_avx2::fold_rows_bf16<S>;
+  }
+#endif
+  (void)B;
+  return nullptr;
 }
 
 Bf16Ops bf16_ops() {

@@ -15,7 +15,8 @@
 // For other B that are multiples of the lane count, fold_wide: a block is a run of vectors, one horizontal
 // reduction and a scalar moment update per block.
 // bf16 parameters are loaded and stored two vectors at a time (PairBf16), in an order that never crosses
-// 128-bit lanes; the block sums and the moments' order follow it.
+// 128-bit lanes; the block sums and the moments' order follow it. bf16 moments (state_dtype="bfloat16") go
+// through an fp32 tile (foam_kernel.h), except in fold_chunk, which widens and rounds them in its registers.
 
 namespace foam {
 namespace {
@@ -428,180 +429,6 @@ void fold_wide(const typename S::T* g, typename S::T* w, float* m, float* v, int
   }
 }
 
-#if FOAM_SIMD_LANES == 8
-// ------------------------------------------------------------ AVX2, B = 2, 4, 8: 8 blocks across vectors
-// One chunk = 8 blocks = 8B columns = B vectors. Horizontal adds (which stay inside 128-bit halves) leave the
-// 8 block sums in one vector; the moments are loaded in that lane order (one permute per moment vector),
-// updated 8 blocks at a time, put back in order and stored at full width; the update of each vector of
-// columns gets its blocks' values by an in-lane shuffle (B = 2, 4) or a broadcast (B = 8).
-//
-// Lane L of the sums vector holds block moment_order<B>[L]:
-//   B = 1: the vector itself (bf16 at B = 2, below), [0 .. 7];
-//   B = 2: hadd(x0, x1) gives blocks [0 1 4 5 | 2 3 6 7];
-//   B = 4: hadd(hadd(x0, x1), hadd(x2, x3)) gives [0 2 4 6 | 1 3 5 7];
-//   B = 8: hadd trees then one exchange of halves (sum_each_of_8) give [0 .. 7].
-template <int B>
-constexpr bool kMomentsInOrder = B == 1 || B == 8;
-template <int B>
-FOAM_INLINE __m256i moment_order() {
-  if (B == 2) return _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
-  return _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-}
-template <int B>
-FOAM_INLINE __m256i moment_order_inverse() {
-  if (B == 2) return _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);  // its own inverse
-  return _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-}
-template <int B>
-FOAM_INLINE vec load_moments(const float* p) {
-  const vec x = V::load(p);
-  if constexpr (kMomentsInOrder<B>) return x;
-  return _mm256_permutevar8x32_ps(x, moment_order<B>());
-}
-template <int B>
-FOAM_INLINE void store_moments(float* p, vec x) {
-  if constexpr (kMomentsInOrder<B>) return V::store(p, x);
-  V::store(p, _mm256_permutevar8x32_ps(x, moment_order_inverse<B>()));
-}
-
-// The sums of the lanes of each of y[0..7], in order: s[k] = Σ_lanes y[k].
-FOAM_INLINE vec sum_each_of_8(const vec* y) {
-  const vec t0 = _mm256_hadd_ps(_mm256_hadd_ps(y[0], y[1]), _mm256_hadd_ps(y[2], y[3]));  // [y0..y3 lo | hi]
-  const vec t1 = _mm256_hadd_ps(_mm256_hadd_ps(y[4], y[5]), _mm256_hadd_ps(y[6], y[7]));  // [y4..y7 lo | hi]
-  return V::add(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
-}
-
-// Block sums of the chunk's B vectors x[0..B), in moment_order<B>.
-template <int B>
-FOAM_INLINE vec chunk_sums(const vec* x) {
-  if constexpr (B == 1) return x[0];
-  if constexpr (B == 2) return _mm256_hadd_ps(x[0], x[1]);
-  if constexpr (B == 4) return _mm256_hadd_ps(_mm256_hadd_ps(x[0], x[1]), _mm256_hadd_ps(x[2], x[3]));
-  return sum_each_of_8(x);
-}
-
-// Vector i of a chunk gets its lanes' g̃, m̃ or ṽ out of the chunk's vector of 8 by an in-lane shuffle
-// (B = 2: lanes [0 0 1 1] of each half, +2 for i = 1; B = 4: lane i of each half). B = 8 broadcasts lane i
-// from a copy in memory instead: a load, where a register broadcast would cross halves (slow on Zen).
-template <int B>
-FOAM_INLINE vec unfold_lanes(vec x, int i, const float* copy) {
-  if constexpr (B == 1) return x;
-  if constexpr (B == 2)
-    return _mm256_permutevar_ps(x, _mm256_add_epi32(_mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1), _mm256_set1_epi32(2 * i)));
-  if constexpr (B == 4) return _mm256_permutevar_ps(x, _mm256_set1_epi32(i));
-  return _mm256_broadcast_ss(copy + i);
-}
-
-template <typename S, int B>
-void fold_chunk(const typename S::T* g, typename S::T* w, float* m, float* v, int64_t r0, int64_t r1, int64_t n,
-                const Hyper<float>& h) {
-  constexpr int64_t kChunk = 8 * B;
-  // bf16 parameters go through PairBf16 (a chunk is a whole number of its 16-column pairs): even + odd holds
-  // each block in B/2 adjacent lanes, so the sums, moments and unfolds are those of B/2 over that sum, and both
-  // vectors of a pair unfold the same values. At B = 16 and 32 (any parameter dtype) a block is 2 or 4 whole
-  // vectors; their lane-wise sum is one vector per block, and the rest is B = 8's.
-  constexpr bool kPairs = std::is_same_v<S, BF16>;
-  constexpr int kGroup = B >= 16 ? B / 8 : (kPairs ? 2 : 1);  // vectors added lane-wise
-  constexpr int kSumB = B / kGroup;                            // the block size whose code the sums take
-  const int64_t K = (n + B - 1) / B;
-  const int64_t nc = n / kChunk * kChunk;  // columns in whole chunks; the rest is the portable tail
-  const VHyper c(h);
-  const vec inv_b = V::set1(1.0f / static_cast<float>(B));  // exact: B is a power of two
-  for (int64_t row = r0; row < r1; ++row) {
-    const typename S::T* gr = g + row * n;
-    typename S::T* wr = w + row * n;
-    float* mr = m + row * K;
-    float* vr = v + row * K;
-    for (int64_t j = 0; j < nc; j += kChunk) {
-      constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(typename S::T));  // entries per cache line
-      for (int64_t p = 0; p < kChunk; p += kLine) {
-        prefetch_ahead(gr + j + p);
-        prefetch_ahead(wr + j + p);
-      }
-      vec x[B], wv[B], y[kSumB], y2[kSumB];
-      if constexpr (kPairs) {
-        for (int i = 0; i < B; i += 2) {
-          PairBf16::load(gr + j + 8 * i, x[i], x[i + 1]);
-          PairBf16::load(wr + j + 8 * i, wv[i], wv[i + 1]);
-        }
-      } else {
-        for (int i = 0; i < B; ++i) {
-          x[i] = Ld<S>::load(gr + j + 8 * i);
-          wv[i] = Ld<S>::load(wr + j + 8 * i);
-        }
-      }
-      for (int u = 0; u < kSumB; ++u) {
-        y[u] = x[kGroup * u];
-        y2[u] = V::mul(x[kGroup * u], x[kGroup * u]);
-        for (int t = 1; t < kGroup; ++t) {
-          y[u] = V::add(y[u], x[kGroup * u + t]);
-          y2[u] = V::fma(x[kGroup * u + t], x[kGroup * u + t], y2[u]);
-        }
-      }
-      const vec gm = V::mul(chunk_sums<kSumB>(y), inv_b);                                 // g̃ of 8 blocks
-      const vec g2 = c.mean_sq ? V::mul(chunk_sums<kSumB>(y2), inv_b) : V::mul(gm, gm);  // g̃⁽²⁾
-      const vec mk = lerp_v(load_moments<kSumB>(mr + j / B), gm, c);   // m̃ ← lerp(m̃, g̃, 1−β1)
-      const vec vk = V::fma(load_moments<kSumB>(vr + j / B), c.beta2, V::mul(c.one_m_b2, g2));
-      store_moments<kSumB>(mr + j / B, mk);
-      store_moments<kSumB>(vr + j / B, vk);
-      alignas(32) float copy[3][8];  // used by kSumB = 8 only
-      if constexpr (kSumB == 8) {
-        V::store(copy[0], gm);
-        V::store(copy[1], mk);
-        V::store(copy[2], vk);
-      }
-      for (int i = 0; i < B; ++i) {  // R, M, V and the new weights, vector by vector
-        const int u = i / kGroup;  // which summed vector's blocks vector i holds
-        wv[i] = new_weight(x[i], unfold_lanes<kSumB>(gm, u, copy[0]), unfold_lanes<kSumB>(mk, u, copy[1]),
-                           unfold_lanes<kSumB>(vk, u, copy[2]), wv[i], c);
-      }
-      if constexpr (kPairs) {
-        for (int i = 0; i < B; i += 2) PairBf16::store(wr + j + 8 * i, wv[i], wv[i + 1]);
-      } else {
-        for (int i = 0; i < B; ++i) Ld<S>::store(wr + j + 8 * i, wv[i]);
-      }
-    }
-    fold_span<S>(gr, wr, mr, vr, nc, n, B, h);
-  }
-}
-#endif
-
-template <typename S>
-void fold_rows(const typename S::T* g, typename S::T* w, float* m, float* v, int64_t r0, int64_t r1, int64_t n,
-               int64_t B, const Hyper<float>& h) {
-#if FOAM_SIMD_LANES == 8
-  switch (B) {
-    case 2: return fold_chunk<S, 2>(g, w, m, v, r0, r1, n, h);
-    case 4: return fold_chunk<S, 4>(g, w, m, v, r0, r1, n, h);
-    case 8: return fold_chunk<S, 8>(g, w, m, v, r0, r1, n, h);
-    case 16: return fold_chunk<S, 16>(g, w, m, v, r0, r1, n, h);
-    case 32:  // 32 vectors of columns and 32 of weights per chunk spill; fp32 runs faster one block at a time
-      if constexpr (std::is_same_v<S, BF16>) return fold_chunk<S, 32>(g, w, m, v, r0, r1, n, h);
-      break;
-    default: break;
-  }
-#else
-  if constexpr (std::is_same_v<S, BF16>) {
-    switch (B) {
-      case 2: return fold_small_pairs<1>(g, w, m, v, r0, r1, n, h);
-      case 4: return fold_small_pairs<2>(g, w, m, v, r0, r1, n, h);
-      case 8: return fold_small_pairs<3>(g, w, m, v, r0, r1, n, h);
-      case 16: return fold_small_pairs<4>(g, w, m, v, r0, r1, n, h);
-      default: break;
-    }
-  }
-  switch (B) {
-    case 2: return fold_small<S, 1>(g, w, m, v, r0, r1, n, h);
-    case 4: return fold_small<S, 2>(g, w, m, v, r0, r1, n, h);
-    case 8: return fold_small<S, 3>(g, w, m, v, r0, r1, n, h);
-    case 16: return fold_small<S, 4>(g, w, m, v, r0, r1, n, h);
-    default: break;
-  }
-#endif
-  if (B % V::N == 0) return fold_wide<S>(g, w, m, v, r0, r1, n, B, h);
-  return Portable<S>::fold(g, w, m, v, r0, r1, n, B, h);  // e.g. B = 3: the portable tile code
-}
-
 // -------------------------------------------------------------- widening and stochastic rounding of bf16 moments
 // foam_kernel.h's widen_bf16 and stochastic_round (the reference), a vector at a time. gcc vectorises the
 // rounding loop itself, but it ran ~3x slower than this on AMD Zen 1 (AVX2: chains of blends, and an in-lane
@@ -700,6 +527,227 @@ void stochastic_round(const float* __restrict src, uint16_t* __restrict dst, int
     stochastic_round_vector(dst + j, V::load(src + j), hash);
   }
   if (j < count) foam::stochastic_round(src + j, dst + j, count - j, first_index + j, offset);
+}
+
+#if FOAM_SIMD_LANES == 8
+// ------------------------------------------------------------ AVX2, B = 2, 4, 8: 8 blocks across vectors
+// One chunk = 8 blocks = 8B columns = B vectors. Horizontal adds (which stay inside 128-bit halves) leave the
+// 8 block sums in one vector; the moments are loaded in that lane order (one permute per moment vector),
+// updated 8 blocks at a time, put back in order and stored at full width; the update of each vector of
+// columns gets its blocks' values by an in-lane shuffle (B = 2, 4) or a broadcast (B = 8).
+//
+// Lane L of the sums vector holds block moment_order<B>[L]:
+//   B = 1: the vector itself (bf16 at B = 2, below), [0 .. 7];
+//   B = 2: hadd(x0, x1) gives blocks [0 1 4 5 | 2 3 6 7];
+//   B = 4: hadd(hadd(x0, x1), hadd(x2, x3)) gives [0 2 4 6 | 1 3 5 7];
+//   B = 8: hadd trees then one exchange of halves (sum_each_of_8) give [0 .. 7].
+template <int B>
+constexpr bool kMomentsInOrder = B == 1 || B == 8;
+template <int B>
+FOAM_INLINE __m256i moment_order() {
+  if (B == 2) return _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+  return _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+}
+template <int B>
+FOAM_INLINE __m256i moment_order_inverse() {
+  if (B == 2) return _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);  // its own inverse
+  return _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+}
+// 8 moments from fp32 or bf16 storage, in moment_order<B>; and back, bf16 stochastically rounded in the
+// registers with `hash` holding i·0x9E3779B1 + offset for their flat indices i (stochastic_round's rule).
+template <int B, typename M>
+FOAM_INLINE vec load_moments(const M* p) {
+  vec x;
+  if constexpr (std::is_same_v<M, float>) x = V::load(p);
+  else x = Ld<BF16>::load(p);
+  if constexpr (kMomentsInOrder<B>) return x;
+  return _mm256_permutevar8x32_ps(x, moment_order<B>());
+}
+template <int B, typename M>
+FOAM_INLINE void store_moments(M* p, vec x, ivec hash) {
+  if constexpr (!kMomentsInOrder<B>) x = _mm256_permutevar8x32_ps(x, moment_order_inverse<B>());
+  if constexpr (std::is_same_v<M, float>) V::store(p, x);
+  else stochastic_round_vector(p, x, hash);
+}
+
+// The sums of the lanes of each of y[0..7], in order: s[k] = Σ_lanes y[k].
+FOAM_INLINE vec sum_each_of_8(const vec* y) {
+  const vec t0 = _mm256_hadd_ps(_mm256_hadd_ps(y[0], y[1]), _mm256_hadd_ps(y[2], y[3]));  // [y0..y3 lo | hi]
+  const vec t1 = _mm256_hadd_ps(_mm256_hadd_ps(y[4], y[5]), _mm256_hadd_ps(y[6], y[7]));  // [y4..y7 lo | hi]
+  return V::add(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+// Block sums of the chunk's B vectors x[0..B), in moment_order<B>.
+template <int B>
+FOAM_INLINE vec chunk_sums(const vec* x) {
+  if constexpr (B == 1) return x[0];
+  if constexpr (B == 2) return _mm256_hadd_ps(x[0], x[1]);
+  if constexpr (B == 4) return _mm256_hadd_ps(_mm256_hadd_ps(x[0], x[1]), _mm256_hadd_ps(x[2], x[3]));
+  return sum_each_of_8(x);
+}
+
+// Vector i of a chunk gets its lanes' g̃, m̃ or ṽ out of the chunk's vector of 8 by an in-lane shuffle
+// (B = 2: lanes [0 0 1 1] of each half, +2 for i = 1; B = 4: lane i of each half). B = 8 broadcasts lane i
+// from a copy in memory instead: a load, where a register broadcast would cross halves (slow on Zen).
+template <int B>
+FOAM_INLINE vec unfold_lanes(vec x, int i, const float* copy) {
+  if constexpr (B == 1) return x;
+  if constexpr (B == 2)
+    return _mm256_permutevar_ps(x, _mm256_add_epi32(_mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1), _mm256_set1_epi32(2 * i)));
+  if constexpr (B == 4) return _mm256_permutevar_ps(x, _mm256_set1_epi32(i));
+  return _mm256_broadcast_ss(copy + i);
+}
+
+// M: the moments' storage, float, or uint16_t for bf16 moments (state_dtype="bfloat16"). Those are widened and
+// stochastically rounded in the registers of the step, each entry exactly as fold_rows_bf16_moments's tile
+// (widen_bf16, the fp32 step, stochastic_round) would: the chunks and the row tail fall on the same columns.
+template <typename S, int B, typename M = float>
+void fold_chunk(const typename S::T* g, typename S::T* w, M* m, M* v, int64_t r0, int64_t r1, int64_t n,
+                const Hyper<float>& h, RoundingOffsets offsets = {}) {
+  constexpr bool kBf16Moments = std::is_same_v<M, uint16_t>;
+  constexpr int64_t kChunk = 8 * B;
+  // bf16 parameters go through PairBf16 (a chunk is a whole number of its 16-column pairs): even + odd holds
+  // each block in B/2 adjacent lanes, so the sums, moments and unfolds are those of B/2 over that sum, and both
+  // vectors of a pair unfold the same values. At B = 16 and 32 (any parameter dtype) a block is 2 or 4 whole
+  // vectors; their lane-wise sum is one vector per block, and the rest is B = 8's.
+  constexpr bool kPairs = std::is_same_v<S, BF16>;
+  constexpr int kGroup = B >= 16 ? B / 8 : (kPairs ? 2 : 1);  // vectors added lane-wise
+  constexpr int kSumB = B / kGroup;                            // the block size whose code the sums take
+  const int64_t K = (n + B - 1) / B;
+  const int64_t nc = n / kChunk * kChunk;  // columns in whole chunks; the rest is the portable tail
+  const VHyper c(h);
+  const vec inv_b = V::set1(1.0f / static_cast<float>(B));  // exact: B is a power of two
+  const uint32_t golden = UINT32_C(0x9E3779B1);
+  const ivec stride = broadcast(8 * golden);  // 8 moments further
+  const ivec exp_avg_sq_minus_exp_avg = broadcast(offsets.exp_avg_sq - offsets.exp_avg);
+  for (int64_t row = r0; row < r1; ++row) {
+    const typename S::T* gr = g + row * n;
+    typename S::T* wr = w + row * n;
+    M* mr = m + row * K;
+    M* vr = v + row * K;
+    // exp_avg's hash of the chunk's 8 moments (exp_avg_sq's differs by the offsets); unused for fp32 moments.
+    ivec hash = add_lanes(broadcast(static_cast<uint32_t>(row * K) * golden + offsets.exp_avg), iota_times(golden));
+    for (int64_t j = 0; j < nc; j += kChunk, hash = add_lanes(hash, stride)) {
+      constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(typename S::T));  // entries per cache line
+      for (int64_t p = 0; p < kChunk; p += kLine) {
+        prefetch_ahead(gr + j + p);
+        prefetch_ahead(wr + j + p);
+      }
+      vec x[B], wv[B], y[kSumB], y2[kSumB];
+      if constexpr (kPairs) {
+        for (int i = 0; i < B; i += 2) {
+          PairBf16::load(gr + j + 8 * i, x[i], x[i + 1]);
+          PairBf16::load(wr + j + 8 * i, wv[i], wv[i + 1]);
+        }
+      } else {
+        for (int i = 0; i < B; ++i) {
+          x[i] = Ld<S>::load(gr + j + 8 * i);
+          wv[i] = Ld<S>::load(wr + j + 8 * i);
+        }
+      }
+      for (int u = 0; u < kSumB; ++u) {
+        y[u] = x[kGroup * u];
+        y2[u] = V::mul(x[kGroup * u], x[kGroup * u]);
+        for (int t = 1; t < kGroup; ++t) {
+          y[u] = V::add(y[u], x[kGroup * u + t]);
+          y2[u] = V::fma(x[kGroup * u + t], x[kGroup * u + t], y2[u]);
+        }
+      }
+      const vec gm = V::mul(chunk_sums<kSumB>(y), inv_b);                                 // g̃ of 8 blocks
+      const vec g2 = c.mean_sq ? V::mul(chunk_sums<kSumB>(y2), inv_b) : V::mul(gm, gm);  // g̃⁽²⁾
+      const vec mk = lerp_v(load_moments<kSumB>(mr + j / B), gm, c);   // m̃ ← lerp(m̃, g̃, 1−β1)
+      const vec vk = V::fma(load_moments<kSumB>(vr + j / B), c.beta2, V::mul(c.one_m_b2, g2));
+      store_moments<kSumB>(mr + j / B, mk, hash);
+      store_moments<kSumB>(vr + j / B, vk, add_lanes(hash, exp_avg_sq_minus_exp_avg));
+      alignas(32) float copy[3][8];  // used by kSumB = 8 only
+      if constexpr (kSumB == 8) {
+        V::store(copy[0], gm);
+        V::store(copy[1], mk);
+        V::store(copy[2], vk);
+      }
+      for (int i = 0; i < B; ++i) {  // R, M, V and the new weights, vector by vector
+        const int u = i / kGroup;  // which summed vector's blocks vector i holds
+        wv[i] = new_weight(x[i], unfold_lanes<kSumB>(gm, u, copy[0]), unfold_lanes<kSumB>(mk, u, copy[1]),
+                           unfold_lanes<kSumB>(vk, u, copy[2]), wv[i], c);
+      }
+      if constexpr (kPairs) {
+        for (int i = 0; i < B; i += 2) PairBf16::store(wr + j + 8 * i, wv[i], wv[i + 1]);
+      } else {
+        for (int i = 0; i < B; ++i) Ld<S>::store(wr + j + 8 * i, wv[i]);
+      }
+    }
+    if constexpr (kBf16Moments) {  // the tail's (at most 8) moments through fp32 copies, as the tile's
+      if (nc < n) {
+        const int64_t k0 = nc / B, count = K - k0;
+        float m_tail[8], v_tail[8];
+        widen_bf16(mr + k0, m_tail, count);
+        widen_bf16(vr + k0, v_tail, count);
+        fold_span<S>(gr + nc, wr + nc, m_tail, v_tail, 0, n - nc, B, h);
+        foam::stochastic_round(m_tail, mr + k0, count, row * K + k0, offsets.exp_avg);
+        foam::stochastic_round(v_tail, vr + k0, count, row * K + k0, offsets.exp_avg_sq);
+      }
+    } else {
+      fold_span<S>(gr, wr, mr, vr, nc, n, B, h);
+    }
+  }
+}
+
+// Rows [r0, r1) with bf16 moments, rounded in registers: fold_chunk's block sizes (fold_rows's AVX2 cases).
+template <typename S>
+void fold_rows_bf16(const typename S::T* g, typename S::T* w, uint16_t* m, uint16_t* v, int64_t r0, int64_t r1,
+                    int64_t n, int64_t B, const Hyper<float>& h, RoundingOffsets offsets) {
+  switch (B) {
+    case 2: return fold_chunk<S, 2>(g, w, m, v, r0, r1, n, h, offsets);
+    case 4: return fold_chunk<S, 4>(g, w, m, v, r0, r1, n, h, offsets);
+    case 8: return fold_chunk<S, 8>(g, w, m, v, r0, r1, n, h, offsets);
+    case 16: return fold_chunk<S, 16>(g, w, m, v, r0, r1, n, h, offsets);
+    case 32:
+      if constexpr (std::is_same_v<S, BF16>) return fold_chunk<S, 32>(g, w, m, v, r0, r1, n, h, offsets);
+      break;
+    default: break;
+  }
+}
+// Whether fold_rows_bf16 steps block size B for parameters S.
+template <typename S>
+constexpr bool folds_bf16_in_registers(int64_t B) {
+  return B == 2 || B == 4 || B == 8 || B == 16 || (B == 32 && std::is_same_v<S, BF16>);
+}
+#endif
+
+template <typename S>
+void fold_rows(const typename S::T* g, typename S::T* w, float* m, float* v, int64_t r0, int64_t r1, int64_t n,
+               int64_t B, const Hyper<float>& h) {
+#if FOAM_SIMD_LANES == 8
+  switch (B) {
+    case 2: return fold_chunk<S, 2>(g, w, m, v, r0, r1, n, h);
+    case 4: return fold_chunk<S, 4>(g, w, m, v, r0, r1, n, h);
+    case 8: return fold_chunk<S, 8>(g, w, m, v, r0, r1, n, h);
+    case 16: return fold_chunk<S, 16>(g, w, m, v, r0, r1, n, h);
+    case 32:  // 32 vectors of columns and 32 of weights per chunk spill; fp32 runs faster one block at a time
+      if constexpr (std::is_same_v<S, BF16>) return fold_chunk<S, 32>(g, w, m, v, r0, r1, n, h);
+      break;
+    default: break;
+  }
+#else
+  if constexpr (std::is_same_v<S, BF16>) {
+    switch (B) {
+      case 2: return fold_small_pairs<1>(g, w, m, v, r0, r1, n, h);
+      case 4: return fold_small_pairs<2>(g, w, m, v, r0, r1, n, h);
+      case 8: return fold_small_pairs<3>(g, w, m, v, r0, r1, n, h);
+      case 16: return fold_small_pairs<4>(g, w, m, v, r0, r1, n, h);
+      default: break;
+    }
+  }
+  switch (B) {
+    case 2: return fold_small<S, 1>(g, w, m, v, r0, r1, n, h);
+    case 4: return fold_small<S, 2>(g, w, m, v, r0, r1, n, h);
+    case 8: return fold_small<S, 3>(g, w, m, v, r0, r1, n, h);
+    case 16: return fold_small<S, 4>(g, w, m, v, r0, r1, n, h);
+    default: break;
+  }
+#endif
+  if (B % V::N == 0) return fold_wide<S>(g, w, m, v, r0, r1, n, B, h);
+  return Portable<S>::fold(g, w, m, v, r0, r1, n, B, h);  // e.g. B = 3: the portable tile code
 }
 
 // Unfolded tensors: AdamW on elements [i0, i1), as adamw_impl.
