@@ -13,8 +13,9 @@ Two floors, measured on the same tensor sizes and thread count as the optimizer 
   bf16: 2 + 4 + 4 + 4 = 14). FOAM moves G and W at every entry and its moments at 1/B of them
   (fp32: 12 + 16/B bytes; bf16 parameters: 6 + 16/B; bf16 states: 8/B instead of 16/B).
 * **arithmetic**: one exact square root and one exact division per parameter entry (both AdamW and FOAM need
-  them, ``M / (sqrt(V) + eps)``), on a buffer that stays in L1, vectorised for this CPU (``-march=native``).
-  On AMD Zen the two share one divide unit.
+  them, ``M / (sqrt(V) + eps)``), on a buffer that stays in L1, vectorised for the instruction set the kernel
+  runs (``-march=native``; without AVX-512 when ``FOAM_CPU_ISA=avx2`` forces the AVX2 code, so that its floor
+  has 8 lanes, not 16). On AMD Zen the two share one divide unit.
 
 A step cannot take less than the larger of its two floors; it takes more where they do not overlap, and FOAM
 also sums and unfolds its blocks. The **in-cache** column says which: the same step, on the same number of
@@ -91,10 +92,15 @@ void sqrt_div(int64_t total) {
 """
 
 
-def build_floor_library() -> ctypes.CDLL:
-    """Compile FLOOR_SOURCE into a shared library (once per source and compiler flags) and load it. Loaded after
-    torch, it shares torch's OpenMP runtime (the same libgomp), hence torch's threads and thread count."""
-    flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+#: Extra compiler flags per implementation of the kernel: the floor loops use the vector width it uses.
+ISA_FLAGS: dict[str, list[str]] = {"avx2": ["-mno-avx512f"]}
+
+
+def build_floor_library(isa: str) -> ctypes.CDLL:
+    """Compile FLOOR_SOURCE for the kernel's implementation ``isa`` into a shared library (once per source and
+    compiler flags) and load it. Loaded after torch, it shares torch's OpenMP runtime (the same libgomp), hence
+    torch's threads and thread count."""
+    flags = ["-O3", "-march=native", *ISA_FLAGS.get(isa, []), "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
     compiler = os.environ.get("CC", "cc")
     key = hashlib.sha256((FLOOR_SOURCE + " ".join([compiler, *flags])).encode()).hexdigest()[:12]
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path(tempfile.gettempdir()) / "foam_hf_bench")
@@ -255,7 +261,7 @@ def main() -> None:
     kernel = _fused_cpu.load_kernel()
     if kernel is None:
         raise SystemExit(f"the fused kernel could not be built: {_fused_cpu.kernel_build_error()}")
-    lib = build_floor_library()
+    lib = build_floor_library(kernel.isa())
     entries = args.n_weights * args.rows * args.cols
     flat_rows = args.n_weights * args.rows
 
@@ -307,7 +313,10 @@ def main() -> None:
         return f"{timed[name].median() * 1e3:.2f}" if name in timed else "n/a"
 
     print()
-    print(f"Arithmetic floor (one exact sqrt and one division per entry): {arith * 1e3:.2f} ms.")
+    print(
+        f"Arithmetic floor (one exact sqrt and one division per entry, compiled for {kernel.isa()}): "
+        f"{arith * 1e3:.2f} ms, {arith * torch.get_num_threads() / entries * 1e12:.0f} ps per entry per thread."
+    )
     print()
     print(
         "| step | bytes / entry | traffic floor (ms) | floor ratio: traffic / AdamW's traffic "
