@@ -202,6 +202,45 @@ def test_bf16_weights_round_special_values_as_torch(isa, block_size):
     torch.testing.assert_close(a[~a.isnan()].float(), b[~b.isnan()].float(), atol=1e-6, rtol=2**-7)
 
 
+def round_to_nearest_even_bf16(values: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16 bits from the definition: keep the upper 16 bits, add one where the dropped lower 16 are more
+    than half (0x8000), or exactly half and the kept bits odd; NaN becomes 0x7FC0 (the kernel's rule)."""
+    bits = values.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    upper, lower = bits >> 16, bits & 0xFFFF
+    up = (lower > 0x8000) | ((lower == 0x8000) & (upper % 2 == 1))
+    rounded = torch.where(values.isnan(), torch.full_like(upper, 0x7FC0), upper + up.to(torch.int64))
+    return rounded.to(torch.int32).to(torch.int16)  # the low 16 bits, as torch stores bf16
+
+
+def test_bf16_weight_stores_round_to_nearest_even(isa, kernel):
+    """Both bf16 weight stores of each implementation (the SIMD paths' pairs split by column parity, and their
+    lane-wise store) against round-to-nearest-even written from its definition, bit for bit: every exponent,
+    ties both ways, the carries into the exponent and into infinity, subnormals, ±0, ±inf and NaNs of any sign
+    and payload. Lengths give the pair path, the lane-wise path and the scalar tail."""
+    gen = torch.Generator().manual_seed(11)
+    random_bits = torch.randint(-(2**31), 2**31, (4096,), generator=gen, dtype=torch.int64)
+    upper = torch.randint(0, 2**16, (512,), generator=gen, dtype=torch.int64)
+    lower = torch.tensor([0x0000, 0x0001, 0x7FFF, 0x8000, 0x8001, 0xFFFF]).repeat(512 // 6 + 1)[:512]
+    ties = (upper << 16) | lower
+    edges = torch.tensor(
+        [0x7F7F8000, 0x7F7F7FFF, 0x7F7FFFFF, 0xFF7F8000, 0x3F80FFFF, 0x3F818000, 0x00008000, 0x00018000,
+         0x007FFFFF, 0x80000001, 0x00000000, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0x7FFFFFFF,
+         0xFFC00000, 0xFFFFFFFF, 0x7F800001],
+        dtype=torch.int64,
+    )
+    all_bits = torch.cat([random_bits & 0xFFFFFFFF, ties, edges])
+    values = torch.where(all_bits >= 2**31, all_bits - 2**32, all_bits).to(torch.int32).view(torch.float32)
+    values = values[torch.randperm(len(values), generator=gen)]
+    for length in (1, 7, 16, 17, 31, 32, 33, 48, 63, 64, 65, len(values)):
+        src = values[:length].contiguous()
+        actual = torch.empty(length, dtype=torch.bfloat16)
+        kernel.round_bf16_nearest(src, actual)
+        expected = round_to_nearest_even_bf16(src)
+        assert torch.equal(actual.view(torch.int16), expected), (isa, length)
+    finite = values[values.isfinite()]
+    assert torch.equal(round_to_nearest_even_bf16(finite), finite.to(torch.bfloat16).view(torch.int16))
+
+
 def test_isa_environment_variable_picks_the_implementation(kernel, monkeypatch):
     default = kernel.isa()
     try:

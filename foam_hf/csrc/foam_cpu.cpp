@@ -177,11 +177,23 @@ void stochastic_round_bf16(const at::Tensor& src, const at::Tensor& dst, int64_t
                    [&](int64_t i0, int64_t i1) { round(sp + i0, dp + i0, i1 - i0, i0, offset); });
 }
 
+// dst (bf16) <- src (fp32) rounded to nearest even, by the current implementation's bf16 weight stores (both of
+// them on the SIMD paths): the tests hold it to round-to-nearest-even written from its definition.
+void round_bf16_nearest_tensor(const at::Tensor& src, const at::Tensor& dst) {
+  TORCH_CHECK(src.scalar_type() == at::kFloat && dst.scalar_type() == at::kBFloat16 && src.is_contiguous() &&
+                  dst.is_contiguous() && src.device().is_cpu() && dst.device().is_cpu() &&
+                  src.numel() == dst.numel(),
+              "foam round_bf16_nearest: needs contiguous CPU float32 src and bfloat16 dst of one size.");
+  round_nearest_fn()(src.data_ptr<float>(), reinterpret_cast<uint16_t*>(dst.data_ptr()), src.numel());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "FOAM fused CPU step (see foam_hf/_fused_cpu.py)";
   module.def("fused_step", &fused_step, "One fused FOAM step over lists of tensors (in place).");
   module.def("stochastic_round_bf16", &stochastic_round_bf16,
              "dst (bf16) <- src (fp32) stochastically rounded with the (index, step, salt) counter hash.");
+  module.def("round_bf16_nearest", &round_bf16_nearest_tensor,
+             "dst (bf16) <- src (fp32) rounded to nearest even by the kernel's bf16 weight stores.");
   module.def("isa", [] { return std::string(kIsaNames[current_isa()]); }, "The implementation in use.");
   module.def("openmp", [] {
 #ifdef _OPENMP

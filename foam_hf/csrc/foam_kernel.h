@@ -296,6 +296,12 @@ FOAM_CLONES void widen_bf16(const uint16_t* __restrict src, float* __restrict ds
   for (int64_t j = 0; j < count; ++j) dst[j] = BF16::load(src[j]);
 }
 
+// dst <- src rounded to bf16 as bf16 weights are stored (BF16::store: to nearest even, NaN -> 0x7FC0). Only
+// the tests call it (round_bf16_nearest in foam_cpu.cpp), to hold each implementation's rounding to the rule.
+void round_bf16_nearest(const float* __restrict src, uint16_t* __restrict dst, int64_t count) {
+  for (int64_t j = 0; j < count; ++j) dst[j] = BF16::store(src[j]);
+}
+
 // The fp32 kernels step bf16 moments through a tile of fp32 copies that stays in L1: widen a run of moments,
 // step the columns they cover, round the run back. Memory traffic is that of stepping bf16 moments in place
 // (2 + 2 bytes per moment entry), and nothing larger than the tile is allocated. AVX2's fold_chunk block sizes
@@ -455,6 +461,17 @@ Bf16Ops bf16_ops() {
     case kAvx2: return {simd_avx2::widen_bf16, simd_avx2::stochastic_round};
 #endif
     default: return {widen_bf16, stochastic_round};
+  }
+}
+
+using RoundNearestFn = void (*)(const float*, uint16_t*, int64_t);
+RoundNearestFn round_nearest_fn() {
+  switch (current_isa()) {
+#if FOAM_HAVE_SIMD
+    case kAvx512: return simd_avx512::round_bf16_nearest;
+    case kAvx2: return simd_avx2::round_bf16_nearest;
+#endif
+    default: return round_bf16_nearest;
   }
 }
 

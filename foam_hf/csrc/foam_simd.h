@@ -440,6 +440,23 @@ void widen_bf16(const uint16_t* __restrict src, float* __restrict dst, int64_t c
   for (; j < count; ++j) dst[j] = BF16::load(src[j]);
 }
 
+// dst <- src rounded to bf16 by the two ways this file stores bf16 weights, for the tests (foam_kernel.h's
+// round_bf16_nearest is the rule): runs of 2N entries through PairBf16 (the run's even and odd entries as its
+// two vectors), then N at a time through Ld<BF16>::store, then BF16::store.
+void round_bf16_nearest(const float* __restrict src, uint16_t* __restrict dst, int64_t count) {
+  int64_t j = 0;
+  for (; j + 2 * V::N <= count; j += 2 * V::N) {
+    alignas(64) float even[V::N], odd[V::N];
+    for (int k = 0; k < V::N; ++k) {
+      even[k] = src[j + 2 * k];
+      odd[k] = src[j + 2 * k + 1];
+    }
+    PairBf16::store(dst + j, V::load(even), V::load(odd));
+  }
+  for (; j + V::N <= count; j += V::N) Ld<BF16>::store(dst + j, V::load(src + j));
+  for (; j < count; ++j) dst[j] = BF16::store(src[j]);
+}
+
 #if FOAM_SIMD_LANES == 16
 using ivec = __m512i;
 FOAM_INLINE ivec iota_times(uint32_t k) {  // lane i holds i·k (mod 2^32)
