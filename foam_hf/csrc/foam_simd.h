@@ -800,21 +800,35 @@ template <typename S>
 void adamw(const typename S::T* g, typename S::T* w, float* m, float* v, int64_t i0, int64_t i1,
            const Hyper<float>& h) {
   const VHyper c(h);
-  int64_t i = i0;
-  for (; i + V::N <= i1; i += V::N) {
-    prefetch_ahead(g + i);
-    prefetch_ahead(w + i);
-    prefetch_ahead(m + i);
-    prefetch_ahead(v + i);
-    const vec x = Ld<S>::load(g + i);
-    const vec mi = lerp_v(V::load(m + i), x, c);
-    const vec vi = V::fma(V::load(v + i), c.beta2, V::mul(V::mul(c.one_m_b2, x), x));
-    V::store(m + i, mi);
-    V::store(v + i, vi);
-    const vec upd = V::mul(c.step_c, V::div(mi, V::add(V::sqrt(vi), c.eps_bc2)));
-    Ld<S>::store(w + i, V::fma(Ld<S>::load(w + i), c.decay, upd));
+  // 16-bit weights: the new weights of a batch are staged in fp32 and rounded in a second loop (fold_chunk says
+  // why); fp32 weights in one loop.
+  constexpr bool kStaged = !std::is_same_v<S, F32>;
+  constexpr int64_t kBatch = 256;
+  alignas(64) float staged[kStaged ? kBatch : 1];
+  const int64_t nv = i0 + (i1 - i0) / V::N * V::N;  // whole vectors
+  const int64_t batch = kStaged ? kBatch : std::max<int64_t>(nv - i0, 1);
+  for (int64_t b0 = i0; b0 < nv; b0 += batch) {
+    const int64_t b1 = std::min(nv, b0 + batch);
+    for (int64_t i = b0; i < b1; i += V::N) {
+      prefetch_ahead(g + i);
+      prefetch_ahead(w + i);
+      prefetch_ahead(m + i);
+      prefetch_ahead(v + i);
+      const vec x = Ld<S>::load(g + i);
+      const vec mi = lerp_v(V::load(m + i), x, c);
+      const vec vi = V::fma(V::load(v + i), c.beta2, V::mul(V::mul(c.one_m_b2, x), x));
+      V::store(m + i, mi);
+      V::store(v + i, vi);
+      const vec upd = V::mul(c.step_c, V::div(mi, V::add(V::sqrt(vi), c.eps_bc2)));
+      const vec new_w = V::fma(Ld<S>::load(w + i), c.decay, upd);
+      if constexpr (kStaged) V::store(staged + (i - b0), new_w);
+      else Ld<S>::store(w + i, new_w);
+    }
+    if constexpr (kStaged) {
+      for (int64_t i = b0; i < b1; i += V::N) Ld<S>::store(w + i, V::load(staged + (i - b0)));
+    }
   }
-  adamw_impl<S>(g, w, m, v, i, i1, h);
+  adamw_impl<S>(g, w, m, v, nv, i1, h);
 }
 
 }  // namespace FOAM_SIMD_NS
