@@ -291,11 +291,6 @@ FOAM_INLINE vec new_weight(vec g, vec gm, vec mk, vec vk, vec w, const VHyper& c
   return V::fma(w, c.decay, V::mul(c.step_c, V::div(M, V::add(V::sqrt(Vv), c.eps_bc2))));
 }
 
-template <typename S>
-FOAM_INLINE void update_vector(const typename S::T* gp, typename S::T* wp, vec gm, vec mk, vec vk, const VHyper& c) {
-  Ld<S>::store(wp, new_weight(Ld<S>::load(gp), gm, mk, vk, Ld<S>::load(wp), c));
-}
-
 // B = 2^L divides the lane count: each vector holds N / B whole blocks.
 template <typename S, int L>
 void fold_small(const typename S::T* g, typename S::T* w, float* m, float* v, int64_t r0, int64_t r1, int64_t n,
@@ -385,38 +380,63 @@ template <typename S, bool kPairs>
 FOAM_INLINE void fold_wide_span(const typename S::T* gr, typename S::T* wr, float* mr, float* vr, int64_t c0,
                                 int64_t c1, int64_t B, const VHyper& c, const Hyper<float>& h) {
   constexpr int64_t kStep = kPairs ? 2 * V::N : V::N;
+  // 16-bit weights: the new weights of a batch of whole blocks (~256 columns, up to 1024 for B = 1024) are
+  // staged in fp32 and rounded in a second loop, as in fold_chunk (there, why). Larger blocks round as they go.
+  constexpr bool kStaged = !std::is_same_v<S, F32>;
+  constexpr int64_t kStagedMax = 1024;  // columns
+  alignas(64) float staged[kStaged ? kStagedMax : 1];
+  const bool stage = kStaged && B <= kStagedMax;
+  // Whole blocks; unstaged, the span in one batch (one loop, as without batches).
+  const int64_t batch = stage ? std::max<int64_t>(B, 256 / B * B) : std::max<int64_t>(B, c1 - c0);
   const float bf = static_cast<float>(B);
-  for (int64_t cb = c0; cb < c1; cb += B) {
-    vec s = V::set1(0.0f), q = V::set1(0.0f);
-    for (int64_t j = cb; j < cb + B; j += kStep) {
-      prefetch_ahead(gr + j);
-      prefetch_ahead(wr + j);
-      if constexpr (kPairs) {
-        vec even, odd;
-        PairBf16::load(gr + j, even, odd);
-        s = V::add(s, V::add(even, odd));
-        q = V::add(q, V::fma(even, even, V::mul(odd, odd)));
-      } else {
-        const vec x = Ld<S>::load(gr + j);
-        s = V::add(s, x);
-        q = V::add(q, V::mul(x, x));
+  for (int64_t b0 = c0; b0 < c1; b0 += batch) {
+    const int64_t b1 = std::min(c1, b0 + batch);
+    for (int64_t cb = b0; cb < b1; cb += B) {
+      vec s = V::set1(0.0f), q = V::set1(0.0f);
+      for (int64_t j = cb; j < cb + B; j += kStep) {
+        prefetch_ahead(gr + j);
+        prefetch_ahead(wr + j);
+        if constexpr (kPairs) {
+          vec even, odd;
+          PairBf16::load(gr + j, even, odd);
+          s = V::add(s, V::add(even, odd));
+          q = V::add(q, V::fma(even, even, V::mul(odd, odd)));
+        } else {
+          const vec x = Ld<S>::load(gr + j);
+          s = V::add(s, x);
+          q = V::add(q, V::mul(x, x));
+        }
+      }
+      const float gm = V::reduce(s) / bf;
+      const float g2 = h.mean_sq ? V::reduce(q) / bf : gm * gm;
+      const float mk = lerp(mr[cb / B], gm, h.lerp_w);
+      const float vk = vr[cb / B] * h.beta2 + h.one_m_b2 * g2;
+      mr[cb / B] = mk;
+      vr[cb / B] = vk;
+      const vec gmv = V::set1(gm), mkv = V::set1(mk), vkv = V::set1(vk);
+      for (int64_t j = cb; j < cb + B; j += kStep) {
+        if constexpr (kPairs) {
+          vec xe, xo, we, wo;
+          PairBf16::load(gr + j, xe, xo);
+          PairBf16::load(wr + j, we, wo);
+          const vec new_even = new_weight(xe, gmv, mkv, vkv, we, c), new_odd = new_weight(xo, gmv, mkv, vkv, wo, c);
+          if (stage) {
+            V::store(staged + (j - b0), new_even);
+            V::store(staged + (j - b0) + V::N, new_odd);
+          } else {
+            PairBf16::store(wr + j, new_even, new_odd);
+          }
+        } else {
+          const vec new_w = new_weight(Ld<S>::load(gr + j), gmv, mkv, vkv, Ld<S>::load(wr + j), c);
+          if (kStaged && stage) V::store(staged + (j - b0), new_w);
+          else Ld<S>::store(wr + j, new_w);
+        }
       }
     }
-    const float gm = V::reduce(s) / bf;
-    const float g2 = h.mean_sq ? V::reduce(q) / bf : gm * gm;
-    const float mk = lerp(mr[cb / B], gm, h.lerp_w);
-    const float vk = vr[cb / B] * h.beta2 + h.one_m_b2 * g2;
-    mr[cb / B] = mk;
-    vr[cb / B] = vk;
-    const vec gmv = V::set1(gm), mkv = V::set1(mk), vkv = V::set1(vk);
-    for (int64_t j = cb; j < cb + B; j += kStep) {
-      if constexpr (kPairs) {
-        vec xe, xo, we, wo;
-        PairBf16::load(gr + j, xe, xo);
-        PairBf16::load(wr + j, we, wo);
-        PairBf16::store(wr + j, new_weight(xe, gmv, mkv, vkv, we, c), new_weight(xo, gmv, mkv, vkv, wo, c));
-      } else {
-        update_vector<S>(gr + j, wr + j, gmv, mkv, vkv, c);
+    if (stage) {
+      for (int64_t j = b0; j < b1; j += kStep) {
+        if constexpr (kPairs) PairBf16::store(wr + j, V::load(staged + (j - b0)), V::load(staged + (j - b0) + V::N));
+        else Ld<S>::store(wr + j, V::load(staged + (j - b0)));
       }
     }
   }
