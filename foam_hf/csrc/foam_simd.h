@@ -291,6 +291,24 @@ FOAM_INLINE vec new_weight(vec g, vec gm, vec mk, vec vk, vec w, const VHyper& c
   return V::fma(w, c.decay, V::mul(c.step_c, V::div(M, V::add(V::sqrt(Vv), c.eps_bc2))));
 }
 
+// Staged stores of 16-bit weights. Rounding a new weight right after its square root and division queues the
+// rounding's integer ops behind them, where they hold the scheduler entries the next updates need: the AVX2
+// bf16 step ran at 1.3x its fp32 step so, and at ~1.1x when the loops first write the new weights of a batch of
+// kStagedColumns in fp32 (to a buffer in L1) and store_staged then rounds and stores the batch.
+constexpr int64_t kStagedColumns = 256;
+// Rounds and stores `count` new weights at w from `staged`, in the order the first loop wrote them: for pairs
+// (PairBf16) each pair's even then odd vector, else lane-wise.
+template <typename S, bool kPairs>
+FOAM_INLINE void store_staged(typename S::T* w, const float* staged, int64_t count) {
+  if constexpr (kPairs) {
+    for (int64_t j = 0; j < count; j += 2 * V::N) {
+      PairBf16::store(w + j, V::load(staged + j), V::load(staged + j + V::N));
+    }
+  } else {
+    for (int64_t j = 0; j < count; j += V::N) Ld<S>::store(w + j, V::load(staged + j));
+  }
+}
+
 // B = 2^L divides the lane count: each vector holds N / B whole blocks.
 template <typename S, int L>
 void fold_small(const typename S::T* g, typename S::T* w, float* m, float* v, int64_t r0, int64_t r1, int64_t n,
@@ -324,8 +342,8 @@ void fold_small(const typename S::T* g, typename S::T* w, float* m, float* v, in
 #if FOAM_SIMD_LANES == 16
 // fold_small for bf16 parameters, a PairBf16 (32 columns) at a time: even + odd holds each block in B/2 adjacent
 // lanes, so its sums and moments are fold_small's at B/2 over that vector, and both halves of the pair unfold
-// the same g̃, m̃ and ṽ. The new weights of a batch of pairs are staged in fp32 and rounded in a second loop, as
-// in AVX2's fold_chunk (there, why): 0.80-0.86x the time of rounding each pair as it is computed. B = 2 .. 32
+// the same g̃, m̃ and ṽ. The new weights of a batch of pairs are staged (store_staged): 0.80-0.86x the time of
+// rounding each pair as it is computed. B = 2 .. 32
 // (a block of 32 is one pair: 16 lanes of even + odd); at B = 32 this took 0.72x fold_wide's time.
 template <int L>
 void fold_small_pairs(const uint16_t* g, uint16_t* w, float* m, float* v, int64_t r0, int64_t r1, int64_t n,
@@ -335,8 +353,7 @@ void fold_small_pairs(const uint16_t* g, uint16_t* w, float* m, float* v, int64_
   constexpr int64_t kPair = 2 * V::N;
   const int64_t K = (n + B - 1) / B;
   const int64_t np = n / kPair * kPair;  // columns in whole pairs; the rest (and any ragged block) is the tail
-  constexpr int64_t kBatch = 256;  // columns
-  alignas(64) float staged[kBatch];
+  alignas(64) float staged[kStagedColumns];
   const VHyper c(h);
   const vec inv_b = V::set1(1.0f / static_cast<float>(B));  // exact: B is a power of two
   for (int64_t row = r0; row < r1; ++row) {
@@ -344,8 +361,8 @@ void fold_small_pairs(const uint16_t* g, uint16_t* w, float* m, float* v, int64_
     uint16_t* wr = w + row * n;
     float* mr = m + row * K;
     float* vr = v + row * K;
-    for (int64_t j0 = 0; j0 < np; j0 += kBatch) {
-      const int64_t j1 = std::min(np, j0 + kBatch);
+    for (int64_t j0 = 0; j0 < np; j0 += kStagedColumns) {
+      const int64_t j1 = std::min(np, j0 + kStagedColumns);
       for (int64_t j = j0; j < j1; j += kPair) {
         prefetch_ahead(gr + j);
         prefetch_ahead(wr + j);
@@ -364,9 +381,7 @@ void fold_small_pairs(const uint16_t* g, uint16_t* w, float* m, float* v, int64_
         V::store(staged + (j - j0), new_weight(xe, gm, mk, vk, we, c));
         V::store(staged + (j - j0) + V::N, new_weight(xo, gm, mk, vk, wo, c));
       }
-      for (int64_t j = j0; j < j1; j += kPair) {
-        PairBf16::store(wr + j, V::load(staged + (j - j0)), V::load(staged + (j - j0) + V::N));
-      }
+      store_staged<BF16, true>(wr + j0, staged, j1 - j0);
     }
     fold_span<BF16>(gr, wr, mr, vr, np, n, B, h);
   }
@@ -380,14 +395,14 @@ template <typename S, bool kPairs>
 FOAM_INLINE void fold_wide_span(const typename S::T* gr, typename S::T* wr, float* mr, float* vr, int64_t c0,
                                 int64_t c1, int64_t B, const VHyper& c, const Hyper<float>& h) {
   constexpr int64_t kStep = kPairs ? 2 * V::N : V::N;
-  // 16-bit weights: the new weights of a batch of whole blocks (~256 columns, up to 1024 for B = 1024) are
-  // staged in fp32 and rounded in a second loop, as in fold_chunk (there, why). Larger blocks round as they go.
+  // 16-bit weights: the new weights of a batch of whole blocks (~kStagedColumns, up to 1024 for B = 1024) are
+  // staged (store_staged). Larger blocks round as they go.
   constexpr bool kStaged = !std::is_same_v<S, F32>;
   constexpr int64_t kStagedMax = 1024;  // columns
   alignas(64) float staged[kStaged ? kStagedMax : 1];
   const bool stage = kStaged && B <= kStagedMax;
   // Whole blocks; unstaged, the span in one batch (one loop, as without batches).
-  const int64_t batch = stage ? std::max<int64_t>(B, 256 / B * B) : std::max<int64_t>(B, c1 - c0);
+  const int64_t batch = stage ? std::max<int64_t>(B, kStagedColumns / B * B) : std::max<int64_t>(B, c1 - c0);
   const float bf = static_cast<float>(B);
   for (int64_t b0 = c0; b0 < c1; b0 += batch) {
     const int64_t b1 = std::min(c1, b0 + batch);
@@ -428,17 +443,12 @@ FOAM_INLINE void fold_wide_span(const typename S::T* gr, typename S::T* wr, floa
           }
         } else {
           const vec new_w = new_weight(Ld<S>::load(gr + j), gmv, mkv, vkv, Ld<S>::load(wr + j), c);
-          if (kStaged && stage) V::store(staged + (j - b0), new_w);
+          if (stage) V::store(staged + (j - b0), new_w);
           else Ld<S>::store(wr + j, new_w);
         }
       }
     }
-    if (stage) {
-      for (int64_t j = b0; j < b1; j += kStep) {
-        if constexpr (kPairs) PairBf16::store(wr + j, V::load(staged + (j - b0)), V::load(staged + (j - b0) + V::N));
-        else Ld<S>::store(wr + j, V::load(staged + (j - b0)));
-      }
-    }
+    if (stage) store_staged<S, kPairs>(wr + b0, staged, b1 - b0);
   }
 }
 
@@ -676,10 +686,8 @@ void fold_chunk(const typename S::T* g, typename S::T* w, M* m, M* v, int64_t r0
     M* vr = v + row * K;
     // exp_avg's hash of the chunk's 8 moments (exp_avg_sq's differs by the offsets); unused for fp32 moments.
     ivec hash = add_lanes(broadcast(static_cast<uint32_t>(row * K) * golden + offsets.exp_avg), iota_times(golden));
-    // bf16 weights: the new weights of a batch of chunks are staged in fp32 (in L1), then rounded and stored in
-    // a second loop. Rounding right after each update queued its integer ops behind the square root and the
-    // division that feed them, and the AVX2 bf16 step ran at 1.3x its fp32 step; staged, it runs at ~1.1x.
-    constexpr int64_t kBatch = kChunk > 256 ? kChunk : 256;  // columns
+    // bf16 weights: the new weights of a batch of chunks are staged (store_staged).
+    constexpr int64_t kBatch = kChunk > kStagedColumns ? kChunk : kStagedColumns;  // columns
     alignas(32) float staged[kPairs ? kBatch : 1];
     const int64_t batch = kPairs ? kBatch : nc;  // other weights: the whole row in one batch, as one loop
     for (int64_t j0 = 0; j0 < nc; j0 += batch) {
@@ -734,11 +742,7 @@ void fold_chunk(const typename S::T* g, typename S::T* w, M* m, M* v, int64_t r0
           for (int i = 0; i < B; ++i) Ld<S>::store(wr + j + 8 * i, updated(i, Ld<S>::load(wr + j + 8 * i)));
         }
       }
-      if constexpr (kPairs) {  // round the batch's new weights to bf16 and store them, a pair at a time
-        for (int64_t j = j0; j < j1; j += 16) {
-          PairBf16::store(wr + j, V::load(staged + (j - j0)), V::load(staged + (j - j0) + 8));
-        }
-      }
+      if constexpr (kPairs) store_staged<S, true>(wr + j0, staged, j1 - j0);
     }
     if constexpr (kBf16Moments) {  // the tail's (at most 8) moments through fp32 copies, as the tile's
       if (nc < n) {
@@ -820,13 +824,11 @@ template <typename S>
 void adamw(const typename S::T* g, typename S::T* w, float* m, float* v, int64_t i0, int64_t i1,
            const Hyper<float>& h) {
   const VHyper c(h);
-  // 16-bit weights: the new weights of a batch are staged in fp32 and rounded in a second loop (fold_chunk says
-  // why); fp32 weights in one loop.
+  // 16-bit weights: the new weights of a batch are staged (store_staged); fp32 weights in one loop.
   constexpr bool kStaged = !std::is_same_v<S, F32>;
-  constexpr int64_t kBatch = 256;
-  alignas(64) float staged[kStaged ? kBatch : 1];
+  alignas(64) float staged[kStaged ? kStagedColumns : 1];
   const int64_t nv = i0 + (i1 - i0) / V::N * V::N;  // whole vectors
-  const int64_t batch = kStaged ? kBatch : std::max<int64_t>(nv - i0, 1);
+  const int64_t batch = kStaged ? kStagedColumns : std::max<int64_t>(nv - i0, 1);
   for (int64_t b0 = i0; b0 < nv; b0 += batch) {
     const int64_t b1 = std::min(nv, b0 + batch);
     for (int64_t i = b0; i < b1; i += V::N) {
@@ -844,9 +846,7 @@ void adamw(const typename S::T* g, typename S::T* w, float* m, float* v, int64_t
       if constexpr (kStaged) V::store(staged + (i - b0), new_w);
       else Ld<S>::store(w + i, new_w);
     }
-    if constexpr (kStaged) {
-      for (int64_t i = b0; i < b1; i += V::N) Ld<S>::store(w + i, V::load(staged + (i - b0)));
-    }
+    if constexpr (kStaged) store_staged<S, false>(w + b0, staged, b1 - b0);
   }
   adamw_impl<S>(g, w, m, v, nv, i1, h);
 }
