@@ -223,9 +223,27 @@ def test_bf16_weight_stores_round_to_nearest_even(isa, kernel):
     lower = torch.tensor([0x0000, 0x0001, 0x7FFF, 0x8000, 0x8001, 0xFFFF]).repeat(512 // 6 + 1)[:512]
     ties = (upper << 16) | lower
     edges = torch.tensor(
-        [0x7F7F8000, 0x7F7F7FFF, 0x7F7FFFFF, 0xFF7F8000, 0x3F80FFFF, 0x3F818000, 0x00008000, 0x00018000,
-         0x007FFFFF, 0x80000001, 0x00000000, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0x7FFFFFFF,
-         0xFFC00000, 0xFFFFFFFF, 0x7F800001],
+        [
+            0x7F7F8000,
+            0x7F7F7FFF,
+            0x7F7FFFFF,
+            0xFF7F8000,
+            0x3F80FFFF,
+            0x3F818000,
+            0x00008000,
+            0x00018000,
+            0x007FFFFF,
+            0x80000001,
+            0x00000000,
+            0x80000000,
+            0x7F800000,
+            0xFF800000,
+            0x7FC00000,
+            0x7FFFFFFF,
+            0xFFC00000,
+            0xFFFFFFFF,
+            0x7F800001,
+        ],
         dtype=torch.int64,
     )
     all_bits = torch.cat([random_bits & 0xFFFFFFFF, ties, edges])
@@ -261,3 +279,55 @@ def test_isa_environment_variable_reaches_a_fresh_process(kernel):
     env = {**os.environ, _fused_cpu.ISA_ENV: "portable"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "portable"
+
+
+# Shares of the one parallel region: tensors over 32768 entries are cut between the threads (rows when folded,
+# elements when not), smaller ones go whole to one thread. Sizes that cut unevenly, on both sides of that size.
+SHARED_SHAPES = [(257, 301), (3, 40000), (70001,), (8, 100), (5,), (129, 257), (40, 1000), (33000,)]
+
+
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("block_size", [1, 4, 5])
+def test_threads_step_the_list_exactly_as_one_thread(isa, block_size, state_dtype):
+    """The step of a list of tensors, large and small, folded and not, on two threads and on four (more than
+    the rows of some tensors), is bit for bit the step on one thread, which is held to the readable path."""
+    params = make_params(SHARED_SHAPES, torch.float32)
+    runs = {}
+    threads_before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            ours = clone_params(params)
+            fused = FOAM(ours, fused=True, block_size=block_size, state_dtype=state_dtype, **EVERY_TERM)
+            run(fused, ours, grad_sequence(params, STEPS))
+            runs[threads] = (ours, fused)
+    finally:
+        torch.set_num_threads(threads_before)
+    one, one_opt = runs[1]
+    for threads in (2, 4):
+        many, many_opt = runs[threads]
+        for a, b in zip(one, many):
+            assert torch.equal(a, b), (threads, tuple(a.shape))
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(one_opt.state[a][key], many_opt.state[b][key]), (threads, key)
+    theirs = clone_params(params)
+    reference = FOAM(theirs, foreach=False, fused=False, block_size=block_size, **EVERY_TERM)
+    run(reference, theirs, grad_sequence(params, STEPS))
+    if state_dtype == "float32":
+        for a, b in zip(one, theirs):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_a_failed_check_changes_nothing(kernel):
+    """The kernel checks every tensor of the list before it changes any: a bad last tensor leaves the good
+    ones' weights, moments and step counts as they were."""
+    good, bad = torch.randn(4, 16), torch.randn(4, 16)
+    moments = [torch.zeros(4, 4), torch.zeros(4, 4), torch.zeros(4, 3), torch.zeros(4, 3)]  # bad: 3 blocks, not 4
+    steps = [torch.zeros(()), torch.zeros(())]
+    before = good.clone()
+    hyper = (1e-3, 0.9, 0.999, 1e-8, 0.0, 4, 1.0, 1.0, True)  # lr, betas, eps, weight decay, B, scale, rho, mean_sq
+    with pytest.raises(RuntimeError, match=r"moments of params\[1\] hold 12 entries, expected 16"):
+        kernel.fused_step([good, bad], [torch.ones(4, 16)] * 2, moments[0::2], moments[1::2], steps, *hyper)
+    assert torch.equal(good, before)
+    assert all(torch.equal(m, torch.zeros_like(m)) for m in moments)
+    assert [s.item() for s in steps] == [0.0, 0.0]

@@ -7,22 +7,50 @@
 //
 // The kernel itself lives in foam_kernel.h (readable path, portable path, bf16 moments, choice of instruction
 // set) and foam_simd.h (AVX-512 and AVX2). Here: checks, the step counter and bias corrections, threads.
-// Threads: at::parallel_for over rows (folded) or elements (unfolded); the build passes -fopenmp when torch
-// uses OpenMP, without which at::parallel_for runs everything on the calling thread.
+// Threads: one at::parallel_for per step, each thread stepping its share of every tensor (rows when folded,
+// elements when not; see Share); the build passes -fopenmp when torch uses OpenMP, without which
+// at::parallel_for runs everything on the calling thread.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+
+#include <functional>
 
 #include "foam_kernel.h"
 
 namespace {
 using namespace foam;
 
-constexpr int64_t kGrain = 32768;  // elements per task
+constexpr int64_t kGrain = 32768;  // elements: a tensor under this goes whole to one thread
+
+// The threads meet once per step, not once per tensor: fused_step opens one parallel region for the whole list,
+// and each thread steps its Share of every tensor, a contiguous run of rows (folded) or elements (unfolded).
+// One region per tensor cost a fork and a join each, and every join waits for the slower thread.
+struct Share {
+  int64_t index;  // this thread's share: index of count
+  int64_t count;
+};
+
+// The units [begin, end) of `range` that `share` steps: range * index / count .. range * (index + 1) / count, cut
+// at multiples of `align`; a range under `grain` units goes whole to share `job % count` (a tensor, `job` its
+// place in the list, so that small tensors spread over the threads).
+template <typename Fn>
+void for_share(int64_t range, int64_t grain, int64_t align, Share share, size_t job, const Fn& fn) {
+  if (range <= grain) {
+    if (static_cast<int64_t>(job % static_cast<size_t>(share.count)) == share.index && range > 0) fn(0, range);
+    return;
+  }
+  const auto cut = [&](int64_t i) { return std::min(range, range * i / share.count / align * align); };
+  const int64_t begin = cut(share.index);
+  const int64_t end = share.index + 1 == share.count ? range : cut(share.index + 1);
+  if (begin < end) fn(begin, end);
+}
+
+constexpr int64_t kElementAlign = 64;  // unfolded shares start on whole vectors (and cache lines)
 
 template <typename S>
 void run_tensor(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v, bool folded,
-                int64_t B, const Hyper<typename S::C>& h, RoundingOffsets offsets) {
+                int64_t B, const Hyper<typename S::C>& h, RoundingOffsets offsets, Share share, size_t job) {
   using T = typename S::T;
   using C = typename S::C;
   const T* gp = reinterpret_cast<const T*>(g.const_data_ptr());
@@ -39,12 +67,12 @@ void run_tensor(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, c
         uint16_t* mp = reinterpret_cast<uint16_t*>(m.data_ptr());
         uint16_t* vp = reinterpret_cast<uint16_t*>(v.data_ptr());
         if (const FoldBf16Fn<S> one_pass = fold_bf16_fn<S>(B)) {
-          at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+          for_share(rows, grain, 1, share, job, [&](int64_t r0, int64_t r1) {
             one_pass(gp, wp, mp, vp, r0, r1, n, B, h, offsets);
           });
           return;
         }
-        at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+        for_share(rows, grain, 1, share, job, [&](int64_t r0, int64_t r1) {
           fold_rows_bf16_moments<S>(fold, ops, gp, wp, mp, vp, r0, r1, n, B, h, offsets);
         });
         return;
@@ -52,14 +80,14 @@ void run_tensor(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, c
     }
     C* mp = reinterpret_cast<C*>(m.data_ptr());
     C* vp = reinterpret_cast<C*>(v.data_ptr());
-    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) { fold(gp, wp, mp, vp, r0, r1, n, B, h); });
+    for_share(rows, grain, 1, share, job, [&](int64_t r0, int64_t r1) { fold(gp, wp, mp, vp, r0, r1, n, B, h); });
   } else {
     const AdamwFn<S> adamw = adamw_fn<S>();
     if constexpr (std::is_same_v<C, float>) {
       if (bf16_moments) {
         uint16_t* mp = reinterpret_cast<uint16_t*>(m.data_ptr());
         uint16_t* vp = reinterpret_cast<uint16_t*>(v.data_ptr());
-        at::parallel_for(0, p.numel(), kGrain, [&](int64_t i0, int64_t i1) {
+        for_share(p.numel(), kGrain, kElementAlign, share, job, [&](int64_t i0, int64_t i1) {
           adamw_bf16_moments<S>(adamw, ops, gp, wp, mp, vp, i0, i1, h, offsets);
         });
         return;
@@ -67,7 +95,8 @@ void run_tensor(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, c
     }
     C* mp = reinterpret_cast<C*>(m.data_ptr());
     C* vp = reinterpret_cast<C*>(v.data_ptr());
-    at::parallel_for(0, p.numel(), kGrain, [&](int64_t i0, int64_t i1) { adamw(gp, wp, mp, vp, i0, i1, h); });
+    for_share(p.numel(), kGrain, kElementAlign, share, job,
+              [&](int64_t i0, int64_t i1) { adamw(gp, wp, mp, vp, i0, i1, h); });
   }
 }
 
@@ -112,6 +141,9 @@ void fused_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
                   state_steps.size() == count,
               "foam fused CPU step: the five tensor lists must have the same length.");
   TORCH_CHECK(block_size >= 1, "foam fused CPU step: block_size must be >= 1, got ", block_size);
+  std::vector<std::function<void(Share)>> jobs;
+  jobs.reserve(count);
+  int64_t total = 0;
   for (size_t i = 0; i < count; ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
@@ -138,8 +170,19 @@ void fused_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
                                     : p.numel();
     TORCH_CHECK(m.numel() == expected && v.numel() == expected, "foam fused CPU step: moments of params[", i,
                 "] hold ", m.numel(), " entries, expected ", expected, ".");
-
-    float* sp = s.data_ptr<float>();
+    const auto dtype = p.scalar_type();
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble,
+                "foam fused CPU step: params[", i, "] has dtype ", dtype,
+                "; the fused kernel supports float32, bfloat16, float16 and float64.");
+  }
+  // Every tensor passed its checks: only now does anything change (a failed check leaves all as it was).
+  for (size_t i = 0; i < count; ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = grads[i];
+    const at::Tensor& m = exp_avgs[i];
+    const at::Tensor& v = exp_avg_sqs[i];
+    const bool folded = block_size > 1 && p.dim() >= 2 && p.numel() > 0;
+    float* sp = state_steps[i].data_ptr<float>();
     *sp += 1.0f;
     const double step = static_cast<double>(*sp);
     const RoundingOffsets offsets{rounding_offset(static_cast<int64_t>(step), 0),
@@ -149,16 +192,39 @@ void fused_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
       return make_hyper<decltype(zero)>(step, lr, beta1, beta2, eps, weight_decay, scale, res_scale, mean_sq,
                                         folded);
     };
+    const size_t job = jobs.size();
+    total += p.numel();
     switch (p.scalar_type()) {
-      case at::kFloat: run_tensor<F32>(p, g, m, v, folded, block_size, hyper(0.0f), offsets); break;
-      case at::kBFloat16: run_tensor<BF16>(p, g, m, v, folded, block_size, hyper(0.0f), offsets); break;
-      case at::kHalf: run_tensor<F16>(p, g, m, v, folded, block_size, hyper(0.0f), offsets); break;
-      case at::kDouble: run_tensor<F64>(p, g, m, v, folded, block_size, hyper(0.0), offsets); break;
-      default:
-        TORCH_CHECK(false, "foam fused CPU step: params[", i, "] has dtype ", p.scalar_type(),
-                    "; the fused kernel supports float32, bfloat16, float16 and float64.");
+      case at::kFloat:
+        jobs.emplace_back([=, &p, &g, &m, &v, h = hyper(0.0f)](Share sh) {
+          run_tensor<F32>(p, g, m, v, folded, block_size, h, offsets, sh, job);
+        });
+        break;
+      case at::kBFloat16:
+        jobs.emplace_back([=, &p, &g, &m, &v, h = hyper(0.0f)](Share sh) {
+          run_tensor<BF16>(p, g, m, v, folded, block_size, h, offsets, sh, job);
+        });
+        break;
+      case at::kHalf:
+        jobs.emplace_back([=, &p, &g, &m, &v, h = hyper(0.0f)](Share sh) {
+          run_tensor<F16>(p, g, m, v, folded, block_size, h, offsets, sh, job);
+        });
+        break;
+      case at::kDouble:
+        jobs.emplace_back([=, &p, &g, &m, &v, h = hyper(0.0)](Share sh) {
+          run_tensor<F64>(p, g, m, v, folded, block_size, h, offsets, sh, job);
+        });
+        break;
+      default: TORCH_INTERNAL_ASSERT(false, "dtype checked above");
     }
   }
+  // One parallel region (none below kGrain elements in all): share t of every tensor runs on thread t.
+  const int64_t threads = total > kGrain ? std::max<int64_t>(1, at::get_num_threads()) : 1;
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (const auto& run : jobs) run(Share{t, threads});
+    }
+  });
 }
 
 // dst (bf16) <- src (fp32) stochastically rounded, the kernel's own rounding of bf16 moments (foam_kernel.h; the
