@@ -26,7 +26,7 @@ import torch
 
 from .errors import FoamConfigError
 
-__all__ = ["FUSED_DTYPES", "fused_supported", "kernel_build_error", "load_kernel"]
+__all__ = ["FUSED_DTYPES", "fused_supported", "kernel_build_error", "load_kernel", "moments_supported"]
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def kernel_build_error() -> str | None:
 def fused_supported(param: torch.Tensor, state_dtype: torch.dtype | None = None) -> bool:
     """Whether the fused kernel can step ``param``: a dense, contiguous CPU tensor of a :data:`FUSED_DTYPES`,
     and, when ``state_dtype`` (the dtype of its moments) is given, moments the kernel can store."""
-    if state_dtype is not None and state_dtype not in _moment_dtypes(param.dtype):
+    if state_dtype is not None and not moments_supported(param.dtype, state_dtype):
         return False
     return (
         param.device.type == "cpu"
@@ -163,9 +163,10 @@ def fused_supported(param: torch.Tensor, state_dtype: torch.dtype | None = None)
     )
 
 
-def _moment_dtypes(param_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
-    """Moment dtypes the kernel steps for parameters of ``param_dtype``."""
-    return (torch.float64,) if param_dtype == torch.float64 else (torch.float32, torch.bfloat16)
+def moments_supported(param_dtype: torch.dtype, moment_dtype: torch.dtype) -> bool:
+    """Whether the kernel steps parameters of ``param_dtype`` with moments of ``moment_dtype``: float64 ones
+    for float64 parameters, float32 or bfloat16 ones for the others."""
+    return moment_dtype in ((torch.float64,) if param_dtype == torch.float64 else (torch.float32, torch.bfloat16))
 
 
 def _fused_foam(

@@ -19,6 +19,7 @@ those exactly, and :func:`check_deepspeed_config` refuses the DeepSpeed settings
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ __all__ = [
 ]
 
 
+@functools.cache
 def _dtensor_class() -> type | None:
     if not torch.distributed.is_available():
         return None
@@ -49,8 +51,14 @@ def is_dtensor(tensor: torch.Tensor) -> bool:
     return cls is not None and isinstance(tensor, cls)
 
 
+#: The types no parameter, gradient or moment of one rank is wrapped in: local_tensor returns them at once.
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (sharing its storage, so in-place updates land), else ``tensor``."""
+    if type(tensor) in _PLAIN_TENSOR_TYPES:  # the common case, checked first: every step calls this per tensor
+        return tensor
     return tensor.to_local() if is_dtensor(tensor) else tensor
 
 

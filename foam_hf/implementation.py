@@ -69,7 +69,8 @@ def fused_unsupported(param: torch.Tensor, moment_dtype: torch.dtype) -> tuple[t
     """Why no fused kernel steps ``param`` with moments of ``moment_dtype``: ``(error type, reason)``, or ``None``
     when one does. The one statement of what the kernels cover, for the check at construction
     (:func:`check_fused_available`) and for direct calls of the functional API (:func:`check_fused_tensors`)."""
-    if not (_fused_cpu.fused_supported(param) or (param.is_cuda and _triton().triton_supported(param))):
+    on_cpu_kernel = _fused_cpu.fused_supported(param)
+    if not (on_cpu_kernel or (param.is_cuda and _triton().triton_supported(param))):
         return RuntimeError, (
             f"a parameter of shape {tuple(param.shape)} that is {param.dtype} on {param.device} "
             f"(contiguous={param.is_contiguous()}): the fused kernels step contiguous CPU "
@@ -77,7 +78,7 @@ def fused_unsupported(param: torch.Tensor, moment_dtype: torch.dtype) -> tuple[t
         )
     if param.is_cuda and moment_dtype not in _triton().STATE_DTYPES:
         return RuntimeError, f"{moment_dtype} moments: the Triton kernels store moments in float32 or bfloat16"
-    if param.device.type == "cpu" and not _fused_cpu.fused_supported(param, moment_dtype):
+    if on_cpu_kernel and not _fused_cpu.moments_supported(param.dtype, moment_dtype):
         return FoamConfigError, (
             f"{param.dtype} parameters and {moment_dtype} states: the fused CPU kernel keeps the states of "
             "float64 parameters in float64 (and of the others in float32 or bfloat16)"
@@ -103,6 +104,8 @@ def check_fused_tensors(params: list[torch.Tensor], exp_avgs: list[torch.Tensor]
     """Raise unless a fused kernel steps every one of ``params`` with its moments: what a direct call of
     :func:`foam_hf.functional.foam` with ``fused=True`` is checked by (:class:`~foam_hf.FOAM` checks at
     construction, :func:`check_fused_available`)."""
+    if params and _fused_default(params, exp_avgs, on_cuda=False):  # every step's case first: the C++ kernel covers all
+        return
     for param, exp_avg in zip(params, exp_avgs):
         problem = fused_unsupported(param, exp_avg.dtype)
         if problem is not None:

@@ -246,9 +246,10 @@ class FOAM(Optimizer):
     ) -> None:
         block_size = group["block_size"]
         for p in group["params"] if params is None else params:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError(
                     f"FOAM does not support sparse gradients (parameter of shape {tuple(p.shape)}). "
                     "Fix: use dense gradients (e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam."
@@ -273,9 +274,14 @@ class FOAM(Optimizer):
                 state["step"] += 1
                 continue
             params_with_grad.append(local_param)
-            grads.append(local_tensor(p.grad))
-            exp_avgs.append(local_tensor(state["exp_avg"]))
-            exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
+            if local_param is p:  # a plain tensor, whose gradient and moments are plain too
+                grads.append(grad)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+            else:
+                grads.append(local_tensor(grad))
+                exp_avgs.append(local_tensor(state["exp_avg"]))
+                exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
             state_steps.append(state["step"])
 
     @torch.no_grad()
