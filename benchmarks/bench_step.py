@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import platform
 import statistics
 import sys
@@ -82,12 +83,30 @@ def cuda_transient_peak_bytes(step: Callable[[], None]) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
+def weight_shapes(args) -> list[tuple[int, ...]]:
+    """The shapes stepped: ``--n-weights`` of ``--rows x --cols``, or with ``--model`` every parameter of that
+    built-in model (``foam-hf memory``'s names; built on the meta device, so nothing is downloaded)."""
+    if not args.model:
+        return [(args.rows, args.cols)] * args.n_weights
+    from foam_hf.tools.memory_report import build_meta_model, load_config
+
+    return [tuple(p.shape) for p in build_meta_model(load_config(args.model)[0]).parameters()]
+
+
+def describe_shapes(args, shapes: list[tuple[int, ...]]) -> str:
+    if not args.model:
+        return f"{args.n_weights} weights of {args.rows}x{args.cols}"
+    entries = sum(math.prod(shape) for shape in shapes)
+    folded = sum(len(shape) >= 2 for shape in shapes)
+    return f"the {len(shapes)} parameters of {args.model} ({entries / 1e6:.1f}M entries, {folded} of them 2-D)"
+
+
 def make_weights(args, dtype: torch.dtype, seed: int = 0) -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(seed)
     weights = []
-    for _ in range(args.n_weights):
-        w = torch.nn.Parameter(torch.randn(args.rows, args.cols, generator=gen).to(args.device, dtype))
-        w.grad = (torch.randn(args.rows, args.cols, generator=gen) * 1e-2).to(args.device, dtype)
+    for shape in weight_shapes(args):
+        w = torch.nn.Parameter(torch.randn(*shape, generator=gen).to(args.device, dtype))
+        w.grad = (torch.randn(*shape, generator=gen) * 1e-2).to(args.device, dtype)
         weights.append(w)
     return weights
 
@@ -206,7 +225,9 @@ def build_candidates(args) -> tuple[list[Candidate], list[tuple[str, str]]]:
                 lambda ps: FOAM(ps, block_size=4, state_dtype="bfloat16"),
             )
         )
-    if args.peers:
+    if args.peers and args.model:
+        left_out.append(("peers", "not run with --model (their ranks and head sizes follow --rows and --cols)"))
+    elif args.peers:
         for name, factory, why in peer_factories(args):
             if factory is None:
                 left_out.append((name, why))
@@ -220,6 +241,12 @@ def main() -> None:
     parser.add_argument("--n-weights", type=int, default=8)
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--cols", type=int, default=1024)
+    parser.add_argument(
+        "--model",
+        default="",
+        help="step every parameter of this built-in model (e.g. llama-60m; `foam-hf memory --help` lists them) "
+        "instead of --n-weights x --rows x --cols; peers are left out",
+    )
     parser.add_argument("--reps", type=int, default=40, help="timed repetitions per optimizer (interleaved)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--block-sizes", type=int, nargs="+", default=[2, 4, 8, 32])
@@ -298,9 +325,9 @@ def main() -> None:
             sync()
             c.times.append(time.perf_counter() - t0)
 
-    param_bytes = {
-        d: args.n_weights * args.rows * args.cols * torch.empty((), dtype=DTYPES[d]).element_size() for d in args.dtypes
-    }
+    shapes = weight_shapes(args)
+    entries = sum(math.prod(shape) for shape in shapes)
+    param_bytes = {d: entries * torch.empty((), dtype=DTYPES[d]).element_size() for d in args.dtypes}
     baseline = {c.dtype: statistics.median(c.times) for c in runnable if c.name == "torch AdamW fused"}
     where = (
         torch.cuda.get_device_name(torch.device(args.device))
@@ -310,7 +337,7 @@ def main() -> None:
     )
     print(
         f"Date {datetime.date.today()}, {where}, torch {torch.__version__}, git {git_sha()}; "
-        f"{args.n_weights} weights of {args.rows}x{args.cols}, {args.reps} interleaved reps; "
+        f"{describe_shapes(args, shapes)}, {args.reps} interleaved reps; "
         f"fused kernel ready in {compile_s:.1f} s in this process."
     )
     print()
@@ -335,7 +362,14 @@ def main() -> None:
             dict(name=c.name, dtype=c.dtype, state_bytes=c.state_bytes, transient_bytes=c.transient_bytes, median_s=med)
             for c, med, _ in rows
         ]
-        shape = dict(n_weights=args.n_weights, rows=args.rows, cols=args.cols, param_bytes=param_bytes)
+        shape = dict(
+            n_weights=len(shapes),
+            rows=None if args.model else args.rows,
+            cols=None if args.model else args.cols,
+            model=args.model or None,
+            shapes=shapes,
+            param_bytes=param_bytes,
+        )
         Path(args.json).write_text(json.dumps(dict(shape=shape, rows=records), indent=1))
     if left_out:
         print()
@@ -360,7 +394,7 @@ def main() -> None:
         ax.set_xlabel("median step time / torch AdamW(fused=True), same dtype (log)")
         ax.invert_yaxis()
         ax.legend(loc="lower right")
-        ax.set_title(f"{args.n_weights} x {args.rows}x{args.cols}\n{where}", fontsize=9)  # two lines: it fits
+        ax.set_title(f"{describe_shapes(args, shapes)}\n{where}", fontsize=9)  # two lines: it fits
         fig.tight_layout()
         fig.savefig(args.plot, dpi=110)
         print(f"\nplot written to {args.plot}")

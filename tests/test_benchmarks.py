@@ -86,6 +86,29 @@ def test_bench_step(tmp_path):
     assert (tmp_path / "step.png").stat().st_size > 0
 
 
+def test_bench_step_steps_every_parameter_of_a_model(tmp_path):
+    """--model: the parameters of a model config (a built-in name, or here a config.json written from a
+    LlamaConfig), built on the meta device; the state bytes follow its shapes, 1-D tensors unfolded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2
+    )
+    config.save_pretrained(tmp_path / "tiny-llama")
+    args = ["--quick", "--model", str(tmp_path / "tiny-llama"), "--dtypes", "fp32", "--block-sizes", "4"]
+    out = run("bench_step.py", *args, "--no-reference", "--plot", "", "--json", "step.json", cwd=tmp_path)
+    shapes = [tuple(p.shape) for p in LlamaForCausalLM(config).parameters()]
+    assert f"the {len(shapes)} parameters of {tmp_path / 'tiny-llama'}" in out
+    assert "peers: not run with --model" in out
+    report = json.loads((tmp_path / "step.json").read_text())
+    assert [tuple(s) for s in report["shape"]["shapes"]] == shapes
+    rows = {r["name"]: r for r in report["rows"]}
+    # Written from the rule: a tensor of >= 2 dims keeps rows x ceil(n / 4) entries per moment, others n.
+    entries = sum(math.prod(s[:-1]) * -(-s[-1] // 4) if len(s) >= 2 else s[0] for s in shapes)
+    assert rows["FOAM fused B=4"]["state_bytes"] == 8 * entries + 4 * len(shapes)  # two fp32 moments, the steps
+    assert rows["FOAM fused B=4"]["transient_bytes"] == 0
+
+
 def test_bench_quality_trains_through_optim_foam_and_caches_every_run(tmp_path):
     from transformers import TrainingArguments
 
