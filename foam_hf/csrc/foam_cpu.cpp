@@ -188,33 +188,22 @@ void fused_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
     const RoundingOffsets offsets{rounding_offset(static_cast<int64_t>(step), 0),
                                   rounding_offset(static_cast<int64_t>(step), 1)};
     if (p.numel() == 0) continue;
-    const auto hyper = [&](auto zero) {
-      return make_hyper<decltype(zero)>(step, lr, beta1, beta2, eps, weight_decay, scale, res_scale, mean_sq,
-                                        folded);
-    };
     const size_t job = jobs.size();
     total += p.numel();
+    // The job of a tensor stored as S (F32, BF16, F16, F64): its constants now, its share of the rows later.
+    const auto add_job = [&](auto storage) {
+      using S = decltype(storage);
+      const auto h = make_hyper<typename S::C>(step, lr, beta1, beta2, eps, weight_decay, scale, res_scale,
+                                               mean_sq, folded);
+      jobs.emplace_back([=, &p, &g, &m, &v](Share share) {
+        run_tensor<S>(p, g, m, v, folded, block_size, h, offsets, share, job);
+      });
+    };
     switch (p.scalar_type()) {
-      case at::kFloat:
-        jobs.emplace_back([=, &p, &g, &m, &v, h = hyper(0.0f)](Share sh) {
-          run_tensor<F32>(p, g, m, v, folded, block_size, h, offsets, sh, job);
-        });
-        break;
-      case at::kBFloat16:
-        jobs.emplace_back([=, &p, &g, &m, &v, h = hyper(0.0f)](Share sh) {
-          run_tensor<BF16>(p, g, m, v, folded, block_size, h, offsets, sh, job);
-        });
-        break;
-      case at::kHalf:
-        jobs.emplace_back([=, &p, &g, &m, &v, h = hyper(0.0f)](Share sh) {
-          run_tensor<F16>(p, g, m, v, folded, block_size, h, offsets, sh, job);
-        });
-        break;
-      case at::kDouble:
-        jobs.emplace_back([=, &p, &g, &m, &v, h = hyper(0.0)](Share sh) {
-          run_tensor<F64>(p, g, m, v, folded, block_size, h, offsets, sh, job);
-        });
-        break;
+      case at::kFloat: add_job(F32{}); break;
+      case at::kBFloat16: add_job(BF16{}); break;
+      case at::kHalf: add_job(F16{}); break;
+      case at::kDouble: add_job(F64{}); break;
       default: TORCH_INTERNAL_ASSERT(false, "dtype checked above");
     }
   }
