@@ -7,7 +7,8 @@ It prints Markdown tables and writes ``results.json`` and ``results.md`` into ``
 1. **parity**: the Triton kernels against the readable path (``_single_tensor_foam``, run on the same GPU)
    over shapes (ragged rows, 1-D, 3-D, n < B), block sizes, parameter dtypes and both state dtypes, 3 steps,
    within the tolerances of tests/test_fused_triton.py; bf16 moments may differ by one bf16 spacing;
-2. **step time**: median CUDA-event time of one ``step()`` on 8 x 4096² weights, bf16 and fp32, as a ratio to
+2. **step time**: median CUDA-event time of one ``step()`` on 8 x 4096² weights and on the ~290 parameters of
+   Qwen2.5-0.5B (``--model``; where a launch per tensor shows), bf16 and fp32, as a ratio to
    ``torch.optim.AdamW(fused=True)``, for FOAM's Triton path (fp32 and bf16 states) and its foreach path;
 3. **peak transient memory** of every path: ``torch.cuda.max_memory_allocated`` during one step above what was
    allocated before it, in bytes and as a share of the parameter bytes;
@@ -63,11 +64,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-weights", type=int, default=8)
     parser.add_argument("--size", type=int, default=4096, help="timed weights are size x size")
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument(
+        "--model",
+        default="qwen2.5-0.5b",
+        help="also time the step over every parameter of this built-in model (its ~290 tensors show the cost of "
+        "a kernel launch per tensor; a `foam-hf memory` name or a config.json; '' skips it)",
+    )
     parser.add_argument("--trainer-steps", type=int, default=30, help="0 skips the Trainer run")
     args = parser.parse_args(argv)
     if args.quick:
         args.block_sizes = [b for b in args.block_sizes if b in (1, 3, 4)] or [4]
-        args.n_weights, args.size, args.reps, args.steps = 2, 256, 3, 2
+        args.n_weights, args.size, args.reps, args.steps, args.model = 2, 256, 3, 2, ""
         args.trainer_steps = min(args.trainer_steps, 3)
     return args
 
@@ -153,15 +160,27 @@ def step_candidates():
     ]
 
 
+def shape_sets(args) -> list[tuple[str, list[tuple[int, ...]]]]:
+    """The parameter lists timed: ``--n-weights`` of ``--size``², and every parameter of ``--model`` (built on the
+    meta device: shapes only), where the per-tensor cost of the step shows."""
+    sets = [(f"{args.n_weights} x {args.size}²", [(args.size, args.size)] * args.n_weights)]
+    if args.model:
+        from foam_hf.tools.memory_report import build_meta_model, load_config
+
+        shapes = [tuple(p.shape) for p in build_meta_model(load_config(args.model)[0]).parameters()]
+        sets.append((f"{args.model} ({len(shapes)} tensors)", shapes))
+    return sets
+
+
 def time_and_memory(args, device) -> list[dict]:
     rows = []
-    for dname in ("bf16", "fp32"):
+    for (shapes_name, shapes), dname in itertools.product(shape_sets(args), ("bf16", "fp32")):
         dtype = DTYPES[dname]
         for name, make in step_candidates():
             gen = torch.Generator(device=device).manual_seed(0)
             params = []
-            for _ in range(args.n_weights):
-                p = torch.nn.Parameter(torch.randn(args.size, args.size, device=device, generator=gen).to(dtype))
+            for shape in shapes:
+                p = torch.nn.Parameter(torch.randn(shape, device=device, generator=gen).to(dtype))
                 p.grad = (torch.randn(p.shape, device=device, generator=gen) * 1e-2).to(dtype)
                 params.append(p)
             param_bytes = sum(p.numel() * p.element_size() for p in params)
@@ -185,6 +204,7 @@ def time_and_memory(args, device) -> list[dict]:
                 times.append(start.elapsed_time(end))
             rows.append(
                 {
+                    "shapes": shapes_name,
                     "path": name,
                     "dtype": dname,
                     "ms": statistics.median(times),
@@ -194,10 +214,10 @@ def time_and_memory(args, device) -> list[dict]:
             )
             del optimizer, params
             torch.cuda.empty_cache()
-        base = next(r["ms"] for r in rows if r["dtype"] == dname and r["path"] == "torch AdamW fused")
-        for r in rows:
-            if r["dtype"] == dname:
-                r["ratio_to_adamw_fused"] = r["ms"] / base
+        same = [r for r in rows if r["dtype"] == dname and r["shapes"] == shapes_name]
+        base = next(r["ms"] for r in same if r["path"] == "torch AdamW fused")
+        for r in same:
+            r["ratio_to_adamw_fused"] = r["ms"] / base
     return rows
 
 
@@ -305,9 +325,10 @@ def markdown(results: dict) -> str:
     if results["steps"]:
         lines += ["", "**Step time and peak transient memory** (median; ratio to AdamW fused, same dtype)", ""]
         lines += _table(
-            ["path", "dtype", "ms/step", "x AdamW fused", "transient", "% of params"],
+            ["shapes", "path", "dtype", "ms/step", "x AdamW fused", "transient", "% of params"],
             [
                 [
+                    r["shapes"],
                     r["path"],
                     r["dtype"],
                     f"{r['ms']:.3f}",

@@ -17,6 +17,8 @@ import _helpers
 import pytest
 import torch
 
+from foam_hf.tools.model_shapes import KNOWN_MODELS
+
 _fused_triton = _helpers._fused_triton  # imported only now: after tests/conftest.py set TRITON_INTERPRET
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,6 +50,14 @@ def test_arguments_and_quick_sizes():
     assert quick.block_sizes == [3] and quick.size == 256 and quick.trainer_steps == 3
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--dtypes", "fp8"])
+    # The step is timed on 8 x 4096² and on a real model's list of tensors (where a launch per tensor shows):
+    # Qwen2.5-0.5B has tied embeddings, a final norm, and per layer 7 weights, q/k/v biases and 2 norms.
+    (big_name, big), (model_name, shapes) = gpu_check.shape_sets(args)
+    assert big == [(4096, 4096)] * 8 and big_name == "8 x 4096²"
+    layers = KNOWN_MODELS["qwen2.5-0.5b"]["num_hidden_layers"]
+    assert len(shapes) == 2 + 12 * layers and model_name == f"qwen2.5-0.5b ({len(shapes)} tensors)"
+    assert sum(len(shape) == 1 for shape in shapes) == 1 + 5 * layers  # norms and biases: never folded
+    assert [name for name, _ in gpu_check.shape_sets(quick)] == ["2 x 256²"]  # --quick: no model
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
