@@ -123,6 +123,42 @@ def broken_links(pages: list[Path], root: Path = ROOT) -> list[str]:
     return problems
 
 
+# ------------------------------------------------------------------------------------ cited tests
+
+# `tests/test_x.py::test_name`, or `::test_name` after one (the same file), in a code span; parametrize ids dropped.
+_CITED_TEST = re.compile(r"`((?:tests/[\w/]+\.py)?)::(test_\w+)(?:\[[^\]`]*\])?`")
+
+
+def cited_tests(path: Path) -> list[tuple[int, str, str]]:
+    """(line, file, test name) of every test a page cites; ``::name`` cites the file named last before it."""
+    found, current = [], ""
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for file, name in _CITED_TEST.findall(line):
+            current = file or current
+            found.append((number, current, name))
+    return found
+
+
+def missing_tests(pages: list[Path], root: Path = ROOT) -> list[str]:
+    """``page:line: why`` for every cited test whose file or top-level function does not exist."""
+    problems, defined = [], {}
+    for page in pages:
+        where = page.relative_to(root).as_posix()
+        for number, file, name in cited_tests(page):
+            if not file:
+                problems.append(f"{where}:{number}: ::{name} cites no file before it")
+                continue
+            if file not in defined:
+                source = root / file
+                tree = ast.parse(source.read_text(encoding="utf-8")) if source.is_file() else None
+                defined[file] = None if tree is None else {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+            if defined[file] is None:
+                problems.append(f"{where}:{number}: {file} does not exist")
+            elif name not in defined[file]:
+                problems.append(f"{where}:{number}: {file} has no test {name}")
+    return problems
+
+
 # ------------------------------------------------------------------------------------ checked tables
 
 _MARKER = re.compile(r"<!--\s*checked-(errors|defaults|setup)(?::\s*(\S+))?\s*-->")
@@ -251,6 +287,41 @@ def test_link_checker_catches_what_it_should(tmp_path):
         "page.md:3: 'missing.md' -> missing.md does not exist",
         "page.md:9: 'docs/benchmarks.md' -> docs/benchmarks.md does not exist",
     ]
+
+
+def test_cited_tests_exist():
+    """docs/guarantees.md names the test that proves each promise: a renamed or deleted test must not leave a
+    promise that cites nothing."""
+    cited = [c for page in doc_files() for c in cited_tests(page)]
+    assert len(cited) >= 50, f"only {len(cited)} cited tests found: the pattern no longer matches the docs"
+    problems = missing_tests(doc_files())
+    assert not problems, "the docs cite tests that do not exist:\n" + "\n".join(problems)
+
+
+def test_cited_test_checker_catches_what_it_should(tmp_path):
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_a.py").write_text("def test_one():\n    pass\n\n\ndef helper():\n    pass\n")
+    page = tmp_path / "page.md"
+    page.write_text(
+        "| `tests/test_a.py::test_one`, `::test_two` |\n`::test_one[x-1]` `tests/test_b.py::test_one`\n"
+        "`::test_orphan` is fine: it follows test_b\n",
+        encoding="utf-8",
+    )
+    assert cited_tests(page) == [
+        (1, "tests/test_a.py", "test_one"),
+        (1, "tests/test_a.py", "test_two"),
+        (2, "tests/test_a.py", "test_one"),
+        (2, "tests/test_b.py", "test_one"),
+        (3, "tests/test_b.py", "test_orphan"),
+    ]
+    assert missing_tests([page], root=tmp_path) == [
+        "page.md:1: tests/test_a.py has no test test_two",
+        "page.md:2: tests/test_b.py does not exist",
+        "page.md:3: tests/test_b.py does not exist",
+    ]
+    lone = tmp_path / "lone.md"
+    lone.write_text("`::test_one`\n", encoding="utf-8")
+    assert missing_tests([lone], root=tmp_path) == ["lone.md:1: ::test_one cites no file before it"]
 
 
 def test_marked_tables_parse():
