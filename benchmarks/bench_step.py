@@ -83,14 +83,18 @@ def cuda_transient_peak_bytes(step: Callable[[], None]) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
-def weight_shapes(args) -> list[tuple[int, ...]]:
-    """The shapes stepped: ``--n-weights`` of ``--rows x --cols``, or with ``--model`` every parameter of that
-    built-in model (``foam-hf memory``'s names; built on the meta device, so nothing is downloaded)."""
-    if not args.model:
-        return [(args.rows, args.cols)] * args.n_weights
+def model_parameter_shapes(model: str) -> list[tuple[int, ...]]:
+    """The shape of every parameter of ``model`` (a ``foam-hf memory`` name or a config.json), built on the meta
+    device, so nothing is downloaded or allocated."""
     from foam_hf.tools.memory_report import build_meta_model, load_config
 
-    return [tuple(p.shape) for p in build_meta_model(load_config(args.model)[0]).parameters()]
+    return [tuple(p.shape) for p in build_meta_model(load_config(model)[0]).parameters()]
+
+
+def weight_shapes(args) -> list[tuple[int, ...]]:
+    """The shapes stepped: ``--n-weights`` of ``--rows x --cols``, or with ``--model`` every parameter of that
+    model."""
+    return model_parameter_shapes(args.model) if args.model else [(args.rows, args.cols)] * args.n_weights
 
 
 def describe_shapes(args, shapes: list[tuple[int, ...]]) -> str:
@@ -101,12 +105,14 @@ def describe_shapes(args, shapes: list[tuple[int, ...]]) -> str:
     return f"the {len(shapes)} parameters of {args.model} ({entries / 1e6:.1f}M entries, {folded} of them 2-D)"
 
 
-def make_weights(args, dtype: torch.dtype, seed: int = 0) -> list[torch.nn.Parameter]:
+def make_weights(
+    shapes: list[tuple[int, ...]], device: str, dtype: torch.dtype, seed: int = 0
+) -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(seed)
     weights = []
-    for shape in weight_shapes(args):
-        w = torch.nn.Parameter(torch.randn(*shape, generator=gen).to(args.device, dtype))
-        w.grad = (torch.randn(*shape, generator=gen) * 1e-2).to(args.device, dtype)
+    for shape in shapes:
+        w = torch.nn.Parameter(torch.randn(*shape, generator=gen).to(device, dtype))
+        w.grad = (torch.randn(*shape, generator=gen) * 1e-2).to(device, dtype)
         weights.append(w)
     return weights
 
@@ -300,10 +306,11 @@ def main() -> None:
             kernel.set_isa(args.isa)
     peak_bytes = cuda_transient_peak_bytes if on_cuda else transient_peak_bytes
 
+    shapes = weight_shapes(args)
     candidates, left_out = build_candidates(args)
     runnable: list[Candidate] = []
     for c in candidates:
-        c.params = make_weights(args, DTYPES[c.dtype])
+        c.params = make_weights(shapes, args.device, DTYPES[c.dtype])
         try:
             c.optimizer = c.make(c.params)
             for _ in range(args.warmup):
@@ -325,7 +332,6 @@ def main() -> None:
             sync()
             c.times.append(time.perf_counter() - t0)
 
-    shapes = weight_shapes(args)
     entries = sum(math.prod(shape) for shape in shapes)
     param_bytes = {d: entries * torch.empty((), dtype=DTYPES[d]).element_size() for d in args.dtypes}
     baseline = {c.dtype: statistics.median(c.times) for c in runnable if c.name == "torch AdamW fused"}

@@ -165,9 +165,9 @@ def shape_sets(args) -> list[tuple[str, list[tuple[int, ...]]]]:
     meta device: shapes only), where the per-tensor cost of the step shows."""
     sets = [(f"{args.n_weights} x {args.size}²", [(args.size, args.size)] * args.n_weights)]
     if args.model:
-        from foam_hf.tools.memory_report import build_meta_model, load_config
+        from bench_step import model_parameter_shapes
 
-        shapes = [tuple(p.shape) for p in build_meta_model(load_config(args.model)[0]).parameters()]
+        shapes = model_parameter_shapes(args.model)
         sets.append((f"{args.model} ({len(shapes)} tensors)", shapes))
     return sets
 
