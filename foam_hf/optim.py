@@ -274,14 +274,9 @@ class FOAM(Optimizer):
                 state["step"] += 1
                 continue
             params_with_grad.append(local_param)
-            if local_param is p:  # a plain tensor, whose gradient and moments are plain too
-                grads.append(grad)
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-            else:
-                grads.append(local_tensor(grad))
-                exp_avgs.append(local_tensor(state["exp_avg"]))
-                exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
+            grads.append(local_tensor(grad))
+            exp_avgs.append(local_tensor(state["exp_avg"]))
+            exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
             state_steps.append(state["step"])
 
     @torch.no_grad()

@@ -310,10 +310,10 @@ def test_threads_step_the_list_exactly_as_one_thread(isa, block_size, state_dtyp
             assert torch.equal(a, b), (threads, tuple(a.shape))
             for key in ("exp_avg", "exp_avg_sq"):
                 assert torch.equal(one_opt.state[a][key], many_opt.state[b][key]), (threads, key)
-    theirs = clone_params(params)
-    reference = FOAM(theirs, foreach=False, fused=False, block_size=block_size, **EVERY_TERM)
-    run(reference, theirs, grad_sequence(params, STEPS))
-    if state_dtype == "float32":
+    if state_dtype == "float32":  # bf16 states: the bf16-state test above holds them to the fp32 step
+        theirs = clone_params(params)
+        reference = FOAM(theirs, foreach=False, fused=False, block_size=block_size, **EVERY_TERM)
+        run(reference, theirs, grad_sequence(params, STEPS))
         for a, b in zip(one, theirs):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
