@@ -210,17 +210,25 @@ def in_cache_runner(
     copies: int = IN_CACHE_COPIES,
     mean_sq: bool = False,
 ) -> Callable[[], None] | None:
-    """``entries`` entries of the step on one small tensor of ``shape``, listed up to ``copies`` times per call;
+    """``entries`` entries of the step on small tensors of ``shape``, listed up to ``copies`` times per call;
     block_size None is fused AdamW (states in the parameters' dtype, as torch keeps them). None where torch lacks
-    the op. ``mean_sq`` picks FOAM's second moment (``second_moment="mean_sq"``, the default, or ``sq_mean``)."""
+    the op. ``mean_sq`` picks FOAM's second moment (``second_moment="mean_sq"``, the default, or ``sq_mean``).
+
+    Each of torch's threads gets its own tensor: the list alternates between ``torch.get_num_threads()`` sets,
+    since the kernel hands list entry ``j`` of a size under its grain to thread ``j mod threads``. Listing one
+    tensor for all threads had them write the same cache lines at once, and the "in cache" step came out slower
+    than the real one."""
     rows, cols = shape
     gen = torch.Generator().manual_seed(0)
-    p = torch.randn(rows, cols, generator=gen).to(param_dtype)
-    g = (torch.randn(rows, cols, generator=gen) * 1e-2).to(param_dtype)
     k = cols if block_size is None else -(-cols // block_size)
-    m = torch.zeros(rows, k, dtype=param_dtype if block_size is None else state_dtype)
-    v = torch.zeros_like(m)
+    sets = []
+    for _ in range(max(1, torch.get_num_threads())):
+        p = torch.randn(rows, cols, generator=gen).to(param_dtype)
+        g = (torch.randn(rows, cols, generator=gen) * 1e-2).to(param_dtype)
+        m = torch.zeros(rows, k, dtype=param_dtype if block_size is None else state_dtype)
+        sets.append((p, g, m, torch.zeros_like(m)))
     n = max(1, min(copies, entries // (rows * cols)))
+    ps, gs, ms, vs = (list(column) for column in zip(*(sets[j % len(sets)] for j in range(n))))
     steps = [torch.zeros((), dtype=torch.float32) for _ in range(n)]
     calls = max(1, entries // (rows * cols * n))
     if block_size is None:
@@ -231,15 +239,13 @@ def in_cache_runner(
 
         def adamw() -> None:
             for _ in range(calls):
-                op([p] * n, [g] * n, [m] * n, [v] * n, [], steps, **hyper)
+                op(ps, gs, ms, vs, [], steps, **hyper)
 
         return adamw
 
     def foam() -> None:
         for _ in range(calls):
-            kernel.fused_step(
-                [p] * n, [g] * n, [m] * n, [v] * n, steps, 1e-3, 0.9, 0.999, 1e-8, 0.01, block_size, 1.0, 1.0, mean_sq
-            )
+            kernel.fused_step(ps, gs, ms, vs, steps, 1e-3, 0.9, 0.999, 1e-8, 0.01, block_size, 1.0, 1.0, mean_sq)
 
     return foam
 
