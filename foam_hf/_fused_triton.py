@@ -1,4 +1,5 @@
-"""The fused CUDA step of FOAM: Triton kernels, one launch per tensor, no full-size temporaries.
+"""The fused CUDA step of FOAM: Triton kernels, a launch per large tensor and one for many small ones, no full-size
+temporaries.
 
 The same math, constants and order of operations as the fused CPU kernel (``csrc/foam_cpu.cpp``) and the
 readable path (:func:`foam_hf.functional._single_tensor_foam`), which the tests hold it to:
@@ -9,10 +10,16 @@ readable path (:func:`foam_hf.functional._single_tensor_foam`), which the tests 
 * per block: ``g̃``, ``g̃⁽²⁾``, ``m̃ ← lerp(m̃, g̃, 1−β1)``, ``ṽ ← β2 ṽ + (1−β2) g̃⁽²⁾``; per entry:
   ``R = G − g̃``, ``M = m̃ + ρR``, ``V = ṽ + ρ²R²``, ``W ← W(1−γλ) + c · M / (√V + ε√bc2)`` with
   ``c = −γα√bc2 / bc1`` (ε moved inside the bias-corrected root, one division per entry);
-* unfolded tensors (1-D, or ``B = 1``) take AdamW's update in a 1-D kernel.
+* unfolded tensors (1-D, or ``B = 1``) take AdamW's update in a 1-D kernel;
+* launches: a tensor of at least ``_SHARED_MAX_ENTRIES`` entries gets its own (the grid above); smaller tensors of
+  one kind (folded or not, dtypes, step count) share one, over an int64 table of their addresses and sizes,
+  program ``(i, p)`` taking every ``P``-th tile of tensor ``i``. A launch costs microseconds of host time whatever
+  its size, and most of a model's tensors are small (norms, biases, small projections). Both kinds run the same
+  per-tile code (``_fold_tile``, ``_adamw_span``), so a tensor steps the same bits in either.
 
 Square roots and divisions are IEEE round-to-nearest (``tl.sqrt_rn``, ``tl.div_rn``), not the GPU's fast
-approximations, so results match the CPU paths to rounding. G and W are read once and W written once per
+approximations, and no ``a·b + c`` is contracted into a fused multiply-add (``enable_fp_fusion=False``, as
+Triton's interpreter computes), so results match the CPU paths to rounding. G and W are read once and W written once per
 entry, in the parameter's dtype; moments are float32, or bfloat16 (``state_dtype="bfloat16"``): loaded into
 fp32, updated, used for the step, and stored with the stochastic rounding of the other paths
 (:func:`foam_hf.precision.store_moment`), the same counter hash of (index, step, salt) computed in-kernel, so a
@@ -26,6 +33,7 @@ this module is imported), which checks their logic but says nothing of their spe
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 
@@ -52,6 +60,21 @@ STATE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
 # The counter hash of foam_hf.precision.rounding_dither: the per-(step, salt) key is computed here, once a step.
 _HASH_STEP, _HASH_SALT, _MASK32 = 0x85EBCA77, 0xC2B2AE3D, 0xFFFFFFFF
 _ADAMW_BLOCK = 1024
+#: Options of every launch. No contraction of a·b + c into one fused multiply-add: the kernels then round as
+#: they read, as in Triton's interpreter (where the tests run them), whatever Triton's default (which changes
+#: in 3.10).
+_LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+#: Tensors under this many entries share launches: one per kernel, dtypes and step count, over a table of their
+#: addresses. A launch costs microseconds of Python and driver time whatever its size, and a model's norms,
+#: biases and small projections are most of its tensors but a small part of its entries; larger tensors keep a
+#: launch each, whose arguments tell the compiler their alignment (the shared kernels load addresses and sizes
+#: from the table, so they cannot vectorise on the same promise).
+_SHARED_MAX_ENTRIES = 1 << 20
+#: Programs a shared launch aims for in all (each tensor gets its share, at least one, at most one per tile).
+_SHARED_PROGRAMS = 4096
+#: int64 columns of a table row: addresses of G, W, m̃ and ṽ, then n, blocks per row and rows (folded), or the
+#: entry count (unfolded); the last is padding.
+_TABLE_COLUMNS = 8
 
 
 def triton_available() -> bool:
@@ -91,8 +114,9 @@ def _self_check_mismatch(device: torch.device) -> str | None:
     hyper = dict(
         lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, scale=1.0, res_scale=1.0, second_moment="mean_sq"
     )
-    cases = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]  # (params, moments)
-    for dtype, state_dtype in cases:
+    # (params, moments, shared_max_entries): each tensor in a launch of its own, then all of them in shared ones
+    cases = [(d, d, shared) for d in (torch.float32, torch.bfloat16) for shared in (0, sys.maxsize)]
+    for dtype, state_dtype, shared in cases:
         block_size = 4
         kernel = _scratch_problem(device, dtype, state_dtype, block_size)
         readable = _scratch_problem(device, dtype, state_dtype, block_size)
@@ -100,8 +124,9 @@ def _self_check_mismatch(device: torch.device) -> str | None:
         readable_steps = [torch.tensor(0.0) for _ in readable[0]]
         for step in range(_CHECK_STEPS):
             _fused_foam_triton(
-                kernel[0], kernel[1][step], kernel[2], kernel[3], kernel_steps, block_size=block_size, **hyper
-            )
+                kernel[0], kernel[1][step], kernel[2], kernel[3], kernel_steps, block_size=block_size,
+                shared_max_entries=shared, **hyper,
+            )  # fmt: skip
             _single_tensor_foam(
                 readable[0], readable[1][step], readable[2], readable[3], readable_steps, block_size=block_size, **hyper
             )
@@ -115,8 +140,10 @@ def _self_check_mismatch(device: torch.device) -> str | None:
             got, want = got.float(), want.float()
             if not torch.allclose(got, want, atol=atol, rtol=rtol):
                 worst = (got - want).abs().nan_to_num(float("inf")).max().item()
+                launch = "shared launches" if shared else "a launch per tensor"
                 return (
-                    f"{name} of shape {tuple(got.shape)} ({dtype} parameters, {state_dtype} moments) differs from "
+                    f"{name} of shape {tuple(got.shape)} ({dtype} parameters, {state_dtype} moments, {launch}) "
+                    "differs from "
                     f"the readable path by up to {worst:.3g} (atol={atol:.3g}, rtol={rtol:.3g})"
                 )
     return None
@@ -173,6 +200,8 @@ def triton_supported(param: torch.Tensor) -> bool:
 
 
 if triton is not None:
+    _TABLE_WIDTH = tl.constexpr(_TABLE_COLUMNS)
+    _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
     @triton.jit
     def _store_weight(ptrs, value, mask, OUT_BF16: tl.constexpr):
@@ -206,11 +235,13 @@ if triton is not None:
             tl.store(ptrs, value, mask=mask)
 
     @triton.jit
-    def _foam_fold_kernel(
+    def _fold_tile(
         g_ptr,
         w_ptr,
         m_ptr,
         v_ptr,
+        row,
+        tile,
         n,
         num_blocks,
         decay,
@@ -231,8 +262,8 @@ if triton is not None:
         OUT_BF16: tl.constexpr,
         STATE_BF16: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
-        k = tl.program_id(1) * KB + tl.arange(0, KB)  # block indices of this tile
+        # Tile `tile` of row `row` of a folded tensor: KB blocks of B entries, as a KB x BP tile.
+        k = tile * KB + tl.arange(0, KB)  # block indices of this tile
         lane = tl.arange(0, BP)
         col = k[:, None] * B + lane[None, :]
         in_block = (lane[None, :] < B) & (col < n) & (k[:, None] < num_blocks)
@@ -267,6 +298,117 @@ if triton is not None:
         _store_weight(w_ptrs, w_new, in_block, OUT_BF16)
 
     @triton.jit
+    def _foam_fold_kernel(
+        g_ptr,
+        w_ptr,
+        m_ptr,
+        v_ptr,
+        n,
+        num_blocks,
+        decay,
+        lerp_weight,
+        beta2,
+        one_minus_beta2,
+        rho,
+        rho2,
+        eps_bc2,
+        step_c,
+        key_m,
+        key_v,
+        B: tl.constexpr,
+        BP: tl.constexpr,
+        KB: tl.constexpr,
+        MEAN_SQ: tl.constexpr,
+        SMALL_WEIGHT: tl.constexpr,
+        OUT_BF16: tl.constexpr,
+        STATE_BF16: tl.constexpr,
+    ):
+        # One tensor per launch: program (r, t) steps tile t of row r.
+        _fold_tile(
+            g_ptr, w_ptr, m_ptr, v_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1), n, num_blocks,
+            decay, lerp_weight, beta2, one_minus_beta2, rho, rho2, eps_bc2, step_c, key_m, key_v,
+            B, BP, KB, MEAN_SQ, SMALL_WEIGHT, OUT_BF16, STATE_BF16,
+        )  # fmt: skip
+
+    @triton.jit
+    def _foam_fold_list_kernel(
+        table_ptr,
+        decay,
+        lerp_weight,
+        beta2,
+        one_minus_beta2,
+        rho,
+        rho2,
+        eps_bc2,
+        step_c,
+        key_m,
+        key_v,
+        PARAM_DTYPE: tl.constexpr,
+        STATE_DTYPE: tl.constexpr,
+        B: tl.constexpr,
+        BP: tl.constexpr,
+        KB: tl.constexpr,
+        MEAN_SQ: tl.constexpr,
+        SMALL_WEIGHT: tl.constexpr,
+        OUT_BF16: tl.constexpr,
+        STATE_BF16: tl.constexpr,
+    ):
+        # Many tensors per launch: program (i, p) steps tiles p, p + P, p + 2P, ... of the tensor in row i of
+        # the table (its addresses, n and block count: _TABLE_COLUMNS); P is the grid's second dimension.
+        entry = table_ptr + tl.program_id(0) * _TABLE_WIDTH
+        g_ptr = tl.load(entry + 0).to(tl.pointer_type(PARAM_DTYPE))
+        w_ptr = tl.load(entry + 1).to(tl.pointer_type(PARAM_DTYPE))
+        m_ptr = tl.load(entry + 2).to(tl.pointer_type(STATE_DTYPE))
+        v_ptr = tl.load(entry + 3).to(tl.pointer_type(STATE_DTYPE))
+        n = tl.load(entry + 4)
+        num_blocks = tl.load(entry + 5)
+        tiles_per_row = tl.cdiv(num_blocks, KB)
+        tiles = tl.load(entry + 6) * tiles_per_row
+        for tile in range(tl.program_id(1).to(tl.int64), tiles, tl.num_programs(1).to(tl.int64)):
+            _fold_tile(
+                g_ptr, w_ptr, m_ptr, v_ptr, tile // tiles_per_row, tile % tiles_per_row, n, num_blocks,
+                decay, lerp_weight, beta2, one_minus_beta2, rho, rho2, eps_bc2, step_c, key_m, key_v,
+                B, BP, KB, MEAN_SQ, SMALL_WEIGHT, OUT_BF16, STATE_BF16,
+            )  # fmt: skip
+
+    @triton.jit
+    def _adamw_span(
+        g_ptr,
+        w_ptr,
+        m_ptr,
+        v_ptr,
+        start,
+        numel,
+        decay,
+        lerp_weight,
+        beta2,
+        one_minus_beta2,
+        eps_bc2,
+        step_c,
+        key_m,
+        key_v,
+        BLOCK: tl.constexpr,
+        SMALL_WEIGHT: tl.constexpr,
+        OUT_BF16: tl.constexpr,
+        STATE_BF16: tl.constexpr,
+    ):
+        # AdamW's update (FOAM at B = 1) of the BLOCK entries from `start` of an unfolded tensor.
+        offsets = start + tl.arange(0, BLOCK)
+        mask = offsets < numel
+        g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        m_old = tl.load(m_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        if SMALL_WEIGHT:
+            m = m_old + lerp_weight * (g - m_old)
+        else:
+            m = g - (g - m_old) * (1.0 - lerp_weight)
+        v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(tl.float32) * beta2 + one_minus_beta2 * g * g
+        _store_moment(m_ptr + offsets, m, mask, offsets, key_m, STATE_BF16)
+        _store_moment(v_ptr + offsets, v, mask, offsets, key_v, STATE_BF16)
+        w = tl.load(w_ptr + offsets, mask=mask, other=0.0)
+        w_new = w.to(tl.float32) * decay + step_c * tl.div_rn(m, tl.sqrt_rn(v) + eps_bc2)
+        _store_weight(w_ptr + offsets, w_new, mask, OUT_BF16)
+
+    @triton.jit
     def _adamw_kernel(
         g_ptr,
         w_ptr,
@@ -286,20 +428,44 @@ if triton is not None:
         OUT_BF16: tl.constexpr,
         STATE_BF16: tl.constexpr,
     ):
-        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offsets < numel
-        g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        m_old = tl.load(m_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        if SMALL_WEIGHT:
-            m = m_old + lerp_weight * (g - m_old)
-        else:
-            m = g - (g - m_old) * (1.0 - lerp_weight)
-        v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(tl.float32) * beta2 + one_minus_beta2 * g * g
-        _store_moment(m_ptr + offsets, m, mask, offsets, key_m, STATE_BF16)
-        _store_moment(v_ptr + offsets, v, mask, offsets, key_v, STATE_BF16)
-        w = tl.load(w_ptr + offsets, mask=mask, other=0.0)
-        w_new = w.to(tl.float32) * decay + step_c * tl.div_rn(m, tl.sqrt_rn(v) + eps_bc2)
-        _store_weight(w_ptr + offsets, w_new, mask, OUT_BF16)
+        # One tensor per launch: program p steps entries [p·BLOCK, (p+1)·BLOCK).
+        _adamw_span(
+            g_ptr, w_ptr, m_ptr, v_ptr, tl.program_id(0).to(tl.int64) * BLOCK, numel,
+            decay, lerp_weight, beta2, one_minus_beta2, eps_bc2, step_c, key_m, key_v,
+            BLOCK, SMALL_WEIGHT, OUT_BF16, STATE_BF16,
+        )  # fmt: skip
+
+    @triton.jit
+    def _adamw_list_kernel(
+        table_ptr,
+        decay,
+        lerp_weight,
+        beta2,
+        one_minus_beta2,
+        eps_bc2,
+        step_c,
+        key_m,
+        key_v,
+        PARAM_DTYPE: tl.constexpr,
+        STATE_DTYPE: tl.constexpr,
+        BLOCK: tl.constexpr,
+        SMALL_WEIGHT: tl.constexpr,
+        OUT_BF16: tl.constexpr,
+        STATE_BF16: tl.constexpr,
+    ):
+        # Many tensors per launch, as _foam_fold_list_kernel: program (i, p) steps spans p, p + P, ... of tensor i.
+        entry = table_ptr + tl.program_id(0) * _TABLE_WIDTH
+        g_ptr = tl.load(entry + 0).to(tl.pointer_type(PARAM_DTYPE))
+        w_ptr = tl.load(entry + 1).to(tl.pointer_type(PARAM_DTYPE))
+        m_ptr = tl.load(entry + 2).to(tl.pointer_type(STATE_DTYPE))
+        v_ptr = tl.load(entry + 3).to(tl.pointer_type(STATE_DTYPE))
+        numel = tl.load(entry + 4)
+        for span in range(tl.program_id(1).to(tl.int64), tl.cdiv(numel, BLOCK), tl.num_programs(1).to(tl.int64)):
+            _adamw_span(
+                g_ptr, w_ptr, m_ptr, v_ptr, span * BLOCK, numel,
+                decay, lerp_weight, beta2, one_minus_beta2, eps_bc2, step_c, key_m, key_v,
+                BLOCK, SMALL_WEIGHT, OUT_BF16, STATE_BF16,
+            )  # fmt: skip
 
 
 def _fused_foam_triton(
@@ -318,8 +484,12 @@ def _fused_foam_triton(
     scale: float,
     res_scale: float,
     second_moment: str,
+    shared_max_entries: int | None = None,
 ) -> None:
-    """The CUDA fused path: one kernel launch per tensor; the ``impl`` :func:`foam_hf.functional.foam` picks on CUDA.
+    """The CUDA fused path, the ``impl`` :func:`foam_hf.functional.foam` picks on CUDA: one kernel launch per tensor
+    of at least ``shared_max_entries`` entries (default :data:`_SHARED_MAX_ENTRIES`; 0 gives every tensor its own),
+    and one per kind of smaller tensor (folded or not, dtypes, step count) for all of them, through a table of
+    their addresses. Both launches run the same per-tile code, so a tensor steps the same bits either way.
 
     The bias corrections come from ``state_steps`` (CPU scalars, as in torch's Adam), so a step never waits
     on the GPU. Gradients that are not contiguous or not in the parameter's dtype are made so first.
@@ -335,71 +505,134 @@ def _fused_foam_triton(
                 "Fix: pass fused=None or False for this group."
             )
 
-    lerp_weight = 1.0 - beta1
-    small_weight = abs(lerp_weight) < 0.5
-    for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
-        step_t += 1
-        step = step_t.item()
-        folded = is_foldable(param, block_size)
-        constants = step_constants(step, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
-        decay = constants.decay
-        eps_bc2, step_c = constants.fused(eps, scale if folded else 1.0)
-        key_m, key_v = ((int(step) * _HASH_STEP + salt * _HASH_SALT) & _MASK32 for salt in (0, 1))
-        state_bf16 = exp_avg.dtype == torch.bfloat16
+    hyper = dict(
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, block_size=block_size, scale=scale,
+        res_scale=res_scale, second_moment=second_moment,
+    )  # fmt: skip
+    if shared_max_entries is None:
+        shared_max_entries = _SHARED_MAX_ENTRIES
+    torch._foreach_add_(state_steps, 1)
+    steps = torch.stack(state_steps).tolist() if len({s.device for s in state_steps}) == 1 else None
+    shared: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
+    for index, (param, grad, exp_avg, exp_avg_sq) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         if param.numel() == 0:
             continue
         if grad.dtype != param.dtype or not grad.is_contiguous():
             grad = grad.to(param.dtype).contiguous()
-        if folded:
-            n = param.shape[-1]
-            rows = param.numel() // n
-            num_blocks = (n + block_size - 1) // block_size
-            padded = 1 << (block_size - 1).bit_length()
-            blocks_per_tile = max(1, _TILE // padded)
-            grid = (rows, triton.cdiv(num_blocks, blocks_per_tile))
-            _foam_fold_kernel[grid](
-                grad,
-                param,
-                exp_avg,
-                exp_avg_sq,
-                n,
-                num_blocks,
-                decay,
-                lerp_weight,
-                beta2,
-                1.0 - beta2,
-                res_scale,
-                res_scale * res_scale,
-                eps_bc2,
-                step_c,
-                key_m,
-                key_v,
-                B=block_size,
-                BP=padded,
-                KB=blocks_per_tile,
-                MEAN_SQ=second_moment == "mean_sq",
-                SMALL_WEIGHT=small_weight,
-                OUT_BF16=param.dtype == torch.bfloat16,
-                STATE_BF16=state_bf16,
-            )
+        step = steps[index] if steps is not None else state_steps[index].item()
+        folded = is_foldable(param, block_size)
+        tensors = (grad, param, exp_avg, exp_avg_sq)
+        if param.numel() < shared_max_entries:
+            shared.setdefault((folded, param.dtype, exp_avg.dtype, step), []).append(tensors)
+        elif folded:
+            _launch_folded(tensors, step, hyper)
         else:
-            grid = (triton.cdiv(param.numel(), _ADAMW_BLOCK),)
-            _adamw_kernel[grid](
-                grad,
-                param,
-                exp_avg,
-                exp_avg_sq,
-                param.numel(),
-                decay,
-                lerp_weight,
-                beta2,
-                1.0 - beta2,
-                eps_bc2,
-                step_c,
-                key_m,
-                key_v,
-                BLOCK=_ADAMW_BLOCK,
-                SMALL_WEIGHT=small_weight,
-                OUT_BF16=param.dtype == torch.bfloat16,
-                STATE_BF16=state_bf16,
-            )
+            _launch_unfolded(tensors, step, hyper)
+    for (folded, _, _, step), members in shared.items():
+        _launch_shared(members, folded, step, hyper)
+
+
+def _cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ of two ints, in plain Python (``triton.cdiv`` is a Triton function: ~4 us a call from Python)."""
+    return -(-a // b)
+
+
+def _kernel_scalars(step: float, folded: bool, hyper: dict) -> dict:
+    """The runtime scalars every kernel takes at step count ``step``: :func:`foam_hf.step_scalars.step_constants`
+    in the fused form, torch.lerp's weight, and the keys of the moments' rounding hash."""
+    constants = step_constants(
+        step, lr=hyper["lr"], beta1=hyper["beta1"], beta2=hyper["beta2"], weight_decay=hyper["weight_decay"]
+    )
+    eps_bc2, step_c = constants.fused(hyper["eps"], hyper["scale"] if folded else 1.0)
+    key_m, key_v = ((int(step) * _HASH_STEP + salt * _HASH_SALT) & _MASK32 for salt in (0, 1))
+    return dict(
+        decay=constants.decay,
+        lerp_weight=1.0 - hyper["beta1"],
+        beta2=hyper["beta2"],
+        one_minus_beta2=1.0 - hyper["beta2"],
+        eps_bc2=eps_bc2,
+        step_c=step_c,
+        key_m=key_m,
+        key_v=key_v,
+    )
+
+
+def _fold_constexprs(param: torch.Tensor, exp_avg: torch.Tensor, hyper: dict) -> dict:
+    """The compile-time choices of the folded kernels: block size, tile, second moment, lerp branch, dtypes."""
+    block_size = hyper["block_size"]
+    padded = 1 << (block_size - 1).bit_length()
+    return dict(
+        B=block_size,
+        BP=padded,
+        KB=max(1, _TILE // padded),
+        MEAN_SQ=hyper["second_moment"] == "mean_sq",
+        SMALL_WEIGHT=abs(1.0 - hyper["beta1"]) < 0.5,
+        OUT_BF16=param.dtype == torch.bfloat16,
+        STATE_BF16=exp_avg.dtype == torch.bfloat16,
+    )
+
+
+def _adamw_constexprs(param: torch.Tensor, exp_avg: torch.Tensor, hyper: dict) -> dict:
+    """The compile-time choices of the AdamW kernels: span, lerp branch, dtypes."""
+    return dict(
+        BLOCK=_ADAMW_BLOCK,
+        SMALL_WEIGHT=abs(1.0 - hyper["beta1"]) < 0.5,
+        OUT_BF16=param.dtype == torch.bfloat16,
+        STATE_BF16=exp_avg.dtype == torch.bfloat16,
+    )
+
+
+def _launch_folded(tensors: tuple[torch.Tensor, ...], step: float, hyper: dict) -> None:
+    """One launch for one folded tensor: program (r, t) steps tile t of row r."""
+    grad, param, exp_avg, exp_avg_sq = tensors
+    n = param.shape[-1]
+    constexprs = _fold_constexprs(param, exp_avg, hyper)
+    num_blocks = (n + hyper["block_size"] - 1) // hyper["block_size"]
+    grid = (param.numel() // n, _cdiv(num_blocks, constexprs["KB"]))
+    _foam_fold_kernel[grid](
+        grad, param, exp_avg, exp_avg_sq, n, num_blocks, rho=hyper["res_scale"], rho2=hyper["res_scale"] ** 2,
+        **_kernel_scalars(step, True, hyper), **constexprs, **_LAUNCH_OPTIONS,
+    )  # fmt: skip
+
+
+def _launch_unfolded(tensors: tuple[torch.Tensor, ...], step: float, hyper: dict) -> None:
+    """One launch for one unfolded tensor (1-D, or B = 1): AdamW's update, ``_ADAMW_BLOCK`` entries a program."""
+    grad, param, exp_avg, exp_avg_sq = tensors
+    grid = (_cdiv(param.numel(), _ADAMW_BLOCK),)
+    _adamw_kernel[grid](
+        grad, param, exp_avg, exp_avg_sq, param.numel(), **_kernel_scalars(step, False, hyper),
+        **_adamw_constexprs(param, exp_avg, hyper), **_LAUNCH_OPTIONS,
+    )  # fmt: skip
+
+
+def _launch_shared(members: list[tuple[torch.Tensor, ...]], folded: bool, step: float, hyper: dict) -> None:
+    """One launch for several tensors of the same kind (folded or not, dtypes, step count): row i of an int64 table
+    holds tensor i's addresses and sizes (:data:`_TABLE_COLUMNS`), and program (i, p) steps every P-th tile of
+    it from the p-th, P programs a tensor (:data:`_SHARED_PROGRAMS` in all, at most a tile's worth each)."""
+    _, param, exp_avg, _ = members[0]
+    rows, most_tiles = [], 1
+    block_size = hyper["block_size"]
+    constexprs = _fold_constexprs(param, exp_avg, hyper) if folded else _adamw_constexprs(param, exp_avg, hyper)
+    for grad, p, m, v in members:
+        addresses = [grad.data_ptr(), p.data_ptr(), m.data_ptr(), v.data_ptr()]
+        if folded:
+            n = p.shape[-1]
+            num_blocks = (n + block_size - 1) // block_size
+            rows.append(addresses + [n, num_blocks, p.numel() // n, 0])
+            most_tiles = max(most_tiles, p.numel() // n * _cdiv(num_blocks, constexprs["KB"]))
+        else:
+            rows.append(addresses + [p.numel(), 0, 0, 0])
+            most_tiles = max(most_tiles, _cdiv(p.numel(), _ADAMW_BLOCK))
+    table = torch.tensor(rows, dtype=torch.int64)
+    if param.device.type == "cuda":  # pinned, so the copy does not wait for the work queued before it
+        table = table.pin_memory().to(param.device, non_blocking=True)
+    grid = (len(members), min(most_tiles, _cdiv(_SHARED_PROGRAMS, len(members))))
+    dtypes = dict(PARAM_DTYPE=_TL_DTYPES[param.dtype], STATE_DTYPE=_TL_DTYPES[exp_avg.dtype])
+    scalars = _kernel_scalars(step, folded, hyper)
+    if folded:
+        rho = hyper["res_scale"]
+        _foam_fold_list_kernel[grid](
+            table, rho=rho, rho2=rho * rho, **scalars, **dtypes, **constexprs, **_LAUNCH_OPTIONS
+        )
+    else:
+        _adamw_list_kernel[grid](table, **scalars, **dtypes, **constexprs, **_LAUNCH_OPTIONS)

@@ -9,6 +9,7 @@ sets it.
 
 from __future__ import annotations
 
+import math
 import os
 
 import _helpers
@@ -35,6 +36,15 @@ STEPS = 4  # bias corrections and the moments' history both matter after a few s
 # (dtype, weight atol, weight rtol): as tests/test_fused.py. fp32: a different summation order of the block
 # means (a tree in Triton) and ε moved inside one division, ~1 ulp per step. bf16: neighbouring bf16 values.
 DTYPES = [(torch.float32, 1e-6, 1e-5), (torch.bfloat16, 1e-6, 2**-7)]
+
+
+@pytest.fixture(params=["own launches", "shared launches"], autouse=True)
+def launch(request, monkeypatch):
+    """Every test here runs with each tensor in a launch of its own, and with the small tensors sharing launches
+    (the default: every shape here is small)."""
+    if request.param == "own launches":
+        monkeypatch.setattr(fused_triton, "_SHARED_MAX_ENTRIES", 0)
+    return request.param
 
 
 def fresh_state(params, block_size, state_dtype=torch.float32):
@@ -170,6 +180,57 @@ def test_triton_bf16_states_round_bit_for_bit_as_store_moment(block_size, dtype)
                 assert torch.equal(bits_or_nan(actual), bits_or_nan(expected))
 
 
+def bits(x):
+    """A tensor's bit patterns (as integers, so that NaN equals NaN and -0 differs from 0)."""
+    return x.view({4: torch.int32, 2: torch.int16}[x.element_size()])
+
+
+def test_shared_and_own_launches_step_the_same_bits(monkeypatch):
+    """A tensor steps the same bits in a launch of its own and in a shared one, whatever it shares it with: tensors
+    of the other dtype and of another step count (other shared launches), folded and unfolded ones, and fewer
+    programs than tiles (each program then steps several, two per row for the widest tensor)."""
+    monkeypatch.setattr(fused_triton, "_SHARED_PROGRAMS", 3)
+    block_size = 4
+    shapes = SHAPES + [(3, 2100)]  # 2100 columns: 525 blocks of 4, two tiles of 512 blocks per row
+    gen = torch.Generator().manual_seed(2)
+    dtypes = [torch.float32 if i % 2 else torch.bfloat16 for i in range(len(shapes))]
+    start = [torch.randn(s, generator=gen).to(d) for s, d in zip(shapes, dtypes)]
+    grads = [[torch.randn(s, generator=gen).to(d) for s, d in zip(shapes, dtypes)] for _ in range(2)]
+    first_steps = [5.0 if i % 3 == 0 else 0.0 for i in range(len(shapes))]  # two step counts in the list
+    shared_launches = []
+    real_launch_shared = fused_triton._launch_shared
+
+    def counting_launch_shared(members, folded, step, hyper):
+        shared_launches.append((folded, members[0][1].dtype, step, len(members)))
+        real_launch_shared(members, folded, step, hyper)
+
+    monkeypatch.setattr(fused_triton, "_launch_shared", counting_launch_shared)
+
+    def run(shared_max_entries):
+        params = [p.clone() for p in start]
+        exp_avgs, exp_avg_sqs, steps = fresh_state(params, block_size)
+        for s, first in zip(steps, first_steps):
+            s.fill_(first)
+        for g in grads:
+            fused_triton._fused_foam_triton(
+                params, g, exp_avgs, exp_avg_sqs, steps, shared_max_entries=shared_max_entries,
+                **step_kwargs(block_size),
+            )  # fmt: skip
+        return params + exp_avgs + exp_avg_sqs + steps
+
+    own = run(0)
+    assert not shared_launches
+    for largest in (1 << 20, 200):  # all shared; only those under 200 entries shared
+        shared_launches.clear()
+        result = run(largest)
+        for expected, actual in zip(own, result):
+            assert torch.equal(bits(actual), bits(expected))
+        small = [i for i, s in enumerate(shapes) if math.prod(s) < largest]
+        kinds = {(is_foldable(start[i], block_size), dtypes[i], first_steps[i]) for i in small}
+        assert len(shared_launches) == 2 * len(kinds)  # one launch per kind of small tensor, each step
+        assert sum(count for *_, count in shared_launches) == 2 * len(small)
+
+
 def test_triton_refuses_fp16_states():
     params = [torch.randn(4, 8)]
     with pytest.raises(RuntimeError, match=r"float32 or bfloat16; got torch.float16.*Fix: pass fused=None"):
@@ -247,6 +308,24 @@ def test_ready_check_compares_numbers_and_falls_back_with_one_warning(monkeypatc
     assert len(warnings) == 1
     assert "disagrees with the readable path" in warnings[0] and what in warnings[0]
     assert "foreach path" in warnings[0]
+
+
+@pytest.mark.parametrize("broken_launch", ["a launch per tensor", "shared launches"])
+def test_ready_check_steps_both_kinds_of_launch(monkeypatch, caplog, broken_launch):
+    # Kernels wrong only when each tensor has its own launch (or only in shared ones) are caught all the same.
+    real = fused_triton._fused_foam_triton
+
+    def wrong_in_one_kind(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs):
+        real(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs)
+        if (kwargs["shared_max_entries"] == 0) == (broken_launch == "a launch per tensor"):
+            nudge_last_weight(params, exp_avgs, exp_avg_sqs)
+
+    monkeypatch.setattr(fused_triton, "_ready", {})
+    monkeypatch.setattr(fused_triton, "_fused_foam_triton", wrong_in_one_kind)
+    with caplog.at_level("WARNING", logger=fused_triton.__name__):
+        assert not fused_triton.triton_ready(torch.device("cpu"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and broken_launch in warnings[0]
 
 
 def test_ready_check_accepts_differences_within_the_tolerance(monkeypatch):
