@@ -1,0 +1,35 @@
+"""FOAM's Triton kernels compile for CUDA GPUs as its CUDA step launches them, checked on a machine without one.
+
+Triton's interpreter (tests/test_fused_triton.py) runs the kernels as NumPy code, so a kernel can pass there
+that a GPU compiler refuses. tests/_scripts/compile_triton_for_cuda.py records every launch of a step over a mixed
+list (folded and unfolded tensors, launches of their own and shared ones, every parameter and moment dtype,
+B = 1, 3 and 4) and compiles each to a cubin for A100 (sm_80) and H100/H200 (sm_90) with the ptxas that ships
+with Triton, with the argument types and alignments Triton's launcher would give it. It runs in a subprocess
+without ``TRITON_INTERPRET``, which the rest of the test session sets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).parent / "_scripts" / "compile_triton_for_cuda.py"
+KERNELS = {"_foam_fold_kernel", "_foam_fold_list_kernel", "_adamw_kernel", "_adamw_list_kernel"}
+
+
+def test_every_launch_compiles_for_sm80_and_sm90_without_a_gpu(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
+    out = tmp_path / "compiled.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    compiled = json.loads(out.read_text())
+    for target in ("sm_80", "sm_90"):
+        assert {entry["kernel"] for entry in compiled if entry["target"] == target} == KERNELS
+    for entry in compiled:
+        # every launch asks for no a·b + c contraction (as the interpreter computes), and got a cubin
+        assert entry["options"] == {"enable_fp_fusion": False} and entry["cubin_bytes"] > 0
+        if not entry["kernel"].endswith("_list_kernel"):  # an aligned tensor of its own: loads of 8 or 16 bytes
+            assert any(".v2." in load or ".v4." in load for load in entry["loads"]), entry
