@@ -8,8 +8,9 @@ It prints Markdown tables and writes ``results.json`` and ``results.md`` into ``
    over shapes (ragged rows, 1-D, 3-D, n < B), block sizes, parameter dtypes and both state dtypes, 3 steps,
    within the tolerances of tests/test_fused_triton.py; bf16 moments may differ by one bf16 spacing;
 2. **step time**: median CUDA-event time of one ``step()`` on 8 x 4096² weights and on the ~290 parameters of
-   Qwen2.5-0.5B (``--model``; where a launch per tensor shows), bf16 and fp32, as a ratio to
-   ``torch.optim.AdamW(fused=True)``, for FOAM's Triton path (fp32 and bf16 states) and its foreach path;
+   Qwen2.5-0.5B (``--model``; where the cost of each launch shows), bf16 and fp32, as a ratio to
+   ``torch.optim.AdamW(fused=True)``, for FOAM's Triton path (fp32 and bf16 states; and with a launch per
+   tensor, none shared, to say what shared launches save) and its foreach path;
 3. **peak transient memory** of every path: ``torch.cuda.max_memory_allocated`` during one step above what was
    allocated before it, in bytes and as a share of the parameter bytes;
 4. **Trainer**: a short ``bf16=True`` run of ``transformers.Trainer`` with ``optim="foam"`` on a small Llama
@@ -145,6 +146,30 @@ def check_parity(args, device) -> list[dict]:
 # ---------------------------------------------------------------------------- 2-3. step time and memory
 
 
+def with_own_launches(make):
+    """``make``'s optimizer, stepping every tensor in a Triton launch of its own (none shared): what the shared
+    launches of small tensors save."""
+
+    from foam_hf import _fused_triton
+
+    def build(params):
+        optimizer = make(params)
+        shared_step = optimizer.step
+
+        def step(*args, **kwargs):
+            shared_max_entries = _fused_triton._SHARED_MAX_ENTRIES
+            _fused_triton._SHARED_MAX_ENTRIES = 0
+            try:
+                return shared_step(*args, **kwargs)
+            finally:
+                _fused_triton._SHARED_MAX_ENTRIES = shared_max_entries
+
+        optimizer.step = step
+        return optimizer
+
+    return build
+
+
 def step_candidates():
     from foam_hf import FOAM
 
@@ -152,6 +177,7 @@ def step_candidates():
         ("torch AdamW fused", lambda ps: torch.optim.AdamW(ps, fused=True)),
         ("torch AdamW foreach", lambda ps: torch.optim.AdamW(ps, foreach=True)),
         ("FOAM Triton B=4", lambda ps: FOAM(ps, block_size=4, fused=True)),
+        ("FOAM Triton B=4, a launch per tensor", with_own_launches(lambda ps: FOAM(ps, block_size=4, fused=True))),
         ("FOAM Triton B=4, bf16 states", lambda ps: FOAM(ps, block_size=4, fused=True, state_dtype="bfloat16")),
         ("FOAM default B=4", lambda ps: FOAM(ps, block_size=4)),
         ("FOAM foreach B=4", lambda ps: FOAM(ps, block_size=4, foreach=True, fused=False)),

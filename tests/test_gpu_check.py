@@ -60,6 +60,22 @@ def test_arguments_and_quick_sizes():
     assert [name for name, _ in gpu_check.shape_sets(quick)] == ["2 x 256²"]  # --quick: no model
 
 
+def test_the_launch_per_tensor_row_shares_no_launch_and_puts_the_default_back():
+    gpu_check = load_script()
+    default = _fused_triton._SHARED_MAX_ENTRIES
+    seen = []
+
+    class Recorder:
+        def step(self):
+            seen.append(_fused_triton._SHARED_MAX_ENTRIES)
+
+    optimizer = gpu_check.with_own_launches(lambda params: Recorder())([])
+    optimizer.step()
+    assert seen == [0] and _fused_triton._SHARED_MAX_ENTRIES == default > 0
+    names = [name for name, _ in gpu_check.step_candidates()]
+    assert "FOAM Triton B=4" in names and "FOAM Triton B=4, a launch per tensor" in names
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 def test_without_cuda_it_exits_with_a_clear_message(tmp_path):
     proc = run("--out", str(tmp_path / "out"), interpret=False, cwd=tmp_path)
