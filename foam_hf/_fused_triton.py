@@ -345,6 +345,7 @@ if triton is not None:
         key_v,
         PARAM_DTYPE: tl.constexpr,
         STATE_DTYPE: tl.constexpr,
+        ALIGNED: tl.constexpr,
         B: tl.constexpr,
         BP: tl.constexpr,
         KB: tl.constexpr,
@@ -355,6 +356,7 @@ if triton is not None:
     ):
         # Many tensors per launch: program (i, p) steps tiles p, p + P, p + 2P, ... of the tensor in row i of
         # the table (its addresses, n and block count: _TABLE_COLUMNS); P is the grid's second dimension.
+        # ALIGNED: every tensor here is _vector_aligned, which the compiler cannot see in loaded values.
         entry = table_ptr + tl.program_id(0) * _TABLE_WIDTH
         g_ptr = tl.load(entry + 0).to(tl.pointer_type(PARAM_DTYPE))
         w_ptr = tl.load(entry + 1).to(tl.pointer_type(PARAM_DTYPE))
@@ -362,6 +364,10 @@ if triton is not None:
         v_ptr = tl.load(entry + 3).to(tl.pointer_type(STATE_DTYPE))
         n = tl.load(entry + 4)
         num_blocks = tl.load(entry + 5)
+        if ALIGNED:
+            g_ptr, w_ptr = tl.multiple_of(g_ptr, 16), tl.multiple_of(w_ptr, 16)
+            m_ptr, v_ptr = tl.multiple_of(m_ptr, 16), tl.multiple_of(v_ptr, 16)
+            n = tl.multiple_of(n, 16)
         tiles_per_row = tl.cdiv(num_blocks, KB)
         tiles = tl.load(entry + 6) * tiles_per_row
         for tile in range(tl.program_id(1).to(tl.int64), tiles, tl.num_programs(1).to(tl.int64)):
@@ -448,6 +454,7 @@ if triton is not None:
         key_v,
         PARAM_DTYPE: tl.constexpr,
         STATE_DTYPE: tl.constexpr,
+        ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr,
         SMALL_WEIGHT: tl.constexpr,
         OUT_BF16: tl.constexpr,
@@ -460,6 +467,10 @@ if triton is not None:
         m_ptr = tl.load(entry + 2).to(tl.pointer_type(STATE_DTYPE))
         v_ptr = tl.load(entry + 3).to(tl.pointer_type(STATE_DTYPE))
         numel = tl.load(entry + 4)
+        if ALIGNED:
+            g_ptr, w_ptr = tl.multiple_of(g_ptr, 16), tl.multiple_of(w_ptr, 16)
+            m_ptr, v_ptr = tl.multiple_of(m_ptr, 16), tl.multiple_of(v_ptr, 16)
+            numel = tl.multiple_of(numel, 16)
         for span in range(tl.program_id(1).to(tl.int64), tl.cdiv(numel, BLOCK), tl.num_programs(1).to(tl.int64)):
             _adamw_span(
                 g_ptr, w_ptr, m_ptr, v_ptr, span * BLOCK, numel,
@@ -523,13 +534,14 @@ def _fused_foam_triton(
         folded = is_foldable(param, block_size)
         tensors = (grad, param, exp_avg, exp_avg_sq)
         if param.numel() < shared_max_entries:
-            shared.setdefault((folded, param.dtype, exp_avg.dtype, step), []).append(tensors)
+            kind = (folded, param.dtype, exp_avg.dtype, step, _vector_aligned(tensors, folded))
+            shared.setdefault(kind, []).append(tensors)
         elif folded:
             _launch_folded(tensors, step, hyper)
         else:
             _launch_unfolded(tensors, step, hyper)
-    for (folded, _, _, step), members in shared.items():
-        _launch_shared(members, folded, step, hyper)
+    for (folded, _, _, step, aligned), members in shared.items():
+        _launch_shared(members, folded, step, aligned, hyper)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -605,10 +617,23 @@ def _launch_unfolded(tensors: tuple[torch.Tensor, ...], step: float, hyper: dict
     )  # fmt: skip
 
 
-def _launch_shared(members: list[tuple[torch.Tensor, ...]], folded: bool, step: float, hyper: dict) -> None:
-    """One launch for several tensors of the same kind (folded or not, dtypes, step count): row i of an int64 table
-    holds tensor i's addresses and sizes (:data:`_TABLE_COLUMNS`), and program (i, p) steps every P-th tile of
-    it from the p-th, P programs a tensor (:data:`_SHARED_PROGRAMS` in all, at most a tile's worth each)."""
+def _vector_aligned(tensors: tuple[torch.Tensor, ...], folded: bool) -> bool:
+    """Whether a shared kernel may promise the compiler what a launch of its own would prove from its arguments,
+    so that it loads and stores 16 bytes at a time: G, W and both moments start on 16-byte boundaries, and the
+    row length (folded) or the entry count (unfolded) is a multiple of 16. A false promise would be a wrong
+    step, so every tensor of a launch that makes it must hold it."""
+    grad, param, _, _ = tensors
+    length = param.shape[-1] if folded else param.numel()
+    return length % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _launch_shared(
+    members: list[tuple[torch.Tensor, ...]], folded: bool, step: float, aligned: bool, hyper: dict
+) -> None:
+    """One launch for several tensors of the same kind (folded or not, dtypes, step count, ``aligned``: whether
+    every one is :func:`_vector_aligned`): row i of an int64 table holds tensor i's addresses and sizes
+    (:data:`_TABLE_COLUMNS`), and program (i, p) steps every P-th tile of it from the p-th, P programs a tensor
+    (:data:`_SHARED_PROGRAMS` in all, at most a tile's worth each)."""
     _, param, exp_avg, _ = members[0]
     rows, most_tiles = [], 1
     block_size = hyper["block_size"]
@@ -627,7 +652,7 @@ def _launch_shared(members: list[tuple[torch.Tensor, ...]], folded: bool, step: 
     if param.device.type == "cuda":  # pinned, so the copy does not wait for the work queued before it
         table = table.pin_memory().to(param.device, non_blocking=True)
     grid = (len(members), min(most_tiles, _cdiv(_SHARED_PROGRAMS, len(members))))
-    dtypes = dict(PARAM_DTYPE=_TL_DTYPES[param.dtype], STATE_DTYPE=_TL_DTYPES[exp_avg.dtype])
+    dtypes = dict(PARAM_DTYPE=_TL_DTYPES[param.dtype], STATE_DTYPE=_TL_DTYPES[exp_avg.dtype], ALIGNED=aligned)
     scalars = _kernel_scalars(step, folded, hyper)
     if folded:
         rho = hyper["res_scale"]

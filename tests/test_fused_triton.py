@@ -200,9 +200,9 @@ def test_shared_and_own_launches_step_the_same_bits(monkeypatch):
     shared_launches = []
     real_launch_shared = fused_triton._launch_shared
 
-    def counting_launch_shared(members, folded, step, hyper):
+    def counting_launch_shared(members, folded, step, aligned, hyper):
         shared_launches.append((folded, members[0][1].dtype, step, len(members)))
-        real_launch_shared(members, folded, step, hyper)
+        real_launch_shared(members, folded, step, aligned, hyper)
 
     monkeypatch.setattr(fused_triton, "_launch_shared", counting_launch_shared)
 
@@ -226,9 +226,27 @@ def test_shared_and_own_launches_step_the_same_bits(monkeypatch):
         for expected, actual in zip(own, result):
             assert torch.equal(bits(actual), bits(expected))
         small = [i for i, s in enumerate(shapes) if math.prod(s) < largest]
-        kinds = {(is_foldable(start[i], block_size), dtypes[i], first_steps[i]) for i in small}
+        folded = [is_foldable(p, block_size) for p in start]
+        aligned = [(s[-1] if folded[i] else math.prod(s)) % 16 == 0 for i, s in enumerate(shapes)]
+        kinds = {(folded[i], dtypes[i], first_steps[i], aligned[i]) for i in small}
         assert len(shared_launches) == 2 * len(kinds)  # one launch per kind of small tensor, each step
         assert sum(count for *_, count in shared_launches) == 2 * len(small)
+
+
+def test_only_tensors_whose_loads_may_be_16_bytes_wide_are_promised_so():
+    # A shared launch promises the compiler 16-byte alignment only where a launch of its own would prove it:
+    # every address on a 16-byte boundary, and rows (folded) or entries (unfolded) a multiple of 16.
+    def tensors(param):
+        return (torch.zeros_like(param), param, torch.zeros(2), torch.zeros(2))
+
+    assert fused_triton._vector_aligned(tensors(torch.zeros(3, 48)), folded=True)
+    assert not fused_triton._vector_aligned(tensors(torch.zeros(3, 40)), folded=True)  # 40-entry rows
+    assert fused_triton._vector_aligned(tensors(torch.zeros(5, 16)), folded=False)  # 80 entries
+    assert not fused_triton._vector_aligned(tensors(torch.zeros(3, 10)), folded=False)  # 30 entries
+    offset = torch.zeros(3 * 48 + 1)[1:].view(3, 48)  # starts 4 bytes past an allocation's start
+    assert offset.data_ptr() % 16 == 4 and not fused_triton._vector_aligned(tensors(offset), folded=True)
+    grad, param, m, v = tensors(torch.zeros(3, 48))
+    assert not fused_triton._vector_aligned((grad, param, torch.zeros(9)[1:], v), folded=True)  # a moment
 
 
 def test_triton_refuses_fp16_states():

@@ -43,8 +43,9 @@ DTYPES = [
     (torch.float16, torch.float32),
 ]
 BLOCK_SIZES = (1, 3, 4)
-# Under SHARED_MAX_ENTRIES (64 x 48 = 3072 and 2000 are not): folded and 1-D tensors in both kinds of launch.
-SHAPES = [(64, 48), (5, 7), (2000,), (33,)]
+# Under SHARED_MAX_ENTRIES (64 x 48 = 3072 and 2000 are not): folded and 1-D tensors in both kinds of launch;
+# the shared ones with rows or entries a multiple of 16 (ALIGNED launches) and not.
+SHAPES = [(64, 48), (5, 7), (8, 32), (2000,), (33,), (48,)]
 SHARED_MAX_ENTRIES = 1000
 
 
