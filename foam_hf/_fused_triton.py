@@ -602,8 +602,9 @@ def _launch_folded(tensors: tuple[torch.Tensor, ...], step: float, hyper: dict) 
     constexprs = _fold_constexprs(param, exp_avg, hyper)
     num_blocks = (n + hyper["block_size"] - 1) // hyper["block_size"]
     grid = (param.numel() // n, _cdiv(num_blocks, constexprs["KB"]))
+    rho = hyper["res_scale"]
     _foam_fold_kernel[grid](
-        grad, param, exp_avg, exp_avg_sq, n, num_blocks, rho=hyper["res_scale"], rho2=hyper["res_scale"] ** 2,
+        grad, param, exp_avg, exp_avg_sq, n, num_blocks, rho=rho, rho2=rho * rho,
         **_kernel_scalars(step, True, hyper), **constexprs, **_LAUNCH_OPTIONS,
     )  # fmt: skip
 
