@@ -214,7 +214,7 @@ def test_shared_and_own_launches_step_the_same_bits(monkeypatch):
         for g in grads:
             fused_triton._fused_foam_triton(
                 params, g, exp_avgs, exp_avg_sqs, steps, shared_max_entries=shared_max_entries,
-                **step_kwargs(block_size),
+                **step_kwargs(block_size, res_scale=0.3),
             )  # fmt: skip
         return params + exp_avgs + exp_avg_sqs + steps
 
