@@ -93,11 +93,12 @@ _CHECK_STEPS = 2  # the second step starts from moments the kernels wrote
 
 def _scratch_problem(device: torch.device, dtype: torch.dtype, state_dtype: torch.dtype, block_size: int):
     """A tiny step problem for the self-check: a folded weight with whole blocks, one with a ragged last block
-    (``n mod B != 0``) and a 1-D bias (the AdamW kernel); seeded, so every check steps the same numbers."""
+    (``n mod B != 0``) and two 1-D biases (the AdamW kernel), of 5 and 16 entries; seeded, so every check steps
+    the same numbers. In shared launches, the 16-wide weight and the 16-entry bias take the aligned kernels."""
     from foam_hf.folding import folded_shape
 
     gen = torch.Generator().manual_seed(0)
-    shapes = [(4, 16), (3, 10), (5,)]
+    shapes = [(4, 16), (3, 10), (5,), (16,)]  # rows and entries a multiple of 16 or not: every kind of launch
     params = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
     grads = [[torch.randn(s, generator=gen).to(device, dtype) for s in shapes] for _ in range(_CHECK_STEPS)]
     state_shapes = [folded_shape(s, block_size) if len(s) >= 2 else s for s in shapes]

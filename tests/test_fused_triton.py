@@ -305,7 +305,7 @@ def perturbed_kernels(monkeypatch, perturb):
 
 
 def nudge_last_weight(params, exp_avgs, exp_avg_sqs):
-    params[-1].view(-1)[0] += 1e-3  # one entry of the bias, 1e-3 off: far above the tolerances, far below "inf"
+    params[-1].view(-1)[0] += 1e-3  # one entry of a bias, 1e-3 off: far above the tolerances, far below "inf"
 
 
 def scale_bf16_moments(params, exp_avgs, exp_avg_sqs):
@@ -315,7 +315,7 @@ def scale_bf16_moments(params, exp_avgs, exp_avg_sqs):
 
 
 @pytest.mark.parametrize(
-    "perturb, what", [(nudge_last_weight, "weight of shape (5,)"), (scale_bf16_moments, "exp_avg_sq")]
+    "perturb, what", [(nudge_last_weight, "weight of shape (16,)"), (scale_bf16_moments, "exp_avg_sq")]
 )
 def test_ready_check_compares_numbers_and_falls_back_with_one_warning(monkeypatch, caplog, perturb, what):
     perturbed_kernels(monkeypatch, perturb)
