@@ -346,6 +346,22 @@ def test_ready_check_steps_both_kinds_of_launch(monkeypatch, caplog, broken_laun
     assert len(warnings) == 1 and broken_launch in warnings[0]
 
 
+def test_ready_check_launches_every_kernel_the_step_can(monkeypatch):
+    # Own launches of folded and unfolded tensors, and shared launches of both, aligned and not.
+    launched = set()
+    for name in ("_launch_folded", "_launch_unfolded", "_launch_shared"):
+        real = getattr(fused_triton, name)
+
+        def recording(*args, _name=name, _real=real):
+            launched.add((_name, args[1], args[3]) if _name == "_launch_shared" else (_name,))
+            _real(*args)
+
+        monkeypatch.setattr(fused_triton, name, recording)
+    assert fused_triton._self_check_mismatch(torch.device("cpu")) is None
+    shared = {("_launch_shared", folded, aligned) for folded in (True, False) for aligned in (True, False)}
+    assert launched == {("_launch_folded",), ("_launch_unfolded",)} | shared
+
+
 def test_ready_check_accepts_differences_within_the_tolerance(monkeypatch):
     # A perturbation inside the tests' tolerance (1 part in 1e7 of a weight) is not a miscompiled kernel.
     perturbed_kernels(monkeypatch, lambda params, *_: params[0].mul_(1 + 1e-7))
