@@ -32,6 +32,7 @@ this module is imported), which checks their logic but says nothing of their spe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 
@@ -526,7 +527,10 @@ def _fused_foam_triton(
         shared_max_entries = _SHARED_MAX_ENTRIES
     torch._foreach_add_(state_steps, 1)
     steps = torch.stack(state_steps).tolist() if len({s.device for s in state_steps}) == 1 else None
-    shared: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
+    # Per device (a model spread over GPUs in one process, as device_map="auto" does): the tensors with launches of
+    # their own, and the smaller ones by kind; each device's launches then run with it as the current device.
+    own: dict[torch.device, list[tuple]] = {}
+    shared: dict[torch.device, dict[tuple, list[tuple[torch.Tensor, ...]]]] = {}
     for index, (param, grad, exp_avg, exp_avg_sq) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         if param.numel() == 0:
             continue
@@ -537,13 +541,21 @@ def _fused_foam_triton(
         tensors = (grad, param, exp_avg, exp_avg_sq)
         if param.numel() < shared_max_entries:
             kind = (folded, param.dtype, exp_avg.dtype, step, _vector_aligned(tensors, folded))
-            shared.setdefault(kind, []).append(tensors)
-        elif folded:
-            _launch_folded(tensors, step, hyper)
+            shared.setdefault(param.device, {}).setdefault(kind, []).append(tensors)
         else:
-            _launch_unfolded(tensors, step, hyper)
-    for (folded, _, _, step, aligned), members in shared.items():
-        _launch_shared(members, folded, step, aligned, hyper)
+            own.setdefault(param.device, []).append((tensors, step, folded))
+    for device in dict.fromkeys([*own, *shared]):
+        with _current_device(device):
+            for tensors, step, folded in own.get(device, ()):
+                (_launch_folded if folded else _launch_unfolded)(tensors, step, hyper)
+            for (folded, _, _, step, aligned), members in shared.get(device, {}).items():
+                _launch_shared(members, folded, step, aligned, hyper)
+
+
+def _current_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """``device`` as CUDA's current device while its kernels launch (Triton launches on the current device, and
+    its stream); nothing to set for CPU tensors (Triton's interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _cdiv(a: int, b: int) -> int:

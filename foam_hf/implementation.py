@@ -44,7 +44,10 @@ def _triton() -> Any:
 def _fused_default(params: list[torch.Tensor], exp_avgs: list[torch.Tensor], on_cuda: bool) -> bool:
     """Whether ``fused=None`` means fused for these tensors (every one covered, the kernel ready)."""
     if on_cuda:  # the Triton kernels store fp32 or bf16 moments (state_dtype="bfloat16")
-        return all(map(_triton().triton_supported, params)) and _triton().triton_ready(params[0].device)
+        # ready on every GPU the group spans (its self-check runs once per device)
+        return all(map(_triton().triton_supported, params)) and all(
+            map(_triton().triton_ready, dict.fromkeys(p.device for p in params))
+        )
     # the CPU kernel also steps bf16 moments, and float64 parameters with float64 moments
     return all(map(_fused_cpu.fused_supported, params, (m.dtype for m in exp_avgs))) and (
         _fused_cpu.load_kernel() is not None

@@ -9,6 +9,7 @@ sets it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -231,6 +232,42 @@ def test_shared_and_own_launches_step_the_same_bits(monkeypatch):
         kinds = {(folded[i], dtypes[i], first_steps[i], aligned[i]) for i in small}
         assert len(shared_launches) == 2 * len(kinds)  # one launch per kind of small tensor, each step
         assert sum(count for *_, count in shared_launches) == 2 * len(small)
+
+
+def test_each_devices_tensors_launch_with_that_device_current(monkeypatch):
+    """One group can span GPUs (a model spread over them in one process, as device_map="auto" does): every launch
+    holds one device's tensors and runs with that device current, as Triton launches on the current device. CPU
+    and meta tensors stand in for two GPUs here; the launches are recorded, not run."""
+    current, launches = [], []
+
+    @contextlib.contextmanager
+    def current_device(device):
+        current.append(device)
+        yield
+        current.pop()
+
+    def record(members):
+        launches.append((current[-1] if current else None, members))
+
+    monkeypatch.setattr(fused_triton, "_current_device", current_device)
+    monkeypatch.setattr(fused_triton, "_launch_folded", lambda tensors, step, hyper: record([tensors]))
+    monkeypatch.setattr(fused_triton, "_launch_unfolded", lambda tensors, step, hyper: record([tensors]))
+    monkeypatch.setattr(fused_triton, "_launch_shared", lambda members, folded, step, aligned, hyper: record(members))
+    shapes = [(4, 8), (300, 16), (7,), (400,)]  # under and over the 100 entries that share launches here
+    devices = [torch.device("cpu"), torch.device("meta")]
+    params = [torch.zeros(s, device=d) for d in devices for s in shapes] + [torch.zeros(2, 8)]  # cpu, meta, cpu
+    exp_avgs, exp_avg_sqs, steps = fresh_state(params, 4)
+    exp_avgs = [m.to(p.device) for m, p in zip(exp_avgs, params)]
+    exp_avg_sqs = [v.to(p.device) for v, p in zip(exp_avg_sqs, params)]
+    grads = [torch.zeros_like(p) for p in params]
+    fused_triton._fused_foam_triton(
+        params, grads, exp_avgs, exp_avg_sqs, steps, shared_max_entries=100, **step_kwargs(4)
+    )  # fmt: skip
+    assert not current  # every device context was left
+    assert {device for device, _ in launches} == set(devices)
+    for device, members in launches:
+        assert all(t.device == device for tensors in members for t in tensors)
+    assert sorted(id(tensors[1]) for _, members in launches for tensors in members) == sorted(map(id, params))
 
 
 def test_only_tensors_whose_loads_may_be_16_bytes_wide_are_promised_so():

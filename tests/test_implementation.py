@@ -94,6 +94,25 @@ def test_select_implementation_names_the_path_that_runs(monkeypatch, foreach, fu
     assert ran == [path[expected]]
 
 
+def test_fused_default_on_cuda_asks_every_device_of_the_group_for_the_self_check(monkeypatch):
+    # A group spanning GPUs (device_map="auto" in one process) takes the Triton path only where the self-check
+    # passed on each of them, not on the first parameter's device alone. The Triton module's answers are
+    # stubbed (no GPU here); CPU and meta tensors stand in for two devices.
+    from foam_hf import implementation
+
+    asked, ready = [], {torch.device("cpu"): True, torch.device("meta"): False}
+    triton = type("Triton", (), {})()
+    triton.triton_supported = lambda param: True
+    triton.triton_ready = lambda device: asked.append(device) or ready[device]
+    monkeypatch.setattr(implementation, "_triton", lambda: triton)
+    params = [torch.zeros(4, 8), torch.zeros(3, device="meta"), torch.zeros(5)]
+    moments = [torch.zeros(4, 2), torch.zeros(3, device="meta"), torch.zeros(5)]
+    assert not implementation._fused_default(params, moments, on_cuda=True)
+    assert asked == [torch.device("cpu"), torch.device("meta")]  # each device once, the second says no
+    ready[torch.device("meta")] = True
+    assert implementation._fused_default(params, moments, on_cuda=True)
+
+
 def test_select_implementation_falls_back_where_no_kernel_covers_a_tensor():
     params, moments = _group()
     strided = [params[0].t(), params[1]]  # a transposed view is not contiguous
