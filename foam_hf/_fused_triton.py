@@ -366,13 +366,13 @@ if triton is not None:
         v_ptr = tl.load(entry + 3).to(tl.pointer_type(STATE_DTYPE))
         n = tl.load(entry + 4)
         num_blocks = tl.load(entry + 5)
+        rows = tl.load(entry + 6)
         if ALIGNED:
             g_ptr, w_ptr = tl.multiple_of(g_ptr, 16), tl.multiple_of(w_ptr, 16)
             m_ptr, v_ptr = tl.multiple_of(m_ptr, 16), tl.multiple_of(v_ptr, 16)
             n = tl.multiple_of(n, 16)
         tiles_per_row = tl.cdiv(num_blocks, KB)
-        tiles = tl.load(entry + 6) * tiles_per_row
-        for tile in range(tl.program_id(1).to(tl.int64), tiles, tl.num_programs(1).to(tl.int64)):
+        for tile in range(tl.program_id(1).to(tl.int64), rows * tiles_per_row, tl.num_programs(1).to(tl.int64)):
             _fold_tile(
                 g_ptr, w_ptr, m_ptr, v_ptr, tile // tiles_per_row, tile % tiles_per_row, n, num_blocks,
                 decay, lerp_weight, beta2, one_minus_beta2, rho, rho2, eps_bc2, step_c, key_m, key_v,
