@@ -331,6 +331,9 @@ def markdown(results: dict) -> str:
     ]
     if "ready" in results:
         lines += ["", f"**Self-check** (`triton_ready`, what `fused=None` asks): {results['ready']}"]
+    if "environment" in results:
+        paths = "; ".join(f"{where}: {path}" for where, path in results["environment"]["default_paths"].items())
+        lines += ["", f"**Default paths** (`foam-hf env`): {paths}"]
     if results["parity"]:
         passed = sum(r["pass"] for r in results["parity"])
         lines += ["", f"**Triton vs readable path**: {passed}/{len(results['parity'])} cases within tolerance", ""]
@@ -413,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     if device.type == "cuda":
         results["ready"] = _fused_triton.triton_ready(device)  # the self-check the default path runs
+    from foam_hf.tools.environment import collect
+
+    results["environment"] = collect().to_dict()  # what `foam-hf env` reports on this machine
     results["parity"] = check_parity(args, device)
     if device.type == "cuda":
         results["steps"] = time_and_memory(args, device)

@@ -183,7 +183,7 @@ def triton_ready(device: torch.device) -> bool:
                 logger.warning(
                     "FOAM: the Triton kernels ran on %s but their self-check step disagrees with the readable "
                     "path: %s. FOAM uses its foreach path there (same results as the readable path, more memory "
-                    "traffic); please report this with your torch, Triton and GPU versions.",
+                    "traffic); please report this with the output of `foam-hf env`.",
                     device,
                     mismatch,
                 )

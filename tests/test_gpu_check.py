@@ -103,6 +103,10 @@ def test_interpreter_run_writes_parity_and_trainer_results(tmp_path):
     # on CPU the C++ kernel steps (where a compiler builds it); on a GPU this would name the Triton path
     fused = bool(shutil.which("c++") or shutil.which("g++"))
     assert trainer["implementations"] == (["_fused_foam"] if fused else ["_single_tensor_foam"])
+    # what `foam-hf env` reports, recorded with the results: the same path the Trainer run took
+    assert results["environment"]["default_paths"]["cpu, float32 parameters"] == (
+        "fused_cpu" if fused else "single_tensor"
+    )
     assert (out / "results.md").read_text() in proc.stdout
 
 

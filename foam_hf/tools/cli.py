@@ -295,6 +295,31 @@ def _run_autoregister(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_env(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = _add_command(
+        subparsers,
+        "env",
+        _run_env,
+        help="what FOAM runs on here: versions, the CPU kernel, Triton per GPU, and the path each device takes",
+        description="Report what FOAM runs on here, for a bug report: package versions, the fused CPU kernel (built, "
+        "its instruction set), Triton and the self-check of its kernels on every CUDA device, and the implementation "
+        "optim='foam' steps fp32 and bf16 parameters with on each device. The first run builds the CPU kernel "
+        "(about a minute).",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    return p
+
+
+def _run_env(args: argparse.Namespace) -> int:
+    import json
+
+    from .environment import collect, describe
+
+    env = collect()
+    print(json.dumps(env.to_dict(), indent=1) if args.json else describe(env))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``foam-hf`` parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
@@ -308,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_memory(subparsers)
     _add_run(subparsers)
     _add_autoregister(subparsers)
+    _add_env(subparsers)
     return parser
 
 
