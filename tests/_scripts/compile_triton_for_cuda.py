@@ -1,6 +1,6 @@
 """Compile FOAM's Triton kernels for CUDA GPUs, exactly as its CUDA step launches them, on a machine without one.
 
-    python compile_triton_for_cuda.py out.json
+    python compile_triton_for_cuda.py out.json [--table]
 
 Triton's interpreter (where the other tests run the kernels) executes them as NumPy code, so a kernel can pass
 there and still fail to compile for a GPU. Here every launch that ``_fused_foam_triton`` makes over a mixed list
@@ -10,6 +10,10 @@ bf16 moments; B = 1, 3 and 4) is recorded instead of run, then compiled down to 
 launcher would give it, and the launch's options (``enable_fp_fusion``). ``out.json`` gets one entry per distinct
 compilation: the kernel, the target, the compile-time constants, and the widths of its global loads and stores.
 
+Where Triton's wheel bundles ``cuobjdump`` (3.9 does), each entry also gets the cubin's registers per thread and
+local-memory bytes (register spills), and ``--table`` prints them as a Markdown table: a GPU's occupancy and
+spills, read without one (informational; the test does not depend on that tool).
+
 Must run without ``TRITON_INTERPRET`` (which turns the kernels into interpreted functions).
 """
 
@@ -18,13 +22,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("compile_triton_for_cuda.py must run without TRITON_INTERPRET=1")
 
+import triton  # noqa: E402
 from triton import compile as triton_compile  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -103,6 +111,39 @@ def compile_spec(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, dict, d
     return signature, constexprs, attrs, options
 
 
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def resource_usage(cubin: bytes) -> dict[str, int | None]:
+    """Registers per thread and local-memory bytes (spills) of a cubin's one function, read by the cuobjdump that
+    Triton's wheel bundles; ``None`` for both where it is absent or says nothing we can read."""
+    unknown = {"registers": None, "local_bytes": None}
+    if not CUOBJDUMP.exists():
+        return unknown
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.cubin"
+        path.write_bytes(cubin)
+        report = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", str(path)], capture_output=True, text=True)
+    found = re.search(r"REG:(\d+).*?LOCAL:(\d+)", report.stdout)
+    return {"registers": int(found[1]), "local_bytes": int(found[2])} if found else unknown
+
+
+def markdown_table(results: list[dict]) -> str:
+    lines = [
+        "| kernel | target | B | params | moments | aligned | registers | local (spill) bytes |",
+        "|---|---|---|---|---|---|---:|---:|",
+    ]
+    for e in results:
+        c = e["constexprs"]
+        params = "bf16" if c.get("OUT_BF16") == "True" else e["signature"].get("w_ptr", c.get("PARAM_DTYPE", "?"))
+        moments = "bf16" if c.get("STATE_BF16") == "True" else "fp32"
+        lines.append(
+            f"| {e['kernel']} | {e['target']} | {c.get('B', '1')} | {str(params).lstrip('*')} | {moments} "
+            f"| {c.get('ALIGNED', 'own launch')} | {e['registers']} | {e['local_bytes']} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     kernels = {name: getattr(_fused_triton, name) for name in KERNELS}
     launches = record_launches()
@@ -126,11 +167,14 @@ def main() -> None:
                     loads=sorted(set(re.findall(r"ld\.global[.\w]*", ptx))),
                     stores=sorted(set(re.findall(r"st\.global[.\w]*", ptx))),
                     cubin_bytes=len(compiled.asm["cubin"]),
+                    **resource_usage(compiled.asm["cubin"]),
                 )
             )
     with open(sys.argv[1], "w") as handle:
         json.dump(results, handle, indent=1)
     print(f"{len(launches)} launches recorded, {len(specs)} distinct kernels, {len(results)} compilations")
+    if "--table" in sys.argv[2:]:
+        print(markdown_table(results))
 
 
 if __name__ == "__main__":
