@@ -27,7 +27,8 @@ bf16 moment comes out bit for bit what the readable path stores for the same fp3
 
 Triton ships with the CUDA builds of torch; without it this module still imports and reports the path
 unavailable. Tests run the kernels on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``, set before
-this module is imported), which checks their logic but says nothing of their speed on a GPU.
+this module is imported), which checks their logic but says nothing of their speed on a GPU, and compile every
+launch for sm_80 and sm_90 (``tests/test_triton_cuda_compile.py``), which a GPU-less machine can do too.
 """
 
 from __future__ import annotations
