@@ -143,6 +143,11 @@ def _is_cached(name: str) -> bool:
     return any(os.path.exists(os.path.join(d, f"{name}.so")) for d, _, _ in os.walk(root) if d.endswith(name))
 
 
+def loaded_kernel() -> Any:
+    """The extension module if it is already built and loaded, else ``None``; never starts a build."""
+    return _kernel
+
+
 def kernel_build_error() -> str | None:
     """Why the kernel could not be built (``None`` if it was built or not yet tried)."""
     return _error

@@ -41,6 +41,10 @@ def _triton() -> Any:
     return _fused_triton
 
 
+#: The tensor types the fused kernels step: subclasses (DTensor, quantised wrappers) have no flat data to step.
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
 def _fused_default(params: list[torch.Tensor], exp_avgs: list[torch.Tensor], on_cuda: bool) -> bool:
     """Whether ``fused=None`` means fused for these tensors (every one covered, the kernel ready)."""
     if on_cuda:  # the Triton kernels store fp32 or bf16 moments (state_dtype="bfloat16")
@@ -48,7 +52,12 @@ def _fused_default(params: list[torch.Tensor], exp_avgs: list[torch.Tensor], on_
         return all(map(_triton().triton_supported, params)) and all(
             map(_triton().triton_ready, dict.fromkeys(p.device for p in params))
         )
-    # the CPU kernel also steps bf16 moments, and float64 parameters with float64 moments
+    # the CPU kernel also steps bf16 moments, and float64 parameters with float64 moments. Once it is loaded, it
+    # answers for the whole list in one call (fused_supported's rule, tested equal to it), after the Python-type
+    # test; before, the rule runs here, and only a list it covers starts the build.
+    kernel = _fused_cpu.loaded_kernel()
+    if kernel is not None:
+        return all(type(p) in _PLAIN_TENSORS for p in params) and kernel.covers(params, exp_avgs)
     return all(map(_fused_cpu.fused_supported, params, (m.dtype for m in exp_avgs))) and (
         _fused_cpu.load_kernel() is not None
     )

@@ -94,6 +94,45 @@ def test_select_implementation_names_the_path_that_runs(monkeypatch, foreach, fu
     assert ran == [path[expected]]
 
 
+class _Subclass(torch.Tensor):
+    """A tensor subclass, as DTensor and quantised wrappers are: the fused kernels do not step those."""
+
+
+def _coverage_cases() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter, moment) pairs over dtypes, moment dtypes, layouts, devices and types, covered or not."""
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int32, torch.complex64):
+        for moment_dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            moment = torch.zeros(4, 2, dtype=moment_dtype)
+            dense = torch.zeros(4, 8, dtype=dtype)
+            cases += [(dense, moment), (torch.zeros(8, 4, dtype=dtype).t(), moment)]  # contiguous, transposed
+    cases.append((torch.zeros(4, 8).to_sparse(), torch.zeros(4, 2)))
+    cases.append((torch.zeros(4, 8, device="meta"), torch.zeros(4, 2)))
+    cases.append((torch.Tensor._make_subclass(_Subclass, torch.zeros(4, 8)), torch.zeros(4, 2)))
+    cases.append((torch.nn.Parameter(torch.zeros(4, 8)), torch.zeros(4, 2)))
+    return cases
+
+
+def test_the_kernels_one_call_coverage_test_answers_as_the_per_tensor_rule(monkeypatch):
+    # Once the kernel is loaded, fused=None asks it once per list (C++) instead of fused_supported per tensor;
+    # both must give the same answer for every tensor, and a list is covered only if all of its tensors are.
+    from foam_hf import implementation
+
+    assert KERNEL, "the fused CPU kernel builds on every CI machine"
+    cases = _coverage_cases()
+    rule = [_fused_cpu.fused_supported(p, m.dtype) for p, m in cases]
+    assert any(rule) and not all(rule)
+    fast = [implementation._fused_default([p], [m], on_cuda=False) for p, m in cases]
+    monkeypatch.setattr(_fused_cpu, "loaded_kernel", lambda: None)  # the per-tensor rule, as before the build
+    slow = [implementation._fused_default([p], [m], on_cuda=False) for p, m in cases]
+    assert fast == rule and slow == rule
+    monkeypatch.undo()
+    covered = [case for case, ok in zip(cases, rule) if ok]
+    uncovered = next(case for case, ok in zip(cases, rule) if not ok)
+    for listed, expected in ((covered, True), (covered + [uncovered], False), ([uncovered] + covered, False)):
+        assert implementation._fused_default([p for p, _ in listed], [m for _, m in listed], on_cuda=False) is expected
+
+
 def test_fused_default_on_cuda_asks_every_device_of_the_group_for_the_self_check(monkeypatch):
     # A group spanning GPUs (device_map="auto" in one process) takes the Triton path only where the self-check
     # passed on each of them, not on the first parameter's device alone. The Triton module's answers are

@@ -242,9 +242,29 @@ void round_bf16_nearest_tensor(const at::Tensor& src, const at::Tensor& dst) {
   round_nearest_fn()(src.data_ptr<float>(), reinterpret_cast<uint16_t*>(dst.data_ptr()), src.numel());
 }
 
+// Whether fused_step steps every params[i] with moments of exp_avgs[i]'s dtype: the rule of
+// foam_hf._fused_cpu.fused_supported (a dense, contiguous CPU tensor of float32, bfloat16, float16 or float64;
+// float32 or bfloat16 moments, float64 ones for float64 parameters), asked of a whole list in one call. The
+// Python-type test (plain tensors only) stays in Python, before this is called.
+bool covers(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& exp_avgs) {
+  if (params.size() != exp_avgs.size()) return false;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    const auto dtype = p.scalar_type();
+    const auto moments = exp_avgs[i].scalar_type();
+    if (!p.device().is_cpu() || p.layout() != at::kStrided || !p.is_contiguous()) return false;
+    if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf && dtype != at::kDouble) return false;
+    const bool moments_ok = dtype == at::kDouble ? moments == at::kDouble
+                                                 : (moments == at::kFloat || moments == at::kBFloat16);
+    if (!moments_ok) return false;
+  }
+  return true;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "FOAM fused CPU step (see foam_hf/_fused_cpu.py)";
   module.def("fused_step", &fused_step, "One fused FOAM step over lists of tensors (in place).");
+  module.def("covers", &covers, "Whether fused_step steps every parameter with its moments' dtype.");
   module.def("stochastic_round_bf16", &stochastic_round_bf16,
              "dst (bf16) <- src (fp32) stochastically rounded with the (index, step, salt) counter hash.");
   module.def("round_bf16_nearest", &round_bf16_nearest_tensor,
