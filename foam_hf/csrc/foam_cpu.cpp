@@ -107,6 +107,19 @@ void check_tensor(const at::Tensor& t, const char* what, size_t i) {
   TORCH_CHECK(!t.is_sparse(), "foam fused CPU step: ", what, "[", i, "] must be dense.");
 }
 
+// The parameter dtypes the kernel steps, and the moments it keeps for each: float32 or bfloat16 moments (state
+// dtype "bfloat16"), float64 ones for float64 parameters. Both fused_step's checks and covers() ask these.
+bool supported_param_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble;
+}
+
+bool supported_moments(at::ScalarType param, at::ScalarType moments) {
+  return param == at::kDouble ? moments == at::kDouble : (moments == at::kFloat || moments == at::kBFloat16);
+}
+
+// Whether p's moments are folded (block means over its last dimension) or kept whole (AdamW's update).
+bool folds(const at::Tensor& p, int64_t block_size) { return block_size > 1 && p.dim() >= 2 && p.numel() > 0; }
+
 // The step's constants, computed in double as the Python paths compute them, then cast to the compute type.
 template <typename C>
 Hyper<C> make_hyper(double step, double lr, double beta1, double beta2, double eps, double weight_decay,
@@ -156,23 +169,19 @@ void fused_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
     check_tensor(v, "exp_avg_sqs", i);
     TORCH_CHECK(g.scalar_type() == p.scalar_type() && g.sizes() == p.sizes(), "foam fused CPU step: grads[", i,
                 "] must have the dtype and shape of its parameter.");
-    const bool fp64 = p.scalar_type() == at::kDouble;
-    const bool moments_ok = m.scalar_type() == v.scalar_type() &&
-                            (fp64 ? m.scalar_type() == at::kDouble
-                                  : (m.scalar_type() == at::kFloat || m.scalar_type() == at::kBFloat16));
+    const bool moments_ok = m.scalar_type() == v.scalar_type() && supported_moments(p.scalar_type(), m.scalar_type());
     TORCH_CHECK(moments_ok, "foam fused CPU step: params[", i, "] is ", p.scalar_type(), " and its moments ",
                 m.scalar_type(), "/", v.scalar_type(),
                 "; the kernel takes float32 or bfloat16 moments, float64 ones for float64 parameters.");
     TORCH_CHECK(s.numel() == 1 && s.scalar_type() == at::kFloat && s.device().is_cpu(),
                 "foam fused CPU step: state_steps[", i, "] must be a float32 scalar CPU tensor.");
-    const bool folded = block_size > 1 && p.dim() >= 2 && p.numel() > 0;
+    const bool folded = folds(p, block_size);
     const int64_t expected = folded ? p.numel() / p.size(-1) * ((p.size(-1) + block_size - 1) / block_size)
                                     : p.numel();
     TORCH_CHECK(m.numel() == expected && v.numel() == expected, "foam fused CPU step: moments of params[", i,
                 "] hold ", m.numel(), " entries, expected ", expected, ".");
-    const auto dtype = p.scalar_type();
-    TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble,
-                "foam fused CPU step: params[", i, "] has dtype ", dtype,
+    TORCH_CHECK(supported_param_dtype(p.scalar_type()), "foam fused CPU step: params[", i, "] has dtype ",
+                p.scalar_type(),
                 "; the fused kernel supports float32, bfloat16, float16 and float64.");
   }
   // Every tensor passed its checks: only now does anything change (a failed check leaves all as it was).
@@ -181,7 +190,7 @@ void fused_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
     const at::Tensor& g = grads[i];
     const at::Tensor& m = exp_avgs[i];
     const at::Tensor& v = exp_avg_sqs[i];
-    const bool folded = block_size > 1 && p.dim() >= 2 && p.numel() > 0;
+    const bool folded = folds(p, block_size);
     float* sp = state_steps[i].data_ptr<float>();
     *sp += 1.0f;
     const double step = static_cast<double>(*sp);
@@ -250,13 +259,10 @@ bool covers(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
   if (params.size() != exp_avgs.size()) return false;
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
-    const auto dtype = p.scalar_type();
-    const auto moments = exp_avgs[i].scalar_type();
     if (!p.device().is_cpu() || p.layout() != at::kStrided || !p.is_contiguous()) return false;
-    if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf && dtype != at::kDouble) return false;
-    const bool moments_ok = dtype == at::kDouble ? moments == at::kDouble
-                                                 : (moments == at::kFloat || moments == at::kBFloat16);
-    if (!moments_ok) return false;
+    if (!supported_param_dtype(p.scalar_type()) || !supported_moments(p.scalar_type(), exp_avgs[i].scalar_type())) {
+      return false;
+    }
   }
   return true;
 }
