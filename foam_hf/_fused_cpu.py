@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .distributed import PLAIN_TENSOR_TYPES
 from .errors import FoamConfigError
 
 __all__ = ["FUSED_DTYPES", "fused_supported", "kernel_build_error", "load_kernel", "moments_supported"]
@@ -163,8 +164,7 @@ def fused_supported(param: torch.Tensor, state_dtype: torch.dtype | None = None)
         and param.dtype in FUSED_DTYPES
         and param.layout == torch.strided
         and param.is_contiguous()
-        # Plain tensors only: subclasses (DTensor, quantised wrappers) have no flat data pointer to step.
-        and type(param) in (torch.Tensor, torch.nn.Parameter)
+        and type(param) in PLAIN_TENSOR_TYPES
     )
 
 

@@ -39,6 +39,7 @@ import sys
 
 import torch
 
+from foam_hf.distributed import PLAIN_TENSOR_TYPES
 from foam_hf.folding import is_foldable
 from foam_hf.step_scalars import step_constants
 
@@ -198,7 +199,7 @@ def triton_supported(param: torch.Tensor) -> bool:
         and param.dtype in TRITON_DTYPES
         and param.layout == torch.strided
         and param.is_contiguous()
-        and type(param) in (torch.Tensor, torch.nn.Parameter)
+        and type(param) in PLAIN_TENSOR_TYPES
     )
 
 
@@ -301,6 +302,23 @@ if triton is not None:
         _store_weight(w_ptrs, w_new, in_block, OUT_BF16)
 
     @triton.jit
+    def _table_entry(table_ptr, PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+        # Row program_id(0) of a shared launch's table (_TABLE_COLUMNS): the addresses of G, W, m̃ and ṽ and the
+        # length (n folded, the entry count unfolded), each promised a multiple of 16 where ALIGNED (every tensor
+        # of the launch is _vector_aligned, which the compiler cannot see in loaded values).
+        entry = table_ptr + tl.program_id(0) * _TABLE_WIDTH
+        g_ptr = tl.load(entry + 0).to(tl.pointer_type(PARAM_DTYPE))
+        w_ptr = tl.load(entry + 1).to(tl.pointer_type(PARAM_DTYPE))
+        m_ptr = tl.load(entry + 2).to(tl.pointer_type(STATE_DTYPE))
+        v_ptr = tl.load(entry + 3).to(tl.pointer_type(STATE_DTYPE))
+        length = tl.load(entry + 4)
+        if ALIGNED:
+            g_ptr, w_ptr = tl.multiple_of(g_ptr, 16), tl.multiple_of(w_ptr, 16)
+            m_ptr, v_ptr = tl.multiple_of(m_ptr, 16), tl.multiple_of(v_ptr, 16)
+            length = tl.multiple_of(length, 16)
+        return g_ptr, w_ptr, m_ptr, v_ptr, length
+
+    @triton.jit
     def _foam_fold_kernel(
         g_ptr,
         w_ptr,
@@ -358,20 +376,11 @@ if triton is not None:
         STATE_BF16: tl.constexpr,
     ):
         # Many tensors per launch: program (i, p) steps tiles p, p + P, p + 2P, ... of the tensor in row i of
-        # the table (its addresses, n and block count: _TABLE_COLUMNS); P is the grid's second dimension.
-        # ALIGNED: every tensor here is _vector_aligned, which the compiler cannot see in loaded values.
+        # the table (its addresses, n, block count and rows: _TABLE_COLUMNS); P is the grid's second dimension.
+        g_ptr, w_ptr, m_ptr, v_ptr, n = _table_entry(table_ptr, PARAM_DTYPE, STATE_DTYPE, ALIGNED)
         entry = table_ptr + tl.program_id(0) * _TABLE_WIDTH
-        g_ptr = tl.load(entry + 0).to(tl.pointer_type(PARAM_DTYPE))
-        w_ptr = tl.load(entry + 1).to(tl.pointer_type(PARAM_DTYPE))
-        m_ptr = tl.load(entry + 2).to(tl.pointer_type(STATE_DTYPE))
-        v_ptr = tl.load(entry + 3).to(tl.pointer_type(STATE_DTYPE))
-        n = tl.load(entry + 4)
         num_blocks = tl.load(entry + 5)
         rows = tl.load(entry + 6)
-        if ALIGNED:
-            g_ptr, w_ptr = tl.multiple_of(g_ptr, 16), tl.multiple_of(w_ptr, 16)
-            m_ptr, v_ptr = tl.multiple_of(m_ptr, 16), tl.multiple_of(v_ptr, 16)
-            n = tl.multiple_of(n, 16)
         tiles_per_row = tl.cdiv(num_blocks, KB)
         for tile in range(tl.program_id(1).to(tl.int64), rows * tiles_per_row, tl.num_programs(1).to(tl.int64)):
             _fold_tile(
@@ -464,16 +473,7 @@ if triton is not None:
         STATE_BF16: tl.constexpr,
     ):
         # Many tensors per launch, as _foam_fold_list_kernel: program (i, p) steps spans p, p + P, ... of tensor i.
-        entry = table_ptr + tl.program_id(0) * _TABLE_WIDTH
-        g_ptr = tl.load(entry + 0).to(tl.pointer_type(PARAM_DTYPE))
-        w_ptr = tl.load(entry + 1).to(tl.pointer_type(PARAM_DTYPE))
-        m_ptr = tl.load(entry + 2).to(tl.pointer_type(STATE_DTYPE))
-        v_ptr = tl.load(entry + 3).to(tl.pointer_type(STATE_DTYPE))
-        numel = tl.load(entry + 4)
-        if ALIGNED:
-            g_ptr, w_ptr = tl.multiple_of(g_ptr, 16), tl.multiple_of(w_ptr, 16)
-            m_ptr, v_ptr = tl.multiple_of(m_ptr, 16), tl.multiple_of(v_ptr, 16)
-            numel = tl.multiple_of(numel, 16)
+        g_ptr, w_ptr, m_ptr, v_ptr, numel = _table_entry(table_ptr, PARAM_DTYPE, STATE_DTYPE, ALIGNED)
         for span in range(tl.program_id(1).to(tl.int64), tl.cdiv(numel, BLOCK), tl.num_programs(1).to(tl.int64)):
             _adamw_span(
                 g_ptr, w_ptr, m_ptr, v_ptr, span * BLOCK, numel,
@@ -584,8 +584,17 @@ def _kernel_scalars(step: float, folded: bool, hyper: dict) -> dict:
     )
 
 
+def _common_constexprs(param: torch.Tensor, exp_avg: torch.Tensor, hyper: dict) -> dict:
+    """The compile-time choices of every kernel: torch.lerp's branch, the weights' and the moments' storage."""
+    return dict(
+        SMALL_WEIGHT=abs(1.0 - hyper["beta1"]) < 0.5,
+        OUT_BF16=param.dtype == torch.bfloat16,
+        STATE_BF16=exp_avg.dtype == torch.bfloat16,
+    )
+
+
 def _fold_constexprs(param: torch.Tensor, exp_avg: torch.Tensor, hyper: dict) -> dict:
-    """The compile-time choices of the folded kernels: block size, tile, second moment, lerp branch, dtypes."""
+    """The compile-time choices of the folded kernels: block size, tile, second moment, and the common ones."""
     block_size = hyper["block_size"]
     padded = 1 << (block_size - 1).bit_length()
     return dict(
@@ -593,20 +602,13 @@ def _fold_constexprs(param: torch.Tensor, exp_avg: torch.Tensor, hyper: dict) ->
         BP=padded,
         KB=max(1, _TILE // padded),
         MEAN_SQ=hyper["second_moment"] == "mean_sq",
-        SMALL_WEIGHT=abs(1.0 - hyper["beta1"]) < 0.5,
-        OUT_BF16=param.dtype == torch.bfloat16,
-        STATE_BF16=exp_avg.dtype == torch.bfloat16,
+        **_common_constexprs(param, exp_avg, hyper),
     )
 
 
 def _adamw_constexprs(param: torch.Tensor, exp_avg: torch.Tensor, hyper: dict) -> dict:
-    """The compile-time choices of the AdamW kernels: span, lerp branch, dtypes."""
-    return dict(
-        BLOCK=_ADAMW_BLOCK,
-        SMALL_WEIGHT=abs(1.0 - hyper["beta1"]) < 0.5,
-        OUT_BF16=param.dtype == torch.bfloat16,
-        STATE_BF16=exp_avg.dtype == torch.bfloat16,
-    )
+    """The compile-time choices of the AdamW kernels: the span, and the common ones."""
+    return dict(BLOCK=_ADAMW_BLOCK, **_common_constexprs(param, exp_avg, hyper))
 
 
 def _launch_folded(tensors: tuple[torch.Tensor, ...], step: float, hyper: dict) -> None:
@@ -614,7 +616,7 @@ def _launch_folded(tensors: tuple[torch.Tensor, ...], step: float, hyper: dict) 
     grad, param, exp_avg, exp_avg_sq = tensors
     n = param.shape[-1]
     constexprs = _fold_constexprs(param, exp_avg, hyper)
-    num_blocks = (n + hyper["block_size"] - 1) // hyper["block_size"]
+    num_blocks = _cdiv(n, hyper["block_size"])
     grid = (param.numel() // n, _cdiv(num_blocks, constexprs["KB"]))
     rho = hyper["res_scale"]
     _foam_fold_kernel[grid](
@@ -658,7 +660,7 @@ def _launch_shared(
         addresses = [grad.data_ptr(), p.data_ptr(), m.data_ptr(), v.data_ptr()]
         if folded:
             n = p.shape[-1]
-            num_blocks = (n + block_size - 1) // block_size
+            num_blocks = _cdiv(n, block_size)
             rows.append(addresses + [n, num_blocks, p.numel() // n, 0])
             most_tiles = max(most_tiles, p.numel() // n * _cdiv(num_blocks, constexprs["KB"]))
         else:

@@ -51,13 +51,14 @@ def is_dtensor(tensor: torch.Tensor) -> bool:
     return cls is not None and isinstance(tensor, cls)
 
 
-#: The types no parameter, gradient or moment of one rank is wrapped in: local_tensor returns them at once.
-_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+#: Plain tensors, no subclass: local_tensor returns them at once, and they are the only types the fused kernels
+#: step (subclasses such as DTensor and quantised wrappers have no flat data of their own to step).
+PLAIN_TENSOR_TYPES: tuple[type, ...] = (torch.Tensor, torch.nn.Parameter)
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (sharing its storage, so in-place updates land), else ``tensor``."""
-    if type(tensor) in _PLAIN_TENSOR_TYPES:  # the common case, checked first: every step calls this per tensor
+    if type(tensor) in PLAIN_TENSOR_TYPES:  # the common case, checked first: every step calls this per tensor
         return tensor
     return tensor.to_local() if is_dtensor(tensor) else tensor
 

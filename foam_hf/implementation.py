@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 
 from . import _fused_cpu
+from .distributed import PLAIN_TENSOR_TYPES
 from .errors import FoamConfigError
 from .precision import state_dtype_for
 
@@ -41,10 +42,6 @@ def _triton() -> Any:
     return _fused_triton
 
 
-#: The tensor types the fused kernels step: subclasses (DTensor, quantised wrappers) have no flat data to step.
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
-
-
 def _fused_default(params: list[torch.Tensor], exp_avgs: list[torch.Tensor], on_cuda: bool) -> bool:
     """Whether ``fused=None`` means fused for these tensors (every one covered, the kernel ready)."""
     if on_cuda:  # the Triton kernels store fp32 or bf16 moments (state_dtype="bfloat16")
@@ -57,7 +54,7 @@ def _fused_default(params: list[torch.Tensor], exp_avgs: list[torch.Tensor], on_
     # test; before, the rule runs here, and only a list it covers starts the build.
     kernel = _fused_cpu.loaded_kernel()
     if kernel is not None:
-        return all(type(p) in _PLAIN_TENSORS for p in params) and kernel.covers(params, exp_avgs)
+        return all(type(p) in PLAIN_TENSOR_TYPES for p in params) and kernel.covers(params, exp_avgs)
     return all(map(_fused_cpu.fused_supported, params, (m.dtype for m in exp_avgs))) and (
         _fused_cpu.load_kernel() is not None
     )
