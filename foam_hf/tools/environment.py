@@ -60,7 +60,7 @@ def collect() -> Environment:
     """Look at this machine: versions, the CPU kernel, Triton and each CUDA device, and the default paths."""
     import torch
 
-    from .. import _fused_cpu
+    from .. import _fused_cpu, _fused_triton
     from ..implementation import select_implementation
     from ..precision import state_dtype_for
     from .demo_training import cpu_name
@@ -69,7 +69,6 @@ def collect() -> Environment:
     cpu_kernel: dict[str, Any] = {"built": kernel is not None, "error": _fused_cpu.kernel_build_error()}
     if kernel is not None:
         cpu_kernel |= {"isa": kernel.isa(), "isas": list(kernel.available_isas()), "openmp": bool(kernel.openmp())}
-    from .. import _fused_triton
 
     devices = [torch.device("cpu")]
     cuda_devices = []
@@ -77,7 +76,7 @@ def collect() -> Environment:
         for index in range(torch.cuda.device_count()):
             device = torch.device("cuda", index)
             devices.append(device)
-            ready = _fused_triton.triton_available() and _fused_triton.triton_ready(device)
+            ready = _fused_triton.triton_ready(device)  # False without Triton, as when its self-check fails
             cuda_devices.append({"index": index, "name": torch.cuda.get_device_name(index), "triton_ready": ready})
     default_paths = {}
     for device in devices:
