@@ -64,6 +64,19 @@ def test_the_report_names_the_versions_and_the_kernel_this_process_has(capsys):
         ]
 
 
+def test_torchs_version_keeps_its_build_tag_where_the_wheel_metadata_drops_it(capsys, monkeypatch):
+    # PyPI's CUDA wheels record "2.14.1" in their metadata while torch.__version__ says "2.14.1+cu130"; the build
+    # is what a bug report needs. Here the metadata is made to drop the tag (and to name a version torch is not).
+    import importlib.metadata
+
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.0.1" if name == "torch" else real_version(name))
+    monkeypatch.setattr(torch, "__version__", "2.14.1+cu130")
+    report = env_json(capsys)
+    assert report["packages"]["torch"] == "2.14.1+cu130"
+    assert report["packages"]["transformers"] == transformers.__version__
+
+
 def test_the_text_report_follows_foam_cpu_isa(tmp_path):
     # The variable that lowers the kernel's choice is what a user sets to compare paths; the report follows it.
     env = dict(os.environ, FOAM_CPU_ISA="portable")

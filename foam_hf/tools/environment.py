@@ -50,6 +50,12 @@ class Environment:
 
 
 def _version(distribution: str) -> str | None:
+    """The installed version of ``distribution``; torch's as ``torch.__version__`` gives it, which keeps the build
+    tag (``2.14.1+cu130``, ``2.13.0+cpu``) that PyPI's CUDA wheels leave out of their metadata."""
+    if distribution == "torch":
+        import torch
+
+        return torch.__version__
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
