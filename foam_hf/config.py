@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,25 +131,26 @@ class FoamConfig:
     # ---------------------------------------------------------------- optim_args round trip
 
     @classmethod
-    def from_optim_args(cls, optim_args: str | dict[str, str] | None) -> FoamConfig:
-        """Parse ``optim_args`` (the string, or transformers' parsed ``{key: value}`` dict).
+    def from_optim_args(cls, optim_args: str | Mapping[str, Any] | FoamConfig | None) -> FoamConfig:
+        """Parse ``optim_args``: the ``key=value,...`` string; a mapping of the same keys (a YAML or JSON config,
+        transformers' parsed ``{key: value}`` dict), whose ``block_sizes`` may be a mapping and whose
+        ``target_modules`` may be a list; or a :class:`FoamConfig`, returned as it is.
 
         Raises :class:`~foam_hf.errors.FoamConfigError` on an unknown key (listing the valid ones) or a
         value that does not convert.
         """
-        if optim_args is not None and not isinstance(optim_args, (str, dict)):
+        if isinstance(optim_args, FoamConfig):
+            return optim_args
+        if optim_args is not None and not isinstance(optim_args, (str, Mapping)):
             raise TypeError(
-                f"optim_args={optim_args!r} has type {type(optim_args).__name__}; it must be a 'key=value,...' string. "
+                f"optim_args={optim_args!r} has type {type(optim_args).__name__}; it must be a 'key=value,...' string, "
+                "a mapping of those keys, or a foam_hf.FoamConfig. "
                 "Fix: e.g. optim_args='block_size=4,block_sizes=q_proj:8;lm_head:1'."
             )
-        items = _split_optim_args(optim_args) if not isinstance(optim_args, dict) else dict(optim_args)
+        items = _mapping_items(optim_args) if isinstance(optim_args, Mapping) else _split_optim_args(optim_args)
         unknown = sorted(set(items) - set(OPTIM_ARGS_KEYS))
         if unknown:
-            valid = "\n".join(f"  {k}: {v}" for k, v in OPTIM_ARGS_KEYS.items())
-            raise FoamConfigError(
-                f"optim_args for optim='foam': unknown key(s) {unknown}. Valid keys:\n{valid}\n"
-                "Example: optim_args='block_size=4,block_sizes=q_proj:8;lm_head:1'."
-            )
+            raise FoamConfigError(_unknown_keys_message(unknown))
         kwargs: dict[str, Any] = {}
         if "block_size" in items and "level" in items:
             raise FoamConfigError(
@@ -172,10 +174,14 @@ class FoamConfig:
             kwargs["second_moment"] = items["second_moment"]
         if "state_dtype" in items:
             text = items["state_dtype"]
-            kwargs["state_dtype"] = None if text.lower() in ("none", "default") else text
+            # torch.bfloat16 as a string (what str(torch.bfloat16) prints) names the same dtype as bfloat16.
+            kwargs["state_dtype"] = None if text.lower() in ("none", "default") else text.removeprefix("torch.")
         if "block_sizes" in items:
-            kwargs["block_sizes"] = _parse_block_sizes(items["block_sizes"])
-        if "target_modules" in items:
+            value = items["block_sizes"]
+            kwargs["block_sizes"] = dict(value) if isinstance(value, Mapping) else _parse_block_sizes(value)
+        if "target_modules" in items and isinstance(items["target_modules"], (list, tuple)):
+            kwargs["target_modules"] = list(items["target_modules"])  # a YAML/JSON list; FoamConfig checks it
+        elif "target_modules" in items:
             names = [t for t in items["target_modules"].split(";") if t]
             if not names:
                 raise FoamConfigError("optim_args: target_modules= is empty. Fix: e.g. target_modules=q_proj;v_proj.")
@@ -197,8 +203,9 @@ class FoamConfig:
                     if any(ch in pattern for ch in ",=;:"):
                         raise FoamConfigError(
                             f"FoamConfig: block_sizes pattern {pattern!r} contains one of ',=;:', which the "
-                            "optim_args string cannot carry. Fix: pass the FoamConfig object itself "
-                            "(foam_hf.FoamConfig) or rewrite the pattern without those characters."
+                            "optim_args string (the only form TrainingArguments hands on) cannot carry. Fix: "
+                            "rewrite the pattern without them; module names never contain them, and a regex can "
+                            "do without (e.g. [0-9][0-9]? for [0-9]{1,2})."
                         )
                 parts.append("block_sizes=" + ";".join(f"{p}:{s}" for p, s in value.items()))
             elif f.name == "target_modules":
@@ -212,11 +219,14 @@ class FoamConfig:
 
 
 def _split_optim_args(optim_args: str | None) -> dict[str, str]:
+    """``key=value,...`` as transformers reads it (spaces removed, split on ``,`` then ``=``); errors quote what
+    the user wrote."""
     if not optim_args:
         return {}
     items: dict[str, str] = {}
     previous = None
-    for part in optim_args.replace(" ", "").split(","):
+    for written in optim_args.split(","):
+        part = written.replace(" ", "")
         if not part:
             continue
         if "=" not in part and previous in ("block_sizes", "target_modules"):
@@ -225,10 +235,7 @@ def _split_optim_args(optim_args: str | None) -> dict[str, str]:
                 f"{previous} are separated by ';', not ','. Fix: e.g. block_sizes=q_proj:8;lm_head:1."
             )
         if part.count("=") != 1 or part.startswith("="):
-            raise FoamConfigError(
-                f"optim_args: {part!r} is not of the form key=value (entries are separated by ','). "
-                "Example: optim_args='block_size=4,block_sizes=q_proj:8;lm_head:1'."
-            )
+            raise FoamConfigError(_not_key_value_message(written.strip(), part))
         key, value = part.split("=")
         if key in items:
             raise FoamConfigError(
@@ -236,6 +243,87 @@ def _split_optim_args(optim_args: str | None) -> dict[str, str]:
             )
         items[key] = value
         previous = key
+    return items
+
+
+def _not_key_value_message(written: str, part: str) -> str:
+    """Why ``written`` (one ``,``-separated entry as the user wrote it; ``part`` without its spaces) is not a
+    ``key=value`` entry, and the likely fix."""
+    rule = "entries are key=value, separated by ','"
+    if part.count("=") > 1 and len(written.split()) > 1:
+        fixed = ",".join(written.split())
+        return (
+            f"optim_args: {written!r} is two entries separated by a space; {rule} (transformers removes spaces, "
+            f"so it would read {part!r}). Fix: {fixed}"
+        )
+    key = part.split("=", 1)[0]
+    if key == "block_sizes" and part.count("=") > 1:
+        fixed = "block_sizes=" + part.split("=", 1)[1].replace("=", ":")
+        return (
+            f"optim_args: {written!r}: block_sizes entries are pattern:size (':' before the size, not '='), "
+            f"separated by ';'. Fix: {fixed}"
+        )
+    return f"optim_args: {written!r} is not of the form key=value (entries are separated by ','). Example: {_EXAMPLE}."
+
+
+_EXAMPLE = "optim_args='block_size=4,block_sizes=q_proj:8;lm_head:1'"
+
+#: Keys users carry over from optimizer constructors, and the TrainingArguments field each value comes from.
+_TRAINING_ARGUMENTS_FIELDS = {
+    "lr": "learning_rate",
+    "learning_rate": "learning_rate",
+    "weight_decay": "weight_decay",
+    "betas": "adam_beta1 and adam_beta2",
+    "beta1": "adam_beta1",
+    "beta2": "adam_beta2",
+    "adam_beta1": "adam_beta1",
+    "adam_beta2": "adam_beta2",
+    "eps": "adam_epsilon",
+    "epsilon": "adam_epsilon",
+    "adam_epsilon": "adam_epsilon",
+}
+
+
+def _unknown_keys_message(unknown: list[str]) -> str:
+    hints = []
+    for key in unknown:
+        if key in _TRAINING_ARGUMENTS_FIELDS:
+            field_name = _TRAINING_ARGUMENTS_FIELDS[key]
+            flags = " and ".join(f"--{name}" for name in field_name.split(" and "))
+            hints.append(
+                f"{key!r} is not one of FOAM's own keys: FOAM takes it, as every optimizer does, from "
+                f"TrainingArguments' {field_name} ({flags} on the command line). Fix: set it there and drop "
+                f"{key!r} from optim_args."
+            )
+    valid = "\n".join(f"  {k}: {v}" for k, v in OPTIM_ARGS_KEYS.items())
+    return (
+        f"optim_args for optim='foam': unknown key(s) {unknown}."
+        + "".join(f"\n{hint}" for hint in hints)
+        + ("\n" if hints else " ")
+        + f"Valid keys:\n{valid}\nExample: {_EXAMPLE}."
+    )
+
+
+def _mapping_items(optim_args: Mapping[str, Any]) -> dict[str, Any]:
+    """A mapping's keys as :func:`_split_optim_args` gives them: scalar values as their ``optim_args`` text;
+    ``block_sizes`` as a mapping or that text, ``target_modules`` as a list or that text."""
+    items: dict[str, Any] = {}
+    for key, value in optim_args.items():
+        if not isinstance(key, str):
+            raise FoamConfigError(f"optim_args: key {key!r} is not a string. Example: {_EXAMPLE}.")
+        if (key == "block_sizes" and isinstance(value, Mapping)) or (
+            key == "target_modules" and isinstance(value, (list, tuple))
+        ):
+            items[key] = value
+        elif isinstance(value, bool):
+            items[key] = str(value).lower()
+        elif isinstance(value, (str, int, float)) or value is None:
+            items[key] = str(value)
+        else:
+            raise FoamConfigError(
+                f"optim_args: {key}={value!r} has type {type(value).__name__}; a value is a string or a number "
+                f"(block_sizes may be a mapping, target_modules a list). Example: {_EXAMPLE}."
+            )
     return items
 
 

@@ -150,9 +150,9 @@ def _check_state_dtype(value: Any, at: str) -> None:
             else ""
         )
         raise FoamConfigError(
-            f"FOAM: state_dtype={value!r} is invalid: it must be one of {list(STATE_DTYPES)} (or "
-            f"torch.float32/torch.bfloat16).{why} Fix: pass state_dtype='bfloat16' to halve state memory, or "
-            f"None for fp32 states{at}."
+            f"FOAM: state_dtype={value!r} is invalid: it must be one of {list(STATE_DTYPES)} (in Python also "
+            f"the dtypes torch.float32 and torch.bfloat16).{why} Fix: pass state_dtype='bfloat16' to halve state "
+            f"memory, or None for fp32 states{at}."
         )
 
 

@@ -515,7 +515,29 @@ OPTIM_ARGS_ERRORS = [
     ("block_size=4,block_size=8", FoamConfigError, ["'block_size' is given twice", "block_size=4", "Fix: keep one"]),
     ("=4", FoamConfigError, ["'=4' is not of the form key=value", "Example:"]),
     ("block_size=4=5", FoamConfigError, ["'block_size=4=5' is not of the form key=value", "Example:"]),
-    ("lr=1e-3", FoamConfigError, ["unknown key(s) ['lr']", "Valid keys", "block_size:", "Example:"]),
+    (
+        "lr=1e-3",
+        FoamConfigError,
+        ["unknown key(s) ['lr']", "TrainingArguments' learning_rate", "Valid keys", "block_size:"],
+    ),
+    (
+        "betas=0.9",
+        FoamConfigError,
+        ["'betas' is not one of FOAM's own keys", "adam_beta1 and adam_beta2", "--adam_beta2"],
+    ),
+    ("eps=1e-6,blocksize=2", FoamConfigError, ["['blocksize', 'eps']", "'eps'", "adam_epsilon", "Valid keys"]),
+    (
+        "block_size=4 level=2",
+        FoamConfigError,
+        ["'block_size=4 level=2' is two entries separated by a space", "Fix: block_size=4,level=2"],
+    ),
+    (
+        "block_sizes=q_proj=8",
+        FoamConfigError,
+        ["pattern:size (':' before the size, not '=')", "Fix: block_sizes=q_proj:8"],
+    ),
+    ({"block_size": [4]}, FoamConfigError, ["block_size=[4] has type list", "a string or a number", "Example:"]),
+    ({"block_sizes": {"q_proj": "x"}}, FoamConfigError, ["block_sizes['q_proj']='x' is invalid", "an int >= 1"]),
     ("block_size=4,blocksize=8", FoamConfigError, ["unknown key(s) ['blocksize']. Valid keys"]),
     ("block_size=", FoamConfigError, ["block_size=''", "is not an integer", "Example: block_size=4"]),
     ("block_size=2.5", FoamConfigError, ["block_size='2.5'", "is not an integer", "Example:"]),
@@ -574,7 +596,7 @@ CONFIG_ERRORS = [
         "pattern the optim_args string cannot carry",
         lambda: FoamConfig(block_sizes={"a:b": 4}).to_optim_args(),
         FoamConfigError,
-        ["'a:b'", "contains one of ',=;:'", "Fix: pass the FoamConfig object"],
+        ["'a:b'", "contains one of ',=;:'", "Fix: rewrite the pattern without them"],
     ),
 ]
 

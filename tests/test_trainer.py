@@ -116,6 +116,38 @@ def test_typed_config_produces_the_same_optim_args():
     assert FoamConfig.from_optim_args(text) == config
 
 
+def _optimizer_options(trainer):
+    """What the optimizer a Trainer builds holds: each parameter's block size and the group options."""
+    trainer.create_optimizer()
+    group = trainer.optimizer.param_groups[0]
+    return named_block_sizes(trainer.optimizer, trainer.model), (group["res_scale"], group["second_moment"])
+
+
+def test_a_yaml_mapping_or_a_foamconfig_as_optim_args_builds_what_the_string_builds(tmp_path):
+    # TRL's --config and args.json files give optim_args as a mapping; transformers reads only the string form,
+    # and before this was converted a valid mapping passed the early check and failed in transformers' parser.
+    text = "block_size=8,res_scale=0.5,block_sizes=q_proj:16;lm_head:2,target_modules=q_proj;v_proj;k_proj"
+    from_string = Trainer(model=tiny_llama(), args=make_args(tmp_path, optim_args=text), train_dataset=lm_dataset())
+    expected = _optimizer_options(from_string)
+    assert expected[0]["model.layers.0.self_attn.k_proj.weight"] == 8 and expected[1] == (0.5, "mean_sq")
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"output_dir: {tmp_path / 'yaml'}\nmax_steps: 4\noptim: foam\noptim_args:\n  block_size: 8\n"
+        "  res_scale: 0.5\n  block_sizes: {q_proj: 16, lm_head: 2}\n  target_modules: [q_proj, v_proj, k_proj]\n"
+    )
+    (from_yaml,) = HfArgumentParser(TrainingArguments).parse_yaml_file(str(config))
+    assert isinstance(from_yaml.optim_args, str)  # what transformers' own parser and to_json_string need
+    trainer = Trainer(model=tiny_llama(), args=from_yaml, train_dataset=lm_dataset())
+    assert _optimizer_options(trainer) == expected
+    trainer.train()  # transformers parses optim_args again when it builds the optimizer by name
+
+    typed = FoamConfig(block_size=8, res_scale=0.5, block_sizes={"q_proj": 16, "lm_head": 2},
+                       target_modules=["q_proj", "v_proj", "k_proj"])  # fmt: skip
+    from_config = Trainer(model=tiny_llama(), args=make_args(tmp_path, optim_args=typed), train_dataset=lm_dataset())
+    assert _optimizer_options(from_config) == expected
+
+
 def test_override_that_matches_nothing_lists_close_names(tmp_path):
     args = make_args(tmp_path, optim_args="block_sizes=q_prj:8")
     trainer = Trainer(model=tiny_llama(), args=args, train_dataset=lm_dataset())
@@ -261,3 +293,10 @@ def test_deepspeed_zero_gets_zerofoam_from_the_handler(tmp_path):
     args.deepspeed = {"zero_optimization": {"stage": 0}}
     cls, kwargs = optimizer_cls_and_kwargs(args, tiny_llama())
     assert cls is FOAM and kwargs["params"]
+
+
+def test_state_dtype_may_be_written_as_torch_prints_it():
+    # str(torch.bfloat16) is "torch.bfloat16"; in optim_args it names the same storage as "bfloat16".
+    for dtype in (torch.bfloat16, torch.float32):
+        name = str(dtype).removeprefix("torch.")
+        assert FoamConfig.from_optim_args(f"state_dtype={dtype}") == FoamConfig(state_dtype=name)

@@ -54,7 +54,10 @@ def validate_training_arguments(args: Any) -> None:
     """Run right after ``TrainingArguments.__post_init__``: reject bad FOAM options before any model loads."""
     if not is_foam_optim(args.optim):
         return
-    foam_config_from_args(args)
+    config = foam_config_from_args(args)
+    if args.optim_args is not None and not isinstance(args.optim_args, str):
+        # A mapping (a YAML or JSON config) or a FoamConfig: transformers reads only the string form.
+        args.optim_args = config.to_optim_args()
     check_deepspeed_config(_deepspeed_config(args))
     _check_hyperparameter_fields(args)
     if _is_layerwise(args.optim):
