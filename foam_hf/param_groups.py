@@ -11,8 +11,10 @@ Rules, in order:
    "LoRA adapters") while their states are a tiny share of memory; ``block_sizes=lora_A:4`` folds them.
    Output heads are the module ``get_output_embeddings()`` returns and task heads named as in
    :data:`OUTPUT_HEAD_NAMES`. ``target_modules`` replaces that set: a list of module-name patterns, one full
-   regex string, or ``"all-linear"`` (every linear layer except the output head, as PEFT defines it).
-   Targets fold with ``block_size``.
+   regex string, or ``"all-linear"`` (every linear layer except the output head, as PEFT defines it). A
+   pattern targets every linear layer in the modules it matches, as an override does (``lora_A`` targets
+   the ``lora_A.default`` layers, ``mlp`` the linear layers of every MLP), adapters included. Targets fold
+   with ``block_size``.
 3. *Overrides* (``block_sizes``) then set the block size of every trainable parameter inside a matched
    module, target or not (``lm_head:4`` folds the head, ``q_proj:1`` keeps AdamW states). A pattern
    matches a module name as PEFT's ``rank_pattern`` does: the name ends with the pattern at a ``.``
@@ -22,8 +24,9 @@ Rules, in order:
 4. Everything else keeps AdamW states (block size 1). One-dimensional parameters never fold whatever
    their block size (see :func:`foam_hf.folding.is_foldable`).
 
-A pattern or target that matches no trainable parameter raises :class:`NoMatchingModuleError` with the
-closest module names.
+A pattern or target that matches no trainable parameter raises :class:`NoMatchingModuleError`: with the
+closest module names, or, where it matches modules whose parameters are all frozen (or, for a target, none
+of which is a linear layer's weight), with those modules.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from __future__ import annotations
 import difflib
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +80,11 @@ def _suffix_match(pattern: str, name: str) -> bool:
     return re.fullmatch(rf"(?:.*\.)?(?:{pattern})", name) is not None
 
 
+def _target_match(target: str, module_name: str) -> bool:
+    """Whether ``target`` (a name pattern) matches the module ``module_name`` or a module containing it."""
+    return any(_suffix_match(target, prefix) for prefix in _ancestors(module_name))
+
+
 def _ancestors(module_name: str) -> Iterable[str]:
     """``a.b.c`` → ``a.b.c``, ``a.b``, ``a`` (deepest first)."""
     parts = module_name.split(".")
@@ -119,7 +127,26 @@ def _adapter_layer_names(model: nn.Module) -> set[str]:
     return {name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
 
 
-def _no_match_error(what: str, pattern: str, module_names: list[str]) -> NoMatchingModuleError:
+def _no_match_error(
+    what: str, pattern: str, module_names: list[str], matched: dict[str, str] | None = None
+) -> NoMatchingModuleError:
+    """The error for ``pattern`` that steps nothing. ``matched``: the modules it does match, each with why none of
+    their parameters counts (frozen, or, for a target, not a linear layer's weight)."""
+    if matched:
+        shown = [f"{name} ({why})" for name, why in list(matched.items())[:5]]
+        more = f" and {len(matched) - 5} more" if len(matched) > 5 else ""
+        frozen = any("frozen" in why for why in matched.values())
+        fix = (
+            "Fix: drop it, or unfreeze those parameters (requires_grad_(True)); with PEFT, name a module that has "
+            "an adapter (or its lora_A / lora_B), or add the module to the adapter's target_modules."
+            if frozen
+            else "Fix: name linear layers (or modules that contain them); other parameters fold only through "
+            "block_sizes."
+        )
+        return NoMatchingModuleError(
+            f"FOAM: {what} {pattern!r} matches modules of the model, but no parameter there "
+            f"{'is trainable' if frozen else 'is a trainable linear weight'}: {shown}{more}. {fix}"
+        )
     leaves = sorted({n.rsplit(".", 1)[-1] for n in module_names if n})
     close = difflib.get_close_matches(pattern, leaves, n=5, cutoff=0.5) or difflib.get_close_matches(
         pattern, module_names, n=5, cutoff=0.4
@@ -131,6 +158,28 @@ def _no_match_error(what: str, pattern: str, module_names: list[str]) -> NoMatch
         "`[n for n, _ in model.named_modules()]`, and remember that frozen parameters (e.g. a LoRA base model) "
         "have no optimizer state."
     )
+
+
+def _why_nothing_steps(model: nn.Module, matches: Callable[[str], bool], linear_only: bool) -> dict[str, str]:
+    """The modules of ``model`` whose names ``matches`` (outermost ones), each with why none of the parameters in
+    it is stepped (as a target, when ``linear_only``): ``"frozen"``, ``"no linear layer weight"`` or
+    ``"no parameters"``. Modules where one is stepped are left out."""
+    linear_types = _linear_types()
+    found: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not name or not matches(name) or any(name.startswith(outer + ".") for outer in found):
+            continue
+        if linear_only:
+            candidates = [sub.weight for sub in module.modules() if isinstance(sub, linear_types)]
+            missing = "no linear layer weight"
+        else:
+            candidates = list(module.parameters())
+            missing = "no parameters"
+        if not candidates:
+            found[name] = missing
+        elif not any(p.requires_grad for p in candidates):
+            found[name] = "frozen"
+    return found
 
 
 def resolve_block_sizes(
@@ -183,8 +232,8 @@ def resolve_block_sizes(
         if all_linear:
             return module is not output_head
         if isinstance(targets, str):
-            return re.fullmatch(targets, module_name) is not None
-        return any(_suffix_match(t, module_name) for t in targets)
+            return any(re.fullmatch(targets, prefix) is not None for prefix in _ancestors(module_name))
+        return any(_target_match(t, module_name) for t in targets)
 
     used_targets: set[str] = set()
     used_patterns: set[str] = set()
@@ -195,7 +244,7 @@ def resolve_block_sizes(
         if any(is_default_target(*owner) for owner in param_owners):
             size = config.block_size
             if isinstance(targets, (list, tuple)) and not all_linear:
-                used_targets.update(t for t in targets for m, _, _ in param_owners if _suffix_match(t, m))
+                used_targets.update(t for t in targets for m, _, _ in param_owners if _target_match(t, m))
             elif targets is not None:
                 used_targets.add(str(targets))
         best: tuple[int, int] | None = None
@@ -233,11 +282,16 @@ def resolve_block_sizes(
                 for prefix in (_ancestors(module_name) if module_name else [])
             )
             if not matches:
-                raise _no_match_error("block_sizes pattern", pattern, module_names)
+                matched = _why_nothing_steps(model, lambda name, p=pattern: _suffix_match(p, name), False)
+                raise _no_match_error("block_sizes pattern", pattern, module_names, matched)
     if targets is not None and not all_linear:
         for target in [targets] if isinstance(targets, str) else targets:
             if target not in used_targets:
-                raise _no_match_error("target module", target, module_names)
+                if isinstance(targets, str):
+                    matched = _why_nothing_steps(model, lambda name: re.fullmatch(targets, name) is not None, True)
+                else:
+                    matched = _why_nothing_steps(model, lambda name, t=target: _suffix_match(t, name), True)
+                raise _no_match_error("target module", target, module_names, matched)
     return BlockSizePlan(size_by_parameter)
 
 

@@ -280,7 +280,23 @@ OVERRIDE_ERRORS = [
         FoamConfig(block_sizes={"embed_tokens": 4}),
         None,
         NoMatchingModuleError,
-        ["'embed_tokens' matches no trainable parameter", "frozen parameters"],
+        ["'embed_tokens' matches modules of the model, but no parameter there is trainable", "embed_tokens (frozen)"],
+    ),
+    (
+        "target module that holds no linear layer",
+        None,
+        FoamConfig(target_modules=["embed_tokens"]),
+        None,
+        NoMatchingModuleError,
+        ["target module 'embed_tokens' matches modules", "trainable linear weight", "(no linear layer weight)"],
+    ),
+    (
+        "target module whose linear layers are frozen",
+        freeze("model.layers.0.mlp", "model.layers.1.mlp"),
+        FoamConfig(target_modules=["mlp"]),
+        None,
+        NoMatchingModuleError,
+        ["target module 'mlp' matches modules", "model.layers.0.mlp (frozen)", "model.layers.1.mlp (frozen)"],
     ),
     (
         "every parameter frozen",
@@ -319,6 +335,15 @@ def test_bad_override(change, config, targets, error, fragments):
     with pytest.raises(error) as info:
         resolve_block_sizes(model, config, targets)
     assert_fragments(str(info.value), fragments)
+
+
+def test_a_target_module_folds_the_linear_layers_inside_it():
+    model = tiny_llama()
+    plan = resolve_block_sizes(model, FoamConfig(block_size=8, target_modules=["mlp"]))
+    mlp_linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".mlp." in n}
+    assert len(mlp_linears) == 6  # gate, up and down in each of 2 layers
+    assert {n for n, b in plan.size_by_parameter.items() if b > 1} == mlp_linears
+    assert {b for n, b in plan.size_by_parameter.items() if n in mlp_linears} == {8}
 
 
 def test_shadowed_override_is_not_an_error_and_the_specific_one_wins():

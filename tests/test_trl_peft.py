@@ -225,9 +225,30 @@ def test_lora_overrides_address_adapters_by_name(tmp_path):
         if "q_proj.lora_A" in name:  # r x in_features = 8 x 32 folds to 8 x 8
             assert trainer.optimizer.state[p]["exp_avg"].shape == (8, 8), name
     # A pattern that only matches frozen weights (the base layer) is an error, not a silent no-op.
+    # The message says so, naming the frozen modules (not k_proj as the "closest name" to k_proj).
     args = TrainingArguments(output_dir=str(tmp_path), optim_args="block_sizes=k_proj:8", **COMMON)
-    with pytest.raises(NoMatchingModuleError, match="'k_proj' matches no trainable parameter"):
+    with pytest.raises(NoMatchingModuleError, match=r"'k_proj' matches modules .* no parameter there is trainable"):
         Trainer(model=model, args=args, train_dataset=lm_dataset()).create_optimizer()
+
+
+@pytest.mark.parametrize("targets", ["lora_A", "q_proj;v_proj", r".*\.lora_A"])
+def test_lora_target_modules_name_adapters_as_overrides_do(tmp_path, targets):
+    # target_modules reach the linear layers inside the modules they name, as block_sizes patterns do: the
+    # adapters' own layers are lora_A.default / lora_B.default, and neither "lora_A" nor "q_proj" names them.
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_alpha=16))
+    args = TrainingArguments(output_dir=str(tmp_path), optim_args=f"target_modules={targets}", **COMMON)
+    trainer = Trainer(model=model, args=args, train_dataset=lm_dataset())
+    trainer.create_optimizer()
+    folded = {
+        n for g in trainer.optimizer.param_groups if g["block_size"] > 1 for n, p in model.named_parameters()
+        if any(p is q for q in g["params"])
+    }  # fmt: skip
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {n for n in trainable if "lora_A" in n} if "lora_A" in targets else trainable
+    assert folded == expected and expected
 
 
 def test_lora_with_sft_trainer(tmp_path):
