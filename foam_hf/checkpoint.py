@@ -54,21 +54,27 @@ def check_loadable(
             f"optimizer.state_dict() returns); got keys {sorted(map(str, state_dict))}. The file may be "
             "truncated or not an optimizer state."
         )
-    if len(saved_groups) != len(param_groups):
-        raise FoamStateError(
-            f"FOAM.load_state_dict: the saved state has {len(saved_groups)} param groups, this optimizer "
-            f"has {len(param_groups)}. Fix: build the optimizer with the same groups as the run that "
-            "saved the checkpoint."
-        )
-    id_to_param: dict[int, tuple[torch.Tensor, dict[str, Any], int]] = {}
-    for index, (saved, group) in enumerate(zip(saved_groups, param_groups)):
-        missing = [k for k in STRUCTURAL_KEYS if k not in saved]
+    for index, saved in enumerate(saved_groups):
+        missing = [k for k in STRUCTURAL_KEYS if not isinstance(saved, dict) or k not in saved]
         if missing:
             raise FoamStateError(
                 f"FOAM.load_state_dict: saved param group {index} has no {missing}: this state was not "
                 "written by FOAM (an AdamW checkpoint?). Fix: load it into the optimizer that wrote it, "
                 "or convert it to FOAM states first."
             )
+    if len(saved_groups) != len(param_groups):
+        # Built by name, FOAM has a group per (block size, decayed or not): another count almost always means
+        # other block sizes than the run that saved it.
+        raise FoamStateError(
+            f"FOAM.load_state_dict: the saved state has {len(saved_groups)} param groups, this optimizer "
+            f"has {len(param_groups)}; their block sizes are {[g['block_size'] for g in saved_groups]} (saved) "
+            f"and {[g['block_size'] for g in param_groups]} (here). With optim='foam' each block size (decayed "
+            "or not) is a group, so the run that saved it had other block_size, block_sizes or target_modules. "
+            "Fix: resume with that run's optim_args (its training_args.bin holds them), or build the optimizer "
+            "with the same groups."
+        )
+    id_to_param: dict[int, tuple[torch.Tensor, dict[str, Any], int]] = {}
+    for index, (saved, group) in enumerate(zip(saved_groups, param_groups)):
         for key in STRUCTURAL_KEYS:
             if saved[key] != group[key]:
                 raise FoamStateError(

@@ -10,7 +10,15 @@ import torch
 from hf_fixtures import StopAt, lm_dataset, tiny_llama, training_args
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
-from foam_hf import FOAM, FoamCallback, FoamConfig, FoamConfigError, LayerwiseFOAM, NoMatchingModuleError
+from foam_hf import (
+    FOAM,
+    FoamCallback,
+    FoamConfig,
+    FoamConfigError,
+    FoamStateError,
+    LayerwiseFOAM,
+    NoMatchingModuleError,
+)
 from foam_hf.integration import check_seam
 from foam_hf.memory import adamw_state_bytes, foam_state_bytes
 
@@ -228,6 +236,21 @@ def test_resume_from_checkpoint_is_bitwise_exact(tmp_path, optim):
     assert resumed.state.global_step == 6
     for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
         assert torch.equal(a, b), name
+
+
+def test_resume_with_other_per_module_block_sizes_says_so(tmp_path):
+    # Other overrides change the number of groups, so the refusal comes from the group count: it must still say
+    # which block sizes differ, and how to resume.
+    overrides = "block_size=8,block_sizes=q_proj:16;lm_head:1"
+    saved = _train(tmp_path, "saved", stop_at=3, optim_args=overrides)
+    checkpoint = tmp_path / "saved" / "out" / "checkpoint-3"
+    groups = saved.optimizer.param_groups
+    with pytest.raises(FoamStateError) as info:
+        _train(tmp_path, "resumed", resume=str(checkpoint), optim_args="block_size=8")
+    message = str(info.value)
+    assert f"saved state has {len(groups)} param groups" in message
+    assert str([g["block_size"] for g in groups]) in message
+    assert "block_sizes" in message and "Fix: resume with that run's optim_args" in message
 
 
 def test_layerwise_matches_foam_and_frees_gradients(tmp_path):
