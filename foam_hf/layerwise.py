@@ -9,6 +9,9 @@ Gradient accumulation: ``should_step`` is asked in each hook; while it returns `
 accumulating in ``p.grad`` (no memory saving on those micro-batches, but exact maths), and on the
 micro-batch where it returns ``True`` every parameter steps on its accumulated gradient.
 
+The gradients are gone when backward returns, so whatever reads them per step (a gradient norm, the callback's
+residual ratio and finiteness check) must see each one in the hook: :meth:`LayerwiseFOAM.add_gradient_observer`.
+
 What cannot work, and is refused by the Trainer integration rather than silently wrong: gradient
 clipping by global norm (the norm needs every gradient at once), fp16 loss scaling (the hook would see
 scaled gradients), and DDP/FSDP (the hook fires before gradients are reduced across ranks).
@@ -16,11 +19,13 @@ scaled gradients), and DDP/FSDP (the hook fires before gradients are reduced acr
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.optim.optimizer import ParamsT
+from torch.utils.hooks import RemovableHandle
 
 from .optim import FOAM
 
@@ -46,6 +51,7 @@ class LayerwiseFOAM(FOAM):
         # Group *indices*, not dicts: load_state_dict replaces the group dicts (and schedulers edit those).
         self._group_index: dict[int, int] = {}
         self._handles = []
+        self._gradient_observers: OrderedDict[int, Callable[[torch.Tensor, torch.Tensor, dict], None]] = OrderedDict()
         for index, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.requires_grad:
@@ -56,7 +62,10 @@ class LayerwiseFOAM(FOAM):
     def _step_parameter(self, param: torch.Tensor) -> None:
         if param.grad is None or not self._should_step():
             return
-        self._step_group(self.param_groups[self._group_index[id(param)]], [param])
+        group = self.param_groups[self._group_index[id(param)]]
+        for observer in self._gradient_observers.values():
+            observer(param, param.grad, group)
+        self._step_group(group, [param])
         param.grad = None
 
     @torch.no_grad()
@@ -66,6 +75,14 @@ class LayerwiseFOAM(FOAM):
             return None
         with torch.enable_grad():
             return closure()
+
+    def add_gradient_observer(self, observer: Callable[[torch.Tensor, torch.Tensor, dict], None]) -> RemovableHandle:
+        """Call ``observer(param, grad, group)`` with each gradient a hook is about to step on (the accumulated
+        one, on the last micro-batch of a window), before the step and before the gradient is freed. Returns a
+        handle whose ``remove()`` detaches it."""
+        handle = RemovableHandle(self._gradient_observers)
+        self._gradient_observers[handle.id] = observer
+        return handle
 
     def remove_hooks(self) -> None:
         """Detach the per-parameter hooks (after training, or before handing the model to another optimizer)."""

@@ -161,6 +161,19 @@ def test_callback_reports_the_first_non_finite_step(tmp_path, caplog, max_grad_n
     assert not torch.isfinite(trainer.model.model.layers[1].self_attn.q_proj.weight).all()
 
 
+def test_callback_reports_the_first_non_finite_step_under_layerwise_foam(tmp_path):
+    # Layer-wise FOAM frees each gradient inside backward: the callback reads them in its hooks instead.
+    kwargs = dict(parameter="model.layers.1.self_attn.q_proj.weight", optim="foam_layerwise", max_grad_norm=0.0)
+    trainer = train_with_nan_at(tmp_path, BAD_STEP, **kwargs)
+    reports = [
+        (e["step"], e["foam/first_nonfinite_step"])
+        for e in trainer.state.log_history
+        if "foam/first_nonfinite_step" in e
+    ]
+    assert reports == [(BAD_STEP, BAD_STEP)]
+    assert not torch.isfinite(trainer.model.model.layers[1].self_attn.q_proj.weight).all()
+
+
 def test_callback_reports_nothing_on_a_finite_run(tmp_path):
     trainer = train_with_nan_at(tmp_path, None, parameter="model.layers.1.self_attn.q_proj.weight")
     assert not any("foam/first_nonfinite_step" in e for e in trainer.state.log_history)

@@ -263,6 +263,20 @@ def test_layerwise_matches_foam_and_frees_gradients(tmp_path):
     for a, b in zip(plain.model.parameters(), layerwise.model.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
         assert b.grad is None
+    assert_same_gradient_logs(plain, layerwise)
+
+
+def assert_same_gradient_logs(plain, layerwise):
+    """The gradient figures logged under foam_layerwise (read in its hooks) are those the Trainer and the callback
+    read from the whole model's gradients under foam; before, foam_layerwise logged grad_norm 0.0 (the gradients
+    were freed when the Trainer looked) and no residual ratio."""
+    keys = ("grad_norm", "foam/residual_ratio")
+    expected = [(e["step"], *(e[k] for k in keys)) for e in plain.state.log_history if "grad_norm" in e]
+    logged = [(e["step"], *(e.get(k) for k in keys)) for e in layerwise.state.log_history if "grad_norm" in e]
+    assert len(expected) == 2 and all(norm > 0 for _, norm, _ in expected)
+    assert [e[0] for e in logged] == [e[0] for e in expected]
+    for want, got in zip(expected, logged):
+        assert got[1:] == pytest.approx(want[1:], rel=1e-4), (want, got)
 
 
 def test_layerwise_supports_gradient_accumulation(tmp_path):
@@ -274,6 +288,7 @@ def test_layerwise_supports_gradient_accumulation(tmp_path):
     layerwise.train()
     for a, b in zip(plain.model.parameters(), layerwise.model.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert_same_gradient_logs(plain, layerwise)  # the accumulated gradients, as the Trainer sees them
 
 
 def test_import_registers_both_names():

@@ -8,7 +8,9 @@ Logged keys (every ``report_to`` backend sees them, and ``trainer.state.log_hist
   folded parameters, with :math:`R = G - \operatorname{unfold}(\operatorname{blockmean}(G))` — the
   share of the gradient that the folded states do not see and the residual term carries (0: each block
   is constant; near 1: blocks average to nothing);
-* ``foam/first_nonfinite_step``: the first optimizer step whose folded gradients held a NaN or inf.
+* ``foam/first_nonfinite_step``: the first optimizer step whose folded gradients held a NaN or inf;
+* under ``optim="foam_layerwise"``, ``grad_norm`` replaced by the norm of the gradients the hooks stepped on
+  (the Trainer computes it after backward, when layer-wise FOAM has already freed every gradient: 0.0).
 
 It observes and never changes hyper-parameters. It fails fast at train start when the optimizer in use
 is not FOAM (e.g. a trainer that bypassed ``optim="foam"``).
@@ -26,6 +28,7 @@ from transformers import TrainerCallback
 from ..distributed import local_tensor, sum_over_shards
 from ..errors import FoamConfigError
 from ..folding import block_mean, is_foldable, unfold
+from ..layerwise import LayerwiseFOAM
 from ..optim import FOAM
 
 __all__ = ["FoamCallback"]
@@ -57,6 +60,10 @@ class FoamCallback(TrainerCallback):
         self.check_finite = check_finite
         self._pending: dict[str, float] = {}
         self._first_nonfinite_step: int | None = None
+        # Layer-wise FOAM: per-gradient sums taken in its hooks (see _observe_layerwise), and whether to take them.
+        self._layerwise_sums: list[torch.Tensor] = []
+        self._observing = False
+        self._observed: LayerwiseFOAM | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
         foam = _unwrap(optimizer)
@@ -71,6 +78,9 @@ class FoamCallback(TrainerCallback):
                 "trainer that overrides create_optimizer). Fix: drop the explicit optimizer, or remove "
                 "FoamCallback (optim_args='callback=false') if that is intended."
             )
+        if isinstance(foam, LayerwiseFOAM) and foam is not self._observed:
+            foam.add_gradient_observer(self._observe_layerwise)
+            self._observed = foam
         memory = foam.state_memory()  # ZeroFOAM reports the whole model's figures under ZeRO
         self._pending.update(
             {
@@ -99,14 +109,65 @@ class FoamCallback(TrainerCallback):
             steps = max(1, math.ceil(state.max_steps * steps))
         return (state.global_step + 1) % int(steps) == 0
 
+    def _wants_gradients(self, args: Any, state: Any) -> bool:
+        return self._will_log(args, state) or (self.check_finite and self._first_nonfinite_step is None)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._observing = self._wants_gradients(args, state)
+        self._layerwise_sums = []
+
+    @torch.no_grad()
+    def _observe_layerwise(self, param: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+        """A layer-wise hook's gradient, before it is stepped on and freed: [‖G‖², and for a folded parameter
+        ‖G‖², ‖R‖² and whether G holds a NaN or inf]."""
+        if not self._observing:
+            return
+        g = grad.float()
+        grad_sq = g.square().sum()
+        zero = torch.zeros((), device=g.device)
+        folded_sq, residual_sq, nonfinite = zero, zero, zero
+        block_size = group["block_size"]
+        if is_foldable(param, block_size):
+            residual = g - unfold(block_mean(g, block_size), g.shape[-1], block_size)
+            folded_sq, residual_sq = grad_sq, residual.square().sum()
+            nonfinite = (~torch.isfinite(grad_sq)).float()
+        self._layerwise_sums.append(torch.stack([grad_sq, folded_sq, residual_sq, nonfinite]).double())
+
+    def _nonfinite_at_this_step(self, state: Any) -> None:
+        self._first_nonfinite_step = state.global_step + 1
+        self._pending["foam/first_nonfinite_step"] = self._first_nonfinite_step
+        logger.warning(
+            "FOAM: non-finite gradients in folded parameters at optimizer step %d. FOAM behaves as AdamW "
+            "does: the NaN/inf propagates into the states of the affected blocks.",
+            self._first_nonfinite_step,
+        )
+
+    def _finish_layerwise_step(self, args: Any, state: Any) -> None:
+        """What on_pre_optimizer_step reads from the gradients, from the sums the hooks took (layer-wise FOAM)."""
+        if not self._layerwise_sums:
+            return
+        device = self._layerwise_sums[0].device  # one device-to-host copy a step, not one per gradient
+        sums = torch.stack([t.to(device) for t in self._layerwise_sums]).sum(0)
+        grad_sq, folded_sq, residual_sq, nonfinite = sums.tolist()
+        self._layerwise_sums = []
+        if self.check_finite and self._first_nonfinite_step is None and nonfinite > 0:
+            self._nonfinite_at_this_step(state)
+        if self._will_log(args, state):
+            self._pending["grad_norm"] = math.sqrt(grad_sq)
+            if folded_sq > 0:
+                self._pending["foam/residual_ratio"] = math.sqrt(residual_sq / folded_sq)
+
     @torch.no_grad()
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
         foam = _unwrap(optimizer)
         if foam is None:
             return
-        want_residual = self._will_log(args, state)
-        if not (want_residual or (self.check_finite and self._first_nonfinite_step is None)):
+        if isinstance(foam, LayerwiseFOAM):
+            self._finish_layerwise_step(args, state)
             return
+        if not self._wants_gradients(args, state):
+            return
+        want_residual = self._will_log(args, state)
         folded_grads = []
         for group in foam.param_groups:
             block_size = group["block_size"]
@@ -120,13 +181,7 @@ class FoamCallback(TrainerCallback):
             norms = torch._foreach_norm([local_tensor(g) for g, _ in folded_grads])
             nonfinite = [((~torch.isfinite(n)).double(), g) for n, (g, _) in zip(norms, folded_grads)]
             if sum_over_shards(nonfinite).item() > 0:
-                self._first_nonfinite_step = state.global_step + 1
-                self._pending["foam/first_nonfinite_step"] = self._first_nonfinite_step
-                logger.warning(
-                    "FOAM: non-finite gradients in folded parameters at optimizer step %d. FOAM behaves as AdamW "
-                    "does: the NaN/inf propagates into the states of the affected blocks.",
-                    self._first_nonfinite_step,
-                )
+                self._nonfinite_at_this_step(state)
         if want_residual:
             sums = []
             for grad, block_size in folded_grads:
