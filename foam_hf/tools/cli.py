@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -337,9 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``foam-hf`` console script and of ``python -m foam_hf``; returns the exit code."""
-    words = list(sys.argv[1:] if argv is None else argv)
+def _parse_and_run(words: list[str]) -> int:
     if words[:1] in (["run"], ["autoregister"]):
         # Launcher subcommands parse without the others: building those imports torch and transformers (seconds).
         parser = argparse.ArgumentParser(prog="foam-hf")
@@ -350,3 +349,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         args = build_parser().parse_args(words)
     return args.func(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``foam-hf`` console script and of ``python -m foam_hf``; returns the exit code.
+
+    When the reader of the output goes away early (``foam-hf memory ... | head -1``), the command stops quietly
+    with exit code 1, as the Python documentation recommends ("Note on SIGPIPE" in the ``signal`` module),
+    instead of printing a ``BrokenPipeError`` traceback.
+    """
+    words = list(sys.argv[1:] if argv is None else argv)
+    try:
+        try:
+            code = _parse_and_run(words)
+        finally:
+            # Flush here, inside the try (also before the SystemExit of --help): a pipe closed
+            # early would otherwise fail in the interpreter's own flush at exit, out of reach of the except.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # Python flushes stdout again at exit; point it at devnull so that flush cannot fail a second time.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    return code
