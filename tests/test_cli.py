@@ -1,4 +1,5 @@
-"""The ``foam-hf`` command line as a shell runs it: output piped into a reader that stops early.
+"""The ``foam-hf`` command line as a shell runs it: ``--version``, and output piped into a reader that stops
+early.
 
 Each test starts ``python -m foam_hf`` (the same ``main`` as the console script) in a subprocess with this
 checkout first on ``PYTHONPATH``, and checks what a user sees: the exit code, stdout and stderr.
@@ -6,6 +7,7 @@ checkout first on ``PYTHONPATH``, and checks what a user sees: the exit code, st
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -14,6 +16,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 FOAM_HF = [sys.executable, "-m", "foam_hf"]
+
+
+def test_version_prints_the_installed_distribution_version():
+    result = subprocess.run([*FOAM_HF, "--version"], env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    # The version pip installed (pyproject.toml reads it from foam_hf.__version__), as `foam-hf X.Y.Z`.
+    assert result.stdout == f"foam-hf {importlib.metadata.version('foam-hf')}\n"
 
 
 def test_a_reader_that_stops_early_ends_the_command_quietly():

@@ -321,6 +321,13 @@ def _run_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_version(parser: argparse.ArgumentParser) -> None:
+    """``--version``: prints ``foam-hf X.Y.Z`` (``foam_hf.__version__``) and exits."""
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"foam-hf {__version__}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``foam-hf`` parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
@@ -329,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(trl sft, accelerate launch, torchrun, example scripts, YAML/JSON configs): `foam-hf run CMD ...`, "
         f"or `foam-hf autoregister on` once per environment. {_NOT_REGISTERED}",
     )
+    _add_version(parser)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo(subparsers)
     _add_memory(subparsers)
@@ -339,9 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parse_and_run(words: list[str]) -> int:
-    if words[:1] in (["run"], ["autoregister"]):
-        # Launcher subcommands parse without the others: building those imports torch and transformers (seconds).
+    if words[:1] in (["run"], ["autoregister"], ["--version"]):
+        # Launcher subcommands and --version parse without the others: building those imports torch and
+        # transformers (seconds).
         parser = argparse.ArgumentParser(prog="foam-hf")
+        _add_version(parser)
         light = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
         _add_run(light)
         _add_autoregister(light)
@@ -363,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             code = _parse_and_run(words)
         finally:
-            # Flush here, inside the try (also before the SystemExit of --help): a pipe closed
+            # Flush here, inside the try (also before the SystemExit of --help or --version): a pipe closed
             # early would otherwise fail in the interpreter's own flush at exit, out of reach of the except.
             sys.stdout.flush()
     except BrokenPipeError:
