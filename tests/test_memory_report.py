@@ -266,6 +266,26 @@ def test_console_script_has_the_memory_subcommand(capsys):
     assert "| AdamW |" in out and "| FOAM B=4 |" in out
 
 
+def test_a_small_model_reads_in_parameters_and_kib(report):
+    # The tiny model has ~20 thousand parameters and ~0.2 MiB of AdamW states: counts are shown in full and
+    # small byte counts in KiB, not rounded to "0.0 M" and "0.0 MiB".
+    from foam_hf.tools.memory_markdown import format_markdown
+
+    real = _real_model()
+    total = sum(p.numel() for p in real.parameters())
+    norms = sum(p.numel() for name, p in real.named_parameters() if "norm" in name)
+    assert 1_000 < total < 1_000_000
+    foam = FOAM(_groups_by_hand(real, _default_block(64)))
+    _one_step(real, foam)
+    foam_bytes = _held_bytes(foam)
+    assert foam_bytes < (1 << 20) // 10  # below 0.1 MiB
+    text = format_markdown(report)
+    assert f"LlamaForCausalLM, {total:,} parameters," in text
+    assert f"| norms | 5 | {norms:,} |" in text  # 2 per layer and the final one
+    assert f"| FOAM B=64 | {foam_bytes / 1024:.1f} KiB |" in text
+    assert "0.0 M" not in text
+
+
 def test_state_dtype_in_optim_args_counts_the_bytes_a_real_foam_holds(config_path):
     # bf16 states: 2 bytes per moment entry, for folded and unfolded tensors alike; read off a real FOAM.
     result = memory_report(config_path, compared_block_sizes=(4,), optim_args="block_size=4,state_dtype=bfloat16")

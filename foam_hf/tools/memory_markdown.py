@@ -10,11 +10,23 @@ _GIB = 1 << 30
 
 
 def _gib(n: int) -> str:
-    return f"{n / _GIB:.2f} GiB" if n >= _GIB // 10 else f"{n / (1 << 20):.1f} MiB"
+    """Bytes in GiB from 0.1 GiB up, in MiB from 0.1 MiB up, else in KiB (a small model's states would
+    otherwise read ``0.0 MiB``)."""
+    if n >= _GIB // 10:
+        return f"{n / _GIB:.2f} GiB"
+    if n >= (1 << 20) // 10:
+        return f"{n / (1 << 20):.1f} MiB"
+    return f"{n / 1024:.1f} KiB"
 
 
 def _count(n: int) -> str:
-    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+    """A parameter count: in billions or millions from a million up, exact below (a small model or the norms
+    of a large one would otherwise read ``0.0 M``)."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} B"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f} M"
+    return f"{n:,}"
 
 
 def format_markdown(report: MemoryReport) -> str:
