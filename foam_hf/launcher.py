@@ -56,7 +56,10 @@ def run_command(command: Sequence[str]) -> int:
         raise ValueError("foam-hf run: no command given. Fix: e.g. foam-hf run trl sft --optim foam ...")
     executable = shutil.which(command[0])
     if executable is None:
-        sys.stderr.write(f"foam-hf run: command not found: {command[0]!r}\n")
+        sys.stderr.write(
+            f"foam-hf run: command not found: {command[0]!r}: CMD is a program on PATH or the path of one. Fix: "
+            "install it in this environment or give its full path, e.g. foam-hf run python train.py ...\n"
+        )
         return 127
     env = launch_env()
     if os.name == "posix":

@@ -27,12 +27,40 @@ def main(argv: list[str] | None = None) -> None:
 
     if args[0] == "-m":
         sys.argv = [args[1], *args[2:]]
+        if not _module_exists(args[1]):
+            _refuse(
+                f"no module named {args[1]!r}: -m MODULE runs an importable module, as `python -m MODULE` does. "
+                f"Fix: check the name and that this Python ({sys.executable}) has it installed, or give a script "
+                "path without -m."
+            )
         runpy.run_module(args[1], run_name="__main__", alter_sys=True)
     else:
         script = args[0]
+        if not os.path.exists(script):
+            _refuse(
+                f"can't open script {script!r} ({os.path.abspath(script)}): no such file. SCRIPT is the path of a "
+                "Python file, as in `python SCRIPT`; a module is run with -m MODULE. Fix: check the path (it is "
+                f"relative to {os.getcwd()}), e.g. python -m foam_hf.run train.py --optim foam ..."
+            )
         sys.argv = [script, *args[1:]]
         sys.path[0] = os.path.dirname(os.path.abspath(script))
         runpy.run_path(script, run_name="__main__")
+
+
+def _module_exists(name: str) -> bool:
+    """Whether ``name`` can be imported (its parent packages are imported to find out, as ``-m`` would)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a missing parent package; an empty or relative name
+        return False
+
+
+def _refuse(message: str) -> None:
+    """Print ``python -m foam_hf.run: message`` and exit with code 2, like a command-line usage error."""
+    sys.stderr.write(f"python -m foam_hf.run: {message}\n")
+    raise SystemExit(2)
 
 
 if __name__ == "__main__":

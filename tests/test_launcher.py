@@ -219,6 +219,22 @@ def test_the_launcher_returns_the_command_exit_code():
     assert child.returncode == 0  # a grandchild process has foam_hf imported at start-up
 
 
+@pytest.mark.parametrize("route", ["foam-hf run", "python -m foam_hf.run", "python -m foam_hf.run -m"])
+def test_a_missing_command_script_or_module_is_one_clear_line(tmp_path, route):
+    missing = tmp_path / "no_such_thing"
+    command = {
+        "foam-hf run": [sys.executable, "-m", "foam_hf", "run", missing],
+        "python -m foam_hf.run": [sys.executable, "-m", "foam_hf.run", missing],
+        "python -m foam_hf.run -m": [sys.executable, "-m", "foam_hf.run", "-m", "no_such_module.sub"],
+    }[route]
+    result = sh(*command, "--optim", "foam", env={**ENV, "PYTHONPATH": str(HERE.parent)})  # this checkout's code
+    # The shell's exit code for a command not found (127), argparse's for a usage error (2).
+    assert result.returncode == (127 if route == "foam-hf run" else 2), result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+    name = "no_such_module.sub" if route.endswith("-m") else str(missing)
+    assert name in result.stderr and "Fix:" in result.stderr, result.stderr
+
+
 def test_the_launcher_keeps_an_existing_sitecustomize(tmp_path):
     (tmp_path / "sitecustomize.py").write_text("import os\nos.environ['SITECUSTOMIZE_RAN'] = 'yes'\n")
     env = {**ENV, "PYTHONPATH": str(tmp_path)}
