@@ -35,15 +35,38 @@ TINY_SIZES: dict[str, dict[str, int]] = {
 
 # ------------------------------------------------------------------------------------------- arguments
 
+#: ``--max-steps`` under ``--short`` when it is not given: a run of seconds on a CPU.
+SHORT_MAX_STEPS = 20
 
-def add_common_args(parser: argparse.ArgumentParser, *, max_steps: int, learning_rate: float) -> None:
-    """The flags every example shares (``--short`` switches to the test-sized model and data)."""
+
+class ExampleParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose ``--max-steps`` default depends on ``--short``: the example's own default for
+    a full run, :data:`SHORT_MAX_STEPS` under ``--short``; an explicit ``--max-steps N`` wins either way."""
+
+    def __init__(self, *args: Any, max_steps: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.full_max_steps = max_steps
+
+    def parse_known_args(self, args=None, namespace=None):  # parse_args calls this too
+        namespace, extras = super().parse_known_args(args, namespace)
+        if getattr(namespace, "max_steps", 0) is None:
+            namespace.max_steps = SHORT_MAX_STEPS if namespace.short else self.full_max_steps
+        return namespace, extras
+
+
+def add_common_args(parser: ExampleParser, *, learning_rate: float) -> None:
+    """The flags every example shares (``--short`` switches to the test-sized model, data and step count)."""
     parser.add_argument(
         "--model-name-or-path",
         default=None,
         help="a model directory (or name) for from_pretrained; default: a tiny Llama built from a config",
     )
-    parser.add_argument("--max-steps", type=int, default=max_steps)
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help=f"optimizer steps (default: {parser.full_max_steps}; {SHORT_MAX_STEPS} with --short)",
+    )
     parser.add_argument("--output-dir", default=None, help="default: outputs/<example name>")
     parser.add_argument("--block-size", type=int, default=4, help="FOAM's block size B (1 = AdamW states)")
     parser.add_argument(
@@ -55,13 +78,15 @@ def add_common_args(parser: argparse.ArgumentParser, *, max_steps: int, learning
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report-to", default="none", help="Trainer report_to (e.g. tensorboard, wandb)")
-    parser.add_argument("--short", action="store_true", help="test-sized model and data: seconds on a CPU")
+    parser.add_argument(
+        "--short", action="store_true", help=f"test-sized model and data, {SHORT_MAX_STEPS} steps: seconds on a CPU"
+    )
 
 
-def example_parser(doc: str, *, max_steps: int, learning_rate: float) -> argparse.ArgumentParser:
+def example_parser(doc: str, *, max_steps: int, learning_rate: float) -> ExampleParser:
     """An argument parser described by the first line of ``doc``, with the flags every example shares."""
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    add_common_args(parser, max_steps=max_steps, learning_rate=learning_rate)
+    parser = ExampleParser(description=doc.splitlines()[0], max_steps=max_steps)
+    add_common_args(parser, learning_rate=learning_rate)
     return parser
 
 

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from _common import (  # noqa: E402
-    add_common_args,
     block_dataset,
+    example_parser,
     load_model_and_tokenizer,
     stdlib_texts,
     training_kwargs,
@@ -86,8 +86,7 @@ def optimizer_states(trainer) -> list[torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser, max_steps=40, learning_rate=3e-3)
+    parser = example_parser(__doc__, max_steps=40, learning_rate=3e-3)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--deterministic", action="store_true", help="Trainer full_determinism (GPU bitwise)")
     args = parser.parse_args(argv)
