@@ -54,8 +54,11 @@ class ExampleParser(argparse.ArgumentParser):
         return namespace, extras
 
 
-def add_common_args(parser: ExampleParser, *, learning_rate: float) -> None:
-    """The flags every example shares (``--short`` switches to the test-sized model, data and step count)."""
+def add_common_args(parser: ExampleParser, *, learning_rate: float, trainer: bool = True) -> None:
+    """The flags every example shares (``--short`` switches to the test-sized model, data and step count).
+
+    ``trainer=False`` (the examples with a hand-written loop) leaves out ``--output-dir`` and ``--report-to``,
+    which only a Trainer uses."""
     parser.add_argument(
         "--model-name-or-path",
         default=None,
@@ -67,26 +70,30 @@ def add_common_args(parser: ExampleParser, *, learning_rate: float) -> None:
         default=None,
         help=f"optimizer steps (default: {parser.full_max_steps}; {SHORT_MAX_STEPS} with --short)",
     )
-    parser.add_argument("--output-dir", default=None, help="default: outputs/<example name>")
+    if trainer:
+        parser.add_argument("--output-dir", default=None, help="default: outputs/<example name>")
     parser.add_argument("--block-size", type=int, default=4, help="FOAM's block size B (1 = AdamW states)")
     parser.add_argument(
         "--optim-args",
         default="",
-        help="more FOAM options in optim_args form, e.g. 'block_sizes=q_proj:8;lm_head:1,res_scale=0.5'",
+        help="more FOAM options in optim_args form, e.g. 'block_sizes=q_proj:8;lm_head:1,res_scale=0.5'"
+        if trainer
+        else "more FOAM options in optim_args form, e.g. 'res_scale=0.5,state_dtype=bfloat16'",
     )
     parser.add_argument("--learning-rate", type=float, default=learning_rate)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--report-to", default="none", help="Trainer report_to (e.g. tensorboard, wandb)")
+    if trainer:
+        parser.add_argument("--report-to", default="none", help="Trainer report_to (e.g. tensorboard, wandb)")
     parser.add_argument(
         "--short", action="store_true", help=f"test-sized model and data, {SHORT_MAX_STEPS} steps: seconds on a CPU"
     )
 
 
-def example_parser(doc: str, *, max_steps: int, learning_rate: float) -> ExampleParser:
+def example_parser(doc: str, *, max_steps: int, learning_rate: float, trainer: bool = True) -> ExampleParser:
     """An argument parser described by the first line of ``doc``, with the flags every example shares."""
     parser = ExampleParser(description=doc.splitlines()[0], max_steps=max_steps)
-    add_common_args(parser, learning_rate=learning_rate)
+    add_common_args(parser, learning_rate=learning_rate, trainer=trainer)
     return parser
 
 
@@ -94,6 +101,31 @@ def foam_optim_args(block_size: int, extra: str = "") -> str:
     """The ``optim_args`` string for ``block_size`` plus ``extra`` options, validated by :class:`FoamConfig`."""
     text = f"block_size={block_size}" + (f",{extra}" if extra else "")
     return FoamConfig.from_optim_args(text).to_optim_args()
+
+
+def foam_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``FOAM(...)`` keyword arguments from ``--block-size`` and ``--optim-args``, for a hand-written loop.
+
+    Per-module ``block_sizes`` and ``target_modules`` are ``optim="foam"`` options (the Trainer resolves them
+    to param groups by module name); a plain ``FOAM(model.parameters(), ...)`` has no module names, so they
+    are refused here rather than ignored.
+    """
+    config = FoamConfig.from_optim_args(foam_optim_args(args.block_size, args.optim_args))
+    if config.block_sizes or config.target_modules is not None:
+        raise SystemExit(
+            f"--optim-args {args.optim_args!r}: block_sizes and target_modules choose block sizes by module name, "
+            "which only optim='foam' in a Trainer does; this example builds FOAM(model.parameters(), ...), which "
+            "folds every tensor of two or more dimensions with --block-size. Fix: drop them here (param groups "
+            "with their own block_size do the same in a plain loop, see docs/api.md), or use "
+            "examples/pretrain_trainer.py."
+        )
+    return dict(
+        block_size=config.block_size,
+        scale=config.scale,
+        res_scale=config.res_scale,
+        second_moment=config.second_moment,
+        state_dtype=config.state_dtype,
+    )
 
 
 def training_kwargs(args: argparse.Namespace, name: str, **overrides: Any) -> dict[str, Any]:

@@ -1,54 +1,84 @@
-"""FOAM in a plain PyTorch loop: a small MLP regression, AdamW and FOAM side by side.
+"""FOAM in a plain PyTorch loop: a causal LM trained with AdamW and with FOAM side by side, no Trainer.
 
-    python examples/plain_pytorch.py --steps 300 --block-size 4
+    python examples/plain_pytorch.py                         # tiny Llama on stdlib text, CPU, about a minute
+    python examples/plain_pytorch.py --short                 # test-sized, seconds
+    python examples/plain_pytorch.py --model-name-or-path path/to/model --max-steps 500 --block-size 8 \\
+        --seq-len 1024 --batch-size 4
 
-Prints the final loss and the optimizer-state bytes of both. Runs in seconds on a CPU.
+The loop is the one every PyTorch user writes: forward, ``loss.backward()``, ``optimizer.step()``. The only
+change for FOAM is the optimizer's class: ``FOAM(model.parameters(), lr=..., block_size=B)``, which folds
+every tensor of two or more dimensions, embeddings and output head included (keep some at AdamW states with
+a param group of ``block_size=1``, docs/api.md). Both runs start from the same weights and see the same
+batches (the Python standard library's ``.py`` sources, tokenised and cut into fixed-length blocks), on the
+GPU when there is one. Prints and returns the first and last loss and the bytes each optimizer holds in its
+state.
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from foam_hf import FOAM, state_memory
+import torch  # noqa: E402
+from _common import block_dataset, example_parser, foam_kwargs, load_model_and_tokenizer, stdlib_texts  # noqa: E402
 
-
-def make_model(seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 1))
+from foam_hf import FOAM  # noqa: E402
 
 
-def train(optimizer_name: str, steps: int, block_size: int, seed: int = 0) -> tuple[float, int]:
-    model = make_model(seed)
-    if optimizer_name == "foam":
-        optimizer = FOAM(model.parameters(), lr=3e-3, weight_decay=0.01, block_size=block_size)
-        state_bytes = state_memory(optimizer).foam_bytes
+def held_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor ``optimizer`` holds in its state (moments and step counters)."""
+    return sum(
+        t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
+    )
+
+
+def train(name: str, model: torch.nn.Module, args, batches: list[torch.Tensor], device: torch.device) -> dict:
+    """``len(batches)`` steps of ``name`` ("adamw" or "foam") on ``model``: the losses and the state bytes."""
+    model.to(device).train()
+    if name == "foam":
+        optimizer = FOAM(model.parameters(), lr=args.learning_rate, weight_decay=0.1, **foam_kwargs(args))
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-        state_bytes = state_memory(FOAM(model.parameters(), block_size=block_size)).adamw_bytes
-    gen = torch.Generator().manual_seed(1234)
-    teacher = torch.randn(64, generator=gen)
-    loss = torch.tensor(0.0)
-    for _ in range(steps):
-        x = torch.randn(128, 64, generator=gen)
-        y = torch.sin(x @ teacher / 8).unsqueeze(-1)
-        loss = torch.nn.functional.mse_loss(model(x), y)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.1)
+    losses = []
+    for input_ids in batches:
+        input_ids = input_ids.to(device)
+        loss = model(input_ids=input_ids, labels=input_ids).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return loss.item(), state_bytes
+        losses.append(loss.item())
+    return dict(optimizer=type(optimizer).__name__, losses=losses, state_bytes=held_bytes(optimizer))
 
 
-def main(argv: list[str] | None = None) -> dict[str, tuple[float, int]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--block-size", type=int, default=4)
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    parser = example_parser(__doc__, max_steps=200, learning_rate=3e-3, trainer=False)
+    parser.add_argument("--seq-len", type=int, default=128)
     args = parser.parse_args(argv)
-    results = {name: train(name, args.steps, args.block_size) for name in ("adamw", "foam")}
-    print(f"{'optimizer':<10} {'final loss':>12} {'state bytes':>12}")
-    for name, (loss, state_bytes) in results.items():
-        print(f"{name:<10} {loss:>12.5f} {state_bytes:>12,}")
+    if args.short:
+        args.seq_len = min(args.seq_len, 32)
+    foam_kwargs(args)  # bad --optim-args stop here, before any model loads
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model_and_tokenizer(args)
+    rows = block_dataset(
+        tokenizer, stdlib_texts(max_files=12 if args.short else 200), args.seq_len, args.max_steps * args.batch_size
+    )["input_ids"]
+    ids = torch.tensor(rows)
+    # Each step its own batch; with less text than steps need, the blocks are reused in order.
+    batches = [
+        ids[[(step * args.batch_size + i) % len(ids) for i in range(args.batch_size)]] for step in range(args.max_steps)
+    ]
+
+    results = {"adamw": train("adamw", model, args, batches, device)}
+    del model  # one model at a time on the device; the same seed (or checkpoint) gives the same start again
+    results["foam"] = train("foam", load_model_and_tokenizer(args)[0], args, batches, device)
+    print(f"{'optimizer':<10} {'first loss':>11} {'last loss':>11} {'state bytes':>13}")
+    for name, r in results.items():
+        print(f"{name:<10} {r['losses'][0]:>11.4f} {r['losses'][-1]:>11.4f} {r['state_bytes']:>13,}")
+    adamw, foam = results["adamw"]["state_bytes"], results["foam"]["state_bytes"]
+    print(f"FOAM holds {adamw / foam:.2f}x less optimizer state than AdamW")
     return results
 
 

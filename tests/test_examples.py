@@ -1,11 +1,13 @@
 """Every example of ``examples/`` runs in its short mode, and does what its docstring says.
 
-Each test imports the script by path, calls its ``main([...])`` with test-sized flags, and checks the
-result against something computed independently: the optimizer really is FOAM, the losses are finite, the
-state bytes equal two moments of ``rows * ceil(n / B)`` entries (4 bytes each) plus a 4-byte step per
-parameter, worked out in the test from the parameter shapes and the documented folding rule
-(tests/_helpers.py), and are below AdamW's; the block sizes the examples report and print follow the same
-rule; and a resumed run equals an uninterrupted one bit for bit.
+Each test imports the script by path, calls its ``main([...])`` with ``--short`` (the torchrun example is
+launched the way its docstring says, in 2 processes), and checks the result against something computed
+independently: the optimizer really is FOAM, the losses are finite, the state bytes equal two moments of
+``rows * ceil(n / B)`` entries (4 bytes each) plus a 4-byte step per parameter, worked out in the test from the
+parameter shapes and the documented folding rule (tests/_helpers.py), and are below AdamW's; the block sizes
+the examples report and print follow the same rule; FSDP2 keeps each rank's rows of a folded moment; and a
+resumed run equals an uninterrupted one bit for bit. Every example takes ``--short`` and
+``--model-name-or-path``, as docs/usage.md says.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from _helpers import expected_block_sizes, expected_state_bytes
 from foam_hf import FOAM, FoamConfig
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ALL_EXAMPLES = sorted(
+    p.stem for p in EXAMPLES.glob("*.py") if not p.name.startswith("_") and p.stem != "fsdp2_torchrun"
+)
 
 
 def load_example(name: str):
@@ -114,6 +119,54 @@ def test_grpo_reward_scores_function_bodies():
     assert reward(prompts, ["    return x\n", "    y = (\nz", "))\n"]) == [2.0, 0.5, 0.0]
 
 
+def plain_foam_block_sizes(model: torch.nn.Module, block_size: int) -> dict[str, int]:
+    """``FOAM(model.parameters(), block_size=B)`` folds every tensor of two or more dimensions (docs/api.md)."""
+    return {n: (block_size if p.dim() >= 2 else 1) for n, p in model.named_parameters()}
+
+
+def test_plain_pytorch(capsys):
+    results = load_example("plain_pytorch").main(["--short", "--batch-size", "4"])
+    common = load_example("_common")
+    model = common.tiny_llama(common.build_tokenizer(), "test")  # the model --short trains
+    foam_bytes, adamw_bytes = expected_state_bytes(model, plain_foam_block_sizes(model, 4))
+    assert (results["foam"]["optimizer"], results["adamw"]["optimizer"]) == ("FOAM", "AdamW")
+    assert (results["foam"]["state_bytes"], results["adamw"]["state_bytes"]) == (foam_bytes, adamw_bytes)
+    for r in results.values():
+        assert len(r["losses"]) == common.SHORT_MAX_STEPS and all(math.isfinite(x) for x in r["losses"])
+    # Same starting weights and first batch: the same first loss, bit for bit. Then FOAM's steps lower it.
+    assert results["foam"]["losses"][0] == results["adamw"]["losses"][0]
+    assert results["foam"]["losses"][-1] < results["foam"]["losses"][0] - 0.05
+    assert f"{foam_bytes:,}" in capsys.readouterr().out
+
+
+def test_plain_pytorch_refuses_options_it_cannot_apply():
+    # Per-module block sizes need module names, which FOAM(model.parameters()) never sees: refused, not ignored.
+    with pytest.raises(SystemExit, match=r"block_sizes=q_proj:8.*Fix:"):
+        load_example("plain_pytorch").main(["--short", "--optim-args", "block_sizes=q_proj:8"])
+
+
+def test_plain_pytorch_with_a_saved_model(tmp_path):
+    from hf_fixtures import save_tiny_llama_and_text, tiny_llama
+
+    shapes = save_tiny_llama_and_text(tmp_path / "model", tmp_path / "unused.jsonl")
+    flags = ["--short", "--model-name-or-path", str(tmp_path / "model"), "--max-steps", "2", "--block-size", "8"]
+    results = load_example("plain_pytorch").main(flags)
+    model = tiny_llama()
+    assert {n: list(p.shape) for n, p in model.named_parameters()} == shapes  # the model saved is this one
+    assert (results["foam"]["state_bytes"], results["adamw"]["state_bytes"]) == expected_state_bytes(
+        model, plain_foam_block_sizes(model, 8)
+    )
+
+
+@pytest.mark.parametrize("name", ALL_EXAMPLES)
+def test_every_example_takes_short_and_a_model(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_example(name).main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--short" in text and "--model-name-or-path" in text
+
+
 def printed_block_sizes(text: str) -> dict[str, int]:
     """Parse the table the example prints: ``name  (shape)  B  (state shape)``."""
     sizes = {}
@@ -163,7 +216,8 @@ def test_resume_equals_uninterrupted_bitwise(tmp_path):
     assert any(not torch.equal(at_checkpoint[n], final[n].detach()) for n in at_checkpoint if n in final)
 
 
-@pytest.mark.parametrize("name", ["pretrain_trainer", "sft_lora", "dpo", "grpo", "per_module_block_sizes", "resume"])
+@pytest.mark.parametrize("name", ALL_EXAMPLES)
 def test_every_example_documents_its_command_line(name):
     module = load_example(name)
     assert f"python examples/{name}.py" in module.__doc__ and callable(module.main)
+    assert f"examples/{name}.py --short" in module.__doc__
