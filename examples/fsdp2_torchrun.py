@@ -1,48 +1,116 @@
-"""FOAM under FSDP2, launched with torchrun; runs on CPU (gloo) or GPUs (nccl).
+"""FOAM under FSDP2 (``fully_shard``) in a plain loop, launched with torchrun; CPU (gloo) or GPUs (nccl).
 
-torchrun --nproc_per_node=2 examples/fsdp2_torchrun.py
+    torchrun --nproc_per_node=2 examples/fsdp2_torchrun.py                  # tiny Llama, CPU, under a minute
+    torchrun --nproc_per_node=2 examples/fsdp2_torchrun.py --short          # test-sized, seconds
+    torchrun --nproc_per_node=8 examples/fsdp2_torchrun.py --model-name-or-path path/to/model \\
+        --max-steps 500 --block-size 8 --seq-len 1024 --batch-size 4
+
+Each decoder layer (the classes the model lists in ``_no_split_modules``) is sharded with ``fully_shard``,
+then the whole model; FOAM is built on the sharded parameters as on any others. Parameters, gradients and
+FOAM's moments are DTensors sharded along dim 0, so each rank keeps the folded moments of its own rows. Every
+rank trains on its own ``--batch-size`` blocks of the Python standard library's ``.py`` sources per step.
+Rank 0 prints the loss (averaged over ranks); every rank then prints the global and local shapes of one folded
+moment. Returns the losses and those shapes.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from foam_hf import FOAM
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from _common import block_dataset, example_parser, foam_kwargs, load_model_and_tokenizer, stdlib_texts  # noqa: E402
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+from torch.distributed.fsdp import fully_shard  # noqa: E402
+
+from foam_hf import FOAM  # noqa: E402
 
 
-def main() -> None:
+def shard(model: torch.nn.Module, device: torch.device) -> None:
+    """``fully_shard`` every decoder layer, then the model (the rest: embeddings, final norm, output head).
+
+    Each layer's parameters move to ``device`` as they are sharded, so a GPU never holds the whole model.
+    """
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    layer_classes = set(getattr(model, "_no_split_modules", None) or ())
+    for module in list(model.modules()):
+        if type(module).__name__ in layer_classes:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def say(line: str) -> None:
+    """Print ``line`` in one write, so that the lines of the ranks, which share stdout, never interleave."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = example_parser(__doc__, max_steps=100, learning_rate=3e-3, trainer=False)
+    parser.add_argument("--seq-len", type=int, default=128)
+    args = parser.parse_args(argv)
+    if args.short:
+        args.seq_len = min(args.seq_len, 32)
+    foam_kwargs(args)  # bad --optim-args stop here, before any process group or model
+
     use_cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 8)).to(device)
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
-    opt = FOAM(model.parameters(), lr=1e-2, block_size=8)
-    gen = torch.Generator().manual_seed(rank)
-    for step in range(20):
-        x = torch.randn(16, 64, generator=gen).to(device)
-        loss = (model(x) - x[:, :8]).pow(2).mean()
-        opt.zero_grad()
+
+    model, tokenizer = load_model_and_tokenizer(args)  # the same seed (or checkpoint) on every rank
+    shard(model, device)
+    names = {id(p): n for n, p in model.named_parameters()}
+    optimizer = FOAM(model.parameters(), lr=args.learning_rate, weight_decay=0.1, **foam_kwargs(args))
+
+    rows = block_dataset(
+        tokenizer,
+        stdlib_texts(max_files=12 if args.short else 200),
+        args.seq_len,
+        args.max_steps * args.batch_size * world,
+    )["input_ids"]
+    ids = torch.tensor(rows)
+    losses = []
+    for step in range(args.max_steps):
+        # This rank's share of the step's global batch; the blocks are reused in order when the text runs out.
+        start = (step * world + rank) * args.batch_size
+        input_ids = ids[[(start + i) % len(ids) for i in range(args.batch_size)]].to(device)
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        if rank == 0 and step % 5 == 0:
-            print(f"step {step} loss {loss.item():.4f}")
-    state = opt.state[model[0].weight]["exp_avg"]
-    print(
-        f"rank {rank}: exp_avg of the (128, 64) weight: global {tuple(state.shape)}, "
-        f"local {tuple(state.to_local().shape)}"
+        optimizer.step()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        losses.append(mean_loss.item() / world)
+        if rank == 0 and (step % max(1, args.max_steps // 10) == 0 or step == args.max_steps - 1):
+            say(f"step {step} loss {losses[-1]:.4f}")
+    dist.barrier()
+
+    # One folded moment: its global shape is the parameter's, last dimension folded; its local rows are this rank's.
+    param, state = next(
+        (p, optimizer.state[p]["exp_avg"])
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if p.dim() >= 2 and optimizer.state[p]["exp_avg"].shape != p.shape
+    )
+    shapes = dict(
+        name=names[id(param)],
+        param=tuple(param.shape),
+        exp_avg=tuple(state.shape),
+        exp_avg_local=tuple(state.to_local().shape),
+    )
+    say(
+        f"rank {rank}: {shapes['name']} {shapes['param']}: exp_avg global {shapes['exp_avg']}, "
+        f"local {shapes['exp_avg_local']}"
     )
     dist.destroy_process_group()
+    return dict(rank=rank, world_size=world, losses=losses, **shapes)
 
 
 if __name__ == "__main__":

@@ -14,19 +14,19 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from _helpers import expected_block_sizes, expected_state_bytes
+from _helpers import LAUNCH_TIMEOUT, expected_block_sizes, expected_state_bytes, torchrun, worker_env
 
 from foam_hf import FOAM, FoamConfig
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-ALL_EXAMPLES = sorted(
-    p.stem for p in EXAMPLES.glob("*.py") if not p.name.startswith("_") and p.stem != "fsdp2_torchrun"
-)
+ALL_EXAMPLES = sorted(p.stem for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
 
 
 def load_example(name: str):
@@ -158,6 +158,31 @@ def test_plain_pytorch_with_a_saved_model(tmp_path):
     )
 
 
+def test_fsdp2_torchrun(tmp_path):
+    # Launched as its docstring says (torchrun, 2 ranks on gloo), on a saved model: --model-name-or-path and
+    # --short together.
+    from hf_fixtures import save_tiny_llama_and_text
+
+    shapes = save_tiny_llama_and_text(tmp_path / "model", tmp_path / "unused.jsonl")
+    flags = ["--short", "--model-name-or-path", str(tmp_path / "model"), "--max-steps", "3", "--batch-size", "2"]
+    cmd = [*torchrun(2), str(EXAMPLES / "fsdp2_torchrun.py"), *flags]
+    proc = subprocess.run(cmd, env=worker_env(), cwd=tmp_path, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    losses = [float(x) for x in re.findall(r"^step \d+ loss (\S+)$", proc.stdout, re.M)]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    ranks = re.findall(
+        r"^rank (\d): (\S+) \(([\d, ]+)\): exp_avg global \(([\d, ]+)\), local \(([\d, ]+)\)$", proc.stdout, re.M
+    )
+    assert sorted(r[0] for r in ranks) == ["0", "1"], proc.stdout
+    for rank, name, param, moment, local in ranks:
+        param, moment, local = ([int(x) for x in t.split(",")] for t in (param, moment, local))
+        rows, n = shapes[name]
+        assert param == [rows, n]
+        assert moment == [rows, math.ceil(n / 4)]  # the folded global shape, block size 4
+        # FSDP2 shards dim 0 as torch.chunk does: rank 0 the first ceil(rows / 2) rows, rank 1 the rest.
+        assert local == [math.ceil(rows / 2) if rank == "0" else rows - math.ceil(rows / 2), math.ceil(n / 4)]
+
+
 @pytest.mark.parametrize("name", ALL_EXAMPLES)
 def test_every_example_takes_short_and_a_model(name, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -219,5 +244,6 @@ def test_resume_equals_uninterrupted_bitwise(tmp_path):
 @pytest.mark.parametrize("name", ALL_EXAMPLES)
 def test_every_example_documents_its_command_line(name):
     module = load_example(name)
-    assert f"python examples/{name}.py" in module.__doc__ and callable(module.main)
+    launcher = "torchrun --nproc_per_node=2" if name == "fsdp2_torchrun" else "python"
+    assert f"{launcher} examples/{name}.py" in module.__doc__ and callable(module.main)
     assert f"examples/{name}.py --short" in module.__doc__
