@@ -88,16 +88,19 @@ def rounding_dither(shape: torch.Size, step: float, salt: int, device: torch.dev
 def store_moment(stored: torch.Tensor, value: torch.Tensor, step: float, salt: int, offset: int = 0) -> None:
     r"""Write a moment computed in ``value`` into its storage ``stored`` (a no-op when they are one tensor).
 
-    Into bf16 storage the fp32 value is *stochastically rounded*: a uniform 16-bit dither is added to its
-    bit pattern and the low 16 bits dropped, so :math:`\mathbb E[\mathrm{round}(x)] = x`. Round-to-nearest
-    would freeze the second moment: with :math:`\beta_2 = 0.999` a step changes :math:`\tilde v` by 0.1 %,
-    below half a bf16 ulp (0.2-0.4 %), so decays and small increments would all round away.
+    Into bf16 storage the value (fp32, or fp64 first rounded to fp32) is *stochastically rounded*: a uniform
+    16-bit dither is added to its bit pattern and the low 16 bits dropped, so
+    :math:`\mathbb E[\mathrm{round}(x)] = x`. Round-to-nearest would freeze the second moment: with
+    :math:`\beta_2 = 0.999` a step changes :math:`\tilde v` by 0.1 %, below half a bf16 ulp (0.2-0.4 %), so
+    decays and small increments would all round away.
     """
     if stored is value:
         return
-    if stored.dtype != torch.bfloat16 or value.dtype != torch.float32:
+    if stored.dtype != torch.bfloat16:
         stored.copy_(value)
         return
+    if value.dtype != torch.float32:  # fp64 (fp64 parameters compute in fp64): to fp32 first, then the same rounding
+        value = value.float()
     bits = value.contiguous().view(torch.int32)
     dither = rounding_dither(value.shape, step, salt, value.device, offset)
     rounded = ((bits + dither) & -65536).view(torch.float32)

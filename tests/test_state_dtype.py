@@ -97,12 +97,14 @@ def test_each_step_is_the_math_on_the_stored_states_then_one_rounding(path, seco
                 assert torch.all(error <= BF16_RELATIVE_ULP * exact.abs() + 1e-30), (step, i, error.max())
 
 
-def test_stochastic_rounding_tracks_a_decay_that_round_to_nearest_freezes():
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.float64])
+def test_stochastic_rounding_tracks_a_decay_that_round_to_nearest_freezes(param_dtype):
     """Zero gradients after a start at v = 1: the exact second moment decays as beta2**t. One step changes
     it by 0.1 %, under half a bf16 spacing, so round-to-nearest would keep 1.0 forever; the mean of the
-    stochastically rounded states follows the exact decay."""
+    stochastically rounded states follows the exact decay. fp64 parameters (computed in fp64) too: their
+    moments used to be copied to bf16 with round-to-nearest."""
     beta2, steps = 0.999, 200
-    weight = torch.zeros(64, 4096, requires_grad=True)
+    weight = torch.zeros(64, 4096, dtype=param_dtype, requires_grad=True)
     optimizer = FOAM([weight], lr=0.0, betas=(0.9, beta2), block_size=4, state_dtype="bfloat16")
     weight.grad = torch.ones_like(weight)
     optimizer.step()
