@@ -339,9 +339,18 @@ class FOAM(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state, plus each group's ``param_shapes`` (plain lists): with them a load can
         tell a ``(6, 8)`` from a ``(6, 7)`` parameter even though both fold to ``(6, 2)`` at ``B = 4``."""
-        state = super().state_dict()
+        # torch runs the post-hooks inside its state_dict(); they must see the whole state, param_shapes included.
+        hooks, self._optimizer_state_dict_post_hooks = self._optimizer_state_dict_post_hooks, OrderedDict()
+        try:
+            state = super().state_dict()
+        finally:
+            self._optimizer_state_dict_post_hooks = hooks
         for saved, group in zip(state["param_groups"], self.param_groups):
             saved["param_shapes"] = [list(p.shape) for p in group["params"]]
+        for post_hook in hooks.values():
+            result = post_hook(self, state)
+            if result is not None:
+                state = result
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -361,12 +370,21 @@ class FOAM(Optimizer):
                 if result is not None:
                     state_dict = result
         id_to_param = check_loadable(self.param_groups, state_dict, state_shape=self._state_shape)
-        hooks, self._optimizer_load_state_dict_pre_hooks = self._optimizer_load_state_dict_pre_hooks, OrderedDict()
+        # torch then loads it without the pre-hooks (they ran) and without the post-hooks, which must see the
+        # moments restored in FOAM's own dtypes: they run last.
+        pre_hooks, self._optimizer_load_state_dict_pre_hooks = self._optimizer_load_state_dict_pre_hooks, OrderedDict()
+        post_hooks, self._optimizer_load_state_dict_post_hooks = (
+            self._optimizer_load_state_dict_post_hooks,
+            OrderedDict(),
+        )
         try:
             super().load_state_dict(state_dict)
         finally:
-            self._optimizer_load_state_dict_pre_hooks = hooks
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._optimizer_load_state_dict_post_hooks = post_hooks
         restore_moments(self, state_dict["state"], id_to_param)
+        for post_hook in post_hooks.values():
+            post_hook(self)
 
     # ------------------------------------------------------------------ memory
 

@@ -99,6 +99,45 @@ def test_load_state_dict_pre_hooks_see_and_shape_what_loads():
     torch.testing.assert_close(first["exp_avg"], adamw_saved["state"][0]["exp_avg"] * 0.5)
 
 
+def test_post_hooks_see_the_state_as_foam_holds_it_and_what_they_change_stays():
+    # torch runs both post-hooks inside its own state_dict()/load_state_dict(); FOAM adds param_shapes and puts
+    # the moments back in their own dtype (fp32 for bf16 parameters) after those calls, so it runs them last.
+    model = small_model().to(torch.bfloat16)
+    opt = FOAM(model.parameters(), **HPARAMS)
+    train_bf16 = [torch.randn(5, 8, generator=torch.Generator().manual_seed(s)).bfloat16() for s in range(2)]
+    for x in train_bf16:
+        opt.zero_grad()
+        model(x).float().pow(2).sum().backward()
+        opt.step()
+
+    saved_seen = []
+    opt.register_state_dict_post_hook(lambda optimizer, state: saved_seen.append(copy.deepcopy(state)))
+    saved = opt.state_dict()
+    assert [g["param_shapes"] for g in saved_seen[0]["param_groups"]] == [[list(p.shape) for p in model.parameters()]]
+
+    fresh_model = small_model().to(torch.bfloat16)
+    fresh = FOAM(fresh_model.parameters(), **HPARAMS)
+    loaded_seen = []
+
+    def zero_first_moment(optimizer):
+        loaded_seen.append(
+            {k: (v["exp_avg"].dtype, v["exp_avg_sq"].dtype) for k, v in enumerate(optimizer.state.values())}
+        )
+        loaded_seen.append([sorted(g) for g in optimizer.param_groups])
+        for pstate in optimizer.state.values():
+            pstate["exp_avg"].zero_()
+
+    fresh.register_load_state_dict_post_hook(zero_first_moment)
+    fresh.load_state_dict(saved)
+    reloaded = FOAM(small_model().to(torch.bfloat16).parameters(), **HPARAMS)
+    reloaded.load_state_dict(saved)  # no hook: what the load leaves
+    held = {k: (v["exp_avg"].dtype, v["exp_avg_sq"].dtype) for k, v in enumerate(reloaded.state.values())}
+    assert loaded_seen[0] == held and set(held.values()) == {(torch.float32, torch.float32)}
+    assert loaded_seen[1] == [sorted(g) for g in reloaded.param_groups]  # no param_shapes left in the groups
+    assert all(not pstate["exp_avg"].any() for pstate in fresh.state.values())  # the hook's change stayed
+    assert any(pstate["exp_avg"].any() for pstate in reloaded.state.values())
+
+
 def test_a_pre_hook_whose_state_does_not_fit_is_refused_without_loading():
     model = small_model()
     opt = FOAM(model.parameters(), **HPARAMS)
