@@ -139,7 +139,9 @@ def restore_moments(optimizer: torch.optim.Optimizer, saved_state: dict[Any, Any
         p, _, index = id_to_param[pid]
         dtype = state_dtype_for(p, optimizer.param_groups[index]["state_dtype"])
         for key in ("exp_avg", "exp_avg_sq"):
-            optimizer.state[p][key] = pstate[key].to(device=p.device, dtype=dtype, copy=True)
+            optimizer.state[p][key] = pstate[key].to(
+                device=p.device, dtype=dtype, copy=True, memory_format=torch.contiguous_format
+            )  # contiguous, as FOAM creates them: a checkpoint of a channels_last model may hold other strides
         step = optimizer.state[p]["step"]
         if not isinstance(step, torch.Tensor):  # a plain number, as torch.optim.Adam accepts it
             optimizer.state[p]["step"] = torch.tensor(float(step), dtype=torch.float32)

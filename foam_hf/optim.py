@@ -265,8 +265,10 @@ class FOAM(Optimizer):
                     state["exp_avg"] = zeros_state_like(p, *shapes, dtype)
                     state["exp_avg_sq"] = zeros_state_like(p, *shapes, dtype)
                 elif local_param is p:
-                    state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                    # Contiguous whatever the parameter's layout: the fused kernels need it, and a channels_last
+                    # weight may turn contiguous later (model.to(memory_format=...)) while its moments stay.
+                    state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
                 else:
                     state["exp_avg"] = zeros_state_like(p, local_param.shape, p.shape, dtype)
                     state["exp_avg_sq"] = zeros_state_like(p, local_param.shape, p.shape, dtype)

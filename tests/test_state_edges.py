@@ -73,3 +73,34 @@ def test_param_group_without_params_key_says_so():
     {'params': [tensors], ...}")."""
     with pytest.raises(TypeError, match=r"no 'params'.*Fix:"):
         FOAM([{"lr": 0.1}])
+
+
+@pytest.mark.parametrize("how", ["same optimizer", "resumed from a checkpoint"])
+def test_a_channels_last_weight_that_turns_contiguous_steps_as_adamw(how):
+    """Moments of an unfolded channels_last weight used to keep its strides; once the model turned contiguous
+    (``model.to(memory_format=...)``, or a checkpoint loaded into a contiguous model) the default path picked the
+    fused kernel for the now contiguous weight and it refused the strided moments. Held to torch's AdamW."""
+
+    def run(make_optimizer):
+        torch.manual_seed(0)
+        model = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+        optimizer = make_optimizer(model.parameters())
+        x = torch.randn(2, 3, 5, 5)
+        model(x).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if how == "same optimizer":
+            model.to(memory_format=torch.contiguous_format)
+        else:
+            saved = copy.deepcopy(optimizer.state_dict())
+            model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+            optimizer = make_optimizer(model.parameters())
+            optimizer.load_state_dict(saved)
+        model(2 * x).sum().backward()
+        optimizer.step()
+        return list(model.parameters())
+
+    expected = run(lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01))
+    stepped_by_foam = run(lambda ps: FOAM(ps, lr=1e-2, weight_decay=0.01, block_size=1))
+    for got, want in zip(stepped_by_foam, expected):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
