@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from torch.nn.parameter import is_lazy
 
 from . import _fused_cpu
 from .distributed import PLAIN_TENSOR_TYPES
@@ -129,13 +130,13 @@ def check_fused_available(param_groups: list[dict[str, Any]], *, allow_meta: boo
     """Raise a clear error when a group asks for ``fused=True`` and no fused kernel can step it: the C++
     kernel for CPU tensors, the Triton kernels for CUDA tensors.
 
-    ``allow_meta`` (at construction) lets parameters on the meta device through: with deferred
+    ``allow_meta`` (at construction) lets parameters on the meta device (and lazy ones) through: with deferred
     initialisation they get their real device later (``to_empty``), and :meth:`FOAM.step` checks them then,
     as torch's fused AdamW does."""
     for index, group in enumerate(param_groups):
         if not group["fused"]:
             continue
-        params = [p for p in group["params"] if not (allow_meta and p.device.type == "meta")]
+        params = [p for p in group["params"] if not (allow_meta and (p.device.type == "meta" or is_lazy(p)))]
         devices = {p.device.type for p in params}
         for p in params:
             if p.device.type == "meta":

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
+from torch.nn.parameter import is_lazy
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from .checkpoint import check_loadable, restore_moments
@@ -24,7 +25,7 @@ from .folding import folded_shape, is_foldable
 from .functional import foam
 from .implementation import check_fused_available
 from .options import GROUP_DEFAULTS, SECOND_MOMENT_MODES, validate_group_options
-from .precision import STATE_DTYPES, normalize_state_dtype, state_dtype_for
+from .precision import PARAM_DTYPES, STATE_DTYPES, normalize_state_dtype, state_dtype_for
 
 __all__ = ["FOAM", "SECOND_MOMENT_MODES", "STATE_DTYPES", "foam", "state_dtype_for", "validate_group_options"]
 
@@ -154,13 +155,8 @@ class FOAM(Optimizer):
             state_dtype=normalize_state_dtype(state_dtype),
         )
         validate_group_options(defaults)
+        self._fused_checked = True  # add_param_group checks each fused group, or leaves it to step() (meta tensors)
         super().__init__(params, defaults)
-        if any(group["fused"] for group in self.param_groups):
-            check_fused_available(self.param_groups, allow_meta=True)
-            # Checked in full unless a fused group still holds meta tensors: then step() checks once they are real.
-            self._fused_checked = not any(
-                p.device.type == "meta" for group in self.param_groups if group["fused"] for p in group["params"]
-            )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group after validating its options and parameters (see :class:`torch.optim.Optimizer`)."""
@@ -200,8 +196,6 @@ class FOAM(Optimizer):
             )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        if group["fused"]:
-            self._fused_checked = False  # step() checks the kernels cover it, once its tensors are materialised
         if isinstance(group["betas"], list):
             group["betas"] = tuple(group["betas"])
         group["state_dtype"] = normalize_state_dtype(group["state_dtype"])
@@ -209,6 +203,8 @@ class FOAM(Optimizer):
         try:
             validate_group_options(group, where=f"param group {index}")
             for p in group["params"]:
+                if is_lazy(p):  # nn.LazyLinear and co.: shape and dtype come with the first forward
+                    continue
                 check_sharding(p, group["block_size"], where=f"param group {index}")
                 if torch.is_complex(p):
                     raise TypeError(
@@ -224,7 +220,19 @@ class FOAM(Optimizer):
                         "parameters can be optimized. Fix: leave integer tensors (buffers, indices) out of the "
                         "optimizer, e.g. pass [p for p in model.parameters() if p.is_floating_point()]."
                     )
-        except (TypeError, ValueError):
+                if p.dtype not in PARAM_DTYPES:
+                    raise TypeError(
+                        f"FOAM: param group {index} holds a parameter of dtype {p.dtype}; FOAM steps "
+                        f"{[str(d).removeprefix('torch.') for d in PARAM_DTYPES]} parameters (fp8 weights need a "
+                        "master copy in a wider dtype). Fix: optimize a bf16 or fp32 master copy of the weights."
+                    )
+            if group["fused"]:
+                # What the kernels cannot step fails here, not at the first step(); tensors still on the meta device
+                # (or lazy) are checked by step() once they are real.
+                check_fused_available(self.param_groups, allow_meta=True)
+                if any(p.device.type == "meta" or is_lazy(p) for p in group["params"]):
+                    self._fused_checked = False
+        except (TypeError, ValueError, RuntimeError):
             self.param_groups.pop()
             raise
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "PARAM_DTYPES",
     "STATE_DTYPES",
     "compute_dtype",
     "normalize_state_dtype",
@@ -23,6 +24,9 @@ __all__ = [
     "state_itemsize",
     "store_moment",
 ]
+
+#: Parameter dtypes FOAM steps (its update is computed in fp32, or fp64 for fp64 parameters).
+PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 #: Storage dtypes of the moments a group may ask for with ``state_dtype``; ``None`` means fp32 for half
 #: parameters and the parameter's dtype otherwise. ``"bfloat16"`` halves state memory again: moments are

@@ -506,6 +506,18 @@ PARAM_ERROR_INPUTS = [
         RuntimeError,
         ["shape (4, 6)", "contiguous=False", "Fix: pass fused=None or False"],
     ),
+    (
+        "fused=True on a transposed parameter in add_param_group",
+        lambda: FOAM([leaf(2, 4)]).add_param_group({"params": [torch.randn(6, 4).t().requires_grad_()], "fused": True}),
+        RuntimeError,
+        ["fused=True in param group 1", "contiguous=False", "Fix: pass fused=None or False"],
+    ),
+    (
+        "a float8 parameter",
+        lambda: FOAM([torch.zeros(2, 4, dtype=torch.float8_e4m3fn).requires_grad_()]),
+        TypeError,
+        ["dtype torch.float8_e4m3fn", "'float16', 'bfloat16', 'float32', 'float64'", "Fix: optimize a bf16 or fp32"],
+    ),
 ]
 
 # (optim_args string, error type, fragments). Each is refused by ``FoamConfig.from_optim_args`` and, with the

@@ -223,3 +223,35 @@ def test_complex_parameters_are_refused_with_a_fix_that_keeps_real_and_imaginary
     # The claim behind the message: view_as_real's last dimension pairs real and imaginary parts, so folding
     # along it would average them together.
     assert torch.view_as_real(torch.zeros(3, 5, dtype=torch.complex64)).shape == (3, 5, 2)
+
+
+@pytest.mark.parametrize("fused", [None, True])
+def test_a_lazy_module_trains_as_its_materialised_twin(fused):
+    # torch's optimizers accept nn.LazyLinear's uninitialised parameters (they become real at the first forward);
+    # FOAM used to fail at construction on torch.is_complex. fused=True is checked at the first step instead.
+    if fused and not fused_kernel_builds():
+        fused = None
+    torch.manual_seed(0)
+    lazy = torch.nn.Sequential(torch.nn.LazyLinear(12), torch.nn.ReLU(), torch.nn.Linear(12, 6))
+    opt = FOAM(lazy.parameters(), fused=fused, **HPARAMS)
+    lazy(torch.randn(5, 8))  # materialises the first layer's weight and bias
+    twin = copy.deepcopy(lazy)
+    twin_opt = FOAM(twin.parameters(), fused=fused, **HPARAMS)
+    train(lazy, opt)
+    train(twin, twin_opt)
+    assert opt.state[lazy[0].weight]["exp_avg"].shape == (12, 2)  # folded at B=4 like any weight
+    for p, q in zip(lazy.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_a_refused_param_group_leaves_the_optimizer_as_it_was():
+    model = small_model()
+    opt = FOAM(model.parameters(), **HPARAMS)
+    with pytest.raises(RuntimeError, match="fused=True in param group 1"):
+        opt.add_param_group({"params": [torch.randn(6, 4).t().requires_grad_()], "fused": True})
+    assert len(opt.param_groups) == 1
+    reference_model = small_model()
+    train(model, opt)
+    train(reference_model, FOAM(reference_model.parameters(), **HPARAMS))
+    for p, q in zip(model.parameters(), reference_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
