@@ -209,9 +209,14 @@ def _foreach_bytes_per_entry(
     # Stochastic rounding into bf16 (_store_moment): int64 indices and hash steps, ~48 bytes per moment entry.
     rounding = 48 if exp_avg.dtype == torch.bfloat16 else 0
     if folded:
-        # the weight's copy; G⊙G and its zero-padded copy (ragged rows) while folding; then the residual (the
-        # gradient's copy or clone) and the second moment: 3 full-size buffers at most; plus g̃, g̃⁽²⁾, moments.
-        return math.ceil(itemsize * (weight_copy + 3 + (2 + state_copies) / block_size) + rounding / block_size)
+        # the weight's copy; G⊙G and the zero-padded copy block_sum makes of ragged rows (⌈n/B⌉·B entries a row,
+        # B/n times the row when n < B, as in a convolution's weight) while folding; then the residual (the
+        # gradient's copy or clone) and the second moment: 3 full-size buffers at most, 3.5 + padded/n with ragged
+        # rows (measured up to 2.9 + padded/n, at n = 1); plus g̃, g̃⁽²⁾ and the moments.
+        n = param.shape[-1]
+        padded = -(-n // block_size) * block_size
+        buffers = 3.0 if padded == n else 3.5 + padded / n
+        return math.ceil(itemsize * (weight_copy + buffers + (2 + state_copies) / block_size) + rounding / block_size)
     # weight, gradient and moment copies, and the denominator
     return itemsize * (weight_copy + (grad.dtype != compute_dtype) + state_copies + 1) + rounding
 
