@@ -115,9 +115,11 @@ def load_kernel() -> Any:
                 "(same results, slower). Reason: %s",
                 _error.splitlines()[0] if _error else "unknown",
             )
-        _tried = True
         if _kernel is not None:
+            # A FOAM_CPU_ISA this CPU cannot run raises here, and again at every later call (the load is marked
+            # done only after it), rather than once and then silently running the best implementation.
             _apply_isa_env(_kernel)
+        _tried = True
     return _kernel
 
 

@@ -273,6 +273,22 @@ def test_isa_environment_variable_picks_the_implementation(kernel, monkeypatch):
         kernel.set_isa(default)
 
 
+def test_an_isa_this_cpu_cannot_run_is_refused_at_every_fused_step(kernel):
+    # Refused once and then ignored used to be the behaviour: the second optimizer ran the best implementation.
+    code = (
+        "import torch\nfrom foam_hf import FOAM, FoamConfigError\n"
+        "for attempt in range(2):\n"
+        "    try:\n"
+        "        FOAM([torch.zeros(4, 8, requires_grad=True)], fused=True)\n"
+        "        print('accepted')\n"
+        "    except FoamConfigError as error:\n"
+        "        print('refused', 'FOAM_CPU_ISA' in str(error))\n"
+    )
+    env = {**os.environ, _fused_cpu.ISA_ENV: "sse9"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["refused True", "refused True"]
+
+
 def test_isa_environment_variable_reaches_a_fresh_process(kernel):
     # The kernel is cached by torch, so the child only loads it.
     code = f"import importlib; print(importlib.import_module({_fused_cpu.__name__!r}).load_kernel().isa())"
