@@ -71,7 +71,8 @@ class StateMemory:
 def state_memory(optimizer: torch.optim.Optimizer) -> StateMemory:
     """Optimizer-state bytes of a FOAM optimizer (from its groups' ``block_size``) and of AdamW.
 
-    Parameters with ``requires_grad=False`` are skipped: no optimizer builds state for them.
+    Parameters with ``requires_grad=False`` are skipped (no optimizer builds state for them) unless they already
+    hold state: a layer frozen during training keeps its moments.
     """
     foam_total = adamw_total = folded = unfolded = 0
     seen: set[int] = set()
@@ -79,7 +80,7 @@ def state_memory(optimizer: torch.optim.Optimizer) -> StateMemory:
         block_size = group.get("block_size", 1)
         state_dtype = group.get("state_dtype")
         for p in group["params"]:
-            if not p.requires_grad or id(p) in seen:
+            if id(p) in seen or not (p.requires_grad or optimizer.state.get(p)):
                 continue
             seen.add(id(p))
             foam_total += foam_state_bytes(p, block_size, state_dtype)

@@ -121,6 +121,16 @@ def test_state_shapes_and_bytes():
     assert predicted.folded_params == 5 and predicted.unfolded_params == 1  # only (7,) is 1-D
 
 
+def test_state_bytes_count_a_layer_frozen_during_training():
+    # Its moments stay in opt.state (torch never drops them); the report follows what is held.
+    params = make_params()
+    opt = FOAM(params, block_size=4)
+    run(opt, params, grad_sequence(params, steps=1))
+    params[0].requires_grad_(False)
+    held = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values())
+    assert state_memory(opt).foam_bytes == held
+
+
 def test_memory_formula_of_a_large_layer():
     weight = torch.nn.Parameter(torch.empty(4096, 4096, device="meta"))
     mem = state_memory(FOAM([weight], block_size=32))
