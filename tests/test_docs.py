@@ -449,3 +449,25 @@ def test_documented_error_is_raised(row, setup_namespace, tmp_path, monkeypatch)
 def test_figures_are_small():
     for png in (ROOT / "docs" / "figures").glob("*.png"):
         assert png.stat().st_size < 150_000, f"{png.name} is {png.stat().st_size} bytes; keep figures < 150 KB"
+
+
+MEMORY_SECTIONS = re.findall(r"^## ([\w.\-]+): ", (ROOT / "docs" / "memory.md").read_text(), re.M)
+
+
+@pytest.mark.parametrize("model", MEMORY_SECTIONS)
+def test_memory_page_sections_are_what_the_calculator_prints(model, capsys):
+    # docs/memory.md says "regenerate any section with foam-hf memory NAME": each section must be that output.
+    from foam_hf.tools.cli import main
+
+    text = (ROOT / "docs" / "memory.md").read_text()
+    start = text.index(f"## {model}: ")
+    following = text.find("\n## ", start + 1)
+    section = text[start : following if following >= 0 else len(text)].strip()
+    assert main(["memory", model]) == 0
+    assert section == capsys.readouterr().out.strip(), f"regenerate with: foam-hf memory {model}"
+
+
+def test_the_memory_page_has_every_built_in_model():
+    from foam_hf.tools.model_shapes import KNOWN_MODELS
+
+    assert MEMORY_SECTIONS == list(KNOWN_MODELS)
