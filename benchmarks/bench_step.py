@@ -259,7 +259,12 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     parser.add_argument("--no-peers", dest="peers", action="store_false")
     parser.add_argument("--no-reference", dest="reference", action="store_false")
-    parser.add_argument("--plot", default="docs/benchmarks-step.png", help="where to write the plot ('' for none)")
+    parser.add_argument(
+        "--plot",
+        default=None,
+        help="where to write the plot ('' for none; default: the repository's docs/benchmarks-step.png, or none "
+        "with --quick, so that a smoke run never replaces the published figure)",
+    )
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     parser.add_argument("--json", default="", help="also write every row to this JSON file (byte counts exact)")
     parser.add_argument(
@@ -280,6 +285,8 @@ def main() -> None:
         help="cpu, or cuda: the fused rows then use the Triton kernels (peers run where they can)",
     )
     args = parser.parse_args()
+    if args.plot is None:  # the published figure, wherever the script is started from
+        args.plot = "" if args.quick else str(Path(__file__).resolve().parents[1] / "docs" / "benchmarks-step.png")
     if args.quick:
         args.n_weights, args.rows, args.cols, args.reps, args.warmup = 2, 128, 256, 3, 1
     if args.threads is not None:

@@ -244,3 +244,21 @@ def test_bench_kernel_compute_has_a_column_per_implementation_this_cpu_runs(tmp_
     assert all(len(r) == 3 + len(isas) + 1 for r in rows)
     chosen = os.environ.get("FOAM_CPU_ISA", "").strip().lower() or isas[-1]  # the best this CPU runs, unless set
     assert f"the CPU's choice: {chosen}" in out
+
+
+def test_a_quick_bench_step_started_anywhere_leaves_the_published_plot_alone(tmp_path):
+    # --plot used to default to docs/benchmarks-step.png relative to the current folder: outside the repository
+    # the run ended in FileNotFoundError, and inside it a smoke run replaced the published figure.
+    published = REPO / "docs" / "benchmarks-step.png"
+    before = published.read_bytes()
+    out = run("bench_step.py", "--quick", "--no-peers", "--no-reference", cwd=tmp_path)
+    assert "plot written" not in out and table(out)
+    assert published.read_bytes() == before and list(tmp_path.iterdir()) == []
+
+
+def test_bench_startup(tmp_path):
+    # Times are not asserted (benchmarks, not timed tests): that both states ran, and the import line.
+    out = run("bench_startup.py", "--runs", "2", cwd=tmp_path)
+    rows = by_name(table(out))
+    assert set(rows) == {"off", "on"} and all(row[-1] == "2" for row in rows.values())
+    assert "import foam_hf" in out
