@@ -96,8 +96,5 @@ def unfold(y: torch.Tensor, n: int, block_size: int) -> torch.Tensor:
             f"unfold: a folded last dimension of {k} does not match n={n} with block_size={block_size} "
             f"(expected ceil({n}/{block_size}) = {math.ceil(n / block_size)})."
         )
-    if k * block_size == n:
-        return y.unsqueeze(-1).expand(*y.shape, block_size).reshape(*y.shape[:-1], n)
-    # Ragged rows: gather entry j from block j // B, so that nothing of the padded size ⌈n/B⌉·B is materialised
-    # (B/n times the row when n < B, as in a 3x3 convolution's weight). The same values as broadcasting and slicing.
-    return y.index_select(-1, torch.arange(n, device=y.device) // block_size)
+    full = y.unsqueeze(-1).expand(*y.shape, block_size).reshape(*y.shape[:-1], k * block_size)
+    return full if k * block_size == n else full[..., :n]
