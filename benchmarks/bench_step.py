@@ -94,12 +94,14 @@ def model_parameter_shapes(model: str) -> list[tuple[int, ...]]:
 def weight_shapes(args) -> list[tuple[int, ...]]:
     """The shapes stepped: ``--n-weights`` of ``--rows x --cols``, or with ``--model`` every parameter of that
     model."""
-    return model_parameter_shapes(args.model) if args.model else [(args.rows, args.cols)] * args.n_weights
+    return (
+        model_parameter_shapes(args.model) if args.model else [(args.rows, args.cols, *args.trailing)] * args.n_weights
+    )
 
 
 def describe_shapes(args, shapes: list[tuple[int, ...]]) -> str:
     if not args.model:
-        return f"{args.n_weights} weights of {args.rows}x{args.cols}"
+        return f"{args.n_weights} weights of {'x'.join(map(str, shapes[0]))}"
     entries = sum(math.prod(shape) for shape in shapes)
     folded = sum(len(shape) >= 2 for shape in shapes)
     return f"the {len(shapes)} parameters of {args.model} ({entries / 1e6:.1f}M entries, {folded} of them 2-D)"
@@ -231,8 +233,8 @@ def build_candidates(args) -> tuple[list[Candidate], list[tuple[str, str]]]:
                 lambda ps: FOAM(ps, block_size=4, state_dtype="bfloat16"),
             )
         )
-    if args.peers and args.model:
-        left_out.append(("peers", "not run with --model (their ranks and head sizes follow --rows and --cols)"))
+    if args.peers and (args.model or args.trailing):
+        left_out.append(("peers", "not run with --model or --trailing (their ranks follow --rows and --cols)"))
     elif args.peers:
         for name, factory, why in peer_factories(args):
             if factory is None:
@@ -247,6 +249,14 @@ def main() -> None:
     parser.add_argument("--n-weights", type=int, default=8)
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--cols", type=int, default=1024)
+    parser.add_argument(
+        "--trailing",
+        type=int,
+        nargs="*",
+        default=[],
+        help="more dimensions after --cols (a convolution's kernel, e.g. --rows 256 --cols 256 --trailing 3 3): "
+        "FOAM folds along the last one",
+    )
     parser.add_argument(
         "--model",
         default="",
@@ -379,6 +389,7 @@ def main() -> None:
             n_weights=len(shapes),
             rows=None if args.model else args.rows,
             cols=None if args.model else args.cols,
+            trailing=None if args.model else args.trailing,
             model=args.model or None,
             shapes=shapes,
             param_bytes=param_bytes,

@@ -262,3 +262,15 @@ def test_bench_startup(tmp_path):
     rows = by_name(table(out))
     assert set(rows) == {"off", "on"} and all(row[-1] == "2" for row in rows.values())
     assert "import foam_hf" in out
+
+
+def test_bench_step_steps_weights_with_trailing_dimensions(tmp_path):
+    # 3x3 kernels fold along their last dimension of 3: at B=8 each row is one block, so FOAM's states are a
+    # third of AdamW's (state bytes from the shapes, not from the script).
+    out = run("bench_step.py", "--quick", "--no-reference", "--trailing", "3", "3", "--block-sizes", "8",
+              "--dtypes", "fp32", "--json", "step.json", cwd=tmp_path)  # fmt: skip
+    shapes = [(128, 256, 3, 3)] * 2
+    assert "2 weights of 128x256x3x3" in out
+    records = {r["name"]: r for r in json.loads((tmp_path / "step.json").read_text())["rows"]}
+    assert records["FOAM fused B=8"]["state_bytes"] == foam_state_bytes_from_shapes(shapes, 8)
+    assert "peers: not run with --model or --trailing" in out
