@@ -244,7 +244,7 @@ def test_a_lazy_module_trains_as_its_materialised_twin(fused):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
-def test_a_refused_param_group_leaves_the_optimizer_as_it_was():
+def test_a_fused_group_the_kernel_cannot_step_is_refused_when_added():
     model = small_model()
     opt = FOAM(model.parameters(), **HPARAMS)
     with pytest.raises(RuntimeError, match="fused=True in param group 1"):
