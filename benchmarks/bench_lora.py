@@ -39,7 +39,6 @@ import datetime
 import math
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -63,6 +62,7 @@ from _engine import (  # noqa: E402
     optimizer_state_bytes,
     training_batches,
 )
+from _provenance import git_sha  # noqa: E402
 
 #: Label -> ``optim_args`` of ``optim="foam"`` (``None``: AdamW).
 VARIANTS: dict[str, str | None] = {
@@ -197,14 +197,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 results.append(result)
             rows.append(dict(rank=rank, variant=variant, results=results))
 
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    sha = git_sha()  # of the checkout this script is in, wherever it is started from
     import peft
     import transformers
 
     print(
         f"\n{datetime.date.today()} · {platform.machine()} {platform.system()}, {torch.get_num_threads()} threads, "
         f"{config.resolved_device().type} · torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"peft {peft.__version__} · git {sha or 'n/a'} · model {args.model_size}, base {args.base_steps} AdamW "
+        f"peft {peft.__version__} · git {sha} · model {args.model_size}, base {args.base_steps} AdamW "
         f"steps · seeds {args.seeds} · {args.steps} LoRA steps, lr {args.lr:g}, batch "
         f"{args.batch_size}x{args.seq_len} bytes · total {time.perf_counter() - t_start:.0f} s\n"
     )

@@ -179,7 +179,11 @@ def test_bench_lora(tmp_path):
     args = ["--ranks", "4", "--seeds", "0", "--steps", "2", "--base-steps", "2", "--max-files", "5"]
     args += ["--variants", "adamw", "foam B=4", "foam B=4, lora_A only", "--eval-batches", "2"]
     args += ["--batch-size", "2", "--seq-len", "32", "--threads", "1"]
-    rows = by_name(table(run("bench_lora.py", *args, cwd=tmp_path)), 2)
+    out = run("bench_lora.py", *args, cwd=tmp_path)
+    # Started outside the repository, it still names the commit it ran (it printed "git n/a" before).
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    assert sha.strip() and f"git {sha.strip()} " in out
+    rows = by_name(table(out), 2)
     adamw, both, lora_a = (int(number(rows[f"4 / {v}"][5])) for v in ("adamw", "foam B=4", "foam B=4, lora_A only"))
 
     # The adapters' shapes, from the same PEFT model built here: lora_A is r x in, lora_B is out x r.
