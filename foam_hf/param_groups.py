@@ -80,9 +80,14 @@ def _suffix_match(pattern: str, name: str) -> bool:
     return re.fullmatch(rf"(?:.*\.)?(?:{pattern})", name) is not None
 
 
-def _target_match(target: str, module_name: str) -> bool:
-    """Whether ``target`` (a name pattern) matches the module ``module_name`` or a module containing it."""
-    return any(_suffix_match(target, prefix) for prefix in _ancestors(module_name))
+def _full_match(regex: str, name: str) -> bool:
+    return re.fullmatch(regex, name) is not None
+
+
+def _reaches(pattern: str, module_name: str, names: Callable[[str, str], bool] = _suffix_match) -> bool:
+    """Whether ``pattern`` names the module ``module_name`` or a module containing it (``names(pattern, name)``:
+    whether it names that one module)."""
+    return any(names(pattern, prefix) for prefix in _ancestors(module_name)) if module_name else False
 
 
 def _ancestors(module_name: str) -> Iterable[str]:
@@ -222,6 +227,9 @@ def resolve_block_sizes(
         all_linear = True
     output_head = getattr(model, "get_output_embeddings", lambda: None)()
     adapter_layers = _adapter_layer_names(model) if targets is None else set()
+    # One regex string matches whole module names; a list holds names matched as suffixes, as PEFT matches them.
+    target_names = _full_match if isinstance(targets, str) else _suffix_match
+    target_list = [targets] if isinstance(targets, str) else list(targets or [])
 
     def is_default_target(module_name: str, module: nn.Module, param_name: str) -> bool:
         if param_name != "weight" or not isinstance(module, linear_types):
@@ -231,9 +239,7 @@ def resolve_block_sizes(
             return id(module) not in excluded and not in_adapter
         if all_linear:
             return module is not output_head
-        if isinstance(targets, str):
-            return any(re.fullmatch(targets, prefix) is not None for prefix in _ancestors(module_name))
-        return any(_target_match(t, module_name) for t in targets)
+        return any(_reaches(t, module_name, target_names) for t in target_list)
 
     used_targets: set[str] = set()
     used_patterns: set[str] = set()
@@ -243,10 +249,8 @@ def resolve_block_sizes(
         size = 1
         if any(is_default_target(*owner) for owner in param_owners):
             size = config.block_size
-            if isinstance(targets, (list, tuple)) and not all_linear:
-                used_targets.update(t for t in targets for m, _, _ in param_owners if _target_match(t, m))
-            elif targets is not None:
-                used_targets.add(str(targets))
+            if not all_linear:
+                used_targets.update(t for t in target_list for m, _, _ in param_owners if _reaches(t, m, target_names))
         best: tuple[int, int] | None = None
         chosen: dict[str, int] = {}
         for module_name, _, _ in param_owners:
@@ -276,21 +280,15 @@ def resolve_block_sizes(
             # A pattern may be shadowed everywhere by a more specific one yet still match: report only
             # patterns that match no trainable parameter's module at all.
             matches = any(
-                _suffix_match(pattern, prefix)
-                for owner_list in owners.values()
-                for module_name, _, _ in owner_list
-                for prefix in (_ancestors(module_name) if module_name else [])
+                _reaches(pattern, module_name) for owner_list in owners.values() for module_name, _, _ in owner_list
             )
             if not matches:
                 matched = _why_nothing_steps(model, lambda name, p=pattern: _suffix_match(p, name), False)
                 raise _no_match_error("block_sizes pattern", pattern, module_names, matched)
     if targets is not None and not all_linear:
-        for target in [targets] if isinstance(targets, str) else targets:
+        for target in target_list:
             if target not in used_targets:
-                if isinstance(targets, str):
-                    matched = _why_nothing_steps(model, lambda name: re.fullmatch(targets, name) is not None, True)
-                else:
-                    matched = _why_nothing_steps(model, lambda name, t=target: _suffix_match(t, name), True)
+                matched = _why_nothing_steps(model, lambda name, t=target: target_names(t, name), True)
                 raise _no_match_error("target module", target, module_names, matched)
     return BlockSizePlan(size_by_parameter)
 
