@@ -33,6 +33,15 @@ from ..optim import FOAM
 
 __all__ = ["FoamCallback"]
 
+
+def _squared_norms(grad: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":math:`\lVert G \rVert^2` and :math:`\lVert R \rVert^2` of a folded gradient, in fp64, with
+    :math:`R = G - \operatorname{unfold}(\operatorname{blockmean}(G))`."""
+    g = grad.float()
+    residual = g - unfold(block_mean(g, block_size), g.shape[-1], block_size)
+    return g.square().sum().double(), residual.square().sum().double()
+
+
 logger = logging.getLogger(__name__)
 
 
@@ -122,16 +131,14 @@ class FoamCallback(TrainerCallback):
         ‖G‖², ‖R‖² and whether G holds a NaN or inf]."""
         if not self._observing:
             return
-        g = grad.float()
-        grad_sq = g.square().sum()
-        zero = torch.zeros((), device=g.device)
-        folded_sq, residual_sq, nonfinite = zero, zero, zero
         block_size = group["block_size"]
         if is_foldable(param, block_size):
-            residual = g - unfold(block_mean(g, block_size), g.shape[-1], block_size)
-            folded_sq, residual_sq = grad_sq, residual.square().sum()
-            nonfinite = (~torch.isfinite(grad_sq)).float()
-        self._layerwise_sums.append(torch.stack([grad_sq, folded_sq, residual_sq, nonfinite]).double())
+            grad_sq, residual_sq = _squared_norms(grad, block_size)
+            sums = [grad_sq, grad_sq, residual_sq, (~torch.isfinite(grad_sq)).double()]
+        else:
+            grad_sq = grad.float().square().sum().double()
+            sums = [grad_sq, *torch.zeros(3, dtype=torch.float64, device=grad.device)]
+        self._layerwise_sums.append(torch.stack(sums))
 
     def _nonfinite_at_this_step(self, state: Any) -> None:
         self._first_nonfinite_step = state.global_step + 1
@@ -185,9 +192,7 @@ class FoamCallback(TrainerCallback):
         if want_residual:
             sums = []
             for grad, block_size in folded_grads:
-                g = local_tensor(grad).float()
-                residual = g - unfold(block_mean(g, block_size), g.shape[-1], block_size)
-                sums.append((torch.stack([g.square().sum(), residual.square().sum()]).double(), grad))
+                sums.append((torch.stack(_squared_norms(local_tensor(grad), block_size)), grad))
             grad_sq, residual_sq = sum_over_shards(sums).tolist()
             if grad_sq > 0:
                 self._pending["foam/residual_ratio"] = math.sqrt(residual_sq / grad_sq)
