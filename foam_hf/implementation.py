@@ -126,14 +126,17 @@ def check_fused_tensors(params: list[torch.Tensor], exp_avgs: list[torch.Tensor]
         raise RuntimeError(missing)
 
 
-def check_fused_available(param_groups: list[dict[str, Any]], *, allow_meta: bool = False) -> None:
+def check_fused_available(
+    param_groups: list[dict[str, Any]], *, allow_meta: bool = False, first_index: int = 0
+) -> None:
     """Raise a clear error when a group asks for ``fused=True`` and no fused kernel can step it: the C++
-    kernel for CPU tensors, the Triton kernels for CUDA tensors.
+    kernel for CPU tensors, the Triton kernels for CUDA tensors. Errors number the groups from ``first_index``
+    (a group being added is checked alone).
 
     ``allow_meta`` (at construction) lets parameters on the meta device (and lazy ones) through: with deferred
     initialisation they get their real device later (``to_empty``), and :meth:`FOAM.step` checks them then,
     as torch's fused AdamW does."""
-    for index, group in enumerate(param_groups):
+    for index, group in enumerate(param_groups, start=first_index):
         if not group["fused"]:
             continue
         params = [p for p in group["params"] if not (allow_meta and (p.device.type == "meta" or is_lazy(p)))]

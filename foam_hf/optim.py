@@ -229,7 +229,7 @@ class FOAM(Optimizer):
             if group["fused"]:
                 # What the kernels cannot step fails here, not at the first step(); tensors still on the meta device
                 # (or lazy) are checked by step() once they are real.
-                check_fused_available(self.param_groups, allow_meta=True)
+                check_fused_available([group], allow_meta=True, first_index=index)
                 if any(p.device.type == "meta" or is_lazy(p) for p in group["params"]):
                     self._fused_checked = False
         except (TypeError, ValueError, RuntimeError):
