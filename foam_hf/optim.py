@@ -10,8 +10,9 @@ from transformers, TRL or PEFT.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -346,15 +347,25 @@ class FOAM(Optimizer):
         block_size = group["block_size"]
         return folded_shape(param.shape, block_size) if is_foldable(param, block_size) else param.shape
 
+    @contextlib.contextmanager
+    def _hooks_set_aside(self, *names: str) -> Iterator[tuple[OrderedDict, ...]]:
+        """torch's hook dicts ``names`` emptied while the block runs (torch's own state_dict/load_state_dict would
+        run them too early), and yielded so that FOAM runs them itself; put back however the block ends."""
+        held = tuple(getattr(self, name) for name in names)
+        for name in names:
+            setattr(self, name, OrderedDict())
+        try:
+            yield held
+        finally:
+            for name, hooks in zip(names, held):
+                setattr(self, name, hooks)
+
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state, plus each group's ``param_shapes`` (plain lists): with them a load can
         tell a ``(6, 8)`` from a ``(6, 7)`` parameter even though both fold to ``(6, 2)`` at ``B = 4``."""
         # torch runs the post-hooks inside its state_dict(); they must see the whole state, param_shapes included.
-        hooks, self._optimizer_state_dict_post_hooks = self._optimizer_state_dict_post_hooks, OrderedDict()
-        try:
+        with self._hooks_set_aside("_optimizer_state_dict_post_hooks") as (hooks,):
             state = super().state_dict()
-        finally:
-            self._optimizer_state_dict_post_hooks = hooks
         for saved, group in zip(state["param_groups"], self.param_groups):
             saved["param_shapes"] = [list(p.shape) for p in group["params"]]
         for post_hook in hooks.values():
@@ -382,16 +393,9 @@ class FOAM(Optimizer):
         id_to_param = check_loadable(self.param_groups, state_dict, state_shape=self._state_shape)
         # torch then loads it without the pre-hooks (they ran) and without the post-hooks, which must see the
         # moments restored in FOAM's own dtypes: they run last.
-        pre_hooks, self._optimizer_load_state_dict_pre_hooks = self._optimizer_load_state_dict_pre_hooks, OrderedDict()
-        post_hooks, self._optimizer_load_state_dict_post_hooks = (
-            self._optimizer_load_state_dict_post_hooks,
-            OrderedDict(),
-        )
-        try:
+        held = ("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
+        with self._hooks_set_aside(*held) as (_, post_hooks):
             super().load_state_dict(state_dict)
-        finally:
-            self._optimizer_load_state_dict_pre_hooks = pre_hooks
-            self._optimizer_load_state_dict_post_hooks = post_hooks
         restore_moments(self, state_dict["state"], id_to_param)
         for post_hook in post_hooks.values():
             post_hook(self)
