@@ -16,6 +16,7 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 // The explicit-SIMD paths need gcc's per-function target pragmas (clang and others get the portable code).
@@ -129,17 +130,87 @@ FOAM_INLINE void fold_span(const typename S::T* __restrict gr, typename S::T* __
 }
 
 // ---------------------------------------------------------------------------------------------- portable path
-// The same math in tiles whose element loops the compiler vectorises (the path without explicit SIMD: other
-// architectures, x86 without AVX2+FMA+F16C, fp64, and block sizes the SIMD code does not specialise).
-constexpr int64_t kTile = 1024;  // columns per tile: 4 buffers of this size stay in L1
+// The same math in loops the compiler vectorises (the path without explicit SIMD: other architectures, x86
+// without AVX2+FMA+F16C, fp64, and block sizes the SIMD code does not specialise).
+constexpr int64_t kTile = 1024;  // columns per tile: a tile of G, W and its block values stay in L1
 
-// Rows [r0, r1) of a folded tensor; BS > 0 is a compile-time block size, 0 means "use B".
-template <typename S, int BS>
+// s += x[0] + ... + x[BS-1] and q += x[0]² + ... + x[BS-1]², added left to right as fold_span adds them.
+template <typename S, std::size_t... I>
+FOAM_INLINE void block_sums(const typename S::T* __restrict x, typename S::C& s, typename S::C& q,
+                            std::index_sequence<I...>) {
+  ((s += S::load(x[I])), ...);
+  ((q += S::load(x[I]) * S::load(x[I])), ...);
+}
+
+// Rows [r0, r1) of a folded tensor whose block size BS is known at compile time (a power of two, so that
+// g̃ = s / B is exactly s · (1/B)), with the second-moment mode known too. Each tile of whole blocks is two
+// loops without a branch or a call in their bodies, both of which compilers vectorise: the first steps one
+// block per iteration (BS interleaved loads, one lane per block: AArch64's ld2/ld4, x86's permutes) and keeps
+// g̃, m̃ and ṽ of the tile's blocks; the second unfolds them over the tile's entries and updates W. The ragged
+// last block of a row goes to fold_span.
+template <typename S, int BS, bool MeanSq>
+FOAM_INLINE void fold_rows_blocked(const typename S::T* __restrict g, typename S::T* __restrict w,
+                                   typename S::C* __restrict m, typename S::C* __restrict v, int64_t r0, int64_t r1,
+                                   int64_t n, const Hyper<typename S::C>& h) {
+  static_assert(BS > 1 && (BS & (BS - 1)) == 0, "fold_rows_blocked: BS must be a power of two");
+  using C = typename S::C;
+  constexpr int64_t B = BS;
+  constexpr int64_t kTileBlocks = kTile / B > 0 ? kTile / B : 1;
+  constexpr C inv_b = C(1) / C(B);
+  const int64_t K = (n + B - 1) / B;
+  const int64_t whole = n / B;  // blocks of B entries; a ragged one follows when B does not divide n
+  alignas(64) C g_mean[kTileBlocks], m_new[kTileBlocks], v_new[kTileBlocks];
+  const C decay = h.decay, rho = h.rho, rho2 = h.rho2, eps_bc2 = h.eps_bc2, step_c = h.step_c;
+  const C lerp_w = h.lerp_w, beta2 = h.beta2, one_m_b2 = h.one_m_b2;
+  const bool lerp_from_self = std::abs(lerp_w) < C(0.5);  // lerp's branch, the same for every block
+
+  for (int64_t row = r0; row < r1; ++row) {
+    const typename S::T* __restrict gr = g + row * n;
+    typename S::T* __restrict wr = w + row * n;
+    C* __restrict mr = m + row * K;
+    C* __restrict vr = v + row * K;
+    for (int64_t k0 = 0; k0 < whole; k0 += kTileBlocks) {
+      const int64_t blocks = std::min(kTileBlocks, whole - k0);
+      const typename S::T* __restrict gt = gr + k0 * B;
+      typename S::T* __restrict wt = wr + k0 * B;
+      C* __restrict mt = mr + k0;
+      C* __restrict vt = vr + k0;
+      // g̃, g̃⁽²⁾ and the moments, a block per iteration.
+      for (int64_t k = 0; k < blocks; ++k) {
+        C s = 0, q = 0;
+        block_sums<S>(gt + k * B, s, q, std::make_index_sequence<BS>{});
+        const C gm = s * inv_b;                        // g̃ = blockmean(G)
+        const C g2 = MeanSq ? q * inv_b : gm * gm;     // g̃⁽²⁾
+        const C m_old = mt[k];                         // m̃ ← lerp(m̃, g̃, 1−β1), lerp's formula
+        const C mk = lerp_from_self ? m_old + lerp_w * (gm - m_old) : gm - (gm - m_old) * (C(1) - lerp_w);
+        const C vk = vt[k] * beta2 + one_m_b2 * g2;    // ṽ ← β2 ṽ + (1−β2) g̃⁽²⁾
+        mt[k] = mk;
+        vt[k] = vk;
+        g_mean[k] = gm;
+        m_new[k] = mk;
+        v_new[k] = vk;
+      }
+      // R, M, V and the weight update, an entry per iteration.
+      for (int64_t k = 0; k < blocks; ++k) {
+        for (int64_t b = 0; b < B; ++b) {
+          const C r = S::load(gt[k * B + b]) - g_mean[k];  // R = G − unfold(g̃)
+          const C M = m_new[k] + rho * r;                   // M = unfold(m̃) + ρR
+          const C V = v_new[k] + rho2 * (r * r);            // V = unfold(ṽ) + ρ²R⊙R
+          wt[k * B + b] = S::store(S::load(wt[k * B + b]) * decay + step_c * (M / (std::sqrt(V) + eps_bc2)));
+        }
+      }
+    }
+    if (whole * B < n) fold_span<S>(gr, wr, mr, vr, whole * B, n, B, h);
+  }
+}
+
+// Rows [r0, r1) of a folded tensor with any block size B (a runtime value): tiles whose element loops the
+// compiler vectorises, the per-block work in between left scalar.
+template <typename S>
 FOAM_INLINE void fold_rows_impl(const typename S::T* __restrict g, typename S::T* __restrict w,
                                 typename S::C* __restrict m, typename S::C* __restrict v, int64_t r0, int64_t r1,
-                                int64_t n, int64_t B_rt, const Hyper<typename S::C>& h) {
+                                int64_t n, int64_t B, const Hyper<typename S::C>& h) {
   using C = typename S::C;
-  const int64_t B = BS > 0 ? BS : B_rt;
   const int64_t K = (n + B - 1) / B;
   const int64_t tile_blocks = std::max<int64_t>(1, kTile / B);
   const int64_t T = tile_blocks * B;
@@ -170,9 +241,8 @@ FOAM_INLINE void fold_rows_impl(const typename S::T* __restrict g, typename S::T
       for (int64_t kk = 0; kk < k1 - k0; ++kk) {
         const int64_t start = kk * B;
         const int64_t cnt = std::min(B, len - start);
-        const int64_t full = (BS > 0 && cnt == BS) ? BS : cnt;  // a constant trip count when it can be
         C s = 0, q = 0;
-        for (int64_t b = 0; b < full; ++b) {
+        for (int64_t b = 0; b < cnt; ++b) {
           const C x = gf[start + b];
           s += x;
           q += x * x;
@@ -184,7 +254,7 @@ FOAM_INLINE void fold_rows_impl(const typename S::T* __restrict g, typename S::T
         const C vk = vr[k0 + kk] * h.beta2 + h.one_m_b2 * g2;
         mr[k0 + kk] = mk;
         vr[k0 + kk] = vk;
-        for (int64_t b = 0; b < full; ++b) {
+        for (int64_t b = 0; b < cnt; ++b) {
           eg[start + b] = gm;
           em[start + b] = mk;
           ev[start + b] = vk;
@@ -200,16 +270,24 @@ FOAM_INLINE void fold_rows_impl(const typename S::T* __restrict g, typename S::T
   }
 }
 
+template <typename S, int BS>
+FOAM_INLINE void fold_rows_blocked_dispatch(const typename S::T* g, typename S::T* w, typename S::C* m,
+                                            typename S::C* v, int64_t r0, int64_t r1, int64_t n,
+                                            const Hyper<typename S::C>& h) {
+  if (h.mean_sq) return fold_rows_blocked<S, BS, true>(g, w, m, v, r0, r1, n, h);
+  return fold_rows_blocked<S, BS, false>(g, w, m, v, r0, r1, n, h);
+}
+
 template <typename S>
 FOAM_INLINE void fold_rows_dispatch(const typename S::T* g, typename S::T* w, typename S::C* m, typename S::C* v,
                                     int64_t r0, int64_t r1, int64_t n, int64_t B, const Hyper<typename S::C>& h) {
   switch (B) {
-    case 2: return fold_rows_impl<S, 2>(g, w, m, v, r0, r1, n, B, h);
-    case 4: return fold_rows_impl<S, 4>(g, w, m, v, r0, r1, n, B, h);
-    case 8: return fold_rows_impl<S, 8>(g, w, m, v, r0, r1, n, B, h);
-    case 16: return fold_rows_impl<S, 16>(g, w, m, v, r0, r1, n, B, h);
-    case 32: return fold_rows_impl<S, 32>(g, w, m, v, r0, r1, n, B, h);
-    default: return fold_rows_impl<S, 0>(g, w, m, v, r0, r1, n, B, h);
+    case 2: return fold_rows_blocked_dispatch<S, 2>(g, w, m, v, r0, r1, n, h);
+    case 4: return fold_rows_blocked_dispatch<S, 4>(g, w, m, v, r0, r1, n, h);
+    case 8: return fold_rows_blocked_dispatch<S, 8>(g, w, m, v, r0, r1, n, h);
+    case 16: return fold_rows_blocked_dispatch<S, 16>(g, w, m, v, r0, r1, n, h);
+    case 32: return fold_rows_blocked_dispatch<S, 32>(g, w, m, v, r0, r1, n, h);
+    default: return fold_rows_impl<S>(g, w, m, v, r0, r1, n, B, h);
   }
 }
 
