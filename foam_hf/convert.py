@@ -32,6 +32,7 @@ own update uses for the stored part of :math:`M` and :math:`V`.
 
 from __future__ import annotations
 
+from numbers import Real
 from typing import Any
 
 import torch
@@ -113,11 +114,18 @@ def foam_state_from_adamw(adamw: torch.optim.Optimizer | dict[str, Any], foam_op
         adam_state = state_dict["state"].get(pid)
         if not adam_state:
             continue
-        missing = [k for k in _ADAM_STATE_KEYS if not isinstance(adam_state.get(k), torch.Tensor)]
+        # torch keeps `step` as a tensor but loads a plain number too; the moments must be tensors.
+        missing = [
+            k
+            for k in _ADAM_STATE_KEYS
+            if not isinstance(adam_state.get(k), torch.Tensor)
+            and not (k == "step" and isinstance(adam_state.get(k), Real) and not isinstance(adam_state[k], bool))
+        ]
         if missing:
             raise FoamStateError(
-                f"foam_state_from_adamw: the state of parameter {position} has no tensor {missing} (keys: "
-                f"{sorted(adam_state)}); it was not written by Adam/AdamW. Fix: pass an Adam or AdamW state."
+                f"foam_state_from_adamw: the state of parameter {position} lacks {missing} as tensors (a number "
+                f"will do for 'step'; keys: {sorted(adam_state)}); it was not written by Adam/AdamW. Fix: pass an "
+                "Adam or AdamW state."
             )
         for key in ("exp_avg", "exp_avg_sq"):
             if adam_state[key].shape != param.shape:
@@ -129,7 +137,8 @@ def foam_state_from_adamw(adamw: torch.optim.Optimizer | dict[str, Any], foam_op
                 )
         dtype = _target_dtype(param, group)
         block_size = group["block_size"]
-        new_state: dict[str, torch.Tensor] = {"step": adam_state["step"].detach().to(torch.float32).cpu().clone()}
+        step = torch.as_tensor(adam_state["step"]).detach()
+        new_state: dict[str, torch.Tensor] = {"step": step.to(device="cpu", dtype=torch.float32).clone()}
         for key in ("exp_avg", "exp_avg_sq"):
             # Fold in at least fp32, round once to the state dtype.
             moment = adam_state[key].detach().to(device=param.device)

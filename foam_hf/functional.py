@@ -19,6 +19,7 @@ import torch
 from . import _chunking, _fused_cpu
 from .folding import block_mean, is_foldable, unfold
 from .implementation import Implementation, _triton, check_fused_tensors, select_implementation
+from .options import validate_group_options
 from .precision import compute_dtype as _compute_dtype
 from .precision import store_moment as _store_moment
 from .step_scalars import step_constants
@@ -47,9 +48,66 @@ def foam(
 ) -> None:
     r"""Functional FOAM step over one group's tensors; see :class:`FOAM` for the algorithm.
 
-    Which path runs is :func:`foam_hf.implementation.select_implementation`'s choice: with both ``None``, a
-    fused kernel where one covers every tensor, else the foreach path on CUDA and the readable path on CPU.
+    The options are checked first, as :class:`FOAM` checks them at construction (a misspelled
+    ``second_moment`` or a ``block_size`` below 1 is an error, never another algorithm). Which path runs is
+    :func:`foam_hf.implementation.select_implementation`'s choice: with both ``None``, a fused kernel where one
+    covers every tensor, else the foreach path on CUDA and the readable path on CPU.
     """
+    validate_group_options(
+        dict(
+            lr=lr,
+            betas=(beta1, beta2),
+            eps=eps,
+            weight_decay=weight_decay,
+            block_size=block_size,
+            scale=scale,
+            res_scale=res_scale,
+            second_moment=second_moment,
+            foreach=foreach,
+            fused=fused,
+        ),
+        where="foam_hf.foam",
+    )
+    _foam(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        state_steps,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        block_size=block_size,
+        scale=scale,
+        res_scale=res_scale,
+        second_moment=second_moment,
+        foreach=foreach,
+        fused=fused,
+    )
+
+
+def _foam(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    state_steps: list[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    block_size: int,
+    scale: float,
+    res_scale: float,
+    second_moment: str,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+) -> None:
+    """:func:`foam` without the option checks: what :class:`FOAM` calls, whose groups were checked when added."""
     implementation = select_implementation(params, exp_avgs, foreach=foreach, fused=fused)
     if fused:  # asked for, not chosen: say why a kernel cannot step these tensors, before it is called
         check_fused_tensors(params, exp_avgs)

@@ -23,7 +23,7 @@ from .checkpoint import check_loadable, restore_moments
 from .distributed import check_sharding, local_tensor, zeros_state_like
 from .errors import FoamConfigError
 from .folding import folded_shape, is_foldable
-from .functional import foam
+from .functional import _foam, foam
 from .implementation import check_fused_available
 from .options import GROUP_DEFAULTS, SECOND_MOMENT_MODES, validate_group_options
 from .precision import PARAM_DTYPES, STATE_DTYPES, normalize_state_dtype, state_dtype_for
@@ -320,7 +320,7 @@ class FOAM(Optimizer):
         if not params_with_grad:
             return
         beta1, beta2 = group["betas"]
-        foam(
+        _foam(
             params_with_grad,
             grads,
             exp_avgs,

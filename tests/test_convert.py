@@ -52,6 +52,14 @@ def hand_step(w, m, v, g, t, *, block_size, res_scale, scale, second_moment):
     return w * (1 - lr * wd) - lr * update.reshape(w.shape), m1.reshape(folded), v1.reshape(folded)
 
 
+def numeric_steps(state_dict):
+    """``state_dict`` with each ``step`` a plain int, as torch's optimizers also load it."""
+    state_dict = copy.deepcopy(state_dict)
+    for state in state_dict["state"].values():
+        state["step"] = int(state["step"].item())
+    return state_dict
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -62,7 +70,11 @@ def hand_step(w, m, v, g, t, *, block_size, res_scale, scale, second_moment):
     ],
     ids=["B=4", "B=3 ragged scaled", "B=4 sq_mean", "B=1"],
 )
-@pytest.mark.parametrize("from_state_dict", [False, True], ids=["optimizer", "state_dict"])
+@pytest.mark.parametrize(
+    "from_state_dict",
+    [False, True, "numeric step"],
+    ids=["optimizer", "state_dict", "state_dict with int steps"],
+)
 def test_first_step_after_conversion_matches_hand_computation(kwargs, from_state_dict):
     full = dict(block_size=4, res_scale=1.0, scale=1.0, second_moment="mean_sq") | kwargs
     params = make_params(dtype=torch.float64)
@@ -71,7 +83,8 @@ def test_first_step_after_conversion_matches_hand_computation(kwargs, from_state
     weights = [p.detach().clone() for p in params]
 
     foam = FOAM(params, **HPARAMS, **kwargs)
-    foam_state_from_adamw(copy.deepcopy(adamw.state_dict()) if from_state_dict else adamw, foam)
+    source = {False: adamw, True: copy.deepcopy(adamw.state_dict()), "numeric step": numeric_steps(adamw.state_dict())}
+    foam_state_from_adamw(source[from_state_dict], foam)
     grads = random_grads(params, seed=7)
     for p, g in zip(params, grads):
         p.grad = g
@@ -171,7 +184,7 @@ def test_non_adam_states_are_refused():
     for p in params:
         p.grad = torch.ones_like(p)
     sgd.step()
-    with pytest.raises(FoamStateError, match=r"has no tensor \['step', 'exp_avg', 'exp_avg_sq'\]"):
+    with pytest.raises(FoamStateError, match=r"lacks \['step', 'exp_avg', 'exp_avg_sq'\] as tensors"):
         foam_state_from_adamw(sgd, FOAM(params))
     with pytest.raises(FoamStateError, match=r"amsgrad=True"):
         foam_state_from_adamw(stepped_adamw(params, amsgrad=True), FOAM(params))

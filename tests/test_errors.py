@@ -24,6 +24,7 @@ from hf_fixtures import training_args
 
 import foam_hf
 from foam_hf import FOAM, FoamConfig, FoamConfigError
+from foam_hf.options import GROUP_DEFAULTS
 
 
 @pytest.mark.parametrize(
@@ -33,6 +34,31 @@ def test_bad_hyperparameter_is_refused_at_construction(kwargs, error, fragments)
     with pytest.raises(error) as info:
         FOAM([leaf(2, 4)], **kwargs)
     assert_fragments(str(info.value), [*fragments, "Fix:"])
+
+
+# The catalogue's rows that the functional step can take: its options but state_dtype, betas as two numbers.
+FUNCTIONAL_ERROR_INPUTS = [
+    r
+    for r in FOAM_ERROR_INPUTS
+    if "state_dtype" not in r[1] and isinstance(r[1].get("betas", ()), tuple) and len(r[1].get("betas", ())) in (0, 2)
+]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, fragments", [r[1:] for r in FUNCTIONAL_ERROR_INPUTS], ids=[r[0] for r in FUNCTIONAL_ERROR_INPUTS]
+)
+def test_bad_hyperparameter_is_refused_by_the_functional_step(kwargs, error, fragments):
+    """foam_hf.foam checks what FOAM checks, before it touches a tensor (it once ran sq_mean for any
+    misspelled second_moment, and AdamW for block_size <= 0)."""
+    options = {k: v for k, v in GROUP_DEFAULTS.items() if k not in ("betas", "state_dtype")}
+    beta1, beta2 = kwargs.get("betas", GROUP_DEFAULTS["betas"])
+    options |= {k: v for k, v in kwargs.items() if k != "betas"} | {"beta1": beta1, "beta2": beta2}
+    param = torch.ones(2, 8)
+    exp_avg, exp_avg_sq = torch.zeros(2, 2), torch.zeros(2, 2)
+    with pytest.raises(error) as info:
+        foam_hf.foam([param], [torch.ones(2, 8)], [exp_avg], [exp_avg_sq], [torch.tensor(0.0)], **options)
+    assert_fragments(str(info.value), [*fragments, "Fix:", "in foam_hf.foam"])
+    assert torch.equal(param, torch.ones(2, 8)) and not exp_avg.any() and not exp_avg_sq.any()
 
 
 @pytest.mark.parametrize(
