@@ -293,7 +293,8 @@ if triton is not None:
         _store_moment(m_ptr + moment_index, m_new, has_block, moment_index, key_m, STATE_BF16)
         _store_moment(v_ptr + moment_index, v_new, has_block, moment_index, key_v, STATE_BF16)
         # R = G − unfold(g̃);  M = unfold(m̃) + ρR;  V = unfold(ṽ) + ρ²R⊙R;  W ← W(1−γλ) + c·M/(√V + ε√bc2)
-        residual = g - grad_mean[:, None]
+        # R is 0 when ρ = 0, as the readable path skips it: ρ²·R⊙R would be 0·inf = NaN where R⊙R overflows.
+        residual = tl.where(rho != 0.0, g - grad_mean[:, None], 0.0)
         first = m_new[:, None] + rho * residual
         second = v_new[:, None] + rho2 * (residual * residual)
         w_ptrs = w_ptr + row * n + col

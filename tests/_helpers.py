@@ -638,3 +638,32 @@ TRAINING_ARGS_ERRORS = [
 def assert_fragments(message: str, fragments: list[str]) -> None:
     missing = [f for f in fragments if f not in message]
     assert not missing, f"message lacks {missing}:\n{message}"
+
+
+# ============================================================================ res_scale = 0
+
+# One row of two blocks of 4: the first block's residual is finite but its square overflows fp32 (|R| > 1.8e19).
+OVERFLOWING_RESIDUAL = [[3e19, -3e19, 1e19, 0.0, 1.0, -2.0, 0.5, 0.25]]
+
+
+def step_without_residual(start, grad, second_moment, hparams):
+    """One step from zero moments written from the math with ρ = 0, where M = unfold(m̃) and V = unfold(ṽ) hold no
+    residual term at all; in fp32, as the optimizer computes (a block mean of G⊙G may overflow to inf there)."""
+    lr, (b1, b2), eps, wd = hparams["lr"], hparams["betas"], hparams["eps"], hparams["weight_decay"]
+    blocks = grad.reshape(1, 2, 4)
+    g_mean = blocks.mean(-1)
+    g2 = (blocks * blocks).mean(-1) if second_moment == "mean_sq" else g_mean * g_mean
+    m, v = (1 - b1) * g_mean, (1 - b2) * g2
+    update = (m / (1 - b1)) / ((v / (1 - b2)).sqrt() + eps)
+    return start * (1 - lr * wd) - lr * update.repeat_interleave(4, dim=-1).reshape(start.shape)
+
+
+def zero_res_scale_step(path, second_moment):
+    """(weights after one step of ``path`` with res_scale=0 on OVERFLOWING_RESIDUAL, step_without_residual's)."""
+    start = torch.randn(1, 8, generator=torch.Generator().manual_seed(3))
+    param = start.clone().requires_grad_()
+    opt = FOAM([param], block_size=4, res_scale=0.0, second_moment=second_moment, **HPARAMS["decay"], **PATHS[path])
+    grad = torch.tensor(OVERFLOWING_RESIDUAL)
+    param.grad = grad.clone()
+    opt.step()
+    return param.detach(), step_without_residual(start, grad, second_moment, HPARAMS["decay"])

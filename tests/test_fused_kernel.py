@@ -15,7 +15,16 @@ import sys
 
 import pytest
 import torch
-from _helpers import HPARAMS, _fused_cpu, _store_moment, clone_params, grad_sequence, make_params, run
+from _helpers import (
+    HPARAMS,
+    _fused_cpu,
+    _store_moment,
+    clone_params,
+    grad_sequence,
+    make_params,
+    run,
+    zero_res_scale_step,
+)
 
 from foam_hf import FOAM, FoamConfigError
 
@@ -347,3 +356,12 @@ def test_a_failed_check_changes_nothing(kernel):
     assert torch.equal(good, before)
     assert all(torch.equal(m, torch.zeros_like(m)) for m in moments)
     assert [s.item() for s in steps] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("second_moment", MODES)
+def test_zero_res_scale_drops_a_residual_whose_square_overflows(isa, second_moment):
+    """tests/test_nonfinite.py's case on each implementation of the kernel: with res_scale=0 no ρ²·R⊙R term may
+    turn an overflowing R⊙R into NaN."""
+    stepped, expected = zero_res_scale_step("fused", second_moment)
+    assert torch.isfinite(stepped).all()
+    torch.testing.assert_close(stepped, expected, atol=1e-6, rtol=1e-6)

@@ -106,6 +106,20 @@ def test_triton_residual_scales_and_dtypes(block_size, res_scale, dtype, atol, r
         torch.testing.assert_close(q.float(), p.float(), atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("second_moment", ["mean_sq", "sq_mean"])
+def test_triton_zero_res_scale_drops_a_residual_whose_square_overflows(second_moment):
+    """As tests/test_nonfinite.py on the CPU paths: with res_scale=0 no ρ²·R⊙R term may turn an overflowing R⊙R
+    (a finite gradient) into NaN weights."""
+    hparams = _helpers.HPARAMS["decay"]
+    start = torch.randn(1, 8, generator=torch.Generator().manual_seed(3))
+    param, grad = start.clone(), torch.tensor(_helpers.OVERFLOWING_RESIDUAL)
+    kwargs = step_kwargs(4, second_moment, 0.0, dict(hparams, scale=1.0))
+    fused_triton._fused_foam_triton([param], [grad], *fresh_state([param], 4), **kwargs)
+    expected = _helpers.step_without_residual(start, grad, second_moment, hparams)
+    assert torch.isfinite(param).all()
+    torch.testing.assert_close(param, expected, atol=1e-6, rtol=1e-6)
+
+
 def test_triton_large_lerp_weight_uses_torchs_other_branch():
     # beta1 < 0.5 makes 1 - beta1 > 0.5: torch.lerp then computes end - (end - start)(1 - w); so must the kernel.
     hparams = dict(SCALED, betas=(0.3, 0.99))

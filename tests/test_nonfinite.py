@@ -19,7 +19,7 @@ import math
 
 import pytest
 import torch
-from _helpers import FOR_LOOP, PATHS, path_names
+from _helpers import FOR_LOOP, PATHS, path_names, zero_res_scale_step
 from _helpers import HPARAMS as HPARAM_SETS
 from hf_fixtures import lm_dataset, tiny_llama, training_args
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -96,6 +96,16 @@ def test_folded_path_poisons_exactly_the_block(shape, block_size, entry, poisone
         bad_state = ~torch.isfinite(state_hurt)
         assert bad_state.nonzero().tolist() == [list(folded_entry)]
         assert torch.equal(state_hurt[~bad_state], state_clean[~bad_state])
+
+
+@pytest.mark.parametrize("second_moment", ["mean_sq", "sq_mean"])
+@pytest.mark.parametrize("path", path_names("for-loop", "foreach", "fused"))
+def test_zero_res_scale_drops_a_residual_whose_square_overflows(path, second_moment):
+    """res_scale=0 drops the residual: a finite gradient whose R⊙R overflows must not give NaN weights (the fused
+    kernels once computed 0·inf there; tests/test_fused_kernel.py runs every implementation of the kernel)."""
+    stepped, expected = zero_res_scale_step(path, second_moment)
+    assert torch.isfinite(expected).all()  # the premise: the math gives finite weights
+    torch.testing.assert_close(stepped, expected, atol=1e-6, rtol=1e-6)
 
 
 def test_folded_group_keeps_one_dimensional_tensors_as_adamw():

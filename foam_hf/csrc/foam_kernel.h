@@ -120,9 +120,10 @@ FOAM_INLINE void fold_span(const typename S::T* __restrict gr, typename S::T* __
     mr[c / B] = mk;
     vr[c / B] = vk;
     for (int64_t b = 0; b < cnt; ++b) {
-      const C r = S::load(gr[c + b]) - gm;  // R = G − unfold(g̃)
-      const C M = mk + h.rho * r;            // M = unfold(m̃) + ρR
-      const C V = vk + h.rho2 * (r * r);     // V = unfold(ṽ) + ρ²R⊙R
+      // R = G − unfold(g̃), taken as 0 when ρ = 0 (ρ²·R⊙R would be 0·inf = NaN where R⊙R overflows).
+      const C r = h.rho != 0 ? S::load(gr[c + b]) - gm : C(0);
+      const C M = mk + h.rho * r;         // M = unfold(m̃) + ρR
+      const C V = vk + h.rho2 * (r * r);  // V = unfold(ṽ) + ρ²R⊙R
       // W ← W(1−γλ) − γα M̂ / (√V̂ + ε), the bias corrections folded into step_c and eps_bc2.
       wr[c + b] = S::store(S::load(wr[c + b]) * h.decay + h.step_c * (M / (std::sqrt(V) + h.eps_bc2)));
     }
@@ -163,6 +164,7 @@ FOAM_INLINE void fold_rows_blocked(const typename S::T* __restrict g, typename S
   const C decay = h.decay, rho = h.rho, rho2 = h.rho2, eps_bc2 = h.eps_bc2, step_c = h.step_c;
   const C lerp_w = h.lerp_w, beta2 = h.beta2, one_m_b2 = h.one_m_b2;
   const bool lerp_from_self = std::abs(lerp_w) < C(0.5);  // lerp's branch, the same for every block
+  const bool with_residual = rho != 0;                    // as fold_span: R is 0 when ρ = 0
 
   for (int64_t row = r0; row < r1; ++row) {
     const typename S::T* __restrict gr = g + row * n;
@@ -193,7 +195,7 @@ FOAM_INLINE void fold_rows_blocked(const typename S::T* __restrict g, typename S
       // R, M, V and the weight update, an entry per iteration.
       for (int64_t k = 0; k < blocks; ++k) {
         for (int64_t b = 0; b < B; ++b) {
-          const C r = S::load(gt[k * B + b]) - g_mean[k];  // R = G − unfold(g̃)
+          const C r = with_residual ? S::load(gt[k * B + b]) - g_mean[k] : C(0);  // R = G − unfold(g̃)
           const C M = m_new[k] + rho * r;                   // M = unfold(m̃) + ρR
           const C V = v_new[k] + rho2 * (r * r);            // V = unfold(ṽ) + ρ²R⊙R
           wt[k * B + b] = S::store(S::load(wt[k * B + b]) * decay + step_c * (M / (std::sqrt(V) + eps_bc2)));
@@ -261,7 +263,7 @@ FOAM_INLINE void fold_rows_impl(const typename S::T* __restrict g, typename S::T
         }
       }
       for (int64_t j = 0; j < len; ++j) {
-        const C r = gf[j] - eg[j];
+        const C r = rho != 0 ? gf[j] - eg[j] : C(0);  // as fold_span: R is 0 when ρ = 0
         const C M = em[j] + rho * r;
         const C V = ev[j] + rho2 * (r * r);
         wr[c0 + j] = S::store(S::load(wr[c0 + j]) * decay + step_c * (M / (std::sqrt(V) + eps_bc2)));

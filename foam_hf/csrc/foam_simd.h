@@ -37,6 +37,9 @@ struct V {
   static FOAM_INLINE vec fnma(vec a, vec b, vec c) { return _mm512_fnmadd_ps(a, b, c); }  // c − a·b, likewise
   static FOAM_INLINE vec div(vec a, vec b) { return _mm512_div_ps(a, b); }
   static FOAM_INLINE vec sqrt(vec a) { return _mm512_sqrt_ps(a); }
+  static FOAM_INLINE vec bit_and(vec a, vec mask) {  // AVX-512F has no float and: through the integer one
+    return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), _mm512_castps_si512(mask)));
+  }
   static FOAM_INLINE float reduce(vec a) { return _mm512_reduce_add_ps(a); }
   // Every lane gets the sum of its aligned group of B lanes (B = 1, 2, 4, 8, 16): butterflies, so the lanes
   // of a group hold bit-identical sums (a + b == b + a). This is the block sum and its unfold in one.
@@ -158,6 +161,7 @@ struct V {
   static FOAM_INLINE vec fnma(vec a, vec b, vec c) { return _mm256_fnmadd_ps(a, b, c); }  // c − a·b, likewise
   static FOAM_INLINE vec div(vec a, vec b) { return _mm256_div_ps(a, b); }
   static FOAM_INLINE vec sqrt(vec a) { return _mm256_sqrt_ps(a); }
+  static FOAM_INLINE vec bit_and(vec a, vec mask) { return _mm256_and_ps(a, mask); }
   static FOAM_INLINE float reduce(vec a) {
     __m128 x = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     x = _mm_add_ps(x, _mm_movehl_ps(x, x));
@@ -264,14 +268,24 @@ FOAM_INLINE void prefetch_ahead(const T* p) {
   _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
 }
 
+// A float whose bits are all ones when the residual enters the step (ρ ≠ 0), else +0.0.
+FOAM_INLINE float residual_mask_bits(float rho) {
+  const uint32_t bits = rho != 0.0f ? UINT32_C(0xFFFFFFFF) : 0;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
 // The step's constants, broadcast.
 struct VHyper {
   vec decay, rho, rho2, eps_bc2, step_c, beta2, one_m_b2, lerp_w, one_m_lerp_w;
+  vec residual_mask;  // all bits set, or none when ρ = 0 (then R is taken as 0, as the readable path skips it)
   bool small_w, mean_sq;
   explicit VHyper(const Hyper<float>& h)
       : decay(V::set1(h.decay)), rho(V::set1(h.rho)), rho2(V::set1(h.rho2)), eps_bc2(V::set1(h.eps_bc2)),
         step_c(V::set1(h.step_c)), beta2(V::set1(h.beta2)), one_m_b2(V::set1(h.one_m_b2)),
-        lerp_w(V::set1(h.lerp_w)), one_m_lerp_w(V::set1(1.0f - h.lerp_w)), small_w(std::abs(h.lerp_w) < 0.5f),
+        lerp_w(V::set1(h.lerp_w)), one_m_lerp_w(V::set1(1.0f - h.lerp_w)),
+        residual_mask(V::set1(residual_mask_bits(h.rho))), small_w(std::abs(h.lerp_w) < 0.5f),
         mean_sq(h.mean_sq) {}
 };
 
@@ -281,9 +295,10 @@ FOAM_INLINE vec lerp_v(vec self, vec end, const VHyper& c) {
   return c.small_w ? V::fma(c.lerp_w, d, self) : V::fnma(d, c.one_m_lerp_w, end);
 }
 
-// W(1−γλ) − γα M̂ / (√V̂ + ε) with R = G − g̃, M = m̃ + ρR, V = ṽ + ρ²R⊙R (all unfolded, lane-wise).
+// W(1−γλ) − γα M̂ / (√V̂ + ε) with R = G − g̃, M = m̃ + ρR, V = ṽ + ρ²R⊙R (all unfolded, lane-wise). With ρ = 0, R
+// is masked to 0: ρ²·(R⊙R) would be 0·inf = NaN where R⊙R overflows, and the readable path adds no residual.
 FOAM_INLINE vec new_weight(vec g, vec gm, vec mk, vec vk, vec w, const VHyper& c) {
-  const vec r = V::sub(g, gm);
+  const vec r = V::bit_and(V::sub(g, gm), c.residual_mask);
   const vec M = V::fma(c.rho, r, mk);
   const vec Vv = V::fma(c.rho2, V::mul(r, r), vk);
   // The exact square root and division: replacing them by the hardware estimates refined by a Newton step made
