@@ -10,13 +10,15 @@ Rules, in order:
    by default because folding them cost loss in every LoRA configuration measured (docs/benchmarks.md,
    "LoRA adapters") while their states are a tiny share of memory; ``block_sizes=lora_A:4`` folds them.
    Output heads are the module ``get_output_embeddings()`` returns and task heads named as in
-   :data:`OUTPUT_HEAD_NAMES`. ``target_modules`` replaces that set: a list of module-name patterns, one full
-   regex string, or ``"all-linear"`` (every linear layer except the output head, as PEFT defines it). A
+   :data:`OUTPUT_HEAD_NAMES`, with every module inside them (a PEFT ``modules_to_save`` copy of a head is a
+   head). ``target_modules`` replaces that set: a list of module-name patterns, one full regex string, or
+   ``"all-linear"`` (every linear layer outside the output heads and embeddings, as PEFT defines it). A
    pattern targets every linear layer in the modules it matches, as an override does (``lora_A`` targets
    the ``lora_A.default`` layers, ``mlp`` the linear layers of every MLP), adapters included. Targets fold
    with ``block_size``.
 3. *Overrides* (``block_sizes``) then set the block size of every trainable parameter inside a matched
-   module, target or not (``lm_head:4`` folds the head, ``q_proj:1`` keeps AdamW states). A pattern
+   module, target or not (``lm_head:4`` folds the head, ``q_proj:1`` keeps AdamW states); an override above 1
+   that reaches only parameters that never fold (norm weights, biases) is an error. A pattern
    matches a module name as PEFT's ``rank_pattern`` does: the name ends with the pattern at a ``.``
    boundary (``q_proj`` matches ``model.layers.0.self_attn.q_proj``), the pattern being a regex. The
    most specific match wins: the deepest matched module, then the longest pattern; two different sizes
@@ -42,6 +44,7 @@ from torch import nn
 
 from .config import FoamConfig
 from .errors import FoamConfigError, NoMatchingModuleError
+from .folding import is_foldable
 
 __all__ = ["BlockSizePlan", "build_param_groups", "resolve_block_sizes"]
 
@@ -103,11 +106,13 @@ OUTPUT_HEAD_NAMES = ("lm_head", "score", "classifier", "v_head", "qa_outputs")
 
 
 def _excluded_modules(model: nn.Module) -> set[int]:
-    """ids of the output heads and input embedding modules (never default targets)."""
-    excluded: set[int] = set()
+    """ids of the output heads and input embedding modules and of every module inside them (never default targets,
+    nor ``"all-linear"`` ones). A head wrapped by PEFT's ``modules_to_save`` (``lm_head.modules_to_save.default``,
+    ``score.original_module``) is a head all the same: the wrapper is named as the head, its copies are inside it."""
+    roots: list[nn.Module] = []
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] in OUTPUT_HEAD_NAMES:
-            excluded.add(id(module))
+            roots.append(module)
     for getter in ("get_output_embeddings", "get_input_embeddings"):
         fn = getattr(model, getter, None)
         if callable(fn):
@@ -116,11 +121,9 @@ def _excluded_modules(model: nn.Module) -> set[int]:
             except (AttributeError, NotImplementedError):
                 module = None
             if module is not None:
-                excluded.add(id(module))
-    for module in model.modules():
-        if isinstance(module, nn.Embedding):
-            excluded.add(id(module))
-    return excluded
+                roots.append(module)
+    roots.extend(module for module in model.modules() if isinstance(module, nn.Embedding))
+    return {id(inner) for root in roots for inner in root.modules()}
 
 
 def _adapter_layer_names(model: nn.Module) -> set[str]:
@@ -225,7 +228,6 @@ def resolve_block_sizes(
     all_linear = isinstance(targets, str) and targets.replace("_", "-") == "all-linear"
     if isinstance(targets, (list, tuple)) and [t.replace("_", "-") for t in targets] == ["all-linear"]:
         all_linear = True
-    output_head = getattr(model, "get_output_embeddings", lambda: None)()
     adapter_layers = _adapter_layer_names(model) if targets is None else set()
     # One regex string matches whole module names; a list holds names matched as suffixes, as PEFT matches them.
     target_names = _full_match if isinstance(targets, str) else _suffix_match
@@ -238,11 +240,12 @@ def resolve_block_sizes(
             in_adapter = any(prefix in adapter_layers for prefix in _ancestors(module_name)) if module_name else False
             return id(module) not in excluded and not in_adapter
         if all_linear:
-            return module is not output_head
+            return id(module) not in excluded
         return any(_reaches(t, module_name, target_names) for t in target_list)
 
     used_targets: set[str] = set()
     used_patterns: set[str] = set()
+    sized_by_pattern: dict[str, list[tuple[str, torch.Tensor]]] = {}  # what each override decided the size of
     size_by_parameter: dict[str, int] = {}
     for name, p in trainable:
         param_owners = owners.get(id(p), [])
@@ -272,6 +275,8 @@ def resolve_block_sizes(
                     f"{sorted(chosen)} with different sizes {sorted(sizes)}. Fix: make one pattern more specific."
                 )
             used_patterns.update(chosen)
+            for pattern in chosen:
+                sized_by_pattern.setdefault(pattern, []).append((name, p))
             size = sizes.pop()
         size_by_parameter[name] = size
 
@@ -285,6 +290,16 @@ def resolve_block_sizes(
             if not matches:
                 matched = _why_nothing_steps(model, lambda name, p=pattern: _suffix_match(p, name), False)
                 raise _no_match_error("block_sizes pattern", pattern, module_names, matched)
+    for pattern, sized in sized_by_pattern.items():
+        size = config.block_sizes[pattern]
+        if size > 1 and not any(is_foldable(p, size) for _, p in sized):
+            names = [name for name, _ in sized]
+            shown = f"{names[:5]}{f' and {len(names) - 5} more' if len(names) > 5 else ''}"
+            raise FoamConfigError(
+                f"FOAM: block_sizes pattern {pattern!r} sets block size {size} only on parameters that never fold "
+                f"(one-dimensional or empty: {shown}), so it would change nothing. Fix: drop it, or name modules "
+                "with weight matrices (e.g. linear layers)."
+            )
     if targets is not None and not all_linear:
         for target in target_list:
             if target not in used_targets:

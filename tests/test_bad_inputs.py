@@ -315,6 +315,18 @@ OVERRIDE_ERRORS = [
         ["equally specifically", "'q_pro.'", "'q_proj'", "[4, 8]", "Fix: make one pattern more specific"],
     ),
     (
+        "override that reaches only parameters that never fold",
+        None,
+        FoamConfig(block_sizes={"input_layernorm": 8}),
+        None,
+        FoamConfigError,
+        [
+            "'input_layernorm' sets block size 8 only on parameters that never fold",
+            "model.layers.0.input_layernorm.weight",
+            "Fix: drop it",
+        ],
+    ),
+    (
         "targets given twice",
         None,
         FoamConfig(target_modules=["q_proj"]),

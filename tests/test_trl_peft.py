@@ -284,3 +284,47 @@ def test_distillation(tmp_path):
         )
 
     assert_foam_run_matches_hand_built_twin(tiny_llama, make, as_argument=False)
+
+
+def linear_weights(model, skip=()):
+    """Names of the weights of every nn.Linear in ``model`` whose module name has no component in ``skip``."""
+    return {
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not set(name.split(".")) & set(skip)
+    }
+
+
+@pytest.mark.parametrize(
+    "make_model, head, task_type",
+    [(lambda: tiny_llama(), "lm_head", "CAUSAL_LM"), (lambda: tiny_llama(num_labels=1), "score", "SEQ_CLS")],
+    ids=["lm_head in modules_to_save", "score (PEFT adds it for SEQ_CLS)"],
+)
+def test_peft_modules_to_save_heads_keep_adamw_states(make_model, head, task_type):
+    """A head PEFT trains as a full copy (modules_to_save) is a head: it keeps AdamW states, as without PEFT. Its
+    trainable copy sits at `<head>.modules_to_save.default`, whose last name component is no head name."""
+    from peft import LoraConfig, get_peft_model
+
+    from foam_hf import FoamConfig
+    from foam_hf.param_groups import resolve_block_sizes
+
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=[head], task_type=task_type)
+    model = get_peft_model(make_model(), config)
+    sizes = resolve_block_sizes(model, FoamConfig()).size_by_parameter
+    copies = [n for n in sizes if f"{head}.modules_to_save." in n]
+    assert copies, sorted(sizes)  # the premise: PEFT made the head's copy trainable
+    assert {n: sizes[n] for n in copies} == {n: 1 for n in copies}
+    assert set(sizes.values()) == {1}  # adapters keep AdamW states too, by default
+
+
+def test_all_linear_leaves_task_heads_out():
+    """optim_target_modules="all-linear" folds every linear layer but the output head, also where the head is a
+    task head (score) that get_output_embeddings() does not return."""
+    from foam_hf import FoamConfig
+    from foam_hf.param_groups import resolve_block_sizes
+
+    model = tiny_llama(num_labels=1)
+    assert model.get_output_embeddings() is None  # the premise: only the name says score is the head
+    sizes = resolve_block_sizes(model, FoamConfig(), "all-linear").size_by_parameter
+    assert {n for n, b in sizes.items() if b > 1} == linear_weights(model, skip=("score",))
+    assert sizes["score.weight"] == 1
