@@ -12,6 +12,11 @@ micro-batch where it returns ``True`` every parameter steps on its accumulated g
 The gradients are gone when backward returns, so whatever reads them per step (a gradient norm, the callback's
 residual ratio and finiteness check) must see each one in the hook: :meth:`LayerwiseFOAM.add_gradient_observer`.
 
+The hooks outlive training unless removed: a parameter keeps stepping (and freeing its gradient) in every
+later backward, whatever optimizer is meant to step it then. :meth:`LayerwiseFOAM.remove_hooks` detaches them
+(the Trainer integration does it at the end of ``train()`` and attaches them again at its start), and a parameter
+is stepped by one layer-wise optimizer at a time: a new one takes it over from the one before, with a warning.
+
 What cannot work, and is refused by the Trainer integration rather than silently wrong: gradient
 clipping by global norm (the norm needs every gradient at once), fp16 loss scaling (the hook would see
 scaled gradients), and DDP/FSDP (the hook fires before gradients are reduced across ranks).
@@ -19,6 +24,8 @@ scaled gradients), and DDP/FSDP (the hook fires before gradients are reduced acr
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +38,10 @@ from .optim import FOAM
 
 __all__ = ["LayerwiseFOAM"]
 
+#: id(parameter) -> (the parameter, the LayerwiseFOAM whose hook steps it, that hook's handle), all weak but the
+#: handle, so that a parameter is stepped by one layer-wise optimizer at a time.
+_HOOK_OWNERS: dict[int, tuple[weakref.ref, weakref.ref, RemovableHandle]] = {}
+
 
 class LayerwiseFOAM(FOAM):
     """:class:`~foam_hf.FOAM` whose step runs per parameter inside backward (see the module docstring).
@@ -42,7 +53,8 @@ class LayerwiseFOAM(FOAM):
         **kwargs: every other :class:`~foam_hf.FOAM` option.
 
     :meth:`step` does not update parameters (the hooks did); it only evaluates a closure if given.
-    Call :meth:`remove_hooks` to detach the optimizer from its parameters.
+    Call :meth:`remove_hooks` to detach the optimizer from its parameters when it is done with them (before
+    training them with anything else), :meth:`attach_hooks` to attach it again.
     """
 
     def __init__(self, params: ParamsT, *, should_step: Callable[[], bool] | None = None, **kwargs: Any) -> None:
@@ -50,13 +62,46 @@ class LayerwiseFOAM(FOAM):
         self._should_step = should_step if should_step is not None else (lambda: True)
         # Group *indices*, not dicts: load_state_dict replaces the group dicts (and schedulers edit those).
         self._group_index: dict[int, int] = {}
-        self._handles = []
+        self._handles: dict[int, RemovableHandle] = {}  # id(parameter) -> its hook's handle
         self._gradient_observers: OrderedDict[int, Callable[[torch.Tensor, torch.Tensor, dict], None]] = OrderedDict()
         for index, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.requires_grad:
                     self._group_index[id(p)] = index
-                    self._handles.append(p.register_post_accumulate_grad_hook(self._step_parameter))
+        self.attach_hooks()
+
+    def _trainable_params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"] if id(p) in self._group_index]
+
+    @property
+    def hooks_attached(self) -> bool:
+        """Whether this optimizer's hooks are on its parameters (it steps them in backward)."""
+        return bool(self._handles)
+
+    def attach_hooks(self) -> None:
+        """Put the per-parameter hooks on (again; a no-op where they are on). A parameter another layer-wise
+        optimizer steps is taken over from it, with a warning: two would each step it, or the first would free
+        the gradient the second waits for."""
+        taken_over = 0
+        for p in self._trainable_params():
+            if id(p) in self._handles:
+                continue
+            owner = _HOOK_OWNERS.get(id(p))
+            previous = owner[1]() if owner is not None and owner[0]() is p else None
+            if previous is not None and previous is not self:
+                owner[2].remove()
+                previous._handles.pop(id(p), None)
+                taken_over += 1
+            handle = p.register_post_accumulate_grad_hook(self._step_parameter)
+            self._handles[id(p)] = handle
+            _HOOK_OWNERS[id(p)] = (weakref.ref(p), weakref.ref(self), handle)
+        if taken_over:
+            warnings.warn(
+                f"LayerwiseFOAM: {taken_over} parameter(s) were stepped by another LayerwiseFOAM, whose hooks were "
+                "still on them; this one steps them now and the other no longer does. Fix: call "
+                "remove_hooks() on an optimizer you are done with.",
+                stacklevel=2,
+            )
 
     @torch.no_grad()
     def _step_parameter(self, param: torch.Tensor) -> None:
@@ -85,7 +130,11 @@ class LayerwiseFOAM(FOAM):
         return handle
 
     def remove_hooks(self) -> None:
-        """Detach the per-parameter hooks (after training, or before handing the model to another optimizer)."""
-        for handle in self._handles:
+        """Detach the per-parameter hooks (after training, or before handing the model to another optimizer):
+        backward then leaves the gradients in ``p.grad`` again."""
+        for pid, handle in self._handles.items():
             handle.remove()
+            owner = _HOOK_OWNERS.get(pid)
+            if owner is not None and owner[2] is handle:
+                del _HOOK_OWNERS[pid]
         self._handles.clear()

@@ -291,6 +291,67 @@ def test_layerwise_supports_gradient_accumulation(tmp_path):
     assert_same_gradient_logs(plain, layerwise)  # the accumulated gradients, as the Trainer sees them
 
 
+@pytest.mark.parametrize("callback", ["true", "false"])
+def test_after_layerwise_training_the_model_trains_with_another_optimizer(tmp_path, callback):
+    """Layer-wise FOAM's hooks leave with train(): a later run of the same model with AdamW trains it exactly as
+    it trains a fresh copy of those weights (the hooks once went on stepping, with the finished schedule's
+    learning rate 0, and freed every gradient AdamW waited for). callback=false too: the hooks are not the
+    reporting callback's business."""
+    model = tiny_llama()
+    args = make_args(tmp_path / "a", optim="foam_layerwise", max_grad_norm=0.0, optim_args=f"callback={callback}")
+    Trainer(model=model, args=args, train_dataset=lm_dataset()).train()
+    twin = tiny_llama()
+    twin.load_state_dict(model.state_dict())
+    before = [p.detach().clone() for p in twin.parameters()]
+    after = [make_args(tmp_path / name, optim="adamw_torch", max_grad_norm=0.0) for name in ("b", "c")]
+    for run_model, run_args in ((model, after[0]), (twin, after[1])):
+        Trainer(model=run_model, args=run_args, train_dataset=lm_dataset()).train()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(a, b), name
+    assert all(not torch.equal(a, b) for a, b in zip(before, twin.parameters()))  # AdamW trained every one
+
+
+def test_layerwise_trains_again_in_a_second_train_call(tmp_path):
+    """Two train() calls of one Trainer: foam_layerwise (hooks removed at the end of the first, put back at the
+    start of the second) ends where optim="foam" ends."""
+    trainers = []
+    for name, optim in (("a", "foam"), ("b", "foam_layerwise")):
+        trainer = Trainer(
+            model=tiny_llama(),
+            args=make_args(tmp_path / name, optim=optim, max_grad_norm=0.0),
+            train_dataset=lm_dataset(),
+        )
+        trainer.train()
+        first = [p.detach().clone() for p in trainer.model.parameters()]
+        trainer.train()
+        assert any(not torch.equal(a, b) for a, b in zip(first, trainer.model.parameters()))  # it trained again
+        trainers.append(trainer)
+    for a, b in zip(trainers[0].model.parameters(), trainers[1].model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_a_second_layerwise_optimizer_takes_the_parameters_over():
+    """Two LayerwiseFOAM over one model: the newer steps it (once per backward), the older no longer does, and
+    the user is told; remove_hooks gives the gradients back to backward."""
+    model = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8)
+    old = LayerwiseFOAM(model.parameters(), lr=0.1, block_size=4)
+    with pytest.warns(UserWarning, match=r"2 parameter\(s\) were stepped by another LayerwiseFOAM"):
+        new = LayerwiseFOAM(model.parameters(), lr=0.1, block_size=4)
+    twin = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    reference = FOAM(twin, lr=0.1, block_size=4)
+    model(x).square().sum().backward()
+    torch.nn.functional.linear(x, twin[0], twin[1]).square().sum().backward()
+    reference.step()
+    for p, q in zip(model.parameters(), twin):
+        torch.testing.assert_close(p, q)
+        assert p.grad is None
+    assert old.state == {} and len(new.state) == 2 and not old.hooks_attached and new.hooks_attached
+    new.remove_hooks()
+    model(x).square().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_import_registers_both_names():
     """In a fresh interpreter transformers refuses optim="foam"; ``import foam_hf`` registers both names with
     FOAM's handler."""

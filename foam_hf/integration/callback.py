@@ -31,7 +31,7 @@ from ..folding import block_mean, is_foldable, unfold
 from ..layerwise import LayerwiseFOAM
 from ..optim import FOAM
 
-__all__ = ["FoamCallback"]
+__all__ = ["FoamCallback", "LayerwiseHooksCallback"]
 
 
 def _squared_norms(grad: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,3 +205,24 @@ class FoamCallback(TrainerCallback):
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(self._pending)
         self._pending = {}
+
+
+class LayerwiseHooksCallback(TrainerCallback):
+    """Keeps ``optim="foam_layerwise"``'s hooks on its parameters while ``train()`` runs, and only then.
+
+    The hooks step each parameter inside backward; left on after training, they would go on stepping (with the
+    finished schedule's learning rate) and freeing the gradients of whatever trains the model next, which then
+    trains on nothing. Attached by the Trainer integration with every layer-wise optimizer, ``callback=false``
+    or not: at the end of ``train()`` it removes the hooks, at the start of a later ``train()`` of the same
+    Trainer it puts them back.
+    """
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        foam = _unwrap(optimizer)
+        if isinstance(foam, LayerwiseFOAM):
+            foam.attach_hooks()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        foam = _unwrap(optimizer)
+        if isinstance(foam, LayerwiseFOAM):
+            foam.remove_hooks()

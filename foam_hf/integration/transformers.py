@@ -181,11 +181,15 @@ def foam_handler(ctx: Any) -> tuple[type[FOAM], dict[str, Any]]:
 
 
 def after_create_optimizer(trainer: Any) -> None:
-    """Attach :class:`~foam_hf.FoamCallback` once, unless ``optim_args`` says ``callback=false``."""
-    from .callback import FoamCallback
+    """Attach :class:`~foam_hf.FoamCallback` once, unless ``optim_args`` says ``callback=false``; and, under
+    ``optim="foam_layerwise"``, the callback that keeps its hooks on only while ``train()`` runs."""
+    from .callback import FoamCallback, LayerwiseHooksCallback
 
     if not is_foam_optim(trainer.args.optim):
         return
+    callbacks = trainer.callback_handler.callbacks
+    if _is_layerwise(trainer.args.optim) and not any(isinstance(cb, LayerwiseHooksCallback) for cb in callbacks):
+        trainer.callback_handler.add_callback(LayerwiseHooksCallback())
     if not foam_config_from_args(trainer.args).callback:
         return
     if any(isinstance(cb, FoamCallback) for cb in trainer.callback_handler.callbacks):
