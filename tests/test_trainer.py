@@ -279,6 +279,33 @@ def assert_same_gradient_logs(plain, layerwise):
         assert got[1:] == pytest.approx(want[1:], rel=1e-4), (want, got)
 
 
+@pytest.mark.parametrize(
+    "logging",
+    [dict(logging_first_step=True, logging_steps=3), dict(logging_strategy="epoch", num_train_epochs=2)],
+    ids=["logging_first_step", "epoch strategy"],
+)
+def test_gradient_figures_reach_every_training_log(tmp_path, logging):
+    """Every training log holds foam/residual_ratio, and foam_layerwise's grad_norm is the one the Trainer
+    computes under foam, also for logs the steps strategy does not schedule: the first step's and the epochs'
+    (they once held no residual ratio, and grad_norm 0.0 under foam_layerwise)."""
+    run = dict(max_grad_norm=0.0, **logging)
+    if "num_train_epochs" in logging:
+        run["max_steps"] = -1  # epochs decide: 16 samples in batches of 4, 4 steps an epoch
+    logs = []
+    for name, optim in (("a", "foam"), ("b", "foam_layerwise")):
+        trainer = Trainer(
+            model=tiny_llama(), args=make_args(tmp_path / name, optim=optim, **run), train_dataset=lm_dataset()
+        )
+        trainer.train()
+        logs.append([e for e in trainer.state.log_history if "loss" in e and "train_runtime" not in e])
+    plain, layerwise = logs
+    assert len(plain) == 2 and [e["step"] for e in plain] == [e["step"] for e in layerwise]
+    for want, got in zip(plain, layerwise):
+        assert "foam/residual_ratio" in want and want["grad_norm"] > 0
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+        assert got["foam/residual_ratio"] == pytest.approx(want["foam/residual_ratio"], rel=1e-4)
+
+
 def test_layerwise_supports_gradient_accumulation(tmp_path):
     common = dict(max_grad_norm=0.0, gradient_accumulation_steps=2, per_device_train_batch_size=2)
     plain = Trainer(model=tiny_llama(), args=make_args(tmp_path / "a", **common), train_dataset=lm_dataset())

@@ -110,7 +110,14 @@ class FoamCallback(TrainerCallback):
         )
 
     def _will_log(self, args: Any, state: Any) -> bool:
+        """Whether the Trainer logs after the step about to run, as its DefaultFlowCallback decides. Under the
+        "epoch" strategy the last step of an epoch is not known before it runs, so every step is taken as one
+        (the log at the epoch's end then carries its last step's figures)."""
         strategy = getattr(args.logging_strategy, "value", args.logging_strategy)
+        if args.logging_first_step and state.global_step == 0:
+            return True
+        if strategy == "epoch":
+            return True
         if strategy != "steps" or not args.logging_steps:
             return False
         steps = args.logging_steps
