@@ -20,11 +20,15 @@ from .errors import FoamStateError
 from .folding import folded_shape, is_foldable
 from .precision import state_dtype_for
 
-__all__ = ["STRUCTURAL_KEYS", "check_loadable", "restore_moments"]
+__all__ = ["STRUCTURAL_KEYS", "UPDATE_KEYS", "check_loadable", "restore_moments"]
 
 #: Keys whose value decides the *shape or meaning* of the saved state: a checkpoint written under other
 #: values cannot be continued exactly, so it is refused instead of silently adopting them.
 STRUCTURAL_KEYS = ("block_size", "second_moment")
+
+#: FOAM's own update options. The state continues under other values, but torch's load would put the saved
+#: ones back over those the optimizer was built with, silently: a difference is refused instead.
+UPDATE_KEYS = ("scale", "res_scale")
 
 ParamIndex = dict[int, tuple[torch.Tensor, dict[str, Any], int]]
 
@@ -82,6 +86,15 @@ def check_loadable(
                     f"this optimizer has {key}={group[key]!r}; its states cannot be continued exactly. "
                     f"Fix: build FOAM with {key}={saved[key]!r} to resume this checkpoint."
                 )
+        for key in UPDATE_KEYS:
+            if key in saved and saved[key] != group[key]:
+                raise FoamStateError(
+                    f"FOAM.load_state_dict: param group {index} was saved with {key}={saved[key]!r} but this "
+                    f"optimizer was built with {key}={group[key]!r}; loading puts the saved value back (as torch "
+                    f"does for every option), so yours would be dropped silently. Fix: build FOAM with "
+                    f"{key}={saved[key]!r} (with the Trainer: resume with the saving run's optim_args); to change "
+                    f"it, load first, then set optimizer.param_groups[{index}][{key!r}]."
+                )
         if len(saved["params"]) != len(group["params"]):
             raise FoamStateError(
                 f"FOAM.load_state_dict: param group {index} holds {len(group['params'])} parameters but "
@@ -131,14 +144,17 @@ def check_loadable(
     return id_to_param
 
 
-def restore_moments(optimizer: torch.optim.Optimizer, saved_state: dict[Any, Any], id_to_param: ParamIndex) -> None:
-    """After torch's ``load_state_dict``: put back the moments in FOAM's state dtype and the step as a CPU fp32
-    scalar (torch casts floating states to the parameter's dtype, which would round fp32 moments of half
-    parameters). As in torch, the loaded group's options (``state_dtype`` included) win."""
+def restore_moments(optimizer: torch.optim.Optimizer, saved_state: dict[Any, Any], id_to_param: ParamIndex) -> int:
+    """After torch's ``load_state_dict``: put back the moments in the group's state dtype and the step as a CPU
+    fp32 scalar (torch casts floating states to the parameter's dtype, which would round fp32 moments of half
+    parameters). Returns how many saved moments were in another dtype (converted: rounded once to nearest when
+    narrowed)."""
+    converted = 0
     for pid, pstate in saved_state.items():
         p, _, index = id_to_param[pid]
         dtype = state_dtype_for(p, optimizer.param_groups[index]["state_dtype"])
         for key in ("exp_avg", "exp_avg_sq"):
+            converted += pstate[key].dtype != dtype
             optimizer.state[p][key] = pstate[key].to(
                 device=p.device, dtype=dtype, copy=True, memory_format=torch.contiguous_format
             )  # contiguous, as FOAM creates them: a checkpoint of a channels_last model may hold other strides
@@ -149,3 +165,4 @@ def restore_moments(optimizer: torch.optim.Optimizer, saved_state: dict[Any, Any
             optimizer.state[p]["step"] = step.detach().to(device="cpu", dtype=torch.float32).reshape(())
     for group in optimizer.param_groups:
         group.pop("param_shapes", None)  # written afresh by state_dict()
+    return converted

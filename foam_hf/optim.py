@@ -11,6 +11,7 @@ from transformers, TRL or PEFT.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
@@ -378,9 +379,11 @@ class FOAM(Optimizer):
         """Load a state written by :meth:`state_dict`, refusing anything that would not continue exactly.
 
         Raises :class:`~foam_hf.errors.FoamStateError` when a saved group was written under another
-        ``block_size`` or ``second_moment``, by an optimizer that is not FOAM, or when a saved moment's
-        shape differs from the shape this parameter folds to. Moments keep their saved dtype (fp32 for
-        half-precision parameters) instead of torch's default cast to the parameter's dtype.
+        ``block_size``, ``second_moment``, ``scale`` or ``res_scale``, by an optimizer that is not FOAM, or when
+        a saved moment's shape differs from the shape this parameter folds to. Every other option loads as torch
+        loads it (the saved value wins), but ``state_dtype``: the moments are put in the dtype this optimizer
+        was built to keep (fp32 for half-precision parameters unless asked otherwise), not cast to the
+        parameter's dtype as torch would, and converted with a warning where the checkpoint holds another.
         """
         if isinstance(state_dict, dict):
             # torch's contract: the pre-hooks see, and may replace, what loads. Run them here once, so that what
@@ -391,12 +394,24 @@ class FOAM(Optimizer):
                 if result is not None:
                     state_dict = result
         id_to_param = check_loadable(self.param_groups, state_dict, state_shape=self._state_shape)
+        # The state dtype is a storage choice, not the run's: the one this optimizer was built with stays.
+        built_state_dtypes = [group["state_dtype"] for group in self.param_groups]
         # torch then loads it without the pre-hooks (they ran) and without the post-hooks, which must see the
         # moments restored in FOAM's own dtypes: they run last.
         held = ("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
         with self._hooks_set_aside(*held) as (_, post_hooks):
             super().load_state_dict(state_dict)
-        restore_moments(self, state_dict["state"], id_to_param)
+        for group, state_dtype in zip(self.param_groups, built_state_dtypes):
+            group["state_dtype"] = state_dtype
+        converted = restore_moments(self, state_dict["state"], id_to_param)
+        if converted:
+            warnings.warn(
+                f"FOAM.load_state_dict: {converted} saved moment(s) were in another dtype than this optimizer's "
+                f"state_dtype {[g['state_dtype'] for g in self.param_groups]} (per group) asks for; they were "
+                "converted (rounded once, to nearest, where narrowed to bfloat16). Resuming is exact only under "
+                "the saving run's state_dtype.",
+                stacklevel=2,
+            )
         for post_hook in post_hooks.values():
             post_hook(self)
 

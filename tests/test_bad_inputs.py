@@ -456,6 +456,18 @@ def test_bad_trainer_setup_fails_before_the_first_step(tmp_path, overrides, chan
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def test_layerwise_clipping_set_after_the_arguments_is_refused_when_the_optimizer_is_built(tmp_path):
+    """The arguments are checked when built; a field changed on them afterwards is checked again when the Trainer
+    builds the optimizer (clipping would otherwise be silently ineffective under foam_layerwise)."""
+    args = make_args(tmp_path, optim="foam_layerwise", max_grad_norm=0.0)
+    args.max_grad_norm = 1.0
+    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=lm_dataset())
+    with pytest.raises(FoamConfigError) as info:
+        trainer.train()
+    assert_fragments(str(info.value), ["max_grad_norm=1.0", "Fix: pass max_grad_norm=0"])
+    assert trainer.state.global_step == 0
+
+
 def test_trainer_leaves_frozen_parameters_out_of_the_optimizer(tmp_path):
     model = tiny_llama()
     freeze("model.layers.0.self_attn", "model.embed_tokens")(model)

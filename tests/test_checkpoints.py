@@ -123,6 +123,25 @@ MISMATCHES = [
         ["second_moment='sq_mean'", "second_moment='mean_sq'", "cannot be continued exactly", "Fix:"],
     ),
     (
+        "other res_scale (torch's load would put the saved one back silently)",
+        lambda: _foam_state(res_scale=1.0),
+        ((6, 8), (7,)),
+        dict(res_scale=0.0),
+        [
+            "saved with res_scale=1.0",
+            "built with res_scale=0.0",
+            "Fix: build FOAM with res_scale=1.0",
+            "param_groups[0]",
+        ],
+    ),
+    (
+        "other scale",
+        lambda: _foam_state(scale=0.5),
+        ((6, 8), (7,)),
+        {},
+        ["saved with scale=0.5", "built with scale=1.0", "Fix: build FOAM with scale=0.5"],
+    ),
+    (
         "other rows",
         lambda: _foam_state(),
         ((5, 8), (7,)),
@@ -198,6 +217,31 @@ def test_mismatched_state_is_refused_and_loses_nothing(saved, shapes, kwargs, fr
     step(target, params, 8)
     step(untouched, twins, 8)
     assert_same_state(target, untouched)
+
+
+@pytest.mark.parametrize(
+    "saved_dtype, built_dtype", [(None, "bfloat16"), ("bfloat16", None)], ids=["fp32 -> bf16", "bf16 -> fp32"]
+)
+def test_a_checkpoint_loads_into_the_state_dtype_the_optimizer_was_built_with(saved_dtype, built_dtype):
+    """state_dtype is storage, not the run: loading keeps this optimizer's (torch would put the saved one back and
+    the memory saving asked for would be dropped silently), converting the saved moments with a warning: to
+    nearest when narrowed, exactly when widened; the next steps run with the new dtype."""
+    params = make_params(((6, 8), (7,)), seed=1)
+    saver = FOAM(params, block_size=4, state_dtype=saved_dtype, **HPARAMS)
+    step(saver, params, 3)
+    saved = copy.deepcopy(saver.state_dict())
+    loader, twins = clone_into(lambda ps: FOAM(ps, block_size=4, state_dtype=built_dtype, **HPARAMS), params)
+    with pytest.warns(UserWarning, match=r"4 saved moment\(s\) were in another dtype"):
+        loader.load_state_dict(saved)
+    target = torch.bfloat16 if built_dtype == "bfloat16" else torch.float32
+    assert [g["state_dtype"] for g in loader.param_groups] == [built_dtype]
+    for p, q in zip(params, twins):
+        for key in ("exp_avg", "exp_avg_sq"):
+            moment = loader.state[q][key]
+            assert moment.dtype == target
+            assert torch.equal(moment, saver.state[p][key].to(target))
+    step(loader, twins, 4)
+    assert all(loader.state[q]["exp_avg"].dtype == target for q in twins)
 
 
 def test_group_count_mismatch_is_refused():

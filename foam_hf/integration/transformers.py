@@ -61,17 +61,23 @@ def validate_training_arguments(args: Any) -> None:
     check_deepspeed_config(_deepspeed_config(args))
     _check_hyperparameter_fields(args)
     if _is_layerwise(args.optim):
-        if args.max_grad_norm is not None and args.max_grad_norm > 0:
-            raise FoamConfigError(
-                f"optim='foam_layerwise' with max_grad_norm={args.max_grad_norm}: clipping by the global "
-                "gradient norm needs every gradient at once, and layer-wise FOAM steps each parameter as soon "
-                "as its gradient is ready. Fix: pass max_grad_norm=0 (no clipping), or use optim='foam'."
-            )
-        if args.fp16:
-            raise FoamConfigError(
-                "optim='foam_layerwise' with fp16=True: the per-parameter step would see loss-scaled "
-                "gradients. Fix: use bf16=True, or optim='foam'."
-            )
+        _check_layerwise_fields(args)
+
+
+def _check_layerwise_fields(args: Any) -> None:
+    """What layer-wise FOAM cannot do, refused; checked when the arguments are built and again when the optimizer
+    is (a field set on the arguments in between is not missed)."""
+    if args.max_grad_norm is not None and args.max_grad_norm > 0:
+        raise FoamConfigError(
+            f"optim='foam_layerwise' with max_grad_norm={args.max_grad_norm}: clipping by the global "
+            "gradient norm needs every gradient at once, and layer-wise FOAM steps each parameter as soon "
+            "as its gradient is ready. Fix: pass max_grad_norm=0 (no clipping), or use optim='foam'."
+        )
+    if args.fp16:
+        raise FoamConfigError(
+            "optim='foam_layerwise' with fp16=True: the per-parameter step would see loss-scaled "
+            "gradients. Fix: use bf16=True, or optim='foam'."
+        )
 
 
 # The TrainingArguments fields FOAM reads, with the option rule of foam_hf.options that each obeys and an example;
@@ -160,6 +166,7 @@ def optimizer_cls_and_kwargs(args: Any, model: Any) -> tuple[type[FOAM], dict[st
 
     from transformers.training_args import ParallelMode
 
+    _check_layerwise_fields(args)
     if args.parallel_mode == ParallelMode.DISTRIBUTED:
         raise FoamConfigError(
             "optim='foam_layerwise' does not support DDP/FSDP: each parameter steps inside backward, before "
