@@ -10,7 +10,8 @@ then the whole model; FOAM is built on the sharded parameters as on any others. 
 FOAM's moments are DTensors sharded along dim 0, so each rank keeps the folded moments of its own rows. Every
 rank trains on its own ``--batch-size`` blocks of the Python standard library's ``.py`` sources per step.
 Rank 0 prints the loss (averaged over ranks); every rank then prints the global and local shapes of one folded
-moment. Returns the losses and those shapes.
+moment (or that no tensor folds, as with ``--block-size 1``). Returns the losses and those shapes (``None`` when
+nothing folds).
 """
 
 from __future__ import annotations
@@ -47,6 +48,16 @@ def say(line: str) -> None:
     """Print ``line`` in one write, so that the lines of the ranks, which share stdout, never interleave."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+def folded_moment(optimizer: FOAM) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The first parameter FOAM folds and its ``exp_avg``, or ``None`` when nothing folds (``--block-size 1``)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            exp_avg = optimizer.state.get(p, {}).get("exp_avg")
+            if exp_avg is not None and p.dim() >= 2 and exp_avg.shape != p.shape:
+                return p, exp_avg
+    return None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -93,22 +104,25 @@ def main(argv: list[str] | None = None) -> dict:
     dist.barrier()
 
     # One folded moment: its global shape is the parameter's, last dimension folded; its local rows are this rank's.
-    param, state = next(
-        (p, optimizer.state[p]["exp_avg"])
-        for group in optimizer.param_groups
-        for p in group["params"]
-        if p.dim() >= 2 and optimizer.state[p]["exp_avg"].shape != p.shape
-    )
-    shapes = dict(
-        name=names[id(param)],
-        param=tuple(param.shape),
-        exp_avg=tuple(state.shape),
-        exp_avg_local=tuple(state.to_local().shape),
-    )
-    say(
-        f"rank {rank}: {shapes['name']} {shapes['param']}: exp_avg global {shapes['exp_avg']}, "
-        f"local {shapes['exp_avg_local']}"
-    )
+    found = folded_moment(optimizer)
+    if found is None:
+        shapes = dict(name=None, param=None, exp_avg=None, exp_avg_local=None)
+        say(
+            f"rank {rank}: no tensor folds at --block-size {args.block_size}: every moment is AdamW-sized "
+            "(FOAM folds tensors of two or more dimensions when the block size is above 1)"
+        )
+    else:
+        param, state = found
+        shapes = dict(
+            name=names[id(param)],
+            param=tuple(param.shape),
+            exp_avg=tuple(state.shape),
+            exp_avg_local=tuple(state.to_local().shape),
+        )
+        say(
+            f"rank {rank}: {shapes['name']} {shapes['param']}: exp_avg global {shapes['exp_avg']}, "
+            f"local {shapes['exp_avg_local']}"
+        )
     dist.destroy_process_group()
     return dict(rank=rank, world_size=world, losses=losses, **shapes)
 

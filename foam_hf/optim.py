@@ -159,6 +159,11 @@ class FOAM(Optimizer):
         validate_group_options(defaults)
         self._fused_checked = True  # add_param_group checks each fused group, or leaves it to step() (meta tensors)
         super().__init__(params, defaults)
+        # DeepSpeed ZeRO and FSDP1 swap the groups' tensors for flat 1-D shards after construction, and those never
+        # fold: the first step() looks once for that swap (_warn_if_flattened).
+        self._check_flattened = any(
+            _folds_in_full(p, group["block_size"]) for group in self.param_groups for p in group["params"]
+        )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group after validating its options and parameters (see :class:`torch.optim.Optimizer`)."""
@@ -238,6 +243,9 @@ class FOAM(Optimizer):
             self.param_groups.pop()
             raise
 
+    #: Whether the next step() checks that the tensors still fold (see _warn_if_flattened); unpickled FOAMs do not.
+    _check_flattened = False
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
@@ -303,9 +311,28 @@ class FOAM(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        if self._check_flattened:
+            self._warn_if_flattened()
         for group in self.param_groups:
             self._step_group(group)
         return loss
+
+    def _warn_if_flattened(self) -> None:
+        """Warn once if FOAM was built over tensors that fold but now steps only 1-D ones (flat ZeRO/FSDP1 shards)."""
+        tensors = [p for group in self.param_groups for p in group["params"]]
+        if not tensors:  # groups emptied between steps: look again at the next one
+            return
+        self._check_flattened = False
+        if all(p.ndim <= 1 for p in tensors):
+            warnings.warn(
+                "FOAM was built over tensors that fold, but every tensor it steps now is one-dimensional: its "
+                "parameters were replaced by flat shards (DeepSpeed ZeRO's partitions, or FSDP1's flat parameters), "
+                "and 1-D tensors never fold, so every optimizer state is AdamW-sized. Fix: under DeepSpeed build "
+                "foam_hf.zero.ZeroFOAM instead of FOAM (optim='foam' through the Trainer does); under FSDP use "
+                "FSDP2 (torch.distributed.fsdp.fully_shard; accelerate's fsdp_version: 2).",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor] | None = None) -> None:
         """One FOAM step over ``group`` (or over ``params``, a subset of it: the layer-wise seam)."""
@@ -422,3 +449,12 @@ class FOAM(Optimizer):
         from .memory import state_memory
 
         return state_memory(self)
+
+
+def _folds_in_full(param: torch.Tensor, block_size: int) -> bool:
+    """:func:`~foam_hf.folding.is_foldable` on the tensor's full shape, also once ``deepspeed.zero.Init`` has
+    partitioned it (it keeps the full shape in ``ds_shape``); lazy parameters have no shape yet."""
+    shape = getattr(param, "ds_shape", None)
+    if shape is not None:
+        return block_size > 1 and len(shape) >= 2 and all(n > 0 for n in shape)
+    return not is_lazy(param) and is_foldable(param, block_size)

@@ -335,13 +335,85 @@ def _load_config(config: Any) -> dict[str, Any] | None:
     return config
 
 
+#: The ZeRO stages DeepSpeed knows (``ZeroStageEnum``); anything else fails its config validation.
+_ZERO_STAGES = (0, 1, 2, 3)
+
+
 def zero_stage(config: Any) -> int | str:
-    """The ZeRO stage of a DeepSpeed config (dict or JSON path): 0 without one, ``"auto"`` if unresolved."""
+    """The ZeRO stage of a DeepSpeed config (dict or JSON path): 0 without one, ``"auto"`` if unresolved.
+
+    Read as DeepSpeed reads it: ``"zero_optimization": true`` (its deprecated form) is stage 1, and ``"2"`` or
+    ``2.0`` is stage 2. ``"auto"`` is returned as is: accelerate and the Trainer fill it in from the accelerate
+    config before DeepSpeed reads it (DeepSpeed alone would take its default, 0). Raises
+    :class:`FoamConfigError` for anything that is not a stage DeepSpeed runs (``4``, ``None``, ``"two"``).
+    """
     config = _load_config(config)
     if config is None:
         return 0
-    stage = (config.get("zero_optimization") or {}).get("stage", 0)
-    return stage if stage == "auto" else int(stage)
+    stage = _zero_section(config).get("stage", 0)
+    if isinstance(stage, str) and stage == "auto":
+        return "auto"
+    number = _as_int(stage)
+    if number not in _ZERO_STAGES:
+        raise FoamConfigError(
+            f"FOAM under DeepSpeed: zero_optimization.stage={stage!r} is not a ZeRO stage; DeepSpeed runs stage 0, "
+            '1, 2 or 3 (or "auto", which accelerate and the Trainer fill in). Fix: set "stage" to 0, 1, 2 or 3.'
+        )
+    return number
+
+
+def _zero_section(config: dict[str, Any]) -> dict[str, Any]:
+    """``config["zero_optimization"]`` as a dict (DeepSpeed's deprecated ``true``/``false`` form is stage 1/0)."""
+    zero = config.get("zero_optimization")
+    if zero is None:
+        return {}
+    if isinstance(zero, bool):
+        return {"stage": int(zero)}
+    if not isinstance(zero, dict):
+        raise FoamConfigError(
+            f"FOAM under DeepSpeed: zero_optimization={zero!r} is not a section; DeepSpeed expects a dict such as "
+            '{"stage": 2}. Fix: write "zero_optimization": {"stage": <0, 1, 2 or 3>, ...}.'
+        )
+    return zero
+
+
+def _as_int(value: Any) -> int | None:
+    """``value`` as DeepSpeed's config model (pydantic, lax) reads an int field, or ``None`` if it would refuse it:
+    ints and bools, floats with no fraction, and strings of an integer."""
+    if isinstance(value, int):  # bool included: pydantic reads True as 1
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _int_setting(section: Any, key: str, default: int, where: str) -> int:
+    """``section[key]`` read as DeepSpeed reads an int setting. Absent or ``"auto"``: ``default``, since DeepSpeed
+    drops ``"auto"`` values and uses its default (accelerate refuses an ``"auto"`` it cannot fill before that)."""
+    value = section.get(key, default) if isinstance(section, dict) else default
+    if isinstance(value, str) and value == "auto":
+        return default
+    number = _as_int(value)
+    if number is None:
+        raise FoamConfigError(
+            f"FOAM under DeepSpeed: {where}={value!r} is not an integer, and DeepSpeed reads it as one. Fix: set "
+            f"it to an integer, or remove it (DeepSpeed's default is {default})."
+        )
+    return number
+
+
+def _bool_setting(section: Any, key: str) -> bool:
+    """``section[key]`` read as DeepSpeed's config model reads a bool field that defaults to false: absent or
+    ``"auto"`` is false, and so are pydantic's false strings (``"false"``, ``"0"``, ``"no"``, ``"off"``)."""
+    value = section.get(key, False) if isinstance(section, dict) else False
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes", "on", "t", "y")
+    return bool(value)
 
 
 def _offload_device(section: Any) -> str:
@@ -364,14 +436,18 @@ _UNSUPPORTED: tuple[tuple[str, Callable[[dict, dict], bool], str, str], ...] = (
         "use offload_optimizer.device='cpu' (tested) or no offload",
     ),
     (
-        "zero_optimization.offload_optimizer with zero_force_ds_cpu_optimizer not false",
+        "zero_optimization.offload_optimizer with zero_force_ds_cpu_optimizer true (its default)",
+        # DeepSpeed and accelerate both test the value's truth: 0, false and null turn it off, "auto" does not.
         lambda c, z: (
             _offload_device(z.get("offload_optimizer")) not in ("none", "")
-            and c.get("zero_force_ds_cpu_optimizer", True) is not False
+            and bool(c.get("zero_force_ds_cpu_optimizer", True))
         ),
-        "accelerate and DeepSpeed then replace FOAM by DeepSpeedCPUAdam (full AdamW states)",
-        'set "zero_force_ds_cpu_optimizer": false at the top of the config; FOAM steps the CPU partitions '
-        "with its fused CPU kernel",
+        "accelerate and DeepSpeed then replace FOAM by DeepSpeedCPUAdam (full AdamW states); a device of 'auto' "
+        "counts as an offload, since accelerate may fill it with 'cpu'",
+        'set "zero_force_ds_cpu_optimizer": false at the top of the DeepSpeed config; FOAM steps the CPU partitions '
+        "with its fused CPU kernel. An accelerate config that describes DeepSpeed in its own YAML (deepspeed_config: "
+        "{zero_stage: ..., offload_optimizer_device: cpu}) cannot set that key: write the DeepSpeed config to a JSON "
+        "file that has it and name that file in the YAML as deepspeed_config: {deepspeed_config_file: <path>}",
     ),
     (
         "checkpoint.load_universal=true",
@@ -382,21 +458,24 @@ _UNSUPPORTED: tuple[tuple[str, Callable[[dict, dict], bool], str, str], ...] = (
     ),
     (
         "zero_optimization.elastic_checkpoint=true",
-        lambda c, z: bool(z.get("elastic_checkpoint", False)),
+        lambda c, z: _bool_setting(z, "elastic_checkpoint"),
         "elastic checkpoints re-split moments as if they were partition-sized",
         "set elastic_checkpoint=false (the default)",
     ),
     (
-        "zero_optimization.mics_shard_size / zero_hpz_partition_size",
-        lambda c, z: int(z.get("mics_shard_size", -1) or -1) > 0 or int(z.get("zero_hpz_partition_size", 1) or 1) > 1,
+        "zero_optimization.mics_shard_size > 0 or zero_hpz_partition_size > 1",
+        lambda c, z: (
+            _int_setting(z, "mics_shard_size", -1, "zero_optimization.mics_shard_size") > 0
+            or _int_setting(z, "zero_hpz_partition_size", 1, "zero_optimization.zero_hpz_partition_size") > 1
+        ),
         "MiCS and ZeRO++ hpZ partition over sub-groups of ranks that FOAM does not read (not tested)",
         "leave them unset, or build ZeroFOAM yourself with process_group=<the partition group>",
     ),
     (
         "sequence_parallel_size / tensor_parallel.autotp_size",
         lambda c, z: (
-            int(c.get("sequence_parallel_size", 1) or 1) > 1
-            or int((c.get("tensor_parallel") or {}).get("autotp_size", 1) or 1) > 1
+            _int_setting(c, "sequence_parallel_size", 1, "sequence_parallel_size") > 1
+            or _int_setting(c.get("tensor_parallel"), "autotp_size", 0, "tensor_parallel.autotp_size") > 1
         ),
         "the data-parallel group is then not the whole world, which FOAM reads by default (not tested)",
         "leave them unset, or build ZeroFOAM yourself with process_group=<the data-parallel group>",
@@ -407,7 +486,9 @@ _UNSUPPORTED: tuple[tuple[str, Callable[[dict, dict], bool], str, str], ...] = (
 def check_zero_config(config: Any) -> None:
     """Raise :class:`FoamConfigError` for DeepSpeed settings FOAM cannot run under exactly.
 
-    ZeRO stages 0-3 (``"auto"`` included) are accepted; what is refused, and why, is listed in
+    ZeRO stages 0-3 (``"auto"`` included) are accepted and any other stage is refused. Settings are read as
+    DeepSpeed reads them: an ``"auto"`` number takes DeepSpeed's default (DeepSpeed drops ``"auto"`` values), and
+    ``zero_force_ds_cpu_optimizer`` is off when false, 0 or null. What is refused, and why, is listed in
     ``docs/scale-out.md`` (the optimizer section, NVMe offload, offload without
     ``zero_force_ds_cpu_optimizer: false``, universal and elastic checkpoints, MiCS/hpZ, sequence and tensor
     parallelism).
@@ -415,9 +496,10 @@ def check_zero_config(config: Any) -> None:
     config = _load_config(config)
     if config is None:
         return
-    zero = config.get("zero_optimization") or {}
+    zero = _zero_section(config)
+    stage = zero_stage(config)
     for where, test, why, fix in _UNSUPPORTED:
-        if zero_stage(config) == 0 and where.startswith("zero_optimization"):
+        if stage == 0 and where.startswith("zero_optimization"):
             continue
         if test(config, zero):
             raise FoamConfigError(f"FOAM under DeepSpeed: {where} is not supported: {why}. Fix: {fix}.")

@@ -7,11 +7,13 @@ integration calls (``foam_hf.distributed.check_deepspeed_config``) and its JSON-
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from foam_hf import FoamConfigError
 from foam_hf.distributed import check_deepspeed_config
+from foam_hf.zero import zero_stage
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3, "auto"])
@@ -42,3 +44,50 @@ def test_no_zero_passes(config):
 def test_wrong_type_is_named():
     with pytest.raises(TypeError, match="got list"):
         check_deepspeed_config([1])
+
+
+@pytest.mark.parametrize(
+    "zero, stage",
+    [
+        # "auto" numbers are DeepSpeed's defaults (it drops "auto" values): no hpZ, no MiCS.
+        ({"stage": 3, "zero_hpz_partition_size": "auto"}, 3),
+        ({"stage": 2, "mics_shard_size": "auto"}, 2),
+        ({"stage": 2, "elastic_checkpoint": "auto"}, 2),
+        # What DeepSpeed's config model coerces: "2" and 2.0 are stage 2, the deprecated `true` form is stage 1.
+        ({"stage": "2"}, 2),
+        ({"stage": 2.0}, 2),
+        (True, 1),
+        # ZeRO++ quantized weights and gradients (qwZ, qgZ) keep the partitioning ZeroFOAM knows.
+        ({"stage": 3, "zero_quantized_weights": True, "zero_quantized_gradients": True}, 3),
+    ],
+)
+def test_settings_are_read_as_deepspeed_reads_them(zero, stage):
+    config = {"zero_optimization": zero}
+    assert check_deepspeed_config(config) is None
+    assert zero_stage(config) == stage
+
+
+@pytest.mark.parametrize("stage", [4, -1, None, 2.5, "two", [2]])
+def test_a_stage_deepspeed_does_not_run_is_named(stage):
+    with pytest.raises(FoamConfigError, match=rf"stage={re.escape(repr(stage))} .*0, 1, 2 or 3.*Fix: set \"stage\""):
+        check_deepspeed_config({"zero_optimization": {"stage": stage}})
+
+
+def test_a_setting_that_is_not_a_number_is_named():
+    config = {"zero_optimization": {"stage": 3, "zero_hpz_partition_size": "two"}}
+    with pytest.raises(FoamConfigError, match=r"zero_hpz_partition_size='two' is not an integer.*Fix: "):
+        check_deepspeed_config(config)
+
+
+@pytest.mark.parametrize("value", [False, 0, None])
+def test_any_false_value_turns_the_cpu_optimizer_swap_off(value):
+    # DeepSpeed and accelerate test the value's truth, so 0 and null turn it off as false does.
+    config = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    assert check_deepspeed_config({**config, "zero_force_ds_cpu_optimizer": value}) is None
+
+
+def test_offload_refusal_tells_accelerate_yaml_users_to_use_a_json_file():
+    # accelerate's `deepspeed_config: {zero_stage: 2, offload_optimizer_device: cpu}` has no field for the key.
+    config = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    with pytest.raises(FoamConfigError, match=r"Fix: .*zero_force_ds_cpu_optimizer.*JSON file.*deepspeed_config_file"):
+        check_deepspeed_config(config)

@@ -60,6 +60,9 @@ def test_engine_zero0_two_ranks_match_one_process_and_zero2_flattens(tmp_path):
     stage2 = result["stage2"]
     assert stage2["wrapper"] == "DeepSpeedZeroOptimizer"
     assert stage2["client_param_shapes"] == [(86,)] and stage2["exp_avg_shapes"] == [(86,)]
+    # FOAM says so, once, at its first step; on real parameters (stage 0) it says nothing.
+    assert stage0["flat_shard_warnings"] == []
+    assert len(stage2["flat_shard_warnings"]) == 1 and "foam_hf.zero.ZeroFOAM" in stage2["flat_shard_warnings"][0]
 
 
 def test_trainer_deepspeed_zero0_matches_plain_trainer(tmp_path):

@@ -183,6 +183,16 @@ def test_fsdp2_torchrun(tmp_path):
         assert local == [math.ceil(rows / 2) if rank == "0" else rows - math.ceil(rows / 2), math.ceil(n / 4)]
 
 
+def test_fsdp2_torchrun_reports_when_nothing_folds(tmp_path):
+    # --block-size 1 folds no tensor: the example says so on every rank and exits cleanly (it used to end in
+    # StopIteration while looking for a folded moment to print).
+    cmd = [*torchrun(2), str(EXAMPLES / "fsdp2_torchrun.py"), "--short", "--max-steps", "1", "--block-size", "1"]
+    proc = subprocess.run(cmd, env=worker_env(), cwd=tmp_path, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    reports = re.findall(r"^rank (\d): no tensor folds at --block-size 1", proc.stdout, re.M)
+    assert sorted(reports) == ["0", "1"], proc.stdout
+
+
 @pytest.mark.parametrize("name", ALL_EXAMPLES)
 def test_every_example_takes_short_and_a_model(name, capsys):
     with pytest.raises(SystemExit) as exit_info:

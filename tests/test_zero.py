@@ -9,6 +9,7 @@ runs under real DeepSpeed are in tests/test_deepspeed_zero.py.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -180,6 +181,60 @@ def test_adamw_sized_state_is_refused_at_step():
     opt.state[part]["exp_avg"] = torch.zeros_like(part)
     with pytest.raises(FoamStateError, match=r"state\['exp_avg'\] of shape \(2450,\).*folds to 350 blocks"):
         opt.step()
+
+
+FLATTENED = r"one-dimensional.*flat shards.*AdamW-sized.*Fix: .*foam_hf\.zero\.ZeroFOAM.*FSDP2 \(.*fully_shard"
+
+
+def _flatten_groups(opt: FOAM) -> list[torch.Tensor]:
+    """Replace each group's tensors by one flat 1-D tensor with a gradient, as ZeRO-1/2 (and FSDP1) do."""
+    flats = []
+    for group in opt.param_groups:
+        flat = torch.cat([p.detach().flatten() for p in group["params"]]).requires_grad_(True)
+        flat.grad = torch.randn_like(flat)
+        group["params"] = [flat]
+        flats.append(flat)
+    return flats
+
+
+def test_plain_foam_warns_once_when_its_tensors_become_flat_shards():
+    opt = FOAM(_model().parameters(), block_size=8)
+    (flat,) = _flatten_groups(opt)
+    with pytest.warns(UserWarning, match=FLATTENED):
+        opt.step()
+    assert opt.state[flat]["exp_avg"].shape == flat.shape  # what the warning is about: an AdamW-sized state
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # once per optimizer: the check ran at the first step and is not repeated
+
+
+def _backward(model: torch.nn.Module, opt: FOAM) -> None:
+    model(torch.randn(4, 35)).square().mean().backward()
+
+
+def _flat_shards(model: torch.nn.Module, opt: FOAM) -> None:
+    # On one rank, ZeRO-1/2's partition of each of ZeroFOAM's one-tensor groups is that tensor flattened.
+    _flatten_groups(opt)
+
+
+@pytest.mark.parametrize(
+    "build, prepare",
+    [
+        pytest.param(lambda m: FOAM(m.parameters(), block_size=8), _backward, id="foam-real-tensors"),
+        pytest.param(lambda m: FOAM(m.parameters(), block_size=1), _flat_shards, id="foam-nothing-folded"),
+        pytest.param(lambda m: FOAM([m[0].bias, m[2].bias], block_size=8), _flat_shards, id="foam-only-1d"),
+        pytest.param(lambda m: ZeroFOAM(m.parameters(), block_size=8), _flat_shards, id="zerofoam-partitions"),
+    ],
+)
+def test_no_flat_shard_warning_when_no_fold_is_lost(build, prepare):
+    model = _model()
+    opt = build(model)
+    prepare(model, opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    if isinstance(opt, ZeroFOAM):  # it folded the partitions: (70, 35) at B=8 is 70 * 5 blocks
+        assert opt.state[opt.param_groups[0]["params"][0]]["exp_avg"].shape == (350,)
 
 
 def test_partition_of_unknown_size_is_refused():

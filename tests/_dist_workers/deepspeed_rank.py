@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -63,11 +64,14 @@ def engine(stage: int, rank: int, world: int) -> dict:
     while not isinstance(foam, FOAM) and hasattr(foam, "optimizer"):
         foam = foam.optimizer
     half = GLOBAL_BATCH // world
-    for x, y in batches():
-        x, y = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
-        runner.backward(torch.nn.functional.mse_loss(runner(x), y))
-        runner.step()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for x, y in batches():
+            x, y = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
+            runner.backward(torch.nn.functional.mse_loss(runner(x), y))
+            runner.step()
     return {
+        "flat_shard_warnings": [str(w.message) for w in caught if "flat shards" in str(w.message)],
         "wrapper": type(optimizer).__name__,
         "client_param_shapes": [tuple(p.shape) for g in foam.param_groups for p in g["params"]],
         "exp_avg_shapes": [tuple(s["exp_avg"].shape) for s in foam.state.values()],
