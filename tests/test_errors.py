@@ -101,6 +101,20 @@ def test_training_arguments_fields_fail_when_built_under_their_own_names(tmp_pat
     assert_fragments(str(info.value), fragments)
 
 
+@pytest.mark.parametrize("version, refused", [("1", True), ("2", False)])
+def test_accelerate_launch_with_fsdp1_is_refused_when_the_arguments_are_built(tmp_path, monkeypatch, version, refused):
+    """accelerate launch with an FSDP config sets these variables (FSDP_VERSION defaults to 1 there); FSDP1's flat
+    shards never fold, so optim="foam" refuses it, and takes FSDP2."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", version)
+    if not refused:
+        assert training_args(tmp_path).optim == "foam"
+        return
+    with pytest.raises(FoamConfigError) as info:
+        training_args(tmp_path)
+    assert_fragments(str(info.value), ["FSDP_VERSION=1", "never fold", "fsdp_version: 2"])
+
+
 def test_sparse_gradient_is_refused_at_step():
     embedding = torch.nn.Embedding(10, 8, sparse=True)
     opt = FOAM(embedding.parameters())

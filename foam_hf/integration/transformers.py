@@ -59,9 +59,33 @@ def validate_training_arguments(args: Any) -> None:
         # A mapping (a YAML or JSON config) or a FoamConfig: transformers reads only the string form.
         args.optim_args = config.to_optim_args()
     check_deepspeed_config(_deepspeed_config(args))
+    _check_fsdp_version(args)
     _check_hyperparameter_fields(args)
     if _is_layerwise(args.optim):
         _check_layerwise_fields(args)
+
+
+def _check_fsdp_version(args: Any) -> None:
+    """Refuse FSDP1: it hands the optimizer flat 1-D shards, which never fold, so FOAM would keep AdamW-sized
+    states and save nothing. FSDP1 comes from ``fsdp_config={"version": 1}`` (transformers' default is 2) or from
+    ``accelerate launch`` with an FSDP config without ``fsdp_version: 2`` (accelerate's default is 1)."""
+    import os
+
+    if args.fsdp and int((args.fsdp_config or {}).get("version", 2)) == 1:
+        where = "TrainingArguments.fsdp_config['version'] = 1"
+        fix = "fsdp_config={'version': 2} (FSDP2, transformers' default)"
+    elif (
+        os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and os.environ.get("FSDP_VERSION", "1") == "1"
+    ):
+        where = "accelerate's FSDP config without fsdp_version: 2 (FSDP_VERSION=1 in the environment)"
+        fix = "add fsdp_version: 2 to the accelerate config file (or pass --fsdp_version 2 to accelerate launch)"
+    else:
+        return
+    optim = getattr(args.optim, "value", args.optim)
+    raise FoamConfigError(
+        f"optim={optim!r} with FSDP1 ({where}): FSDP1 hands the optimizer flat one-dimensional shards, which never "
+        f"fold, so FOAM would keep AdamW-sized states and save nothing. Fix: use FSDP2: {fix}."
+    )
 
 
 def _check_layerwise_fields(args: Any) -> None:
