@@ -229,10 +229,10 @@ def _split_optim_args(optim_args: str | None) -> dict[str, str]:
         part = written.replace(" ", "")
         if not part:
             continue
-        if "=" not in part and previous in ("block_sizes", "target_modules"):
+        if "=" not in part and previous in _LIST_EXAMPLES:
             raise FoamConfigError(
                 f"optim_args: {part!r} follows {previous}= but is not of the form key=value: entries of "
-                f"{previous} are separated by ';', not ','. Fix: e.g. block_sizes=q_proj:8;lm_head:1."
+                f"{previous} are separated by ';', not ','. Fix: e.g. {_LIST_EXAMPLES[previous]}."
             )
         if part.count("=") != 1 or part.startswith("="):
             raise FoamConfigError(_not_key_value_message(written.strip(), part))
@@ -267,6 +267,9 @@ def _not_key_value_message(written: str, part: str) -> str:
 
 
 _EXAMPLE = "optim_args='block_size=4,block_sizes=q_proj:8;lm_head:1'"
+
+#: The keys whose value is a ';'-separated list, each with a well-formed example of it.
+_LIST_EXAMPLES = {"block_sizes": "block_sizes=q_proj:8;lm_head:1", "target_modules": "target_modules=q_proj;v_proj"}
 
 #: Keys users carry over from optimizer constructors, and the TrainingArguments field each value comes from.
 _TRAINING_ARGUMENTS_FIELDS = {

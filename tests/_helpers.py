@@ -573,6 +573,11 @@ OPTIM_ARGS_ERRORS = [
     ("block_sizes=q_proj:4;q_proj:8", FoamConfigError, ["'q_proj' is given twice", "q_proj:4", "q_proj:8", "Fix:"]),
     ("block_sizes=q_proj:4,8", FoamConfigError, ["'8' follows block_sizes=", "separated by ';', not ','", "Fix:"]),
     ("block_sizes=q_proj:8,lm_head:1", FoamConfigError, ["'lm_head:1' follows block_sizes=", "separated by ';'"]),
+    (
+        "target_modules=q_proj,v_proj",
+        FoamConfigError,
+        ["'v_proj' follows target_modules=", "separated by ';', not ','", "Fix: e.g. target_modules=q_proj;v_proj."],
+    ),
     ("block_sizes=q_proj(:4", FoamConfigError, ["'q_proj('", "not a valid regex", "Fix:"]),
     ("callback=maybe", FoamConfigError, ["callback='maybe'", "not a boolean", "callback=true"]),
 ]
