@@ -182,10 +182,7 @@ class FoamConfig:
         if "target_modules" in items and isinstance(items["target_modules"], (list, tuple)):
             kwargs["target_modules"] = list(items["target_modules"])  # a YAML/JSON list; FoamConfig checks it
         elif "target_modules" in items:
-            names = [t for t in items["target_modules"].split(";") if t]
-            if not names:
-                raise FoamConfigError("optim_args: target_modules= is empty. Fix: e.g. target_modules=q_proj;v_proj.")
-            kwargs["target_modules"] = names[0] if len(names) == 1 and _looks_like_regex(names[0]) else names
+            kwargs["target_modules"] = _parse_target_modules(items["target_modules"])
         if "callback" in items:
             kwargs["callback"] = _to_bool("callback", items["callback"])
         return cls(**kwargs)
@@ -361,6 +358,24 @@ def _parse_block_sizes(text: str) -> dict[str, int]:
     return overrides
 
 
+def _parse_target_modules(text: str) -> list[str] | str:
+    """The ``target_modules`` value of ``optim_args``: ``;``-separated module-name patterns, or one regex."""
+    names = [t for t in text.split(";") if t]
+    if not names:
+        raise FoamConfigError(f"optim_args: target_modules= is empty. Fix: e.g. {_LIST_EXAMPLES['target_modules']}.")
+    for name in names:
+        if ":" in _GROUP_OPENER.sub("", name):
+            pattern, _, size = name.rpartition(":")
+            pattern = pattern or "q_proj"
+            size = size if size.isdigit() and int(size) >= 1 else "8"
+            raise FoamConfigError(
+                f"optim_args: target_modules entry {name!r} gives a size (':'), but target_modules entries take "
+                f"none: they name the modules that fold with block_size. Fix: block_sizes={pattern}:{size} to fold "
+                f"{pattern} with block size {size}, or target_modules={pattern} to fold it with block_size."
+            )
+    return names[0] if len(names) == 1 and _looks_like_regex(names[0]) else names
+
+
 def _to_int(key: str, text: str) -> int:
     try:
         return int(text)
@@ -395,3 +410,7 @@ def _compile_pattern(pattern: str) -> re.Pattern[str]:
 
 def _looks_like_regex(text: str) -> bool:
     return any(ch in text for ch in "*+?[](){}|^$\\")
+
+
+#: A group's opening that holds a ``:`` of regex syntax: ``(?:``, and ``(?i:`` or ``(?-i:`` with inline flags.
+_GROUP_OPENER = re.compile(r"\(\?[aiLmsux]*(?:-[imsx]+)?:")

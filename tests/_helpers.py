@@ -565,6 +565,12 @@ OPTIM_ARGS_ERRORS = [
     ("second_moment=", FoamConfigError, ["second_moment=''", "one of ('mean_sq', 'sq_mean')", "Fix:"]),
     ("second_moment=mean", FoamConfigError, ["second_moment='mean' is invalid"]),
     ("target_modules=;", FoamConfigError, ["target_modules= is empty", "Fix: e.g. target_modules=q_proj;v_proj"]),
+    (
+        "target_modules=q_proj:8",
+        FoamConfigError,
+        ["entry 'q_proj:8' gives a size", "take none", "Fix: block_sizes=q_proj:8", "target_modules=q_proj to fold"],
+    ),
+    ("target_modules=q_proj;v_proj:16", FoamConfigError, ["'v_proj:16' gives a size", "block_sizes=v_proj:16"]),
     ("block_sizes=q_proj", FoamConfigError, ["entry 'q_proj' is not pattern:size"]),
     ("block_sizes=:4", FoamConfigError, ["':4' is not pattern:size", "Example: block_sizes=q_proj:8"]),
     ("block_sizes=q_proj:abc", FoamConfigError, ["'q_proj:abc'", "size 'abc' is not an int >= 1", "Fix: e.g."]),

@@ -235,6 +235,14 @@ def test_empty_entries_in_optim_args_are_ignored():
     assert FoamConfig.from_optim_args("block_size=8,,scale=2.0,") == FoamConfig(block_size=8, scale=2.0)
 
 
+def test_a_regex_group_in_target_modules_is_not_a_size():
+    # 'q_proj:8' is refused as a size; the ':' of a non-capturing group (with or without inline flags) is regex.
+    model = tiny_llama()
+    expected = resolve_block_sizes(model, FoamConfig(target_modules=["q_proj", "v_proj"]))
+    for text in (r"target_modules=.*\.(?:q|v)_proj", r"target_modules=.*\.(?i:Q|V)_proj"):
+        assert resolve_block_sizes(model, FoamConfig.from_optim_args(text)) == expected
+
+
 # ====================================================================== 4. override syntax (block_sizes patterns)
 
 
