@@ -200,7 +200,10 @@ class FoamConfig:
         return cls(**kwargs)
 
     def to_optim_args(self) -> str:
-        """The ``optim_args`` string that :meth:`from_optim_args` turns back into this config."""
+        """The ``optim_args`` string that :meth:`from_optim_args` turns back into this config.
+
+        Raises :class:`~foam_hf.errors.FoamConfigError` for a ``block_sizes`` or ``target_modules`` pattern that
+        the string cannot carry (it separates keys with ``,`` and ``=``, and list entries with ``;``)."""
         parts = []
         defaults = FoamConfig()
         for f in dataclasses.fields(self):
@@ -218,6 +221,8 @@ class FoamConfig:
                         )
                 parts.append("block_sizes=" + ";".join(f"{p}:{s}" for p, s in value.items()))
             elif f.name == "target_modules":
+                for pattern in [value] if isinstance(value, str) else value:
+                    _check_target_is_carried(pattern)
                 parts.append("target_modules=" + _target_modules_text(value))
             elif f.name == "callback":
                 parts.append(f"callback={str(value).lower()}")
@@ -399,6 +404,21 @@ def _parse_target_modules(text: str) -> list[str] | str:
     if inner is not None:
         return inner
     return name if _reads_as_one_string(name) else names
+
+
+def _check_target_is_carried(pattern: str) -> None:
+    """Refuse a ``target_modules`` pattern that the ``optim_args`` string cannot hold as it is."""
+    found = [ch for ch in ",=; " if ch in pattern]
+    if ":" in _GROUP_OPENER.sub("", pattern):
+        found.append(":")
+    if found:
+        raise FoamConfigError(
+            f"FoamConfig: target_modules pattern {pattern!r} contains {' and '.join(map(repr, found))}, which the "
+            "optim_args string (the only form TrainingArguments hands on) cannot carry: ',' and '=' separate its "
+            "keys, ';' the entries of a list, ':' gives a size, and transformers removes spaces. Fix: give one list "
+            "entry per name, and write each pattern without them; module names never contain them, and a regex can "
+            "do without (e.g. [0-9][0-9]? for [0-9]{1,2}; the ':' of a group, as in (?:q|v)_proj, is allowed)."
+        )
 
 
 def _target_modules_text(targets: list[str] | str) -> str:

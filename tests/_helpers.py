@@ -616,6 +616,30 @@ CONFIG_ERRORS = [
     ),
     ("callback='yes'", lambda: FoamConfig(callback="yes"), TypeError, ["callback='yes'", "True or False", "Fix:"]),
     (
+        "target regex the optim_args string cannot carry",
+        lambda: FoamConfig(target_modules=r".*layers\.[0-9]{1,2}\.mlp.*").to_optim_args(),
+        FoamConfigError,
+        ["target_modules pattern", "{1,2}", "contains ','", "cannot carry", "Fix:", "[0-9][0-9]? for [0-9]{1,2}"],
+    ),
+    (
+        "two targets in one list entry",
+        lambda: FoamConfig(target_modules=["q_proj;v_proj"]).to_optim_args(),
+        FoamConfigError,
+        ["target_modules pattern 'q_proj;v_proj' contains ';'", "Fix: give one list entry per name"],
+    ),
+    (
+        "a size in a target list entry",
+        lambda: FoamConfig(target_modules=["q_proj:8"]).to_optim_args(),
+        FoamConfigError,
+        ["target_modules pattern 'q_proj:8' contains ':'", "':' gives a size"],
+    ),
+    (
+        "a space in a target",
+        lambda: FoamConfig(target_modules="q_proj|v proj").to_optim_args(),
+        FoamConfigError,
+        ["'q_proj|v proj' contains ' '", "transformers removes spaces"],
+    ),
+    (
         "pattern the optim_args string cannot carry",
         lambda: FoamConfig(block_sizes={"a:b": 4}).to_optim_args(),
         FoamConfigError,
@@ -640,6 +664,16 @@ TRAINING_ARGS_ERRORS = [
         "optim_target_modules='(q'",
         dict(optim_target_modules="(q"),
         ["optim_target_modules='(q' is not a valid regex", "Fix:"],
+    ),
+    (
+        "FoamConfig whose target the optim_args string cannot carry",
+        dict(optim_args=FoamConfig(target_modules=r".*layers\.[0-9]{1,2}\.mlp.*")),
+        ["target_modules pattern", "contains ','", "cannot carry", "[0-9][0-9]? for [0-9]{1,2}"],
+    ),
+    (
+        "mapping whose target the optim_args string cannot carry",
+        dict(optim_args={"target_modules": ["q_proj;v_proj"]}),
+        ["target_modules pattern 'q_proj;v_proj' contains ';'", "Fix:"],
     ),
     ("foam_layerwise with clipping", dict(optim="foam_layerwise", max_grad_norm=1.0), ["max_grad_norm=0"]),
     ("foam_layerwise with fp16", dict(optim="foam_layerwise", max_grad_norm=0.0, fp16=True), ["bf16=True"]),
