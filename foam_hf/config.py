@@ -7,8 +7,11 @@ through the ``optim_args`` string that ``TrainingArguments`` and the command lin
 
 ``level=l`` is the paper's spelling of ``block_size=2**l``. ``block_sizes`` holds ``pattern:size`` pairs
 separated by ``;`` (size 1 = unfolded); a pattern matches module names as PEFT's ``rank_pattern`` does
-(see :mod:`foam_hf.param_groups`). ``target_modules`` (``;``-separated names or one regex) replaces the
-default set of folded modules, like ``TrainingArguments.optim_target_modules``. ``callback=false`` stops
+(see :mod:`foam_hf.param_groups`). ``target_modules`` replaces the default set of folded modules, like
+``TrainingArguments.optim_target_modules``: a value with ``;`` is a list of module-name patterns matched as
+suffixes (``q_proj;v_proj``; a trailing ``;`` makes a list of one: ``layers\\.0\\..*proj;``), a value without
+``;`` is a list of one plain name (``q_proj``) or, if it looks like a regex or is wrapped as ``(?:...)``, one
+regex matched against the whole module name (``.*\\.mlp\\..*``, ``(?:q_proj)``). ``callback=false`` stops
 :class:`~foam_hf.FoamCallback` from being attached automatically.
 """
 
@@ -37,8 +40,10 @@ OPTIM_ARGS_KEYS: dict[str, str] = {
     "state_dtype": "float32 or bfloat16: storage of the moments; bfloat16 halves them, stochastically rounded "
     "(default: float32, or the parameters' dtype when that is wider)",
     "block_sizes": "per-module overrides, pattern:size pairs separated by ';' (size 1 = unfolded)",
-    "target_modules": "modules that fold, ';'-separated names or one regex (default: linear layers "
-    "except the output head and embeddings)",
+    "target_modules": "modules that fold: name patterns separated by ';', each matched as a suffix at a '.' "
+    "boundary (a trailing ';' keeps one regex a list), or, without ';', one regex over the whole module name "
+    "(a value that looks like a regex, or wrapped as (?:...)), or all-linear (every linear layer but the output "
+    "heads) (default: linear layers except the output head and embeddings)",
     "callback": "true/false: attach FoamCallback automatically (default true)",
 }
 
@@ -64,8 +69,13 @@ class FoamConfig:
             regex, as PEFT's ``rank_pattern``. Size 1 keeps AdamW states for the matched modules. A
             pattern that matches no trainable parameter is an error.
         target_modules (`list[str]` or `str`, *optional*):
-            Modules whose weights fold by default (names, one regex, or ``"all-linear"``); ``None`` means
-            every linear layer except the output head and the embeddings.
+            Modules whose weights fold by default; ``None`` means every linear layer except the output head and
+            the embeddings. As in transformers' ``optim_target_modules`` and PEFT's ``target_modules``, a list
+            holds module-name patterns, each matched as a suffix at a ``.`` boundary (``["q_proj"]`` matches
+            ``model.layers.0.self_attn.q_proj``); one ``str`` is one regex matched against the whole module name
+            (``".*\\.mlp\\..*"``; ``"q_proj"`` alone matches only a module named exactly ``q_proj``);
+            ``"all-linear"`` is every linear layer but the output heads (:mod:`foam_hf.param_groups`). A tuple
+            is kept as a list.
         callback (`bool`, *optional*, defaults to `True`):
             Attach :class:`~foam_hf.FoamCallback` automatically when a Trainer builds FOAM by name.
 
@@ -122,6 +132,8 @@ class FoamConfig:
                     "one regex string, or 'all-linear'. Fix: e.g. target_modules=['q_proj', 'v_proj'], or None for "
                     "the default (linear layers except the output head and embeddings)."
                 )
+            elif isinstance(self.target_modules, tuple):  # one type per meaning, as from_optim_args gives it back
+                object.__setattr__(self, "target_modules", list(self.target_modules))
         if not isinstance(self.callback, bool):
             raise TypeError(
                 f"FoamConfig: callback={self.callback!r} must be True or False. Fix: pass callback=True (attach "
@@ -182,16 +194,16 @@ class FoamConfig:
         if "target_modules" in items and isinstance(items["target_modules"], (list, tuple)):
             kwargs["target_modules"] = list(items["target_modules"])  # a YAML/JSON list; FoamConfig checks it
         elif "target_modules" in items:
-            names = [t for t in items["target_modules"].split(";") if t]
-            if not names:
-                raise FoamConfigError("optim_args: target_modules= is empty. Fix: e.g. target_modules=q_proj;v_proj.")
-            kwargs["target_modules"] = names[0] if len(names) == 1 and _looks_like_regex(names[0]) else names
+            kwargs["target_modules"] = _parse_target_modules(items["target_modules"])
         if "callback" in items:
             kwargs["callback"] = _to_bool("callback", items["callback"])
         return cls(**kwargs)
 
     def to_optim_args(self) -> str:
-        """The ``optim_args`` string that :meth:`from_optim_args` turns back into this config."""
+        """The ``optim_args`` string that :meth:`from_optim_args` turns back into this config.
+
+        Raises :class:`~foam_hf.errors.FoamConfigError` for a ``block_sizes`` or ``target_modules`` pattern that
+        the string cannot carry (it separates keys with ``,`` and ``=``, and list entries with ``;``)."""
         parts = []
         defaults = FoamConfig()
         for f in dataclasses.fields(self):
@@ -209,8 +221,9 @@ class FoamConfig:
                         )
                 parts.append("block_sizes=" + ";".join(f"{p}:{s}" for p, s in value.items()))
             elif f.name == "target_modules":
-                targets = [value] if isinstance(value, str) else list(value)
-                parts.append("target_modules=" + ";".join(targets))
+                for pattern in [value] if isinstance(value, str) else value:
+                    _check_target_is_carried(pattern)
+                parts.append("target_modules=" + _target_modules_text(value))
             elif f.name == "callback":
                 parts.append(f"callback={str(value).lower()}")
             else:
@@ -229,10 +242,10 @@ def _split_optim_args(optim_args: str | None) -> dict[str, str]:
         part = written.replace(" ", "")
         if not part:
             continue
-        if "=" not in part and previous in ("block_sizes", "target_modules"):
+        if "=" not in part and previous in _LIST_EXAMPLES:
             raise FoamConfigError(
                 f"optim_args: {part!r} follows {previous}= but is not of the form key=value: entries of "
-                f"{previous} are separated by ';', not ','. Fix: e.g. block_sizes=q_proj:8;lm_head:1."
+                f"{previous} are separated by ';', not ','. Fix: e.g. {_LIST_EXAMPLES[previous]}."
             )
         if part.count("=") != 1 or part.startswith("="):
             raise FoamConfigError(_not_key_value_message(written.strip(), part))
@@ -267,6 +280,9 @@ def _not_key_value_message(written: str, part: str) -> str:
 
 
 _EXAMPLE = "optim_args='block_size=4,block_sizes=q_proj:8;lm_head:1'"
+
+#: The keys whose value is a ';'-separated list, each with a well-formed example of it.
+_LIST_EXAMPLES = {"block_sizes": "block_sizes=q_proj:8;lm_head:1", "target_modules": "target_modules=q_proj;v_proj"}
 
 #: Keys users carry over from optimizer constructors, and the TrainingArguments field each value comes from.
 _TRAINING_ARGUMENTS_FIELDS = {
@@ -358,6 +374,64 @@ def _parse_block_sizes(text: str) -> dict[str, int]:
     return overrides
 
 
+def _parse_target_modules(text: str) -> list[str] | str:
+    """The ``target_modules`` value of ``optim_args``: a list of module-name patterns or one full regex.
+
+    A value with a ``;`` is a list (``q_proj;v_proj``; ``layers\\.0\\..*proj;`` is a list of one regex). A value
+    without one is one entry: a plain name is a list of that name (``q_proj`` -> ``['q_proj']``); ``all-linear``
+    and an entry that looks like a regex are one string, the latter a full regex over the whole module name
+    (``.*\\.mlp\\..*``); and one non-capturing group around the whole value is the full regex inside it
+    (``(?:q_proj)`` -> ``'q_proj'``: how :meth:`FoamConfig.to_optim_args` writes one string that looks like a
+    plain name).
+    """
+    names = [t for t in text.split(";") if t]
+    if not names:
+        raise FoamConfigError(f"optim_args: target_modules= is empty. Fix: e.g. {_LIST_EXAMPLES['target_modules']}.")
+    for name in names:
+        if ":" in _GROUP_OPENER.sub("", name):
+            pattern, _, size = name.rpartition(":")
+            pattern = pattern or "q_proj"
+            size = size if size.isdigit() and int(size) >= 1 else "8"
+            raise FoamConfigError(
+                f"optim_args: target_modules entry {name!r} gives a size (':'), but target_modules entries take "
+                f"none: they name the modules that fold with block_size. Fix: block_sizes={pattern}:{size} to fold "
+                f"{pattern} with block size {size}, or target_modules={pattern} to fold it with block_size."
+            )
+    if ";" in text:
+        return names
+    (name,) = names
+    inner = _group_content(name)
+    if inner is not None:
+        return inner
+    return name if _reads_as_one_string(name) else names
+
+
+def _check_target_is_carried(pattern: str) -> None:
+    """Refuse a ``target_modules`` pattern that the ``optim_args`` string cannot hold as it is."""
+    found = [ch for ch in ",=; " if ch in pattern]
+    if ":" in _GROUP_OPENER.sub("", pattern):
+        found.append(":")
+    if found:
+        raise FoamConfigError(
+            f"FoamConfig: target_modules pattern {pattern!r} contains {' and '.join(map(repr, found))}, which the "
+            "optim_args string (the only form TrainingArguments hands on) cannot carry: ',' and '=' separate its "
+            "keys, ';' the entries of a list, ':' gives a size, and transformers removes spaces. Fix: give one list "
+            "entry per name, and write each pattern without them; module names never contain them, and a regex can "
+            "do without (e.g. [0-9][0-9]? for [0-9]{1,2}; the ':' of a group, as in (?:q|v)_proj, is allowed)."
+        )
+
+
+def _target_modules_text(targets: list[str] | str) -> str:
+    """The ``target_modules`` value that :func:`_parse_target_modules` reads back as ``targets``: one string that
+    would read as a list of one name, or as the regex inside its outer group, is wrapped in ``(?:...)`` (the
+    same full regex); a list of one entry that would read as one regex gets a trailing ``;``."""
+    if isinstance(targets, str):
+        reads_as_itself = _reads_as_one_string(targets) and _group_content(targets) is None
+        return targets if reads_as_itself else f"(?:{targets})"
+    text = ";".join(targets)
+    return text + ";" if len(targets) == 1 and _reads_as_one_string(targets[0]) else text
+
+
 def _to_int(key: str, text: str) -> int:
     try:
         return int(text)
@@ -392,3 +466,26 @@ def _compile_pattern(pattern: str) -> re.Pattern[str]:
 
 def _looks_like_regex(text: str) -> bool:
     return any(ch in text for ch in "*+?[](){}|^$\\")
+
+
+def _reads_as_one_string(entry: str) -> bool:
+    """Whether ``target_modules=ENTRY`` (one entry, no ``;``) is one string rather than a list of one name."""
+    return entry == "all-linear" or _looks_like_regex(entry)
+
+
+#: A group's opening that holds a ``:`` of regex syntax: ``(?:``, and ``(?i:`` or ``(?-i:`` with inline flags.
+_GROUP_OPENER = re.compile(r"\(\?[aiLmsux]*(?:-[imsx]+)?:")
+
+
+def _group_content(text: str) -> str | None:
+    """The regex inside one non-capturing group that spans all of ``text`` (``(?:q_proj)`` -> ``q_proj``), else
+    ``None``. Both match the same whole names. If the group closed before the end (``(?:a)|(?:b)``), what lies
+    between ``(?:`` and the last ``)`` holds an unbalanced ``)`` and does not compile."""
+    if not (text.startswith("(?:") and text.endswith(")")):
+        return None
+    inner = text[3:-1]
+    try:
+        re.compile(inner)
+    except re.error:
+        return None
+    return inner

@@ -136,10 +136,16 @@ def _adapter_layer_names(model: nn.Module) -> set[str]:
 
 
 def _no_match_error(
-    what: str, pattern: str, module_names: list[str], matched: dict[str, str] | None = None
+    what: str,
+    pattern: str,
+    module_names: list[str],
+    matched: dict[str, str] | None = None,
+    *,
+    one_regex: bool = False,
 ) -> NoMatchingModuleError:
     """The error for ``pattern`` that steps nothing. ``matched``: the modules it does match, each with why none of
-    their parameters counts (frozen, or, for a target, not a linear layer's weight)."""
+    their parameters counts (frozen, or, for a target, not a linear layer's weight). ``one_regex``: the pattern is
+    a target given as one string, a regex over the whole module name rather than a suffix."""
     if matched:
         shown = [f"{name} ({why})" for name, why in list(matched.items())[:5]]
         more = f" and {len(matched) - 5} more" if len(matched) > 5 else ""
@@ -160,9 +166,21 @@ def _no_match_error(
         pattern, module_names, n=5, cutoff=0.4
     )
     hint = f" Closest module names: {close}." if close else f" Module name endings in this model: {leaves[:20]}."
+    if one_regex:
+        from .config import _looks_like_regex
+
+        anywhere = f".*(?:{pattern})" if "|" in pattern else f".*{pattern}"
+        as_list = f"{pattern};" if _looks_like_regex(pattern) else pattern  # a ';' keeps a regex a list
+        rule = (
+            "A target given as one string is one regex matched against the whole module name (as transformers' "
+            f"optim_target_modules and PEFT's target_modules read a str), not a suffix. Fix: pass a list "
+            f"([{pattern!r}]) to match names that end with it at a '.' boundary, a regex over the whole name "
+            f"such as {anywhere!r}, or optim_args target_modules={as_list}."
+        )
+    else:
+        rule = "Patterns match module names as PEFT's rank_pattern does (a suffix at a '.' boundary, or a full regex)."
     return NoMatchingModuleError(
-        f"FOAM: {what} {pattern!r} matches no trainable parameter of the model.{hint} Patterns match module "
-        "names as PEFT's rank_pattern does (a suffix at a '.' boundary, or a full regex). Print the names with "
+        f"FOAM: {what} {pattern!r} matches no trainable parameter of the model.{hint} {rule} Print the names with "
         "`[n for n, _ in model.named_modules()]`, and remember that frozen parameters (e.g. a LoRA base model) "
         "have no optimizer state."
     )
@@ -304,7 +322,9 @@ def resolve_block_sizes(
         for target in target_list:
             if target not in used_targets:
                 matched = _why_nothing_steps(model, lambda name, t=target: target_names(t, name), True)
-                raise _no_match_error("target module", target, module_names, matched)
+                raise _no_match_error(
+                    "target module", target, module_names, matched, one_regex=isinstance(targets, str)
+                )
     return BlockSizePlan(size_by_parameter)
 
 

@@ -565,6 +565,12 @@ OPTIM_ARGS_ERRORS = [
     ("second_moment=", FoamConfigError, ["second_moment=''", "one of ('mean_sq', 'sq_mean')", "Fix:"]),
     ("second_moment=mean", FoamConfigError, ["second_moment='mean' is invalid"]),
     ("target_modules=;", FoamConfigError, ["target_modules= is empty", "Fix: e.g. target_modules=q_proj;v_proj"]),
+    (
+        "target_modules=q_proj:8",
+        FoamConfigError,
+        ["entry 'q_proj:8' gives a size", "take none", "Fix: block_sizes=q_proj:8", "target_modules=q_proj to fold"],
+    ),
+    ("target_modules=q_proj;v_proj:16", FoamConfigError, ["'v_proj:16' gives a size", "block_sizes=v_proj:16"]),
     ("block_sizes=q_proj", FoamConfigError, ["entry 'q_proj' is not pattern:size"]),
     ("block_sizes=:4", FoamConfigError, ["':4' is not pattern:size", "Example: block_sizes=q_proj:8"]),
     ("block_sizes=q_proj:abc", FoamConfigError, ["'q_proj:abc'", "size 'abc' is not an int >= 1", "Fix: e.g."]),
@@ -573,6 +579,11 @@ OPTIM_ARGS_ERRORS = [
     ("block_sizes=q_proj:4;q_proj:8", FoamConfigError, ["'q_proj' is given twice", "q_proj:4", "q_proj:8", "Fix:"]),
     ("block_sizes=q_proj:4,8", FoamConfigError, ["'8' follows block_sizes=", "separated by ';', not ','", "Fix:"]),
     ("block_sizes=q_proj:8,lm_head:1", FoamConfigError, ["'lm_head:1' follows block_sizes=", "separated by ';'"]),
+    (
+        "target_modules=q_proj,v_proj",
+        FoamConfigError,
+        ["'v_proj' follows target_modules=", "separated by ';', not ','", "Fix: e.g. target_modules=q_proj;v_proj."],
+    ),
     ("block_sizes=q_proj(:4", FoamConfigError, ["'q_proj('", "not a valid regex", "Fix:"]),
     ("callback=maybe", FoamConfigError, ["callback='maybe'", "not a boolean", "callback=true"]),
 ]
@@ -605,6 +616,30 @@ CONFIG_ERRORS = [
     ),
     ("callback='yes'", lambda: FoamConfig(callback="yes"), TypeError, ["callback='yes'", "True or False", "Fix:"]),
     (
+        "target regex the optim_args string cannot carry",
+        lambda: FoamConfig(target_modules=r".*layers\.[0-9]{1,2}\.mlp.*").to_optim_args(),
+        FoamConfigError,
+        ["target_modules pattern", "{1,2}", "contains ','", "cannot carry", "Fix:", "[0-9][0-9]? for [0-9]{1,2}"],
+    ),
+    (
+        "two targets in one list entry",
+        lambda: FoamConfig(target_modules=["q_proj;v_proj"]).to_optim_args(),
+        FoamConfigError,
+        ["target_modules pattern 'q_proj;v_proj' contains ';'", "Fix: give one list entry per name"],
+    ),
+    (
+        "a size in a target list entry",
+        lambda: FoamConfig(target_modules=["q_proj:8"]).to_optim_args(),
+        FoamConfigError,
+        ["target_modules pattern 'q_proj:8' contains ':'", "':' gives a size"],
+    ),
+    (
+        "a space in a target",
+        lambda: FoamConfig(target_modules="q_proj|v proj").to_optim_args(),
+        FoamConfigError,
+        ["'q_proj|v proj' contains ' '", "transformers removes spaces"],
+    ),
+    (
         "pattern the optim_args string cannot carry",
         lambda: FoamConfig(block_sizes={"a:b": 4}).to_optim_args(),
         FoamConfigError,
@@ -629,6 +664,16 @@ TRAINING_ARGS_ERRORS = [
         "optim_target_modules='(q'",
         dict(optim_target_modules="(q"),
         ["optim_target_modules='(q' is not a valid regex", "Fix:"],
+    ),
+    (
+        "FoamConfig whose target the optim_args string cannot carry",
+        dict(optim_args=FoamConfig(target_modules=r".*layers\.[0-9]{1,2}\.mlp.*")),
+        ["target_modules pattern", "contains ','", "cannot carry", "[0-9][0-9]? for [0-9]{1,2}"],
+    ),
+    (
+        "mapping whose target the optim_args string cannot carry",
+        dict(optim_args={"target_modules": ["q_proj;v_proj"]}),
+        ["target_modules pattern 'q_proj;v_proj' contains ';'", "Fix:"],
     ),
     ("foam_layerwise with clipping", dict(optim="foam_layerwise", max_grad_norm=1.0), ["max_grad_norm=0"]),
     ("foam_layerwise with fp16", dict(optim="foam_layerwise", max_grad_norm=0.0, fp16=True), ["bf16=True"]),

@@ -235,6 +235,14 @@ def test_empty_entries_in_optim_args_are_ignored():
     assert FoamConfig.from_optim_args("block_size=8,,scale=2.0,") == FoamConfig(block_size=8, scale=2.0)
 
 
+def test_a_regex_group_in_target_modules_is_not_a_size():
+    # 'q_proj:8' is refused as a size; the ':' of a non-capturing group (with or without inline flags) is regex.
+    model = tiny_llama()
+    expected = resolve_block_sizes(model, FoamConfig(target_modules=["q_proj", "v_proj"]))
+    for text in (r"target_modules=.*\.(?:q|v)_proj", r"target_modules=.*\.(?i:Q|V)_proj"):
+        assert resolve_block_sizes(model, FoamConfig.from_optim_args(text)) == expected
+
+
 # ====================================================================== 4. override syntax (block_sizes patterns)
 
 
@@ -272,7 +280,33 @@ OVERRIDE_ERRORS = [
         FoamConfig(target_modules=["gate"]),
         None,
         NoMatchingModuleError,
-        ["target module 'gate' matches no trainable parameter", "'gate_proj'"],
+        ["target module 'gate' matches no trainable parameter", "'gate_proj'", "a suffix at a '.' boundary"],
+    ),
+    (
+        "target given as one string matches nothing",
+        None,
+        FoamConfig(),
+        "q_proj",
+        NoMatchingModuleError,
+        [
+            "target module 'q_proj' matches no trainable parameter",
+            "one string is one regex matched against the whole module name",
+            "Fix: pass a list (['q_proj'])",
+            "'.*q_proj'",
+            "optim_args target_modules=q_proj.",
+        ],
+    ),
+    (
+        "target regex given as one string in FoamConfig matches nothing",
+        None,
+        FoamConfig(target_modules=r"layers\.0\..*proj"),
+        None,
+        NoMatchingModuleError,
+        [
+            "one string is one regex matched against the whole module name",
+            r"'.*layers\\.0\\..*proj'",
+            r"target_modules=layers\.0\..*proj;",
+        ],
     ),
     (
         "pattern matches only frozen parameters",
@@ -435,6 +469,13 @@ TRAINER_ERRORS = [
         None,
         NoMatchingModuleError,
         ["'q_prj' matches no trainable parameter", "'q_proj'"],
+    ),
+    (
+        "optim_target_modules as one string matches nothing",  # what `trl sft --optim_target_modules q_proj` passes
+        dict(optim_target_modules="q_proj"),
+        None,
+        NoMatchingModuleError,
+        ["'q_proj' matches no trainable parameter", "one string is one regex", "Fix: pass a list (['q_proj'])"],
     ),
     ("all weights frozen", {}, freeze("*"), FoamConfigError, ["no trainable parameter", "Fix: unfreeze"]),
 ]

@@ -85,6 +85,27 @@ def test_bad_optim_args_are_refused_where_they_enter(tmp_path, entry, optim_args
     assert_fragments(str(info.value), fragments)
 
 
+# A writer that loses the targets, and one that writes what the parser refuses, with what the error then says.
+LOSSY_WRITERS = [
+    ("block_size=8", "reads back as FoamConfig(block_size=8"),
+    ("block_size=8,target_modules=q_proj:8", "does not read back (optim_args: target_modules entry 'q_proj:8'"),
+]
+
+
+@pytest.mark.parametrize("written, why", LOSSY_WRITERS, ids=["lossy", "unreadable"])
+def test_a_config_whose_optim_args_string_does_not_read_back_is_refused(tmp_path, monkeypatch, written, why):
+    # A FoamConfig or a mapping reaches transformers only as to_optim_args(); a value lost on the way would change
+    # the run silently.
+    monkeypatch.setattr(FoamConfig, "to_optim_args", lambda self: written)
+    for optim_args in (
+        FoamConfig(block_size=8, target_modules=["q_proj"]),
+        {"block_size": 8, "target_modules": ["q_proj"]},
+    ):
+        with pytest.raises(FoamConfigError) as info:
+            training_args(tmp_path, optim_args=optim_args)
+        assert_fragments(str(info.value), ["is written as the string", repr(written), why, "Fix: pass optim_args"])
+
+
 @pytest.mark.parametrize("build, error, fragments", [r[1:] for r in CONFIG_ERRORS], ids=[r[0] for r in CONFIG_ERRORS])
 def test_bad_typed_config(build, error, fragments):
     with pytest.raises(error) as info:

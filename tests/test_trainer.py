@@ -20,7 +20,9 @@ from foam_hf import (
     NoMatchingModuleError,
 )
 from foam_hf.integration import check_seam
+from foam_hf.integration.transformers import foam_config_from_args
 from foam_hf.memory import adamw_state_bytes, foam_state_bytes
+from foam_hf.param_groups import resolve_block_sizes
 
 # 4 steps at lr 1e-3, logged every 2 steps (the callback's residual ratio is logged twice).
 RUN = dict(max_steps=4, learning_rate=1e-3, logging_steps=2)
@@ -122,6 +124,53 @@ def test_typed_config_produces_the_same_optim_args():
     text = config.to_optim_args()
     assert text == "block_size=8,res_scale=0.5,block_sizes=q_proj:16;lm_head:1"
     assert FoamConfig.from_optim_args(text) == config
+
+
+# target_modules in every form whose meaning the optim_args string must keep: one str is one regex over the whole
+# module name (a plain name, a regex, a regex already in a group, the all-linear keyword); a list holds patterns
+# matched as suffixes (a plain name, a regex, the keyword as a name).
+TARGET_FORMS = [
+    "q_proj",
+    r".*\.mlp\..*",
+    "(?:q_proj)",
+    r"(?:.*\.q_proj)|(?:.*\.v_proj)",
+    "all-linear",
+    ["q_proj"],
+    [r"layers\.0\..*proj"],
+    ["(?:q|v)_proj"],
+    ["all-linear"],
+    ["q_proj", r"mlp\..*_proj"],
+    ("q_proj", "v_proj"),
+]
+
+
+@pytest.mark.parametrize("targets", TARGET_FORMS, ids=repr)
+def test_target_modules_survive_the_optim_args_string(targets):
+    config = FoamConfig(block_size=8, target_modules=targets)
+    assert FoamConfig.from_optim_args(config.to_optim_args()) == config
+
+
+def _fold_plan(model, config):
+    """What ``config`` folds in ``model``: each parameter's block size, or the error when a target matches nothing."""
+    try:
+        return resolve_block_sizes(model, config).size_by_parameter
+    except NoMatchingModuleError as err:
+        return str(err)
+
+
+@pytest.mark.parametrize("targets", [r"model\.layers\.1\..*", "q_proj", [r"layers\.0\..*proj"], ["mlp"]], ids=repr)
+def test_targets_given_as_a_config_or_a_mapping_fold_what_the_config_names(tmp_path, targets):
+    # TrainingArguments hands a FoamConfig or a mapping on as the optim_args string. That string read one regex
+    # in a list as one full regex, and one plain-looking str as a list of one suffix pattern: other modules folded.
+    model = tiny_llama()
+    expected = _fold_plan(model, FoamConfig(target_modules=targets))
+    given = [FoamConfig(target_modules=targets)]
+    if isinstance(targets, list):  # in a mapping (a YAML config) a str is the optim_args text, a list is a list
+        given.append({"target_modules": targets})
+    for optim_args in given:
+        args = training_args(tmp_path, optim_args=optim_args)
+        assert isinstance(args.optim_args, str)
+        assert _fold_plan(model, foam_config_from_args(args)) == expected
 
 
 def _optimizer_options(trainer):

@@ -57,7 +57,7 @@ def validate_training_arguments(args: Any) -> None:
     config = foam_config_from_args(args)
     if args.optim_args is not None and not isinstance(args.optim_args, str):
         # A mapping (a YAML or JSON config) or a FoamConfig: transformers reads only the string form.
-        args.optim_args = config.to_optim_args()
+        args.optim_args = _optim_args_string(config)
     check_deepspeed_config(_deepspeed_config(args))
     _check_fsdp_version(args)
     _check_hyperparameter_fields(args)
@@ -102,6 +102,24 @@ def _check_layerwise_fields(args: Any) -> None:
             "optim='foam_layerwise' with fp16=True: the per-parameter step would see loss-scaled "
             "gradients. Fix: use bf16=True, or optim='foam'."
         )
+
+
+def _optim_args_string(config: FoamConfig) -> str:
+    """``config.to_optim_args()``, checked to read back as ``config``: the handler and the callback see only the
+    string, so a value it did not carry exactly would change the run without a word."""
+    text = config.to_optim_args()
+    try:
+        reread = FoamConfig.from_optim_args(text)
+        problem = None if reread == config else f"reads back as {reread!r}"
+    except FoamConfigError as err:
+        problem = f"does not read back ({err})"
+    if problem is not None:
+        raise FoamConfigError(
+            f"optim_args: {config!r} is written as the string {text!r} (the only form transformers reads), which "
+            f"{problem}: the run would not use the options given. This is a bug in foam_hf; please report it. "
+            "Fix: pass optim_args as a 'key=value,...' string (docs/configuration.md)."
+        )
+    return text
 
 
 # The TrainingArguments fields FOAM reads, with the option rule of foam_hf.options that each obeys and an example;
