@@ -25,6 +25,7 @@ from typing import Any
 
 from .errors import FoamConfigError
 from .options import GROUP_DEFAULTS, SECOND_MOMENT_MODES, check_option
+from .precision import normalize_state_dtype
 
 __all__ = ["OPTIM_ARGS_KEYS", "FoamConfig"]
 
@@ -98,6 +99,8 @@ class FoamConfig:
     callback: bool = True
 
     def __post_init__(self) -> None:
+        # torch.bfloat16 / torch.float32 are stored as the strings FOAM's groups hold (as FOAM(...) takes them).
+        object.__setattr__(self, "state_dtype", normalize_state_dtype(self.state_dtype))
         # FOAM's own rules, option by option (the optimizer checks the same values with the same functions).
         for name in ("block_size", "scale", "res_scale", "second_moment", "state_dtype"):
             check_option(name, getattr(self, name), where="FoamConfig / optim_args")

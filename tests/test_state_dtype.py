@@ -211,3 +211,14 @@ def test_trainer_builds_bf16_states_from_optim_args(tmp_path):
         foam_state_bytes(p, 4 if n.endswith("proj.weight") else 1, "bfloat16") for n, p in model.named_parameters()
     )
     assert logged == expected == moment_bytes(trainer.optimizer) + 4 * len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_foamconfig_takes_the_torch_dtypes_as_foam_does(dtype):
+    """FoamConfig(state_dtype=torch.bfloat16) was refused by an error saying the torch dtypes are accepted; it now
+    holds what FOAM's own groups hold for that dtype, and reads back from its optim_args string."""
+    from foam_hf import FoamConfig
+
+    config = FoamConfig(state_dtype=dtype)
+    assert config.state_dtype == FOAM(make_params(), state_dtype=dtype).param_groups[0]["state_dtype"]
+    assert FoamConfig.from_optim_args(config.to_optim_args()) == config
