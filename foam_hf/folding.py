@@ -28,6 +28,7 @@ __all__ = [
     "block_mean",
     "block_sum",
     "folded_shape",
+    "folds_in_full",
     "is_foldable",
     "num_blocks",
     "unfold",
@@ -48,6 +49,16 @@ def is_foldable(param: torch.Tensor, block_size: int) -> bool:
     entry (one ragged block holding the whole row).
     """
     return block_size > 1 and param.ndim >= 2 and param.numel() > 0
+
+
+def folds_in_full(param: torch.Tensor, block_size: int) -> bool:
+    """:func:`is_foldable` on the parameter's full shape: also once ``deepspeed.zero.Init`` has partitioned it
+    (ZeRO-3 leaves an empty placeholder and keeps the full shape in ``ds_shape``); lazy parameters, whose shape
+    is not known yet, do not fold yet."""
+    shape = getattr(param, "ds_shape", None)
+    if shape is not None:
+        return block_size > 1 and len(shape) >= 2 and all(n > 0 for n in shape)
+    return not torch.nn.parameter.is_lazy(param) and is_foldable(param, block_size)
 
 
 def folded_shape(shape: torch.Size | tuple[int, ...], block_size: int) -> torch.Size:

@@ -23,7 +23,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 from .checkpoint import check_loadable, restore_moments
 from .distributed import check_sharding, local_tensor, zeros_state_like
 from .errors import FoamConfigError
-from .folding import folded_shape, is_foldable
+from .folding import folded_shape, folds_in_full, is_foldable
 from .functional import _foam, foam
 from .implementation import check_fused_available
 from .options import GROUP_DEFAULTS, SECOND_MOMENT_MODES, validate_group_options
@@ -162,7 +162,7 @@ class FOAM(Optimizer):
         # DeepSpeed ZeRO and FSDP1 swap the groups' tensors for flat 1-D shards after construction, and those never
         # fold: the first step() looks once for that swap (_warn_if_flattened).
         self._check_flattened = any(
-            _folds_in_full(p, group["block_size"]) for group in self.param_groups for p in group["params"]
+            folds_in_full(p, group["block_size"]) for group in self.param_groups for p in group["params"]
         )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -449,12 +449,3 @@ class FOAM(Optimizer):
         from .memory import state_memory
 
         return state_memory(self)
-
-
-def _folds_in_full(param: torch.Tensor, block_size: int) -> bool:
-    """:func:`~foam_hf.folding.is_foldable` on the tensor's full shape, also once ``deepspeed.zero.Init`` has
-    partitioned it (it keeps the full shape in ``ds_shape``); lazy parameters have no shape yet."""
-    shape = getattr(param, "ds_shape", None)
-    if shape is not None:
-        return block_size > 1 and len(shape) >= 2 and all(n > 0 for n in shape)
-    return not is_lazy(param) and is_foldable(param, block_size)

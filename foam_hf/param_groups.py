@@ -44,7 +44,7 @@ from torch import nn
 
 from .config import FoamConfig
 from .errors import FoamConfigError, NoMatchingModuleError
-from .folding import is_foldable
+from .folding import folds_in_full
 
 __all__ = ["BlockSizePlan", "build_param_groups", "resolve_block_sizes"]
 
@@ -310,7 +310,7 @@ def resolve_block_sizes(
                 raise _no_match_error("block_sizes pattern", pattern, module_names, matched)
     for pattern, sized in sized_by_pattern.items():
         size = config.block_sizes[pattern]
-        if size > 1 and not any(is_foldable(p, size) for _, p in sized):
+        if size > 1 and not any(folds_in_full(p, size) for _, p in sized):
             names = [name for name, _ in sized]
             shown = f"{names[:5]}{f' and {len(names) - 5} more' if len(names) > 5 else ''}"
             raise FoamConfigError(

@@ -383,6 +383,18 @@ def test_bad_override(change, config, targets, error, fragments):
     assert_fragments(str(info.value), fragments)
 
 
+def test_an_override_on_zero3_partitioned_weights_is_not_taken_for_a_no_op():
+    """Under deepspeed.zero.Init the model's weights are empty placeholders whose full shape is in ds_shape (as
+    ZeRO-3 leaves them when the Trainer resolves block sizes); an override on them folds, it is not the no-op
+    that an override on 1-D parameters is."""
+    model = tiny_llama()
+    for p in model.parameters():
+        p.ds_shape = p.shape  # what ZeRO-3 keeps of each parameter it partitions
+        p.data = torch.empty(0)
+    sizes = resolve_block_sizes(model, FoamConfig(block_sizes={"k_proj": 4})).size_by_parameter
+    assert {n for n, b in sizes.items() if b == 4} >= {f"model.layers.{i}.self_attn.k_proj.weight" for i in (0, 1)}
+
+
 def test_a_target_module_folds_the_linear_layers_inside_it():
     model = tiny_llama()
     plan = resolve_block_sizes(model, FoamConfig(block_size=8, target_modules=["mlp"]))

@@ -122,6 +122,15 @@ def test_training_arguments_fields_fail_when_built_under_their_own_names(tmp_pat
     assert_fragments(str(info.value), fragments)
 
 
+def test_fsdp2_from_the_arguments_is_taken_whatever_accelerate_left_in_the_environment(tmp_path, monkeypatch):
+    """accelerate sets ACCELERATE_USE_FSDP in the process when the Trainer builds its FSDP2 plugin; arguments built
+    afterwards (a resume in the same process) ask for FSDP2 through fsdp_config, which is what the Trainer uses."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
+    args = training_args(tmp_path, fsdp=True, fsdp_config={"version": 2})
+    assert args.optim == "foam" and args.fsdp_config["version"] == 2
+
+
 @pytest.mark.parametrize("version, refused", [("1", True), ("2", False)])
 def test_accelerate_launch_with_fsdp1_is_refused_when_the_arguments_are_built(tmp_path, monkeypatch, version, refused):
     """accelerate launch with an FSDP config sets these variables (FSDP_VERSION defaults to 1 there); FSDP1's flat

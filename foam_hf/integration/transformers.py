@@ -71,7 +71,9 @@ def _check_fsdp_version(args: Any) -> None:
     ``accelerate launch`` with an FSDP config without ``fsdp_version: 2`` (accelerate's default is 1)."""
     import os
 
-    if args.fsdp and int((args.fsdp_config or {}).get("version", 2)) == 1:
+    if args.fsdp:  # the Trainer builds accelerate's plugin from fsdp_config, whatever the environment says
+        if int((args.fsdp_config or {}).get("version", 2)) != 1:
+            return
         where = "TrainingArguments.fsdp_config['version'] = 1"
         fix = "fsdp_config={'version': 2} (FSDP2, transformers' default)"
     elif (
