@@ -62,6 +62,11 @@ _TILE = 2048
 STATE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
 # The counter hash of foam_hf.precision.rounding_dither: the per-(step, salt) key is computed here, once a step.
 _HASH_STEP, _HASH_SALT, _MASK32 = 0x85EBCA77, 0xC2B2AE3D, 0xFFFFFFFF
+#: The kernels' arguments that change every step: the rounding hash's keys. Triton compiles a kernel per class of
+#: int argument (i32 or i64, divisible by 16 or not, equal to 1), so they are passed as signed 32-bit ints (the
+#: kernels take their bits back with ``.to(tl.uint32)``) and declared ``do_not_specialize``: one compilation for
+#: every step, where the plain keys moved through a dozen classes in the first hundred steps.
+_STEP_KEYS = ("key_m", "key_v")
 _ADAMW_BLOCK = 1024
 #: Options of every launch. No contraction of a·b + c into one fused multiply-add: the kernels then round as
 #: they read, as in Triton's interpreter (where the tests run them), whatever Triton's default (which changes
@@ -319,7 +324,7 @@ if triton is not None:
             length = tl.multiple_of(length, 16)
         return g_ptr, w_ptr, m_ptr, v_ptr, length
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_STEP_KEYS)
     def _foam_fold_kernel(
         g_ptr,
         w_ptr,
@@ -352,7 +357,7 @@ if triton is not None:
             B, BP, KB, MEAN_SQ, SMALL_WEIGHT, OUT_BF16, STATE_BF16,
         )  # fmt: skip
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_STEP_KEYS)
     def _foam_fold_list_kernel(
         table_ptr,
         decay,
@@ -427,7 +432,7 @@ if triton is not None:
         w_new = w.to(tl.float32) * decay + step_c * tl.div_rn(m, tl.sqrt_rn(v) + eps_bc2)
         _store_weight(w_ptr + offsets, w_new, mask, OUT_BF16)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_STEP_KEYS)
     def _adamw_kernel(
         g_ptr,
         w_ptr,
@@ -454,7 +459,7 @@ if triton is not None:
             BLOCK, SMALL_WEIGHT, OUT_BF16, STATE_BF16,
         )  # fmt: skip
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_STEP_KEYS)
     def _adamw_list_kernel(
         table_ptr,
         decay,
@@ -572,7 +577,7 @@ def _kernel_scalars(step: float, folded: bool, hyper: dict) -> dict:
         step, lr=hyper["lr"], beta1=hyper["beta1"], beta2=hyper["beta2"], weight_decay=hyper["weight_decay"]
     )
     eps_bc2, step_c = constants.fused(hyper["eps"], hyper["scale"] if folded else 1.0)
-    key_m, key_v = ((int(step) * _HASH_STEP + salt * _HASH_SALT) & _MASK32 for salt in (0, 1))
+    key_m, key_v = (_signed32((int(step) * _HASH_STEP + salt * _HASH_SALT) & _MASK32) for salt in (0, 1))
     return dict(
         decay=constants.decay,
         lerp_weight=1.0 - hyper["beta1"],
@@ -583,6 +588,12 @@ def _kernel_scalars(step: float, folded: bool, hyper: dict) -> dict:
         key_m=key_m,
         key_v=key_v,
     )
+
+
+def _signed32(bits: int) -> int:
+    """The signed 32-bit int of the 32 bits ``bits`` (0 <= bits < 2**32): how the keys of the rounding hash are
+    passed, so that Triton gives every step's key the same int32 type (see :data:`_STEP_KEYS`)."""
+    return bits - (1 << 32) if bits >= 1 << 31 else bits
 
 
 def _common_constexprs(param: torch.Tensor, exp_avg: torch.Tensor, hyper: dict) -> dict:

@@ -417,3 +417,57 @@ def test_ready_check_accepts_differences_within_the_tolerance(monkeypatch):
     # A perturbation inside the tests' tolerance (1 part in 1e7 of a weight) is not a miscompiled kernel.
     perturbed_kernels(monkeypatch, lambda params, *_: params[0].mul_(1 + 1e-7))
     assert fused_triton.triton_ready(torch.device("cpu"))
+
+
+KERNEL_NAMES = ("_foam_fold_kernel", "_foam_fold_list_kernel", "_adamw_kernel", "_adamw_list_kernel")
+
+
+def unspecialized(kernel) -> set:
+    """The parameters a kernel declares ``do_not_specialize`` (a compiled kernel keeps them as an attribute, an
+    interpreted one among the decorator's arguments)."""
+    declared = getattr(kernel, "do_not_specialize", None) or getattr(kernel, "kwargs", {}).get("do_not_specialize")
+    return set(declared or ())
+
+
+def test_the_rounding_keys_give_every_step_one_kernel_signature(monkeypatch, launch):
+    """On a GPU Triton compiles a kernel once per specialization of its int arguments (i32 or i64, divisible by
+    16, equal to 1): the per-step keys of the rounding hash must not move through them, or every kernel would
+    recompile again and again over the first hundred steps. Their signature over steps 1..200 is computed with
+    Triton's own specialization function, as its launcher computes it (only a GPU would show the recompilations)."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    kernels = {name: getattr(fused_triton, name) for name in KERNEL_NAMES}
+    launched = {name: [] for name in KERNEL_NAMES}
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched[self.name].append(kwargs)
+
+    for name in KERNEL_NAMES:
+        monkeypatch.setattr(fused_triton, name, Recorder(name))
+    params = [torch.zeros(4, 8), torch.zeros(7)]  # a folded and an unfolded tensor
+    state = fresh_state(params, 4)
+    for _ in range(200):
+        fused_triton._fused_foam_triton(params, [torch.zeros_like(p) for p in params], *state, **step_kwargs(4))
+    assert [s.item() for s in state[2]] == [200.0, 200.0]
+    for name, calls in launched.items():
+        if not calls:  # the kernels of the other kind of launch (the fixture runs both)
+            continue
+        assert len(calls) == 200
+        dont = unspecialized(kernels[name])
+        assert dont == {"key_m", "key_v"}, name
+        keys = [(call["key_m"], call["key_v"]) for call in calls]
+        assert all(-(2**31) <= k < 2**31 and type(k) is int for pair in keys for k in pair)
+        assert len(set(keys)) == 200  # a key per step: they do change
+        signatures = {
+            tuple(native_specialize_impl(BaseBackend, call[key], False, key not in dont, True) for key in dont)
+            for call in calls
+        }
+        assert signatures == {(("i32", None), ("i32", None))}, name
+    own = launch == "own launches"
+    expected = {"_foam_fold_kernel", "_adamw_kernel"} if own else {"_foam_fold_list_kernel", "_adamw_list_kernel"}
+    assert {name for name, calls in launched.items() if calls} == expected
