@@ -40,7 +40,7 @@ import sys
 import torch
 
 from foam_hf.distributed import PLAIN_TENSOR_TYPES
-from foam_hf.folding import is_foldable
+from foam_hf.folding import folded_shape, is_foldable
 from foam_hf.step_scalars import step_constants
 
 try:  # Triton ships with torch's CUDA builds; without it this path is simply unavailable.
@@ -206,6 +206,99 @@ def triton_supported(param: torch.Tensor) -> bool:
         and param.is_contiguous()
         and type(param) in PLAIN_TENSOR_TYPES
     )
+
+
+def moments_supported(param: torch.Tensor, exp_avg: torch.Tensor) -> bool:
+    """Whether the kernels read and write ``exp_avg``, a moment of ``param``, in place: a dense, contiguous float32
+    or bfloat16 tensor on the parameter's device (they index it in C order from its address)."""
+    return (
+        exp_avg.dtype in STATE_DTYPES
+        and exp_avg.layout == torch.strided
+        and exp_avg.is_contiguous()
+        and exp_avg.device == param.device
+    )
+
+
+def _tensor_problem(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: torch.Tensor,
+    block_size: int,
+) -> tuple[str, str] | None:
+    """Why the kernels cannot step ``param`` with these tensors, as ``(reason, fix)``, or ``None`` where they can:
+    the fused CPU kernel's checks (``csrc/foam_cpu.cpp``). The kernels index every tensor from its address in C
+    order, so a moment of the wrong size would be read and written past its end, a transposed one in the wrong
+    layout. Gradients of another dtype or layout are copied first, so only their device and shape matter."""
+    fused_none = "pass fused=None or False for this group"
+    if param.dtype not in TRITON_DTYPES:
+        return "the kernels step float32, bfloat16 and float16 parameters", fused_none
+    if param.layout != torch.strided:
+        return f"the kernels step dense parameters; its layout is {param.layout}", fused_none
+    if not param.is_contiguous():
+        return f"the kernels step contiguous parameters; its strides are {param.stride()}", fused_none
+    if grad.device != param.device or grad.layout != torch.strided:
+        return (
+            f"its gradient is a {grad.layout} tensor on {grad.device}",
+            "pass dense gradients on the parameter's device",
+        )
+    if grad.shape != param.shape:
+        return f"its gradient has shape {tuple(grad.shape)}", "pass each parameter's own gradient"
+    if exp_avg.dtype != exp_avg_sq.dtype or exp_avg.dtype not in STATE_DTYPES:
+        return (
+            f"the kernels store moments in float32 or bfloat16; got {exp_avg.dtype} and {exp_avg_sq.dtype}",
+            fused_none,
+        )
+    folded = is_foldable(param, block_size)
+    expected = param.numel() // param.shape[-1] * _cdiv(param.shape[-1], block_size) if folded else param.numel()
+    for name, moment in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if moment.device != param.device or moment.layout != torch.strided or not moment.is_contiguous():
+            layout = f"strides {moment.stride()}" if moment.layout == torch.strided else str(moment.layout)
+            return (
+                f"{name} (shape {tuple(moment.shape)}, {layout}, on {moment.device}) is not a contiguous tensor on "
+                "the parameter's device, which the kernels read and write in C order",
+                f"pass {name}.contiguous() on {param.device} (FOAM keeps its moments so), or fused=None or False",
+            )
+        if moment.numel() != expected:
+            layout = (
+                f"folded shape {tuple(folded_shape(param.shape, block_size))}" if folded else "the parameter's shape"
+            )
+            return (
+                f"{name} of shape {tuple(moment.shape)} holds {moment.numel()} entries; at block_size={block_size} the "
+                f"kernels read and write {expected} ({layout})",
+                f"step with the block_size the moments were built for, or build them with "
+                f"foam_hf.folding.folded_shape(param.shape, {block_size}) as FOAM does",
+            )
+    if step.numel() != 1:
+        return f"its step count has {step.numel()} entries", "pass one scalar tensor per parameter in state_steps"
+    return None
+
+
+def _check_launch(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    state_steps: list[torch.Tensor],
+    block_size: int,
+) -> None:
+    """Raise, before anything changes, where the kernels cannot step these lists (:func:`_tensor_problem`)."""
+    lengths = [len(params), len(grads), len(exp_avgs), len(exp_avg_sqs), len(state_steps)]
+    if len(set(lengths)) != 1:
+        raise RuntimeError(
+            "FOAM: the Triton step takes params, grads, exp_avgs, exp_avg_sqs and state_steps of one length; got "
+            f"{lengths}. Fix: pass one gradient, two moments and one step count per parameter."
+        )
+    for index, tensors in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps)):
+        problem = _tensor_problem(*tensors, block_size)
+        if problem is not None:
+            param = tensors[0]
+            reason, fix = problem
+            raise RuntimeError(
+                f"FOAM: the Triton step cannot step params[{index}] (shape {tuple(param.shape)}, {param.dtype} on "
+                f"{param.device}): {reason}. Fix: {fix}."
+            )
 
 
 if triton is not None:
@@ -519,12 +612,7 @@ def _fused_foam_triton(
     """
     if not params:
         return
-    for m, v in zip(exp_avgs, exp_avg_sqs):  # what the kernels can store; also reached where no CUDA device is
-        if m.dtype != v.dtype or m.dtype not in STATE_DTYPES:
-            raise RuntimeError(
-                f"FOAM: the Triton kernels store moments in float32 or bfloat16; got {m.dtype} and {v.dtype}. "
-                "Fix: pass fused=None or False for this group."
-            )
+    _check_launch(params, grads, exp_avgs, exp_avg_sqs, state_steps, block_size)  # before the step counts change
 
     hyper = dict(
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, block_size=block_size, scale=scale,

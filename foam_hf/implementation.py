@@ -43,12 +43,22 @@ def _triton() -> Any:
     return _fused_triton
 
 
-def _fused_default(params: list[torch.Tensor], exp_avgs: list[torch.Tensor], on_cuda: bool) -> bool:
+def _fused_default(
+    params: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    on_cuda: bool,
+    exp_avg_sqs: list[torch.Tensor] | None = None,
+) -> bool:
     """Whether ``fused=None`` means fused for these tensors (every one covered, the kernel ready)."""
     if on_cuda:  # the Triton kernels store fp32 or bf16 moments (state_dtype="bfloat16")
-        # ready on every GPU the group spans (its self-check runs once per device)
-        return all(map(_triton().triton_supported, params)) and all(
-            map(_triton().triton_ready, dict.fromkeys(p.device for p in params))
+        triton = _triton()
+        # moments they index in place (contiguous, on the parameter's device: else the foreach path, which takes
+        # any layout), and ready on every GPU the group spans (its self-check runs once per device)
+        return (
+            all(map(triton.triton_supported, params))
+            and all(map(triton.moments_supported, params, exp_avgs))
+            and (exp_avg_sqs is None or all(map(triton.moments_supported, params, exp_avg_sqs)))
+            and all(map(triton.triton_ready, dict.fromkeys(p.device for p in params)))
         )
     # the CPU kernel also steps bf16 moments, and float64 parameters with float64 moments. Once it is loaded, it
     # answers for the whole list in one call (fused_supported's rule, tested equal to it), after the Python-type
@@ -62,12 +72,18 @@ def _fused_default(params: list[torch.Tensor], exp_avgs: list[torch.Tensor], on_
 
 
 def select_implementation(
-    params: list[torch.Tensor], exp_avgs: list[torch.Tensor], *, foreach: bool | None, fused: bool | None
+    params: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    *,
+    foreach: bool | None,
+    fused: bool | None,
+    exp_avg_sqs: list[torch.Tensor] | None = None,
 ) -> Implementation:
-    """The implementation that steps one group's ``params`` (with moments ``exp_avgs``) under its options."""
+    """The implementation that steps one group's ``params`` (with moments ``exp_avgs`` and, where given,
+    ``exp_avg_sqs``: the Triton kernels take only contiguous ones) under its options."""
     on_cuda = bool(params) and all(p.is_cuda for p in params)
     if fused is None and foreach is None:
-        fused = _fused_default(params, exp_avgs, on_cuda)
+        fused = _fused_default(params, exp_avgs, on_cuda, exp_avg_sqs)
     if fused:
         return "fused_triton" if on_cuda else "fused_cpu"
     if foreach is None:

@@ -471,3 +471,54 @@ def test_the_rounding_keys_give_every_step_one_kernel_signature(monkeypatch, lau
     own = launch == "own launches"
     expected = {"_foam_fold_kernel", "_adamw_kernel"} if own else {"_foam_fold_list_kernel", "_adamw_list_kernel"}
     assert {name for name, calls in launched.items() if calls} == expected
+
+
+def triton_launch_problems():
+    """(case, lists for one call, the words of its error): a step the kernels would take wrongly, each refused."""
+
+    def lists(param_shape=(4, 16), moment=None, moment_sq=None, grad=None, steps=1):
+        param = torch.randn(param_shape, generator=torch.Generator().manual_seed(0))
+        m = moment if moment is not None else torch.zeros(folded_shape(param_shape, 4))
+        v = moment_sq if moment_sq is not None else torch.zeros(folded_shape(param_shape, 4))
+        g = grad if grad is not None else torch.ones_like(param)
+        return [param], [g], [m], [v], [torch.tensor(0.0) for _ in range(steps)]
+
+    # moments built for B=8 (2 blocks a row), stepped at B=4 (4 a row): views into a longer buffer, whose tail a
+    # kernel that wrote past the moments' end would change
+    buffer = torch.full((4 * 2 + 8,), 7.0)
+    return [
+        (
+            "moments for another block size",
+            lists(moment=buffer[:8].view(4, 2)),
+            r"exp_avg of shape \(4, 2\) holds 8 "
+            r"entries; at block_size=4 the kernels read and write 16 \(folded shape \(4, 4\)\)\. Fix: step with the "
+            r"block_size the moments were built for",
+            buffer,
+        ),
+        (
+            "transposed moment",
+            lists(moment_sq=torch.zeros(4, 4).t()),
+            r"exp_avg_sq \(shape \(4, 4\), strides "
+            r"\(1, 4\), on cpu\) is not a contiguous tensor.*Fix: pass exp_avg_sq.contiguous\(\)",
+            None,
+        ),
+        ("gradient of another shape", lists(grad=torch.ones(16, 4)), r"its gradient has shape \(16, 4\)", None),
+        ("moment on another device", lists(moment=torch.zeros(4, 4, device="meta")), r"exp_avg .*on meta", None),
+        ("a list too short", lists(steps=0), r"of one length; got \[1, 1, 1, 1, 0\]", None),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5), ids=[case[0] for case in triton_launch_problems()])
+def test_triton_refuses_tensors_it_would_step_wrongly_before_changing_anything(case):
+    """The kernels index every tensor from its address in C order: moments of another size would be written past
+    their end, transposed ones in the wrong layout, a gradient of another shape read as the parameter's. As the
+    fused CPU kernel does, the launcher refuses them, naming the tensor and the fix, before any step count, weight
+    or moment changes."""
+    _, (params, grads, exp_avgs, exp_avg_sqs, steps), words, buffer = triton_launch_problems()[case]
+    before = [t.clone() for t in params + exp_avgs + exp_avg_sqs + steps if t.device.type != "meta"]
+    with pytest.raises(RuntimeError, match=r"FOAM: the Triton step .*" + words):
+        fused_triton._fused_foam_triton(params, grads, exp_avgs, exp_avg_sqs, steps, **step_kwargs(4))
+    after = [t for t in params + exp_avgs + exp_avg_sqs + steps if t.device.type != "meta"]
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+    if buffer is not None:
+        assert torch.equal(buffer[8:], torch.full((8,), 7.0))  # nothing written past the moments

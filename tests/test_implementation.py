@@ -142,6 +142,7 @@ def test_fused_default_on_cuda_asks_every_device_of_the_group_for_the_self_check
     asked, ready = [], {torch.device("cpu"): True, torch.device("meta"): False}
     triton = type("Triton", (), {})()
     triton.triton_supported = lambda param: True
+    triton.moments_supported = lambda param, moment: True
     triton.triton_ready = lambda device: asked.append(device) or ready[device]
     monkeypatch.setattr(implementation, "_triton", lambda: triton)
     params = [torch.zeros(4, 8), torch.zeros(3, device="meta"), torch.zeros(5)]
@@ -150,6 +151,48 @@ def test_fused_default_on_cuda_asks_every_device_of_the_group_for_the_self_check
     assert asked == [torch.device("cpu"), torch.device("meta")]  # each device once, the second says no
     ready[torch.device("meta")] = True
     assert implementation._fused_default(params, moments, on_cuda=True)
+
+
+def test_fused_default_on_cuda_takes_the_foreach_path_for_moments_the_kernels_cannot_index(monkeypatch):
+    # The Triton kernels read and write moments in place, in C order: fused=None must not pick them for moments
+    # that are transposed (a state loaded from elsewhere), of another device or of fp16, but the foreach path.
+    # CPU tensors stand in for CUDA ones: the parameter test and the self-check are stubbed, the moment test is
+    # the real one.
+    from foam_hf import _fused_triton, implementation
+
+    monkeypatch.setattr(_fused_triton, "triton_supported", lambda param: True)
+    monkeypatch.setattr(_fused_triton, "_ready", {torch.device("cpu"): True})
+    params = [torch.zeros(4, 8), torch.zeros(5)]
+
+    def moments():
+        return [torch.zeros(4, 2), torch.zeros(5)]
+
+    assert implementation._fused_default(params, moments(), on_cuda=True, exp_avg_sqs=moments())
+    for which in ("exp_avgs", "exp_avg_sqs"):
+        for bad in (torch.zeros(2, 4).t(), torch.zeros(4, 2, device="meta"), torch.zeros(4, 2, dtype=torch.float16)):
+            lists = {"exp_avgs": moments(), "exp_avg_sqs": moments()}
+            lists[which][0] = bad
+            assert not implementation._fused_default(params, lists["exp_avgs"], True, lists["exp_avg_sqs"]), (
+                which,
+                bad,
+            )
+
+
+def test_functional_foam_passes_both_moments_to_the_selector(monkeypatch):
+    seen = []
+    real = functional.select_implementation
+
+    def spy(params, exp_avgs, **kwargs):
+        seen.append(kwargs.get("exp_avg_sqs"))
+        return real(params, exp_avgs, **kwargs)
+
+    monkeypatch.setattr(functional, "select_implementation", spy)
+    weight, v = torch.zeros(4, 8), torch.zeros(4, 2)
+    functional.foam(
+        [weight], [torch.ones_like(weight)], [torch.zeros(4, 2)], [v], [torch.tensor(0.0)], lr=1e-3, beta1=0.9,
+        beta2=0.999, eps=1e-8, weight_decay=0.0, block_size=4, scale=1.0, res_scale=1.0, second_moment="mean_sq",
+    )  # fmt: skip
+    assert len(seen) == 1 and seen[0][0] is v
 
 
 def test_select_implementation_falls_back_where_no_kernel_covers_a_tensor():
