@@ -5,17 +5,17 @@ The same math, constants and order of operations as the fused CPU kernel (``csrc
 readable path (:func:`foam_hf.functional._single_tensor_foam`), which the tests hold it to:
 
 * a folded tensor ``(*rows, n)`` is viewed as ``rows x n``; program ``(r, t)`` takes ``KB`` blocks of row
-  ``r`` as a ``KB x BP`` tile (``BP`` = ``B`` rounded up to a power of two, the extra lanes masked), so any
+  ``r`` as a ``KB x BP`` tile (``BP`` = ``min(B, n)`` rounded up to a power of two, the extra lanes masked), so any
   block size works and the ragged last block of a row averages over its own entries only;
 * per block: ``g̃``, ``g̃⁽²⁾``, ``m̃ ← lerp(m̃, g̃, 1−β1)``, ``ṽ ← β2 ṽ + (1−β2) g̃⁽²⁾``; per entry:
   ``R = G − g̃``, ``M = m̃ + ρR``, ``V = ṽ + ρ²R²``, ``W ← W(1−γλ) + c · M / (√V + ε√bc2)`` with
   ``c = −γα√bc2 / bc1`` (ε moved inside the bias-corrected root, one division per entry);
 * unfolded tensors (1-D, or ``B = 1``) take AdamW's update in a 1-D kernel;
 * launches: a tensor of at least ``_SHARED_MAX_ENTRIES`` entries gets its own (the grid above); smaller tensors of
-  one kind (folded or not, dtypes, step count) share one, over an int64 table of their addresses and sizes,
-  program ``(i, p)`` taking every ``P``-th tile of tensor ``i``. A launch costs microseconds of host time whatever
-  its size, and most of a model's tensors are small (norms, biases, small projections). Both kinds run the same
-  per-tile code (``_fold_tile``, ``_adamw_span``), so a tensor steps the same bits in either.
+  one kind (folded or not, dtypes, step count, tile width) share one, over an int64 table of their addresses and
+  sizes, program ``(i, p)`` taking every ``P``-th tile of tensor ``i``. A launch costs microseconds of host time
+  whatever its size, and most of a model's tensors are small (norms, biases, small projections). Both kinds run the
+  same per-tile code (``_fold_tile``, ``_adamw_span``), so a tensor steps the same bits in either.
 
 Square roots and divisions are IEEE round-to-nearest (``tl.sqrt_rn``, ``tl.div_rn``), not the GPU's fast
 approximations, and no ``a·b + c`` is contracted into a fused multiply-add (``enable_fp_fusion=False``, as
@@ -49,7 +49,7 @@ try:  # Triton ships with torch's CUDA builds; without it this path is simply un
 except ImportError:
     triton = None
 
-__all__ = ["TRITON_DTYPES", "triton_available", "triton_ready", "triton_supported"]
+__all__ = ["MAX_BLOCK_WIDTH", "TRITON_DTYPES", "block_width", "triton_available", "triton_ready", "triton_supported"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,10 @@ _HASH_STEP, _HASH_SALT, _MASK32 = 0x85EBCA77, 0xC2B2AE3D, 0xFFFFFFFF
 #: every step, where the plain keys moved through a dozen classes in the first hundred steps.
 _STEP_KEYS = ("key_m", "key_v")
 _ADAMW_BLOCK = 1024
+#: The widest block the folded kernels step: ``min(block_size, n)`` entries (a block never holds more than its
+#: row's ``n``), padded to a power of two as one tile row. Triton refuses tiles of more than 2**20 entries, and a
+#: block this wide already fills a program; wider ones take the foreach path (``fused=None``) or are refused.
+MAX_BLOCK_WIDTH = 1 << 16
 #: Options of every launch. No contraction of a·b + c into one fused multiply-add: the kernels then round as
 #: they read, as in Triton's interpreter (where the tests run them), whatever Triton's default (which changes
 #: in 3.10).
@@ -197,15 +201,23 @@ def triton_ready(device: torch.device) -> bool:
     return _ready[device]
 
 
-def triton_supported(param: torch.Tensor) -> bool:
-    """Whether the Triton kernels can step ``param``: a dense, contiguous CUDA tensor of a :data:`TRITON_DTYPES`."""
+def triton_supported(param: torch.Tensor, block_size: int | None = None) -> bool:
+    """Whether the Triton kernels can step ``param``: a dense, contiguous CUDA tensor of a :data:`TRITON_DTYPES`,
+    and, given the group's ``block_size``, blocks of at most :data:`MAX_BLOCK_WIDTH` entries (:func:`block_width`)."""
     return (
         param.device.type == "cuda"
         and param.dtype in TRITON_DTYPES
         and param.layout == torch.strided
         and param.is_contiguous()
         and type(param) in PLAIN_TENSOR_TYPES
+        and (block_size is None or block_width(param, block_size) <= MAX_BLOCK_WIDTH)
     )
+
+
+def block_width(param: torch.Tensor, block_size: int) -> int:
+    """The entries of ``param``'s widest block under ``block_size``: ``min(block_size, n)`` for a folded tensor
+    (rows of ``n`` entries), 1 for one that keeps AdamW's states."""
+    return min(block_size, param.shape[-1]) if is_foldable(param, block_size) else 1
 
 
 def moments_supported(param: torch.Tensor, exp_avg: torch.Tensor) -> bool:
@@ -238,6 +250,12 @@ def _tensor_problem(
         return f"the kernels step dense parameters; its layout is {param.layout}", fused_none
     if not param.is_contiguous():
         return f"the kernels step contiguous parameters; its strides are {param.stride()}", fused_none
+    if block_width(param, block_size) > MAX_BLOCK_WIDTH:
+        return (
+            f"at block_size={block_size} its blocks hold {block_width(param, block_size)} entries, and the kernels "
+            f"step blocks of at most {MAX_BLOCK_WIDTH}",
+            "pass a smaller block_size for this tensor's group, or fused=None or False (the foreach path steps any)",
+        )
     if grad.device != param.device or grad.layout != torch.strided:
         return (
             f"its gradient is a {grad.layout} tensor on {grad.device}",
@@ -601,9 +619,9 @@ def _fused_foam_triton(
 ) -> None:
     """The CUDA fused path, the ``impl`` :func:`foam_hf.functional.foam` picks on CUDA: one kernel launch per tensor
     of at least ``shared_max_entries`` entries (default :data:`_SHARED_MAX_ENTRIES`; 0 gives every tensor its own),
-    and one per kind of smaller tensor (folded or not, dtypes, step count, :func:`_vector_aligned` or not) for all
-    of them, through a table of their addresses. Both launches run the same per-tile code, so a tensor steps the
-    same bits either way.
+    and one per kind of smaller tensor (folded or not, dtypes, step count, :func:`_vector_aligned` or not, tile
+    width) for all of them, through a table of their addresses. Both launches run the same per-tile code, so a
+    tensor steps the same bits either way.
 
     The bias corrections come from ``state_steps`` (CPU scalars, as in torch's Adam), so a step never waits
     on the GPU. Gradients that are not contiguous or not in the parameter's dtype are made so first.
@@ -634,8 +652,9 @@ def _fused_foam_triton(
         step = steps[index] if steps is not None else state_steps[index].item()
         folded = is_foldable(param, block_size)
         tensors = (grad, param, exp_avg, exp_avg_sq)
-        if param.numel() < shared_max_entries:
-            kind = (folded, param.dtype, exp_avg.dtype, step, _vector_aligned(tensors, folded))
+        if param.numel() < shared_max_entries:  # one tile width per launch: tensors of n < B get narrower ones
+            width = _padded_width(param, block_size) if folded else 1
+            kind = (folded, param.dtype, exp_avg.dtype, step, _vector_aligned(tensors, folded), width)
             shared.setdefault(param.device, {}).setdefault(kind, []).append(tensors)
         else:
             own.setdefault(param.device, []).append((tensors, step, folded))
@@ -643,7 +662,7 @@ def _fused_foam_triton(
         with _current_device(device):
             for tensors, step, folded in own.get(device, ()):
                 (_launch_folded if folded else _launch_unfolded)(tensors, step, hyper)
-            for (folded, _, _, step, aligned), members in shared.get(device, {}).items():
+            for (folded, _, _, step, aligned, _), members in shared.get(device, {}).items():
                 _launch_shared(members, folded, step, aligned, hyper)
 
 
@@ -695,15 +714,19 @@ def _common_constexprs(param: torch.Tensor, exp_avg: torch.Tensor, hyper: dict) 
 
 def _fold_constexprs(param: torch.Tensor, exp_avg: torch.Tensor, hyper: dict) -> dict:
     """The compile-time choices of the folded kernels: block size, tile, second moment, and the common ones."""
-    block_size = hyper["block_size"]
-    padded = 1 << (block_size - 1).bit_length()
+    padded = _padded_width(param, hyper["block_size"])
     return dict(
-        B=block_size,
+        B=hyper["block_size"],
         BP=padded,
         KB=max(1, _TILE // padded),
         MEAN_SQ=hyper["second_moment"] == "mean_sq",
         **_common_constexprs(param, exp_avg, hyper),
     )
+
+
+def _padded_width(param: torch.Tensor, block_size: int) -> int:
+    """The lanes of a folded tensor's tile row: its :func:`block_width` rounded up to a power of two (``BP``)."""
+    return 1 << (min(block_size, param.shape[-1]) - 1).bit_length()
 
 
 def _adamw_constexprs(param: torch.Tensor, exp_avg: torch.Tensor, hyper: dict) -> dict:
@@ -749,9 +772,9 @@ def _launch_shared(
     members: list[tuple[torch.Tensor, ...]], folded: bool, step: float, aligned: bool, hyper: dict
 ) -> None:
     """One launch for several tensors of the same kind (folded or not, dtypes, step count, ``aligned``: whether
-    every one is :func:`_vector_aligned`): row i of an int64 table holds tensor i's addresses and sizes
-    (:data:`_TABLE_COLUMNS`), and program (i, p) steps every P-th tile of it from the p-th, P programs a tensor
-    (:data:`_SHARED_PROGRAMS` in all, at most a tile's worth each)."""
+    every one is :func:`_vector_aligned`, and the tile width of the folded ones, :func:`_padded_width`): row i of an
+    int64 table holds tensor i's addresses and sizes (:data:`_TABLE_COLUMNS`), and program (i, p) steps every P-th
+    tile of it from the p-th, P programs a tensor (:data:`_SHARED_PROGRAMS` in all, at most a tile's worth each)."""
     _, param, exp_avg, _ = members[0]
     rows, most_tiles = [], 1
     block_size = hyper["block_size"]

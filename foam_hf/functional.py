@@ -108,9 +108,11 @@ def _foam(
     fused: bool | None = None,
 ) -> None:
     """:func:`foam` without the option checks: what :class:`FOAM` calls, whose groups were checked when added."""
-    implementation = select_implementation(params, exp_avgs, foreach=foreach, fused=fused, exp_avg_sqs=exp_avg_sqs)
+    implementation = select_implementation(
+        params, exp_avgs, foreach=foreach, fused=fused, exp_avg_sqs=exp_avg_sqs, block_size=block_size
+    )
     if fused:  # asked for, not chosen: say why a kernel cannot step these tensors, before it is called
-        check_fused_tensors(params, exp_avgs)
+        check_fused_tensors(params, exp_avgs, block_size)
     impl = _step_function(implementation)
     impl(
         params,

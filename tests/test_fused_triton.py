@@ -243,7 +243,9 @@ def test_shared_and_own_launches_step_the_same_bits(monkeypatch):
         small = [i for i, s in enumerate(shapes) if math.prod(s) < largest]
         folded = [is_foldable(p, block_size) for p in start]
         aligned = [(s[-1] if folded[i] else math.prod(s)) % 16 == 0 for i, s in enumerate(shapes)]
-        kinds = {(folded[i], dtypes[i], first_steps[i], aligned[i]) for i in small}
+        # rows narrower than B (n = 1, 2) take narrower tiles, so launches of their own
+        widths = [fused_triton._padded_width(p, block_size) if folded[i] else 1 for i, p in enumerate(start)]
+        kinds = {(folded[i], dtypes[i], first_steps[i], aligned[i], widths[i]) for i in small}
         assert len(shared_launches) == 2 * len(kinds)  # one launch per kind of small tensor, each step
         assert sum(count for *_, count in shared_launches) == 2 * len(small)
 
@@ -522,3 +524,40 @@ def test_triton_refuses_tensors_it_would_step_wrongly_before_changing_anything(c
     assert all(torch.equal(a, b) for a, b in zip(after, before))
     if buffer is not None:
         assert torch.equal(buffer[8:], torch.full((8,), 7.0))  # nothing written past the moments
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_block_size_far_above_the_rows_steps_a_tile_of_the_row(dtype):
+    """A block never holds more than its row's n entries, so B = 2**21 on rows of 10 takes a 16-lane tile (not a
+    2**21-lane one, which Triton refuses), and steps as the readable path does."""
+    block_size = 2**21
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(2, 10), (3, 5), (2, 40)]  # three widths: three tile widths (16, 8, 64), and three shared launches
+    reference = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    triton = [p.clone() for p in reference]
+    state_ref, state_triton = fresh_state(reference, block_size), fresh_state(triton, block_size)
+    assert [
+        fused_triton._fold_constexprs(p, m, step_kwargs(block_size))["BP"] for p, m in zip(triton, state_triton[0])
+    ] == [16, 8, 64]
+    for _ in range(2):
+        grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+        _single_tensor_foam(reference, grads, *state_ref, **step_kwargs(block_size))
+        fused_triton._fused_foam_triton(triton, grads, *state_triton, **step_kwargs(block_size))
+    atol, rtol = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (1e-6, 2**-7)}[dtype]
+    for p, q in zip(reference, triton):
+        torch.testing.assert_close(q.float(), p.float(), atol=atol, rtol=rtol)
+
+
+def test_a_block_wider_than_the_kernels_step_is_refused_before_the_step_counts_change():
+    wide = fused_triton.MAX_BLOCK_WIDTH + 1
+    params = [torch.zeros(7), torch.zeros(1, wide)]  # the unfolded first tensor would launch first
+    exp_avgs, exp_avg_sqs, steps = fresh_state(params, wide)
+    with pytest.raises(
+        RuntimeError,
+        match=rf"params\[1\].*its blocks hold {wide} entries, and the kernels step "
+        rf"blocks of at most {fused_triton.MAX_BLOCK_WIDTH}\. Fix: pass a smaller block_size",
+    ):
+        fused_triton._fused_foam_triton(
+            params, [torch.ones_like(p) for p in params], exp_avgs, exp_avg_sqs, steps, **step_kwargs(wide)
+        )
+    assert [s.item() for s in steps] == [0.0, 0.0] and not params[0].any()

@@ -141,7 +141,7 @@ def test_fused_default_on_cuda_asks_every_device_of_the_group_for_the_self_check
 
     asked, ready = [], {torch.device("cpu"): True, torch.device("meta"): False}
     triton = type("Triton", (), {})()
-    triton.triton_supported = lambda param: True
+    triton.triton_supported = lambda param, block_size=None: True
     triton.moments_supported = lambda param, moment: True
     triton.triton_ready = lambda device: asked.append(device) or ready[device]
     monkeypatch.setattr(implementation, "_triton", lambda: triton)
@@ -160,7 +160,7 @@ def test_fused_default_on_cuda_takes_the_foreach_path_for_moments_the_kernels_ca
     # the real one.
     from foam_hf import _fused_triton, implementation
 
-    monkeypatch.setattr(_fused_triton, "triton_supported", lambda param: True)
+    monkeypatch.setattr(_fused_triton, "triton_supported", lambda param, block_size=None: True)
     monkeypatch.setattr(_fused_triton, "_ready", {torch.device("cpu"): True})
     params = [torch.zeros(4, 8), torch.zeros(5)]
 
@@ -193,6 +193,40 @@ def test_functional_foam_passes_both_moments_to_the_selector(monkeypatch):
         beta2=0.999, eps=1e-8, weight_decay=0.0, block_size=4, scale=1.0, res_scale=1.0, second_moment="mean_sq",
     )  # fmt: skip
     assert len(seen) == 1 and seen[0][0] is v
+
+
+class _SaysCuda(torch.Tensor):
+    """A CPU tensor that reports itself on CUDA: enough for the selection rules, which read attributes only."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def test_fused_default_on_cuda_takes_the_foreach_path_for_blocks_wider_than_the_kernels_step(monkeypatch):
+    # A block holds min(block_size, n) entries: B = 2**21 on rows of 10 is a 10-wide block, which the kernels
+    # step; on rows of 2**17, a 2**17-wide one, which they do not (fused=None: foreach; fused=True: refused).
+    from foam_hf import _fused_triton
+    from foam_hf.implementation import check_fused_tensors
+
+    monkeypatch.setattr(_fused_triton, "PLAIN_TENSOR_TYPES", (torch.Tensor, _SaysCuda))
+    monkeypatch.setattr(_fused_triton, "_ready", {torch.device("cuda", 0): True})
+
+    def select(shape, block_size):
+        param = torch.Tensor._make_subclass(_SaysCuda, torch.zeros(shape))
+        return select_implementation([param], [param], foreach=None, fused=None, block_size=block_size)
+
+    wide = _fused_triton.MAX_BLOCK_WIDTH * 2
+    assert select((2, 10), 2**21) == select((2, wide), 4) == select((wide,), wide) == "fused_triton"
+    assert select((2, wide), 2**21) == select((2, wide), wide) == "foreach"
+    assert select((2, wide), _fused_triton.MAX_BLOCK_WIDTH) == "fused_triton"  # the widest the kernels step
+    param = torch.Tensor._make_subclass(_SaysCuda, torch.zeros(2, wide))
+    with pytest.raises(RuntimeError, match=rf"blocks hold {wide} entries at block_size={wide}: the Triton kernels "):
+        check_fused_tensors([param], [torch.zeros(2, 1)], block_size=wide)
 
 
 def test_select_implementation_falls_back_where_no_kernel_covers_a_tensor():
