@@ -599,6 +599,7 @@ if triton is not None:
             )  # fmt: skip
 
 
+@torch.compiler.disable  # eager under torch.compile, as the C++ kernel (opaque to Dynamo, a graph break) runs
 def _fused_foam_triton(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],

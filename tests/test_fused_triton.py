@@ -561,3 +561,25 @@ def test_a_block_wider_than_the_kernels_step_is_refused_before_the_step_counts_c
             params, [torch.ones_like(p) for p in params], exp_avgs, exp_avg_sqs, steps, **step_kwargs(wide)
         )
     assert [s.item() for s in steps] == [0.0, 0.0] and not params[0].any()
+
+
+def test_torch_compile_runs_the_triton_launcher_eagerly():
+    """Dynamo does not trace the launcher (Python scalars, a table built on the host, Triton's own launch): a
+    compiled optimizer step runs it as it is, and steps the same bits as the eager call."""
+    assert fused_triton._fused_foam_triton._torchdynamo_disable
+    gen = torch.Generator().manual_seed(5)
+    start = [torch.randn(s, generator=gen) for s in [(3, 8), (5,)]]
+    grads = [torch.randn(p.shape, generator=gen) for p in start]
+
+    def run(step):
+        params = [p.clone() for p in start]
+        state = fresh_state(params, 4)
+        step(params, state)
+        return params + state[0] + state[1] + state[2]
+
+    def eager(params, state):
+        fused_triton._fused_foam_triton(params, grads, *state, **step_kwargs(4))
+
+    expected = run(eager)
+    actual = run(torch.compile(eager, backend="eager"))
+    assert all(torch.equal(bits(a), bits(e)) for a, e in zip(actual, expected))

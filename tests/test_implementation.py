@@ -320,3 +320,36 @@ def test_functional_foam_with_fused_true_says_why_a_tensor_cannot_be_fused():
     assert "shape (4, 6)" in reason and "contiguous=False" in reason
     assert f"with {reason}. Fix: pass fused=None or False" in str(direct.value)
     assert torch.equal(state[2][0], torch.tensor(0.0))  # refused before anything was stepped
+
+
+def _step(params, fused):
+    state = [
+        [torch.zeros(2, 2) for _ in params],
+        [torch.zeros(2, 2) for _ in params],
+        [torch.tensor(0.0) for _ in params],
+    ]
+    functional.foam(
+        params, [torch.ones_like(p) for p in params], *state, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+        weight_decay=0.0, block_size=4, scale=1.0, res_scale=1.0, second_moment="mean_sq", fused=fused,
+    )  # fmt: skip
+    return state
+
+
+@pytest.mark.parametrize("fused", [True, None, False])
+def test_a_cuda_step_under_cuda_graph_capture_is_refused_before_anything_changes(monkeypatch, fused):
+    # Bias corrections and rounding keys are host numbers baked into each launch: a replayed graph would repeat
+    # the captured step. CPU tensors reporting CUDA stand in for a GPU, and the capture state is stubbed.
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    param = torch.Tensor._make_subclass(_SaysCuda, torch.zeros(2, 8))
+    with pytest.raises(RuntimeError, match=r"captured into a CUDA graph.*Fix: capture the forward and backward"):
+        _step([param], fused)
+    assert not param.any()
+
+
+def test_a_cpu_step_never_asks_about_cuda_graph_capture(monkeypatch):
+    # CPU work is not captured (and a CPU step must not touch CUDA): the question is asked for CUDA tensors only.
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: asked.append(1) or True)
+    param = torch.zeros(2, 8)
+    state = _step([param], None)
+    assert not asked and param.any() and state[2][0].item() == 1.0
