@@ -5,17 +5,17 @@ The same math, constants and order of operations as the fused CPU kernel (``csrc
 readable path (:func:`foam_hf.functional._single_tensor_foam`), which the tests hold it to:
 
 * a folded tensor ``(*rows, n)`` is viewed as ``rows x n``; program ``(r, t)`` takes ``KB`` blocks of row
-  ``r`` as a ``KB x BP`` tile (``BP`` = ``B`` rounded up to a power of two, the extra lanes masked), so any
+  ``r`` as a ``KB x BP`` tile (``BP`` = ``min(B, n)`` rounded up to a power of two, the extra lanes masked), so any
   block size works and the ragged last block of a row averages over its own entries only;
 * per block: ``g̃``, ``g̃⁽²⁾``, ``m̃ ← lerp(m̃, g̃, 1−β1)``, ``ṽ ← β2 ṽ + (1−β2) g̃⁽²⁾``; per entry:
   ``R = G − g̃``, ``M = m̃ + ρR``, ``V = ṽ + ρ²R²``, ``W ← W(1−γλ) + c · M / (√V + ε√bc2)`` with
   ``c = −γα√bc2 / bc1`` (ε moved inside the bias-corrected root, one division per entry);
 * unfolded tensors (1-D, or ``B = 1``) take AdamW's update in a 1-D kernel;
 * launches: a tensor of at least ``_SHARED_MAX_ENTRIES`` entries gets its own (the grid above); smaller tensors of
-  one kind (folded or not, dtypes, step count) share one, over an int64 table of their addresses and sizes,
-  program ``(i, p)`` taking every ``P``-th tile of tensor ``i``. A launch costs microseconds of host time whatever
-  its size, and most of a model's tensors are small (norms, biases, small projections). Both kinds run the same
-  per-tile code (``_fold_tile``, ``_adamw_span``), so a tensor steps the same bits in either.
+  one kind (folded or not, dtypes, step count, tile width) share one, over an int64 table of their addresses and
+  sizes, program ``(i, p)`` taking every ``P``-th tile of tensor ``i``. A launch costs microseconds of host time
+  whatever its size, and most of a model's tensors are small (norms, biases, small projections). Both kinds run the
+  same per-tile code (``_fold_tile``, ``_adamw_span``), so a tensor steps the same bits in either.
 
 Square roots and divisions are IEEE round-to-nearest (``tl.sqrt_rn``, ``tl.div_rn``), not the GPU's fast
 approximations, and no ``a·b + c`` is contracted into a fused multiply-add (``enable_fp_fusion=False``, as
@@ -40,7 +40,7 @@ import sys
 import torch
 
 from foam_hf.distributed import PLAIN_TENSOR_TYPES
-from foam_hf.folding import is_foldable
+from foam_hf.folding import folded_shape, is_foldable
 from foam_hf.step_scalars import step_constants
 
 try:  # Triton ships with torch's CUDA builds; without it this path is simply unavailable.
@@ -49,7 +49,7 @@ try:  # Triton ships with torch's CUDA builds; without it this path is simply un
 except ImportError:
     triton = None
 
-__all__ = ["TRITON_DTYPES", "triton_available", "triton_ready", "triton_supported"]
+__all__ = ["MAX_BLOCK_WIDTH", "TRITON_DTYPES", "block_width", "triton_available", "triton_ready", "triton_supported"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,16 @@ _TILE = 2048
 STATE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
 # The counter hash of foam_hf.precision.rounding_dither: the per-(step, salt) key is computed here, once a step.
 _HASH_STEP, _HASH_SALT, _MASK32 = 0x85EBCA77, 0xC2B2AE3D, 0xFFFFFFFF
+#: The kernels' arguments that change every step: the rounding hash's keys. Triton compiles a kernel per class of
+#: int argument (i32 or i64, divisible by 16 or not, equal to 1), so they are passed as signed 32-bit ints (the
+#: kernels take their bits back with ``.to(tl.uint32)``) and declared ``do_not_specialize``: one compilation for
+#: every step, where the plain keys moved through a dozen classes in the first hundred steps.
+_STEP_KEYS = ("key_m", "key_v")
 _ADAMW_BLOCK = 1024
+#: The widest block the folded kernels step: ``min(block_size, n)`` entries (a block never holds more than its
+#: row's ``n``), padded to a power of two as one tile row. Triton refuses tiles of more than 2**20 entries, and a
+#: block this wide already fills a program; wider ones take the foreach path (``fused=None``) or are refused.
+MAX_BLOCK_WIDTH = 1 << 16
 #: Options of every launch. No contraction of a·b + c into one fused multiply-add: the kernels then round as
 #: they read, as in Triton's interpreter (where the tests run them), whatever Triton's default (which changes
 #: in 3.10).
@@ -192,15 +201,122 @@ def triton_ready(device: torch.device) -> bool:
     return _ready[device]
 
 
-def triton_supported(param: torch.Tensor) -> bool:
-    """Whether the Triton kernels can step ``param``: a dense, contiguous CUDA tensor of a :data:`TRITON_DTYPES`."""
+def triton_supported(param: torch.Tensor, block_size: int | None = None) -> bool:
+    """Whether the Triton kernels can step ``param``: a dense, contiguous CUDA tensor of a :data:`TRITON_DTYPES`,
+    and, given the group's ``block_size``, blocks of at most :data:`MAX_BLOCK_WIDTH` entries (:func:`block_width`)."""
     return (
         param.device.type == "cuda"
         and param.dtype in TRITON_DTYPES
         and param.layout == torch.strided
         and param.is_contiguous()
         and type(param) in PLAIN_TENSOR_TYPES
+        and (block_size is None or block_width(param, block_size) <= MAX_BLOCK_WIDTH)
     )
+
+
+def block_width(param: torch.Tensor, block_size: int) -> int:
+    """The entries of ``param``'s widest block under ``block_size``: ``min(block_size, n)`` for a folded tensor
+    (rows of ``n`` entries), 1 for one that keeps AdamW's states."""
+    return min(block_size, param.shape[-1]) if is_foldable(param, block_size) else 1
+
+
+def moments_supported(param: torch.Tensor, exp_avg: torch.Tensor) -> bool:
+    """Whether the kernels read and write ``exp_avg``, a moment of ``param``, in place: a dense, contiguous float32
+    or bfloat16 tensor on the parameter's device (they index it in C order from its address)."""
+    return (
+        exp_avg.dtype in STATE_DTYPES
+        and exp_avg.layout == torch.strided
+        and exp_avg.is_contiguous()
+        and exp_avg.device == param.device
+    )
+
+
+def _tensor_problem(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: torch.Tensor,
+    block_size: int,
+) -> tuple[str, str] | None:
+    """Why the kernels cannot step ``param`` with these tensors, as ``(reason, fix)``, or ``None`` where they can:
+    the fused CPU kernel's checks (``csrc/foam_cpu.cpp``). The kernels index every tensor from its address in C
+    order, so a moment of the wrong size would be read and written past its end, a transposed one in the wrong
+    layout. Gradients of another dtype or layout are copied first, so only their device and shape matter."""
+    fused_none = "pass fused=None or False for this group"
+    if param.dtype not in TRITON_DTYPES:
+        return "the kernels step float32, bfloat16 and float16 parameters", fused_none
+    if param.layout != torch.strided:
+        return f"the kernels step dense parameters; its layout is {param.layout}", fused_none
+    if not param.is_contiguous():
+        return f"the kernels step contiguous parameters; its strides are {param.stride()}", fused_none
+    if block_width(param, block_size) > MAX_BLOCK_WIDTH:
+        return (
+            f"at block_size={block_size} its blocks hold {block_width(param, block_size)} entries, and the kernels "
+            f"step blocks of at most {MAX_BLOCK_WIDTH}",
+            "pass a smaller block_size for this tensor's group, or fused=None or False (the foreach path steps any)",
+        )
+    if grad.device != param.device or grad.layout != torch.strided:
+        return (
+            f"its gradient is a {grad.layout} tensor on {grad.device}",
+            "pass dense gradients on the parameter's device",
+        )
+    if grad.shape != param.shape:
+        return f"its gradient has shape {tuple(grad.shape)}", "pass each parameter's own gradient"
+    if exp_avg.dtype != exp_avg_sq.dtype or exp_avg.dtype not in STATE_DTYPES:
+        return (
+            f"the kernels store moments in float32 or bfloat16; got {exp_avg.dtype} and {exp_avg_sq.dtype}",
+            fused_none,
+        )
+    folded = is_foldable(param, block_size)
+    expected = param.numel() // param.shape[-1] * _cdiv(param.shape[-1], block_size) if folded else param.numel()
+    for name, moment in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if moment.device != param.device or moment.layout != torch.strided or not moment.is_contiguous():
+            layout = f"strides {moment.stride()}" if moment.layout == torch.strided else str(moment.layout)
+            return (
+                f"{name} (shape {tuple(moment.shape)}, {layout}, on {moment.device}) is not a contiguous tensor on "
+                "the parameter's device, which the kernels read and write in C order",
+                f"pass {name}.contiguous() on {param.device} (FOAM keeps its moments so), or fused=None or False",
+            )
+        if moment.numel() != expected:
+            layout = (
+                f"folded shape {tuple(folded_shape(param.shape, block_size))}" if folded else "the parameter's shape"
+            )
+            return (
+                f"{name} of shape {tuple(moment.shape)} holds {moment.numel()} entries; at block_size={block_size} the "
+                f"kernels read and write {expected} ({layout})",
+                f"step with the block_size the moments were built for, or build them with "
+                f"foam_hf.folding.folded_shape(param.shape, {block_size}) as FOAM does",
+            )
+    if step.numel() != 1:
+        return f"its step count has {step.numel()} entries", "pass one scalar tensor per parameter in state_steps"
+    return None
+
+
+def _check_launch(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    state_steps: list[torch.Tensor],
+    block_size: int,
+) -> None:
+    """Raise, before anything changes, where the kernels cannot step these lists (:func:`_tensor_problem`)."""
+    lengths = [len(params), len(grads), len(exp_avgs), len(exp_avg_sqs), len(state_steps)]
+    if len(set(lengths)) != 1:
+        raise RuntimeError(
+            "FOAM: the Triton step takes params, grads, exp_avgs, exp_avg_sqs and state_steps of one length; got "
+            f"{lengths}. Fix: pass one gradient, two moments and one step count per parameter."
+        )
+    for index, tensors in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps)):
+        problem = _tensor_problem(*tensors, block_size)
+        if problem is not None:
+            param = tensors[0]
+            reason, fix = problem
+            raise RuntimeError(
+                f"FOAM: the Triton step cannot step params[{index}] (shape {tuple(param.shape)}, {param.dtype} on "
+                f"{param.device}): {reason}. Fix: {fix}."
+            )
 
 
 if triton is not None:
@@ -319,7 +435,7 @@ if triton is not None:
             length = tl.multiple_of(length, 16)
         return g_ptr, w_ptr, m_ptr, v_ptr, length
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_STEP_KEYS)
     def _foam_fold_kernel(
         g_ptr,
         w_ptr,
@@ -352,7 +468,7 @@ if triton is not None:
             B, BP, KB, MEAN_SQ, SMALL_WEIGHT, OUT_BF16, STATE_BF16,
         )  # fmt: skip
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_STEP_KEYS)
     def _foam_fold_list_kernel(
         table_ptr,
         decay,
@@ -427,7 +543,7 @@ if triton is not None:
         w_new = w.to(tl.float32) * decay + step_c * tl.div_rn(m, tl.sqrt_rn(v) + eps_bc2)
         _store_weight(w_ptr + offsets, w_new, mask, OUT_BF16)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_STEP_KEYS)
     def _adamw_kernel(
         g_ptr,
         w_ptr,
@@ -454,7 +570,7 @@ if triton is not None:
             BLOCK, SMALL_WEIGHT, OUT_BF16, STATE_BF16,
         )  # fmt: skip
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_STEP_KEYS)
     def _adamw_list_kernel(
         table_ptr,
         decay,
@@ -483,6 +599,7 @@ if triton is not None:
             )  # fmt: skip
 
 
+@torch.compiler.disable  # eager under torch.compile, as the C++ kernel (opaque to Dynamo, a graph break) runs
 def _fused_foam_triton(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -503,9 +620,9 @@ def _fused_foam_triton(
 ) -> None:
     """The CUDA fused path, the ``impl`` :func:`foam_hf.functional.foam` picks on CUDA: one kernel launch per tensor
     of at least ``shared_max_entries`` entries (default :data:`_SHARED_MAX_ENTRIES`; 0 gives every tensor its own),
-    and one per kind of smaller tensor (folded or not, dtypes, step count, :func:`_vector_aligned` or not) for all
-    of them, through a table of their addresses. Both launches run the same per-tile code, so a tensor steps the
-    same bits either way.
+    and one per kind of smaller tensor (folded or not, dtypes, step count, :func:`_vector_aligned` or not, tile
+    width) for all of them, through a table of their addresses. Both launches run the same per-tile code, so a
+    tensor steps the same bits either way.
 
     The bias corrections come from ``state_steps`` (CPU scalars, as in torch's Adam), so a step never waits
     on the GPU. Gradients that are not contiguous or not in the parameter's dtype are made so first.
@@ -514,12 +631,7 @@ def _fused_foam_triton(
     """
     if not params:
         return
-    for m, v in zip(exp_avgs, exp_avg_sqs):  # what the kernels can store; also reached where no CUDA device is
-        if m.dtype != v.dtype or m.dtype not in STATE_DTYPES:
-            raise RuntimeError(
-                f"FOAM: the Triton kernels store moments in float32 or bfloat16; got {m.dtype} and {v.dtype}. "
-                "Fix: pass fused=None or False for this group."
-            )
+    _check_launch(params, grads, exp_avgs, exp_avg_sqs, state_steps, block_size)  # before the step counts change
 
     hyper = dict(
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, block_size=block_size, scale=scale,
@@ -541,8 +653,9 @@ def _fused_foam_triton(
         step = steps[index] if steps is not None else state_steps[index].item()
         folded = is_foldable(param, block_size)
         tensors = (grad, param, exp_avg, exp_avg_sq)
-        if param.numel() < shared_max_entries:
-            kind = (folded, param.dtype, exp_avg.dtype, step, _vector_aligned(tensors, folded))
+        if param.numel() < shared_max_entries:  # one tile width per launch: tensors of n < B get narrower ones
+            width = _padded_width(param, block_size) if folded else 1
+            kind = (folded, param.dtype, exp_avg.dtype, step, _vector_aligned(tensors, folded), width)
             shared.setdefault(param.device, {}).setdefault(kind, []).append(tensors)
         else:
             own.setdefault(param.device, []).append((tensors, step, folded))
@@ -550,7 +663,7 @@ def _fused_foam_triton(
         with _current_device(device):
             for tensors, step, folded in own.get(device, ()):
                 (_launch_folded if folded else _launch_unfolded)(tensors, step, hyper)
-            for (folded, _, _, step, aligned), members in shared.get(device, {}).items():
+            for (folded, _, _, step, aligned, _), members in shared.get(device, {}).items():
                 _launch_shared(members, folded, step, aligned, hyper)
 
 
@@ -572,7 +685,7 @@ def _kernel_scalars(step: float, folded: bool, hyper: dict) -> dict:
         step, lr=hyper["lr"], beta1=hyper["beta1"], beta2=hyper["beta2"], weight_decay=hyper["weight_decay"]
     )
     eps_bc2, step_c = constants.fused(hyper["eps"], hyper["scale"] if folded else 1.0)
-    key_m, key_v = ((int(step) * _HASH_STEP + salt * _HASH_SALT) & _MASK32 for salt in (0, 1))
+    key_m, key_v = (_signed32((int(step) * _HASH_STEP + salt * _HASH_SALT) & _MASK32) for salt in (0, 1))
     return dict(
         decay=constants.decay,
         lerp_weight=1.0 - hyper["beta1"],
@@ -583,6 +696,12 @@ def _kernel_scalars(step: float, folded: bool, hyper: dict) -> dict:
         key_m=key_m,
         key_v=key_v,
     )
+
+
+def _signed32(bits: int) -> int:
+    """The signed 32-bit int of the 32 bits ``bits`` (0 <= bits < 2**32): how the keys of the rounding hash are
+    passed, so that Triton gives every step's key the same int32 type (see :data:`_STEP_KEYS`)."""
+    return bits - (1 << 32) if bits >= 1 << 31 else bits
 
 
 def _common_constexprs(param: torch.Tensor, exp_avg: torch.Tensor, hyper: dict) -> dict:
@@ -596,15 +715,19 @@ def _common_constexprs(param: torch.Tensor, exp_avg: torch.Tensor, hyper: dict) 
 
 def _fold_constexprs(param: torch.Tensor, exp_avg: torch.Tensor, hyper: dict) -> dict:
     """The compile-time choices of the folded kernels: block size, tile, second moment, and the common ones."""
-    block_size = hyper["block_size"]
-    padded = 1 << (block_size - 1).bit_length()
+    padded = _padded_width(param, hyper["block_size"])
     return dict(
-        B=block_size,
+        B=hyper["block_size"],
         BP=padded,
         KB=max(1, _TILE // padded),
         MEAN_SQ=hyper["second_moment"] == "mean_sq",
         **_common_constexprs(param, exp_avg, hyper),
     )
+
+
+def _padded_width(param: torch.Tensor, block_size: int) -> int:
+    """The lanes of a folded tensor's tile row: its :func:`block_width` rounded up to a power of two (``BP``)."""
+    return 1 << (min(block_size, param.shape[-1]) - 1).bit_length()
 
 
 def _adamw_constexprs(param: torch.Tensor, exp_avg: torch.Tensor, hyper: dict) -> dict:
@@ -650,9 +773,9 @@ def _launch_shared(
     members: list[tuple[torch.Tensor, ...]], folded: bool, step: float, aligned: bool, hyper: dict
 ) -> None:
     """One launch for several tensors of the same kind (folded or not, dtypes, step count, ``aligned``: whether
-    every one is :func:`_vector_aligned`): row i of an int64 table holds tensor i's addresses and sizes
-    (:data:`_TABLE_COLUMNS`), and program (i, p) steps every P-th tile of it from the p-th, P programs a tensor
-    (:data:`_SHARED_PROGRAMS` in all, at most a tile's worth each)."""
+    every one is :func:`_vector_aligned`, and the tile width of the folded ones, :func:`_padded_width`): row i of an
+    int64 table holds tensor i's addresses and sizes (:data:`_TABLE_COLUMNS`), and program (i, p) steps every P-th
+    tile of it from the p-th, P programs a tensor (:data:`_SHARED_PROGRAMS` in all, at most a tile's worth each)."""
     _, param, exp_avg, _ = members[0]
     rows, most_tiles = [], 1
     block_size = hyper["block_size"]

@@ -108,9 +108,12 @@ def _foam(
     fused: bool | None = None,
 ) -> None:
     """:func:`foam` without the option checks: what :class:`FOAM` calls, whose groups were checked when added."""
-    implementation = select_implementation(params, exp_avgs, foreach=foreach, fused=fused)
+    _refuse_cuda_graph_capture(params)
+    implementation = select_implementation(
+        params, exp_avgs, foreach=foreach, fused=fused, exp_avg_sqs=exp_avg_sqs, block_size=block_size
+    )
     if fused:  # asked for, not chosen: say why a kernel cannot step these tensors, before it is called
-        check_fused_tensors(params, exp_avgs)
+        check_fused_tensors(params, exp_avgs, block_size)
     impl = _step_function(implementation)
     impl(
         params,
@@ -128,6 +131,24 @@ def _foam(
         res_scale=float(res_scale),
         second_moment=second_moment,
     )
+
+
+def _refuse_cuda_graph_capture(params: list[torch.Tensor]) -> None:
+    """Raise when a step of CUDA tensors is being captured into a CUDA graph: every path takes its bias corrections
+    and the bf16 moments' rounding keys from the step count on the host, as Python numbers baked into the kernels it
+    launches, so each replay of the graph would repeat this step's update (torch's Adam refuses the same unless
+    ``capturable=True``, which FOAM has no counterpart of). Asked only for CUDA tensors, so a CPU step never
+    touches CUDA, and not while Dynamo traces (as torch's optimizers: the launches run eagerly)."""
+    if (
+        any(p.is_cuda for p in params)
+        and not torch.compiler.is_compiling()
+        and torch.cuda.is_current_stream_capturing()
+    ):
+        raise RuntimeError(
+            "FOAM: optimizer.step() is being captured into a CUDA graph, but FOAM computes its bias corrections and "
+            "rounding keys on the host from each step's count, so every replay would repeat this step's update. "
+            "Fix: capture the forward and backward only and call optimizer.step() outside the graph."
+        )
 
 
 def _single_tensor_foam(

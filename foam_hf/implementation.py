@@ -43,12 +43,23 @@ def _triton() -> Any:
     return _fused_triton
 
 
-def _fused_default(params: list[torch.Tensor], exp_avgs: list[torch.Tensor], on_cuda: bool) -> bool:
+def _fused_default(
+    params: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    on_cuda: bool,
+    exp_avg_sqs: list[torch.Tensor] | None = None,
+    block_size: int | None = None,
+) -> bool:
     """Whether ``fused=None`` means fused for these tensors (every one covered, the kernel ready)."""
     if on_cuda:  # the Triton kernels store fp32 or bf16 moments (state_dtype="bfloat16")
-        # ready on every GPU the group spans (its self-check runs once per device)
-        return all(map(_triton().triton_supported, params)) and all(
-            map(_triton().triton_ready, dict.fromkeys(p.device for p in params))
+        triton = _triton()
+        # blocks no wider than they step, moments they index in place (contiguous, on the parameter's device: else
+        # the foreach path, which takes any), and ready on every GPU the group spans (self-checked once per device)
+        return (
+            all(triton.triton_supported(p, block_size) for p in params)
+            and all(map(triton.moments_supported, params, exp_avgs))
+            and (exp_avg_sqs is None or all(map(triton.moments_supported, params, exp_avg_sqs)))
+            and all(map(triton.triton_ready, dict.fromkeys(p.device for p in params)))
         )
     # the CPU kernel also steps bf16 moments, and float64 parameters with float64 moments. Once it is loaded, it
     # answers for the whole list in one call (fused_supported's rule, tested equal to it), after the Python-type
@@ -62,12 +73,21 @@ def _fused_default(params: list[torch.Tensor], exp_avgs: list[torch.Tensor], on_
 
 
 def select_implementation(
-    params: list[torch.Tensor], exp_avgs: list[torch.Tensor], *, foreach: bool | None, fused: bool | None
+    params: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    *,
+    foreach: bool | None,
+    fused: bool | None,
+    exp_avg_sqs: list[torch.Tensor] | None = None,
+    block_size: int | None = None,
 ) -> Implementation:
-    """The implementation that steps one group's ``params`` (with moments ``exp_avgs``) under its options."""
+    """The implementation that steps one group's ``params`` (with moments ``exp_avgs`` and, where given,
+    ``exp_avg_sqs``: the Triton kernels take only contiguous ones) under its options. ``block_size``, the group's,
+    rules out the Triton kernels for tensors whose blocks are wider than they step
+    (:data:`foam_hf._fused_triton.MAX_BLOCK_WIDTH`); ``None`` asks only about the tensors."""
     on_cuda = bool(params) and all(p.is_cuda for p in params)
     if fused is None and foreach is None:
-        fused = _fused_default(params, exp_avgs, on_cuda)
+        fused = _fused_default(params, exp_avgs, on_cuda, exp_avg_sqs, block_size)
     if fused:
         return "fused_triton" if on_cuda else "fused_cpu"
     if foreach is None:
@@ -75,16 +95,25 @@ def select_implementation(
     return "foreach" if foreach else "single_tensor"
 
 
-def fused_unsupported(param: torch.Tensor, moment_dtype: torch.dtype) -> tuple[type[Exception], str] | None:
-    """Why no fused kernel steps ``param`` with moments of ``moment_dtype``: ``(error type, reason)``, or ``None``
-    when one does. The one statement of what the kernels cover, for the check at construction
-    (:func:`check_fused_available`) and for direct calls of the functional API (:func:`check_fused_tensors`)."""
+def fused_unsupported(
+    param: torch.Tensor, moment_dtype: torch.dtype, block_size: int | None = None
+) -> tuple[type[Exception], str] | None:
+    """Why no fused kernel steps ``param`` with moments of ``moment_dtype`` (under the group's ``block_size``, where
+    given): ``(error type, reason)``, or ``None`` when one does. The one statement of what the kernels cover, for the
+    check at construction (:func:`check_fused_available`) and for direct calls of the functional API
+    (:func:`check_fused_tensors`)."""
     on_cpu_kernel = _fused_cpu.fused_supported(param)
     if not (on_cpu_kernel or (param.is_cuda and _triton().triton_supported(param))):
         return RuntimeError, (
             f"a parameter of shape {tuple(param.shape)} that is {param.dtype} on {param.device} "
             f"(contiguous={param.is_contiguous()}): the fused kernels step contiguous CPU "
             "float32/bfloat16/float16/float64 or CUDA float32/bfloat16/float16 tensors"
+        )
+    if param.is_cuda and block_size is not None and not _triton().triton_supported(param, block_size):
+        return RuntimeError, (
+            f"a parameter of shape {tuple(param.shape)} whose blocks hold "
+            f"{_triton().block_width(param, block_size)} entries at block_size={block_size}: the Triton kernels "
+            f"step blocks of at most {_triton().MAX_BLOCK_WIDTH}"
         )
     if param.is_cuda and moment_dtype not in _triton().STATE_DTYPES:
         return RuntimeError, f"{moment_dtype} moments: the Triton kernels store moments in float32 or bfloat16"
@@ -110,14 +139,16 @@ def _kernels_missing(devices: set[str]) -> str | None:
     return None
 
 
-def check_fused_tensors(params: list[torch.Tensor], exp_avgs: list[torch.Tensor]) -> None:
+def check_fused_tensors(
+    params: list[torch.Tensor], exp_avgs: list[torch.Tensor], block_size: int | None = None
+) -> None:
     """Raise unless a fused kernel steps every one of ``params`` with its moments: what a direct call of
     :func:`foam_hf.functional.foam` with ``fused=True`` is checked by (:class:`~foam_hf.FOAM` checks at
     construction, :func:`check_fused_available`)."""
     if params and _fused_default(params, exp_avgs, on_cuda=False):  # every step's case first: the C++ kernel covers all
         return
     for param, exp_avg in zip(params, exp_avgs):
-        problem = fused_unsupported(param, exp_avg.dtype)
+        problem = fused_unsupported(param, exp_avg.dtype, block_size)
         if problem is not None:
             error, reason = problem
             raise error(f"FOAM: fused=True with {reason}. Fix: pass fused=None or False for these tensors.")
@@ -149,7 +180,7 @@ def check_fused_available(
                     "with torch.__future__.set_swap_module_params_on_conversion(True) keeps the optimizer's "
                     "parameters, or build the optimizer after materialising)."
                 )
-            problem = fused_unsupported(p, state_dtype_for(p, group["state_dtype"]))
+            problem = fused_unsupported(p, state_dtype_for(p, group["state_dtype"]), group["block_size"])
             if problem is not None:
                 error, reason = problem
                 fix = "pass fused=None or False for this group"

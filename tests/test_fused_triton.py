@@ -243,7 +243,9 @@ def test_shared_and_own_launches_step_the_same_bits(monkeypatch):
         small = [i for i, s in enumerate(shapes) if math.prod(s) < largest]
         folded = [is_foldable(p, block_size) for p in start]
         aligned = [(s[-1] if folded[i] else math.prod(s)) % 16 == 0 for i, s in enumerate(shapes)]
-        kinds = {(folded[i], dtypes[i], first_steps[i], aligned[i]) for i in small}
+        # rows narrower than B (n = 1, 2) take narrower tiles, so launches of their own
+        widths = [fused_triton._padded_width(p, block_size) if folded[i] else 1 for i, p in enumerate(start)]
+        kinds = {(folded[i], dtypes[i], first_steps[i], aligned[i], widths[i]) for i in small}
         assert len(shared_launches) == 2 * len(kinds)  # one launch per kind of small tensor, each step
         assert sum(count for *_, count in shared_launches) == 2 * len(small)
 
@@ -417,3 +419,167 @@ def test_ready_check_accepts_differences_within_the_tolerance(monkeypatch):
     # A perturbation inside the tests' tolerance (1 part in 1e7 of a weight) is not a miscompiled kernel.
     perturbed_kernels(monkeypatch, lambda params, *_: params[0].mul_(1 + 1e-7))
     assert fused_triton.triton_ready(torch.device("cpu"))
+
+
+KERNEL_NAMES = ("_foam_fold_kernel", "_foam_fold_list_kernel", "_adamw_kernel", "_adamw_list_kernel")
+
+
+def unspecialized(kernel) -> set:
+    """The parameters a kernel declares ``do_not_specialize`` (a compiled kernel keeps them as an attribute, an
+    interpreted one among the decorator's arguments)."""
+    declared = getattr(kernel, "do_not_specialize", None) or getattr(kernel, "kwargs", {}).get("do_not_specialize")
+    return set(declared or ())
+
+
+def test_the_rounding_keys_give_every_step_one_kernel_signature(monkeypatch, launch):
+    """On a GPU Triton compiles a kernel once per specialization of its int arguments (i32 or i64, divisible by
+    16, equal to 1): the per-step keys of the rounding hash must not move through them, or every kernel would
+    recompile again and again over the first hundred steps. Their signature over steps 1..200 is computed with
+    Triton's own specialization function, as its launcher computes it (only a GPU would show the recompilations)."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    kernels = {name: getattr(fused_triton, name) for name in KERNEL_NAMES}
+    launched = {name: [] for name in KERNEL_NAMES}
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched[self.name].append(kwargs)
+
+    for name in KERNEL_NAMES:
+        monkeypatch.setattr(fused_triton, name, Recorder(name))
+    params = [torch.zeros(4, 8), torch.zeros(7)]  # a folded and an unfolded tensor
+    state = fresh_state(params, 4)
+    for _ in range(200):
+        fused_triton._fused_foam_triton(params, [torch.zeros_like(p) for p in params], *state, **step_kwargs(4))
+    assert [s.item() for s in state[2]] == [200.0, 200.0]
+    for name, calls in launched.items():
+        if not calls:  # the kernels of the other kind of launch (the fixture runs both)
+            continue
+        assert len(calls) == 200
+        dont = unspecialized(kernels[name])
+        assert dont == {"key_m", "key_v"}, name
+        keys = [(call["key_m"], call["key_v"]) for call in calls]
+        assert all(-(2**31) <= k < 2**31 and type(k) is int for pair in keys for k in pair)
+        assert len(set(keys)) == 200  # a key per step: they do change
+        signatures = {
+            tuple(native_specialize_impl(BaseBackend, call[key], False, key not in dont, True) for key in dont)
+            for call in calls
+        }
+        assert signatures == {(("i32", None), ("i32", None))}, name
+    own = launch == "own launches"
+    expected = {"_foam_fold_kernel", "_adamw_kernel"} if own else {"_foam_fold_list_kernel", "_adamw_list_kernel"}
+    assert {name for name, calls in launched.items() if calls} == expected
+
+
+def triton_launch_problems():
+    """(case, lists for one call, the words of its error): a step the kernels would take wrongly, each refused."""
+
+    def lists(param_shape=(4, 16), moment=None, moment_sq=None, grad=None, steps=1):
+        param = torch.randn(param_shape, generator=torch.Generator().manual_seed(0))
+        m = moment if moment is not None else torch.zeros(folded_shape(param_shape, 4))
+        v = moment_sq if moment_sq is not None else torch.zeros(folded_shape(param_shape, 4))
+        g = grad if grad is not None else torch.ones_like(param)
+        return [param], [g], [m], [v], [torch.tensor(0.0) for _ in range(steps)]
+
+    # moments built for B=8 (2 blocks a row), stepped at B=4 (4 a row): views into a longer buffer, whose tail a
+    # kernel that wrote past the moments' end would change
+    buffer = torch.full((4 * 2 + 8,), 7.0)
+    return [
+        (
+            "moments for another block size",
+            lists(moment=buffer[:8].view(4, 2)),
+            r"exp_avg of shape \(4, 2\) holds 8 "
+            r"entries; at block_size=4 the kernels read and write 16 \(folded shape \(4, 4\)\)\. Fix: step with the "
+            r"block_size the moments were built for",
+            buffer,
+        ),
+        (
+            "transposed moment",
+            lists(moment_sq=torch.zeros(4, 4).t()),
+            r"exp_avg_sq \(shape \(4, 4\), strides "
+            r"\(1, 4\), on cpu\) is not a contiguous tensor.*Fix: pass exp_avg_sq.contiguous\(\)",
+            None,
+        ),
+        ("gradient of another shape", lists(grad=torch.ones(16, 4)), r"its gradient has shape \(16, 4\)", None),
+        ("moment on another device", lists(moment=torch.zeros(4, 4, device="meta")), r"exp_avg .*on meta", None),
+        ("a list too short", lists(steps=0), r"of one length; got \[1, 1, 1, 1, 0\]", None),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5), ids=[case[0] for case in triton_launch_problems()])
+def test_triton_refuses_tensors_it_would_step_wrongly_before_changing_anything(case):
+    """The kernels index every tensor from its address in C order: moments of another size would be written past
+    their end, transposed ones in the wrong layout, a gradient of another shape read as the parameter's. As the
+    fused CPU kernel does, the launcher refuses them, naming the tensor and the fix, before any step count, weight
+    or moment changes."""
+    _, (params, grads, exp_avgs, exp_avg_sqs, steps), words, buffer = triton_launch_problems()[case]
+    before = [t.clone() for t in params + exp_avgs + exp_avg_sqs + steps if t.device.type != "meta"]
+    with pytest.raises(RuntimeError, match=r"FOAM: the Triton step .*" + words):
+        fused_triton._fused_foam_triton(params, grads, exp_avgs, exp_avg_sqs, steps, **step_kwargs(4))
+    after = [t for t in params + exp_avgs + exp_avg_sqs + steps if t.device.type != "meta"]
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+    if buffer is not None:
+        assert torch.equal(buffer[8:], torch.full((8,), 7.0))  # nothing written past the moments
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_block_size_far_above_the_rows_steps_a_tile_of_the_row(dtype):
+    """A block never holds more than its row's n entries, so B = 2**21 on rows of 10 takes a 16-lane tile (not a
+    2**21-lane one, which Triton refuses), and steps as the readable path does."""
+    block_size = 2**21
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(2, 10), (3, 5), (2, 40)]  # three widths: three tile widths (16, 8, 64), and three shared launches
+    reference = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    triton = [p.clone() for p in reference]
+    state_ref, state_triton = fresh_state(reference, block_size), fresh_state(triton, block_size)
+    assert [
+        fused_triton._fold_constexprs(p, m, step_kwargs(block_size))["BP"] for p, m in zip(triton, state_triton[0])
+    ] == [16, 8, 64]
+    for _ in range(2):
+        grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+        _single_tensor_foam(reference, grads, *state_ref, **step_kwargs(block_size))
+        fused_triton._fused_foam_triton(triton, grads, *state_triton, **step_kwargs(block_size))
+    atol, rtol = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (1e-6, 2**-7)}[dtype]
+    for p, q in zip(reference, triton):
+        torch.testing.assert_close(q.float(), p.float(), atol=atol, rtol=rtol)
+
+
+def test_a_block_wider_than_the_kernels_step_is_refused_before_the_step_counts_change():
+    wide = fused_triton.MAX_BLOCK_WIDTH + 1
+    params = [torch.zeros(7), torch.zeros(1, wide)]  # the unfolded first tensor would launch first
+    exp_avgs, exp_avg_sqs, steps = fresh_state(params, wide)
+    with pytest.raises(
+        RuntimeError,
+        match=rf"params\[1\].*its blocks hold {wide} entries, and the kernels step "
+        rf"blocks of at most {fused_triton.MAX_BLOCK_WIDTH}\. Fix: pass a smaller block_size",
+    ):
+        fused_triton._fused_foam_triton(
+            params, [torch.ones_like(p) for p in params], exp_avgs, exp_avg_sqs, steps, **step_kwargs(wide)
+        )
+    assert [s.item() for s in steps] == [0.0, 0.0] and not params[0].any()
+
+
+def test_torch_compile_runs_the_triton_launcher_eagerly():
+    """Dynamo does not trace the launcher (Python scalars, a table built on the host, Triton's own launch): a
+    compiled optimizer step runs it as it is, and steps the same bits as the eager call."""
+    assert fused_triton._fused_foam_triton._torchdynamo_disable
+    gen = torch.Generator().manual_seed(5)
+    start = [torch.randn(s, generator=gen) for s in [(3, 8), (5,)]]
+    grads = [torch.randn(p.shape, generator=gen) for p in start]
+
+    def run(step):
+        params = [p.clone() for p in start]
+        state = fresh_state(params, 4)
+        step(params, state)
+        return params + state[0] + state[1] + state[2]
+
+    def eager(params, state):
+        fused_triton._fused_foam_triton(params, grads, *state, **step_kwargs(4))
+
+    expected = run(eager)
+    actual = run(torch.compile(eager, backend="eager"))
+    assert all(torch.equal(bits(a), bits(e)) for a, e in zip(actual, expected))

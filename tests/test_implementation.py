@@ -141,7 +141,8 @@ def test_fused_default_on_cuda_asks_every_device_of_the_group_for_the_self_check
 
     asked, ready = [], {torch.device("cpu"): True, torch.device("meta"): False}
     triton = type("Triton", (), {})()
-    triton.triton_supported = lambda param: True
+    triton.triton_supported = lambda param, block_size=None: True
+    triton.moments_supported = lambda param, moment: True
     triton.triton_ready = lambda device: asked.append(device) or ready[device]
     monkeypatch.setattr(implementation, "_triton", lambda: triton)
     params = [torch.zeros(4, 8), torch.zeros(3, device="meta"), torch.zeros(5)]
@@ -150,6 +151,82 @@ def test_fused_default_on_cuda_asks_every_device_of_the_group_for_the_self_check
     assert asked == [torch.device("cpu"), torch.device("meta")]  # each device once, the second says no
     ready[torch.device("meta")] = True
     assert implementation._fused_default(params, moments, on_cuda=True)
+
+
+def test_fused_default_on_cuda_takes_the_foreach_path_for_moments_the_kernels_cannot_index(monkeypatch):
+    # The Triton kernels read and write moments in place, in C order: fused=None must not pick them for moments
+    # that are transposed (a state loaded from elsewhere), of another device or of fp16, but the foreach path.
+    # CPU tensors stand in for CUDA ones: the parameter test and the self-check are stubbed, the moment test is
+    # the real one.
+    from foam_hf import _fused_triton, implementation
+
+    monkeypatch.setattr(_fused_triton, "triton_supported", lambda param, block_size=None: True)
+    monkeypatch.setattr(_fused_triton, "_ready", {torch.device("cpu"): True})
+    params = [torch.zeros(4, 8), torch.zeros(5)]
+
+    def moments():
+        return [torch.zeros(4, 2), torch.zeros(5)]
+
+    assert implementation._fused_default(params, moments(), on_cuda=True, exp_avg_sqs=moments())
+    for which in ("exp_avgs", "exp_avg_sqs"):
+        for bad in (torch.zeros(2, 4).t(), torch.zeros(4, 2, device="meta"), torch.zeros(4, 2, dtype=torch.float16)):
+            lists = {"exp_avgs": moments(), "exp_avg_sqs": moments()}
+            lists[which][0] = bad
+            assert not implementation._fused_default(params, lists["exp_avgs"], True, lists["exp_avg_sqs"]), (
+                which,
+                bad,
+            )
+
+
+def test_functional_foam_passes_both_moments_to_the_selector(monkeypatch):
+    seen = []
+    real = functional.select_implementation
+
+    def spy(params, exp_avgs, **kwargs):
+        seen.append(kwargs.get("exp_avg_sqs"))
+        return real(params, exp_avgs, **kwargs)
+
+    monkeypatch.setattr(functional, "select_implementation", spy)
+    weight, v = torch.zeros(4, 8), torch.zeros(4, 2)
+    functional.foam(
+        [weight], [torch.ones_like(weight)], [torch.zeros(4, 2)], [v], [torch.tensor(0.0)], lr=1e-3, beta1=0.9,
+        beta2=0.999, eps=1e-8, weight_decay=0.0, block_size=4, scale=1.0, res_scale=1.0, second_moment="mean_sq",
+    )  # fmt: skip
+    assert len(seen) == 1 and seen[0][0] is v
+
+
+class _SaysCuda(torch.Tensor):
+    """A CPU tensor that reports itself on CUDA: enough for the selection rules, which read attributes only."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def test_fused_default_on_cuda_takes_the_foreach_path_for_blocks_wider_than_the_kernels_step(monkeypatch):
+    # A block holds min(block_size, n) entries: B = 2**21 on rows of 10 is a 10-wide block, which the kernels
+    # step; on rows of 2**17, a 2**17-wide one, which they do not (fused=None: foreach; fused=True: refused).
+    from foam_hf import _fused_triton
+    from foam_hf.implementation import check_fused_tensors
+
+    monkeypatch.setattr(_fused_triton, "PLAIN_TENSOR_TYPES", (torch.Tensor, _SaysCuda))
+    monkeypatch.setattr(_fused_triton, "_ready", {torch.device("cuda", 0): True})
+
+    def select(shape, block_size):
+        param = torch.Tensor._make_subclass(_SaysCuda, torch.zeros(shape))
+        return select_implementation([param], [param], foreach=None, fused=None, block_size=block_size)
+
+    wide = _fused_triton.MAX_BLOCK_WIDTH * 2
+    assert select((2, 10), 2**21) == select((2, wide), 4) == select((wide,), wide) == "fused_triton"
+    assert select((2, wide), 2**21) == select((2, wide), wide) == "foreach"
+    assert select((2, wide), _fused_triton.MAX_BLOCK_WIDTH) == "fused_triton"  # the widest the kernels step
+    param = torch.Tensor._make_subclass(_SaysCuda, torch.zeros(2, wide))
+    with pytest.raises(RuntimeError, match=rf"blocks hold {wide} entries at block_size={wide}: the Triton kernels "):
+        check_fused_tensors([param], [torch.zeros(2, 1)], block_size=wide)
 
 
 def test_select_implementation_falls_back_where_no_kernel_covers_a_tensor():
@@ -243,3 +320,36 @@ def test_functional_foam_with_fused_true_says_why_a_tensor_cannot_be_fused():
     assert "shape (4, 6)" in reason and "contiguous=False" in reason
     assert f"with {reason}. Fix: pass fused=None or False" in str(direct.value)
     assert torch.equal(state[2][0], torch.tensor(0.0))  # refused before anything was stepped
+
+
+def _step(params, fused):
+    state = [
+        [torch.zeros(2, 2) for _ in params],
+        [torch.zeros(2, 2) for _ in params],
+        [torch.tensor(0.0) for _ in params],
+    ]
+    functional.foam(
+        params, [torch.ones_like(p) for p in params], *state, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+        weight_decay=0.0, block_size=4, scale=1.0, res_scale=1.0, second_moment="mean_sq", fused=fused,
+    )  # fmt: skip
+    return state
+
+
+@pytest.mark.parametrize("fused", [True, None, False])
+def test_a_cuda_step_under_cuda_graph_capture_is_refused_before_anything_changes(monkeypatch, fused):
+    # Bias corrections and rounding keys are host numbers baked into each launch: a replayed graph would repeat
+    # the captured step. CPU tensors reporting CUDA stand in for a GPU, and the capture state is stubbed.
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    param = torch.Tensor._make_subclass(_SaysCuda, torch.zeros(2, 8))
+    with pytest.raises(RuntimeError, match=r"captured into a CUDA graph.*Fix: capture the forward and backward"):
+        _step([param], fused)
+    assert not param.any()
+
+
+def test_a_cpu_step_never_asks_about_cuda_graph_capture(monkeypatch):
+    # CPU work is not captured (and a CPU step must not touch CUDA): the question is asked for CUDA tensors only.
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: asked.append(1) or True)
+    param = torch.zeros(2, 8)
+    state = _step([param], None)
+    assert not asked and param.any() and state[2][0].item() == 1.0

@@ -31,6 +31,8 @@ def test_every_launch_compiles_for_sm80_and_sm90_without_a_gpu(tmp_path):
     for entry in compiled:
         # every launch asks for no a·b + c contraction (as the interpreter computes), and got a cubin
         assert entry["options"] == {"enable_fp_fusion": False} and entry["cubin_bytes"] > 0
+        # the rounding hash's keys are int32 at every step (one compilation for all of them)
+        assert entry["signature"]["key_m"] == entry["signature"]["key_v"] == "i32", entry
         # A tensor with a launch of its own (aligned, as torch allocates), and shared launches of tensors promised
         # aligned (rows or entries a multiple of 16) load 8 or 16 bytes at a time, but where B = 3 pads the tile.
         own = not entry["kernel"].endswith("_list_kernel")

@@ -93,7 +93,8 @@ def record_launches() -> list[tuple[str, tuple, dict]]:
 def compile_spec(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, dict, dict]:
     """What Triton's launcher would compile for this launch: (signature, constexprs, attributes, options).
     Tensors are pointers to their dtype, aligned to 16 bytes where their address is (torch's allocations are);
-    integers divisible by 16 are marked so."""
+    integers divisible by 16 are marked so, except those the kernel declares ``do_not_specialize`` (the per-step
+    keys of the rounding hash), which Triton's launcher passes as plain ints."""
     names = kernel.arg_names
     values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
     options = {k: v for k, v in kwargs.items() if k not in names}
@@ -106,6 +107,8 @@ def compile_spec(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, dict, d
             constexprs[(index,)] = value
         else:
             signature[arg_name] = mangle_type(value)
+            if kernel.params[index].do_not_specialize:
+                continue
             if isinstance(value, torch.Tensor) and value.data_ptr() % 16 == 0 or type(value) is int and value % 16 == 0:
                 attrs[(index,)] = [["tt.divisibility", 16]]
     return signature, constexprs, attrs, options
