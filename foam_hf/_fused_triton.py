@@ -20,10 +20,11 @@ readable path (:func:`foam_hf.functional._single_tensor_foam`), which the tests 
 Square roots and divisions are IEEE round-to-nearest (``tl.sqrt_rn``, ``tl.div_rn``), not the GPU's fast
 approximations, and no ``a·b + c`` is contracted into a fused multiply-add (``enable_fp_fusion=False``, as
 Triton's interpreter computes), so results match the CPU paths to rounding. G and W are read once and W written once per
-entry, in the parameter's dtype; moments are float32, or bfloat16 (``state_dtype="bfloat16"``): loaded into
-fp32, updated, used for the step, and stored with the stochastic rounding of the other paths
-(:func:`foam_hf.precision.store_moment`), the same counter hash of (index, step, salt) computed in-kernel, so a
-bf16 moment comes out bit for bit what the readable path stores for the same fp32 value.
+entry, W in the parameter's dtype and G in its own (an fp32 gradient of a bf16 weight is not rounded first); moments
+are float32, or bfloat16 (``state_dtype="bfloat16"``): loaded into fp32, updated, used for the step, and stored
+with the stochastic rounding of the other paths (:func:`foam_hf.precision.store_moment`), the same counter hash of
+(index, step, salt) computed in-kernel, so a bf16 moment comes out bit for bit what the readable path stores for
+the same fp32 value.
 
 Triton ships with the CUDA builds of torch; without it this module still imports and reports the path
 unavailable. Tests run the kernels on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``, set before
@@ -55,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 #: Parameter dtypes the Triton kernels step (moments are float32 or bfloat16).
 TRITON_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+#: Gradient dtypes the kernels load, whatever the parameter's (FSDP2 may reduce bf16 parameters' gradients in fp32).
+_GRAD_DTYPES: tuple[torch.dtype, ...] = TRITON_DTYPES
 
 # Tile sizes: entries per program of the folded kernel (KB · BP, at least one block) and of the 1-D kernel.
 _TILE = 2048
@@ -242,7 +245,8 @@ def _tensor_problem(
     """Why the kernels cannot step ``param`` with these tensors, as ``(reason, fix)``, or ``None`` where they can:
     the fused CPU kernel's checks (``csrc/foam_cpu.cpp``). The kernels index every tensor from its address in C
     order, so a moment of the wrong size would be read and written past its end, a transposed one in the wrong
-    layout. Gradients of another dtype or layout are copied first, so only their device and shape matter."""
+    layout. Gradients are read in their own dtype (float32, bfloat16 or float16; others are copied to float32, as
+    the readable path computes) and strided ones copied first, so only their device and shape matter."""
     fused_none = "pass fused=None or False for this group"
     if param.dtype not in TRITON_DTYPES:
         return "the kernels step float32, bfloat16 and float16 parameters", fused_none
@@ -419,12 +423,19 @@ if triton is not None:
         _store_weight(w_ptrs, w_new, in_block, OUT_BF16)
 
     @triton.jit
-    def _table_entry(table_ptr, PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-        # Row program_id(0) of a shared launch's table (_TABLE_COLUMNS): the addresses of G, W, m̃ and ṽ and the
-        # length (n folded, the entry count unfolded), each promised a multiple of 16 where ALIGNED (every tensor
-        # of the launch is _vector_aligned, which the compiler cannot see in loaded values).
+    def _table_entry(
+        table_ptr,
+        GRAD_DTYPE: tl.constexpr,
+        PARAM_DTYPE: tl.constexpr,
+        STATE_DTYPE: tl.constexpr,
+        ALIGNED: tl.constexpr,
+    ):
+        # Row program_id(0) of a shared launch's table (_TABLE_COLUMNS): the addresses of G (GRAD_DTYPE, which may
+        # differ from W's), W, m̃ and ṽ and the length (n folded, the entry count unfolded), each promised a
+        # multiple of 16 where ALIGNED (every tensor of the launch is _vector_aligned, which the compiler cannot see
+        # in loaded values).
         entry = table_ptr + tl.program_id(0) * _TABLE_WIDTH
-        g_ptr = tl.load(entry + 0).to(tl.pointer_type(PARAM_DTYPE))
+        g_ptr = tl.load(entry + 0).to(tl.pointer_type(GRAD_DTYPE))
         w_ptr = tl.load(entry + 1).to(tl.pointer_type(PARAM_DTYPE))
         m_ptr = tl.load(entry + 2).to(tl.pointer_type(STATE_DTYPE))
         v_ptr = tl.load(entry + 3).to(tl.pointer_type(STATE_DTYPE))
@@ -481,6 +492,7 @@ if triton is not None:
         step_c,
         key_m,
         key_v,
+        GRAD_DTYPE: tl.constexpr,
         PARAM_DTYPE: tl.constexpr,
         STATE_DTYPE: tl.constexpr,
         ALIGNED: tl.constexpr,
@@ -494,7 +506,7 @@ if triton is not None:
     ):
         # Many tensors per launch: program (i, p) steps tiles p, p + P, p + 2P, ... of the tensor in row i of
         # the table (its addresses, n, block count and rows: _TABLE_COLUMNS); P is the grid's second dimension.
-        g_ptr, w_ptr, m_ptr, v_ptr, n = _table_entry(table_ptr, PARAM_DTYPE, STATE_DTYPE, ALIGNED)
+        g_ptr, w_ptr, m_ptr, v_ptr, n = _table_entry(table_ptr, GRAD_DTYPE, PARAM_DTYPE, STATE_DTYPE, ALIGNED)
         entry = table_ptr + tl.program_id(0) * _TABLE_WIDTH
         num_blocks = tl.load(entry + 5)
         rows = tl.load(entry + 6)
@@ -581,6 +593,7 @@ if triton is not None:
         step_c,
         key_m,
         key_v,
+        GRAD_DTYPE: tl.constexpr,
         PARAM_DTYPE: tl.constexpr,
         STATE_DTYPE: tl.constexpr,
         ALIGNED: tl.constexpr,
@@ -590,7 +603,7 @@ if triton is not None:
         STATE_BF16: tl.constexpr,
     ):
         # Many tensors per launch, as _foam_fold_list_kernel: program (i, p) steps spans p, p + P, ... of tensor i.
-        g_ptr, w_ptr, m_ptr, v_ptr, numel = _table_entry(table_ptr, PARAM_DTYPE, STATE_DTYPE, ALIGNED)
+        g_ptr, w_ptr, m_ptr, v_ptr, numel = _table_entry(table_ptr, GRAD_DTYPE, PARAM_DTYPE, STATE_DTYPE, ALIGNED)
         for span in range(tl.program_id(1).to(tl.int64), tl.cdiv(numel, BLOCK), tl.num_programs(1).to(tl.int64)):
             _adamw_span(
                 g_ptr, w_ptr, m_ptr, v_ptr, span * BLOCK, numel,
@@ -620,12 +633,14 @@ def _fused_foam_triton(
 ) -> None:
     """The CUDA fused path, the ``impl`` :func:`foam_hf.functional.foam` picks on CUDA: one kernel launch per tensor
     of at least ``shared_max_entries`` entries (default :data:`_SHARED_MAX_ENTRIES`; 0 gives every tensor its own),
-    and one per kind of smaller tensor (folded or not, dtypes, step count, :func:`_vector_aligned` or not, tile
-    width) for all of them, through a table of their addresses. Both launches run the same per-tile code, so a
-    tensor steps the same bits either way.
+    and one per kind of smaller tensor (folded or not, dtypes of gradient, parameter and moments, step count,
+    :func:`_vector_aligned` or not, tile width) for all of them, through a table of their addresses. Both launches
+    run the same per-tile code, so a tensor steps the same bits either way.
 
     The bias corrections come from ``state_steps`` (CPU scalars, as in torch's Adam), so a step never waits
-    on the GPU. Gradients that are not contiguous or not in the parameter's dtype are made so first.
+    on the GPU. Gradients are read in their own dtype, not rounded to the parameter's (an fp32 gradient of a bf16
+    parameter steps as the readable path steps it, with no copy); only strided gradients, and those of a dtype the
+    kernels do not load (copied to float32, the dtype the readable path computes in), are copied first.
     :func:`foam_hf.functional.foam` checks first that the kernels cover every tensor
     (:func:`foam_hf.implementation.check_fused_tensors`).
     """
@@ -648,14 +663,16 @@ def _fused_foam_triton(
     for index, (param, grad, exp_avg, exp_avg_sq) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         if param.numel() == 0:
             continue
-        if grad.dtype != param.dtype or not grad.is_contiguous():
-            grad = grad.to(param.dtype).contiguous()
+        if grad.dtype not in _GRAD_DTYPES:  # fp64, say: the readable path computes these in fp32
+            grad = grad.to(torch.float32)
+        if not grad.is_contiguous():
+            grad = grad.contiguous()
         step = steps[index] if steps is not None else state_steps[index].item()
         folded = is_foldable(param, block_size)
         tensors = (grad, param, exp_avg, exp_avg_sq)
         if param.numel() < shared_max_entries:  # one tile width per launch: tensors of n < B get narrower ones
             width = _padded_width(param, block_size) if folded else 1
-            kind = (folded, param.dtype, exp_avg.dtype, step, _vector_aligned(tensors, folded), width)
+            kind = (folded, grad.dtype, param.dtype, exp_avg.dtype, step, _vector_aligned(tensors, folded), width)
             shared.setdefault(param.device, {}).setdefault(kind, []).append(tensors)
         else:
             own.setdefault(param.device, []).append((tensors, step, folded))
@@ -663,7 +680,7 @@ def _fused_foam_triton(
         with _current_device(device):
             for tensors, step, folded in own.get(device, ()):
                 (_launch_folded if folded else _launch_unfolded)(tensors, step, hyper)
-            for (folded, _, _, step, aligned, _), members in shared.get(device, {}).items():
+            for (folded, _, _, _, step, aligned, _), members in shared.get(device, {}).items():
                 _launch_shared(members, folded, step, aligned, hyper)
 
 
@@ -772,11 +789,13 @@ def _vector_aligned(tensors: tuple[torch.Tensor, ...], folded: bool) -> bool:
 def _launch_shared(
     members: list[tuple[torch.Tensor, ...]], folded: bool, step: float, aligned: bool, hyper: dict
 ) -> None:
-    """One launch for several tensors of the same kind (folded or not, dtypes, step count, ``aligned``: whether
-    every one is :func:`_vector_aligned`, and the tile width of the folded ones, :func:`_padded_width`): row i of an
-    int64 table holds tensor i's addresses and sizes (:data:`_TABLE_COLUMNS`), and program (i, p) steps every P-th
-    tile of it from the p-th, P programs a tensor (:data:`_SHARED_PROGRAMS` in all, at most a tile's worth each)."""
+    """One launch for several tensors of the same kind (folded or not, dtypes of G, W and moments, step count,
+    ``aligned``: whether every one is :func:`_vector_aligned`, and the tile width of the folded ones,
+    :func:`_padded_width`): row i of an int64 table holds tensor i's addresses and sizes (:data:`_TABLE_COLUMNS`),
+    and program (i, p) steps every P-th tile of it from the p-th, P programs a tensor (:data:`_SHARED_PROGRAMS` in
+    all, at most a tile's worth each)."""
     _, param, exp_avg, _ = members[0]
+    grad_dtype = members[0][0].dtype  # the launch's kind: every member's gradient has it
     rows, most_tiles = [], 1
     block_size = hyper["block_size"]
     constexprs = _fold_constexprs(param, exp_avg, hyper) if folded else _adamw_constexprs(param, exp_avg, hyper)
@@ -794,7 +813,12 @@ def _launch_shared(
     if param.device.type == "cuda":  # pinned, so the copy does not wait for the work queued before it
         table = table.pin_memory().to(param.device, non_blocking=True)
     grid = (len(members), min(most_tiles, _cdiv(_SHARED_PROGRAMS, len(members))))
-    dtypes = dict(PARAM_DTYPE=_TL_DTYPES[param.dtype], STATE_DTYPE=_TL_DTYPES[exp_avg.dtype], ALIGNED=aligned)
+    dtypes = dict(
+        GRAD_DTYPE=_TL_DTYPES[grad_dtype],
+        PARAM_DTYPE=_TL_DTYPES[param.dtype],
+        STATE_DTYPE=_TL_DTYPES[exp_avg.dtype],
+        ALIGNED=aligned,
+    )
     scalars = _kernel_scalars(step, folded, hyper)
     if folded:
         rho = hyper["res_scale"]

@@ -548,6 +548,58 @@ def test_a_block_size_far_above_the_rows_steps_a_tile_of_the_row(dtype):
         torch.testing.assert_close(q.float(), p.float(), atol=atol, rtol=rtol)
 
 
+# 16-bit parameters with fp32 gradients (FSDP2's MixedPrecisionPolicy(reduce_dtype=torch.float32) over bf16
+# parameters): (dtype, weight rtol), one spacing of the parameter's dtype.
+FP32_GRAD_CASES = [(torch.bfloat16, 2**-7), (torch.float16, 2**-9)]
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 4])
+@pytest.mark.parametrize("dtype, rtol", FP32_GRAD_CASES, ids=["bf16", "fp16"])
+def test_fp32_gradients_of_16_bit_parameters_step_unrounded(block_size, dtype, rtol):
+    """The kernels read an fp32 gradient of a bf16 or fp16 parameter as it is, as the readable path does, not
+    rounded to the parameter's dtype first: the moments agree to fp32 rounding. Every other tensor's gradient is in
+    the parameter's dtype, so shared launches hold both kinds of gradient apart."""
+    gen = torch.Generator().manual_seed(5)
+    shapes = SHAPES + [(64, 64)]
+    reference = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    triton = [p.clone() for p in reference]
+    state_ref, state_triton = fresh_state(reference, block_size), fresh_state(triton, block_size)
+    kwargs = step_kwargs(block_size, res_scale=0.5)
+    for _ in range(STEPS):
+        grads = [torch.randn(s, generator=gen).to(torch.float32 if i % 2 == 0 else dtype) for i, s in enumerate(shapes)]
+        kept = [g.clone() for g in grads]
+        _single_tensor_foam(reference, grads, *state_ref, **kwargs)
+        fused_triton._fused_foam_triton(triton, grads, *state_triton, **kwargs)
+        assert all(g.dtype == k.dtype and torch.equal(g, k) for g, k in zip(grads, kept))
+    for p, q in zip(reference, triton):
+        assert q.dtype == dtype
+        torch.testing.assert_close(q.float(), p.float(), atol=1e-6, rtol=rtol)
+    for expected, actual in zip(state_ref[0] + state_ref[1], state_triton[0] + state_triton[1]):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
+
+
+def test_gradients_are_launched_in_their_own_dtype_without_a_copy(monkeypatch):
+    """A contiguous gradient reaches the kernels as it is, whatever its dtype (no full-size copy a step); a strided
+    one is made contiguous in its own dtype, and one of a dtype the kernels do not load (fp64) becomes fp32, the
+    dtype the readable path computes in. Launches are recorded, not run."""
+    launched = []
+    monkeypatch.setattr(fused_triton, "_launch_folded", lambda tensors, step, hyper: launched.append(tensors[0]))
+    monkeypatch.setattr(fused_triton, "_launch_unfolded", lambda tensors, step, hyper: launched.append(tensors[0]))
+    params = [torch.zeros(4, 8, dtype=torch.bfloat16) for _ in range(4)]
+    grads = [
+        torch.ones(4, 8),
+        torch.ones(4, 8, dtype=torch.bfloat16),
+        torch.ones(8, 4).t(),
+        torch.ones(4, 8, dtype=torch.float64),
+    ]
+    fused_triton._fused_foam_triton(
+        params, grads, *fresh_state(params, 4), shared_max_entries=0, **step_kwargs(4)
+    )  # fmt: skip
+    assert launched[0] is grads[0] and launched[1] is grads[1]
+    assert all(g.is_contiguous() and g.dtype == torch.float32 for g in launched[2:])
+    assert torch.equal(launched[2], grads[2]) and torch.equal(launched[3], grads[3].float())
+
+
 def test_a_block_wider_than_the_kernels_step_is_refused_before_the_step_counts_change():
     wide = fused_triton.MAX_BLOCK_WIDTH + 1
     params = [torch.zeros(7), torch.zeros(1, wide)]  # the unfolded first tensor would launch first

@@ -3,9 +3,9 @@
 Triton's interpreter (tests/test_fused_triton.py) runs the kernels as NumPy code, so a kernel can pass there
 that a GPU compiler refuses. tests/_scripts/compile_triton_for_cuda.py records every launch of a step over a mixed
 list (folded and unfolded tensors, launches of their own and shared ones, every parameter and moment dtype,
-B = 1, 3 and 4) and compiles each to a cubin for A100 (sm_80) and H100/H200 (sm_90) with the ptxas that ships
-with Triton, with the argument types and alignments Triton's launcher would give it. It runs in a subprocess
-without ``TRITON_INTERPRET``, which the rest of the test session sets.
+fp32 gradients of bf16 parameters, B = 1, 3 and 4) and compiles each to a cubin for A100 (sm_80) and H100/H200
+(sm_90) with the ptxas that ships with Triton, with the argument types and alignments Triton's launcher would
+give it. It runs in a subprocess without ``TRITON_INTERPRET``, which the rest of the test session sets.
 """
 
 from __future__ import annotations
@@ -20,6 +20,15 @@ SCRIPT = Path(__file__).parent / "_scripts" / "compile_triton_for_cuda.py"
 KERNELS = {"_foam_fold_kernel", "_foam_fold_list_kernel", "_adamw_kernel", "_adamw_list_kernel"}
 
 
+def grad_and_weight_dtypes(entry: dict) -> tuple[str, str]:
+    """The (gradient, weight) dtypes of a compiled launch: its pointer arguments' types (``*bf16``) for a launch of
+    its own, the GRAD_DTYPE and PARAM_DTYPE constants (``bf16``) for a shared one."""
+    signature, constexprs = entry["signature"], entry["constexprs"]
+    if "g_ptr" in signature:
+        return signature["g_ptr"].lstrip("*"), signature["w_ptr"].lstrip("*")
+    return constexprs["GRAD_DTYPE"], constexprs["PARAM_DTYPE"]
+
+
 def test_every_launch_compiles_for_sm80_and_sm90_without_a_gpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
     out = tmp_path / "compiled.json"
@@ -28,6 +37,14 @@ def test_every_launch_compiles_for_sm80_and_sm90_without_a_gpu(tmp_path):
     compiled = json.loads(out.read_text())
     for target in ("sm_80", "sm_90"):
         assert {entry["kernel"] for entry in compiled if entry["target"] == target} == KERNELS
+        # fp32 gradients of bf16 parameters compile in both kinds of launch, not only gradients of the weight's dtype
+        for kernel in KERNELS:
+            assert any(
+                entry["target"] == target
+                and entry["kernel"] == kernel
+                and grad_and_weight_dtypes(entry) == ("fp32", "bf16")
+                for entry in compiled
+            ), kernel
     for entry in compiled:
         # every launch asks for no a·b + c contraction (as the interpreter computes), and got a cubin
         assert entry["options"] == {"enable_fp_fusion": False} and entry["cubin_bytes"] > 0

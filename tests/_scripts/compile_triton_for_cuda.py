@@ -5,10 +5,11 @@
 Triton's interpreter (where the other tests run the kernels) executes them as NumPy code, so a kernel can pass
 there and still fail to compile for a GPU. Here every launch that ``_fused_foam_triton`` makes over a mixed list
 (folded and unfolded tensors, launches of their own and shared ones; fp32, bf16 and fp16 parameters; fp32 and
-bf16 moments; B = 1, 3 and 4) is recorded instead of run, then compiled down to PTX and a cubin (Triton's own
-``ptxas``) for sm_80 (A100) and sm_90 (H100, H200), with the argument types and 16-byte alignments that Triton's
-launcher would give it, and the launch's options (``enable_fp_fusion``). ``out.json`` gets one entry per distinct
-compilation: the kernel, the target, the compile-time constants, and the widths of its global loads and stores.
+bf16 moments; gradients in the parameter's dtype and fp32 gradients of bf16 parameters; B = 1, 3 and 4) is
+recorded instead of run, then compiled down to PTX and a cubin (Triton's own ``ptxas``) for sm_80 (A100) and
+sm_90 (H100, H200), with the argument types and 16-byte alignments that Triton's launcher would give it, and the
+launch's options (``enable_fp_fusion``). ``out.json`` gets one entry per distinct compilation: the kernel, the
+target, the compile-time constants, and the widths of its global loads and stores.
 
 Where Triton's wheel bundles ``cuobjdump`` (3.9 does), each entry also gets the cubin's registers per thread and
 local-memory bytes (register spills), and ``--table`` prints them as a Markdown table: a GPU's occupancy and
@@ -43,12 +44,15 @@ from foam_hf.folding import folded_shape, is_foldable  # noqa: E402
 
 KERNELS = ("_foam_fold_kernel", "_foam_fold_list_kernel", "_adamw_kernel", "_adamw_list_kernel")
 TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90": GPUTarget("cuda", 90, 32)}
-# (parameter dtype, moment dtype): every pair FOAM's CUDA step can be asked for.
+# (parameter dtype, moment dtype, gradient dtype): every pair of parameter and moment dtypes FOAM's CUDA step can be
+# asked for, with gradients in the parameter's dtype, and bf16 parameters with fp32 gradients (FSDP2's
+# reduce_dtype=torch.float32), whose loads are twice as wide as the weights'.
 DTYPES = [
-    (torch.float32, torch.float32),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.bfloat16, torch.float32),
-    (torch.float16, torch.float32),
+    (torch.float32, torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32, torch.bfloat16),
+    (torch.float16, torch.float32, torch.float16),
+    (torch.bfloat16, torch.float32, torch.float32),
 ]
 BLOCK_SIZES = (1, 3, 4)
 # Under SHARED_MAX_ENTRIES (64 x 48 = 3072 and 2000 are not): folded and 1-D tensors in both kinds of launch;
@@ -72,13 +76,13 @@ def record_launches() -> list[tuple[str, tuple, dict]]:
     for name in KERNELS:
         setattr(_fused_triton, name, Recorder(name))
     hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, scale=1.0, res_scale=1.0)
-    for dtype, state_dtype in DTYPES:
+    for dtype, state_dtype, grad_dtype in DTYPES:
         for block_size in BLOCK_SIZES:
             params = [torch.zeros(s, dtype=dtype) for s in SHAPES]
             states = [folded_shape(p.shape, block_size) if is_foldable(p, block_size) else p.shape for p in params]
             _fused_triton._fused_foam_triton(
                 params,
-                [torch.zeros_like(p) for p in params],
+                [torch.zeros_like(p, dtype=grad_dtype) for p in params],
                 [torch.zeros(s, dtype=state_dtype) for s in states],
                 [torch.zeros(s, dtype=state_dtype) for s in states],
                 [torch.tensor(0.0) for _ in params],
