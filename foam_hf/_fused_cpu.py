@@ -196,13 +196,29 @@ def _fused_foam(
     """The fused path: one C++ call per group, one read of G and W and one write of W per element.
 
     Gradients that are not contiguous or not in the parameter's dtype are made so first (a copy, the only
-    full-size allocation this path can make; Trainer's gradients never need it). bf16 moments are widened,
+    full-size allocation this path can make; Trainer's gradients never need it), but for one case: a gradient
+    wider than its 16-bit parameter (fp32 gradients of bf16 weights, as FSDP2's ``reduce_dtype=float32`` gives
+    them), which the kernel would round to the parameter's dtype first. Those tensors take the readable path,
+    which steps them on the unrounded gradient, as the Triton kernels do. bf16 moments are widened,
     stepped and stochastically rounded back inside the kernel, a few hundred entries at a time (the rounding
     is :func:`foam_hf.precision.store_moment`'s, bit for bit). :func:`foam_hf.functional.foam` checks first
     that the kernel covers every tensor (:func:`foam_hf.implementation.check_fused_tensors`).
     """
     if not params:
         return
+    wider = [i for i, (p, g) in enumerate(zip(params, grads)) if _rounds_the_gradient(p, g)]
+    if wider:
+        from .functional import _single_tensor_foam
+
+        hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, block_size=block_size)
+        hyper |= dict(scale=scale, res_scale=res_scale, second_moment=second_moment)
+        tensors = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+        _single_tensor_foam(*([t[i] for i in wider] for t in tensors), **hyper)
+        params, grads, exp_avgs, exp_avg_sqs, state_steps = (
+            [x for i, x in enumerate(t) if i not in set(wider)] for t in tensors
+        )
+        if not params:
+            return
     kernel = load_kernel()  # the caller checked it was built and covers these tensors (check_fused_tensors)
     grads = [
         g if g.dtype == p.dtype and g.is_contiguous() else g.to(p.dtype).contiguous() for p, g in zip(params, grads)
@@ -223,3 +239,10 @@ def _fused_foam(
         float(res_scale),
         second_moment == "mean_sq",
     )
+
+
+def _rounds_the_gradient(param: torch.Tensor, grad: torch.Tensor) -> bool:
+    """Whether handing ``grad`` to the kernel, which reads gradients in the parameter's dtype, would round it: a
+    gradient of a wider floating dtype than its 16-bit parameter."""
+    half = (torch.bfloat16, torch.float16)
+    return param.dtype in half and grad.dtype != param.dtype and grad.dtype.itemsize > param.dtype.itemsize

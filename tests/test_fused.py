@@ -24,7 +24,7 @@ from _helpers import (
     saved_and_loaded,
 )
 
-from foam_hf import FOAM
+from foam_hf import FOAM, foam
 
 # 2, 4, 8 (and 16 with AVX-512): in-register blocks; 16, 32: blocks of whole vectors; 3: the portable code.
 BLOCK_SIZES = [1, 2, 3, 4, 8, 16, 32]
@@ -146,3 +146,29 @@ def test_fused_does_not_touch_grads(kernel):
     opt.step()
     for p, g in zip(params, before):
         assert torch.equal(p.grad, g)
+
+
+def test_fp32_gradients_of_16_bit_parameters_step_unrounded():
+    """A gradient wider than its bf16/fp16 parameter (FSDP2's reduce_dtype=float32 gives them) is not rounded to
+    the parameter's dtype, as the kernel would: that tensor steps exactly as on the readable path, the others
+    of the group on the kernel. The Triton kernels do the same (tests/test_fused_triton.py)."""
+    gen = torch.Generator().manual_seed(5)
+    dtypes = [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16)]
+    start = [torch.randn(6, 16, generator=gen).to(p) for p, _ in dtypes]
+    states = {name: ([w.clone() for w in start], [], [], []) for name in ("fused", "readable")}
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, block_size=4, scale=1.0)
+    hyper |= dict(res_scale=1.0, second_moment="mean_sq")
+    for params, avgs, avg_sqs, steps in states.values():
+        avgs += [torch.zeros(6, 4) for _ in params]
+        avg_sqs += [torch.zeros(6, 4) for _ in params]
+        steps += [torch.tensor(0.0) for _ in params]
+    for _ in range(3):
+        grads = [(torch.randn(6, 16, generator=gen) * 1e-2).to(g) for _, g in dtypes]
+        for name, (params, avgs, avg_sqs, steps) in states.items():
+            paths = dict(fused=True) if name == "fused" else dict(fused=False, foreach=False)
+            foam(params, [g.clone() for g in grads], avgs, avg_sqs, steps, **hyper, **paths)
+    fused, readable = states["fused"], states["readable"]
+    for i in (0, 1):  # the wider gradients: the readable path's bits
+        assert torch.equal(fused[0][i], readable[0][i]) and torch.equal(fused[1][i], readable[1][i])
+    # the bf16 gradient took the kernel: within the kernel's bf16 tolerance of the readable path
+    torch.testing.assert_close(fused[0][2].float(), readable[0][2].float(), atol=1e-6, rtol=2**-7)
