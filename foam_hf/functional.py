@@ -53,39 +53,10 @@ def foam(
     :func:`foam_hf.implementation.select_implementation`'s choice: with both ``None``, a fused kernel where one
     covers every tensor, else the foreach path on CUDA and the readable path on CPU.
     """
-    validate_group_options(
-        dict(
-            lr=lr,
-            betas=(beta1, beta2),
-            eps=eps,
-            weight_decay=weight_decay,
-            block_size=block_size,
-            scale=scale,
-            res_scale=res_scale,
-            second_moment=second_moment,
-            foreach=foreach,
-            fused=fused,
-        ),
-        where="foam_hf.foam",
-    )
-    _foam(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        state_steps,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        block_size=block_size,
-        scale=scale,
-        res_scale=res_scale,
-        second_moment=second_moment,
-        foreach=foreach,
-        fused=fused,
-    )
+    options = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, block_size=block_size)
+    options |= dict(scale=scale, res_scale=res_scale, second_moment=second_moment, foreach=foreach, fused=fused)
+    validate_group_options({**options, "betas": (beta1, beta2)}, where="foam_hf.foam")  # a group holds betas
+    _foam(params, grads, exp_avgs, exp_avg_sqs, state_steps, **options)
 
 
 def _foam(
