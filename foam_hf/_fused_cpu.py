@@ -206,17 +206,15 @@ def _fused_foam(
     """
     if not params:
         return
-    wider = [i for i, (p, g) in enumerate(zip(params, grads)) if _rounds_the_gradient(p, g)]
-    if wider:
+    wider = [_rounds_the_gradient(p, g) for p, g in zip(params, grads)]
+    if any(wider):
         from .functional import _single_tensor_foam
 
         hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, block_size=block_size)
         hyper |= dict(scale=scale, res_scale=res_scale, second_moment=second_moment)
         tensors = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
-        _single_tensor_foam(*([t[i] for i in wider] for t in tensors), **hyper)
-        params, grads, exp_avgs, exp_avg_sqs, state_steps = (
-            [x for i, x in enumerate(t) if i not in set(wider)] for t in tensors
-        )
+        _single_tensor_foam(*([x for x, w in zip(t, wider) if w] for t in tensors), **hyper)
+        params, grads, exp_avgs, exp_avg_sqs, state_steps = ([x for x, w in zip(t, wider) if not w] for t in tensors)
         if not params:
             return
     kernel = load_kernel()  # the caller checked it was built and covers these tensors (check_fused_tensors)
