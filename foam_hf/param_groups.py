@@ -135,6 +135,12 @@ def _adapter_layer_names(model: nn.Module) -> set[str]:
     return {name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
 
 
+def _first_few(names: list[str], limit: int = 5) -> str:
+    """``names`` as an error message lists them: the first ``limit``, then how many more."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{names[:limit]}{more}"
+
+
 def _no_match_error(
     what: str,
     pattern: str,
@@ -147,8 +153,7 @@ def _no_match_error(
     their parameters counts (frozen, or, for a target, not a linear layer's weight). ``one_regex``: the pattern is
     a target given as one string, a regex over the whole module name rather than a suffix."""
     if matched:
-        shown = [f"{name} ({why})" for name, why in list(matched.items())[:5]]
-        more = f" and {len(matched) - 5} more" if len(matched) > 5 else ""
+        shown = _first_few([f"{name} ({why})" for name, why in matched.items()])
         frozen = any("frozen" in why for why in matched.values())
         fix = (
             "Fix: drop it, or unfreeze those parameters (requires_grad_(True)); with PEFT, name a module that has "
@@ -159,7 +164,7 @@ def _no_match_error(
         )
         return NoMatchingModuleError(
             f"FOAM: {what} {pattern!r} matches modules of the model, but no parameter there "
-            f"{'is trainable' if frozen else 'is a trainable linear weight'}: {shown}{more}. {fix}"
+            f"{'is trainable' if frozen else 'is a trainable linear weight'}: {shown}. {fix}"
         )
     leaves = sorted({n.rsplit(".", 1)[-1] for n in module_names if n})
     close = difflib.get_close_matches(pattern, leaves, n=5, cutoff=0.5) or difflib.get_close_matches(
@@ -262,7 +267,6 @@ def resolve_block_sizes(
         return any(_reaches(t, module_name, target_names) for t in target_list)
 
     used_targets: set[str] = set()
-    used_patterns: set[str] = set()
     sized_by_pattern: dict[str, list[tuple[str, torch.Tensor]]] = {}  # what each override decided the size of
     size_by_parameter: dict[str, int] = {}
     for name, p in trainable:
@@ -292,14 +296,13 @@ def resolve_block_sizes(
                     f"FOAM: parameter {name!r} is matched equally specifically by block_sizes patterns "
                     f"{sorted(chosen)} with different sizes {sorted(sizes)}. Fix: make one pattern more specific."
                 )
-            used_patterns.update(chosen)
             for pattern in chosen:
                 sized_by_pattern.setdefault(pattern, []).append((name, p))
             size = sizes.pop()
         size_by_parameter[name] = size
 
     for pattern in config.block_sizes:
-        if pattern not in used_patterns:
+        if pattern not in sized_by_pattern:
             # A pattern may be shadowed everywhere by a more specific one yet still match: report only
             # patterns that match no trainable parameter's module at all.
             matches = any(
@@ -311,8 +314,7 @@ def resolve_block_sizes(
     for pattern, sized in sized_by_pattern.items():
         size = config.block_sizes[pattern]
         if size > 1 and not any(folds_in_full(p, size) for _, p in sized):
-            names = [name for name, _ in sized]
-            shown = f"{names[:5]}{f' and {len(names) - 5} more' if len(names) > 5 else ''}"
+            shown = _first_few([name for name, _ in sized])
             raise FoamConfigError(
                 f"FOAM: block_sizes pattern {pattern!r} sets block size {size} only on parameters that never fold "
                 f"(one-dimensional or empty: {shown}), so it would change nothing. Fix: drop it, or name modules "
