@@ -275,7 +275,7 @@ def _tensor_problem(
     folded = is_foldable(param, block_size)
     expected = param.numel() // param.shape[-1] * _cdiv(param.shape[-1], block_size) if folded else param.numel()
     for name, moment in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        if moment.device != param.device or moment.layout != torch.strided or not moment.is_contiguous():
+        if not moments_supported(param, moment):  # its dtype passed above: the layout or the device
             layout = f"strides {moment.stride()}" if moment.layout == torch.strided else str(moment.layout)
             return (
                 f"{name} (shape {tuple(moment.shape)}, {layout}, on {moment.device}) is not a contiguous tensor on "
