@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import sys
+from collections.abc import Iterable
 
 import torch
 
@@ -50,7 +52,16 @@ try:  # Triton ships with torch's CUDA builds; without it this path is simply un
 except ImportError:
     triton = None
 
-__all__ = ["MAX_BLOCK_WIDTH", "TRITON_DTYPES", "block_width", "triton_available", "triton_ready", "triton_supported"]
+__all__ = [
+    "DEFAULT_CHECK_KINDS",
+    "MAX_BLOCK_WIDTH",
+    "TRITON_DTYPES",
+    "CheckKind",
+    "block_width",
+    "triton_available",
+    "triton_ready",
+    "triton_supported",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -97,45 +108,70 @@ def triton_available() -> bool:
     return triton is not None
 
 
-_ready: dict[torch.device, bool] = {}
+#: The self-check's verdicts, per device and kind of step (:data:`CheckKind`).
+_ready: dict[tuple[torch.device, tuple[torch.dtype, torch.dtype, int]], bool] = {}
+
+#: What the self-check steps before the kernels step a group: (parameter dtype, moment dtype, block size). Each
+#: compiles kernels of its own (the dtypes, the block size and the tile width are compile-time constants), so each
+#: is checked before it first trains.
+CheckKind = tuple[torch.dtype, torch.dtype, int]
+#: The kinds ``triton_ready(device)`` checks when asked of no group in particular: fp32 parameters with fp32
+#: moments and bf16 parameters with bf16 moments, at block size 4.
+DEFAULT_CHECK_KINDS: tuple[CheckKind, ...] = ((torch.float32, torch.float32, 4), (torch.bfloat16, torch.bfloat16, 4))
 
 # The self-check's tolerances, those of tests/test_fused_triton.py: (weight atol, weight rtol) per parameter
 # dtype, and the moments' rtol per state dtype (bf16 moments may round to a neighbouring value).
-_CHECK_WEIGHT_TOLERANCES = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (1e-6, 2**-7)}
+_CHECK_WEIGHT_TOLERANCES = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (1e-6, 2**-7), torch.float16: (1e-6, 2**-10)}
 _CHECK_MOMENT_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-7}
 _CHECK_STEPS = 2  # the second step starts from moments the kernels wrote
 
 
-def _scratch_problem(device: torch.device, dtype: torch.dtype, state_dtype: torch.dtype, block_size: int):
-    """A tiny step problem for the self-check: a folded weight with whole blocks, one with a ragged last block
-    (``n mod B != 0``) and two 1-D biases (the AdamW kernel), of 5 and 16 entries; seeded, so every check steps
-    the same numbers. In shared launches, the 16-wide weight and the 16-entry bias take the aligned kernels."""
+def _scratch_shapes(block_size: int) -> list[tuple[int, ...]]:
+    """The self-check's tensors at ``block_size``: a folded weight of whole blocks whose rows are a multiple of 16
+    entries (the aligned kernels), one whose rows end in a ragged block (odd rows: the unaligned kernels), and two
+    1-D biases (the AdamW kernel), of 5 and 16 entries. Rows hold at least a block, so the tile is the one a
+    group's large weights compile (``BP`` = the block size rounded up to a power of two); blocks wider than
+    :data:`MAX_BLOCK_WIDTH`, which the kernels never step, are checked on rows of one block as wide as they go."""
+    width = min(block_size, MAX_BLOCK_WIDTH)
+    whole = width * 16 // math.gcd(width, 16)
+    ragged = 2 * width + 1 if block_size <= MAX_BLOCK_WIDTH else MAX_BLOCK_WIDTH - 1
+    return [(4, whole), (3, ragged), (5,), (16,)]
+
+
+def _scratch_problem(device: torch.device, kind: CheckKind):
+    """A small step problem for the self-check (:func:`_scratch_shapes`) of ``kind``, seeded, so every check steps
+    the same numbers: parameters, a list of gradients per step, and zero moments."""
     from foam_hf.folding import folded_shape
 
+    dtype, state_dtype, block_size = kind
     gen = torch.Generator().manual_seed(0)
-    shapes = [(4, 16), (3, 10), (5,), (16,)]  # rows and entries a multiple of 16 or not: every kind of launch
+    shapes = _scratch_shapes(block_size)
     params = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
     grads = [[torch.randn(s, generator=gen).to(device, dtype) for s in shapes] for _ in range(_CHECK_STEPS)]
-    state_shapes = [folded_shape(s, block_size) if len(s) >= 2 else s for s in shapes]
+    state_shapes = [folded_shape(s, block_size) if len(s) >= 2 and block_size > 1 else s for s in shapes]
     exp_avgs = [torch.zeros(s, device=device, dtype=state_dtype) for s in state_shapes]
     exp_avg_sqs = [torch.zeros(s, device=device, dtype=state_dtype) for s in state_shapes]
     return params, grads, exp_avgs, exp_avg_sqs
 
 
-def _self_check_mismatch(device: torch.device) -> str | None:
-    """Step the scratch problem with the kernels and with the readable path on ``device``; describe the
-    first disagreement beyond the tests' tolerances (``None`` when they agree)."""
+def _describe(kind: CheckKind) -> str:
+    dtype, state_dtype, block_size = kind
+    return f"{dtype} parameters, {state_dtype} moments, block_size={block_size}"
+
+
+def _self_check_mismatch(device: torch.device, kind: CheckKind = DEFAULT_CHECK_KINDS[0]) -> str | None:
+    """Step the scratch problem of ``kind`` with the kernels and with the readable path on ``device``, each tensor
+    in a launch of its own and then all in shared launches; describe the first disagreement beyond the tests'
+    tolerances (``None`` when they agree)."""
     from .functional import _single_tensor_foam
 
+    dtype, state_dtype, block_size = kind
     hyper = dict(
         lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, scale=1.0, res_scale=1.0, second_moment="mean_sq"
     )
-    # (params, moments, shared_max_entries): each tensor in a launch of its own, then all of them in shared ones
-    cases = [(d, d, shared) for d in (torch.float32, torch.bfloat16) for shared in (0, sys.maxsize)]
-    for dtype, state_dtype, shared in cases:
-        block_size = 4
-        kernel = _scratch_problem(device, dtype, state_dtype, block_size)
-        readable = _scratch_problem(device, dtype, state_dtype, block_size)
+    for shared in (0, sys.maxsize):  # each tensor in a launch of its own, then all of them in shared ones
+        kernel = _scratch_problem(device, kind)
+        readable = _scratch_problem(device, kind)
         kernel_steps = [torch.tensor(0.0) for _ in kernel[0]]
         readable_steps = [torch.tensor(0.0) for _ in readable[0]]
         for step in range(_CHECK_STEPS):
@@ -158,41 +194,49 @@ def _self_check_mismatch(device: torch.device) -> str | None:
                 worst = (got - want).abs().nan_to_num(float("inf")).max().item()
                 launch = "shared launches" if shared else "a launch per tensor"
                 return (
-                    f"{name} of shape {tuple(got.shape)} ({dtype} parameters, {state_dtype} moments, {launch}) "
-                    "differs from "
+                    f"{name} of shape {tuple(got.shape)} ({_describe(kind)}, {launch}) differs from "
                     f"the readable path by up to {worst:.3g} (atol={atol:.3g}, rtol={rtol:.3g})"
                 )
     return None
 
 
-def triton_ready(device: torch.device) -> bool:
-    """Whether the kernels compile, run *and compute FOAM's step* on ``device``: checked once per device.
+def triton_ready(device: torch.device, kinds: Iterable[CheckKind] | None = None) -> bool:
+    """Whether the kernels compile, run *and compute FOAM's step* on ``device`` for every kind of step in
+    ``kinds`` (:data:`CheckKind`: parameter dtype, moment dtype, block size; default
+    :data:`DEFAULT_CHECK_KINDS`): checked once per device and kind.
 
-    The check steps a tiny seeded problem (a folded weight, a ragged one and a bias; fp32 parameters with
-    fp32 moments and bf16 parameters with bf16 moments; two steps) with the kernels and with the readable path
-    :func:`foam_hf.functional._single_tensor_foam` on the same device and inputs, and compares weights and moments
-    within the tolerances of the tests. ``fused=None`` asks this before choosing the Triton path, so a Triton or
-    driver that cannot build these kernels, or that builds them wrong, costs one logged warning and the
-    foreach path (same results, more memory traffic), never a failed or silently wrong training run.
-    (``fused=True`` does not ask: its errors surface as they are.)
+    The check steps a small seeded problem of that kind (:func:`_scratch_shapes`: a weight of whole blocks, a
+    ragged one and two biases; two steps, with a launch per tensor and with shared launches) with the kernels and
+    with the readable path :func:`foam_hf.functional._single_tensor_foam` on the same device and inputs, and
+    compares weights and moments within the tolerances of the tests. ``fused=None`` asks it of each group's kinds
+    before choosing the Triton path, so a Triton or driver that cannot build these kernels, or that builds them
+    wrong, costs one logged warning and the foreach path (same results, more memory traffic), never a failed or
+    silently wrong training run. (``fused=True`` does not ask: its errors surface as they are.)
     """
     if not triton_available():
         return False
     device = torch.device(device)
-    if device not in _ready:
+    return all(_ready_for(device, kind) for kind in (DEFAULT_CHECK_KINDS if kinds is None else kinds))
+
+
+def _ready_for(device: torch.device, kind: CheckKind) -> bool:
+    """:func:`triton_ready` for one kind: the cached verdict, or the self-check's, with its one warning."""
+    key = (device, kind)
+    if key not in _ready:
         try:
-            mismatch = _self_check_mismatch(device)
+            mismatch = _self_check_mismatch(device, kind)
         except Exception as exc:  # noqa: BLE001 - any failure to build or run means "use the foreach path"
-            _ready[device] = False
+            _ready[key] = False
             logger.warning(
-                "FOAM: the Triton kernels could not run on %s, so FOAM uses its foreach path (same results, "
-                "more memory traffic). Reason: %s: %s",
+                "FOAM: the Triton kernels could not run on %s (%s), so FOAM uses its foreach path there (same "
+                "results, more memory traffic). Reason: %s: %s",
                 device,
+                _describe(kind),
                 type(exc).__name__,
                 str(exc).strip().splitlines()[0] if str(exc).strip() else "",
             )
         else:
-            _ready[device] = mismatch is None
+            _ready[key] = mismatch is None
             if mismatch is not None:
                 logger.warning(
                     "FOAM: the Triton kernels ran on %s but their self-check step disagrees with the readable "
@@ -201,7 +245,7 @@ def triton_ready(device: torch.device) -> bool:
                     device,
                     mismatch,
                 )
-    return _ready[device]
+    return _ready[key]
 
 
 def triton_supported(param: torch.Tensor, block_size: int | None = None) -> bool:

@@ -4,8 +4,8 @@ One place decides, as ``torch.optim``'s ``_default_to_fused_or_foreach`` does fo
 
 * ``fused=None, foreach=None`` (the default): a fused kernel when one covers every tensor of the group — the C++
   kernel for contiguous CPU float32/bfloat16/float16/float64 tensors (:mod:`foam_hf._fused_cpu`, built at first
-  use), the Triton kernels for such CUDA tensors once their numeric self-check passed
-  (:func:`foam_hf._fused_triton.triton_ready`); else foreach on CUDA and the readable path on CPU;
+  use), the Triton kernels for such CUDA tensors once their numeric self-check passed for the group's dtypes and
+  block size (:func:`foam_hf._fused_triton.triton_ready`); else foreach on CUDA and the readable path on CPU;
 * ``fused=True``: the fused kernel, and :func:`check_fused_available` says at construction why it cannot be;
 * ``foreach=True`` / ``False``: that path.
 
@@ -54,13 +54,17 @@ def _fused_default(
     if on_cuda:  # the Triton kernels store fp32 or bf16 moments (state_dtype="bfloat16")
         triton = _triton()
         # blocks no wider than they step, moments they index in place (contiguous, on the parameter's device: else
-        # the foreach path, which takes any), and ready on every GPU the group spans (self-checked once per device)
-        return (
+        # the foreach path, which takes any), and ready on every GPU the group spans for every kind of step it
+        # takes (dtypes and block size: self-checked once per device and kind)
+        if not (
             all(triton.triton_supported(p, block_size) for p in params)
             and all(map(triton.moments_supported, params, exp_avgs))
             and (exp_avg_sqs is None or all(map(triton.moments_supported, params, exp_avg_sqs)))
-            and all(map(triton.triton_ready, dict.fromkeys(p.device for p in params)))
-        )
+        ):
+            return False
+        check_block_size = triton.DEFAULT_CHECK_KINDS[0][2] if block_size is None else block_size
+        kinds = {(p.dtype, m.dtype, check_block_size) for p, m in zip(params, exp_avgs)}
+        return all(triton.triton_ready(device, kinds) for device in dict.fromkeys(p.device for p in params))
     # the CPU kernel also steps bf16 moments, and float64 parameters with float64 moments. Once it is loaded, it
     # answers for the whole list in one call (fused_supported's rule, tested equal to it), after the Python-type
     # test; before, the rule runs here, and only a list it covers starts the build.

@@ -35,8 +35,8 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py must set TR
 BLOCK_SIZES = [1, 2, 3, 4, 8, 32]
 STEPS = 4  # bias corrections and the moments' history both matter after a few steps
 # (dtype, weight atol, weight rtol): as tests/test_fused.py. fp32: a different summation order of the block
-# means (a tree in Triton) and ε moved inside one division, ~1 ulp per step. bf16: neighbouring bf16 values.
-DTYPES = [(torch.float32, 1e-6, 1e-5), (torch.bfloat16, 1e-6, 2**-7)]
+# means (a tree in Triton) and ε moved inside one division, ~1 ulp per step. bf16 and fp16: neighbouring values.
+DTYPES = [(torch.float32, 1e-6, 1e-5), (torch.bfloat16, 1e-6, 2**-7), (torch.float16, 1e-6, 2**-10)]
 
 
 @pytest.fixture(params=["own launches", "shared launches"], autouse=True)
@@ -96,7 +96,7 @@ def test_triton_matches_single_tensor_fp32(block_size, second_moment):
     assert [s.item() for s in state_triton[2]] == [float(STEPS)] * len(SHAPES)
 
 
-@pytest.mark.parametrize("dtype, atol, rtol", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES, ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("res_scale", [0.0, 1.0])
 @pytest.mark.parametrize("block_size", [3, 4])
 def test_triton_residual_scales_and_dtypes(block_size, res_scale, dtype, atol, rtol):
@@ -413,6 +413,57 @@ def test_ready_check_launches_every_kernel_the_step_can(monkeypatch):
     assert fused_triton._self_check_mismatch(torch.device("cpu")) is None
     shared = {("_launch_shared", folded, aligned) for folded in (True, False) for aligned in (True, False)}
     assert launched == {("_launch_folded",), ("_launch_unfolded",)} | shared
+
+
+def bf16_moments_of_fp32_weights_off(params, exp_avgs, exp_avg_sqs):
+    if params[0].dtype == torch.float32:
+        scale_bf16_moments(params, exp_avgs, exp_avg_sqs)  # wrong only for this pairing: its own compiled kernels
+
+
+def test_ready_check_checks_each_kind_of_step_the_group_takes(monkeypatch, caplog):
+    # fp32 weights with bf16 moments compile kernels of their own (dtypes are compile-time constants): the default
+    # kinds passing says nothing of them, so fused=None asks of the group's own kind, and that answer is its own.
+    perturbed_kernels(monkeypatch, bf16_moments_of_fp32_weights_off)
+    mixed = (torch.float32, torch.bfloat16, 4)
+    with caplog.at_level("WARNING", logger=fused_triton.__name__):
+        assert fused_triton.triton_ready(torch.device("cpu"))  # fp32/fp32 and bf16/bf16: right
+        assert not fused_triton.triton_ready(torch.device("cpu"), [mixed])
+        assert not fused_triton.triton_ready(torch.device("cpu"), [mixed, fused_triton.DEFAULT_CHECK_KINDS[0]])
+        assert fused_triton.triton_ready(torch.device("cpu"), [(torch.float32, torch.float32, 8)])
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1  # once per device and kind
+    assert "torch.float32 parameters, torch.bfloat16 moments, block_size=4" in warnings[0]
+    checked = [*fused_triton.DEFAULT_CHECK_KINDS, mixed, (torch.float32, torch.float32, 8)]
+    assert set(fused_triton._ready) == {(torch.device("cpu"), kind) for kind in checked}
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 3, 8, 32, 2**16, 2**17])
+def test_ready_check_steps_the_tile_of_the_groups_large_weights(block_size):
+    # The folded kernels compile per block size and tile width (min(B, n) rounded up to a power of two): the
+    # scratch weights have rows of at least a block, so the check compiles what a group's large weights run, one
+    # with whole blocks and rows a multiple of 16 (the aligned kernels) and one with a ragged last block.
+    whole, ragged, *biases = fused_triton._scratch_shapes(block_size)
+    width = min(block_size, fused_triton.MAX_BLOCK_WIDTH)
+    assert [len(s) for s in biases] == [1, 1]
+    for rows, n in (whole, ragged):
+        weight = torch.empty(rows, n, device="meta")
+        assert fused_triton.block_width(weight, block_size) <= fused_triton.MAX_BLOCK_WIDTH
+        if block_size > 1:  # the tile of rows n >= B (the AdamW kernel, B = 1, has none)
+            assert fused_triton._padded_width(weight, block_size) == 1 << (width - 1).bit_length()
+    assert whole[1] % 16 == 0 and whole[1] % width == 0
+    assert ragged[1] % 2 == 1  # odd: the unaligned kernels
+    if 1 < block_size <= fused_triton.MAX_BLOCK_WIDTH:
+        assert ragged[1] % block_size != 0
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [(torch.float32, torch.float32, 3), (torch.float32, torch.bfloat16, 8), (torch.bfloat16, torch.float32, 32),
+     (torch.float16, torch.float32, 4), (torch.float16, torch.bfloat16, 2), (torch.float32, torch.float32, 1)],
+    ids=str,
+)  # fmt: skip
+def test_ready_check_passes_for_right_kernels_of_every_kind(kind):
+    assert fused_triton._self_check_mismatch(torch.device("cpu"), kind) is None
 
 
 def test_ready_check_accepts_differences_within_the_tolerance(monkeypatch):

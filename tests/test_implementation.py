@@ -137,20 +137,28 @@ def test_fused_default_on_cuda_asks_every_device_of_the_group_for_the_self_check
     # A group spanning GPUs (device_map="auto" in one process) takes the Triton path only where the self-check
     # passed on each of them, not on the first parameter's device alone. The Triton module's answers are
     # stubbed (no GPU here); CPU and meta tensors stand in for two devices.
-    from foam_hf import implementation
+    from foam_hf import _fused_triton, implementation
 
     asked, ready = [], {torch.device("cpu"): True, torch.device("meta"): False}
     triton = type("Triton", (), {})()
     triton.triton_supported = lambda param, block_size=None: True
     triton.moments_supported = lambda param, moment: True
-    triton.triton_ready = lambda device: asked.append(device) or ready[device]
+    triton.DEFAULT_CHECK_KINDS = _fused_triton.DEFAULT_CHECK_KINDS
+    triton.triton_ready = lambda device, kinds: asked.append((device, kinds)) or ready[device]
     monkeypatch.setattr(implementation, "_triton", lambda: triton)
     params = [torch.zeros(4, 8), torch.zeros(3, device="meta"), torch.zeros(5)]
     moments = [torch.zeros(4, 2), torch.zeros(3, device="meta"), torch.zeros(5)]
     assert not implementation._fused_default(params, moments, on_cuda=True)
-    assert asked == [torch.device("cpu"), torch.device("meta")]  # each device once, the second says no
+    kinds = {(torch.float32, torch.float32, 4)}  # the group's dtypes; no block size given: the default check's
+    assert asked == [(torch.device("cpu"), kinds), (torch.device("meta"), kinds)]  # each device once
     ready[torch.device("meta")] = True
     assert implementation._fused_default(params, moments, on_cuda=True)
+    # the kinds are the group's own: its parameter and moment dtypes, at its block size
+    asked.clear()
+    params[0], moments[0] = torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(4, 1, dtype=torch.bfloat16)
+    assert implementation._fused_default(params, moments, on_cuda=True, block_size=8)
+    kinds = {(torch.bfloat16, torch.bfloat16, 8), (torch.float32, torch.float32, 8)}
+    assert asked == [(torch.device("cpu"), kinds), (torch.device("meta"), kinds)]
 
 
 def test_fused_default_on_cuda_takes_the_foreach_path_for_moments_the_kernels_cannot_index(monkeypatch):
@@ -161,7 +169,7 @@ def test_fused_default_on_cuda_takes_the_foreach_path_for_moments_the_kernels_ca
     from foam_hf import _fused_triton, implementation
 
     monkeypatch.setattr(_fused_triton, "triton_supported", lambda param, block_size=None: True)
-    monkeypatch.setattr(_fused_triton, "_ready", {torch.device("cpu"): True})
+    monkeypatch.setattr(_fused_triton, "triton_ready", lambda device, kinds=None: True)
     params = [torch.zeros(4, 8), torch.zeros(5)]
 
     def moments():
@@ -214,7 +222,7 @@ def test_fused_default_on_cuda_takes_the_foreach_path_for_blocks_wider_than_the_
     from foam_hf.implementation import check_fused_tensors
 
     monkeypatch.setattr(_fused_triton, "PLAIN_TENSOR_TYPES", (torch.Tensor, _SaysCuda))
-    monkeypatch.setattr(_fused_triton, "_ready", {torch.device("cuda", 0): True})
+    monkeypatch.setattr(_fused_triton, "triton_ready", lambda device, kinds=None: True)
 
     def select(shape, block_size):
         param = torch.Tensor._make_subclass(_SaysCuda, torch.zeros(shape))
