@@ -98,6 +98,8 @@ _LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 _SHARED_MAX_ENTRIES = 1 << 20
 #: Programs a shared launch aims for in all (each tensor gets its share, at least one, at most one per tile).
 _SHARED_PROGRAMS = 4096
+#: The largest second (and third) dimension of a CUDA grid; the first takes 2**31 - 1.
+_MAX_GRID_Y = 65535
 #: int64 columns of a table row: addresses of G, W, m̃ and ṽ, then n, blocks per row and rows (folded), or the
 #: entry count (unfolded); the last is padding.
 _TABLE_COLUMNS = 8
@@ -797,12 +799,17 @@ def _adamw_constexprs(param: torch.Tensor, exp_avg: torch.Tensor, hyper: dict) -
 
 
 def _launch_folded(tensors: tuple[torch.Tensor, ...], step: float, hyper: dict) -> None:
-    """One launch for one folded tensor: program (r, t) steps tile t of row r."""
+    """One launch for one folded tensor: program (r, t) steps tile t of row r. A row of more tiles than a CUDA
+    grid's second dimension holds (:data:`_MAX_GRID_Y`: rows of over ~134M entries at B=4) goes to the shared
+    kernel instead, whose programs loop over their tiles: the same per-tile code, so the same bits."""
     grad, param, exp_avg, exp_avg_sq = tensors
     n = param.shape[-1]
     constexprs = _fold_constexprs(param, exp_avg, hyper)
     num_blocks = _cdiv(n, hyper["block_size"])
     grid = (param.numel() // n, _cdiv(num_blocks, constexprs["KB"]))
+    if grid[1] > _MAX_GRID_Y:
+        _launch_shared([tensors], True, step, _vector_aligned(tensors, True), hyper)
+        return
     rho = hyper["res_scale"]
     _foam_fold_kernel[grid](
         grad, param, exp_avg, exp_avg_sq, n, num_blocks, rho=rho, rho2=rho * rho,

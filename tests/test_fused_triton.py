@@ -120,6 +120,32 @@ def test_triton_zero_res_scale_drops_a_residual_whose_square_overflows(second_mo
     torch.testing.assert_close(param, expected, atol=1e-6, rtol=1e-6)
 
 
+def test_triton_rows_of_more_tiles_than_a_cuda_grid_holds_take_the_looping_kernel(monkeypatch, launch):
+    # A CUDA grid's second dimension, the folded kernel's tiles per row, holds at most 65535: a longer row (over
+    # ~134M entries at B=4) steps in the shared kernel, whose programs loop over their tiles. The limit is shrunk
+    # here to 2 tiles (KB = 512 blocks of 4: rows of 8192 entries are 4 tiles).
+    monkeypatch.setattr(fused_triton, "_MAX_GRID_Y", 2)
+    shared = []
+    real_shared = fused_triton._launch_shared
+    monkeypatch.setattr(
+        fused_triton,
+        "_launch_shared",
+        lambda members, *args: shared.append(len(members)) or real_shared(members, *args),
+    )
+    gen = torch.Generator().manual_seed(3)
+    reference = [torch.randn(3, 8192, generator=gen), torch.randn(2, 1024, generator=gen)]  # 4 tiles, and 1
+    triton = [p.clone() for p in reference]
+    state_ref, state_triton = fresh_state(reference, 4), fresh_state(triton, 4)
+    for _ in range(2):
+        grads = [torch.randn(p.shape, generator=gen) for p in reference]
+        _single_tensor_foam(reference, grads, *state_ref, **step_kwargs(4))
+        fused_triton._fused_foam_triton(triton, grads, *state_triton, **step_kwargs(4))
+    for p, q in zip(reference, triton):
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5)
+    # own launches: the long rows' tensor alone in a shared launch, the short one in its own; else both share one
+    assert shared == ([1, 1] if launch == "own launches" else [2, 2])
+
+
 def test_triton_large_lerp_weight_uses_torchs_other_branch():
     # beta1 < 0.5 makes 1 - beta1 > 0.5: torch.lerp then computes end - (end - start)(1 - w); so must the kernel.
     hparams = dict(SCALED, betas=(0.3, 0.99))
