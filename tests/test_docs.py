@@ -236,14 +236,25 @@ def assert_documented_error(row: Row, error: BaseException) -> None:
     assert type(error).__name__ == type_name, (
         f"configuration.md:{row.line}: documented {type_name}, the code raises {type(error).__name__}: {actual}"
     )
+    # The pieces between "…" appear in order; the message starts with the first and ends with the last, unless
+    # the documented message starts or ends with "…" (text left out there).
+    pieces = [normalize(p) for p in message.split("…")]
     position = 0
-    for piece in (normalize(p) for p in message.split("…")):
+    for index, piece in enumerate(pieces):
         found = actual.find(piece, position)
         assert found >= 0, (
             f"configuration.md:{row.line}: the documented message is no longer what the code says.\n"
             f"  missing: {piece!r}\n  actual:  {actual!r}"
         )
+        assert index > 0 or found == 0, (
+            f"configuration.md:{row.line}: the code's message starts with text the table leaves out (start the "
+            f"cell with '…' or quote it).\n  actual:  {actual!r}"
+        )
         position = found + len(piece)
+    assert pieces[-1] == "" or position == len(actual), (
+        f"configuration.md:{row.line}: the code's message goes on after the documented text (end the cell with "
+        f"'…' or quote the rest).\n  actual:  {actual!r}"
+    )
 
 
 @pytest.fixture(scope="module")

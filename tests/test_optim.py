@@ -44,19 +44,24 @@ def step_both(foam, reference, params, grads):
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-@pytest.mark.parametrize("foreach", [False, True])
-def test_block_size_one_is_adamw(weight_decay, foreach):
+@pytest.mark.parametrize("path", ["readable", "foreach", "fused"])
+def test_block_size_one_is_adamw(weight_decay, path):
+    # The readable and foreach paths compute AdamW's ops in torch's order: bit for bit torch.optim.AdamW's
+    # for-loop step. The fused kernel computes the same formula in another order (ε inside one division), as
+    # torch's own fused AdamW does: equal to rounding.
     params = make_params()
     ours, theirs = clone_params(params), clone_params(params)
-    foam = FOAM(ours, block_size=1, weight_decay=weight_decay, foreach=foreach, **ADAM)
+    options = {"readable": dict(foreach=False, fused=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+    foam = FOAM(ours, block_size=1, weight_decay=weight_decay, **options[path], **ADAM)
     adamw = torch.optim.AdamW(theirs, weight_decay=weight_decay, foreach=False, **ADAM)
     grads = grad_sequence(params, steps=25)  # >= 20 steps, so bias corrections have decayed
     run(foam, ours, grads)
     run(adamw, theirs, grads)
+    atol = 1e-6 if path == "fused" else 0.0
     for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+        torch.testing.assert_close(a, b, atol=atol, rtol=0)
         for key in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(foam.state[a][key], adamw.state[b][key], atol=1e-6, rtol=0)
+            torch.testing.assert_close(foam.state[a][key], adamw.state[b][key], atol=atol, rtol=0)
         assert foam.state[a]["step"].item() == adamw.state[b]["step"].item() == 25
 
 
