@@ -248,6 +248,25 @@ def test_command_line_json_and_pickle(tmp_path):
     assert pickle.loads(pickle.dumps(args)).optim == "foam"
 
 
+def test_command_line_target_modules_as_a_regex_or_in_optim_args_fold_the_listed_modules(tmp_path):
+    # On a command line, --optim_target_modules takes one string (transformers parses the field so), which is one
+    # regex over the whole module name; several names go in a regex or in optim_args' target_modules list.
+    def folded(argv):
+        (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--optim", "foam", *argv]
+        )
+        trainer = Trainer(model=tiny_llama(), args=args, train_dataset=lm_dataset())
+        return {name for name, size in _optimizer_options(trainer)[0].items() if size > 1}
+
+    expected = {
+        f"model.layers.{i}.self_attn.{proj}.weight"
+        for i in range(len(tiny_llama().model.layers))
+        for proj in ("q_proj", "v_proj")
+    }
+    assert folded(["--optim_args", "target_modules=q_proj;v_proj"]) == expected
+    assert folded(["--optim_target_modules", r".*\.(q_proj|v_proj)"]) == expected
+
+
 def test_unpickling_training_args_registers_the_name_in_a_fresh_process(tmp_path):
     import subprocess
     import sys
