@@ -11,7 +11,7 @@ sm_90 (H100, H200), with the argument types and 16-byte alignments that Triton's
 launch's options (``enable_fp_fusion``). ``out.json`` gets one entry per distinct compilation: the kernel, the
 target, the compile-time constants, and the widths of its global loads and stores.
 
-Where Triton's wheel bundles ``cuobjdump`` (3.9 does), each entry also gets the cubin's registers per thread and
+Where Triton's wheel bundles ``cuobjdump`` (3.8 and 3.9 do), each entry also gets the cubin's registers per thread and
 local-memory bytes (register spills), and ``--table`` prints them as a Markdown table: a GPU's occupancy and
 spills, read without one (informational; the test does not depend on that tool).
 
