@@ -122,8 +122,9 @@ CheckKind = tuple[torch.dtype, torch.dtype, int]
 DEFAULT_CHECK_KINDS: tuple[CheckKind, ...] = ((torch.float32, torch.float32, 4), (torch.bfloat16, torch.bfloat16, 4))
 
 # The self-check's tolerances, those of tests/test_fused_triton.py: (weight atol, weight rtol) per parameter
-# dtype, and the moments' rtol per state dtype (bf16 moments may round to a neighbouring value).
-_CHECK_WEIGHT_TOLERANCES = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (1e-6, 2**-7), torch.float16: (1e-6, 2**-10)}
+# dtype, and the moments' rtol per state dtype (bf16 moments may round to a neighbouring value). fp16 weights,
+# whose neighbours are 2**-10 to 2**-11 apart relatively, get two spacings: the tests hold them to one.
+_CHECK_WEIGHT_TOLERANCES = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (1e-6, 2**-7), torch.float16: (1e-6, 2**-9)}
 _CHECK_MOMENT_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-7}
 _CHECK_STEPS = 2  # the second step starts from moments the kernels wrote
 

@@ -60,7 +60,7 @@ def test_arguments_and_quick_sizes():
     assert [name for name, _ in gpu_check.shape_sets(quick)] == ["2 x 256²"]  # --quick: no model
 
 
-def test_the_launch_per_tensor_row_shares_no_launch_and_puts_the_default_back():
+def test_the_launch_policy_rows_step_with_their_threshold_and_put_the_default_back():
     gpu_check = load_script()
     default = _fused_triton._SHARED_MAX_ENTRIES
     seen = []
@@ -69,11 +69,15 @@ def test_the_launch_per_tensor_row_shares_no_launch_and_puts_the_default_back():
         def step(self):
             seen.append(_fused_triton._SHARED_MAX_ENTRIES)
 
-    optimizer = gpu_check.with_own_launches(lambda params: Recorder())([])
-    optimizer.step()
-    assert seen == [0] and _fused_triton._SHARED_MAX_ENTRIES == default > 0
+    for entries in (0, sys.maxsize):
+        gpu_check.with_shared_max_entries(lambda params: Recorder(), entries)([]).step()
+    assert seen == [0, sys.maxsize] and _fused_triton._SHARED_MAX_ENTRIES == default > 0
     names = [name for name, _ in gpu_check.step_candidates()]
-    assert "FOAM Triton B=4" in names and "FOAM Triton B=4, a launch per tensor" in names
+    assert {
+        "FOAM Triton B=4",
+        "FOAM Triton B=4, a launch per tensor",
+        "FOAM Triton B=4, all in shared launches",
+    } <= set(names)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
