@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 from hf_fixtures import StopAt, lm_dataset, tiny_llama, training_args
-from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from foam_hf import (
     FOAM,
@@ -406,6 +406,54 @@ def test_after_layerwise_training_the_model_trains_with_another_optimizer(tmp_pa
     assert all(not torch.equal(a, b) for a, b in zip(before, twin.parameters()))  # AdamW trained every one
 
 
+class _FailsAtStep(TrainerCallback):
+    """Raises at the end of a step, as an out-of-memory error or an interrupted notebook cell would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise RuntimeError("stopped at a step")
+
+
+def test_a_layerwise_train_that_raises_leaves_no_hooks_behind(tmp_path):
+    """A train() that raises hears no on_train_end: the hooks still come off (the integration's Trainer.train
+    wrapper), so a later AdamW run trains the model as it trains a twin, and train() again resumes stepping."""
+    model = tiny_llama()
+    args = make_args(tmp_path / "a", optim="foam_layerwise", max_grad_norm=0.0, max_steps=3)
+    failing = Trainer(model=model, args=args, train_dataset=lm_dataset(), callbacks=[_FailsAtStep(1)])
+    with pytest.raises(RuntimeError, match="stopped at a step"):
+        failing.train()
+    layerwise = failing.optimizer.optimizer
+    assert isinstance(layerwise, LayerwiseFOAM) and not layerwise.hooks_attached
+    twin = tiny_llama()
+    twin.load_state_dict(model.state_dict())
+    after = [make_args(tmp_path / name, optim="adamw_torch", max_grad_norm=0.0) for name in ("b", "c")]
+    for run_model, run_args in ((model, after[0]), (twin, after[1])):
+        Trainer(model=run_model, args=run_args, train_dataset=lm_dataset()).train()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(a, b), name
+    # the failed Trainer trains again: its hooks go back on at on_train_begin
+    failing.callback_handler.remove_callback(_FailsAtStep)
+    steps_before = {float(s["step"]) for s in layerwise.state.values()}
+    failing.train()
+    assert {float(s["step"]) for s in layerwise.state.values()} != steps_before
+    assert not layerwise.hooks_attached
+
+
+def test_a_layerwise_optimizer_passed_in_keeps_its_hooks_after_train(tmp_path):
+    """A LayerwiseFOAM handed to the Trainer (optimizers=) is the caller's: its hooks stay, at a normal end as
+    before, so a second train() still trains."""
+    model = tiny_llama()
+    optimizer = LayerwiseFOAM(model.parameters(), lr=1e-3, block_size=4)
+    args = make_args(tmp_path, optim="adamw_torch", max_grad_norm=0.0, max_steps=2)
+    trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(), optimizers=(optimizer, None))
+    trainer.train()
+    assert optimizer.hooks_attached
+    optimizer.remove_hooks()
+
+
 def test_layerwise_trains_again_in_a_second_train_call(tmp_path):
     """Two train() calls of one Trainer: foam_layerwise (hooks removed at the end of the first, put back at the
     start of the second) ends where optim="foam" ends."""
@@ -445,6 +493,22 @@ def test_a_second_layerwise_optimizer_takes_the_parameters_over():
     new.remove_hooks()
     model(x).square().sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("first", ["foam_hf", "transformers"])
+def test_either_import_order_wraps_trainer_train_and_create_optimizer(first):
+    """The Trainer places are installed whether foam_hf comes first (lazily, when transformers.trainer is
+    imported) or second (at once)."""
+    import subprocess
+    import sys
+
+    imports = ["import foam_hf", "import transformers.trainer"]
+    code = "\n".join([*(imports if first == "foam_hf" else imports[::-1]), (
+        "from transformers import Trainer\n"
+        "print([getattr(f, '_foam_hf_wrapped', False) for f in (Trainer.train, Trainer.create_optimizer)])"
+    )])  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[-2] == "[True, True]", out.stdout + out.stderr
 
 
 def test_import_registers_both_names():

@@ -51,19 +51,26 @@ def _after_create(trainer: Any) -> None:
     after_create_optimizer(trainer)
 
 
+def _after_train(trainer: Any) -> None:
+    from .transformers import after_train
+
+    after_train(trainer)
+
+
 def register() -> None:
     """Register ``optim="foam"`` and ``optim="foam_layerwise"`` with transformers now (imports it; idempotent)."""
     from ._seam import install as _install
 
-    _install(_handler, _validate, _after_create)
+    _install(_handler, _validate, _after_create, _after_train)
 
 
-#: transformers module -> (the _seam installer for that place, the policy it installs).
-_PLACES = {
-    "transformers.training_args": ("install_names", _validate),
-    "transformers.trainer_optimizer": ("install_handler", _handler),
-    "transformers.trainer": ("install_trainer", _after_create),
-}
+#: (transformers module, the _seam installer for that place, the policy it installs).
+_PLACES = (
+    ("transformers.training_args", "install_names", _validate),
+    ("transformers.trainer_optimizer", "install_handler", _handler),
+    ("transformers.trainer", "install_trainer", _after_create),
+    ("transformers.trainer", "install_train_exit", _after_train),
+)
 
 
 def register_lazily() -> None:
@@ -71,7 +78,7 @@ def register_lazily() -> None:
     import hook: under the launcher and ``autoregister`` this runs at every interpreter start-up."""
     from ._import_hooks import when_imported
 
-    for name, (installer, policy) in _PLACES.items():
+    for name, installer, policy in _PLACES:
 
         def install(module: Any, installer: str = installer, policy: Any = policy) -> None:
             from . import _seam

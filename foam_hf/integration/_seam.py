@@ -2,7 +2,7 @@
 
 transformers accepts optimizer names from a closed enum (``TrainingArguments.__post_init__`` runs
 ``OptimizerNames(self.optim)``) and builds optimizers through a handler table. To make
-``optim="foam"`` a name like any other we rely on exactly five things, each checked by
+``optim="foam"`` a name like any other we rely on exactly six things, each checked by
 :func:`check_seam` (run at install and by the test suite, so a transformers release that changes one of
 them fails loudly with this module's name in the message):
 
@@ -15,7 +15,10 @@ them fails loudly with this module's name in the message):
 4. ``Trainer.create_optimizer(self, model=None)`` exists (we attach :class:`FoamCallback` right after
    it, at the front of ``trainer.callback_handler.callbacks`` so reporting callbacks see its logs);
 5. ``Trainer.get_decay_parameter_names(self, model)`` uses no trainer state (we call it to get the
-   Trainer's own weight-decay rule).
+   Trainer's own weight-decay rule);
+6. ``Trainer.train`` exists (when it returns *or raises*, we take ``optim="foam_layerwise"``'s hooks off the
+   model: callbacks hear of a normal end only, and hooks left on would go on stepping the model and freeing the
+   gradients of whatever trains it next).
 
 This module is the mechanism only: what runs at each place (validation, the handler, the callback)
 is passed in by :mod:`foam_hf.integration`, which wires in the policy of
@@ -43,6 +46,7 @@ __all__ = [
     "install",
     "install_handler",
     "install_names",
+    "install_train_exit",
     "install_trainer",
 ]
 
@@ -94,6 +98,8 @@ def check_seam() -> None:
     params = list(inspect.signature(Trainer.get_decay_parameter_names).parameters)
     if params != ["self", "model"]:
         raise _fail(f"Trainer.get_decay_parameter_names has parameters {params}, expected (self, model)")
+    if not callable(getattr(Trainer, "train", None)):
+        raise _fail("Trainer.train is gone")
 
 
 def decay_parameter_names(model: Any) -> list[str]:
@@ -159,6 +165,22 @@ def _wrap_create_optimizer(cls: type, after: Callable[[Any], None]) -> None:
     cls.create_optimizer = create_optimizer
 
 
+def _wrap_train(cls: type, after: Callable[[Any], None]) -> None:
+    original = cls.train
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def train(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            after(self)
+
+    setattr(train, _MARK, True)
+    cls.train = train
+
+
 def insert_callback_first(trainer: Any, callback: Any) -> None:
     """Put ``callback`` before the reporting callbacks so the values it adds to ``logs`` reach them."""
     callback_handler = trainer.callback_handler
@@ -171,6 +193,7 @@ if TYPE_CHECKING:
     Validate = Callable[[Any], None]
     Handler = Callable[[Any], Any]
     AfterCreate = Callable[[Any], None]
+    AfterTrain = Callable[[Any], None]
 
 
 def install_names(training_args: Any, validate: Validate) -> None:
@@ -212,10 +235,17 @@ def install_trainer(trainer: Any, after_create: AfterCreate) -> None:
     _wrap_create_optimizer(trainer.Trainer, after_create)
 
 
+def install_train_exit(trainer: Any, after_train: AfterTrain) -> None:
+    """Call ``after_train(trainer)`` whenever ``Trainer.train`` returns or raises (it must not raise itself)."""
+    if not callable(getattr(trainer.Trainer, "train", None)):
+        raise _fail("Trainer.train is gone")
+    _wrap_train(trainer.Trainer, after_train)
+
+
 _PLACES = ("transformers.training_args", "transformers.trainer_optimizer", "transformers.trainer")  # in order
 
 
-def install(handler: Handler, validate: Validate, after_create: AfterCreate) -> None:
+def install(handler: Handler, validate: Validate, after_create: AfterCreate, after_train: AfterTrain) -> None:
     """Install all three places now, importing transformers (idempotent)."""
     import importlib
 
@@ -224,3 +254,4 @@ def install(handler: Handler, validate: Validate, after_create: AfterCreate) -> 
     install_names(modules[0], validate)
     install_handler(modules[1], handler)
     install_trainer(modules[2], after_create)
+    install_train_exit(modules[2], after_train)

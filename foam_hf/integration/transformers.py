@@ -231,6 +231,24 @@ def foam_handler(ctx: Any) -> tuple[type[FOAM], dict[str, Any]]:
     return cls, ctx.optimizer_kwargs
 
 
+def after_train(trainer: Any) -> None:
+    """When ``Trainer.train`` returns or raises: take a layer-wise optimizer's hooks off the model, as
+    :class:`~foam_hf.integration.callback.LayerwiseHooksCallback` does at a normal end. A ``train()`` that raised
+    (out of memory, an interrupted notebook cell) hears no ``on_train_end``, and hooks left on would go on stepping
+    the model and freeing the gradients of whatever trains it next. A later ``train()`` puts them back (that
+    callback's ``on_train_begin``), so only hooks it manages come off: a ``LayerwiseFOAM`` handed to the Trainer
+    through ``optimizers=`` keeps its hooks, as at a normal end."""
+    from ..layerwise import LayerwiseFOAM
+    from .callback import LayerwiseHooksCallback, _unwrap
+
+    handler = getattr(trainer, "callback_handler", None)
+    if not any(isinstance(cb, LayerwiseHooksCallback) for cb in getattr(handler, "callbacks", ())):
+        return
+    optimizer = _unwrap(getattr(trainer, "optimizer", None))
+    if isinstance(optimizer, LayerwiseFOAM):
+        optimizer.remove_hooks()
+
+
 def after_create_optimizer(trainer: Any) -> None:
     """Attach :class:`~foam_hf.FoamCallback` once, unless ``optim_args`` says ``callback=false``; and, under
     ``optim="foam_layerwise"``, the callback that keeps its hooks on only while ``train()`` runs."""
