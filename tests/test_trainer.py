@@ -349,23 +349,36 @@ def assert_same_gradient_logs(plain, layerwise):
 
 @pytest.mark.parametrize(
     "logging",
-    [dict(logging_first_step=True, logging_steps=3), dict(logging_strategy="epoch", num_train_epochs=2)],
-    ids=["logging_first_step", "epoch strategy"],
+    [
+        dict(logging_first_step=True, logging_steps=3),
+        dict(logging_strategy="epoch", num_train_epochs=2),
+        dict(logging_strategy="epoch", num_train_epochs=2, eval_strategy="steps", eval_steps=2),
+    ],
+    ids=["logging_first_step", "epoch strategy", "epoch strategy, evaluations between"],
 )
 def test_gradient_figures_reach_every_training_log(tmp_path, logging):
     """Every training log holds foam/residual_ratio, and foam_layerwise's grad_norm is the one the Trainer
     computes under foam, also for logs the steps strategy does not schedule: the first step's and the epochs'
-    (they once held no residual ratio, and grad_norm 0.0 under foam_layerwise)."""
+    (they once held no residual ratio, and grad_norm 0.0 under foam_layerwise). Evaluation logs get none of
+    them: figures waiting for the epoch's log once went into the evaluations logged before it."""
     run = dict(max_grad_norm=0.0, **logging)
     if "num_train_epochs" in logging:
         run["max_steps"] = -1  # epochs decide: 16 samples in batches of 4, 4 steps an epoch
+    evaluates = "eval_strategy" in logging
     logs = []
     for name, optim in (("a", "foam"), ("b", "foam_layerwise")):
         trainer = Trainer(
-            model=tiny_llama(), args=make_args(tmp_path / name, optim=optim, **run), train_dataset=lm_dataset()
+            model=tiny_llama(),
+            args=make_args(tmp_path / name, optim=optim, per_device_eval_batch_size=4, **run),
+            train_dataset=lm_dataset(),
+            eval_dataset=lm_dataset(4) if evaluates else None,
         )
         trainer.train()
         logs.append([e for e in trainer.state.log_history if "loss" in e and "train_runtime" not in e])
+        evaluations = [e for e in trainer.state.log_history if "eval_loss" in e]
+        assert len(evaluations) == (4 if evaluates else 0)  # steps 2, 4, 6, 8
+        for entry in evaluations:
+            assert not [key for key in entry if key.startswith("foam/") or key == "grad_norm"], entry
     plain, layerwise = logs
     assert len(plain) == 2 and [e["step"] for e in plain] == [e["step"] for e in layerwise]
     for want, got in zip(plain, layerwise):
