@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         for block_size, dname, sname in itertools.product(args.block_sizes, args.dtypes, args.state_dtypes):
             dtype = DTYPES[dname]
             moment_dtype = torch.bfloat16 if STATE_DTYPES[sname] else torch.float32
-            kind = (dtype, moment_dtype, block_size)
+            kind = (dtype, moment_dtype, block_size, "mean_sq")  # as parity_case steps
             results["ready_kinds"][f"{dname}/{sname}/{block_size}"] = _fused_triton.triton_ready(device, [kind])
     from foam_hf.tools.environment import collect
 

@@ -113,13 +113,16 @@ def triton_available() -> bool:
 #: The self-check's verdicts, per device and kind of step (:data:`CheckKind`).
 _ready: dict[tuple[torch.device, tuple[torch.dtype, torch.dtype, int]], bool] = {}
 
-#: What the self-check steps before the kernels step a group: (parameter dtype, moment dtype, block size). Each
-#: compiles kernels of its own (the dtypes, the block size and the tile width are compile-time constants), so each
-#: is checked before it first trains.
-CheckKind = tuple[torch.dtype, torch.dtype, int]
+#: What the self-check steps before the kernels step a group: (parameter dtype, moment dtype, block size, second
+#: moment). Each compiles kernels of its own (the dtypes, the block size, the tile width and the second moment's
+#: formula are compile-time constants), so each is checked before it first trains.
+CheckKind = tuple[torch.dtype, torch.dtype, int, str]
 #: The kinds ``triton_ready(device)`` checks when asked of no group in particular: fp32 parameters with fp32
-#: moments and bf16 parameters with bf16 moments, at block size 4.
-DEFAULT_CHECK_KINDS: tuple[CheckKind, ...] = ((torch.float32, torch.float32, 4), (torch.bfloat16, torch.bfloat16, 4))
+#: moments and bf16 parameters with bf16 moments, at block size 4 with the default second moment.
+DEFAULT_CHECK_KINDS: tuple[CheckKind, ...] = (
+    (torch.float32, torch.float32, 4, "mean_sq"),
+    (torch.bfloat16, torch.bfloat16, 4, "mean_sq"),
+)
 
 # The self-check's tolerances, those of tests/test_fused_triton.py: (weight atol, weight rtol) per parameter
 # dtype, and the moments' rtol per state dtype (bf16 moments may round to a neighbouring value). fp16 weights,
@@ -146,7 +149,7 @@ def _scratch_problem(device: torch.device, kind: CheckKind):
     the same numbers: parameters, a list of gradients per step, and zero moments."""
     from foam_hf.folding import folded_shape
 
-    dtype, state_dtype, block_size = kind
+    dtype, state_dtype, block_size, _ = kind
     gen = torch.Generator().manual_seed(0)
     shapes = _scratch_shapes(block_size)
     params = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
@@ -158,8 +161,8 @@ def _scratch_problem(device: torch.device, kind: CheckKind):
 
 
 def _describe(kind: CheckKind) -> str:
-    dtype, state_dtype, block_size = kind
-    return f"{dtype} parameters, {state_dtype} moments, block_size={block_size}"
+    dtype, state_dtype, block_size, second_moment = kind
+    return f"{dtype} parameters, {state_dtype} moments, block_size={block_size}, second_moment={second_moment!r}"
 
 
 def _self_check_mismatch(device: torch.device, kind: CheckKind = DEFAULT_CHECK_KINDS[0]) -> str | None:
@@ -168,9 +171,16 @@ def _self_check_mismatch(device: torch.device, kind: CheckKind = DEFAULT_CHECK_K
     tolerances (``None`` when they agree)."""
     from .functional import _single_tensor_foam
 
-    dtype, state_dtype, block_size = kind
+    dtype, state_dtype, block_size, second_moment = kind
     hyper = dict(
-        lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, scale=1.0, res_scale=1.0, second_moment="mean_sq"
+        lr=1e-2,
+        beta1=0.9,
+        beta2=0.99,
+        eps=1e-8,
+        weight_decay=0.1,
+        scale=1.0,
+        res_scale=1.0,
+        second_moment=second_moment,
     )
     for shared in (0, sys.maxsize):  # each tensor in a launch of its own, then all of them in shared ones
         kernel = _scratch_problem(device, kind)
@@ -205,7 +215,7 @@ def _self_check_mismatch(device: torch.device, kind: CheckKind = DEFAULT_CHECK_K
 
 def triton_ready(device: torch.device, kinds: Iterable[CheckKind] | None = None) -> bool:
     """Whether the kernels compile, run *and compute FOAM's step* on ``device`` for every kind of step in
-    ``kinds`` (:data:`CheckKind`: parameter dtype, moment dtype, block size; default
+    ``kinds`` (:data:`CheckKind`: parameter dtype, moment dtype, block size, second moment; default
     :data:`DEFAULT_CHECK_KINDS`): checked once per device and kind.
 
     The check steps a small seeded problem of that kind (:func:`_scratch_shapes`: a weight of whole blocks, a

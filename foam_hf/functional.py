@@ -81,7 +81,13 @@ def _foam(
     """:func:`foam` without the option checks: what :class:`FOAM` calls, whose groups were checked when added."""
     _refuse_cuda_graph_capture(params)
     implementation = select_implementation(
-        params, exp_avgs, foreach=foreach, fused=fused, exp_avg_sqs=exp_avg_sqs, block_size=block_size
+        params,
+        exp_avgs,
+        foreach=foreach,
+        fused=fused,
+        exp_avg_sqs=exp_avg_sqs,
+        block_size=block_size,
+        second_moment=second_moment,
     )
     if fused:  # asked for, not chosen: say why a kernel cannot step these tensors, before it is called
         check_fused_tensors(params, exp_avgs, block_size)

@@ -450,16 +450,16 @@ def test_ready_check_checks_each_kind_of_step_the_group_takes(monkeypatch, caplo
     # fp32 weights with bf16 moments compile kernels of their own (dtypes are compile-time constants): the default
     # kinds passing says nothing of them, so fused=None asks of the group's own kind, and that answer is its own.
     perturbed_kernels(monkeypatch, bf16_moments_of_fp32_weights_off)
-    mixed = (torch.float32, torch.bfloat16, 4)
+    mixed = (torch.float32, torch.bfloat16, 4, "mean_sq")
     with caplog.at_level("WARNING", logger=fused_triton.__name__):
         assert fused_triton.triton_ready(torch.device("cpu"))  # fp32/fp32 and bf16/bf16: right
         assert not fused_triton.triton_ready(torch.device("cpu"), [mixed])
         assert not fused_triton.triton_ready(torch.device("cpu"), [mixed, fused_triton.DEFAULT_CHECK_KINDS[0]])
-        assert fused_triton.triton_ready(torch.device("cpu"), [(torch.float32, torch.float32, 8)])
+        assert fused_triton.triton_ready(torch.device("cpu"), [(torch.float32, torch.float32, 8, "sq_mean")])
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1  # once per device and kind
-    assert "torch.float32 parameters, torch.bfloat16 moments, block_size=4" in warnings[0]
-    checked = [*fused_triton.DEFAULT_CHECK_KINDS, mixed, (torch.float32, torch.float32, 8)]
+    assert "torch.float32 parameters, torch.bfloat16 moments, block_size=4, second_moment='mean_sq'" in warnings[0]
+    checked = [*fused_triton.DEFAULT_CHECK_KINDS, mixed, (torch.float32, torch.float32, 8, "sq_mean")]
     assert set(fused_triton._ready) == {(torch.device("cpu"), kind) for kind in checked}
 
 
@@ -484,8 +484,9 @@ def test_ready_check_steps_the_tile_of_the_groups_large_weights(block_size):
 
 @pytest.mark.parametrize(
     "kind",
-    [(torch.float32, torch.float32, 3), (torch.float32, torch.bfloat16, 8), (torch.bfloat16, torch.float32, 32),
-     (torch.float16, torch.float32, 4), (torch.float16, torch.bfloat16, 2), (torch.float32, torch.float32, 1)],
+    [(torch.float32, torch.float32, 3, "mean_sq"), (torch.float32, torch.bfloat16, 8, "sq_mean"),
+     (torch.bfloat16, torch.float32, 32, "mean_sq"), (torch.float16, torch.float32, 4, "sq_mean"),
+     (torch.float16, torch.bfloat16, 2, "mean_sq"), (torch.float32, torch.float32, 1, "mean_sq")],
     ids=str,
 )  # fmt: skip
 def test_ready_check_passes_for_right_kernels_of_every_kind(kind):

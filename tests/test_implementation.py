@@ -149,15 +149,15 @@ def test_fused_default_on_cuda_asks_every_device_of_the_group_for_the_self_check
     params = [torch.zeros(4, 8), torch.zeros(3, device="meta"), torch.zeros(5)]
     moments = [torch.zeros(4, 2), torch.zeros(3, device="meta"), torch.zeros(5)]
     assert not implementation._fused_default(params, moments, on_cuda=True)
-    kinds = {(torch.float32, torch.float32, 4)}  # the group's dtypes; no block size given: the default check's
+    kinds = {(torch.float32, torch.float32, 4, "mean_sq")}  # the group's dtypes; the default check's B and moment
     assert asked == [(torch.device("cpu"), kinds), (torch.device("meta"), kinds)]  # each device once
     ready[torch.device("meta")] = True
     assert implementation._fused_default(params, moments, on_cuda=True)
     # the kinds are the group's own: its parameter and moment dtypes, at its block size
     asked.clear()
     params[0], moments[0] = torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(4, 1, dtype=torch.bfloat16)
-    assert implementation._fused_default(params, moments, on_cuda=True, block_size=8)
-    kinds = {(torch.bfloat16, torch.bfloat16, 8), (torch.float32, torch.float32, 8)}
+    assert implementation._fused_default(params, moments, on_cuda=True, block_size=8, second_moment="sq_mean")
+    kinds = {(torch.bfloat16, torch.bfloat16, 8, "sq_mean"), (torch.float32, torch.float32, 8, "sq_mean")}
     assert asked == [(torch.device("cpu"), kinds), (torch.device("meta"), kinds)]
 
 
