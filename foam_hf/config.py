@@ -215,12 +215,14 @@ class FoamConfig:
                 continue
             if f.name == "block_sizes":
                 for pattern in value:
-                    if any(ch in pattern for ch in ",=;:"):
+                    found = [ch for ch in ",=;: " if ch in pattern]
+                    if found:
                         raise FoamConfigError(
-                            f"FoamConfig: block_sizes pattern {pattern!r} contains one of ',=;:', which the "
-                            "optim_args string (the only form TrainingArguments hands on) cannot carry. Fix: "
-                            "rewrite the pattern without them; module names never contain them, and a regex can "
-                            "do without (e.g. [0-9][0-9]? for [0-9]{1,2})."
+                            f"FoamConfig: block_sizes pattern {pattern!r} contains {' and '.join(map(repr, found))}, "
+                            "which the optim_args string (the only form TrainingArguments hands on) cannot carry: "
+                            "',' and '=' separate its keys, ';' the entries of a list, ':' gives a size, and "
+                            "transformers removes spaces. Fix: rewrite the pattern without them; module names never "
+                            "contain them, and a regex can do without (e.g. [0-9][0-9]? for [0-9]{1,2})."
                         )
                 parts.append("block_sizes=" + ";".join(f"{p}:{s}" for p, s in value.items()))
             elif f.name == "target_modules":

@@ -643,7 +643,13 @@ CONFIG_ERRORS = [
         "pattern the optim_args string cannot carry",
         lambda: FoamConfig(block_sizes={"a:b": 4}).to_optim_args(),
         FoamConfigError,
-        ["'a:b'", "contains one of ',=;:'", "Fix: rewrite the pattern without them"],
+        ["'a:b' contains ':'", "':' gives a size", "Fix: rewrite the pattern without them"],
+    ),
+    (
+        "pattern with a space, which transformers removes",
+        lambda: FoamConfig(block_sizes={"q proj": 4}).to_optim_args(),
+        FoamConfigError,
+        ["'q proj' contains ' '", "transformers removes spaces", "Fix: rewrite the pattern without them"],
     ),
 ]
 
