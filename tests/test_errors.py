@@ -131,18 +131,23 @@ def test_fsdp2_from_the_arguments_is_taken_whatever_accelerate_left_in_the_envir
     assert args.optim == "foam" and args.fsdp_config["version"] == 2
 
 
-@pytest.mark.parametrize("version, refused", [("1", True), ("2", False)])
+@pytest.mark.parametrize("version, refused", [("1", True), (None, True), ("2", False)])
 def test_accelerate_launch_with_fsdp1_is_refused_when_the_arguments_are_built(tmp_path, monkeypatch, version, refused):
-    """accelerate launch with an FSDP config sets these variables (FSDP_VERSION defaults to 1 there); FSDP1's flat
-    shards never fold, so optim="foam" refuses it, and takes FSDP2."""
+    """accelerate launch with an FSDP config sets these variables (FSDP_VERSION defaults to 1 there, also when it is
+    unset); FSDP1's flat shards never fold, so optim="foam" refuses it, saying what the environment holds, and
+    takes FSDP2."""
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    monkeypatch.setenv("FSDP_VERSION", version)
+    if version is None:
+        monkeypatch.delenv("FSDP_VERSION", raising=False)
+    else:
+        monkeypatch.setenv("FSDP_VERSION", version)
     if not refused:
         assert training_args(tmp_path).optim == "foam"
         return
     with pytest.raises(FoamConfigError) as info:
         training_args(tmp_path)
-    assert_fragments(str(info.value), ["FSDP_VERSION=1", "never fold", "fsdp_version: 2"])
+    said = "FSDP_VERSION=1" if version else "FSDP_VERSION unset, which accelerate reads as 1"
+    assert_fragments(str(info.value), ["ACCELERATE_USE_FSDP=true", said, "never fold", "fsdp_version: 2"])
 
 
 def test_sparse_gradient_is_refused_at_step():

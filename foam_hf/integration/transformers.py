@@ -79,7 +79,12 @@ def _check_fsdp_version(args: Any) -> None:
     elif (
         os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and os.environ.get("FSDP_VERSION", "1") == "1"
     ):
-        where = "accelerate's FSDP config without fsdp_version: 2 (FSDP_VERSION=1 in the environment)"
+        version = os.environ.get("FSDP_VERSION")
+        set_as = "FSDP_VERSION=1" if version is not None else "FSDP_VERSION unset, which accelerate reads as 1"
+        where = (
+            f"accelerate's FSDP config without fsdp_version: 2: ACCELERATE_USE_FSDP=true and {set_as} in the "
+            "environment, where accelerate launch or an earlier FSDP run in this process put them"
+        )
         fix = "add fsdp_version: 2 to the accelerate config file (or pass --fsdp_version 2 to accelerate launch)"
     else:
         return
