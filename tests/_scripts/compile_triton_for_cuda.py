@@ -49,9 +49,11 @@ TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90": GPUTarget("cuda", 90, 32
 # reduce_dtype=torch.float32), whose loads are twice as wide as the weights'.
 DTYPES = [
     (torch.float32, torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16, torch.float32),  # state_dtype="bfloat16" with fp32 master weights
     (torch.bfloat16, torch.bfloat16, torch.bfloat16),
     (torch.bfloat16, torch.float32, torch.bfloat16),
     (torch.float16, torch.float32, torch.float16),
+    (torch.float16, torch.bfloat16, torch.float16),
     (torch.bfloat16, torch.float32, torch.float32),
 ]
 BLOCK_SIZES = (1, 3, 4)
