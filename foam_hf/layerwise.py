@@ -52,7 +52,8 @@ class LayerwiseFOAM(FOAM):
             returns ``True``. ``None`` steps on every backward (no gradient accumulation).
         **kwargs: every other :class:`~foam_hf.FOAM` option.
 
-    :meth:`step` does not update parameters (the hooks did); it only evaluates a closure if given.
+    :meth:`step` updates only the parameters whose hooks did not (those that still hold a gradient: see
+    :meth:`step`), after evaluating a closure if given.
     Call :meth:`remove_hooks` to detach the optimizer from its parameters when it is done with them (before
     training them with anything else), :meth:`attach_hooks` to attach it again.
     """
@@ -115,11 +116,22 @@ class LayerwiseFOAM(FOAM):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Evaluate ``closure`` if given; the parameters were already updated inside backward."""
-        if closure is None:
-            return None
-        with torch.enable_grad():
-            return closure()
+        """Evaluate ``closure`` if given, then step the parameters that still hold a gradient; the others were
+        updated inside backward.
+
+        A parameter still holds one when its hook did not fire on the last micro-batch of an accumulation window
+        (a branch that only some batches use, as a vision tower on a mixed text and image dataset: its gradient
+        accumulated over the earlier micro-batches), or when the hooks are off. Only when ``should_step()`` says
+        so, as in the hooks: a step inside a window would step a partial sum."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._should_step():
+            for param in self._trainable_params():
+                if param.grad is not None:
+                    self._step_parameter(param)
+        return loss
 
     def add_gradient_observer(self, observer: Callable[[torch.Tensor, torch.Tensor, dict], None]) -> RemovableHandle:
         """Call ``observer(param, grad, group)`` with each gradient a hook is about to step on (the accumulated

@@ -399,6 +399,58 @@ def test_layerwise_supports_gradient_accumulation(tmp_path):
     assert_same_gradient_logs(plain, layerwise)  # the accumulated gradients, as the Trainer sees them
 
 
+class _TwoTowers(torch.nn.Module):
+    """A text tower every batch uses and a vision tower only batches with images use (a VLM on a mixed text and
+    image dataset)."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.text = torch.nn.Linear(8, 8, bias=False)
+        self.vision = torch.nn.Linear(8, 8, bias=False)
+        self.head = torch.nn.Linear(8, 1, bias=False)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=gen) * 0.3
+
+    def forward(self, x, has_image, y):
+        h = self.text(x)
+        if bool(has_image.any()):
+            h = h + self.vision(x)
+        return {"loss": (self.head(h).squeeze(-1) - y).square().mean()}
+
+
+class _MixedBatches(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        gen = torch.Generator().manual_seed(i)
+        return {
+            "x": torch.randn(8, generator=gen),
+            "has_image": torch.tensor(i % 2 == 0),
+            "y": torch.randn((), generator=gen),
+        }
+
+
+def test_layerwise_steps_a_branch_the_last_micro_batch_does_not_reach(tmp_path):
+    """Gradient accumulation over micro-batches of which only the first uses the vision tower: its hook does not
+    fire on the last one, so its accumulated gradient is stepped by step() (it was once left to zero_grad, and the
+    tower never trained). foam_layerwise ends where foam ends."""
+    weights = {}
+    for optim in ("foam", "foam_layerwise"):
+        args = make_args(
+            tmp_path / optim, optim=optim, per_device_train_batch_size=1, gradient_accumulation_steps=2,
+            max_grad_norm=0.0, max_steps=2, train_sampling_strategy="sequential", remove_unused_columns=False,
+        )  # fmt: skip
+        model = _TwoTowers()
+        before = model.vision.weight.detach().clone()
+        Trainer(model=model, args=args, train_dataset=_MixedBatches()).train()
+        assert not torch.equal(model.vision.weight, before), optim
+        weights[optim] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for name, value in weights["foam"].items():
+        torch.testing.assert_close(weights["foam_layerwise"][name], value, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("callback", ["true", "false"])
 def test_after_layerwise_training_the_model_trains_with_another_optimizer(tmp_path, callback):
     """Layer-wise FOAM's hooks leave with train(): a later run of the same model with AdamW trains it exactly as
