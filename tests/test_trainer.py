@@ -227,6 +227,28 @@ def test_optim_target_modules_replaces_the_default_set(tmp_path):
     assert named_block_sizes(trainer.optimizer, trainer.model)["lm_head.weight"] == 1
 
 
+def test_a_trainer_subclass_weight_decay_rule_reaches_foams_groups(tmp_path):
+    """FOAM's groups take the weight decay of the Trainer that builds them, a subclass's get_decay_parameter_names
+    included, as AdamW's do (FOAM once applied transformers' base rule whatever the Trainer said)."""
+
+    class NoDecayOnProjections(Trainer):
+        def get_decay_parameter_names(self, model):
+            return [n for n in super().get_decay_parameter_names(model) if "proj" not in n]
+
+    decays = {}
+    for optim in ("adamw_torch", "foam"):
+        trainer = NoDecayOnProjections(
+            model=tiny_llama(), args=make_args(tmp_path / optim, optim=optim, weight_decay=0.1),
+            train_dataset=lm_dataset(),
+        )  # fmt: skip
+        trainer.create_optimizer()
+        names = {id(p): n for n, p in trainer.model.named_parameters()}
+        decays[optim] = {names[id(p)]: g["weight_decay"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert decays["foam"] == decays["adamw_torch"]
+    assert decays["foam"]["model.layers.0.self_attn.q_proj.weight"] == 0.0
+    assert decays["foam"]["model.layers.0.mlp.gate_proj.weight"] == 0.0 and 0.1 in decays["foam"].values()
+
+
 def test_tied_weights_land_in_one_group_once(tmp_path):
     model = tiny_llama(tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight

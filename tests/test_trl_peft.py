@@ -270,6 +270,34 @@ def test_lora_with_sft_trainer(tmp_path):
     assert torch.isfinite(torch.tensor(trainer.state.log_history[-1]["train_loss"]))
 
 
+def test_lora_with_sft_trainer_through_optimizer_cls_and_kwargs(tmp_path):
+    # The registration-free form, called on the base model before SFTTrainer injects the adapters (peft_config=)
+    # and freezes the base: the groups are resolved when the optimizer is built, so it holds the adapters only
+    # (it once held the frozen base weights, and nothing trained).
+    from peft import LoraConfig
+
+    from foam_hf.integration import optimizer_cls_and_kwargs
+
+    config = trl.SFTConfig(output_dir=str(tmp_path), max_length=32, **{**COMMON, "optim": "adamw_torch"})
+    model = tiny_llama()
+    trainer = trl.SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=text_dataset(),
+        processing_class=tokenizer(),
+        peft_config=LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_alpha=16),
+        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(config, model),
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    optimizer = trainer.optimizer.optimizer
+    assert isinstance(optimizer, FOAM)
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    trainable = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert in_optimizer == {id(p) for p in trainable.values()} and all("lora_" in n for n in trainable)
+    assert all(not torch.equal(p, before[n]) for n, p in trainable.items() if "lora_B" in n)  # B starts at 0
+
+
 def test_distillation(tmp_path):
     def make(model, optim):
         config = trl.DistillationConfig(

@@ -12,10 +12,11 @@ them fails loudly with this module's name in the message):
    ``kwargs["params"]`` replaces the Trainer's param groups;
 3. ``TrainingArguments.__post_init__`` exists (we validate FOAM's ``optim_args`` right after it, so a
    typo fails when the arguments are built, not when training starts);
-4. ``Trainer.create_optimizer(self, model=None)`` exists (we attach :class:`FoamCallback` right after
-   it, at the front of ``trainer.callback_handler.callbacks`` so reporting callbacks see its logs);
+4. ``Trainer.create_optimizer(self, model=None)`` exists (while it runs, FOAM's groups take that Trainer's
+   weight-decay rule; right after it we attach :class:`FoamCallback`, at the front of
+   ``trainer.callback_handler.callbacks`` so reporting callbacks see its logs);
 5. ``Trainer.get_decay_parameter_names(self, model)`` uses no trainer state (we call it to get the
-   Trainer's own weight-decay rule);
+   Trainer's own weight-decay rule where no Trainer is building the optimizer);
 6. ``Trainer.train`` exists (when it returns *or raises*, we take ``optim="foam_layerwise"``'s hooks off the
    model: callbacks hear of a normal end only, and hooks left on would go on stepping the model and freeing the
    gradients of whatever trains it next).
@@ -30,6 +31,7 @@ Tested with transformers 5.23-5.24 (see pyproject.toml for the supported range).
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import functools
 
@@ -54,6 +56,8 @@ __all__ = [
 FOAM_OPTIMIZER_NAMES: dict[str, str] = {"FOAM": "foam", "FOAM_LAYERWISE": "foam_layerwise"}
 
 _MARK = "_foam_hf_wrapped"
+#: The Trainer whose ``create_optimizer`` is running, if any (see :func:`decay_parameter_names`).
+_building_trainer: contextvars.ContextVar[Any] = contextvars.ContextVar("foam_hf_building_trainer", default=None)
 
 
 class SeamError(RuntimeError):
@@ -103,9 +107,14 @@ def check_seam() -> None:
 
 
 def decay_parameter_names(model: Any) -> list[str]:
-    """The Trainer's own no-decay rule (biases and norm weights excluded), without a Trainer."""
+    """The names of ``model``'s parameters that weight decay applies to, by the rule of the Trainer building the
+    optimizer (its own ``get_decay_parameter_names``, a subclass's override included) while ``create_optimizer``
+    runs, else by transformers' base rule (biases and norm weights excluded)."""
     from transformers import Trainer
 
+    trainer = _building_trainer.get()
+    if trainer is not None:
+        return list(trainer.get_decay_parameter_names(model))
     return list(Trainer.get_decay_parameter_names(None, model))  # type: ignore[arg-type]
 
 
@@ -157,7 +166,11 @@ def _wrap_create_optimizer(cls: type, after: Callable[[Any], None]) -> None:
 
     @functools.wraps(original)
     def create_optimizer(self: Any, model: Any = None) -> Any:
-        optimizer = original(self, model)
+        token = _building_trainer.set(self)  # whose weight-decay rule the handler applies
+        try:
+            optimizer = original(self, model)
+        finally:
+            _building_trainer.reset(token)
         after(self)
         return optimizer
 

@@ -21,7 +21,7 @@ from ..param_groups import build_param_groups, resolve_block_sizes
 from ..zero import ZeroFOAM, zero_stage
 from ._seam import FOAM_OPTIMIZER_NAMES, decay_parameter_names, insert_callback_first
 
-__all__ = ["foam_config_from_args", "is_foam_optim", "optimizer_cls_and_kwargs"]
+__all__ = ["ParamGroupsAtBuild", "foam_config_from_args", "is_foam_optim", "optimizer_cls_and_kwargs"]
 
 
 def is_foam_optim(optim: Any) -> bool:
@@ -183,10 +183,38 @@ def _check_hyperparameter_fields(args: Any) -> None:
                 ) from None
 
 
-def optimizer_cls_and_kwargs(args: Any, model: Any) -> tuple[type[FOAM], dict[str, Any]]:
-    """``(FOAM or LayerwiseFOAM, kwargs)`` for ``args`` and ``model``; ``kwargs["params"]`` holds the groups.
+class ParamGroupsAtBuild:
+    """FOAM's param groups of ``model`` under ``args``, resolved each time they are iterated: when the optimizer
+    is built from them, not when :func:`optimizer_cls_and_kwargs` was called. A model may change in between:
+    TRL's ``peft_config=`` injects the adapters into it and freezes its base weights inside the trainer, and groups
+    resolved before would hold the frozen weights and none of the adapters."""
 
-    Also usable without the name registration: ``Trainer(..., optimizer_cls_and_kwargs=...)``.
+    def __init__(self, args: Any, model: Any) -> None:
+        self.args = args
+        self.model = model
+
+    def __iter__(self) -> Any:
+        return iter(_param_groups(self.args, self.model))
+
+    def __repr__(self) -> str:
+        return f"ParamGroupsAtBuild(model={type(self.model).__name__})"
+
+
+def _param_groups(args: Any, model: Any) -> list[dict[str, Any]]:
+    """FOAM's param groups of ``model`` under ``args``: block sizes per parameter, the Trainer's weight decay."""
+    config = foam_config_from_args(args)
+    plan = resolve_block_sizes(model, config, args.optim_target_modules)
+    return build_param_groups(
+        model, plan, weight_decay=args.weight_decay, decay_parameter_names=decay_parameter_names(model)
+    )
+
+
+def optimizer_cls_and_kwargs(args: Any, model: Any) -> tuple[type[FOAM], dict[str, Any]]:
+    """``(FOAM, ZeroFOAM or LayerwiseFOAM, kwargs)`` for ``args`` and ``model``; ``kwargs["params"]`` holds the
+    groups, a :class:`ParamGroupsAtBuild`: resolved from ``model`` as it is when the optimizer is built.
+
+    Also usable without the name registration: ``Trainer(..., optimizer_cls_and_kwargs=...)``; the Trainer takes
+    ``params`` out of ``kwargs`` when it builds the optimizer, so give each Trainer a tuple of its own.
     """
     if model is None:
         raise FoamConfigError("optim='foam' needs the model to choose which weights fold; the Trainer got none.")
@@ -194,12 +222,8 @@ def optimizer_cls_and_kwargs(args: Any, model: Any) -> tuple[type[FOAM], dict[st
     # ZeRO hands the optimizer flat partitions: ZeroFOAM folds them exactly (foam_hf.zero).
     ds_config = _deepspeed_config(args)
     check_deepspeed_config(ds_config)
-    plan = resolve_block_sizes(model, config, args.optim_target_modules)
-    groups = build_param_groups(
-        model, plan, weight_decay=args.weight_decay, decay_parameter_names=decay_parameter_names(model)
-    )
     kwargs: dict[str, Any] = dict(
-        params=groups,
+        params=ParamGroupsAtBuild(args, model),
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_epsilon,
@@ -232,6 +256,7 @@ def optimizer_cls_and_kwargs(args: Any, model: Any) -> tuple[type[FOAM], dict[st
 def foam_handler(ctx: Any) -> tuple[type[FOAM], dict[str, Any]]:
     """The entry of transformers' optimizer handler table for ``optim="foam"`` / ``"foam_layerwise"``."""
     cls, kwargs = optimizer_cls_and_kwargs(ctx.args, ctx.model)
+    kwargs["params"] = list(kwargs["params"])  # the Trainer's model, now: errors surface here, not inside torch
     ctx.optimizer_kwargs.update(kwargs)
     return cls, ctx.optimizer_kwargs
 
