@@ -154,17 +154,26 @@ def _no_match_error(
     a target given as one string, a regex over the whole module name rather than a suffix."""
     if matched:
         shown = _first_few([f"{name} ({why})" for name, why in matched.items()])
-        frozen = any("frozen" in why for why in matched.values())
-        fix = (
-            "Fix: drop it, or unfreeze those parameters (requires_grad_(True)); with PEFT, name a module that has "
-            "an adapter (or its lora_A / lora_B), or add the module to the adapter's target_modules."
-            if frozen
-            else "Fix: name linear layers (or modules that contain them); other parameters fold only through "
-            "block_sizes."
-        )
+        if any("frozen" in why for why in matched.values()):
+            found = "no parameter there is trainable"
+            fix = (
+                "Fix: drop it, or unfreeze those parameters (requires_grad_(True)); with PEFT, name a module that "
+                "has an adapter (or its lora_A / lora_B), or add the module to the adapter's target_modules."
+            )
+        elif set(matched.values()) == {"no parameters"}:
+            found = "they hold no parameters"
+            fix = (
+                "Fix: name modules that hold parameters (PEFT adds empty lora_embedding_A / lora_embedding_B "
+                "containers to every layer it adapts; the adapters of linear layers are lora_A / lora_B)."
+            )
+        else:
+            found = "no parameter there is a trainable linear weight"
+            fix = (
+                "Fix: name linear layers (or modules that contain them); other parameters fold only through "
+                "block_sizes."
+            )
         return NoMatchingModuleError(
-            f"FOAM: {what} {pattern!r} matches modules of the model, but no parameter there "
-            f"{'is trainable' if frozen else 'is a trainable linear weight'}: {shown}. {fix}"
+            f"FOAM: {what} {pattern!r} matches modules of the model, but {found}: {shown}. {fix}"
         )
     leaves = sorted({n.rsplit(".", 1)[-1] for n in module_names if n})
     close = difflib.get_close_matches(pattern, leaves, n=5, cutoff=0.5) or difflib.get_close_matches(

@@ -317,6 +317,18 @@ OVERRIDE_ERRORS = [
         ["'embed_tokens' matches modules of the model, but no parameter there is trainable", "embed_tokens (frozen)"],
     ),
     (
+        "pattern matches only modules without parameters",  # as PEFT's empty lora_embedding_A on a linear layer
+        None,
+        FoamConfig(block_sizes={"act_fn": 4}),
+        None,
+        NoMatchingModuleError,
+        [
+            "'act_fn' matches modules of the model, but they hold no parameters",
+            "act_fn (no parameters)",
+            "Fix: name modules that hold parameters",
+        ],
+    ),  # fmt: skip
+    (
         "target module that holds no linear layer",
         None,
         FoamConfig(target_modules=["embed_tokens"]),
