@@ -89,9 +89,14 @@ class ZeroFOAM(FOAM):
         self._whole_model_memory = _memory_from_shapes(self.param_groups)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)  # torch pickles defaults, state and groups only
-        self._process_group = None
-        self._whole_model_memory = _memory_from_shapes(self.param_groups)
+        # Two callers: unpickling (torch pickles defaults, state and groups only: no process group, and the groups
+        # hold whole tensors again) and load_state_dict, which ends with __setstate__ on a live optimizer whose
+        # groups ZeRO has replaced by flat partitions: that keeps its process group and whole-model figures.
+        process_group = self.__dict__.get("_process_group")
+        memory = self.__dict__.get("_whole_model_memory")
+        super().__setstate__(state)
+        self._process_group = process_group
+        self._whole_model_memory = memory if memory is not None else _memory_from_shapes(self.param_groups)
 
     # ------------------------------------------------------------------ groups
 
@@ -109,7 +114,13 @@ class ZeroFOAM(FOAM):
         block_size = param_group.get("block_size", self.defaults["block_size"])
         # Named parameters arrive as (name, tensor) pairs (torch.optim accepts model.named_parameters()).
         tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
-        folded = [i for i, p in enumerate(tensors) if isinstance(p, torch.Tensor) and _folds(_shape_of(p), block_size)]
+        # Frozen tensors stay in the shared group: ZeRO 1/2 drops them from its groups, and a group of one would be
+        # left empty (DeepSpeed then fails at initialisation); they never get state anyway.
+        folded = [
+            i
+            for i, p in enumerate(tensors)
+            if isinstance(p, torch.Tensor) and p.requires_grad and _folds(_shape_of(p), block_size)
+        ]
         options = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
 
         def subgroup(indices: list[int], **extra: Any) -> dict[str, Any]:

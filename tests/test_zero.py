@@ -9,6 +9,7 @@ runs under real DeepSpeed are in tests/test_deepspeed_zero.py.
 from __future__ import annotations
 
 import math
+import pickle
 import warnings
 
 import pytest
@@ -283,3 +284,32 @@ def test_supported_configs_pass(config):
 def test_unsupported_configs_are_refused(config, error):
     with pytest.raises(FoamConfigError, match=rf"FOAM under DeepSpeed: .*{error}.*Fix: "):
         check_zero_config(config)
+
+
+def test_load_state_dict_keeps_the_process_group_and_the_whole_model_figures():
+    # torch's load_state_dict ends with __setstate__: on a live ZeroFOAM, whose groups ZeRO has replaced by flat
+    # partitions, that once dropped the data-parallel group and recomputed the memory figures from the partitions.
+    weight, bias = torch.nn.Parameter(torch.randn(6, 10)), torch.nn.Parameter(torch.randn(6))
+    process_group = object()  # stands for a data-parallel group; read only under torch.distributed
+    optimizer = ZeroFOAM([weight, bias], block_size=4, process_group=process_group)
+    expected = optimizer.state_memory()
+    assert expected.folded_params == 1 and expected.unfolded_params == 1
+    for group in optimizer.param_groups:  # what ZeRO-1/2 does to the groups: one flat partition each (1 rank)
+        group["params"] = [torch.nn.Parameter(torch.zeros(sum(p.numel() for p in group["params"])))]
+    optimizer.load_state_dict(optimizer.state_dict())
+    assert optimizer.state_memory() == expected
+    assert optimizer._process_group is process_group
+    restored = pickle.loads(pickle.dumps(ZeroFOAM([torch.nn.Parameter(torch.randn(6, 10))], block_size=4)))
+    assert restored._process_group is None and restored.state_memory().folded_params == 1
+
+
+def test_frozen_tensors_that_would_fold_share_the_unfolded_group():
+    # ZeRO-1/2 drops frozen parameters from its groups: a frozen weight in a group of its own left that group
+    # empty, and DeepSpeed failed at initialisation (tests/test_deepspeed_zero.py runs it).
+    frozen, trained = torch.nn.Parameter(torch.randn(6, 10)), torch.nn.Parameter(torch.randn(6, 10))
+    frozen.requires_grad_(False)
+    bias = torch.nn.Parameter(torch.randn(6))
+    optimizer = ZeroFOAM([frozen, trained, bias], block_size=4)
+    groups = [[id(p) for p in group["params"]] for group in optimizer.param_groups]
+    assert groups == [[id(trained)], [id(frozen), id(bias)]]
+    assert optimizer.state_memory().folded_params == 1
