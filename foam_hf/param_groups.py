@@ -6,7 +6,8 @@ Rules, in order:
    its adapter weights. Tied or shared parameters are one tensor and get exactly one block size.
 2. *Default targets*: the ``weight`` of every linear layer (``nn.Linear``, transformers' ``Conv1D``)
    except the output head and the input embeddings (the paper's choice), and except PEFT adapter weights
-   (any parameter inside a PEFT tuner layer: LoRA's ``lora_A``/``lora_B``, ...). Adapters keep AdamW states
+   (any parameter inside a PEFT tuner layer: LoRA's ``lora_A``/``lora_B``, ..., or a prompt-learning encoder:
+   P-tuning's MLP, prefix tuning's projection). Adapters keep AdamW states
    by default because folding them cost loss in every LoRA configuration measured (docs/benchmarks.md,
    "LoRA adapters") while their states are a tiny share of memory; ``block_sizes=lora_A:4`` folds them.
    Output heads are the module ``get_output_embeddings()`` returns and task heads named as in
@@ -127,12 +128,22 @@ def _excluded_modules(model: nn.Module) -> set[int]:
 
 
 def _adapter_layer_names(model: nn.Module) -> set[str]:
-    """Names of the PEFT tuner layers (e.g. a LoRA-wrapped ``q_proj``) in ``model``; empty without PEFT."""
+    """Names of the PEFT adapter modules in ``model``: its tuner layers (e.g. a LoRA-wrapped ``q_proj``) and the
+    encoders of prompt learning (P-tuning's MLP, prefix tuning's projection: modules PEFT's tuners define);
+    empty without PEFT."""
     try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
     except ImportError:  # PEFT not installed: no model can hold its layers
         return set()
-    return {name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+
+    def is_adapter(module: nn.Module) -> bool:
+        if isinstance(module, BaseTunerLayer):
+            return True
+        # a tuner's own module (P-tuning's PromptEncoder, prefix tuning's PrefixEncoder), not the tuner that wraps
+        # the whole base model (LoraModel is a BaseTuner): what it holds besides adapters is the user's
+        return type(module).__module__.startswith("peft.tuners.") and not isinstance(module, BaseTuner)
+
+    return {name for name, module in model.named_modules() if is_adapter(module)}
 
 
 def _first_few(names: list[str], limit: int = 5) -> str:

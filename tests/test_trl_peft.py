@@ -345,6 +345,50 @@ def test_peft_modules_to_save_heads_keep_adamw_states(make_model, head, task_typ
     assert set(sizes.values()) == {1}  # adapters keep AdamW states too, by default
 
 
+@pytest.mark.parametrize("method", ["p_tuning", "prefix_tuning"])
+def test_prompt_learning_encoders_keep_adamw_states_like_other_adapters(method):
+    """P-tuning's MLP and prefix tuning's projection are adapters (modules of PEFT's tuners): they keep AdamW states
+    by default, as LoRA's do, and block_sizes folds them on request."""
+    from peft import PrefixTuningConfig, PromptEncoderConfig, get_peft_model
+
+    from foam_hf import FoamConfig
+    from foam_hf.param_groups import resolve_block_sizes
+
+    config = {
+        "p_tuning": PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=32),
+        "prefix_tuning": PrefixTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=32
+        ),
+    }[method]
+    model = get_peft_model(tiny_llama(), config)
+    sizes = resolve_block_sizes(model, FoamConfig()).size_by_parameter
+    encoder_weights = [
+        n for n, p in model.named_parameters() if p.requires_grad and p.ndim == 2 and "embedding" not in n
+    ]
+    assert encoder_weights and all(n.startswith("prompt_encoder.") for n in encoder_weights)  # the premise
+    assert set(sizes.values()) == {1}
+    layer = "mlp_head" if method == "p_tuning" else "transform"
+    folded = resolve_block_sizes(model, FoamConfig(block_sizes={layer: 4})).size_by_parameter
+    assert all(folded[n] == 4 for n in encoder_weights)
+    assert all(n.startswith(f"prompt_encoder.default.{layer}.") for n, b in folded.items() if b == 4)
+
+
+def test_modules_to_save_of_a_hidden_layer_folds_as_without_peft():
+    """A hidden layer PEFT trains as a full copy (modules_to_save) is no adapter: its copy folds, as the layer would
+    without PEFT."""
+    from peft import LoraConfig, get_peft_model
+
+    from foam_hf import FoamConfig
+    from foam_hf.param_groups import resolve_block_sizes
+
+    config = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["down_proj"])
+    model = get_peft_model(tiny_llama(), config)
+    sizes = resolve_block_sizes(model, FoamConfig()).size_by_parameter
+    copies = {n: b for n, b in sizes.items() if "down_proj.modules_to_save." in n}
+    assert copies and set(copies.values()) == {4}
+    assert {b for n, b in sizes.items() if "lora_" in n} == {1}
+
+
 def test_all_linear_leaves_task_heads_out():
     """optim_target_modules="all-linear" folds every linear layer but the output head, also where the head is a
     task head (score) that get_output_embeddings() does not return."""

@@ -207,8 +207,8 @@ class FoamCallback(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         if not self._pending or logs is None:
             return
-        if "loss" not in logs and any(key.startswith("eval_") for key in logs):
-            return  # an evaluation's log: the figures wait for the next training log (the "epoch" strategy's)
+        if "loss" not in logs and "train_loss" not in logs:
+            return  # not a training log (an evaluation's, whatever its metric prefix): the figures wait for one
         logs.update(self._pending)
         # Trainer.log appended a copy of `logs` to log_history before calling us; keep the two in step.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
