@@ -71,7 +71,9 @@ def foam_state_from_adamw(adamw: torch.optim.Optimizer | dict[str, Any], foam_op
     Args:
         adamw: a :class:`torch.optim.AdamW` or :class:`torch.optim.Adam` optimizer, or the dict its
             ``state_dict()`` returns (e.g. loaded from an AdamW checkpoint with ``torch.load``).
-        foam_optimizer: a :class:`foam_hf.FOAM` built over the same parameters in the same order.
+        foam_optimizer: a :class:`foam_hf.FOAM` built over the same parameters: matched to AdamW's by identity
+            when ``adamw`` is the optimizer itself (any order and grouping), by position for a state dict (the same
+            order, as ``state_dict`` numbers them).
 
     Parameters AdamW holds no state for (never stepped) get no FOAM state either: FOAM initializes them
     lazily at their first step, as AdamW would have. Existing FOAM state for converted parameters is
@@ -103,6 +105,13 @@ def foam_state_from_adamw(adamw: torch.optim.Optimizer | dict[str, Any], foam_op
             )
     saved_ids = [pid for group in saved_groups for pid in group["params"]]
     targets = _ordered_params(foam_optimizer)
+    if isinstance(adamw, torch.optim.Optimizer):
+        # The optimizer itself names its parameters: match them by identity, whatever order and groups FOAM holds
+        # them in (ZeroFOAM gives every folded tensor a group of its own, ahead of the rest).
+        adamw_params = [p for group in adamw.param_groups for p in group["params"]]
+        position = {id(p): i for i, p in enumerate(adamw_params)}
+        if len(position) == len(adamw_params) == len(targets) and all(id(p) in position for p, _, _ in targets):
+            saved_ids = [saved_ids[position[id(p)]] for p, _, _ in targets]
     if len(saved_ids) != len(targets):
         raise FoamStateError(
             f"foam_state_from_adamw: AdamW holds {len(saved_ids)} parameters but FOAM holds {len(targets)}. "

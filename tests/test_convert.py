@@ -174,8 +174,25 @@ def test_mismatched_parameter_lists_are_refused_without_changing_state():
         foam_state_from_adamw(adamw, foam_fewer)
     swapped = FOAM([params[1], params[0], *params[2:]])
     with pytest.raises(FoamStateError, match=r"has shape \(6, 8\) but FOAM's parameter 0 .* shape \(5, 9\)"):
-        foam_state_from_adamw(adamw, swapped)
+        foam_state_from_adamw(adamw.state_dict(), swapped)  # a state dict numbers its parameters: by position
     assert len(swapped.state) == 0  # nothing half-converted
+
+
+def test_the_adamw_optimizer_itself_is_matched_by_parameter_whatever_the_order_and_groups():
+    # ZeroFOAM puts every folded tensor in a group of its own, ahead of the rest; a FOAM may list the parameters in
+    # another order. Given the AdamW optimizer, each parameter's moments come from its own AdamW state.
+    from foam_hf.zero import ZeroFOAM
+
+    params = make_params(dtype=torch.float32)
+    adamw = stepped_adamw(params)
+    expected = FOAM(params, block_size=4)
+    foam_state_from_adamw(adamw.state_dict(), expected)  # same order: by position
+    for target in (ZeroFOAM(params, block_size=4), FOAM(params[::-1], block_size=4)):
+        foam_state_from_adamw(adamw, target)
+        assert set(target.state) == set(expected.state)
+        for p in params:
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                assert torch.equal(target.state[p][key], expected.state[p][key]), key
 
 
 def test_non_adam_states_are_refused():
