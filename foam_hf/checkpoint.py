@@ -66,6 +66,18 @@ def check_loadable(
                 "written by FOAM (an AdamW checkpoint?). Fix: load it into the optimizer that wrote it, "
                 "or convert it to FOAM states first."
             )
+    from .zero import FULL_SHAPE_KEY
+
+    saved_by_zero = any(FULL_SHAPE_KEY in g for g in saved_groups)
+    if len(saved_groups) != len(param_groups) and saved_by_zero != any(FULL_SHAPE_KEY in g for g in param_groups):
+        # ZeroFOAM gives every folded tensor a group of its own (FULL_SHAPE_KEY): another layout, not other options.
+        writer, reader = ("ZeroFOAM", "FOAM") if saved_by_zero else ("FOAM", "ZeroFOAM")
+        raise FoamStateError(
+            f"FOAM.load_state_dict: the saved state was written by {writer} ({len(saved_groups)} param groups) and "
+            f"this optimizer is a {reader} ({len(param_groups)}): ZeroFOAM gives every folded tensor a group of its "
+            "own, so neither loads the other's state. Fix: resume under the engine that saved it (under DeepSpeed "
+            "ZeRO, optim='foam' builds ZeroFOAM; without ZeRO, FOAM)."
+        )
     if len(saved_groups) != len(param_groups):
         # Built by name, FOAM has a group per (block size, decayed or not): another count almost always means
         # other block sizes than the run that saved it.

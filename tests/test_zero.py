@@ -313,3 +313,21 @@ def test_frozen_tensors_that_would_fold_share_the_unfolded_group():
     groups = [[id(p) for p in group["params"]] for group in optimizer.param_groups]
     assert groups == [[id(trained)], [id(frozen), id(bias)]]
     assert optimizer.state_memory().folded_params == 1
+
+
+def test_a_state_of_the_other_layout_is_refused_naming_both():
+    # ZeroFOAM gives every folded tensor a group of its own: a FOAM state does not load into it, nor the reverse,
+    # and the error says so rather than blaming block sizes.
+    weight, bias = torch.nn.Parameter(torch.randn(6, 10)), torch.nn.Parameter(torch.randn(6))
+    for p in (weight, bias):
+        p.grad = torch.ones_like(p)
+    plain, zero = FOAM([weight, bias], block_size=4), ZeroFOAM([weight, bias], block_size=4)
+    plain.step()
+    zero.step()
+    for source, target, writer in (
+        (plain, ZeroFOAM([weight, bias], block_size=4), "FOAM"),
+        (zero, FOAM([weight, bias], block_size=4), "ZeroFOAM"),
+    ):
+        with pytest.raises(FoamStateError, match=rf"written by {writer} \(\d param groups\) and this optimizer is a"):
+            target.load_state_dict(source.state_dict())
+        assert not target.state
