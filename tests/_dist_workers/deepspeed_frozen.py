@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import sys
 from pathlib import Path
 
 import torch
 
 torch.set_num_threads(1)  # 2 ranks share 2 cores
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: hf_fixtures
 
 
 def build() -> torch.nn.Sequential:
@@ -61,6 +63,9 @@ def main() -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         result = {"zero": copy.deepcopy(model.state_dict()), "reference": reference.state_dict()}
         torch.save(result, Path(args.out) / "result.pt")
+    from hf_fixtures import end_rank
+
+    end_rank()  # not a plain return: gloo's threads can abort a rank at exit (hf_fixtures.end_rank)
 
 
 if __name__ == "__main__":
