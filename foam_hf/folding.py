@@ -31,6 +31,7 @@ __all__ = [
     "folds_in_full",
     "is_foldable",
     "num_blocks",
+    "shape_folds",
     "unfold",
 ]
 
@@ -51,13 +52,18 @@ def is_foldable(param: torch.Tensor, block_size: int) -> bool:
     return block_size > 1 and param.ndim >= 2 and param.numel() > 0
 
 
+def shape_folds(shape: tuple[int, ...] | torch.Size, block_size: int) -> bool:
+    """:func:`is_foldable` on a shape (a tensor's full one, where the tensor holds only a partition of it)."""
+    return block_size > 1 and len(shape) >= 2 and math.prod(shape) > 0
+
+
 def folds_in_full(param: torch.Tensor, block_size: int) -> bool:
     """:func:`is_foldable` on the parameter's full shape: also once ``deepspeed.zero.Init`` has partitioned it
     (ZeRO-3 leaves an empty placeholder and keeps the full shape in ``ds_shape``); lazy parameters, whose shape
     is not known yet, do not fold yet."""
     shape = getattr(param, "ds_shape", None)
     if shape is not None:
-        return block_size > 1 and len(shape) >= 2 and all(n > 0 for n in shape)
+        return shape_folds(tuple(shape), block_size)
     return not torch.nn.parameter.is_lazy(param) and is_foldable(param, block_size)
 
 

@@ -39,8 +39,9 @@ from typing import Any
 import torch
 
 from .errors import FoamConfigError, FoamStateError
+from .folding import shape_folds
 from .optim import FOAM, state_dtype_for
-from .zero_layout import FlatSlice, _folds, _shape_of, partial_block_sums, partitions_of, step_slice
+from .zero_layout import FlatSlice, _shape_of, partial_block_sums, partitions_of, step_slice
 
 __all__ = [
     "FULL_SHAPE_KEY",
@@ -119,7 +120,7 @@ class ZeroFOAM(FOAM):
         folded = [
             i
             for i, p in enumerate(tensors)
-            if isinstance(p, torch.Tensor) and p.requires_grad and _folds(_shape_of(p), block_size)
+            if isinstance(p, torch.Tensor) and p.requires_grad and shape_folds(_shape_of(p), block_size)
         ]
         options = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
 
@@ -297,7 +298,7 @@ def _memory_from_shapes(groups: list[dict[str, Any]]) -> Any:
             itemsize = torch.empty((), dtype=state_dtype_for(p, group["state_dtype"])).element_size()
             adamw_itemsize = torch.empty((), dtype=state_dtype_for(p)).element_size()
             numel = math.prod(shape)
-            if _folds(shape, group["block_size"]):
+            if shape_folds(shape, group["block_size"]):
                 folded += 1
                 moment = numel // shape[-1] * -(-shape[-1] // group["block_size"])
             else:

@@ -29,11 +29,6 @@ def _shape_of(param: torch.Tensor) -> tuple[int, ...]:
     return tuple(shape) if shape is not None else tuple(param.shape)
 
 
-def _folds(shape: tuple[int, ...], block_size: int) -> bool:
-    """:func:`foam_hf.folding.is_foldable` on a shape."""
-    return block_size > 1 and len(shape) >= 2 and math.prod(shape) > 0
-
-
 @dataclass(frozen=True)
 class FlatSlice:
     r"""Rank ``rank``'s partition of a tensor of ``shape``, flattened row-major: elements ``[start, stop)``.
