@@ -110,9 +110,6 @@ def triton_available() -> bool:
     return triton is not None
 
 
-#: The self-check's verdicts, per device and kind of step (:data:`CheckKind`).
-_ready: dict[tuple[torch.device, tuple[torch.dtype, torch.dtype, int]], bool] = {}
-
 #: What the self-check steps before the kernels step a group: (parameter dtype, moment dtype, block size, second
 #: moment). Each compiles kernels of its own (the dtypes, the block size, the tile width and the second moment's
 #: formula are compile-time constants), so each is checked before it first trains.
@@ -123,6 +120,8 @@ DEFAULT_CHECK_KINDS: tuple[CheckKind, ...] = (
     (torch.float32, torch.float32, 4, "mean_sq"),
     (torch.bfloat16, torch.bfloat16, 4, "mean_sq"),
 )
+#: The self-check's verdicts, per device and kind of step.
+_ready: dict[tuple[torch.device, CheckKind], bool] = {}
 
 # The self-check's tolerances, those of tests/test_fused_triton.py: (weight atol, weight rtol) per parameter
 # dtype, and the moments' rtol per state dtype (bf16 moments may round to a neighbouring value). fp16 weights,
@@ -147,14 +146,12 @@ def _scratch_shapes(block_size: int) -> list[tuple[int, ...]]:
 def _scratch_problem(device: torch.device, kind: CheckKind):
     """A small step problem for the self-check (:func:`_scratch_shapes`) of ``kind``, seeded, so every check steps
     the same numbers: parameters, a list of gradients per step, and zero moments."""
-    from foam_hf.folding import folded_shape
-
     dtype, state_dtype, block_size, _ = kind
     gen = torch.Generator().manual_seed(0)
     shapes = _scratch_shapes(block_size)
     params = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
     grads = [[torch.randn(s, generator=gen).to(device, dtype) for s in shapes] for _ in range(_CHECK_STEPS)]
-    state_shapes = [folded_shape(s, block_size) if len(s) >= 2 and block_size > 1 else s for s in shapes]
+    state_shapes = [folded_shape(p.shape, block_size) if is_foldable(p, block_size) else p.shape for p in params]
     exp_avgs = [torch.zeros(s, device=device, dtype=state_dtype) for s in state_shapes]
     exp_avg_sqs = [torch.zeros(s, device=device, dtype=state_dtype) for s in state_shapes]
     return params, grads, exp_avgs, exp_avg_sqs
@@ -801,7 +798,7 @@ def _fold_constexprs(param: torch.Tensor, exp_avg: torch.Tensor, hyper: dict) ->
 
 def _padded_width(param: torch.Tensor, block_size: int) -> int:
     """The lanes of a folded tensor's tile row: its :func:`block_width` rounded up to a power of two (``BP``)."""
-    return 1 << (min(block_size, param.shape[-1]) - 1).bit_length()
+    return 1 << (block_width(param, block_size) - 1).bit_length()
 
 
 def _adamw_constexprs(param: torch.Tensor, exp_avg: torch.Tensor, hyper: dict) -> dict:

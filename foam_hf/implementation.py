@@ -4,8 +4,9 @@ One place decides, as ``torch.optim``'s ``_default_to_fused_or_foreach`` does fo
 
 * ``fused=None, foreach=None`` (the default): a fused kernel when one covers every tensor of the group — the C++
   kernel for contiguous CPU float32/bfloat16/float16/float64 tensors (:mod:`foam_hf._fused_cpu`, built at first
-  use), the Triton kernels for such CUDA tensors once their numeric self-check passed for the group's dtypes and
-  block size (:func:`foam_hf._fused_triton.triton_ready`); else foreach on CUDA and the readable path on CPU;
+  use), the Triton kernels for such CUDA tensors once their numeric self-check passed for the group's dtypes,
+  block size and second moment (:func:`foam_hf._fused_triton.triton_ready`); else foreach on CUDA and the
+  readable path on CPU;
 * ``fused=True``: the fused kernel, and :func:`check_fused_available` says at construction why it cannot be;
 * ``foreach=True`` / ``False``: that path.
 

@@ -127,10 +127,8 @@ class LayerwiseFOAM(FOAM):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._should_step():
-            for param in self._trainable_params():
-                if param.grad is not None:
-                    self._step_parameter(param)
+        for param in self._trainable_params():
+            self._step_parameter(param)  # none without a gradient, and only when should_step() says so
         return loss
 
     def add_gradient_observer(self, observer: Callable[[torch.Tensor, torch.Tensor, dict], None]) -> RemovableHandle:
