@@ -64,7 +64,8 @@ def check_loadable(
             raise FoamStateError(
                 f"FOAM.load_state_dict: saved param group {index} has no {missing}: this state was not "
                 "written by FOAM (an AdamW checkpoint?). Fix: load it into the optimizer that wrote it, "
-                "or convert it to FOAM states first."
+                "or convert it to FOAM states first (foam_hf.convert.foam_state_from_adamw; a Trainer "
+                "checkpoint: foam_hf.convert.convert_trainer_checkpoint)."
             )
     from .zero import FULL_SHAPE_KEY
 
@@ -89,14 +90,22 @@ def check_loadable(
             "Fix: resume with that run's optim_args (its training_args.bin holds them), or build the optimizer "
             "with the same groups."
         )
+    _check_names(saved_groups, param_groups)
     id_to_param: dict[int, tuple[torch.Tensor, dict[str, Any], int]] = {}
     for index, (saved, group) in enumerate(zip(saved_groups, param_groups)):
         for key in STRUCTURAL_KEYS:
             if saved[key] != group[key]:
+                fix = f"build FOAM with {key}={saved[key]!r} to resume this checkpoint"
+                if key == "block_size" and len(saved_groups) > 1:  # built by name: a group per block size
+                    fix = (
+                        f"resume with the optim_args of the run that saved it (its training_args.bin holds them; "
+                        f"per group, the block sizes are {[g['block_size'] for g in saved_groups]} saved and "
+                        f"{[g['block_size'] for g in param_groups]} here), or build FOAM with the same groups"
+                    )
                 raise FoamStateError(
                     f"FOAM.load_state_dict: param group {index} was saved with {key}={saved[key]!r} but "
                     f"this optimizer has {key}={group[key]!r}; its states cannot be continued exactly. "
-                    f"Fix: build FOAM with {key}={saved[key]!r} to resume this checkpoint."
+                    f"Fix: {fix}."
                 )
         for key in UPDATE_KEYS:
             if key in saved and saved[key] != group[key]:
@@ -154,6 +163,47 @@ def check_loadable(
                     "(or by AdamW). Fix: resume with the block sizes of the run that saved it."
                 )
     return id_to_param
+
+
+def _named_positions(groups: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
+    """Where each named parameter sits: its name -> (group index, position), for the groups that name every
+    parameter they hold (torch's ``param_names``; a ZeRO partition that flattened a group's tensors does not)."""
+    where: dict[str, tuple[int, int]] = {}
+    for index, group in enumerate(groups):
+        names = group.get("param_names") if isinstance(group, dict) else None
+        if isinstance(names, list) and len(names) == len(group.get("params", ())):
+            for position, name in enumerate(names):
+                where.setdefault(name, (index, position))
+    return where
+
+
+def _check_names(saved_groups: list[dict[str, Any]], param_groups: list[dict[str, Any]]) -> None:
+    """Refuse a state whose parameters sit elsewhere here than when it was saved.
+
+    torch loads a state by position: the i-th saved parameter's moments go to the i-th parameter here. Where both
+    sides name their parameters (FOAM built by name saves ``param_names``), a saved name found here at another
+    position means its moments would load onto another parameter, even where every shape agrees: one layer's
+    ``block_sizes`` override moved to a layer of the same shape, say. A saved name not found here at all (a
+    renamed module) says nothing of the order, and loads by position as torch does."""
+    here = _named_positions(param_groups)
+    for name, (index, position) in _named_positions(saved_groups).items():
+        found = here.get(name)
+        if found is None or found == (index, position):
+            continue
+        names_here = param_groups[index].get("param_names") if index < len(param_groups) else None
+        onto = (
+            repr(names_here[position])
+            if isinstance(names_here, list) and position < len(names_here)
+            else f"parameter {position} of param group {index}"
+        )
+        raise FoamStateError(
+            f"FOAM.load_state_dict: the saved state of {name!r} (param group {index}, block_size="
+            f"{saved_groups[index]['block_size']}) would load onto {onto}: here {name!r} is parameter {found[1]} of "
+            f"param group {found[0]} (block_size={param_groups[found[0]]['block_size']}). The run that saved it "
+            "grouped the parameters differently (other block_size, block_sizes or target_modules). Fix: resume "
+            "with that run's optim_args (its training_args.bin holds them), or build the optimizer with the same "
+            "groups."
+        )
 
 
 def restore_moments(optimizer: torch.optim.Optimizer, saved_state: dict[Any, Any], id_to_param: ParamIndex) -> int:

@@ -360,16 +360,23 @@ def build_param_groups(
     """Torch param groups, one per (block size, decays?) pair, in a deterministic order.
 
     Each group carries its own ``block_size`` (so it shows in ``optimizer.state_dict()`` and survives
-    resume) and ``weight_decay`` (``weight_decay`` for ``decay_parameter_names``, else 0).
+    resume), ``weight_decay`` (``weight_decay`` for ``decay_parameter_names``, else 0) and ``param_names``
+    (torch's key: saved with the state, so a resume under other groups is refused by name, see
+    :func:`foam_hf.checkpoint.check_loadable`).
     """
     decay = set(decay_parameter_names)
-    groups: dict[tuple[int, bool], list[torch.Tensor]] = {}
+    groups: dict[tuple[int, bool], list[tuple[str, torch.Tensor]]] = {}
     for name, p in model.named_parameters():
         if name not in plan.size_by_parameter:
             continue
         key = (plan.size_by_parameter[name], name in decay)
-        groups.setdefault(key, []).append(p)
+        groups.setdefault(key, []).append((name, p))
     return [
-        {"params": params, "block_size": block_size, "weight_decay": weight_decay if decays else 0.0}
-        for (block_size, decays), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))
+        {
+            "params": [p for _, p in named],
+            "param_names": [name for name, _ in named],
+            "block_size": block_size,
+            "weight_decay": weight_decay if decays else 0.0,
+        }
+        for (block_size, decays), named in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))
     ]

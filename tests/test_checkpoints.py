@@ -252,6 +252,36 @@ def test_group_count_mismatch_is_refused():
         FOAM(make_params(((6, 8), (7,))), **HPARAMS).load_state_dict(opt.state_dict())
 
 
+def _named_foam(order):
+    """FOAM over named parameters (torch's ``param_names``) of two (6, 8) weights and a bias, in ``order``."""
+    gen = torch.Generator().manual_seed(0)
+    named = {name: torch.nn.Parameter(torch.randn(shape, generator=gen)) for name, shape in NAMED_SHAPES.items()}
+    return FOAM([(name, named[name]) for name in order], **HPARAMS), [named[name] for name in order]
+
+
+NAMED_SHAPES = {"a.weight": (6, 8), "b.weight": (6, 8), "a.bias": (6,)}
+
+
+def test_a_state_whose_names_sit_elsewhere_is_refused_though_every_shape_agrees():
+    saver, params = _named_foam(["a.weight", "b.weight", "a.bias"])
+    step(saver, params, 0)
+    loader, _ = _named_foam(["b.weight", "a.weight", "a.bias"])  # the weights swapped: same shapes by position
+    with pytest.raises(FoamStateError, match=r"saved state of 'a.weight' .* would load onto 'b.weight'.*Fix"):
+        loader.load_state_dict(saver.state_dict())
+    assert not loader.state and loader.param_groups[0]["param_names"] == ["b.weight", "a.weight", "a.bias"]
+
+
+def test_names_that_are_all_new_load_by_position_as_torch_does():
+    saver, params = _named_foam(["a.weight", "b.weight", "a.bias"])
+    step(saver, params, 0)
+    state = saver.state_dict()
+    state["param_groups"][0]["param_names"] = ["old.0", "old.1", "old.2"]  # a renamed model: no order to check
+    loader, twins = _named_foam(["a.weight", "b.weight", "a.bias"])
+    loader.load_state_dict(state)
+    for p, q in zip(params, twins):
+        assert torch.equal(loader.state[q]["exp_avg"], saver.state[p]["exp_avg"])
+
+
 # ---------------------------------------------------------------------------- Trainer: LoRA resume, damaged file
 
 

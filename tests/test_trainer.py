@@ -343,6 +343,32 @@ def test_resume_with_other_per_module_block_sizes_says_so(tmp_path):
     assert "block_sizes" in message and "Fix: resume with that run's optim_args" in message
 
 
+def test_resume_with_an_override_moved_to_a_module_of_the_same_shape_is_refused_by_name(tmp_path):
+    # gate_proj and up_proj are both intermediate x hidden: moving the override keeps every group's block size,
+    # parameter count and shapes, so only the names tell that gate_proj's saved moments would load onto up_proj.
+    saved = _train(tmp_path, "saved", stop_at=3, optim_args="block_size=4,block_sizes=gate_proj:8")
+    checkpoint = tmp_path / "saved" / "out" / "checkpoint-3"
+    saved_groups = torch.load(checkpoint / "optimizer.pt", weights_only=True)["param_groups"]
+    assert saved_groups[0]["param_names"] == saved.optimizer.param_groups[0]["param_names"]
+    assert all(name.endswith("gate_proj.weight") for name in saved_groups[0]["param_names"])
+    with pytest.raises(FoamStateError) as info:
+        _train(tmp_path, "resumed", resume=str(checkpoint), optim_args="block_size=4,block_sizes=up_proj:8")
+    message = str(info.value)
+    assert "model.layers.0.mlp.gate_proj.weight' (param group 0, block_size=8) would load onto" in message
+    assert "'model.layers.0.mlp.up_proj.weight'" in message and "Fix: resume with that run's optim_args" in message
+
+
+def test_resume_with_another_block_size_for_one_module_names_every_groups_sizes(tmp_path):
+    _train(tmp_path, "saved", stop_at=3, optim_args="block_size=4,block_sizes=q_proj:8")
+    checkpoint = tmp_path / "saved" / "out" / "checkpoint-3"
+    with pytest.raises(FoamStateError) as info:
+        _train(tmp_path, "resumed", resume=str(checkpoint), optim_args="block_size=4,block_sizes=q_proj:16")
+    message = str(info.value)
+    assert "param group 0 was saved with block_size=8 but this optimizer has block_size=16" in message
+    # The fix names the optim_args, not a global block_size=8 (which would change every other group).
+    assert "Fix: resume with the optim_args of the run that saved it" in message and "[8, 4, 1, 1] saved" in message
+
+
 def test_layerwise_matches_foam_and_frees_gradients(tmp_path):
     plain = Trainer(model=tiny_llama(), args=make_args(tmp_path / "a", max_grad_norm=0.0), train_dataset=lm_dataset())
     plain.train()
