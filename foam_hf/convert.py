@@ -32,7 +32,9 @@ own update uses for the stored part of :math:`M` and :math:`V`.
 
 from __future__ import annotations
 
+import os
 from numbers import Real
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,7 +43,7 @@ from .errors import FoamStateError
 from .folding import block_mean, folded_shape, is_foldable, unfold
 from .precision import state_dtype_for
 
-__all__ = ["adamw_state_from_foam", "foam_state_from_adamw"]
+__all__ = ["adamw_state_from_foam", "convert_trainer_checkpoint", "foam_state_from_adamw"]
 
 _ADAM_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 
@@ -142,7 +144,8 @@ def foam_state_from_adamw(adamw: torch.optim.Optimizer | dict[str, Any], foam_op
                     f"foam_state_from_adamw: AdamW's '{key}' of parameter {position} has shape "
                     f"{tuple(adam_state[key].shape)} but FOAM's parameter {position} (group {index}) has shape "
                     f"{tuple(param.shape)}. The parameter lists do not line up. Fix: build both optimizers "
-                    "over the same parameters in the same order."
+                    "over the same parameters in the same order, or pass the AdamW optimizer itself (matched by "
+                    "identity); a Trainer checkpoint: foam_hf.convert.convert_trainer_checkpoint (docs/scale-out.md)."
                 )
         dtype = _target_dtype(param, group)
         block_size = group["block_size"]
@@ -204,3 +207,66 @@ def adamw_state_from_foam(foam_optimizer: Any) -> dict[str, Any]:
             )
         )
     return {"state": state, "param_groups": groups}
+
+
+def _group_map(adamw: torch.optim.Optimizer, foam_optimizer: Any) -> list[int]:
+    """For each of FOAM's param groups, the AdamW group its parameters came from (by identity): one per group,
+    since a FOAM group takes one learning rate and one scheduler entry."""
+    adamw_group = {id(p): i for i, group in enumerate(adamw.param_groups) for p in group["params"]}
+    mapping = []
+    for index, group in enumerate(foam_optimizer.param_groups):
+        sources = {adamw_group.get(id(p)) for p in group["params"]}
+        if None in sources or len(sources) != 1:
+            raise FoamStateError(
+                f"convert_trainer_checkpoint: FOAM's param group {index} holds parameters of AdamW's groups "
+                f"{sorted(i for i in sources if i is not None)}"
+                f"{' and some AdamW does not hold' if None in sources else ''}; each FOAM group takes one "
+                "learning rate and one scheduler entry, so it must come from one AdamW group. Fix: build both "
+                "Trainers over the same model, with the same weight decay and learning rate rules."
+            )
+        mapping.append(sources.pop())
+    return mapping
+
+
+def convert_trainer_checkpoint(checkpoint: str | os.PathLike, adamw_trainer: Any, foam_trainer: Any) -> None:
+    """Rewrite an AdamW Trainer checkpoint so that ``foam_trainer`` resumes from it under FOAM.
+
+    ``adamw_trainer`` is a Trainer built with the arguments that wrote ``checkpoint`` (its optimizer's grouping
+    of the parameters), ``foam_trainer`` one with ``optim="foam"``, both over the same model. The Trainer groups
+    AdamW's parameters decay / no-decay and FOAM's by block size, so the saved state cannot be converted by
+    position; here it is loaded into ``adamw_trainer``'s own optimizer and converted from it by identity
+    (:func:`foam_state_from_adamw`). Each FOAM group takes the current learning rate of the AdamW group its
+    parameters came from, and the scheduler's per-group lists (``base_lrs``, ``_last_lr``, ...) are laid out
+    for FOAM's groups the same way, so the schedule continues where it was. ``optimizer.pt`` and
+    ``scheduler.pt`` are rewritten; AdamW's are kept beside them as ``optimizer.adamw.pt`` and
+    ``scheduler.adamw.pt``.
+    """
+    checkpoint = Path(checkpoint)
+    optimizer_file, scheduler_file = checkpoint / "optimizer.pt", checkpoint / "scheduler.pt"
+    for required in (optimizer_file, scheduler_file):
+        if not required.is_file():
+            raise FileNotFoundError(
+                f"convert_trainer_checkpoint: {required} does not exist; a Trainer checkpoint holds optimizer.pt and "
+                "scheduler.pt. Fix: pass a checkpoint-N folder the Trainer wrote."
+            )
+    adamw = adamw_trainer.optimizer or adamw_trainer.create_optimizer()
+    adamw.load_state_dict(torch.load(optimizer_file, weights_only=True, map_location="cpu"))
+    foam = foam_trainer.optimizer or foam_trainer.create_optimizer()
+    foam = getattr(foam, "optimizer", foam)  # accelerate's wrapper, where the Trainer has prepared it
+    foam_state_from_adamw(adamw, foam)
+    sources = _group_map(adamw, foam)
+    for group, source in zip(foam.param_groups, sources):
+        for key in ("lr", "initial_lr"):
+            if key in adamw.param_groups[source]:
+                group[key] = adamw.param_groups[source][key]
+    scheduler = torch.load(scheduler_file, weights_only=True)
+    per_group = len(adamw.param_groups)
+    converted_scheduler = {
+        key: [value[source] for source in sources] if isinstance(value, list) and len(value) == per_group else value
+        for key, value in scheduler.items()
+    }
+    foam_state = foam.state_dict()
+    os.replace(optimizer_file, checkpoint / "optimizer.adamw.pt")
+    os.replace(scheduler_file, checkpoint / "scheduler.adamw.pt")
+    torch.save(foam_state, optimizer_file)
+    torch.save(converted_scheduler, scheduler_file)

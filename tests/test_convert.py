@@ -230,3 +230,64 @@ def test_conversion_into_foam_with_a_state_dtype_stores_moments_in_it(state_dtyp
         torch.testing.assert_close(
             state["exp_avg"].float(), folded, rtol=1e-2 if expected_dtype != torch.float32 else 1e-6, atol=1e-6
         )
+
+
+def test_an_adamw_trainer_checkpoint_resumes_under_foam_with_its_moments_and_schedule(tmp_path):
+    # The Trainer orders AdamW's groups decay / no-decay and FOAM's by block size, so the checkpoint's state dict
+    # does not line up with FOAM by position; convert_trainer_checkpoint converts by identity and lays the
+    # scheduler out for FOAM's groups. Independent expectations: each moment is the fold of the same parameter's
+    # AdamW moment, and the resumed run's learning rates are those of an uninterrupted AdamW run.
+    from hf_fixtures import StopAt, lm_dataset, tiny_llama, training_args
+    from transformers import Trainer
+
+    from foam_hf.convert import convert_trainer_checkpoint
+    from foam_hf.folding import block_mean, is_foldable
+
+    def args(name, optim, **extra):
+        return training_args(
+            tmp_path / name, optim=optim, max_steps=6, save_strategy="steps", save_steps=3, weight_decay=0.1,
+            lr_scheduler_type="cosine", warmup_steps=2, logging_steps=1, **extra,
+        )  # fmt: skip
+
+    def trainer(name, optim, model=None, **extra):
+        model = model if model is not None else tiny_llama()
+        return Trainer(model=model, args=args(name, optim, **extra), train_dataset=lm_dataset(24))
+
+    straight = trainer("straight", "adamw_torch")
+    straight.train()
+    adamw_run = trainer("run", "adamw_torch")
+    adamw_run.add_callback(StopAt(3))
+    adamw_run.train()
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    foam_trainer = trainer("run", "foam", adamw_run.model, optim_args="block_size=4")
+    foam_trainer.create_optimizer()
+    with pytest.raises(FoamStateError, match=r"parameter lists do not line up.*docs/scale-out.md"):
+        foam_state_from_adamw(saved, foam_trainer.optimizer)  # by position: the orders differ
+
+    adamw_trainer = trainer("run", "adamw_torch", adamw_run.model)
+    convert_trainer_checkpoint(checkpoint, adamw_trainer, foam_trainer)
+    assert (checkpoint / "optimizer.adamw.pt").is_file() and (checkpoint / "scheduler.adamw.pt").is_file()
+    # The next step's learning rate, as the schedule left it (not the initial one): the first resumed step takes it.
+    scheduled = {g["lr"] for g in saved["param_groups"]}
+    assert len(scheduled) == 1 and scheduled != {adamw_run.args.learning_rate}
+    written = torch.load(checkpoint / "optimizer.pt", weights_only=True)["param_groups"]
+    assert len(written) > len(saved["param_groups"]) and {g["lr"] for g in written} == scheduled
+    group_of = {p: g for g in foam_trainer.optimizer.param_groups for p in g["params"]}
+    for name, p in adamw_run.model.named_parameters():  # the parameter's own AdamW moments, folded
+        block_size = group_of[p]["block_size"]
+        for key in ("exp_avg", "exp_avg_sq"):
+            adamw_moment = adamw_trainer.optimizer.state[p][key]
+            expected = block_mean(adamw_moment, block_size) if is_foldable(p, block_size) else adamw_moment
+            assert torch.equal(foam_trainer.optimizer.state[p][key], expected), name
+
+    resumed = trainer("run", "foam", optim_args="block_size=4")
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 6 and type(resumed.optimizer.optimizer).__name__ == "FOAM"
+    assert resumed.optimizer.optimizer.state_dict()["state"][0]["step"].item() == 6
+
+    def learning_rates(run):
+        return [(e["step"], e["learning_rate"]) for e in run.state.log_history if "learning_rate" in e]
+
+    assert learning_rates(resumed)[-3:] == learning_rates(straight)[-3:]
+    assert [step for step, _ in learning_rates(straight)[-3:]] == [4, 5, 6]
