@@ -100,6 +100,10 @@ _SHARED_MAX_ENTRIES = 1 << 20
 _SHARED_PROGRAMS = 4096
 #: The largest second (and third) dimension of a CUDA grid; the first takes 2**31 - 1.
 _MAX_GRID_Y = 65535
+_MAX_GRID_X = 2**31 - 1
+#: The largest column a launch of its own may index: its tile index is the grid's int32 program id, so the columns
+#: ``tile * KB * B + lane`` of a row are int32 (cheaper than int64 in registers); the shared kernel's are int64.
+_MAX_INT32_COLUMN = 2**31 - 1
 #: int64 columns of a table row: addresses of G, W, m̃ and ṽ, then n, blocks per row and rows (folded), or the
 #: entry count (unfolded); the last is padding.
 _TABLE_COLUMNS = 8
@@ -128,7 +132,7 @@ _ready: dict[tuple[torch.device, CheckKind], bool] = {}
 # whose neighbours are 2**-10 to 2**-11 apart relatively, get two spacings: the tests hold them to one.
 _CHECK_WEIGHT_TOLERANCES = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (1e-6, 2**-7), torch.float16: (1e-6, 2**-9)}
 _CHECK_MOMENT_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-7}
-_CHECK_STEPS = 2  # the second step starts from moments the kernels wrote
+_CHECK_STEPS = 2  # the second step starts from stored moments
 
 
 def _scratch_shapes(block_size: int) -> list[tuple[int, ...]]:
@@ -143,14 +147,13 @@ def _scratch_shapes(block_size: int) -> list[tuple[int, ...]]:
     return [(4, whole), (3, ragged), (5,), (16,)]
 
 
-def _scratch_problem(device: torch.device, kind: CheckKind):
-    """A small step problem for the self-check (:func:`_scratch_shapes`) of ``kind``, seeded, so every check steps
-    the same numbers: parameters, a list of gradients per step, and zero moments."""
+def _problem(device: torch.device, kind: CheckKind, shapes: list[tuple[int, ...]], steps: int, seed: int = 0):
+    """A seeded step problem of ``kind`` over ``shapes``, so every check steps the same numbers: parameters, a list
+    of gradients per step, and zero moments."""
     dtype, state_dtype, block_size, _ = kind
-    gen = torch.Generator().manual_seed(0)
-    shapes = _scratch_shapes(block_size)
+    gen = torch.Generator().manual_seed(seed)
     params = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
-    grads = [[torch.randn(s, generator=gen).to(device, dtype) for s in shapes] for _ in range(_CHECK_STEPS)]
+    grads = [[torch.randn(s, generator=gen).to(device, dtype) for s in shapes] for _ in range(steps)]
     state_shapes = [folded_shape(p.shape, block_size) if is_foldable(p, block_size) else p.shape for p in params]
     exp_avgs = [torch.zeros(s, device=device, dtype=state_dtype) for s in state_shapes]
     exp_avg_sqs = [torch.zeros(s, device=device, dtype=state_dtype) for s in state_shapes]
@@ -162,50 +165,72 @@ def _describe(kind: CheckKind) -> str:
     return f"{dtype} parameters, {state_dtype} moments, block_size={block_size}, second_moment={second_moment!r}"
 
 
-def _self_check_mismatch(device: torch.device, kind: CheckKind = DEFAULT_CHECK_KINDS[0]) -> str | None:
-    """Step the scratch problem of ``kind`` with the kernels and with the readable path on ``device``, each tensor
-    in a launch of its own and then all in shared launches; describe the first disagreement beyond the tests'
-    tolerances (``None`` when they agree)."""
+#: The self-check's hyper-parameters (and the GPU check's): a large lr and weight decay, so a wrong term shows.
+_CHECK_HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, scale=1.0, res_scale=1.0)
+
+
+def parity_checks(
+    device: torch.device,
+    kind: CheckKind,
+    shapes: list[tuple[int, ...]],
+    steps: int,
+    *,
+    shared_max_entries: int | None = None,
+    seed: int = 0,
+) -> Iterable[tuple[int, str, torch.Tensor, torch.Tensor, float, float]]:
+    """Step a seeded problem of ``kind`` over ``shapes`` with the kernels and with the readable path
+    (:func:`foam_hf.functional._single_tensor_foam`) on ``device``, ``steps`` times; after each step yield, per
+    tensor, ``(step, name, kernels' value, readable path's value, atol, rtol)``: the tolerances of the tests.
+
+    Every step starts from the same weights and moments on both sides (the readable path's, copied over). The
+    kernels never contract ``a·b + c`` into one rounding and sum a block in their own order, so their fp32 moments
+    can differ from torch's by an ulp or so; stochastically rounded into bf16, such a moment now and then lands on
+    the neighbouring bf16 value, which the moment tolerance allows. Carried into the next step, though, that
+    neighbour moves the weight by ~lr·2⁻⁸, beyond the weight tolerance: a right kernel would fail. From the same
+    inputs each step is held to the tolerances, and a wrong kernel is caught at the first step it is wrong.
+    """
     from .functional import _single_tensor_foam
 
     dtype, state_dtype, block_size, second_moment = kind
-    hyper = dict(
-        lr=1e-2,
-        beta1=0.9,
-        beta2=0.99,
-        eps=1e-8,
-        weight_decay=0.1,
-        scale=1.0,
-        res_scale=1.0,
-        second_moment=second_moment,
-    )
-    for shared in (0, sys.maxsize):  # each tensor in a launch of its own, then all of them in shared ones
-        kernel = _scratch_problem(device, kind)
-        readable = _scratch_problem(device, kind)
-        kernel_steps = [torch.tensor(0.0) for _ in kernel[0]]
-        readable_steps = [torch.tensor(0.0) for _ in readable[0]]
-        for step in range(_CHECK_STEPS):
-            _fused_foam_triton(
-                kernel[0], kernel[1][step], kernel[2], kernel[3], kernel_steps, block_size=block_size,
-                shared_max_entries=shared, **hyper,
-            )  # fmt: skip
-            _single_tensor_foam(
-                readable[0], readable[1][step], readable[2], readable[3], readable_steps, block_size=block_size, **hyper
-            )
-        atol, rtol = _CHECK_WEIGHT_TOLERANCES[dtype]
-        checks = [("weight", got, want, atol, rtol) for got, want in zip(kernel[0], readable[0])]
+    hyper = dict(_CHECK_HYPER, block_size=block_size, second_moment=second_moment)
+    kernel = _problem(device, kind, shapes, steps, seed)
+    readable = _problem(device, kind, shapes, steps, seed)
+    kernel_steps = [torch.tensor(0.0) for _ in shapes]
+    readable_steps = [torch.tensor(0.0) for _ in shapes]
+    atol, rtol = _CHECK_WEIGHT_TOLERANCES[dtype]
+    for step in range(steps):
+        _fused_foam_triton(
+            kernel[0], kernel[1][step], kernel[2], kernel[3], kernel_steps, shared_max_entries=shared_max_entries,
+            **hyper,
+        )  # fmt: skip
+        _single_tensor_foam(readable[0], readable[1][step], readable[2], readable[3], readable_steps, **hyper)
+        for got, want in zip(kernel[0], readable[0]):
+            yield step, "weight", got, want, atol, rtol
         for name, index in (("exp_avg", 2), ("exp_avg_sq", 3)):
             for got, want in zip(kernel[index], readable[index]):
-                scale = want.float().abs().max().item()
-                checks.append((name, got, want, 1e-6 * scale + 1e-30, _CHECK_MOMENT_RTOL[state_dtype]))
-        for name, got, want, atol, rtol in checks:
+                scale = want.float().abs().max().item() if want.numel() else 0.0
+                yield step, name, got, want, 1e-6 * scale + 1e-30, _CHECK_MOMENT_RTOL[state_dtype]
+        for index in (0, 2, 3):  # the next step from the same inputs
+            for got, want in zip(kernel[index], readable[index]):
+                got.copy_(want)
+
+
+def _self_check_mismatch(device: torch.device, kind: CheckKind = DEFAULT_CHECK_KINDS[0]) -> str | None:
+    """Step the scratch problem of ``kind`` (:func:`_scratch_shapes`) with the kernels and with the readable path
+    on ``device`` (:func:`parity_checks`), each tensor in a launch of its own and then all in shared launches;
+    describe the first disagreement beyond the tests' tolerances (``None`` when they agree)."""
+    shapes = _scratch_shapes(kind[2])
+    for shared in (0, sys.maxsize):  # each tensor in a launch of its own, then all of them in shared ones
+        for step, name, got, want, atol, rtol in parity_checks(
+            device, kind, shapes, _CHECK_STEPS, shared_max_entries=shared
+        ):
             got, want = got.float(), want.float()
             if not torch.allclose(got, want, atol=atol, rtol=rtol):
                 worst = (got - want).abs().nan_to_num(float("inf")).max().item()
                 launch = "shared launches" if shared else "a launch per tensor"
                 return (
                     f"{name} of shape {tuple(got.shape)} ({_describe(kind)}, {launch}) differs from "
-                    f"the readable path by up to {worst:.3g} (atol={atol:.3g}, rtol={rtol:.3g})"
+                    f"the readable path after step {step + 1} by up to {worst:.3g} (atol={atol:.3g}, rtol={rtol:.3g})"
                 )
     return None
 
@@ -225,8 +250,16 @@ def triton_ready(device: torch.device, kinds: Iterable[CheckKind] | None = None)
     """
     if not triton_available():
         return False
-    device = torch.device(device)
+    device = _indexed(torch.device(device))
     return all(_ready_for(device, kind) for kind in (DEFAULT_CHECK_KINDS if kinds is None else kinds))
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """``device`` with its index: ``cuda`` is the current CUDA device, as tensors made on it say (``cuda:0``), so a
+    verdict asked of either is the one verdict (else the check would run again, and be cached twice)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _ready_for(device: torch.device, kind: CheckKind) -> bool:
@@ -807,15 +840,18 @@ def _adamw_constexprs(param: torch.Tensor, exp_avg: torch.Tensor, hyper: dict) -
 
 
 def _launch_folded(tensors: tuple[torch.Tensor, ...], step: float, hyper: dict) -> None:
-    """One launch for one folded tensor: program (r, t) steps tile t of row r. A row of more tiles than a CUDA
-    grid's second dimension holds (:data:`_MAX_GRID_Y`: rows of over ~134M entries at B=4) goes to the shared
-    kernel instead, whose programs loop over their tiles: the same per-tile code, so the same bits."""
+    """One launch for one folded tensor: program (r, t) steps tile t of row r. A tensor this grid cannot cover goes
+    to the shared kernel instead, whose programs loop over their tiles with int64 indices (the same per-tile code, so
+    the same bits): a row of more tiles than a CUDA grid's second dimension holds (:data:`_MAX_GRID_Y`: rows of over
+    ~134M entries at B=4), columns past int32 (:data:`_MAX_INT32_COLUMN`: rows of over 2**31 entries, reachable
+    within that grid by blocks wider than a tile), or more rows than its first dimension (:data:`_MAX_GRID_X`)."""
     grad, param, exp_avg, exp_avg_sq = tensors
     n = param.shape[-1]
     constexprs = _fold_constexprs(param, exp_avg, hyper)
     num_blocks = _cdiv(n, hyper["block_size"])
     grid = (param.numel() // n, _cdiv(num_blocks, constexprs["KB"]))
-    if grid[1] > _MAX_GRID_Y:
+    last_column = grid[1] * constexprs["KB"] * hyper["block_size"] + constexprs["BP"]  # past any the tiles index
+    if grid[0] > _MAX_GRID_X or grid[1] > _MAX_GRID_Y or last_column > _MAX_INT32_COLUMN:
         _launch_shared([tensors], True, step, _vector_aligned(tensors, True), hyper)
         return
     rho = hyper["res_scale"]

@@ -120,11 +120,14 @@ def test_triton_zero_res_scale_drops_a_residual_whose_square_overflows(second_mo
     torch.testing.assert_close(param, expected, atol=1e-6, rtol=1e-6)
 
 
-def test_triton_rows_of_more_tiles_than_a_cuda_grid_holds_take_the_looping_kernel(monkeypatch, launch):
-    # A CUDA grid's second dimension, the folded kernel's tiles per row, holds at most 65535: a longer row (over
-    # ~134M entries at B=4) steps in the shared kernel, whose programs loop over their tiles. The limit is shrunk
-    # here to 2 tiles (KB = 512 blocks of 4: rows of 8192 entries are 4 tiles).
-    monkeypatch.setattr(fused_triton, "_MAX_GRID_Y", 2)
+@pytest.mark.parametrize("limit", ["_MAX_GRID_Y", "_MAX_INT32_COLUMN", "_MAX_GRID_X"])
+def test_triton_tensors_a_launch_grid_cannot_cover_take_the_looping_kernel(monkeypatch, launch, limit):
+    # A CUDA grid's second dimension, the folded kernel's tiles per row, holds at most 65535 (rows of over ~134M
+    # entries at B=4), its first 2**31 - 1 rows, and the kernel's int32 columns reach 2**31 (blocks wider than a
+    # tile reach it within the grid): such a tensor steps in the shared kernel, whose programs loop over their
+    # tiles with int64 indices. Each limit is shrunk here to what the (3, 8192) weight passes and the (2, 1024) one
+    # does not: 2 tiles (KB = 512 blocks of 4: rows of 8192 entries are 4 tiles), columns 4096, 2 rows.
+    monkeypatch.setattr(fused_triton, limit, dict(_MAX_GRID_Y=2, _MAX_INT32_COLUMN=4096, _MAX_GRID_X=2)[limit])
     shared = []
     real_shared = fused_triton._launch_shared
     monkeypatch.setattr(
@@ -356,6 +359,18 @@ def test_ready_check_runs_the_kernels_once_per_device(monkeypatch):
     assert fused_triton.triton_ready(torch.device("cpu")) and not calls  # cached: not run again
 
 
+def test_ready_check_of_cuda_without_an_index_is_the_current_devices(monkeypatch):
+    # Tensors say cuda:N; a caller may ask of "cuda". One verdict for both: the check runs once, keyed cuda:N.
+    checked = []
+    monkeypatch.setattr(fused_triton, "_ready", {})
+    monkeypatch.setattr(fused_triton, "_self_check_mismatch", lambda device, kind: checked.append(device))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    kinds = [fused_triton.DEFAULT_CHECK_KINDS[0]]
+    assert fused_triton.triton_ready(torch.device("cuda"), kinds)
+    assert fused_triton.triton_ready(torch.device("cuda:1"), kinds)
+    assert checked == [torch.device("cuda", 1)] and set(fused_triton._ready) == {(torch.device("cuda", 1), kinds[0])}
+
+
 def test_ready_check_failure_warns_once_and_says_no(monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("PTX assembly failed\nlong compiler log")
@@ -491,6 +506,22 @@ def test_ready_check_steps_the_tile_of_the_groups_large_weights(block_size):
 )  # fmt: skip
 def test_ready_check_passes_for_right_kernels_of_every_kind(kind):
     assert fused_triton._self_check_mismatch(torch.device("cpu"), kind) is None
+
+
+def round_one_bf16_moment_to_its_neighbour(params, exp_avgs, exp_avg_sqs):
+    # What stochastic rounding does now and then on a GPU, where the kernels' fp32 moment (no contracted
+    # multiply-adds, their own order of sums) is an ulp or so from torch's: the neighbouring bf16 value.
+    for m in exp_avgs:
+        if m.dtype == torch.bfloat16 and m.dim() == 2:
+            m.view(torch.int16).view(-1)[0] += 1  # one bf16 spacing further from zero
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ready_check_passes_a_moment_rounded_to_its_bf16_neighbour(monkeypatch, dtype):
+    # The moment is within its tolerance; carried into the next step it would move the weight by ~lr * 2**-8,
+    # beyond the fp32 weights' tolerance. Each step starts from the same inputs, so a right kernel passes.
+    perturbed_kernels(monkeypatch, round_one_bf16_moment_to_its_neighbour)
+    assert fused_triton._self_check_mismatch(torch.device("cpu"), (dtype, torch.bfloat16, 4, "mean_sq")) is None
 
 
 def test_ready_check_accepts_differences_within_the_tolerance(monkeypatch):
