@@ -2,11 +2,16 @@
 
     python benchmarks/gpu_check.py --out gpu-check     # one H100/H200; sized for well under 8 minutes (not yet timed)
 
-It prints Markdown tables and writes ``results.json`` and ``results.md`` into ``--out``:
+It prints Markdown tables and writes ``results.json`` and ``results.md`` into ``--out`` after every section (a
+failing section is recorded with its traceback and the next one runs; the exit status is 1 if any failed or any
+parity case is out of tolerance). First the self-check that ``fused=None`` runs (``triton_ready``), last what
+``foam-hf env`` reports (it builds the CPU kernel). ``--device cuda:N`` becomes the current device for the
+timings; the Trainer runs on the device it picks (``CUDA_VISIBLE_DEVICES`` chooses it):
 
 1. **parity**: the Triton kernels against the readable path (``_single_tensor_foam``, run on the same GPU)
    over shapes (ragged rows, 1-D, 3-D, n < B), block sizes, parameter dtypes and both state dtypes, 3 steps,
-   within the tolerances of tests/test_fused_triton.py; bf16 moments may differ by one bf16 spacing;
+   each from the same inputs on both sides, within the tolerances of tests/test_fused_triton.py (bf16 moments may
+   round to the neighbouring bf16 value: ``foam_hf._fused_triton.parity_checks``, what the self-check runs);
 2. **step time**: median CUDA-event time of one ``step()`` on 8 x 4096² weights and on the ~290 parameters of
    Qwen2.5-0.5B (``--model``; where the cost of each launch shows), bf16 and fp32, as a ratio to
    ``torch.optim.AdamW(fused=True)``, for FOAM's Triton path (fp32 and bf16 states; and with a launch per
@@ -32,17 +37,18 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's foam_hf, installed or not
 
 from _provenance import git_sha  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STATE_DTYPES = {"fp32": None, "bf16": "bfloat16"}
-HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, scale=1.0, res_scale=1.0)
 # Ragged rows (1000, 130 at most B), 1-D (AdamW kernel), 3-D (leading dims as rows), n < B, one long row.
 FULL_SHAPES = [(7,), (64, 64), (33, 1000), (3, 5, 130), (2, 3), (1, 70000), (1024, 4096)]
 QUICK_SHAPES = [(7,), (6, 8), (5, 9), (2, 3, 10)]
@@ -81,48 +87,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------- 1. parity
 
 
-def state_shape(shape: tuple[int, ...], block_size: int) -> tuple[int, ...]:
-    from foam_hf.folding import folded_shape
-
-    return tuple(folded_shape(shape, block_size)) if len(shape) >= 2 and block_size > 1 else shape
-
-
 def parity_case(device, shapes, block_size: int, dtype: torch.dtype, state_dtype: str | None, steps: int) -> dict:
-    """Step the same problem with the Triton kernels and the readable path on ``device``; the worst gaps."""
+    """Step the same problem with the Triton kernels and the readable path on ``device``, each step from the same
+    inputs (``_fused_triton.parity_checks``, what the self-check runs): the worst gaps, and whether every tensor
+    stayed within the tests' tolerances at every step."""
     from foam_hf import _fused_triton
-    from foam_hf.functional import _single_tensor_foam
-    from foam_hf.precision import state_dtype_for
 
-    gen = torch.Generator().manual_seed(0)
-    weights = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
-    moment_dtype = state_dtype_for(weights[0], state_dtype)
-    runs = []
-    for _ in range(2):  # (Triton, readable): identical copies
-        params = [w.to(device, copy=True) for w in weights]  # copies even where device is the CPU
-        exp_avgs = [torch.zeros(state_shape(s, block_size), dtype=moment_dtype, device=device) for s in shapes]
-        runs.append((params, exp_avgs, [torch.zeros_like(m) for m in exp_avgs], [torch.tensor(0.0) for _ in shapes]))
-    kwargs = dict(HYPER, block_size=block_size, second_moment="mean_sq")
-    for _ in range(steps):
-        grads = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
-        for step, (params, exp_avgs, exp_avg_sqs, state_steps) in zip(
-            (_fused_triton._fused_foam_triton, _single_tensor_foam), runs
-        ):
-            step(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs)
-    atol, rtol = _fused_triton._CHECK_WEIGHT_TOLERANCES[dtype]  # the self-check's
-    moment_rtol = _fused_triton._CHECK_MOMENT_RTOL[moment_dtype]
+    moment_dtype = torch.bfloat16 if state_dtype == "bfloat16" else torch.float32
+    kind = (dtype, moment_dtype, block_size, "mean_sq")
     weight_gap = moment_gap = 0.0
     ok = True
-    for got, want in zip(runs[0][0], runs[1][0]):
+    for _, name, got, want, atol, rtol in _fused_triton.parity_checks(device, kind, shapes, steps):
         got, want = got.float(), want.float()
-        weight_gap = max(weight_gap, (got - want).abs().max().item())
         ok &= bool(torch.allclose(got, want, atol=atol, rtol=rtol))
-    for index in (1, 2):
-        for got, want in zip(runs[0][index], runs[1][index]):
-            got, want = got.float(), want.float()
-            scale = want.abs().max().item()
-            gap = ((got - want).abs() / (want.abs() + 1e-30)).max().item()
-            moment_gap = max(moment_gap, gap)
-            ok &= bool(torch.allclose(got, want, rtol=moment_rtol, atol=1e-6 * scale + 1e-30))
+        if name == "weight":
+            weight_gap = max(weight_gap, (got - want).abs().max().item())
+        else:
+            moment_gap = max(moment_gap, ((got - want).abs() / (want.abs() + 1e-30)).max().item())
     return {
         "block_size": block_size,
         "dtype": str(dtype).removeprefix("torch."),
@@ -263,22 +244,16 @@ def trainer_run(args, device, out: Path) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     import foam_hf  # noqa: F401  (registers optim="foam")
-    from foam_hf import _fused_cpu, _fused_triton, functional
+    from foam_hf import functional
 
-    calls: list[str] = []
-    for module, name in (
-        (_fused_triton, "_fused_foam_triton"),
-        (_fused_cpu, "_fused_foam"),
-        (functional, "_multi_tensor_foam"),
-        (functional, "_single_tensor_foam"),
-    ):
-        original = getattr(module, name)
+    chosen: list[str] = []  # the path each group's step took (not the self-check's own calls of the kernels)
+    select = functional.select_implementation
 
-        def recording(*a, _original=original, _name=name, **k):
-            calls.append(_name)
-            return _original(*a, **k)
+    def recording(*a, **k):
+        chosen.append(select(*a, **k))
+        return chosen[-1]
 
-        setattr(module, name, recording)
+    functional.select_implementation = recording
     small = args.quick or device.type != "cuda"
     config = LlamaConfig(
         vocab_size=256 if small else 4096,
@@ -310,7 +285,10 @@ def trainer_run(args, device, out: Path) -> dict:
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset)
     start = time.perf_counter()
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        functional.select_implementation = select
     seconds = time.perf_counter() - start
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return {
@@ -319,7 +297,7 @@ def trainer_run(args, device, out: Path) -> dict:
         "last_loss": losses[-1] if losses else None,
         "all_finite": all(map(lambda x: x == x and abs(x) != float("inf"), losses)),
         "seconds_per_step": seconds / max(1, trainer.state.global_step),
-        "implementations": sorted(set(calls)),
+        "implementations": sorted(set(chosen)),
     }
 
 
@@ -367,7 +345,7 @@ def markdown(results: dict) -> str:
             "",
             "**Step time and peak transient memory** (median GPU time of a step, and the host's time to queue it: "
             "a step whose host time reaches its GPU time is bound by Python and launches; ratio to AdamW fused, same "
-            "dtype)",
+            "dtype: with bf16 weights torch's AdamW keeps bf16 moments, FOAM fp32 ones unless the row says bf16 states)",
             "",
         ]
         lines += _table(
@@ -394,7 +372,15 @@ def markdown(results: dict) -> str:
             f"{t['last_loss']:.4f}, finite: {t['all_finite']}, {t['seconds_per_step']:.3f} s/step, "
             f"stepped by {', '.join(t['implementations'])}",
         ]
+    for name, error in results.get("errors", {}).items():
+        lines += ["", f"**Section {name!r} failed**:", "", "```", error.strip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _save(results: dict, out: Path) -> None:
+    """Write results.json, then results.md: after every section, so a run cut short keeps what it measured."""
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(markdown(results))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -411,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
                 "harness in Triton's interpreter on CPU instead."
             )
         device = torch.device(args.device)
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)  # CUDA events record on the current device's stream; FOAM keys its checks so
     from foam_hf import _fused_triton
 
     if not _fused_triton.triton_available():
@@ -430,31 +419,53 @@ def main(argv: list[str] | None = None) -> int:
         "parity": [],
         "steps": [],
         "trainer": None,
+        "errors": {},
     }
     start = time.perf_counter()
-    if device.type == "cuda":
-        results["ready"] = _fused_triton.triton_ready(device)  # the self-check the default path runs
-        results["ready_kinds"] = {}  # and per kind of step (dtypes, block size) that the parity below covers
-        for block_size, dname, sname in itertools.product(args.block_sizes, args.dtypes, args.state_dtypes):
-            dtype = DTYPES[dname]
-            moment_dtype = torch.bfloat16 if STATE_DTYPES[sname] else torch.float32
-            kind = (dtype, moment_dtype, block_size, "mean_sq")  # as parity_case steps
-            results["ready_kinds"][f"{dname}/{sname}/{block_size}"] = _fused_triton.triton_ready(device, [kind])
-    from foam_hf.tools.environment import collect
 
-    results["environment"] = collect().to_dict()  # what `foam-hf env` reports on this machine
-    results["parity"] = check_parity(args, device)
-    if device.type == "cuda":
+    def section(name: str, run) -> None:
+        """Run one section; a failure is recorded (and printed) and the next section runs all the same."""
+        try:
+            run()
+        except Exception:  # noqa: BLE001 - one broken section must not cost the others' measurements
+            results["errors"][name] = traceback.format_exc()
+            print(f"gpu_check: section {name!r} failed:\n{results['errors'][name]}", file=sys.stderr)
+        results["seconds"] = time.perf_counter() - start
+        _save(results, out)
+
+    def self_check() -> None:
+        results["ready"] = _fused_triton.triton_ready(device)  # the self-check the default path runs
+        results["ready_kinds"] = {}  # and at B=4, per pair of dtypes the parity below covers at every B
+        for dname, sname in itertools.product(args.dtypes, args.state_dtypes):
+            moment_dtype = torch.bfloat16 if STATE_DTYPES[sname] else torch.float32
+            kind = (DTYPES[dname], moment_dtype, 4, "mean_sq")  # as parity_case steps
+            results["ready_kinds"][f"{dname}/{sname}/4"] = _fused_triton.triton_ready(device, [kind])
+
+    def parity() -> None:
+        results["parity"] = check_parity(args, device)
+
+    def steps() -> None:
         results["steps"] = time_and_memory(args, device)
-    if args.trainer_steps:
+
+    def trainer() -> None:
         results["trainer"] = trainer_run(args, device, out)
-    results["seconds"] = time.perf_counter() - start
-    text = markdown(results)
-    print(text)
-    (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+
+    def environment() -> None:
+        from foam_hf.tools.environment import collect
+
+        results["environment"] = collect().to_dict()  # what `foam-hf env` reports (builds the CPU kernel: last)
+
+    if device.type == "cuda":
+        section("self-check", self_check)
+    section("parity", parity)
+    if device.type == "cuda":
+        section("steps", steps)
+    if args.trainer_steps:
+        section("trainer", trainer)
+    section("environment", environment)
+    print(markdown(results))
     failed = [r for r in results["parity"] if not r["pass"]]
-    return 1 if failed else 0
+    return 1 if failed or results["errors"] else 0
 
 
 if __name__ == "__main__":
