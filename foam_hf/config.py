@@ -135,7 +135,10 @@ class FoamConfig:
                     "one regex string, or 'all-linear'. Fix: e.g. target_modules=['q_proj', 'v_proj'], or None for "
                     "the default (linear layers except the output head and embeddings)."
                 )
-            elif isinstance(self.target_modules, tuple):  # one type per meaning, as from_optim_args gives it back
+            else:
+                for entry in self.target_modules:  # each entry is a regex too (matched as a module-name suffix)
+                    _compile_pattern(entry)
+                # one type per meaning, as from_optim_args gives it back
                 object.__setattr__(self, "target_modules", list(self.target_modules))
         if not isinstance(self.callback, bool):
             raise TypeError(
@@ -332,13 +335,15 @@ def _mapping_items(optim_args: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in optim_args.items():
         if not isinstance(key, str):
             raise FoamConfigError(f"optim_args: key {key!r} is not a string. Example: {_EXAMPLE}.")
+        if value is None:  # YAML's null, JSON's null: the key is left at its default, as if absent
+            continue
         if (key == "block_sizes" and isinstance(value, Mapping)) or (
             key == "target_modules" and isinstance(value, (list, tuple))
         ):
             items[key] = value
         elif isinstance(value, bool):
             items[key] = str(value).lower()
-        elif isinstance(value, (str, int, float)) or value is None:
+        elif isinstance(value, (str, int, float)):
             items[key] = str(value)
         else:
             raise FoamConfigError(

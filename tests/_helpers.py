@@ -585,6 +585,7 @@ OPTIM_ARGS_ERRORS = [
         ["'v_proj' follows target_modules=", "separated by ';', not ','", "Fix: e.g. target_modules=q_proj;v_proj."],
     ),
     ("block_sizes=q_proj(:4", FoamConfigError, ["'q_proj('", "not a valid regex", "Fix:"]),
+    ("target_modules=v_proj;q_proj(", FoamConfigError, ["'q_proj('", "not a valid regex", "Fix:"]),
     ("callback=maybe", FoamConfigError, ["callback='maybe'", "not a boolean", "callback=true"]),
 ]
 
@@ -670,6 +671,16 @@ TRAINING_ARGS_ERRORS = [
         "optim_target_modules='(q'",
         dict(optim_target_modules="(q"),
         ["optim_target_modules='(q' is not a valid regex", "Fix:"],
+    ),
+    (
+        "optim_target_modules=['q_proj(']",
+        dict(optim_target_modules=["v_proj", "q_proj("]),
+        ["optim_target_modules[1]='q_proj(' is not a valid regex", "suffixes", "Fix: escape it"],
+    ),
+    (
+        "optim_target_modules=['q_proj', '']",
+        dict(optim_target_modules=["q_proj", ""]),
+        ["optim_target_modules[1]='' is not a module name", "non-empty string", "Fix: e.g."],
     ),
     (
         "FoamConfig whose target the optim_args string cannot carry",

@@ -205,6 +205,21 @@ def test_a_yaml_mapping_or_a_foamconfig_as_optim_args_builds_what_the_string_bui
     assert _optimizer_options(from_config) == expected
 
 
+def test_a_null_in_a_yaml_mapping_leaves_its_key_at_the_default(tmp_path):
+    # YAML's null for a key reads as "not set", as FoamConfig(target_modules=None) does; before, it became the
+    # module name 'None' and failed at train() (target_modules) or as "not an integer" (block_size).
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"output_dir: {tmp_path / 'yaml'}\nmax_steps: 1\noptim: foam\noptim_args:\n  block_size: 8\n"
+        "  target_modules: null\n  block_sizes: null\n  scale: null\n"
+    )
+    (from_yaml,) = HfArgumentParser(TrainingArguments).parse_yaml_file(str(config))
+    with_nulls = Trainer(model=tiny_llama(), args=from_yaml, train_dataset=lm_dataset())
+    plain = Trainer(model=tiny_llama(), args=make_args(tmp_path, optim_args="block_size=8"), train_dataset=lm_dataset())
+    assert _optimizer_options(with_nulls) == _optimizer_options(plain)
+    assert 8 in _optimizer_options(plain)[0].values()
+
+
 def test_override_that_matches_nothing_lists_close_names(tmp_path):
     args = make_args(tmp_path, optim_args="block_sizes=q_prj:8")
     trainer = Trainer(model=tiny_llama(), args=args, train_dataset=lm_dataset())

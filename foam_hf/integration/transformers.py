@@ -181,6 +181,21 @@ def _check_hyperparameter_fields(args: Any) -> None:
                     f"TrainingArguments: optim_target_modules={targets!r} is not a valid regex ({err}). "
                     "Fix: escape it, or pass a list of module names."
                 ) from None
+        if isinstance(targets, (list, tuple)):  # module names, each matched as a suffix regex, as PEFT does
+            for index, entry in enumerate(targets):
+                if not isinstance(entry, str) or not entry:
+                    raise FoamConfigError(
+                        f"TrainingArguments: optim_target_modules[{index}]={entry!r} is not a module name: each "
+                        "entry must be a non-empty string. Fix: e.g. optim_target_modules=['q_proj', 'v_proj']."
+                    )
+                try:
+                    re.compile(entry)
+                except re.error as err:
+                    raise FoamConfigError(
+                        f"TrainingArguments: optim_target_modules[{index}]={entry!r} is not a valid regex ({err}); "
+                        "each entry matches module-name suffixes as a regex. Fix: escape it (e.g. re.escape), or "
+                        "write a suffix such as q_proj."
+                    ) from None
 
 
 class ParamGroupsAtBuild:
