@@ -11,6 +11,7 @@ from transformers, TRL or PEFT.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -194,12 +195,28 @@ class FOAM(Optimizer):
                         "tensor in exactly one group (build the groups from disjoint lists, e.g. by module name)."
                     )
         unknown = set(param_group) - set(GROUP_DEFAULTS) - {"params", "param_names"}
-        # Foreign keys (e.g. "initial_lr" from schedulers) are legal in torch; only our own typos matter.
+        # Foreign keys (e.g. "initial_lr" from schedulers) are legal in torch; only our own typos matter: the
+        # paper's names, and keys within a typo of an option, which would otherwise leave it at its default.
         typos = {k for k in unknown if k in ("level", "alpha", "rho", "beta1", "beta2", "blocksize")}
+        near = {k: difflib.get_close_matches(k, list(GROUP_DEFAULTS), n=1, cutoff=0.8) for k in unknown}
+        typos |= {k for k, match in near.items() if match} | ({"block_sizes"} & unknown)
         if typos:
+            hints = {
+                "level": "use block_size=2**level",
+                "alpha": "use scale",
+                "rho": "use res_scale",
+                "beta1": "use betas=(beta1, beta2)",
+                "beta2": "use betas=(beta1, beta2)",
+                "block_sizes": "block_sizes is a FoamConfig / optim_args key (sizes per module); a param group takes "
+                "one block_size",
+            }
+            fixes = "; ".join(
+                f"{k!r}: " + (hints.get(k) or (f"use {near[k][0]!r} (a typo?)" if near.get(k) else "drop it"))
+                for k in sorted(typos)
+            )
             raise FoamConfigError(
-                f"FOAM: param group keys {sorted(typos)} are not FOAM options. Valid options: "
-                f"{sorted(GROUP_DEFAULTS)}. Fix: use block_size=2**level for 'level' and scale for 'alpha'."
+                f"FOAM: param group keys {sorted(typos)} are not FOAM options, and would be ignored. Valid options: "
+                f"{sorted(GROUP_DEFAULTS)}. Fix: {fixes}."
             )
         super().add_param_group(param_group)
         group = self.param_groups[-1]

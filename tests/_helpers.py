@@ -468,7 +468,25 @@ PARAM_ERROR_INPUTS = [
         "misspelled group key 'rho'",
         lambda: FOAM([{"params": [leaf(2, 4)], "rho": 0.5}]),
         FoamConfigError,
-        ["['rho']", "not FOAM options", "Valid options", "Fix:"],
+        ["['rho']", "not FOAM options", "Valid options", "Fix: 'rho': use res_scale"],
+    ),
+    (
+        "misspelt group key within a typo of an option",
+        lambda: FOAM([{"params": [leaf(2, 4)], "block_szie": 8}]),
+        FoamConfigError,
+        ["['block_szie']", "would be ignored", "Fix: 'block_szie': use 'block_size' (a typo?)"],
+    ),
+    (
+        "block_sizes, the per-module key, as a group option",
+        lambda: FOAM([{"params": [leaf(2, 4)], "block_sizes": 8}]),
+        FoamConfigError,
+        ["['block_sizes']", "a FoamConfig / optim_args key", "a param group takes one block_size"],
+    ),
+    (
+        "state_dtypes for state_dtype",
+        lambda: FOAM([{"params": [leaf(2, 4)], "state_dtypes": "bfloat16"}]),
+        FoamConfigError,
+        ["['state_dtypes']", "use 'state_dtype' (a typo?)"],
     ),
     (
         "FoamConfig key 'level' as a group option",

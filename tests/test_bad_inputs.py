@@ -545,3 +545,10 @@ def test_trainer_leaves_frozen_parameters_out_of_the_optimizer(tmp_path):
     for name, p in model.named_parameters():
         if name in frozen:
             assert torch.equal(p, frozen[name]) and p not in trainer.optimizer.optimizer.state
+
+
+def test_foreign_group_keys_far_from_any_option_are_kept_as_torch_keeps_them():
+    # Schedulers write initial_lr into groups; users tag groups (e.g. "name"): torch keeps such keys, so does FOAM.
+    params = [torch.nn.Parameter(torch.randn(2, 4))]
+    optimizer = FOAM([{"params": params, "initial_lr": 0.1, "name": "attention"}])
+    assert optimizer.param_groups[0]["initial_lr"] == 0.1 and optimizer.param_groups[0]["name"] == "attention"
