@@ -21,6 +21,7 @@ import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Any
 
 from .errors import FoamConfigError
@@ -110,6 +111,9 @@ class FoamConfig:
                 "e.g. {'q_proj': 8, 'lm_head': 1}. Fix: pass a dict, or the optim_args form "
                 "block_sizes=q_proj:8;lm_head:1."
             )
+        # NumPy ints as Python ints, as block_size takes them (a copy: the caller's dict stays as it was)
+        sizes = {k: int(v) if isinstance(v, Integral) and not isinstance(v, bool) else v for k, v in self.block_sizes.items()}
+        object.__setattr__(self, "block_sizes", sizes)
         for pattern, size in self.block_sizes.items():
             if not isinstance(pattern, str) or not pattern:
                 raise FoamConfigError(

@@ -27,7 +27,7 @@ from .errors import FoamConfigError
 from .folding import folded_shape, folds_in_full, is_foldable
 from .functional import _foam, foam
 from .implementation import check_fused_available
-from .options import GROUP_DEFAULTS, SECOND_MOMENT_MODES, validate_group_options
+from .options import GROUP_DEFAULTS, SECOND_MOMENT_MODES, as_builtin_numbers, validate_group_options
 from .precision import PARAM_DTYPES, STATE_DTYPES, normalize_state_dtype, state_dtype_for
 
 __all__ = ["FOAM", "SECOND_MOMENT_MODES", "STATE_DTYPES", "foam", "state_dtype_for", "validate_group_options"]
@@ -226,6 +226,7 @@ class FOAM(Optimizer):
         index = len(self.param_groups) - 1
         try:
             validate_group_options(group, where=f"param group {index}")
+            as_builtin_numbers(group)
             for p in group["params"]:
                 if is_lazy(p):  # nn.LazyLinear and co.: shape and dtype come with the first forward
                     continue

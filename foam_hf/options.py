@@ -19,7 +19,14 @@ import torch
 from .errors import FoamConfigError
 from .precision import STATE_DTYPES
 
-__all__ = ["GROUP_DEFAULTS", "SECOND_MOMENT_MODES", "check_number", "check_option", "validate_group_options"]
+__all__ = [
+    "GROUP_DEFAULTS",
+    "SECOND_MOMENT_MODES",
+    "as_builtin_numbers",
+    "check_number",
+    "check_option",
+    "validate_group_options",
+]
 
 #: The two second-moment rules: fold the block mean of ``G⊙G`` (``"mean_sq"``, what the paper's released
 #: code does) or the square of the block mean of ``G`` (``"sq_mean"``, the paper's equations as written).
@@ -184,6 +191,25 @@ def check_option(name: str, value: Any, where: str = "") -> None:
     """Validate one option of :data:`GROUP_DEFAULTS`; raise ``TypeError``/:class:`FoamConfigError` naming value,
     rule and fix (``where``, e.g. ``"param group 2"``, is added to the fix)."""
     _CHECKS[name](value, f" (in {where})" if where else "")
+
+
+def as_builtin_numbers(options: dict[str, Any]) -> None:
+    """Turn the group's numeric options that are other numbers (NumPy scalars) into Python's int and float, in
+    place: a NumPy scalar in a param group pickles as a NumPy object, and ``torch.load(..., weights_only=True)``,
+    torch's default and the Trainer's, then refuses the checkpoint. Tensors (a tensor lr) stay as they are."""
+
+    def builtin(value: Any, kind: type) -> Any:
+        if isinstance(value, Real) and not isinstance(value, (bool, torch.Tensor)) and type(value) not in (int, float):
+            return kind(value)
+        return value
+
+    for key in ("lr", "eps", "weight_decay", "scale", "res_scale"):
+        if key in options:
+            options[key] = builtin(options[key], float)
+    if "block_size" in options and isinstance(options["block_size"], Integral):
+        options["block_size"] = builtin(options["block_size"], int)
+    if isinstance(options.get("betas"), tuple):
+        options["betas"] = tuple(builtin(beta, float) for beta in options["betas"])
 
 
 def validate_group_options(options: dict[str, Any], where: str = "") -> None:

@@ -356,3 +356,25 @@ def test_resume_from_a_truncated_optimizer_file_fails_before_training(tmp_path):
         trainer.train(resume_from_checkpoint=str(checkpoint))
     assert any("optimizer" in frame.name or "load" in frame.name for frame in info.traceback)  # raised loading it
     assert stepped == []
+
+
+def test_numpy_numbers_as_options_are_saved_as_python_numbers_and_load_with_weights_only(tmp_path):
+    # Options given as NumPy scalars (read from a config by NumPy code) were kept as NumPy objects: the state then
+    # pickled NumPy types, and torch.load(weights_only=True), the Trainer's way, refused the checkpoint at resume.
+    np = pytest.importorskip("numpy")
+    params = make_params(((6, 8), (7,)))
+    numbers = dict(lr=np.float32(0.01), betas=(np.float64(0.9), 0.99), eps=np.float64(1e-8), scale=np.float32(0.5))
+    opt = FOAM(params, block_size=np.int64(4), weight_decay=np.float64(0.1), res_scale=np.float64(1.0), **numbers)
+    step(opt, params, 0)
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    loaded = torch.load(tmp_path / "optimizer.pt", weights_only=True)
+    group = loaded["param_groups"][0]
+    assert type(group["block_size"]) is int and group["block_size"] == 4
+    assert all(type(group[k]) is float for k in ("lr", "eps", "weight_decay", "scale", "res_scale"))
+    assert [type(b) for b in group["betas"]] == [float, float] and group["lr"] == float(np.float32(0.01))
+    FOAM(make_params(((6, 8), (7,))), block_size=4, scale=0.5).load_state_dict(loaded)
+    # FoamConfig's per-module sizes take NumPy ints as block_size does (they were refused as "not an int")
+    from foam_hf import FoamConfig
+
+    sizes = FoamConfig(block_sizes={"q_proj": np.int64(8)}).block_sizes
+    assert sizes == {"q_proj": 8} and type(sizes["q_proj"]) is int
