@@ -73,6 +73,12 @@ def folded_shape(shape: torch.Size | tuple[int, ...], block_size: int) -> torch.
     return torch.Size((*leading, num_blocks(n, block_size)))
 
 
+def _within_row(block_size: int, n: int) -> int:
+    """``min(block_size, n)``: a block wider than its row of ``n`` entries is the whole row, one block either way, and
+    folding at the row's width pads nothing (at ``block_size = 2**16`` a row of 8 would be padded to 65536)."""
+    return min(block_size, n) if n > 0 else block_size
+
+
 def _block_counts(n: int, block_size: int, like: torch.Tensor) -> torch.Tensor:
     """Entries per block of a row of length ``n``: ``[B, ..., B, n - (K-1)B]``, shaped for broadcasting."""
     k = num_blocks(n, block_size)
@@ -84,6 +90,7 @@ def _block_counts(n: int, block_size: int, like: torch.Tensor) -> torch.Tensor:
 def block_sum(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """Sum of each run of ``block_size`` adjacent entries along the last dimension (ragged tail included)."""
     n = x.shape[-1]
+    block_size = _within_row(block_size, n)
     k = num_blocks(n, block_size)
     pad = k * block_size - n
     if pad:
@@ -97,6 +104,7 @@ def block_mean(x: torch.Tensor, block_size: int) -> torch.Tensor:
     Returns a tensor of shape :func:`folded_shape` ``(x.shape, block_size)``.
     """
     n = x.shape[-1]
+    block_size = _within_row(block_size, n)
     if n % block_size == 0:
         return x.reshape(*x.shape[:-1], n // block_size, block_size).mean(dim=-1)
     return block_sum(x, block_size) / _block_counts(n, block_size, x)
@@ -113,5 +121,6 @@ def unfold(y: torch.Tensor, n: int, block_size: int) -> torch.Tensor:
             f"unfold: a folded last dimension of {k} does not match n={n} with block_size={block_size} "
             f"(expected ceil({n}/{block_size}) = {math.ceil(n / block_size)})."
         )
+    block_size = _within_row(block_size, n)
     full = y.unsqueeze(-1).expand(*y.shape, block_size).reshape(*y.shape[:-1], k * block_size)
     return full if k * block_size == n else full[..., :n]

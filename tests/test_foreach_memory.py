@@ -117,3 +117,17 @@ def test_batches_cut_rows_within_the_budget():
     assert [(p.param.numel(), p.state_offset) for p in pieces[5:]] == [(18, 0), (18, 18), (4, 36)]
     pieces[0].param.fill_(1.0)  # views: writes land in the parameter
     assert params[0][:2].eq(1).all() and params[0][2:].eq(0).all()
+
+
+@pytest.mark.parametrize("path", [FOR_LOOP, FOREACH], ids=["for-loop", "foreach"])
+def test_a_block_wider_than_its_rows_pads_nothing(path):
+    # One block per row either way; the readable path used to pad each row of 8 to the block size (2**16 here,
+    # 512 KiB a row of fp32), holding ~1000x the parameter's bytes in temporaries.
+    params = make_params([(64, 8)], torch.float32)
+    (grads,) = grad_sequence(params, 1)
+    params[0].grad = grads[0]
+    optimizer = FOAM(params, block_size=2**16, **path, **HPARAMS)
+    optimizer.step()
+    assert optimizer.state[params[0]]["exp_avg"].shape == (64, 1)
+    param_bytes = params[0].numel() * params[0].element_size()
+    assert peak_transient_bytes(optimizer.step) <= 16 * param_bytes
