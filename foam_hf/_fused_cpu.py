@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sysconfig
 import threading
 import time
 from typing import Any
@@ -54,20 +55,38 @@ _BUILD_FILES = (_SOURCE, os.path.join(_CSRC, "foam_kernel.h"), os.path.join(_CSR
 CFLAGS: tuple[str, ...] = ("-O3", "-fno-math-errno", "-ffp-contract=off")
 
 
-def extension_name(files: tuple[str, ...] = _BUILD_FILES, cflags: tuple[str, ...] = CFLAGS) -> str:
+def build_environment() -> tuple[str, ...]:
+    """What else torch's build file names besides the sources and flags: the compiler, and the include and library
+    paths of the torch and the Python that build it (so, the environment: a venv)."""
+    return (
+        os.environ.get("CXX", "c++"),
+        torch.__version__,
+        os.path.dirname(os.path.realpath(torch.__file__)),
+        sysconfig.get_paths().get("include", ""),
+    )
+
+
+def extension_name(
+    files: tuple[str, ...] = _BUILD_FILES, cflags: tuple[str, ...] = CFLAGS, environment: tuple[str, ...] | None = None
+) -> str:
     """The name torch caches the build under, keyed to the bytes *and* the paths of every file the build
-    reads, and to the compiler flags: torch rebuilds a cached extension whenever its build file changes, and
-    that file names the source's path, so two checkouts or versions of foam_hf sharing one name rebuilt each
-    other's kernel at every switch; and torch does not key its cache to the flags, so new flags under an old
-    name would load the old build."""
+    reads, to the compiler flags and to :func:`build_environment`: torch rebuilds a cached extension whenever its
+    build file changes, and that file names the source's path, the compiler and the include paths of torch and
+    Python, so two checkouts, versions of foam_hf, or environments (two venvs over one editable checkout) sharing
+    one name rebuilt each other's kernel at every switch, a silent minute each; and torch does not key its cache
+    to the flags, so new flags under an old name would load the old build."""
     digest = hashlib.sha256()
     for path in files:
         with open(path, "rb") as handle:
             digest.update(handle.read())
         digest.update(os.path.realpath(path).encode())
     digest.update(" ".join(cflags).encode())
+    digest.update("\0".join(build_environment() if environment is None else environment).encode())
     return f"foam_hf_fused_cpu_{digest.hexdigest()[:12]}"
 
+
+#: A cached load that takes longer than this was a rebuild (loading takes well under a second; a build a minute).
+_REBUILT_AFTER_SECONDS = 5.0
 
 _lock = threading.Lock()
 _kernel: Any = None
@@ -105,6 +124,13 @@ def load_kernel() -> Any:
             seconds = time.perf_counter() - start
             if building:
                 logger.warning("FOAM: fused CPU kernel %s built in %.1f s.", name, seconds)
+            elif seconds > _REBUILT_AFTER_SECONDS:  # the cached build was stale to torch: it compiled again
+                logger.warning(
+                    "FOAM: fused CPU kernel %s took %.1f s to load: torch rebuilt its cached build (another process "
+                    "or environment had built it differently under this name).",
+                    name,
+                    seconds,
+                )
             else:
                 logger.info("FOAM: fused CPU kernel %s loaded from torch's cache in %.1f s.", name, seconds)
         except Exception as exc:  # no compiler, no ninja, no headers, ...: every failure means "unavailable"

@@ -21,6 +21,13 @@ def test_the_cache_name_follows_the_source_bytes(tmp_path):
     assert _fused_cpu.extension_name((str(a),)) != _fused_cpu.extension_name((str(copy_of_a),))
     # Other compiler flags get a build of their own (torch's cache is not keyed to them).
     assert _fused_cpu.extension_name((str(a),), ("-O3",)) != _fused_cpu.extension_name((str(a),), ("-O2",))
+    # Another torch, Python or compiler (two venvs over one editable checkout) gets a build of its own: torch's
+    # build file names their include paths, so one shared name rebuilt the kernel at every switch of venv.
+    here = _fused_cpu.build_environment()
+    assert _fused_cpu.extension_name((str(a),)) == _fused_cpu.extension_name((str(a),), environment=here)
+    for index in range(len(here)):
+        other = (*here[:index], here[index] + "-other", *here[index + 1 :])
+        assert _fused_cpu.extension_name((str(a),), environment=other) != _fused_cpu.extension_name((str(a),))
     # The shipped source gets a name of its own, not one fixed name for every version.
     assert _fused_cpu.extension_name() not in (_fused_cpu.extension_name((str(a),)), "foam_hf_fused_cpu_v3")
 
@@ -60,3 +67,18 @@ def test_a_cached_build_is_only_loaded(tmp_path, monkeypatch, caplog, fresh_load
     messages = [r.getMessage() for r in caplog.records]
     assert not any("building" in m for m in messages)
     assert messages == [m for m in messages if "loaded from torch's cache" in m] and len(messages) == 1
+
+
+def test_a_cached_build_that_torch_rebuilds_is_said_aloud(tmp_path, monkeypatch, caplog, fresh_loader):
+    # A cached name whose build torch found stale compiles again for about a minute: a warning, not a quiet INFO
+    # line saying it was loaded from the cache. The stub's clock advances past the threshold during the load.
+    name = _fused_cpu.extension_name()
+    (tmp_path / "py311_cpu" / name).mkdir(parents=True)
+    (tmp_path / "py311_cpu" / name / f"{name}.so").write_bytes(b"")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    clock = iter([100.0, 100.0 + _fused_cpu._REBUILT_AFTER_SECONDS + 40])
+    monkeypatch.setattr(_fused_cpu.time, "perf_counter", lambda: next(clock))
+    with caplog.at_level(logging.INFO, logger=_fused_cpu.__name__):
+        _fused_cpu.load_kernel()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "took 45.0 s to load: torch rebuilt its cached build" in warnings[0]
