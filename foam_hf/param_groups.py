@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import FoamConfig
+from .config import FoamConfig, _looks_like_regex
 from .errors import FoamConfigError, NoMatchingModuleError
 from .folding import folds_in_full
 
@@ -192,8 +192,6 @@ def _no_match_error(
     )
     hint = f" Closest module names: {close}." if close else f" Module name endings in this model: {leaves[:20]}."
     if one_regex:
-        from .config import _looks_like_regex
-
         anywhere = f".*(?:{pattern})" if "|" in pattern else f".*{pattern}"
         as_list = f"{pattern};" if _looks_like_regex(pattern) else pattern  # a ';' keeps a regex a list
         rule = (
@@ -296,7 +294,7 @@ def resolve_block_sizes(
             size = config.block_size
             if not all_linear:
                 used_targets.update(t for t in target_list for m, _, _ in param_owners if _reaches(t, m, target_names))
-        best: tuple[int, int] | None = None
+        best: tuple[int, bool, int] | None = None
         chosen: dict[str, int] = {}
         for module_name, _, _ in param_owners:
             for prefix in _ancestors(module_name) if module_name else []:
@@ -304,7 +302,8 @@ def resolve_block_sizes(
                 for pattern, override in config.block_sizes.items():
                     if not _suffix_match(pattern, prefix):
                         continue
-                    score = (depth, len(pattern))
+                    # the deepest module, then a plain name over a regex (q_proj over .*_proj), then the longest
+                    score = (depth, not _looks_like_regex(pattern), len(pattern))
                     if best is None or score > best:
                         best, chosen = score, {pattern: override}
                     elif score == best:
@@ -313,8 +312,9 @@ def resolve_block_sizes(
             sizes = set(chosen.values())
             if len(sizes) > 1:
                 raise FoamConfigError(
-                    f"FOAM: parameter {name!r} is matched equally specifically by block_sizes patterns "
-                    f"{sorted(chosen)} with different sizes {sorted(sizes)}. Fix: make one pattern more specific."
+                    f"FOAM: parameter {name!r} is matched equally specifically by the block_sizes entries "
+                    f"{';'.join(f'{pattern}:{size}' for pattern, size in sorted(chosen.items()))}, which disagree. "
+                    "Fix: make one pattern more specific, or give them one size."
                 )
             for pattern in chosen:
                 sized_by_pattern.setdefault(pattern, []).append((name, p))

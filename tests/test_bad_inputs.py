@@ -355,10 +355,10 @@ OVERRIDE_ERRORS = [
     (
         "two equally specific patterns disagree",
         None,
-        FoamConfig(block_sizes={"q_proj": 8, "q_pro.": 4}),
+        FoamConfig(block_sizes={"q_pro[j]": 8, "[q]_proj": 4}),
         None,
         FoamConfigError,
-        ["equally specifically", "'q_pro.'", "'q_proj'", "[4, 8]", "Fix: make one pattern more specific"],
+        ["equally specifically", "entries [q]_proj:4;q_pro[j]:8, which disagree", "Fix: make one pattern more"],
     ),
     (
         "override that reaches only parameters that never fold",
@@ -414,6 +414,15 @@ def test_a_target_module_folds_the_linear_layers_inside_it():
     assert len(mlp_linears) == 6  # gate, up and down in each of 2 layers
     assert {n for n, b in plan.size_by_parameter.items() if b > 1} == mlp_linears
     assert {b for n, b in plan.size_by_parameter.items() if n in mlp_linears} == {8}
+
+
+def test_a_plain_name_wins_over_a_regex_that_matches_the_same_module():
+    # At the same depth the longer pattern used to win, so '.*_proj:16' silently overrode 'q_proj:8' for q_proj.
+    model = tiny_llama()
+    plan = resolve_block_sizes(model, FoamConfig(block_sizes={"q_proj": 8, ".*_proj": 16, "[k]_proj": 2}))
+    assert plan.size_by_parameter["model.layers.0.self_attn.q_proj.weight"] == 8
+    assert plan.size_by_parameter["model.layers.0.self_attn.k_proj.weight"] == 2  # two regexes: the longer
+    assert plan.size_by_parameter["model.layers.0.mlp.up_proj.weight"] == 16
 
 
 def test_shadowed_override_is_not_an_error_and_the_specific_one_wins():
