@@ -99,6 +99,18 @@ def test_callback_fails_fast_when_the_name_was_bypassed(tmp_path):
         trainer.train()
 
 
+def test_a_foam_callback_added_to_another_optimizers_run_says_to_set_optim(tmp_path):
+    # Not a bypassed name: the run asked for AdamW. The fix is optim='foam', or no FoamCallback; callback=false
+    # (the fix for a bypassed name) would do nothing for a callback the user added.
+    args = make_args(tmp_path, optim="adamw_torch")
+    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=lm_dataset(), callbacks=[FoamCallback()])
+    with pytest.raises(FoamConfigError) as info:
+        trainer.train()
+    message = str(info.value)
+    assert "optimizer in use is AdamW (TrainingArguments.optim='adamw_torch')" in message
+    assert "Fix: set optim='foam'" in message and "callback=false" not in message
+
+
 def test_optim_args_configure_foam_and_overrides(tmp_path):
     model = tiny_llama()
     args = make_args(

@@ -80,12 +80,18 @@ class FoamCallback(TrainerCallback):
             asked = getattr(args.optim, "value", args.optim)
             while getattr(optimizer, "optimizer", None) is not None:  # name the user's optimizer, not a wrapper
                 optimizer = optimizer.optimizer
+            in_use = type(optimizer).__name__ if optimizer is not None else None
+            if str(asked) not in ("foam", "foam_layerwise"):  # a FoamCallback the user added to another optimizer
+                raise FoamConfigError(
+                    f"FoamCallback: the optimizer in use is {in_use} (TrainingArguments.optim={asked!r}), not "
+                    "foam_hf.FOAM, so there is nothing for FoamCallback to report. Fix: set optim='foam' to train "
+                    "with FOAM, or take FoamCallback out of callbacks=."
+                )
             raise FoamConfigError(
-                f"FoamCallback: TrainingArguments.optim={asked!r} but the optimizer in use is "
-                f"{type(optimizer).__name__ if optimizer is not None else None}, not foam_hf.FOAM: something "
-                "built the optimizer without going through the name (e.g. Trainer(optimizers=(...)) or a "
-                "trainer that overrides create_optimizer). Fix: drop the explicit optimizer, or remove "
-                "FoamCallback (optim_args='callback=false') if that is intended."
+                f"FoamCallback: TrainingArguments.optim={asked!r} but the optimizer in use is {in_use}, not "
+                "foam_hf.FOAM: something built the optimizer without going through the name (e.g. "
+                "Trainer(optimizers=(...)) or a trainer that overrides create_optimizer). Fix: drop the explicit "
+                "optimizer, or remove FoamCallback (optim_args='callback=false') if that is intended."
             )
         if isinstance(foam, LayerwiseFOAM) and foam is not self._observed:
             foam.add_gradient_observer(self._observe_layerwise)
