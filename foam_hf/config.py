@@ -18,6 +18,7 @@ regex matched against the whole module name (``.*\\.mlp\\..*``, ``(?:q_proj)``).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -312,6 +313,10 @@ _TRAINING_ARGUMENTS_FIELDS = {
 }
 
 
+#: The paper's symbols, as users type them, and the key that holds each.
+_PAPER_NAMES = {"alpha": "scale (the update's scale α)", "rho": "res_scale (the residual's scale ρ)"}
+
+
 def _unknown_keys_message(unknown: list[str]) -> str:
     hints = []
     for key in unknown:
@@ -323,6 +328,12 @@ def _unknown_keys_message(unknown: list[str]) -> str:
                 f"TrainingArguments' {field_name} ({flags} on the command line). Fix: set it there and drop "
                 f"{key!r} from optim_args."
             )
+        elif key in _PAPER_NAMES:
+            hints.append(f"{key!r} is the paper's name: FOAM's key is {_PAPER_NAMES[key]}.")
+        else:
+            close = difflib.get_close_matches(key, list(OPTIM_ARGS_KEYS), n=1, cutoff=0.75)
+            if close:
+                hints.append(f"{key!r}: did you mean {close[0]!r}?")
     valid = "\n".join(f"  {k}: {v}" for k, v in OPTIM_ARGS_KEYS.items())
     return (
         f"optim_args for optim='foam': unknown key(s) {unknown}."

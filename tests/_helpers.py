@@ -605,6 +605,8 @@ OPTIM_ARGS_ERRORS = [
     ("block_sizes=q_proj(:4", FoamConfigError, ["'q_proj('", "not a valid regex", "Fix:"]),
     ("target_modules=v_proj;q_proj(", FoamConfigError, ["'q_proj('", "not a valid regex", "Fix:"]),
     ("callback=maybe", FoamConfigError, ["callback='maybe'", "not a boolean", "callback=true"]),
+    ("blocksize=4", FoamConfigError, ["unknown key(s) ['blocksize']", "did you mean 'block_size'?", "Valid keys"]),
+    ("alpha=2", FoamConfigError, ["unknown key(s) ['alpha']", "the paper's name: FOAM's key is scale"]),
 ]
 
 # (id, builder, error type, fragments): the typed config, as Python users write it.
