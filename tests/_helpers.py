@@ -568,7 +568,11 @@ OPTIM_ARGS_ERRORS = [
     ),
     ({"block_size": [4]}, FoamConfigError, ["block_size=[4] has type list", "a string or a number", "Example:"]),
     ({"block_sizes": {"q_proj": "x"}}, FoamConfigError, ["block_sizes['q_proj']='x' is invalid", "an int >= 1"]),
-    ("block_size=4,blocksize=8", FoamConfigError, ["unknown key(s) ['blocksize']. Valid keys"]),
+    (
+        "block_size=4,blocksize=8",
+        FoamConfigError,
+        ["unknown key(s) ['blocksize'].\n'blocksize': did you mean 'block_size'?\nValid keys"],
+    ),
     ("block_size=", FoamConfigError, ["block_size=''", "is not an integer", "Example: block_size=4"]),
     ("block_size=2.5", FoamConfigError, ["block_size='2.5'", "is not an integer", "Example:"]),
     ("block_size=four", FoamConfigError, ["block_size='four' is not an integer"]),
@@ -605,7 +609,6 @@ OPTIM_ARGS_ERRORS = [
     ("block_sizes=q_proj(:4", FoamConfigError, ["'q_proj('", "not a valid regex", "Fix:"]),
     ("target_modules=v_proj;q_proj(", FoamConfigError, ["'q_proj('", "not a valid regex", "Fix:"]),
     ("callback=maybe", FoamConfigError, ["callback='maybe'", "not a boolean", "callback=true"]),
-    ("blocksize=4", FoamConfigError, ["unknown key(s) ['blocksize']", "did you mean 'block_size'?", "Valid keys"]),
     ("alpha=2", FoamConfigError, ["unknown key(s) ['alpha']", "the paper's name: FOAM's key is scale"]),
 ]
 

@@ -196,7 +196,7 @@ def test_bad_model_name_lists_the_valid_names():
     "optim_args, regex",
     [
         ("block_size=0", r"block_size=0 is invalid"),
-        ("blocksize=4", r"unknown key\(s\) \['blocksize'\]. Valid keys:"),
+        ("blocksize=4", r"unknown key\(s\) \['blocksize'\].\n'blocksize': did you mean 'block_size'\?\nValid keys:"),
         ("block_sizes=q_proj", r"'q_proj' is not pattern:size"),
         ("block_sizes=q_proj:x", r"block_sizes entry 'q_proj:x': size 'x' is not an int >= 1"),
     ],
