@@ -39,6 +39,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -78,6 +79,33 @@ def _linear_types() -> tuple[type[nn.Module], ...]:
     except ImportError:  # pragma: no cover - transformers is a dependency
         pass
     return tuple(types)
+
+
+def literal_characters(pattern: str) -> int:
+    """How many characters of a module name ``pattern`` spells out: the fewest literal characters any match holds
+    (``q_proj`` 6, ``.*_proj`` 5, ``(?:q|v)_proj`` 5, ``layers\.1\.self_attn\.q_proj`` 25; a wildcard or a class
+    of several characters spells none). Of two patterns that match the same module, the one that spells out more
+    is the more specific: an exact name wins over a wildcard that also matches it, whichever is longer."""
+    try:
+        from re import _constants as sre, _parser as sre_parse  # the parser of the re module itself
+    except ImportError:  # another Python's layout: the pattern's length, the rule before this one
+        return len(pattern)
+
+    def weight(items: Any) -> int:
+        total = 0
+        for op, value in items:
+            if op is sre.LITERAL:
+                total += 1
+            elif op is sre.SUBPATTERN:
+                total += weight(value[-1])
+            elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT, getattr(sre, "POSSESSIVE_REPEAT", None)):
+                low, _, sub = value
+                total += low * weight(sub)
+            elif op is sre.BRANCH:
+                total += min(weight(branch) for branch in value[1])
+        return total
+
+    return weight(sre_parse.parse(pattern))
 
 
 def _suffix_match(pattern: str, name: str) -> bool:
@@ -294,7 +322,7 @@ def resolve_block_sizes(
             size = config.block_size
             if not all_linear:
                 used_targets.update(t for t in target_list for m, _, _ in param_owners if _reaches(t, m, target_names))
-        best: tuple[int, bool, int] | None = None
+        best: tuple[int, int, int] | None = None
         chosen: dict[str, int] = {}
         for module_name, _, _ in param_owners:
             for prefix in _ancestors(module_name) if module_name else []:
@@ -302,8 +330,8 @@ def resolve_block_sizes(
                 for pattern, override in config.block_sizes.items():
                     if not _suffix_match(pattern, prefix):
                         continue
-                    # the deepest module, then a plain name over a regex (q_proj over .*_proj), then the longest
-                    score = (depth, not _looks_like_regex(pattern), len(pattern))
+                    # the deepest module, then the pattern that spells out more of the name, then the longest
+                    score = (depth, literal_characters(pattern), len(pattern))
                     if best is None or score > best:
                         best, chosen = score, {pattern: override}
                     elif score == best:
