@@ -345,7 +345,8 @@ def markdown(results: dict) -> str:
             "",
             "**Step time and peak transient memory** (median GPU time of a step, and the host's time to queue it: "
             "a step whose host time reaches its GPU time is bound by Python and launches; ratio to AdamW fused, same "
-            "dtype: with bf16 weights torch's AdamW keeps bf16 moments, FOAM fp32 ones unless the row says bf16 states)",
+            "dtype: with bf16 weights torch's AdamW keeps bf16 moments, FOAM fp32 ones unless the row says bf16 "
+            "states)",
             "",
         ]
         lines += _table(

@@ -109,7 +109,9 @@ def load_kernel() -> Any:
 
             building = not _is_cached(name)
             if building:  # about a minute on two cores: say so instead of stalling silently
-                logger.warning("FOAM: building the fused CPU kernel %s (once per foam_hf version and environment)...", name)
+                logger.warning(
+                    "FOAM: building the fused CPU kernel %s (once per foam_hf version and environment)...", name
+                )
             # at::parallel_for is a header template: with torch's OpenMP backend it only runs in parallel when
             # the extension itself is compiled with -fopenmp (without it the kernel silently uses one thread).
             openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []

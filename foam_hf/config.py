@@ -113,7 +113,9 @@ class FoamConfig:
                 "block_sizes=q_proj:8;lm_head:1."
             )
         # NumPy ints as Python ints, as block_size takes them (a copy: the caller's dict stays as it was)
-        sizes = {k: int(v) if isinstance(v, Integral) and not isinstance(v, bool) else v for k, v in self.block_sizes.items()}
+        sizes = {
+            k: int(v) if isinstance(v, Integral) and not isinstance(v, bool) else v for k, v in self.block_sizes.items()
+        }
         object.__setattr__(self, "block_sizes", sizes)
         for pattern, size in self.block_sizes.items():
             if not isinstance(pattern, str) or not pattern:

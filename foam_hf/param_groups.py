@@ -82,12 +82,13 @@ def _linear_types() -> tuple[type[nn.Module], ...]:
 
 
 def literal_characters(pattern: str) -> int:
-    """How many characters of a module name ``pattern`` spells out: the fewest literal characters any match holds
+    r"""How many characters of a module name ``pattern`` spells out: the fewest literal characters any match holds
     (``q_proj`` 6, ``.*_proj`` 5, ``(?:q|v)_proj`` 5, ``layers\.1\.self_attn\.q_proj`` 25; a wildcard or a class
     of several characters spells none). Of two patterns that match the same module, the one that spells out more
     is the more specific: an exact name wins over a wildcard that also matches it, whichever is longer."""
     try:
-        from re import _constants as sre, _parser as sre_parse  # the parser of the re module itself
+        from re import _constants as sre  # the parser of the re module itself
+        from re import _parser as sre_parse
     except ImportError:  # another Python's layout: the pattern's length, the rule before this one
         return len(pattern)
 

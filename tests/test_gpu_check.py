@@ -157,6 +157,9 @@ def test_a_failing_section_is_recorded_and_the_others_still_run(monkeypatch, tmp
     argv = ["--interpret", "--quick", "--block-sizes", "4", "--dtypes", "fp32", "--state-dtypes", "fp32"]
     assert gpu_check.main([*argv, "--trainer-steps", "1", "--out", str(out)]) == 1
     results = json.loads((out / "results.json").read_text())
-    assert set(results["errors"]) == {"trainer"} and "RuntimeError: no such device function" in results["errors"]["trainer"]
+    assert (
+        set(results["errors"]) == {"trainer"}
+        and "RuntimeError: no such device function" in results["errors"]["trainer"]
+    )
     assert [r["pass"] for r in results["parity"]] == [True] and "environment" in results  # before and after it
     assert "Section 'trainer' failed" in (out / "results.md").read_text()
