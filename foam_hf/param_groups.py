@@ -86,11 +86,15 @@ def literal_characters(pattern: str) -> int:
     (``q_proj`` 6, ``.*_proj`` 5, ``(?:q|v)_proj`` 5, ``layers\.1\.self_attn\.q_proj`` 25; a wildcard or a class
     of several characters spells none). Of two patterns that match the same module, the one that spells out more
     is the more specific: an exact name wins over a wildcard that also matches it, whichever is longer."""
-    try:
-        from re import _constants as sre  # the parser of the re module itself
+    try:  # the parser of the re module itself: re._parser from Python 3.11, sre_parse before
+        from re import _constants as sre
         from re import _parser as sre_parse
-    except ImportError:  # another Python's layout: the pattern's length, the rule before this one
-        return len(pattern)
+    except ImportError:
+        try:
+            import sre_constants as sre  # type: ignore[no-redef]
+            import sre_parse  # type: ignore[no-redef]
+        except ImportError:  # another Python's layout: the pattern's length, the rule before this one
+            return len(pattern)
 
     def weight(items: Any) -> int:
         total = 0
