@@ -143,7 +143,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser
         type=_positive_float,
         default=None,
         help=f"one peak lr for both optimizers (default: per optimizer, AdamW {DEFAULT_LRS['adamw']:g}, "
-        f"FOAM {DEFAULT_LRS['foam']:g}: each one's best in the project's sweep)",
+        f"FOAM {DEFAULT_LRS['foam']:g}: each one's best of 3e-4..1e-2 at these settings, docs/benchmarks.md)",
     )
     p.add_argument("--seed", type=int, default=d.seed, help=f"weights and batch order (default: {d.seed})")
     p.add_argument("--device", type=_device, default=d.device, help="cpu, cuda, cuda:1, ... or auto (default: auto)")
