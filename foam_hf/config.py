@@ -381,6 +381,11 @@ def _parse_block_sizes(text: str) -> dict[str, int]:
                 f"optim_args: block_sizes entry {pair!r} is not pattern:size. "
                 "Example: block_sizes=q_proj:8;down_proj:16;lm_head:1."
             )
+        if ":" in _GROUP_OPENER.sub("", pattern):  # module names hold no ':'; a regex's (?: groups are not one
+            raise FoamConfigError(
+                f"optim_args: block_sizes entry {pair!r} holds more than one ':'; an entry is one pattern:size "
+                "(module names hold no ':'). Fix: e.g. block_sizes=q_proj:8;lm_head:1 (entries separated by ';')."
+            )
         if pattern in overrides:
             raise FoamConfigError(
                 f"optim_args: block_sizes pattern {pattern!r} is given twice ({pattern}:{overrides[pattern]} and "

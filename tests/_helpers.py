@@ -607,6 +607,7 @@ OPTIM_ARGS_ERRORS = [
         ["'v_proj' follows target_modules=", "separated by ';', not ','", "Fix: e.g. target_modules=q_proj;v_proj."],
     ),
     ("block_sizes=q_proj(:4", FoamConfigError, ["'q_proj('", "not a valid regex", "Fix:"]),
+    ("block_sizes=q_proj:8:9", FoamConfigError, ["entry 'q_proj:8:9' holds more than one ':'", "Fix: e.g."]),
     ("target_modules=v_proj;q_proj(", FoamConfigError, ["'q_proj('", "not a valid regex", "Fix:"]),
     ("callback=maybe", FoamConfigError, ["callback='maybe'", "not a boolean", "callback=true"]),
     ("alpha=2", FoamConfigError, ["unknown key(s) ['alpha']", "the paper's name: FOAM's key is scale"]),
@@ -699,6 +700,11 @@ TRAINING_ARGS_ERRORS = [
         "optim_target_modules=['q_proj(']",
         dict(optim_target_modules=["v_proj", "q_proj("]),
         ["optim_target_modules[1]='q_proj(' is not a valid regex", "suffixes", "Fix: escape it"],
+    ),
+    (
+        "targets in optim_target_modules and in optim_args",
+        dict(optim_target_modules=["q_proj"], optim_args="target_modules=v_proj"),
+        ["target modules are given twice: optim_target_modules=['q_proj'] and target_modules=['v_proj']", "Fix"],
     ),
     (
         "optim_target_modules=['q_proj', '']",
