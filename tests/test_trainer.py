@@ -99,6 +99,20 @@ def test_callback_fails_fast_when_the_name_was_bypassed(tmp_path):
         trainer.train()
 
 
+@pytest.mark.parametrize("optim_args", ["block_size=8,block_sizes=q_proj:4", {"block_size": 8}])
+def test_foam_options_for_another_optimizer_are_not_dropped_silently(tmp_path, optim_args):
+    with pytest.warns(UserWarning, match=r"optim_args sets FOAM's \['block_size'.*optim='adamw_torch'.*set optim='foam'"):
+        make_args(tmp_path, optim="adamw_torch", optim_args=optim_args)
+
+
+def test_another_optimizers_own_optim_args_say_nothing(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # GaLore's keys (scale is also FOAM's): not FOAM's alone, no warning
+        make_args(tmp_path, optim="adamw_torch", optim_args="rank=8,scale=0.25")
+
+
 def test_a_foam_callback_added_to_another_optimizers_run_says_to_set_optim(tmp_path):
     # Not a bypassed name: the run asked for AdamW. The fix is optim='foam', or no FoamCallback; callback=false
     # (the fix for a bypassed name) would do nothing for a callback the user added.

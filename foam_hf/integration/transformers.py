@@ -9,6 +9,8 @@ grouped by resolved block size (:mod:`foam_hf.param_groups`).
 from __future__ import annotations
 
 import functools
+import warnings
+from collections.abc import Mapping
 from typing import Any
 
 from ..config import FoamConfig
@@ -53,6 +55,7 @@ def _parse_optim_args(optim_args: str | None) -> FoamConfig:
 def validate_training_arguments(args: Any) -> None:
     """Run right after ``TrainingArguments.__post_init__``: reject bad FOAM options before any model loads."""
     if not is_foam_optim(args.optim):
+        _warn_foam_options_for_another_optimizer(args)
         return
     config = foam_config_from_args(args)
     if args.optim_args is not None and not isinstance(args.optim_args, str):
@@ -63,6 +66,32 @@ def validate_training_arguments(args: Any) -> None:
     _check_hyperparameter_fields(args)
     if _is_layerwise(args.optim):
         _check_layerwise_fields(args)
+
+
+#: optim_args keys only FOAM reads (GaLore, APOLLO and others read scale, rank, ...: those say nothing).
+_FOAM_ONLY_KEYS = ("block_size", "block_sizes", "level", "res_scale", "second_moment", "state_dtype", "target_modules")
+
+
+def _warn_foam_options_for_another_optimizer(args: Any) -> None:
+    """Warn when ``optim_args`` holds keys only FOAM reads but ``optim`` names another optimizer: the run would
+    train with that optimizer, and the options would be dropped without a word."""
+    optim_args = args.optim_args
+    if isinstance(optim_args, str):
+        keys = {item.partition("=")[0].strip() for item in optim_args.split(",")}
+    elif isinstance(optim_args, Mapping):
+        keys = set(map(str, optim_args))
+    else:
+        return
+    ours = sorted(keys.intersection(_FOAM_ONLY_KEYS))
+    if ours:
+        optim = getattr(args.optim, "value", args.optim)
+        warnings.warn(
+            f"TrainingArguments: optim_args sets FOAM's {ours}, but optim={optim!r}, so this run trains with that "
+            "optimizer and FOAM's options do nothing. Fix: set optim='foam' (--optim foam) to train with FOAM, or "
+            "drop them from optim_args.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _check_fsdp_version(args: Any) -> None:
