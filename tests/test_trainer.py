@@ -101,7 +101,9 @@ def test_callback_fails_fast_when_the_name_was_bypassed(tmp_path):
 
 @pytest.mark.parametrize("optim_args", ["block_size=8,block_sizes=q_proj:4", {"block_size": 8}])
 def test_foam_options_for_another_optimizer_are_not_dropped_silently(tmp_path, optim_args):
-    with pytest.warns(UserWarning, match=r"optim_args sets FOAM's \['block_size'.*optim='adamw_torch'.*set optim='foam'"):
+    with pytest.warns(
+        UserWarning, match=r"optim_args sets FOAM's \['block_size'.*optim='adamw_torch'.*set optim='foam'"
+    ):
         make_args(tmp_path, optim="adamw_torch", optim_args=optim_args)
 
 
