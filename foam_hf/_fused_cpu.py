@@ -38,6 +38,21 @@ FUSED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.fl
 
 #: Environment variable that lowers the kernel's choice of implementation (for tests and benchmarks).
 ISA_ENV = "FOAM_CPU_ISA"
+#: The kernel's implementations, slowest first (``kIsaNames`` in ``csrc/foam_kernel.h``).
+ISA_NAMES: tuple[str, ...] = ("portable", "avx2", "avx512")
+
+
+def check_isa_env() -> None:
+    """Refuse a ``FOAM_CPU_ISA`` that names no implementation at all (a typo): checked when FOAM is built, before
+    any training; whether this CPU runs a valid name is known once the kernel is loaded, at the first CPU step."""
+    wanted = os.environ.get(ISA_ENV, "").strip().lower()
+    if wanted and wanted not in ISA_NAMES:
+        raise FoamConfigError(
+            f"FOAM: {ISA_ENV}={wanted!r} is not an implementation of the fused CPU kernel; they are "
+            f"{', '.join(ISA_NAMES)}. Fix: set {ISA_ENV} to one of those, or unset it (the kernel then picks the "
+            "best this CPU runs)."
+        )
+
 
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 _SOURCE = os.path.join(_CSRC, "foam_cpu.cpp")
@@ -156,6 +171,7 @@ def _apply_isa_env(kernel: Any) -> None:
     wanted = os.environ.get(ISA_ENV, "").strip().lower()
     if not wanted:
         return
+    check_isa_env()
     available = list(kernel.available_isas())
     if wanted not in available:
         raise FoamConfigError(

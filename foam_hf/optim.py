@@ -21,6 +21,7 @@ import torch
 from torch.nn.parameter import is_lazy
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from . import _fused_cpu
 from .checkpoint import check_loadable, restore_moments
 from .distributed import check_sharding, local_tensor, zeros_state_like
 from .errors import FoamConfigError
@@ -158,6 +159,7 @@ class FOAM(Optimizer):
             state_dtype=normalize_state_dtype(state_dtype),
         )
         validate_group_options(defaults)
+        _fused_cpu.check_isa_env()  # a misspelt FOAM_CPU_ISA fails here, not at the first CPU step
         self._fused_checked = True  # add_param_group checks each fused group, or leaves it to step() (meta tensors)
         super().__init__(params, defaults)
         # DeepSpeed ZeRO and FSDP1 swap the groups' tensors for flat 1-D shards after construction, and those never

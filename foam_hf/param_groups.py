@@ -220,6 +220,7 @@ def _no_match_error(
             f"FOAM: {what} {pattern!r} matches modules of the model, but {found}: {shown}. {fix}"
         )
     leaves = sorted({n.rsplit(".", 1)[-1] for n in module_names if n})
+    leaves = [leaf for leaf in leaves if not leaf.isdigit()]  # layer indices of a ModuleList say nothing of a name
     close = difflib.get_close_matches(pattern, leaves, n=5, cutoff=0.5) or difflib.get_close_matches(
         pattern, module_names, n=5, cutoff=0.4
     )

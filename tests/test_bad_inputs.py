@@ -456,6 +456,7 @@ CLI_ERRORS = [
     (["demo", "--steps", "0"], ["argument --steps", "0 is invalid", "int >= 1"]),
     (["demo", "--block-size", "-4"], ["argument --block-size", "-4 is invalid", "int >= 1"]),
     (["demo", "--lr", "inf"], ["argument --lr", "inf is invalid", "finite number > 0"]),
+    (["demo", "--seed", "-1"], ["argument --seed", "-1 is invalid", "[0, 2**32 - 1]"]),
     (["demo", "--lr", "nan"], ["argument --lr", "nan is invalid", "finite number > 0"]),
     (["demo", "--lr", "fast"], ["argument --lr", "'fast' is not a number"]),
     (["demo", "--model-size", "huge"], ["argument --model-size", "invalid choice: 'huge'", "'tiny'"]),

@@ -87,3 +87,14 @@ def test_the_text_report_follows_foam_cpu_isa(tmp_path):
     assert "Fused CPU kernel: built; runs portable" in proc.stdout
     assert "cpu, float32 parameters: fused C++ kernel (portable)" in proc.stdout
     assert f"torch {torch.__version__}" in proc.stdout
+
+
+def test_a_foam_cpu_isa_the_kernel_refuses_is_reported_not_a_crash(tmp_path):
+    # foam-hf env is what a bug report asks for: it must report a bad FOAM_CPU_ISA, not die of it.
+    env = dict(os.environ, FOAM_CPU_ISA="avx3")
+    proc = subprocess.run(
+        [sys.executable, "-m", "foam_hf", "env"], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "Fused CPU kernel: FOAM: FOAM_CPU_ISA='avx3' is not an implementation" in proc.stdout
+    assert "cpu, float32 parameters: refused (FOAM_CPU_ISA, see above)" in proc.stdout

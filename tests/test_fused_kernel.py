@@ -276,10 +276,24 @@ def test_isa_environment_variable_picks_the_implementation(kernel, monkeypatch):
             _fused_cpu._apply_isa_env(kernel)
             assert kernel.isa() == name
         monkeypatch.setenv(_fused_cpu.ISA_ENV, "sse9")
-        with pytest.raises(FoamConfigError, match="FOAM_CPU_ISA='sse9'.*it can run: portable.*Fix"):
+        with pytest.raises(FoamConfigError, match="FOAM_CPU_ISA='sse9' is not an implementation.*avx512. Fix"):
+            _fused_cpu._apply_isa_env(kernel)
+        # A real name this CPU cannot run (an AVX2-only CPU asked for avx512), whatever CPU runs the test:
+        monkeypatch.setattr(kernel, "available_isas", lambda: ["portable"])
+        monkeypatch.setenv(_fused_cpu.ISA_ENV, "avx2")
+        with pytest.raises(FoamConfigError, match="FOAM_CPU_ISA='avx2' names .* this CPU cannot run .*portable.*Fix"):
             _fused_cpu._apply_isa_env(kernel)
     finally:
         kernel.set_isa(default)
+
+
+def test_a_misspelt_isa_fails_when_foam_is_built_not_at_the_first_step(monkeypatch):
+    # It was read only at the first CPU step: construction passed and the first step raised, with foreach=False
+    # never at all. A name that is no implementation is refused by FOAM(...) on any path.
+    monkeypatch.setenv(_fused_cpu.ISA_ENV, "avx-512")
+    for path in ({}, {"foreach": False}, {"fused": True}):
+        with pytest.raises(FoamConfigError, match="FOAM_CPU_ISA='avx-512' is not an implementation"):
+            FOAM([torch.zeros(4, 8, requires_grad=True)], **path)
 
 
 def test_an_isa_this_cpu_cannot_run_is_refused_at_every_fused_step(kernel):

@@ -375,4 +375,15 @@ def test_autoregister_on_makes_a_bare_trl_sft_accept_foam_and_off_restores_the_e
 
 def test_autoregister_refuses_a_missing_site_dir(tmp_path):
     result = sh(sys.executable, "-m", "foam_hf", "autoregister", "on", "--site-dir", tmp_path / "nope")
-    assert result.returncode != 0 and "is not a directory" in result.stderr and "Fix:" in result.stderr
+    assert result.returncode == 2 and "is not a directory" in result.stderr and "Fix:" in result.stderr
+    assert "Traceback" not in result.stderr  # one line, as the CLI's other refusals
+
+
+def test_autoregister_off_says_whether_it_removed_a_hook(tmp_path):
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    ok(sh(sys.executable, "-m", "foam_hf", "autoregister", "on", "--site-dir", site))
+    removed = ok(sh(sys.executable, "-m", "foam_hf", "autoregister", "off", "--site-dir", site)).stdout
+    assert "off (removed " in removed and "foam_hf-autoregister.pth" in removed and not list(site.iterdir())
+    again = ok(sh(sys.executable, "-m", "foam_hf", "autoregister", "off", "--site-dir", site)).stdout
+    assert f"off (no hook in {site})" in again

@@ -35,6 +35,17 @@ def _positive_int(example: str) -> Callable[[str], int]:
     return convert
 
 
+def _seed(text: str) -> int:
+    """A seed NumPy and torch both take: an int in [0, 2**32 - 1] (NumPy refuses others, after the corpus loads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer: a seed is an int in [0, 2**32 - 1]") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{value} is invalid: a seed is an int in [0, 2**32 - 1], e.g. 0")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -145,7 +156,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser
         help=f"one peak lr for both optimizers (default: per optimizer, AdamW {DEFAULT_LRS['adamw']:g}, "
         f"FOAM {DEFAULT_LRS['foam']:g}: each one's best of 3e-4..1e-2 at these settings, docs/benchmarks.md)",
     )
-    p.add_argument("--seed", type=int, default=d.seed, help=f"weights and batch order (default: {d.seed})")
+    p.add_argument("--seed", type=_seed, default=d.seed, help=f"weights and batch order (default: {d.seed})")
     p.add_argument("--device", type=_device, default=d.device, help="cpu, cuda, cuda:1, ... or auto (default: auto)")
     p.add_argument(
         "--batch-size",
@@ -288,10 +299,19 @@ def _add_autoregister(subparsers: argparse._SubParsersAction) -> argparse.Argume
 def _run_autoregister(args: argparse.Namespace) -> int:
     from ..launcher import autoregister, autoregister_status
 
-    if args.action == "status":
-        status = autoregister_status(args.site_dir)
-    else:
-        status = autoregister(args.action == "on", args.site_dir)
+    try:
+        if args.action == "status":
+            status = autoregister_status(args.site_dir)
+        else:
+            before = autoregister_status(args.site_dir)
+            status = autoregister(args.action == "on", args.site_dir)
+            if args.action == "off" and before.on:
+                removed = ", ".join(str(p) for p in (before.pth, before.start) if p is not None)
+                print(f"foam-hf autoregister: off (removed {removed})")
+                return 0
+    except FileNotFoundError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
     print(status.describe())
     return 0
 

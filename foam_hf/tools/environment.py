@@ -67,12 +67,19 @@ def collect() -> Environment:
     import torch
 
     from .. import _fused_cpu, _fused_triton
+    from ..errors import FoamConfigError
     from ..implementation import select_implementation
     from ..precision import state_dtype_for
     from .demo_training import cpu_name
 
-    kernel = _fused_cpu.load_kernel()
+    isa_error = None
+    try:
+        kernel = _fused_cpu.load_kernel()
+    except FoamConfigError as exc:  # FOAM_CPU_ISA names what this CPU cannot run: report it, as everything else
+        kernel, isa_error = None, str(exc)
     cpu_kernel: dict[str, Any] = {"built": kernel is not None, "error": _fused_cpu.kernel_build_error()}
+    if isa_error is not None:
+        cpu_kernel["refused"] = isa_error
     if kernel is not None:
         cpu_kernel |= {"isa": kernel.isa(), "isas": list(kernel.available_isas()), "openmp": bool(kernel.openmp())}
 
@@ -89,7 +96,10 @@ def collect() -> Environment:
         for dtype in (torch.float32, torch.bfloat16):
             weight = torch.zeros(4, 8, dtype=dtype, device=device)
             moment = torch.zeros(4, 2, dtype=state_dtype_for(weight), device=device)
-            path = select_implementation([weight], [moment], foreach=None, fused=None)
+            if device.type == "cpu" and isa_error is not None:
+                path = "refused (FOAM_CPU_ISA, see above)"  # a CPU step raises the same error
+            else:
+                path = select_implementation([weight], [moment], foreach=None, fused=None)
             default_paths[f"{device}, {str(dtype).removeprefix('torch.')} parameters"] = path
     return Environment(
         python=platform.python_version(),
@@ -118,6 +128,8 @@ def describe(env: Environment) -> str:
             f"Fused CPU kernel: built; runs {kernel['isa']} (this CPU can run: {', '.join(kernel['isas'])}; "
             f"FOAM_CPU_ISA picks another), OpenMP {'on' if kernel['openmp'] else 'off'}"
         )
+    elif kernel.get("refused"):
+        lines.append(f"Fused CPU kernel: {kernel['refused']}")
     else:
         lines.append(f"Fused CPU kernel: not built ({kernel['error']}); CPU parameters take the for-loop path")
     if not env.cuda_devices:
@@ -128,7 +140,7 @@ def describe(env: Environment) -> str:
         lines.append(f"cuda:{device['index']}: {device['name']}; Triton kernels' self-check {check}")
     lines.append('Default path (fused=None, as optim="foam" builds FOAM):')
     for where, path in env.default_paths.items():
-        name = IMPLEMENTATION_NAMES[path]
+        name = IMPLEMENTATION_NAMES.get(path, path)
         if path == "fused_cpu":
             name += f" ({kernel['isa']})"
         lines.append(f"  {where}: {name}")
