@@ -59,6 +59,11 @@ class LayerwiseFOAM(FOAM):
     """
 
     def __init__(self, params: ParamsT, *, should_step: Callable[[], bool] | None = None, **kwargs: Any) -> None:
+        if should_step is not None and not callable(should_step):  # else a TypeError from inside backward()
+            raise TypeError(
+                f"LayerwiseFOAM: should_step={should_step!r} must be a function of no arguments that returns whether "
+                "to step now (asked in every gradient hook). Fix: pass e.g. should_step=lambda: True, or None."
+            )
         super().__init__(params, **kwargs)
         self._should_step = should_step if should_step is not None else (lambda: True)
         # Group *indices*, not dicts: load_state_dict replaces the group dicts (and schedulers edit those).

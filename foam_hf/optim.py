@@ -22,7 +22,7 @@ from torch.nn.parameter import is_lazy
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from . import _fused_cpu
-from .checkpoint import check_loadable, restore_moments
+from .checkpoint import UPDATE_KEYS, check_loadable, restore_moments
 from .distributed import check_sharding, local_tensor, zeros_state_like
 from .errors import FoamConfigError
 from .folding import folded_shape, folds_in_full, is_foldable
@@ -441,15 +441,22 @@ class FOAM(Optimizer):
                 if result is not None:
                     state_dict = result
         id_to_param = check_loadable(self.param_groups, state_dict, state_shape=self._state_shape)
-        # The state dtype is a storage choice, not the run's: the one this optimizer was built with stays.
+        # The state dtype is a storage choice, not the run's: the one this optimizer was built with stays. So do
+        # FOAM's update options a saved group lacks (a state from before they existed, or edited by hand): torch
+        # would fill them from the defaults (__setstate__), dropping the built values without a word.
         built_state_dtypes = [group["state_dtype"] for group in self.param_groups]
+        built_missing = [
+            {key: group[key] for key in UPDATE_KEYS if key not in saved}
+            for group, saved in zip(self.param_groups, state_dict["param_groups"])
+        ]
         # torch then loads it without the pre-hooks (they ran) and without the post-hooks, which must see the
         # moments restored in FOAM's own dtypes: they run last.
         held = ("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
         with self._hooks_set_aside(*held) as (_, post_hooks):
             super().load_state_dict(state_dict)
-        for group, state_dtype in zip(self.param_groups, built_state_dtypes):
+        for group, state_dtype, missing in zip(self.param_groups, built_state_dtypes, built_missing):
             group["state_dtype"] = state_dtype
+            group.update(missing)
         converted = restore_moments(self, state_dict["state"], id_to_param)
         if converted:
             warnings.warn(

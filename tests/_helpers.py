@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from foam_hf import FOAM, FoamConfig, FoamConfigError, _chunking, _fused_cpu
+from foam_hf import FOAM, FoamConfig, FoamConfigError, LayerwiseFOAM, _chunking, _fused_cpu
 from foam_hf import functional as _functional_module
 from foam_hf.functional import _multi_tensor_foam, _single_tensor_foam
 from foam_hf.precision import store_moment as _store_moment
@@ -469,6 +469,12 @@ PARAM_ERROR_INPUTS = [
         lambda: FOAM([{"params": [leaf(2, 4)], "rho": 0.5}]),
         FoamConfigError,
         ["['rho']", "not FOAM options", "Valid options", "Fix: 'rho': use res_scale"],
+    ),
+    (
+        "LayerwiseFOAM should_step that is not a function",
+        lambda: LayerwiseFOAM([leaf(2, 4)], should_step=True),
+        TypeError,
+        ["should_step=True must be a function of no arguments", "Fix: pass e.g. should_step=lambda: True"],
     ),
     (
         "misspelt group key within a typo of an option",

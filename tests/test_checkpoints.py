@@ -378,3 +378,17 @@ def test_numpy_numbers_as_options_are_saved_as_python_numbers_and_load_with_weig
 
     sizes = FoamConfig(block_sizes={"q_proj": np.int64(8)}).block_sizes
     assert sizes == {"q_proj": 8} and type(sizes["q_proj"]) is int
+
+
+def test_a_saved_group_without_scale_or_res_scale_keeps_the_values_foam_was_built_with():
+    # A state from before these options existed (or edited by hand) has no value to compare: torch's load then
+    # filled them from the defaults, silently turning scale=0.5, res_scale=0 into 1.0 and 1.0.
+    params = make_params(((6, 8), (7,)))
+    saver = FOAM(params, block_size=4, scale=0.5, res_scale=0.0)
+    step(saver, params, 0)
+    state = saver.state_dict()
+    for group in state["param_groups"]:
+        del group["scale"], group["res_scale"]
+    loader = FOAM(clone_params(params), block_size=4, scale=0.5, res_scale=0.0)
+    loader.load_state_dict(state)
+    assert [(g["scale"], g["res_scale"]) for g in loader.param_groups] == [(0.5, 0.0)]
