@@ -15,6 +15,7 @@ from numbers import Real
 from typing import Any
 
 import torch
+from torch.nn.parameter import is_lazy
 
 from .errors import FoamStateError
 from .folding import folded_shape, is_foldable
@@ -125,6 +126,8 @@ def check_loadable(
         shapes = saved.get("param_shapes")
         if shapes is not None:
             for position, (shape, p) in enumerate(zip(shapes, group["params"])):
+                if shape is None or is_lazy(p):  # saved or loaded before the parameter had a shape
+                    continue
                 if tuple(shape) != tuple(p.shape):
                     raise FoamStateError(
                         f"FOAM.load_state_dict: parameter {position} of param group {index} was saved with "

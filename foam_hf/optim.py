@@ -415,7 +415,8 @@ class FOAM(Optimizer):
         with self._hooks_set_aside("_optimizer_state_dict_post_hooks") as (hooks,):
             state = super().state_dict()
         for saved, group in zip(state["param_groups"], self.param_groups):
-            saved["param_shapes"] = [list(p.shape) for p in group["params"]]
+            # None for a lazy parameter (nn.LazyLinear before its first forward): it has no shape yet
+            saved["param_shapes"] = [None if is_lazy(p) else list(p.shape) for p in group["params"]]
         for post_hook in hooks.values():
             result = post_hook(self, state)
             if result is not None:

@@ -392,3 +392,19 @@ def test_a_saved_group_without_scale_or_res_scale_keeps_the_values_foam_was_buil
     loader = FOAM(clone_params(params), block_size=4, scale=0.5, res_scale=0.0)
     loader.load_state_dict(state)
     assert [(g["scale"], g["res_scale"]) for g in loader.param_groups] == [(0.5, 0.0)]
+
+
+def test_a_state_of_lazy_parameters_saves_and_loads_as_torch_adamws_does():
+    # nn.LazyLinear's parameters have no shape before the first forward: state_dict() raised on them.
+    def lazy_optimizer():
+        model = torch.nn.LazyLinear(8)
+        return model, FOAM(model.parameters(), block_size=4)
+
+    model, saver = lazy_optimizer()
+    state = saver.state_dict()
+    assert state["param_groups"][0]["param_shapes"] == [None, None] and not state["state"]
+    twin, loader = lazy_optimizer()
+    loader.load_state_dict(state)
+    twin(torch.randn(2, 16)).sum().backward()  # materialised (8, 16): now it steps and saves its shape
+    loader.step()
+    assert loader.state_dict()["param_groups"][0]["param_shapes"] == [[8, 16], [8]]
