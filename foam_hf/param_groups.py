@@ -48,7 +48,7 @@ from .config import FoamConfig, _looks_like_regex
 from .errors import FoamConfigError, NoMatchingModuleError
 from .folding import folds_in_full
 
-__all__ = ["BlockSizePlan", "build_param_groups", "resolve_block_sizes"]
+__all__ = ["BlockSizePlan", "build_param_groups", "foam_param_groups", "resolve_block_sizes"]
 
 
 @dataclass(frozen=True)
@@ -414,3 +414,31 @@ def build_param_groups(
         }
         for (block_size, decays), named in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))
     ]
+
+
+def foam_param_groups(
+    model: nn.Module, optim_args: str | FoamConfig | dict | None = None, *, weight_decay: float = 0.0
+) -> list[dict]:
+    """The param groups ``optim="foam"`` builds for ``model``, for a plain PyTorch loop: ``FOAM(foam_param_groups(
+    model, "block_size=4"), lr=...)`` folds what the Trainer would (linear layers, not the embeddings or the output
+    head, unless ``optim_args`` says otherwise) with transformers' weight-decay rule (none on biases and norm
+    weights) at ``weight_decay``. ``optim_args`` takes every form ``TrainingArguments.optim_args`` takes; its
+    ``scale``, ``res_scale``, ``second_moment`` and ``state_dtype`` go into every group.
+    (``FOAM(model.parameters())`` instead folds every tensor of two or more dimensions, embeddings included.)
+    """
+    from .integration._seam import decay_parameter_names
+
+    config = FoamConfig.from_optim_args(optim_args)
+    groups = build_param_groups(
+        model,
+        resolve_block_sizes(model, config),
+        weight_decay=weight_decay,
+        decay_parameter_names=decay_parameter_names(model),
+    )
+    options = dict(
+        scale=config.scale,
+        res_scale=config.res_scale,
+        second_moment=config.second_moment,
+        state_dtype=config.state_dtype,
+    )
+    return [{**group, **options} for group in groups]

@@ -233,6 +233,28 @@ def test_a_yaml_mapping_or_a_foamconfig_as_optim_args_builds_what_the_string_bui
     assert _optimizer_options(from_config) == expected
 
 
+def test_foam_param_groups_are_the_groups_optim_foam_builds(tmp_path):
+    # A plain loop gets the Trainer's folding (not FOAM(model.parameters()), which folds the embeddings too).
+    from foam_hf import foam_param_groups
+
+    optim_args = "block_size=8,block_sizes=q_proj:4,res_scale=0.5,state_dtype=bfloat16"
+    trainer = Trainer(
+        model=tiny_llama(),
+        args=make_args(tmp_path, optim_args=optim_args, weight_decay=0.1),
+        train_dataset=lm_dataset(),
+    )
+    trainer.create_optimizer()
+    model = tiny_llama()
+    plain = FOAM(foam_param_groups(model, optim_args, weight_decay=0.1), lr=1e-3)
+    keys = ("param_names", "block_size", "weight_decay", "res_scale", "state_dtype", "scale", "second_moment")
+    assert [{k: g[k] for k in keys} for g in plain.param_groups] == [
+        {k: g[k] for k in keys} for g in trainer.optimizer.param_groups
+    ]
+    sizes = {name: g["block_size"] for g in plain.param_groups for name in g["param_names"]}
+    assert sizes["model.embed_tokens.weight"] == 1 and sizes["lm_head.weight"] == 1  # the paper's choice
+    assert sizes["model.layers.0.self_attn.q_proj.weight"] == 4 and sizes["model.layers.0.mlp.up_proj.weight"] == 8
+
+
 def test_a_null_in_a_yaml_mapping_leaves_its_key_at_the_default(tmp_path):
     # YAML's null for a key reads as "not set", as FoamConfig(target_modules=None) does; before, it became the
     # module name 'None' and failed at train() (target_modules) or as "not an integer" (block_size).
