@@ -278,3 +278,15 @@ def test_bench_step_steps_weights_with_trailing_dimensions(tmp_path):
     records = {r["name"]: r for r in json.loads((tmp_path / "step.json").read_text())["rows"]}
     assert records["FOAM fused B=8"]["state_bytes"] == foam_state_bytes_from_shapes(shapes, 8)
     assert "peers: not run with --model or --trailing" in out
+
+
+def test_bench_triton_host_times_the_launchers_python_over_every_parameter(tmp_path):
+    # Times are not asserted: that every parameter of the model went through one call, in fewer launches than
+    # tensors (shared launches), at least one per tensor of 2**20 entries or more (launches of their own).
+    from foam_hf.tools.memory_report import build_meta_model, load_config
+
+    shapes = [tuple(p.shape) for p in build_meta_model(load_config("llama-60m")[0]).parameters()]
+    out = run("bench_triton_host.py", "--model", "llama-60m", "--reps", "2", cwd=tmp_path)
+    ((tensors, launches, *_),) = table(out)
+    assert int(tensors) == len(shapes)
+    assert sum(math.prod(s) >= 2**20 for s in shapes) <= int(launches) < len(shapes)

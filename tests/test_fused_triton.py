@@ -10,6 +10,7 @@ sets it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 
@@ -744,3 +745,46 @@ def test_torch_compile_runs_the_triton_launcher_eagerly():
     expected = run(eager)
     actual = run(torch.compile(eager, backend="eager"))
     assert all(torch.equal(bits(a), bits(e)) for a, e in zip(actual, expected))
+
+
+def test_the_fast_launch_check_never_passes_what_the_full_check_refuses():
+    # _launchable answers the common case before the full check (_tensor_problem); it may be stricter, never
+    # looser: a tensor it passes that the rules refuse would be stepped out of bounds. Every combination of one
+    # fault below, for folded and unfolded tensors and a block size above the kernels' widest.
+    param_shapes = [(4, 16), (12,), (3, 5, 8)]
+    faults = {
+        "none": {},
+        "fp64 param": dict(param_dtype=torch.float64),
+        "fp16 moments": dict(moment_dtype=torch.float16),
+        "mixed moment dtypes": dict(moment_sq_dtype=torch.bfloat16),
+        "transposed param": dict(transpose="param"),
+        "transposed moment": dict(transpose="moment"),
+        "strided gradient": dict(transpose="grad"),
+        "sparse gradient": dict(sparse_grad=True),
+        "gradient of another shape": dict(grad_shape=True),
+        "moment on meta": dict(moment_device="meta"),
+        "moments for another block size": dict(moment_block=8),
+        "two-entry step": dict(step_shape=(2,)),
+    }
+    for shape, block_size, (name, fault) in itertools.product(param_shapes, [1, 4, 2**17], faults.items()):
+        param = torch.randn(shape).to(fault.get("param_dtype", torch.float32))
+        moment_block = fault.get("moment_block", block_size)
+        folded = is_foldable(param, moment_block)
+        moment_shape = tuple(folded_shape(param.shape, moment_block)) if folded else tuple(param.shape)
+        m = torch.zeros(moment_shape, dtype=fault.get("moment_dtype", torch.float32), device=fault.get("moment_device"))
+        v = torch.zeros(moment_shape, dtype=fault.get("moment_sq_dtype", m.dtype))
+        grad = torch.ones_like(param) if not fault.get("grad_shape") else torch.ones(param.numel() + 1)
+        transpose = fault.get("transpose")
+        if transpose and len(shape) == 2:
+            param = param.t().contiguous().t() if transpose == "param" else param
+            m = m.t().contiguous().t() if transpose == "moment" and m.dim() == 2 else m
+            grad = grad.t().contiguous().t() if transpose == "grad" else grad
+        if fault.get("sparse_grad"):
+            grad = grad.to_sparse()
+        step = torch.zeros(fault.get("step_shape", ()))
+        lists = ([param], [grad], [m], [v], [step])
+        refused = fused_triton._tensor_problem(param, grad, m, v, step, block_size) is not None
+        if fused_triton._launchable(*lists, block_size):
+            assert not refused, (shape, block_size, name)
+        if name == "none" and block_size <= fused_triton.MAX_BLOCK_WIDTH:
+            assert fused_triton._launchable(*lists, block_size), (shape, block_size)  # the common case: fast
