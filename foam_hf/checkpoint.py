@@ -168,45 +168,82 @@ def check_loadable(
     return id_to_param
 
 
-def _named_positions(groups: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
-    """Where each named parameter sits: its name -> (group index, position), for the groups that name every
-    parameter they hold (torch's ``param_names``; a ZeRO partition that flattened a group's tensors does not)."""
-    where: dict[str, tuple[int, int]] = {}
+def _named_positions(groups: list[dict[str, Any]]) -> dict[str, tuple[int, int | None]]:
+    """Where each named parameter sits: its name -> (group index, position) from torch's ``param_names``. In a group
+    whose tensors a ZeRO partition flattened (more names than tensors) a name's position is ``None``: somewhere in
+    that group, in the order of its names (DeepSpeed concatenates the group's tensors in that order)."""
+    where: dict[str, tuple[int, int | None]] = {}
     for index, group in enumerate(groups):
         names = group.get("param_names") if isinstance(group, dict) else None
-        if isinstance(names, list) and len(names) == len(group.get("params", ())):
-            for position, name in enumerate(names):
-                where.setdefault(name, (index, position))
+        if not isinstance(names, list):
+            continue
+        whole = len(names) == len(group.get("params", ()))
+        for position, name in enumerate(names):
+            where.setdefault(name, (index, position if whole else None))
     return where
 
 
 def _check_names(saved_groups: list[dict[str, Any]], param_groups: list[dict[str, Any]]) -> None:
     """Refuse a state whose parameters sit elsewhere here than when it was saved.
 
-    torch loads a state by position: the i-th saved parameter's moments go to the i-th parameter here. Where both
-    sides name their parameters (FOAM built by name saves ``param_names``), a saved name found here at another
-    position means its moments would load onto another parameter, even where every shape agrees: one layer's
-    ``block_sizes`` override moved to a layer of the same shape, say. A saved name not found here at all (a
-    renamed module) says nothing of the order, and loads by position as torch does."""
+    torch loads a state by position: the i-th saved parameter's moments go to the i-th parameter here (and DeepSpeed
+    restores the master weights of a ZeRO partition by group). Where both sides name their parameters (FOAM built
+    by name saves ``param_names``) the names say whether that is right:
+
+    * a saved name found here in another group, or at another position of its group, would load onto another
+      parameter, even where every shape agrees (one layer's ``block_sizes`` override moved to a layer of the same
+      shape, say): refused;
+    * where the two sides share names at all, a position whose names differ is refused too (``l0.weight`` saved
+      where ``l1.weight`` is now): one model, other parameters;
+    * a group flattened into a ZeRO partition on both sides must hold the same names in the same order;
+    * names of which none is found here (a renamed model) say nothing of the order: the state loads by position,
+      as torch loads it.
+    """
     here = _named_positions(param_groups)
-    for name, (index, position) in _named_positions(saved_groups).items():
+    saved = _named_positions(saved_groups)
+    if not here or not saved or here.keys().isdisjoint(saved):
+        return
+
+    def name_at(groups: list[dict[str, Any]], index: int, position: int | None) -> str:
+        names = groups[index].get("param_names") if index < len(groups) else None
+        if position is not None and isinstance(names, list) and position < len(names):
+            return repr(names[position])
+        return f"param group {index}" + ("" if position is None else f", parameter {position}")
+
+    def refuse(name: str, at: tuple[int, int | None], onto: str, why: str) -> FoamStateError:
+        return FoamStateError(
+            f"FOAM.load_state_dict: the saved state of {name!r} (param group {at[0]}, block_size="
+            f"{saved_groups[at[0]]['block_size']}) would load onto {onto}: {why}. The run that saved it grouped or "
+            "chose the parameters differently (other block_size, block_sizes or target_modules, or another model). "
+            "Fix: resume with that run's optim_args (its training_args.bin holds them) and model, or build the "
+            "optimizer with the same groups."
+        )
+
+    for name, (index, position) in saved.items():
         found = here.get(name)
-        if found is None or found == (index, position):
+        if found is None:
+            onto = name_at(param_groups, index, position)
+            if position is not None and onto.startswith("'"):  # a named parameter sits there here: another one
+                raise refuse(name, (index, position), onto, f"{name!r} is not among this optimizer's parameters")
             continue
-        names_here = param_groups[index].get("param_names") if index < len(param_groups) else None
-        onto = (
-            repr(names_here[position])
-            if isinstance(names_here, list) and position < len(names_here)
-            else f"parameter {position} of param group {index}"
-        )
-        raise FoamStateError(
-            f"FOAM.load_state_dict: the saved state of {name!r} (param group {index}, block_size="
-            f"{saved_groups[index]['block_size']}) would load onto {onto}: here {name!r} is parameter {found[1]} of "
-            f"param group {found[0]} (block_size={param_groups[found[0]]['block_size']}). The run that saved it "
-            "grouped the parameters differently (other block_size, block_sizes or target_modules). Fix: resume "
-            "with that run's optim_args (its training_args.bin holds them), or build the optimizer with the same "
-            "groups."
-        )
+        if found[0] != index or (position is not None and found[1] is not None and found[1] != position):
+            where_here = (
+                f"parameter {found[1]} of param group {found[0]}"
+                if found[1] is not None
+                else (f"in param group {found[0]}")
+            )
+            why = f"here {name!r} is {where_here} (block_size={param_groups[found[0]]['block_size']})"
+            raise refuse(name, (index, position), name_at(param_groups, index, position), why)
+    for index, (saved_group, group) in enumerate(zip(saved_groups, param_groups)):
+        saved_names, names = saved_group.get("param_names"), group.get("param_names")
+        flattened = isinstance(names, list) and len(names) != len(group.get("params", ()))
+        if flattened and isinstance(saved_names, list) and saved_names != names:
+            raise FoamStateError(
+                f"FOAM.load_state_dict: param group {index} is a flattened ZeRO partition whose tensors were saved in "
+                f"the order {saved_names} and are {names} here; its moments and master weights are restored as "
+                "one flat tensor, so they would land on other parameters. Fix: resume with the saving run's "
+                "optim_args and model."
+            )
 
 
 def restore_moments(optimizer: torch.optim.Optimizer, saved_state: dict[Any, Any], id_to_param: ParamIndex) -> int:

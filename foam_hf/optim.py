@@ -296,6 +296,9 @@ class FOAM(Optimizer):
             local_param = local_tensor(p)
             state = self.state[p]
             if len(state) == 0:
+                # Checked when the group was added, and here again: FSDP2's DTensors may be swapped into the groups
+                # after construction (accelerate does), with a placement that splits the folded dimension.
+                check_sharding(p, block_size)
                 dtype = state_dtype_for(p, group["state_dtype"])
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 if is_foldable(p, block_size):
@@ -450,14 +453,20 @@ class FOAM(Optimizer):
             {key: group[key] for key in UPDATE_KEYS if key not in saved}
             for group, saved in zip(self.param_groups, state_dict["param_groups"])
         ]
+        # The names of the parameters this optimizer holds stay too: torch would put the saved ones over them (a
+        # renamed model loads by position), and later checkpoints and errors would name other tensors.
+        built_names = [{"param_names": g["param_names"]} if "param_names" in g else {} for g in self.param_groups]
         # torch then loads it without the pre-hooks (they ran) and without the post-hooks, which must see the
         # moments restored in FOAM's own dtypes: they run last.
         held = ("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
         with self._hooks_set_aside(*held) as (_, post_hooks):
             super().load_state_dict(state_dict)
-        for group, state_dtype, missing in zip(self.param_groups, built_state_dtypes, built_missing):
+        for group, state_dtype, missing, names in zip(
+            self.param_groups, built_state_dtypes, built_missing, built_names
+        ):
             group["state_dtype"] = state_dtype
             group.update(missing)
+            group.update(names)
         converted = restore_moments(self, state_dict["state"], id_to_param)
         if converted:
             warnings.warn(

@@ -280,6 +280,34 @@ def test_names_that_are_all_new_load_by_position_as_torch_does():
     loader.load_state_dict(state)
     for p, q in zip(params, twins):
         assert torch.equal(loader.state[q]["exp_avg"], saver.state[p]["exp_avg"])
+    # and the optimizer keeps naming its own parameters (torch's load would put the saved names over them)
+    assert loader.param_groups[0]["param_names"] == ["a.weight", "b.weight", "a.bias"]
+
+
+def test_a_parameter_replaced_by_another_where_other_names_match_is_refused():
+    # One model shares 'a.bias' with the saved state, but where 'a.weight' was saved 'b.weight' sits now: not a
+    # renamed model (its names would all be new), another parameter, whose moments those are not.
+    saver, params = _named_foam(["a.weight", "a.bias"])
+    step(saver, params, 0)
+    loader, _ = _named_foam(["b.weight", "a.bias"])
+    with pytest.raises(FoamStateError, match=r"saved state of 'a.weight' .* would load onto 'b.weight': 'a.weight' "):
+        loader.load_state_dict(saver.state_dict())
+
+
+def test_a_flattened_zero_group_is_checked_by_its_names():
+    # Under ZeRO a group's tensors become one flat partition (more names than tensors): a name that moved into or
+    # out of it, or another order of its names, would restore moments and master weights onto other parameters.
+    def flat_foam(names):
+        flat = torch.nn.Parameter(torch.zeros(24))
+        return FOAM([{"params": [flat], "param_names": list(names)}], **HPARAMS), [flat]
+
+    saver, flat = flat_foam(["x.weight", "y.weight"])
+    step(saver, flat, 0)
+    same, _ = flat_foam(["x.weight", "y.weight"])
+    same.load_state_dict(saver.state_dict())  # the same partition: loads
+    swapped, _ = flat_foam(["y.weight", "x.weight"])
+    with pytest.raises(FoamStateError, match=r"flattened ZeRO partition .* order \['x.weight', 'y.weight'\]"):
+        swapped.load_state_dict(saver.state_dict())
 
 
 # ---------------------------------------------------------------------------- Trainer: LoRA resume, damaged file
