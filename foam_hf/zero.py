@@ -19,8 +19,9 @@ and blocks, aligned to the tensor's own column index:
   the partition (a leading partial row, the whole rows, a trailing partial row), with the moments as views
   of one flat local buffer: the same arithmetic as on one process, fused CPU kernel included;
 * a block cut by a partition boundary (at most one per boundary) needs the sums of all its entries: each
-  rank adds up its part (:math:`\sum g` and :math:`\sum g^2`), one all-reduce per optimizer step carries
-  the partial sums of every cut block of every group, and every rank that touches the block updates its
+  rank adds up its part (:math:`\sum g` and :math:`\sum g^2`), one all-reduce per call of ``step()`` carries
+  the partial sums of every cut block of every group it steps (ZeRO-1/2 calls ``step()`` once per param group,
+  so there it is one all-reduce per folded tensor per optimizer step), and every rank that touches the block updates its
   own copy of that block's moments from the full sums. Those copies stay equal, since they start at zero
   and see the same sums, so each rank applies exactly the one-process update to its entries.
 
@@ -67,7 +68,8 @@ class ZeroFOAM(FOAM):
     its shape recorded under ``"full_shape"``); tensors that do not fold stay together. Without ZeRO (or
     under ZeRO stage 0) the groups hold the real tensors and the step is :class:`~foam_hf.FOAM`'s. When a
     group holds a flat partition instead, the step folds that partition's rows and blocks as one-process FOAM
-    folds the whole tensor, with one all-reduce per step for the blocks that partition boundaries cut.
+    folds the whole tensor, with one all-reduce per call of ``step()`` for the blocks that partition boundaries cut
+    (ZeRO-1/2 calls it once per group).
 
     Args:
         params, lr, betas, eps, weight_decay, block_size, scale, res_scale, second_moment, foreach, fused,
@@ -133,7 +135,10 @@ class ZeroFOAM(FOAM):
         for i in folded:
             super().add_param_group(subgroup([i], **{FULL_SHAPE_KEY: list(_shape_of(tensors[i]))}))
         rest = [i for i in range(len(params)) if i not in set(folded)]
-        if rest or not folded:
+        # A shared group of only frozen tensors would be left empty by ZeRO 1/2 too: they never get state, so such
+        # a group is not made (its tensors are not the optimizer's, as ZeRO 1/2 leaves them out of its own groups).
+        trained_rest = any(isinstance(tensors[i], torch.Tensor) and tensors[i].requires_grad for i in rest)
+        if trained_rest or not folded:
             super().add_param_group(subgroup(rest))
 
     # ------------------------------------------------------------------ step
@@ -179,7 +184,7 @@ class ZeroFOAM(FOAM):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform a single optimization step (one all-reduce of cut-block sums when groups hold partitions).
+        """Perform a single optimization step (one all-reduce of cut-block sums per call, when groups hold partitions).
 
         Args:
             closure: a closure that re-evaluates the model and returns the loss (optional).

@@ -194,11 +194,13 @@ def test_zero_redundancy_optimizer_with_foam_matches_one_process(tmp_path):
     assert held == {(70, 35): (70, 5), (70,): (70,), (36, 70): (36, 9), (36,): (36,)}
 
 
+@pytest.mark.parametrize("frozen", ["weight", "layer"])
 @pytest.mark.parametrize("stage", [1, 2])
-def test_hand_built_zerofoam_with_a_frozen_weight_trains_as_one_process(stage, tmp_path):
+def test_hand_built_zerofoam_with_frozen_parameters_trains_as_one_process(stage, frozen, tmp_path):
     # ZeRO 1/2 drops frozen parameters from its groups; a frozen weight that would fold once had a group of its
-    # own, left empty, and DeepSpeed failed at initialisation.
-    result = launch(torchrun(2), tmp_path, "--stage", str(stage), worker=str(DIST_WORKERS / "deepspeed_frozen.py"))
+    # own, left empty, and DeepSpeed failed at initialisation; so did a shared group of only frozen tensors.
+    worker = str(DIST_WORKERS / "deepspeed_frozen.py")
+    result = launch(torchrun(2), tmp_path, "--stage", str(stage), "--frozen", frozen, worker=worker)
     for name, want in result["reference"].items():
         torch.testing.assert_close(result["zero"][name], want, atol=TOLERANCE, rtol=0, msg=name)
     assert torch.equal(result["zero"]["0.weight"], result["reference"]["0.weight"])  # frozen: untouched

@@ -315,6 +315,19 @@ def test_frozen_tensors_that_would_fold_share_the_unfolded_group():
     assert optimizer.state_memory().folded_params == 1
 
 
+def test_no_shared_group_of_only_frozen_tensors():
+    # With every unfolded tensor frozen (a frozen layer beside a bias-free trained one), the shared group would hold
+    # only frozen tensors: ZeRO-1/2 dropped them and failed on the empty group (tests/test_deepspeed_zero.py).
+    frozen_weight, frozen_bias = torch.nn.Parameter(torch.randn(6, 10)), torch.nn.Parameter(torch.randn(6))
+    for p in (frozen_weight, frozen_bias):
+        p.requires_grad_(False)
+    trained = torch.nn.Parameter(torch.randn(6, 10))
+    optimizer = ZeroFOAM([frozen_weight, frozen_bias, trained], block_size=4)
+    assert [[id(p) for p in group["params"]] for group in optimizer.param_groups] == [[id(trained)]]
+    only_frozen = ZeroFOAM([frozen_bias], block_size=4)  # nothing folds: the one group stays, as torch keeps it
+    assert [[id(p) for p in group["params"]] for group in only_frozen.param_groups] == [[id(frozen_bias)]]
+
+
 def test_a_state_of_the_other_layout_is_refused_naming_both():
     # ZeroFOAM gives every folded tensor a group of its own: a FOAM state does not load into it, nor the reverse,
     # and the error says so rather than blaming block sizes.

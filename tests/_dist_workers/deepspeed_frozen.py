@@ -3,7 +3,8 @@ base), next to one-process FOAM on the same gradients.
 
 Launched by tests/test_deepspeed_zero.py (pytest never collects it: no ``test_`` prefix):
 
-    torchrun --standalone --nproc_per_node=2 tests/_dist_workers/deepspeed_frozen.py --stage 1 --out DIR
+    torchrun --standalone --nproc_per_node=2 tests/_dist_workers/deepspeed_frozen.py --stage 1 --out DIR \
+        [--frozen layer]
 
 Every rank sees the same batch, so the averaged gradient is one process's. Rank 0 writes ``DIR/result.pt``: the
 weights after three steps under ZeRO and those of the one-process reference.
@@ -23,10 +24,16 @@ torch.set_num_threads(1)  # 2 ranks share 2 cores
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: hf_fixtures
 
 
-def build() -> torch.nn.Sequential:
+def build(frozen: str) -> torch.nn.Sequential:
+    """``frozen="weight"``: the first weight frozen (it folds if trained: under ZeRO 1/2 it once left a group of its
+    own empty). ``"layer"``: the whole first layer frozen and the trained layer without bias, so ZeroFOAM's shared
+    group of unfolded tensors holds only frozen ones (once left empty too)."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 18), torch.nn.Tanh(), torch.nn.Linear(18, 5))
-    model[0].weight.requires_grad_(False)  # folds if trained: under ZeRO 1/2 it once left a group empty
+    bias = frozen != "layer"
+    model = torch.nn.Sequential(torch.nn.Linear(16, 18), torch.nn.Tanh(), torch.nn.Linear(18, 5, bias=bias))
+    frozen_parameters = [model[0].weight] if frozen == "weight" else list(model[0].parameters())
+    for p in frozen_parameters:
+        p.requires_grad_(False)
     return model
 
 
@@ -39,9 +46,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--stage", type=int, required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--frozen", choices=["weight", "layer"], default="weight")
     args = parser.parse_args()
     options = dict(lr=1e-2, weight_decay=0.1, block_size=4)
-    model, reference = build(), build()
+    model, reference = build(args.frozen), build(args.frozen)
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=ZeroFOAM(model.parameters(), **options),
