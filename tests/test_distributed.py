@@ -148,6 +148,16 @@ def fsdp2_worker(rank: int, tmp: str) -> None:
         except FoamConfigError as e:
             result["last_dim"] = str(e)
         FOAM([split], block_size=1)  # ... but fine without folding: plain AdamW is element-wise
+        # ... and when it comes in after the optimizer was built (accelerate swaps FSDP2's DTensors into the groups
+        # of an optimizer built before fully_shard): refused at the first step, before any state exists.
+        swapped = FOAM([torch.nn.Parameter(torch.randn(4, 8))], block_size=4)
+        swapped.param_groups[0]["params"] = [split]
+        split.grad = distribute_tensor(torch.ones(4, 8), mesh, [Shard(1)])
+        try:
+            swapped.step()
+            result["swapped_in"] = "stepped"
+        except FoamConfigError as e:
+            result["swapped_in"] = str(e) + f" (state: {sum(map(len, swapped.state.values()))})"
         torch.save(result, f"{tmp}/fsdp{rank}.pt")
         end_rank()  # tears the group down and leaves without finalization (see hf_fixtures.end_rank)
     finally:  # on failure only: end_rank does not return
@@ -179,6 +189,7 @@ def test_fsdp2_matches_one_process_and_resumes_exactly_through_dcp(tmp_path):
         assert result["resumed_steps"] == [float(STEPS)] * len(expected)
         assert "has shape (12, 10), but with block_size=4 FOAM keeps shape (12, 3)" in result["tampered"]
         assert "Shard(dim=1)" in result["last_dim"] and "splits its last dimension" in result["last_dim"]
+        assert "splits its last dimension" in result["swapped_in"] and result["swapped_in"].endswith("(state: 0)")
     # Moments are DTensors with the folded global shape; each rank holds the folded shape of its rows.
     rank0, rank1 = (r["state_shapes"] for r in results)
     assert rank0[0] == ((12, 10), (12, 3), (6, 3)) and rank1[0] == ((12, 10), (12, 3), (6, 3))
