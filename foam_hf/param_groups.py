@@ -425,6 +425,8 @@ def foam_param_groups(
     weights) at ``weight_decay``. ``optim_args`` takes every form ``TrainingArguments.optim_args`` takes; its
     ``scale``, ``res_scale``, ``second_moment`` and ``state_dtype`` go into every group.
     (``FOAM(model.parameters())`` instead folds every tensor of two or more dimensions, embeddings included.)
+    Each group carries torch's ``param_names``, which torch then asks of every group added later too:
+    ``optimizer.add_param_group({"params": [p], "param_names": ["name"]})``.
     """
     from .integration._seam import decay_parameter_names
 
