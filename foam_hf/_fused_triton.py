@@ -140,11 +140,14 @@ def _scratch_shapes(block_size: int) -> list[tuple[int, ...]]:
     entries (the aligned kernels), one whose rows end in a ragged block (odd rows: the unaligned kernels), and two
     1-D biases (the AdamW kernel), of 5 and 16 entries. Rows hold at least a block, so the tile is the one a
     group's large weights compile (``BP`` = the block size rounded up to a power of two); blocks wider than
-    :data:`MAX_BLOCK_WIDTH`, which the kernels never step, are checked on rows of one block as wide as they go."""
+    :data:`MAX_BLOCK_WIDTH`, which the kernels never step, are checked on rows of one block as wide as they go.
+    From ``block_size = 2`` on, a weight of rows narrower than a block (half of one) too: such rows compile a
+    narrower tile of their own (``BP`` = the row's width rounded up), which a group with such a tensor runs."""
     width = min(block_size, MAX_BLOCK_WIDTH)
     whole = width * 16 // math.gcd(width, 16)
     ragged = 2 * width + 1 if block_size <= MAX_BLOCK_WIDTH else MAX_BLOCK_WIDTH - 1
-    return [(4, whole), (3, ragged), (5,), (16,)]
+    narrow = [(2, max(1, width // 2))] if block_size >= 2 else []
+    return [(4, whole), (3, ragged), *narrow, (5,), (16,)]
 
 
 def _problem(device: torch.device, kind: CheckKind, shapes: list[tuple[int, ...]], steps: int, seed: int = 0):
@@ -241,8 +244,9 @@ def triton_ready(device: torch.device, kinds: Iterable[CheckKind] | None = None)
     :data:`DEFAULT_CHECK_KINDS`): checked once per device and kind.
 
     The check steps a small seeded problem of that kind (:func:`_scratch_shapes`: a weight of whole blocks, a
-    ragged one and two biases; two steps, with a launch per tensor and with shared launches) with the kernels and
-    with the readable path :func:`foam_hf.functional._single_tensor_foam` on the same device and inputs, and
+    ragged one, one of rows narrower than a block, and two biases; two steps, each from the same inputs, with a
+    launch per tensor and with shared launches) with the kernels and with the readable path
+    :func:`foam_hf.functional._single_tensor_foam` on the same device and inputs, and
     compares weights and moments within the tolerances of the tests. ``fused=None`` asks it of each group's kinds
     before choosing the Triton path, so a Triton or driver that cannot build these kernels, or that builds them
     wrong, costs one logged warning and the foreach path (same results, more memory traffic), never a failed or

@@ -457,6 +457,19 @@ def test_ready_check_launches_every_kernel_the_step_can(monkeypatch):
     assert launched == {("_launch_folded",), ("_launch_unfolded",)} | shared
 
 
+def nudge_rows_narrower_than_a_block(params, exp_avgs, exp_avg_sqs):
+    for p in params:
+        if p.dim() == 2 and p.shape[0] == 2:  # the scratch weight of rows narrower than a block
+            p.view(-1)[0] += 1e-3
+
+
+def test_ready_check_catches_kernels_wrong_only_on_rows_narrower_than_a_block(monkeypatch):
+    # Rows of n < B compile a narrower tile than the group's other weights: a miscompile of that tile alone must
+    # keep fused=None off the Triton path as any other would.
+    perturbed_kernels(monkeypatch, nudge_rows_narrower_than_a_block)
+    assert not fused_triton.triton_ready(torch.device("cpu"), [fused_triton.DEFAULT_CHECK_KINDS[0]])
+
+
 def bf16_moments_of_fp32_weights_off(params, exp_avgs, exp_avg_sqs):
     if params[0].dtype == torch.float32:
         scale_bf16_moments(params, exp_avgs, exp_avg_sqs)  # wrong only for this pairing: its own compiled kernels
@@ -484,9 +497,15 @@ def test_ready_check_steps_the_tile_of_the_groups_large_weights(block_size):
     # The folded kernels compile per block size and tile width (min(B, n) rounded up to a power of two): the
     # scratch weights have rows of at least a block, so the check compiles what a group's large weights run, one
     # with whole blocks and rows a multiple of 16 (the aligned kernels) and one with a ragged last block.
-    whole, ragged, *biases = fused_triton._scratch_shapes(block_size)
+    whole, ragged, *narrow, bias, other_bias = fused_triton._scratch_shapes(block_size)
     width = min(block_size, fused_triton.MAX_BLOCK_WIDTH)
-    assert [len(s) for s in biases] == [1, 1]
+    assert len(bias) == len(other_bias) == 1
+    if block_size >= 2:  # and rows narrower than a block: the narrower tile a group with such tensors compiles
+        ((rows, n),) = narrow
+        weight = torch.empty(rows, n, device="meta")
+        assert n < block_size and fused_triton._padded_width(weight, block_size) < 1 << (width - 1).bit_length()
+    else:
+        assert narrow == []
     for rows, n in (whole, ragged):
         weight = torch.empty(rows, n, device="meta")
         assert fused_triton.block_width(weight, block_size) <= fused_triton.MAX_BLOCK_WIDTH
