@@ -90,6 +90,20 @@ MAX_BLOCK_WIDTH = 1 << 16
 #: they read, as in Triton's interpreter (where the tests run them), whatever Triton's default (which changes
 #: in 3.10).
 _LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+#: Warps of a folded launch whose tile holds ``_TILE`` entries or fewer: Triton's default. A block wider than a
+#: tile is a tile of its own, and at 4 warps its entries per thread, and registers, grow with it (compiled for
+#: sm_90: 127 registers at B=4096, 254 at B=8192, and 7.7 s to compile at B=65536); see :func:`_fold_warps`.
+_WARPS = 4
+
+
+def _fold_warps(constexprs: dict) -> int:
+    """The warps of a folded launch: 4 (Triton's default) for tiles of up to ``_TILE`` entries, and as many more as
+    keep the entries per thread those of a ``_TILE`` tile for wider ones, up to 32 (a CUDA block's 1024 threads):
+    B=4096 takes 8 (71 registers on sm_90), B=8192 16 (68), B=65536 32 (0.4 s to compile). Launches of their own
+    and shared ones take the same, so a tensor steps the same bits in either."""
+    return min(32, _WARPS * max(1, constexprs["KB"] * constexprs["BP"] // _TILE))
+
+
 #: Tensors under this many entries share launches: one per kernel, dtypes and step count, over a table of their
 #: addresses. A launch costs microseconds of Python and driver time whatever its size, and a model's norms,
 #: biases and small projections are most of its tensors but a small part of its entries; larger tensors keep a
@@ -920,7 +934,7 @@ def _launch_folded(tensors: tuple[torch.Tensor, ...], step: float, hyper: dict) 
     rho = hyper["res_scale"]
     _foam_fold_kernel[grid](
         grad, param, exp_avg, exp_avg_sq, n, num_blocks, rho=rho, rho2=rho * rho,
-        **_kernel_scalars(step, True, hyper), **constexprs, **_LAUNCH_OPTIONS,
+        **_kernel_scalars(step, True, hyper), **constexprs, **_LAUNCH_OPTIONS, num_warps=_fold_warps(constexprs),
     )  # fmt: skip
 
 
@@ -987,7 +1001,14 @@ def _launch_shared(
     if folded:
         rho = hyper["res_scale"]
         _foam_fold_list_kernel[grid](
-            table, rho=rho, rho2=rho * rho, **scalars, **dtypes, **constexprs, **_LAUNCH_OPTIONS
+            table,
+            rho=rho,
+            rho2=rho * rho,
+            **scalars,
+            **dtypes,
+            **constexprs,
+            **_LAUNCH_OPTIONS,
+            num_warps=_fold_warps(constexprs),
         )
     else:
         _adamw_list_kernel[grid](table, **scalars, **dtypes, **constexprs, **_LAUNCH_OPTIONS)

@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import math
 import os
+import sys
 
 import _helpers
 import pytest
@@ -807,3 +808,30 @@ def test_the_fast_launch_check_never_passes_what_the_full_check_refuses():
             assert not refused, (shape, block_size, name)
         if name == "none" and block_size <= fused_triton.MAX_BLOCK_WIDTH:
             assert fused_triton._launchable(*lists, block_size), (shape, block_size)  # the common case: fast
+
+
+def test_blocks_wider_than_a_tile_launch_more_warps_in_both_kinds_of_launch(monkeypatch):
+    # At Triton's default 4 warps a tile of one block wider than 2048 entries gave each thread more entries, and
+    # registers (254 at B=8192 on sm_90); the warps now grow with the tile. A tensor must step the same bits in a
+    # launch of its own and in a shared one, so both take the same number.
+    seen = {}
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.setdefault(self.name, []).append((kwargs["BP"], kwargs["num_warps"]))
+
+    for name in ("_foam_fold_kernel", "_foam_fold_list_kernel"):
+        monkeypatch.setattr(fused_triton, name, Recorder(name))
+    for block_size in (4, 2048, 4096, 8192, 2**16):
+        param = torch.zeros(2, block_size)
+        moments = [torch.zeros(folded_shape(param.shape, block_size)) for _ in range(2)]
+        for shared in (0, sys.maxsize):
+            fused_triton._fused_foam_triton(
+                [param], [torch.zeros_like(param)], *[[m] for m in moments], [torch.tensor(0.0)],
+                shared_max_entries=shared, **step_kwargs(block_size),
+            )  # fmt: skip
+    expected = [(4, 4), (2048, 4), (4096, 8), (8192, 16), (2**16, 32)]
+    assert seen == {"_foam_fold_kernel": expected, "_foam_fold_list_kernel": expected}

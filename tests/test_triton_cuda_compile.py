@@ -46,8 +46,11 @@ def test_every_launch_compiles_for_sm80_and_sm90_without_a_gpu(tmp_path):
                 for entry in compiled
             ), kernel
     for entry in compiled:
-        # every launch asks for no a·b + c contraction (as the interpreter computes), and got a cubin
-        assert entry["options"] == {"enable_fp_fusion": False} and entry["cubin_bytes"] > 0
+        # every launch asks for no a·b + c contraction (as the interpreter computes), and got a cubin; the folded
+        # kernels name their warps (4 for these tiles of at most 2048 entries: Triton's default)
+        folded = entry["kernel"].startswith("_foam_fold")
+        assert entry["options"] == {"enable_fp_fusion": False, **({"num_warps": 4} if folded else {})}
+        assert entry["cubin_bytes"] > 0
         # the rounding hash's keys are int32 at every step (one compilation for all of them)
         assert entry["signature"]["key_m"] == entry["signature"]["key_v"] == "i32", entry
         # A tensor with a launch of its own (aligned, as torch allocates), and shared launches of tensors promised
