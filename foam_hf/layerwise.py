@@ -69,6 +69,9 @@ class LayerwiseFOAM(FOAM):
         # Group *indices*, not dicts: load_state_dict replaces the group dicts (and schedulers edit those).
         self._group_index: dict[int, int] = {}
         self._handles: dict[int, RemovableHandle] = {}  # id(parameter) -> its hook's handle
+        # Parameters stepped since the last step()/zero_grad(): a second gradient for one of them before then means
+        # its gradient arrived in pieces, and a step on each piece would be a wrong step (see _step_parameter).
+        self._stepped: set[int] = set()
         self._gradient_observers: OrderedDict[int, Callable[[torch.Tensor, torch.Tensor, dict], None]] = OrderedDict()
         for index, group in enumerate(self.param_groups):
             for p in group["params"]:
@@ -113,6 +116,16 @@ class LayerwiseFOAM(FOAM):
     def _step_parameter(self, param: torch.Tensor) -> None:
         if param.grad is None or not self._should_step():
             return
+        if id(param) in self._stepped:
+            raise RuntimeError(
+                f"LayerwiseFOAM: a parameter of shape {tuple(param.shape)} received a second gradient after it was "
+                "stepped, before step() or zero_grad(): its gradient arrives in pieces, each of which would be "
+                "stepped as if it were the whole (reentrant gradient checkpointing of layers that share a "
+                "parameter, or several backward() calls per optimizer step). Fix: use_reentrant=False in "
+                "gradient_checkpointing_kwargs (transformers' default), one backward() per step (or a should_step "
+                "that says True only on the last), or optim='foam'."
+            )
+        self._stepped.add(id(param))
         group = self.param_groups[self._group_index[id(param)]]
         for observer in self._gradient_observers.values():
             observer(param, param.grad, group)
@@ -134,7 +147,24 @@ class LayerwiseFOAM(FOAM):
                 loss = closure()
         for param in self._trainable_params():
             self._step_parameter(param)  # none without a gradient, and only when should_step() says so
+        self._stepped.clear()
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``; it also ends the optimizer step for the check of gradients in pieces."""
+        super().zero_grad(set_to_none)
+        self._stepped.clear()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group as :class:`FOAM` does, and put hooks on its trainable parameters (those of a group added
+        after construction were never stepped: nothing hooked them, and ``step()`` skipped them)."""
+        super().add_param_group(param_group)
+        if hasattr(self, "_group_index"):  # not during __init__, which indexes and hooks every group itself
+            index = len(self.param_groups) - 1
+            for p in self.param_groups[index]["params"]:
+                if p.requires_grad:
+                    self._group_index[id(p)] = index
+            self.attach_hooks()
 
     def add_gradient_observer(self, observer: Callable[[torch.Tensor, torch.Tensor, dict], None]) -> RemovableHandle:
         """Call ``observer(param, grad, group)`` with each gradient a hook is about to step on (the accumulated

@@ -549,19 +549,24 @@ def test_layerwise_steps_a_branch_the_last_micro_batch_does_not_reach(tmp_path):
     """Gradient accumulation over micro-batches of which only the first uses the vision tower: its hook does not
     fire on the last one, so its accumulated gradient is stepped by step() (it was once left to zero_grad, and the
     tower never trained). foam_layerwise ends where foam ends."""
-    weights = {}
+    weights, trainers = {}, {}
     for optim in ("foam", "foam_layerwise"):
         args = make_args(
             tmp_path / optim, optim=optim, per_device_train_batch_size=1, gradient_accumulation_steps=2,
             max_grad_norm=0.0, max_steps=2, train_sampling_strategy="sequential", remove_unused_columns=False,
+            logging_steps=1,
         )  # fmt: skip
         model = _TwoTowers()
         before = model.vision.weight.detach().clone()
-        Trainer(model=model, args=args, train_dataset=_MixedBatches()).train()
+        trainers[optim] = Trainer(model=model, args=args, train_dataset=_MixedBatches())
+        trainers[optim].train()
         assert not torch.equal(model.vision.weight, before), optim
         weights[optim] = {n: p.detach().clone() for n, p in model.named_parameters()}
     for name, value in weights["foam"].items():
         torch.testing.assert_close(weights["foam_layerwise"][name], value, atol=1e-6, rtol=1e-5)
+    # and the logged figures count the tower's gradient, which step() stepped after the hooks (the callback
+    # once summed before step() and logged 13.2 where optim="foam" logged 15.2)
+    assert_same_gradient_logs(trainers["foam"], trainers["foam_layerwise"])
 
 
 @pytest.mark.parametrize("callback", ["true", "false"])
@@ -671,6 +676,42 @@ def test_a_second_layerwise_optimizer_takes_the_parameters_over():
     new.remove_hooks()
     model(x).square().sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_a_layerwise_gradient_that_arrives_in_pieces_is_refused_not_stepped_twice():
+    """Reentrant checkpointing of two blocks sharing a layer runs a backward per block, so the shared weight's hook
+    fired twice in one step and stepped each partial gradient as a whole one (a review measured weights 0.06 off
+    optim="foam"); so did two backward() calls per step. Now the second piece is refused; step() or zero_grad()
+    ends the step, and the next backward steps again."""
+    from torch.utils.checkpoint import checkpoint
+
+    shared = torch.nn.Linear(8, 8)
+    optimizer = LayerwiseFOAM(shared.parameters(), lr=0.1, block_size=4)
+    x = torch.randn(3, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"second gradient after it was stepped.*use_reentrant=False"):
+        y = checkpoint(shared, x, use_reentrant=True)
+        checkpoint(shared, y, use_reentrant=True).square().sum().backward()
+    optimizer.zero_grad()
+    shared(x).square().sum().backward()  # a new step: stepped
+    with pytest.raises(RuntimeError, match="several backward\\(\\) calls per optimizer step"):
+        shared(x).square().sum().backward()  # a second backward in the same step
+    optimizer.zero_grad()  # the refused piece's gradients go
+    shared(x).square().sum().backward()
+    optimizer.step()  # as the Trainer calls it after every backward of a step: it ends the step
+    shared(x).square().sum().backward()
+    assert all(p.grad is None for p in shared.parameters())
+    optimizer.remove_hooks()
+
+
+def test_a_group_added_to_a_layerwise_optimizer_is_hooked_and_stepped():
+    first, second = torch.nn.Linear(8, 4), torch.nn.Linear(4, 2)
+    optimizer = LayerwiseFOAM(first.parameters(), lr=0.1, block_size=4)
+    optimizer.add_param_group({"params": list(second.parameters())})
+    before = second.weight.detach().clone()
+    second(first(torch.randn(3, 8))).square().sum().backward()
+    assert not torch.equal(second.weight, before) and second.weight.grad is None  # stepped inside backward
+    assert len(optimizer.state) == 4
+    optimizer.remove_hooks()
 
 
 @pytest.mark.parametrize("first", ["foam_hf", "transformers"])
