@@ -242,3 +242,17 @@ def test_callback_checks_the_folded_gradients_only():
     logs = {"loss": 1.0}  # a training log: the callback's figures go into those only
     callback.on_log(args, state, TrainerControl(), logs=logs)
     assert logs == {"loss": 1.0, "foam/first_nonfinite_step": 3}  # the 1-based step of the first folded NaN, once
+
+
+def test_a_second_train_reports_its_own_first_non_finite_step():
+    # The callback remembered the first report across train() calls (a second train() on one Trainer, the trials
+    # of a hyper-parameter search), and never reported again.
+    from types import SimpleNamespace
+
+    from foam_hf import FOAM, FoamCallback
+
+    callback = FoamCallback()
+    callback._first_nonfinite_step = 3  # as a first train() that hit a NaN at step 3 leaves it
+    optimizer = FOAM([torch.nn.Parameter(torch.randn(4, 8))], block_size=4)
+    callback.on_train_begin(SimpleNamespace(optim="foam"), SimpleNamespace(), None, optimizer=optimizer)
+    assert callback._first_nonfinite_step is None

@@ -75,6 +75,7 @@ class FoamCallback(TrainerCallback):
         self._observed: LayerwiseFOAM | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        self._first_nonfinite_step = None  # each train() (a second call, a search trial) reports its own
         foam = _unwrap(optimizer)
         if not isinstance(foam, FOAM):
             asked = getattr(args.optim, "value", args.optim)
@@ -163,7 +164,9 @@ class FoamCallback(TrainerCallback):
         )
 
     def _finish_layerwise_step(self, args: Any, state: Any) -> None:
-        """What on_pre_optimizer_step reads from the gradients, from the sums the hooks took (layer-wise FOAM)."""
+        """What on_pre_optimizer_step reads from the gradients, from the sums the hooks took (layer-wise FOAM):
+        after ``optimizer.step()``, which steps the gradients no hook stepped on the last micro-batch (a branch the
+        window's last batch did not use), and whose sums count too."""
         if not self._layerwise_sums:
             return
         device = self._layerwise_sums[0].device  # one device-to-host copy a step, not one per gradient
@@ -180,10 +183,7 @@ class FoamCallback(TrainerCallback):
     @torch.no_grad()
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
         foam = _unwrap(optimizer)
-        if foam is None:
-            return
-        if isinstance(foam, LayerwiseFOAM):
-            self._finish_layerwise_step(args, state)
+        if foam is None or isinstance(foam, LayerwiseFOAM):  # layer-wise: summed after the step (on_optimizer_step)
             return
         if not self._wants_gradients(args, state):
             return
@@ -210,6 +210,10 @@ class FoamCallback(TrainerCallback):
             if grad_sq > 0:
                 self._pending["foam/residual_ratio"] = math.sqrt(residual_sq / grad_sq)
 
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        if isinstance(_unwrap(optimizer), LayerwiseFOAM):
+            self._finish_layerwise_step(args, state)
+
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         if not self._pending or logs is None:
             return
@@ -233,6 +237,7 @@ class LayerwiseHooksCallback(TrainerCallback):
     """
 
     def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        self._first_nonfinite_step = None  # each train() (a second call, a search trial) reports its own
         foam = _unwrap(optimizer)
         if isinstance(foam, LayerwiseFOAM):
             foam.attach_hooks()
