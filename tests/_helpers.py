@@ -730,6 +730,11 @@ TRAINING_ARGS_ERRORS = [
     ("foam_layerwise with clipping", dict(optim="foam_layerwise", max_grad_norm=1.0), ["max_grad_norm=0"]),
     ("foam_layerwise with fp16", dict(optim="foam_layerwise", max_grad_norm=0.0, fp16=True), ["bf16=True"]),
     (
+        "foam_layerwise with auto_find_batch_size",
+        dict(optim="foam_layerwise", max_grad_norm=0.0, auto_find_batch_size=True),
+        ["auto_find_batch_size=True", "stepped, the others not", "Fix: set per_device_train_batch_size"],
+    ),
+    (
         "FSDP1",
         dict(fsdp=True, fsdp_config={"version": 1}),
         ["optim='foam' with FSDP1", "flat one-dimensional shards", "never fold", "Fix: use FSDP2", "'version': 2"],

@@ -161,3 +161,13 @@ def test_sparse_gradient_is_refused_at_step():
 def test_every_public_symbol_is_documented():
     for name in foam_hf.__all__:
         assert getattr(foam_hf, name).__doc__, f"foam_hf.{name} has no docstring"
+
+
+def test_foam_layerwise_under_accelerates_fp16_is_refused(tmp_path, monkeypatch):
+    # accelerate launch --mixed_precision fp16 sets ACCELERATE_MIXED_PRECISION, which TrainingArguments reads into
+    # mixed_precision while fp16 stays False: the refusal of loss-scaled gradients checked only fp16.
+    from hf_fixtures import training_args
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(FoamConfigError, match=r"mixed precision fp16 from accelerate.*Fix: use bf16"):
+        training_args(tmp_path, optim="foam_layerwise", max_grad_norm=0.0)

@@ -133,10 +133,20 @@ def _check_layerwise_fields(args: Any) -> None:
             "gradient norm needs every gradient at once, and layer-wise FOAM steps each parameter as soon "
             "as its gradient is ready. Fix: pass max_grad_norm=0 (no clipping), or use optim='foam'."
         )
-    if args.fp16:
+    fp16_from_accelerate = getattr(args, "mixed_precision", None) == "fp16"  # accelerate launch --mixed_precision
+    if args.fp16 or fp16_from_accelerate:
+        where = "fp16=True" if args.fp16 else "mixed precision fp16 from accelerate (ACCELERATE_MIXED_PRECISION=fp16)"
         raise FoamConfigError(
-            "optim='foam_layerwise' with fp16=True: the per-parameter step would see loss-scaled "
-            "gradients. Fix: use bf16=True, or optim='foam'."
+            f"optim='foam_layerwise' with {where}: the per-parameter step would see loss-scaled gradients, "
+            "including the inf steps the scaler would skip. Fix: use bf16 (bf16=True, or --mixed_precision bf16), "
+            "or optim='foam'."
+        )
+    if args.auto_find_batch_size:
+        raise FoamConfigError(
+            "optim='foam_layerwise' with auto_find_batch_size=True: after an out-of-memory error in backward the "
+            "Trainer retries the step with a smaller batch, but the parameters whose hooks already fired were "
+            "stepped, the others not. Fix: set per_device_train_batch_size yourself (auto_find_batch_size=False), "
+            "or use optim='foam'."
         )
 
 
