@@ -5,9 +5,10 @@ For a tensor of shape ``(*rows, n)`` with state dtype of ``s`` bytes:
 .. math::
 
     \text{FOAM} = 2 s \cdot \textit{rows} \cdot \lceil n / B \rceil \ \text{(folded)}, \qquad
-    \text{AdamW} = 2 s \cdot \textit{rows} \cdot n
+    \text{AdamW} = 2 p \cdot \textit{rows} \cdot n
 
-plus one 4-byte ``step`` tensor per parameter for both. Figures are computed from the parameter groups
+(``p``: the parameter's bytes per entry, the dtype torch's AdamW keeps its moments in) plus one 4-byte ``step``
+tensor per parameter for both. Figures are computed from the parameter groups
 (:func:`state_memory` needs no step to have run), so the callback, the CLI and the benchmarks can report
 them before training starts; once states exist they equal the bytes actually held (tested).
 """
@@ -37,9 +38,9 @@ def foam_state_bytes(param: torch.Tensor, block_size: int, state_dtype: str | to
 
 
 def adamw_state_bytes(param: torch.Tensor) -> int:
-    """Bytes ``torch.optim.AdamW`` holds for ``param`` (fp32 moments for half parameters, as FOAM's
-    default): two full moments plus the step."""
-    return 2 * param.numel() * state_itemsize(param) + _STEP_BYTES
+    """Bytes ``torch.optim.AdamW`` holds for ``param``: two full moments in the parameter's own dtype (torch keeps
+    bf16 moments for bf16 parameters, where FOAM's default keeps fp32 ones) plus the step."""
+    return 2 * param.numel() * param.element_size() + _STEP_BYTES
 
 
 @dataclass(frozen=True)

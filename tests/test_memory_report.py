@@ -299,3 +299,18 @@ def test_state_dtype_in_optim_args_counts_the_bytes_a_real_foam_holds(config_pat
 
     text = format_markdown(result)
     assert "bf16 states" in text and "FOAM states (bf16)" in text
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
+def test_adamw_bytes_are_what_torch_adamw_holds_for_each_parameter_dtype(dtype):
+    # torch's AdamW keeps its moments in the parameter's dtype: bf16 moments for bf16 parameters. The figure once
+    # assumed fp32 for half parameters (FOAM's default), doubling AdamW's bytes and the logged state ratio.
+    from foam_hf import adamw_state_bytes
+
+    params = [torch.nn.Parameter(torch.randn(shape).to(dtype)) for shape in ((64, 64), (7,))]
+    adamw = torch.optim.AdamW(params, foreach=False)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    adamw.step()
+    held = sum(t.numel() * t.element_size() for state in adamw.state.values() for t in state.values())
+    assert sum(adamw_state_bytes(p) for p in params) == held
