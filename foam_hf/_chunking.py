@@ -14,7 +14,9 @@ batch, each batch a list of *row pieces* whose temporaries fit in a byte budget:
 
 The budget is :data:`TRANSIENT_FRACTION` of the bytes of the parameters being stepped, and at least
 :data:`MIN_BATCH_BYTES` (so a group of small tensors is not cut into thousands of launches), and at least one
-row: a single row larger than the budget is stepped whole.
+row: a single row larger than the budget is stepped whole. Where a tensor folds to one block a row, a piece holds
+at least two rows: torch reduces to a single output in another order than to several, and a one-row piece would
+change the bits.
 """
 
 from __future__ import annotations
@@ -67,24 +69,42 @@ def _pieces(
     folded: bool,
     bytes_per_entry: int,
     budget: int,
+    offset: int = 0,
 ) -> Iterator[Piece]:
-    param, grad, exp_avg, exp_avg_sq = _row_views(tensors, folded)
+    """Row pieces of one tensor (``offset``: the C-order index of ``tensors``' first moment entry in the whole
+    moment). A non-contiguous tensor of three or more dimensions is cut along dimension 0 only; where one of
+    those slabs is over the budget it is cut again along its own rows, so the bound holds whatever the layout."""
+    param, grad, exp_avg, exp_avg_sq = views = _row_views(tensors, folded)
     rows = param.shape[0] if param.ndim else 1
     if param.numel() == 0:
         return
     row_bytes = param.numel() // rows * bytes_per_entry
-    rows_per_piece = max(1, budget // row_bytes)
     state_row = exp_avg.numel() // rows
-    for start in range(0, rows, rows_per_piece):
+    if row_bytes > budget and param.ndim > (2 if folded else 1):  # a slab that still holds rows: cut inside it
+        for start in range(rows):
+            yield from _pieces(
+                index, [t.select(0, start) for t in views], folded, bytes_per_entry, budget, offset + start * state_row
+            )
+        return
+    rows_per_piece = max(1, budget // row_bytes)
+    if folded and state_row == 1 and rows > 1:
+        # One block a row: a piece of one row is a reduction to one output, which torch computes in another
+        # order (over threads) than a reduction to many, so its bits would depend on where the pieces fall.
+        rows_per_piece = max(2, rows_per_piece)
+    start = 0
+    while start < rows:
         length = min(rows_per_piece, rows - start)
+        if folded and state_row == 1 and rows - start - length == 1:
+            length += 1  # nor a last piece of one row: it joins the one before
         yield Piece(
             index,
             param.narrow(0, start, length),
             grad.narrow(0, start, length),
             exp_avg.narrow(0, start, length),
             exp_avg_sq.narrow(0, start, length),
-            start * state_row,
+            offset + start * state_row,
         )
+        start += length
 
 
 def batches(
