@@ -108,6 +108,8 @@ def store_moment(stored: torch.Tensor, value: torch.Tensor, step: float, salt: i
     bits = value.contiguous().view(torch.int32)
     dither = rounding_dither(value.shape, step, salt, value.device, offset)
     rounded = ((bits + dither) & -65536).view(torch.float32)
-    # Non-finite values keep their class (a carry must not turn NaN into -0 or a large value into inf).
+    # Non-finite values keep their class (a carry must not turn NaN into -0). A finite value above bf16's largest
+    # (3.3895e38, the top 1/256 of fp32's range) rounds up to inf with the probability of its position between
+    # the two, as the C++ and Triton kernels do: a moment that large has overflowed bf16 anyway.
     rounded = torch.where(torch.isfinite(value), rounded, value)
     stored.copy_(rounded)  # exact: the low 16 bits are zero
