@@ -410,7 +410,10 @@ def _check_launch(
     state_steps: list[torch.Tensor],
     block_size: int,
 ) -> None:
-    """Raise, before anything changes, where the kernels cannot step these lists (:func:`_tensor_problem`)."""
+    """Raise, before anything changes, where the kernels cannot step these lists (:func:`_tensor_problem`). The
+    common case, lists they step, is answered by :func:`_launchable` in one fast loop."""
+    if _launchable(params, grads, exp_avgs, exp_avg_sqs, state_steps, block_size):
+        return
     lengths = [len(params), len(grads), len(exp_avgs), len(exp_avg_sqs), len(state_steps)]
     if len(set(lengths)) != 1:
         raise RuntimeError(
@@ -439,9 +442,9 @@ def _launchable(
     """Whether every tensor passes :func:`_check_launch`, the common case answered fast: the same rules, read once
     per tensor in one loop (~1 us a tensor, against ~2.5 us for the full check, which also says why). ``False``
     may be stricter than the rules (a strided gradient, which the step copies): the full check then decides."""
-    if block_size > MAX_BLOCK_WIDTH or not len(params) == len(grads) == len(exp_avgs) == len(exp_avg_sqs):
-        return False
-    if len(state_steps) != len(params):
+    if block_size > MAX_BLOCK_WIDTH or not len(params) == len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(
+        state_steps
+    ):
         return False
     strided = torch.strided
     for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
@@ -794,8 +797,7 @@ def _fused_foam_triton(
     """
     if not params:
         return
-    if not _launchable(params, grads, exp_avgs, exp_avg_sqs, state_steps, block_size):
-        _check_launch(params, grads, exp_avgs, exp_avg_sqs, state_steps, block_size)  # raises, naming the tensor
+    _check_launch(params, grads, exp_avgs, exp_avg_sqs, state_steps, block_size)  # before the step counts change
 
     hyper = dict(
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, block_size=block_size, scale=scale,
@@ -849,18 +851,15 @@ def _kernel_scalars(step: float, folded: bool, hyper: dict) -> dict:
     """The runtime scalars every kernel takes at step count ``step``: :func:`foam_hf.step_scalars.step_constants`
     in the fused form, torch.lerp's weight, and the keys of the moments' rounding hash. Computed once per step
     count and kind within one call of the step (``hyper["memo"]``, where present): the same for all its tensors."""
-    memo = hyper.get("memo")
-    if memo is not None:
-        key = ("scalars", step, folded)
-        if key not in memo:
-            memo[key] = _kernel_scalars(step, folded, {k: v for k, v in hyper.items() if k != "memo"})
+    memo, key = hyper.get("memo", {}), ("scalars", step, folded)
+    if key in memo:
         return memo[key]
     constants = step_constants(
         step, lr=hyper["lr"], beta1=hyper["beta1"], beta2=hyper["beta2"], weight_decay=hyper["weight_decay"]
     )
     eps_bc2, step_c = constants.fused(hyper["eps"], hyper["scale"] if folded else 1.0)
     key_m, key_v = (_signed32((int(step) * _HASH_STEP + salt * _HASH_SALT) & _MASK32) for salt in (0, 1))
-    return dict(
+    memo[key] = dict(
         decay=constants.decay,
         lerp_weight=1.0 - hyper["beta1"],
         beta2=hyper["beta2"],
@@ -870,6 +869,7 @@ def _kernel_scalars(step: float, folded: bool, hyper: dict) -> dict:
         key_m=key_m,
         key_v=key_v,
     )
+    return memo[key]
 
 
 def _signed32(bits: int) -> int:
@@ -891,19 +891,16 @@ def _fold_constexprs(param: torch.Tensor, exp_avg: torch.Tensor, hyper: dict) ->
     """The compile-time choices of the folded kernels: block size, tile, second moment, and the common ones
     (once per tile width and dtypes within one call of the step, ``hyper["memo"]``, where present)."""
     padded = _padded_width(param, hyper["block_size"])
-    memo = hyper.get("memo")
-    if memo is not None:
-        key = ("fold", padded, param.dtype, exp_avg.dtype)
-        if key not in memo:
-            memo[key] = _fold_constexprs(param, exp_avg, {k: v for k, v in hyper.items() if k != "memo"})
-        return memo[key]
-    return dict(
-        B=hyper["block_size"],
-        BP=padded,
-        KB=max(1, _TILE // padded),
-        MEAN_SQ=hyper["second_moment"] == "mean_sq",
-        **_common_constexprs(param, exp_avg, hyper),
-    )
+    memo, key = hyper.get("memo", {}), ("fold", padded, param.dtype, exp_avg.dtype)
+    if key not in memo:
+        memo[key] = dict(
+            B=hyper["block_size"],
+            BP=padded,
+            KB=max(1, _TILE // padded),
+            MEAN_SQ=hyper["second_moment"] == "mean_sq",
+            **_common_constexprs(param, exp_avg, hyper),
+        )
+    return memo[key]
 
 
 def _padded_width(param: torch.Tensor, block_size: int) -> int:
