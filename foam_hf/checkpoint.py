@@ -174,7 +174,7 @@ def _named_positions(groups: list[dict[str, Any]]) -> dict[str, tuple[int, int |
     that group, in the order of its names (DeepSpeed concatenates the group's tensors in that order)."""
     where: dict[str, tuple[int, int | None]] = {}
     for index, group in enumerate(groups):
-        names = group.get("param_names") if isinstance(group, dict) else None
+        names = group.get("param_names")
         if not isinstance(names, list):
             continue
         whole = len(names) == len(group.get("params", ()))
@@ -204,36 +204,38 @@ def _check_names(saved_groups: list[dict[str, Any]], param_groups: list[dict[str
     if not here or not saved or here.keys().isdisjoint(saved):
         return
 
-    def name_at(groups: list[dict[str, Any]], index: int, position: int | None) -> str:
-        names = groups[index].get("param_names") if index < len(groups) else None
-        if position is not None and isinstance(names, list) and position < len(names):
-            return repr(names[position])
-        return f"param group {index}" + ("" if position is None else f", parameter {position}")
+    def name_here(index: int, position: int | None) -> str | None:
+        """The name of the parameter here at ``(index, position)``, where there is one to name."""
+        names = param_groups[index].get("param_names") if index < len(param_groups) else None
+        return names[position] if position is not None and isinstance(names, list) and position < len(names) else None
 
-    def refuse(name: str, at: tuple[int, int | None], onto: str, why: str) -> FoamStateError:
-        return FoamStateError(
-            f"FOAM.load_state_dict: the saved state of {name!r} (param group {at[0]}, block_size="
-            f"{saved_groups[at[0]]['block_size']}) would load onto {onto}: {why}. The run that saved it grouped or "
+    for name, (index, position) in saved.items():
+        found, onto = here.get(name), name_here(index, position)
+        # where both sides know the position in the group (not a flattened ZeRO partition), it must agree too
+        moved = found is not None and (found[0] != index or (None not in (position, found[1]) and found[1] != position))
+        if found is None and onto is not None:
+            why = f"{name!r} is not among this optimizer's parameters"  # one model: another parameter sits there
+        elif moved:
+            place = (
+                f"parameter {found[1]} of param group {found[0]}"
+                if found[1] is not None
+                else f"in param group {found[0]}"
+            )
+            why = f"here {name!r} is {place} (block_size={param_groups[found[0]]['block_size']})"
+        else:  # where it was saved, or a name of a renamed model (no order to check)
+            continue
+        target = (
+            repr(onto)
+            if onto is not None
+            else f"param group {index}" + ("" if position is None else f", parameter {position}")
+        )
+        raise FoamStateError(
+            f"FOAM.load_state_dict: the saved state of {name!r} (param group {index}, block_size="
+            f"{saved_groups[index]['block_size']}) would load onto {target}: {why}. The run that saved it grouped or "
             "chose the parameters differently (other block_size, block_sizes or target_modules, or another model). "
             "Fix: resume with that run's optim_args (its training_args.bin holds them) and model, or build the "
             "optimizer with the same groups."
         )
-
-    for name, (index, position) in saved.items():
-        found = here.get(name)
-        if found is None:
-            onto = name_at(param_groups, index, position)
-            if position is not None and onto.startswith("'"):  # a named parameter sits there here: another one
-                raise refuse(name, (index, position), onto, f"{name!r} is not among this optimizer's parameters")
-            continue
-        if found[0] != index or (position is not None and found[1] is not None and found[1] != position):
-            where_here = (
-                f"parameter {found[1]} of param group {found[0]}"
-                if found[1] is not None
-                else (f"in param group {found[0]}")
-            )
-            why = f"here {name!r} is {where_here} (block_size={param_groups[found[0]]['block_size']})"
-            raise refuse(name, (index, position), name_at(param_groups, index, position), why)
     for index, (saved_group, group) in enumerate(zip(saved_groups, param_groups)):
         saved_names, names = saved_group.get("param_names"), group.get("param_names")
         flattened = isinstance(names, list) and len(names) != len(group.get("params", ()))

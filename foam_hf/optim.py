@@ -448,25 +448,23 @@ class FOAM(Optimizer):
         # The state dtype is a storage choice, not the run's: the one this optimizer was built with stays. So do
         # FOAM's update options a saved group lacks (a state from before they existed, or edited by hand): torch
         # would fill them from the defaults (__setstate__), dropping the built values without a word.
-        built_state_dtypes = [group["state_dtype"] for group in self.param_groups]
-        built_missing = [
-            {key: group[key] for key in UPDATE_KEYS if key not in saved}
-            for group, saved in zip(self.param_groups, state_dict["param_groups"])
-        ]
         # The names of the parameters this optimizer holds stay too: torch would put the saved ones over them (a
         # renamed model loads by position), and later checkpoints and errors would name other tensors.
-        built_names = [{"param_names": g["param_names"]} if "param_names" in g else {} for g in self.param_groups]
+        kept = [
+            {
+                "state_dtype": group["state_dtype"],
+                **{key: group[key] for key in UPDATE_KEYS if key not in saved},
+                **{key: group[key] for key in ("param_names",) if key in group},
+            }
+            for group, saved in zip(self.param_groups, state_dict["param_groups"])
+        ]
         # torch then loads it without the pre-hooks (they ran) and without the post-hooks, which must see the
         # moments restored in FOAM's own dtypes: they run last.
         held = ("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
         with self._hooks_set_aside(*held) as (_, post_hooks):
             super().load_state_dict(state_dict)
-        for group, state_dtype, missing, names in zip(
-            self.param_groups, built_state_dtypes, built_missing, built_names
-        ):
-            group["state_dtype"] = state_dtype
-            group.update(missing)
-            group.update(names)
+        for group, values in zip(self.param_groups, kept):
+            group.update(values)
         converted = restore_moments(self, state_dict["state"], id_to_param)
         if converted:
             warnings.warn(
