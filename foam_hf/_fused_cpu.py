@@ -42,9 +42,10 @@ ISA_ENV = "FOAM_CPU_ISA"
 ISA_NAMES: tuple[str, ...] = ("portable", "avx2", "avx512")
 
 
-def check_isa_env() -> None:
-    """Refuse a ``FOAM_CPU_ISA`` that names no implementation at all (a typo): checked when FOAM is built, before
-    any training; whether this CPU runs a valid name is known once the kernel is loaded, at the first CPU step."""
+def check_isa_env() -> str:
+    """``FOAM_CPU_ISA``, normalised (``""`` when unset); refused if it names no implementation at all (a typo):
+    checked when FOAM is built, before any training; whether this CPU runs a valid name is known once the kernel
+    is loaded, at the first CPU step."""
     wanted = os.environ.get(ISA_ENV, "").strip().lower()
     if wanted and wanted not in ISA_NAMES:
         raise FoamConfigError(
@@ -52,6 +53,7 @@ def check_isa_env() -> None:
             f"{', '.join(ISA_NAMES)}. Fix: set {ISA_ENV} to one of those, or unset it (the kernel then picks the "
             "best this CPU runs)."
         )
+    return wanted
 
 
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
@@ -168,10 +170,9 @@ def load_kernel() -> Any:
 
 def _apply_isa_env(kernel: Any) -> None:
     """Honour ``FOAM_CPU_ISA``: run the named implementation instead of the best one."""
-    wanted = os.environ.get(ISA_ENV, "").strip().lower()
+    wanted = check_isa_env()
     if not wanted:
         return
-    check_isa_env()
     available = list(kernel.available_isas())
     if wanted not in available:
         raise FoamConfigError(

@@ -206,7 +206,7 @@ def as_builtin_numbers(options: dict[str, Any]) -> None:
     for key in ("lr", "eps", "weight_decay", "scale", "res_scale"):
         if key in options:
             options[key] = builtin(options[key], float)
-    if "block_size" in options and isinstance(options["block_size"], Integral):
+    if "block_size" in options:  # an Integral: validate_group_options ran first
         options["block_size"] = builtin(options["block_size"], int)
     if isinstance(options.get("betas"), tuple):
         options["betas"] = tuple(builtin(beta, float) for beta in options["betas"])

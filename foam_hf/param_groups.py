@@ -318,6 +318,7 @@ def resolve_block_sizes(
             return id(module) not in excluded
         return any(_reaches(t, module_name, target_names) for t in target_list)
 
+    literal = {pattern: literal_characters(pattern) for pattern in config.block_sizes}  # parsed once a pattern
     used_targets: set[str] = set()
     sized_by_pattern: dict[str, list[tuple[str, torch.Tensor]]] = {}  # what each override decided the size of
     size_by_parameter: dict[str, int] = {}
@@ -337,7 +338,7 @@ def resolve_block_sizes(
                     if not _suffix_match(pattern, prefix):
                         continue
                     # the deepest module, then the pattern that spells out more of the name, then the longest
-                    score = (depth, literal_characters(pattern), len(pattern))
+                    score = (depth, literal[pattern], len(pattern))
                     if best is None or score > best:
                         best, chosen = score, {pattern: override}
                     elif score == best:

@@ -206,10 +206,11 @@ def _check_hyperparameter_fields(args: Any) -> None:
         except TypeError as err:  # TrainingArguments types its fields; a wrong type is a bad value here too
             raise FoamConfigError(str(err)) from None
     targets = args.optim_target_modules
-    if targets is not None and foam_config_from_args(args).target_modules is not None:
+    in_optim_args = foam_config_from_args(args).target_modules if targets is not None else None
+    if in_optim_args is not None:
         raise FoamConfigError(
             f"TrainingArguments: target modules are given twice: optim_target_modules={targets!r} and "
-            f"target_modules={foam_config_from_args(args).target_modules!r} in optim_args. Fix: keep one."
+            f"target_modules={in_optim_args!r} in optim_args. Fix: keep one."
         )
     if targets is not None:
         if isinstance(targets, (list, tuple)) and not targets:
