@@ -42,6 +42,43 @@ def test_seam_is_intact():
     check_seam()
 
 
+def test_lazy_registration_checks_every_internal_it_relies_on():
+    # Lazy registration installs place by place, as each transformers module is imported: each place must check
+    # what check_seam checks there (the OptimizerContext fields, get_decay_parameter_names' signature), since a
+    # process that only ever registers lazily never runs check_seam itself.
+    import dataclasses
+    import types
+
+    from transformers import trainer_optimizer
+    from transformers.training_args import OptimizerNames
+
+    from foam_hf.integration import SeamError, _seam
+
+    @dataclasses.dataclass
+    class OldContext:  # a release whose context lost optimizer_kwargs
+        args: object
+        model: object
+
+    table = {OptimizerNames.ADAMW_TORCH: None}
+    moved = types.SimpleNamespace(_OPTIMIZER_HANDLERS=table, OptimizerContext=OldContext)
+    with pytest.raises(SeamError, match="OptimizerContext has fields"):
+        _seam.install_handler(moved, lambda ctx: None)
+    assert list(table) == [OptimizerNames.ADAMW_TORCH]  # refused before touching the table
+    _seam.install_handler(
+        types.SimpleNamespace(_OPTIMIZER_HANDLERS=dict(table), OptimizerContext=trainer_optimizer.OptimizerContext),
+        lambda ctx: None,
+    )
+
+    class MovedTrainer(Trainer):  # a release whose weight-decay rule needs more than the model
+        def get_decay_parameter_names(self, model, forbidden_layer_types):
+            return []
+
+    for install in (_seam.install_trainer, _seam.install_train_exit):
+        with pytest.raises(SeamError, match="get_decay_parameter_names has parameters"):
+            install(types.SimpleNamespace(Trainer=MovedTrainer), lambda trainer: None)
+    assert "create_optimizer" not in vars(MovedTrainer) and "train" not in vars(MovedTrainer)
+
+
 def test_trainer_builds_foam_by_name_and_trains(tmp_path):
     model = tiny_llama()
     args = make_args(tmp_path, weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-7)

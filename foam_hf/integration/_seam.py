@@ -2,9 +2,9 @@
 
 transformers accepts optimizer names from a closed enum (``TrainingArguments.__post_init__`` runs
 ``OptimizerNames(self.optim)``) and builds optimizers through a handler table. To make
-``optim="foam"`` a name like any other we rely on exactly six things, each checked by
-:func:`check_seam` (run at install and by the test suite, so a transformers release that changes one of
-them fails loudly with this module's name in the message):
+``optim="foam"`` a name like any other we rely on exactly six things, each checked by :func:`check_seam`
+(run by :func:`install`, place by place as lazy registration installs, and by the test suite), so a
+transformers release that changes one of them fails loudly with this module's name in the message:
 
 1. ``transformers.training_args.OptimizerNames`` is a ``str`` ``Enum`` we can add members to;
 2. ``transformers.trainer_optimizer._OPTIMIZER_HANDLERS`` maps those members to handlers taking an
@@ -26,7 +26,7 @@ is passed in by :mod:`foam_hf.integration`, which wires in the policy of
 :mod:`foam_hf.integration.transformers`. It imports nothing from transformers at module level, so that
 registration can wait until transformers is imported (``foam_hf.integration.register_lazily``).
 
-Tested with transformers 5.23-5.24 (see pyproject.toml for the supported range).
+Tested with transformers 5.23-5.25 (see pyproject.toml for the supported range).
 """
 
 from __future__ import annotations
@@ -76,33 +76,52 @@ def _fail(what: str) -> SeamError:
 
 
 def check_seam() -> None:
-    """Raise :class:`SeamError` naming the first internal that is not as foam_hf expects."""
-    from transformers import Trainer, TrainingArguments, trainer_optimizer, training_args
+    """Raise :class:`SeamError` naming the first internal that is not as foam_hf expects (imports transformers'
+    trainer). Lazy registration runs the same checks place by place, as each module is imported."""
+    import importlib
 
+    training_args, trainer_optimizer, trainer = (importlib.import_module(name) for name in _PLACES)
+    _check_names(training_args)
+    _check_handlers(trainer_optimizer)
+    _check_trainer(trainer)
+
+
+def _check_names(training_args: Any) -> None:
+    """Internals 1 and 3: the ``OptimizerNames`` enum and ``TrainingArguments.__post_init__``."""
     names = getattr(training_args, "OptimizerNames", None)
     if not (isinstance(names, type) and issubclass(names, enum.Enum) and issubclass(names, str)):
         raise _fail("transformers.training_args.OptimizerNames is no longer a str Enum")
     for attr in ("_member_map_", "_value2member_map_", "_member_names_"):
         if not hasattr(names, attr):
             raise _fail(f"OptimizerNames has no {attr}")
+    if "__post_init__" not in vars(training_args.TrainingArguments):
+        raise _fail("TrainingArguments.__post_init__ is gone")
+
+
+def _check_handlers(trainer_optimizer: Any) -> None:
+    """Internal 2: the handler table and the ``OptimizerContext`` its handlers take."""
+    from transformers.training_args import OptimizerNames
+
     handlers = getattr(trainer_optimizer, "_OPTIMIZER_HANDLERS", None)
-    if not isinstance(handlers, dict) or names.ADAMW_TORCH not in handlers:
+    if not isinstance(handlers, dict) or OptimizerNames.ADAMW_TORCH not in handlers:
         raise _fail("transformers.trainer_optimizer._OPTIMIZER_HANDLERS is no longer the handler table")
     context = getattr(trainer_optimizer, "OptimizerContext", None)
     fields = set(getattr(context, "__dataclass_fields__", {}))
     if not {"args", "model", "optimizer_kwargs"} <= fields:
         raise _fail(f"OptimizerContext has fields {sorted(fields)}, expected args, model, optimizer_kwargs")
-    if "__post_init__" not in vars(TrainingArguments):
-        raise _fail("TrainingArguments.__post_init__ is gone")
+
+
+def _check_trainer(trainer: Any) -> None:
+    """Internals 4, 5 and 6: ``Trainer.create_optimizer``, ``get_decay_parameter_names`` and ``train``."""
     import inspect
 
-    params = list(inspect.signature(Trainer.create_optimizer).parameters)
+    params = list(inspect.signature(trainer.Trainer.create_optimizer).parameters)
     if params[:2] != ["self", "model"]:
         raise _fail(f"Trainer.create_optimizer has parameters {params}, expected (self, model=None)")
-    params = list(inspect.signature(Trainer.get_decay_parameter_names).parameters)
+    params = list(inspect.signature(trainer.Trainer.get_decay_parameter_names).parameters)
     if params != ["self", "model"]:
         raise _fail(f"Trainer.get_decay_parameter_names has parameters {params}, expected (self, model)")
-    if not callable(getattr(Trainer, "train", None)):
+    if not callable(getattr(trainer.Trainer, "train", None)):
         raise _fail("Trainer.train is gone")
 
 
@@ -213,15 +232,8 @@ def install_names(training_args: Any, validate: Validate) -> None:
     """Add ``"foam"``/``"foam_layerwise"`` to ``OptimizerNames`` and validate FOAM's options after
     ``TrainingArguments.__post_init__``. Needs nothing but ``transformers.training_args`` itself, so argparse
     parsers built from it (HfArgumentParser, TRL's CLI) offer ``--optim foam``."""
-    names = getattr(training_args, "OptimizerNames", None)
-    if not (isinstance(names, type) and issubclass(names, enum.Enum) and issubclass(names, str)):
-        raise _fail("transformers.training_args.OptimizerNames is no longer a str Enum")
-    for attr in ("_member_map_", "_value2member_map_", "_member_names_"):
-        if not hasattr(names, attr):
-            raise _fail(f"OptimizerNames has no {attr}")
-    arguments = training_args.TrainingArguments
-    if "__post_init__" not in vars(arguments):
-        raise _fail("TrainingArguments.__post_init__ is gone")
+    _check_names(training_args)
+    names, arguments = training_args.OptimizerNames, training_args.TrainingArguments
     for member_name, value in FOAM_OPTIMIZER_NAMES.items():
         _add_member(names, member_name, value)
     _wrap_post_init(arguments, validate)
@@ -231,27 +243,21 @@ def install_handler(trainer_optimizer: Any, handler: Handler) -> None:
     """Put ``handler`` into transformers' optimizer handler table for both FOAM names."""
     from transformers.training_args import OptimizerNames
 
-    handlers = getattr(trainer_optimizer, "_OPTIMIZER_HANDLERS", None)
-    if not isinstance(handlers, dict) or OptimizerNames.ADAMW_TORCH not in handlers:
-        raise _fail("transformers.trainer_optimizer._OPTIMIZER_HANDLERS is no longer the handler table")
+    _check_handlers(trainer_optimizer)
+    handlers = trainer_optimizer._OPTIMIZER_HANDLERS
     for value in FOAM_OPTIMIZER_NAMES.values():
         handlers[OptimizerNames(value)] = handler
 
 
 def install_trainer(trainer: Any, after_create: AfterCreate) -> None:
     """Call ``after_create(trainer)`` right after ``Trainer.create_optimizer``."""
-    import inspect
-
-    params = list(inspect.signature(trainer.Trainer.create_optimizer).parameters)
-    if params[:2] != ["self", "model"]:
-        raise _fail(f"Trainer.create_optimizer has parameters {params}, expected (self, model=None)")
+    _check_trainer(trainer)
     _wrap_create_optimizer(trainer.Trainer, after_create)
 
 
 def install_train_exit(trainer: Any, after_train: AfterTrain) -> None:
     """Call ``after_train(trainer)`` whenever ``Trainer.train`` returns or raises (it must not raise itself)."""
-    if not callable(getattr(trainer.Trainer, "train", None)):
-        raise _fail("Trainer.train is gone")
+    _check_trainer(trainer)
     _wrap_train(trainer.Trainer, after_train)
 
 
