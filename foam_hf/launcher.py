@@ -27,7 +27,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["HOOK_NAME", "AutoregisterStatus", "autoregister", "autoregister_status", "launch_env", "run_command"]
+__all__ = [
+    "HOOK_NAME",
+    "AutoregisterError",
+    "AutoregisterStatus",
+    "autoregister",
+    "autoregister_status",
+    "launch_env",
+    "run_command",
+]
 
 #: Directory holding the ``sitecustomize.py`` that :func:`run_command` puts first on ``PYTHONPATH``.
 STARTUP_DIR = str(Path(__file__).resolve().parent / "integration" / "startup")
@@ -43,7 +51,9 @@ _HEADER = "# Written by `foam-hf autoregister on`: registers optim='foam' when t
 def launch_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """``env`` (default: this process's) with foam-hf's start-up directory first on ``PYTHONPATH``."""
     result = dict(os.environ if env is None else env)
-    parts = [p for p in result.get("PYTHONPATH", "").split(os.pathsep) if p and p != STARTUP_DIR]
+    value = result.get("PYTHONPATH", "")
+    # An empty entry (``PYTHONPATH=:/x``, ``$PYTHONPATH:/x``) means the current directory to Python: kept.
+    parts = [p for p in value.split(os.pathsep) if not p or os.path.realpath(p) != STARTUP_DIR] if value else []
     result["PYTHONPATH"] = os.pathsep.join([STARTUP_DIR, *parts])
     return result
 
@@ -55,6 +65,13 @@ def run_command(command: Sequence[str]) -> int:
     if not command:
         raise ValueError("foam-hf run: no command given. Fix: e.g. foam-hf run trl sft --optim foam ...")
     executable = shutil.which(command[0])
+    if executable is None and os.path.isfile(command[0]):
+        sys.stderr.write(
+            f"foam-hf run: {command[0]!r} is a file but not executable: CMD is run as a program. Fix: run it "
+            f"with its interpreter, e.g. foam-hf run python {command[0]} ... or foam-hf run bash {command[0]} ..., "
+            f"or make it executable (chmod +x {command[0]}).\n"
+        )
+        return 126
     if executable is None:
         sys.stderr.write(
             f"foam-hf run: command not found: {command[0]!r}: CMD is a program on PATH or the path of one. Fix: "
@@ -75,6 +92,10 @@ def _site_dir(site_dir: str | os.PathLike[str] | None) -> Path:
 
 def _hook_files(site_dir: Path) -> tuple[Path, Path]:
     return site_dir / f"{HOOK_NAME}.pth", site_dir / f"{HOOK_NAME}.start"
+
+
+class AutoregisterError(OSError):
+    """:func:`autoregister` could not change the start-up hook; the message says why and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -112,15 +133,33 @@ def autoregister(enable: bool, site_dir: str | os.PathLike[str] | None = None) -
     site-packages); return the resulting status. Idempotent."""
     directory = _site_dir(site_dir)
     if not directory.is_dir():
-        raise FileNotFoundError(
+        raise AutoregisterError(
             f"foam-hf autoregister: {directory} is not a directory. Fix: pass --site-dir with an existing "
             "site-packages folder, or run the command with the Python of the environment to change."
         )
     pth, start = _hook_files(directory)
-    if enable:
-        pth.write_text(_HEADER + _PTH_LINE, encoding="utf-8")
-        start.write_text(_HEADER + _START_LINE, encoding="utf-8")
-    else:
-        for path in (pth, start):
-            path.unlink(missing_ok=True)
+    try:
+        if enable:
+            pth.write_text(_HEADER + _PTH_LINE, encoding="utf-8")
+            start.write_text(_HEADER + _START_LINE, encoding="utf-8")
+        else:
+            for path in (pth, start):
+                path.unlink(missing_ok=True)
+    except OSError as exc:  # a root-owned system site-packages, a read-only or pseudo file system
+        raise AutoregisterError(
+            f"foam-hf autoregister: cannot {'write' if enable else 'remove'} the start-up hook in {directory} "
+            f"({exc.strerror or exc}): the hook lives in the site-packages of the environment it registers in. "
+            "Fix: run it as a user who may write there, or pass --site-dir with a site-packages folder you own "
+            "(`python -m site --user-site` prints yours)."
+        ) from exc
     return autoregister_status(directory)
+
+
+def is_site_dir(directory: str | os.PathLike[str]) -> bool:
+    """Whether Python reads ``.pth``/``.start`` files in ``directory``: one of this Python's site folders, or a
+    folder named like one (``site-packages``/``dist-packages``, e.g. another environment's)."""
+    import site
+
+    path = Path(directory).resolve()
+    known = [*site.getsitepackages(), site.getusersitepackages()]
+    return path.name in ("site-packages", "dist-packages") or any(path == Path(p).resolve() for p in known)

@@ -3,7 +3,7 @@
 
 For launchers that take a module: ``accelerate launch -m foam_hf.run train.py --optim foam ...`` and
 ``torchrun --nproc-per-node 2 -m foam_hf.run train.py ...``. Processes the script starts inherit the
-registration too (see :mod:`foam_hf.launcher`).
+registration too (see :mod:`foam_hf.launcher`), except under ``python -I``/``-E``, which ignore ``PYTHONPATH``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ _USAGE = "usage: python -m foam_hf.run SCRIPT [ARGS...]  |  python -m foam_hf.ru
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help") or (args[0] == "-m" and len(args) < 2):
-        print(_USAGE)
-        raise SystemExit(0 if args and args[0] in ("-h", "--help") else 2)
+        asked = bool(args) and args[0] in ("-h", "--help")
+        print(_USAGE, file=sys.stdout if asked else sys.stderr)
+        raise SystemExit(0 if asked else 2)
     os.environ.update(launch_env())  # child processes register too
     import foam_hf  # noqa: F401 - registers optim="foam" (lazily, when transformers is imported)
 
@@ -43,17 +44,25 @@ def main(argv: list[str] | None = None) -> None:
                 f"relative to {os.getcwd()}), e.g. python -m foam_hf.run train.py --optim foam ..."
             )
         sys.argv = [script, *args[1:]]
-        sys.path[0] = os.path.dirname(os.path.abspath(script))
+        if not getattr(
+            sys.flags, "safe_path", False
+        ):  # (3.11+) as `python SCRIPT`: the script's real folder replaces -m's current directory
+            sys.path[0] = os.path.dirname(os.path.realpath(script))
         runpy.run_path(script, run_name="__main__")
 
 
 def _module_exists(name: str) -> bool:
-    """Whether ``name`` can be imported (its parent packages are imported to find out, as ``-m`` would)."""
+    """Whether module ``name`` exists (its parent packages are imported to find out, as ``-m`` would). An error
+    raised inside a parent package (say, its own missing dependency) is not ours to reword: it propagates."""
     import importlib.util
 
     try:
         return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):  # a missing parent package; an empty or relative name
+    except ModuleNotFoundError as exc:  # a parent package of the name itself is missing
+        if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):
+            return False
+        raise
+    except ValueError:  # an empty or relative name
         return False
 
 

@@ -245,6 +245,66 @@ def test_the_launcher_keeps_an_existing_sitecustomize(tmp_path):
     assert sh(BIN / "foam-hf", "run", sys.executable, "-c", code, env=env).returncode == 0
 
 
+def test_two_copies_of_the_start_up_folder_on_the_path_run_the_environment_sitecustomize_once(tmp_path):
+    # One folder under two spellings (or another environment's foam-hf launching this one's python -m foam_hf.run):
+    # each copy of our sitecustomize must skip both, not run the other one forever.
+    from foam_hf.launcher import STARTUP_DIR
+
+    (tmp_path / "alias").symlink_to(STARTUP_DIR)
+    (tmp_path / "env_site").mkdir()
+    (tmp_path / "env_site" / "sitecustomize.py").write_text(
+        "import os\nos.environ['RUNS'] = os.environ.get('RUNS', '') + 'x'\n"
+    )
+    # The PYTHONPATH a process under two launchers sees: both copies before the environment's own folder.
+    path = [STARTUP_DIR, str(tmp_path / "alias"), str(tmp_path / "env_site")]
+    code = "import os, sys; print(os.environ.get('RUNS'), 'foam_hf' in sys.modules)"
+    result = ok(sh(sys.executable, "-c", code, env={**ENV, "PYTHONPATH": os.pathsep.join(path)}))
+    assert result.stdout.split() == ["x", "True"] and "Error" not in result.stderr, result.stderr
+
+
+def test_an_empty_pythonpath_entry_still_means_the_current_directory(tmp_path):
+    from foam_hf.launcher import STARTUP_DIR, launch_env
+
+    assert launch_env({"PYTHONPATH": ":/x"})["PYTHONPATH"] == os.pathsep.join([STARTUP_DIR, "", "/x"])
+    assert launch_env({})["PYTHONPATH"] == STARTUP_DIR  # no PYTHONPATH: no empty entry added
+    (tmp_path / "mylib.py").write_text("VALUE = 7\n")
+    code = "import mylib; print(mylib.VALUE)"
+    env = {**ENV, "PYTHONPATH": os.pathsep + "/nonexistent"}
+    assert ok(sh(BIN / "foam-hf", "run", sys.executable, "-c", code, env=env, cwd=tmp_path)).stdout.strip() == "7"
+
+
+def test_a_symlinked_script_imports_beside_its_real_file_as_python_would(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "real" / "helper.py").write_text("NAME = 'helper ok'\n")
+    (tmp_path / "real" / "train.py").write_text("import helper\nprint(helper.NAME)\n")
+    (tmp_path / "other" / "train.py").symlink_to(tmp_path / "real" / "train.py")
+    plain = ok(sh(sys.executable, "other/train.py", cwd=tmp_path)).stdout
+    assert ok(sh(sys.executable, "-m", "foam_hf.run", "other/train.py", cwd=tmp_path)).stdout == plain == "helper ok\n"
+
+
+def test_a_module_whose_package_fails_to_import_shows_the_real_error(tmp_path):
+    (tmp_path / "brokenpkg").mkdir()
+    (tmp_path / "brokenpkg" / "__init__.py").write_text("import nonexistent_dependency_xyz\n")
+    (tmp_path / "brokenpkg" / "train.py").write_text("print('ran')\n")
+    result = sh(sys.executable, "-m", "foam_hf.run", "-m", "brokenpkg.train", cwd=tmp_path)
+    assert result.returncode == 1 and "No module named 'nonexistent_dependency_xyz'" in result.stderr, result.stderr
+    assert "check the name" not in result.stderr  # not reworded as a missing brokenpkg.train
+
+
+def test_a_file_that_is_not_executable_is_named_as_such(tmp_path):
+    script = tmp_path / "train.sh"
+    script.write_text("echo hi\n")
+    result = sh(BIN / "foam-hf", "run", script)
+    assert result.returncode == 126 and "not executable" in result.stderr and f"bash {script}" in result.stderr
+
+
+def test_usage_errors_go_to_stderr():
+    result = sh(sys.executable, "-m", "foam_hf.run")
+    assert result.returncode == 2 and result.stdout == "" and "usage: python -m foam_hf.run" in result.stderr
+    assert ok(sh(sys.executable, "-m", "foam_hf.run", "--help")).stdout.startswith("usage:")
+
+
 # ------------------------------------------------------------------ the trl CLI
 
 
@@ -379,10 +439,30 @@ def test_autoregister_refuses_a_missing_site_dir(tmp_path):
     assert "Traceback" not in result.stderr  # one line, as the CLI's other refusals
 
 
+def test_autoregister_warns_when_python_would_never_read_the_folder(tmp_path):
+    result = ok(sh(sys.executable, "-m", "foam_hf", "autoregister", "on", "--site-dir", tmp_path))
+    assert "not a site-packages folder" in result.stderr and "Fix:" in result.stderr and "on (" in result.stdout
+
+
+def test_autoregister_names_a_folder_it_may_not_write(tmp_path, monkeypatch, capsys):
+    from foam_hf.tools import cli
+
+    site = tmp_path / "site-packages"
+    site.mkdir()
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "write_text", refuse)  # as a root-owned system site-packages answers
+    assert cli.main(["autoregister", "on", "--site-dir", str(site)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the start-up hook in {site} (Permission denied)" in err and "--user-site" in err
+
+
 def test_autoregister_off_says_whether_it_removed_a_hook(tmp_path):
     site = tmp_path / "site-packages"
     site.mkdir()
-    ok(sh(sys.executable, "-m", "foam_hf", "autoregister", "on", "--site-dir", site))
+    assert ok(sh(sys.executable, "-m", "foam_hf", "autoregister", "on", "--site-dir", site)).stderr == ""
     removed = ok(sh(sys.executable, "-m", "foam_hf", "autoregister", "off", "--site-dir", site)).stdout
     assert "off (removed " in removed and "foam_hf-autoregister.pth" in removed and not list(site.iterdir())
     again = ok(sh(sys.executable, "-m", "foam_hf", "autoregister", "off", "--site-dir", site)).stdout

@@ -297,7 +297,7 @@ def _add_autoregister(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 
 def _run_autoregister(args: argparse.Namespace) -> int:
-    from ..launcher import autoregister, autoregister_status
+    from ..launcher import AutoregisterError, autoregister, autoregister_status, is_site_dir
 
     try:
         if args.action == "status":
@@ -309,9 +309,16 @@ def _run_autoregister(args: argparse.Namespace) -> int:
                 removed = ", ".join(str(p) for p in (before.pth, before.start) if p is not None)
                 print(f"foam-hf autoregister: off (removed {removed})")
                 return 0
-    except FileNotFoundError as exc:
+    except AutoregisterError as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    if args.action == "on" and not is_site_dir(status.site_dir):
+        print(
+            f"foam-hf autoregister: warning: {status.site_dir} is not a site-packages folder, and Python runs start-up "
+            "hooks only from those: no Python will run this one. Fix: foam-hf autoregister off --site-dir "
+            f"{status.site_dir}, then pass a folder that `python -m site` lists (or one named site-packages).",
+            file=sys.stderr,
+        )
     print(status.describe())
     return 0
 
