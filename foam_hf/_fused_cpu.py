@@ -241,13 +241,14 @@ def _fused_foam(
     """The fused path: one C++ call per group, one read of G and W and one write of W per element.
 
     Gradients that are not contiguous or not in the parameter's dtype are made so first (a copy, the only
-    full-size allocation this path can make; Trainer's gradients never need it), but for one case: a gradient
-    wider than its 16-bit parameter (fp32 gradients of bf16 weights, as FSDP2's ``reduce_dtype=float32`` gives
-    them), which the kernel would round to the parameter's dtype first. Those tensors take the readable path,
-    which steps them on the unrounded gradient, as the Triton kernels do. bf16 moments are widened,
-    stepped and stochastically rounded back inside the kernel, a few hundred entries at a time (the rounding
-    is :func:`foam_hf.precision.store_moment`'s, bit for bit). :func:`foam_hf.functional.foam` checks first
-    that the kernel covers every tensor (:func:`foam_hf.implementation.check_fused_tensors`).
+    full-size allocation this path can make; Trainer's gradients never need it), but for one case: a gradient of
+    another dtype than its 16-bit parameter (fp32 gradients of bf16 weights, as FSDP2's ``reduce_dtype=float32``
+    gives them; a bf16 gradient of an fp16 weight), which the kernel would round to the parameter's dtype first.
+    Those tensors take the readable path, which steps them on the unrounded gradient, as the Triton kernels do.
+    bf16 moments are widened, stepped and stochastically rounded back inside the kernel, a few hundred entries
+    at a time (the rounding is :func:`foam_hf.precision.store_moment`'s, bit for bit).
+    :func:`foam_hf.functional.foam` checks first that the kernel covers every tensor
+    (:func:`foam_hf.implementation.check_fused_tensors`).
     """
     if not params:
         return
@@ -285,7 +286,8 @@ def _fused_foam(
 
 
 def _rounds_the_gradient(param: torch.Tensor, grad: torch.Tensor) -> bool:
-    """Whether handing ``grad`` to the kernel, which reads gradients in the parameter's dtype, would round it: a
-    gradient of a wider floating dtype than its 16-bit parameter."""
-    half = (torch.bfloat16, torch.float16)
-    return param.dtype in half and grad.dtype != param.dtype and grad.dtype.itemsize > param.dtype.itemsize
+    """Whether handing ``grad`` to the kernel, which reads gradients in the parameter's dtype, would change it: any
+    other dtype than its 16-bit parameter's. A wider one rounds; the other 16-bit format (a bf16 gradient of an fp16
+    weight, or the reverse) rounds too and, fp16's range being 65504 against bf16's 3.4e38, may overflow or
+    flush to zero."""
+    return param.dtype in (torch.bfloat16, torch.float16) and grad.dtype != param.dtype

@@ -149,11 +149,15 @@ def test_fused_does_not_touch_grads(kernel):
 
 
 def test_fp32_gradients_of_16_bit_parameters_step_unrounded():
-    """A gradient wider than its bf16/fp16 parameter (FSDP2's reduce_dtype=float32 gives them) is not rounded to
+    """A gradient of another dtype than its bf16/fp16 parameter (FSDP2 reduce_dtype=float32) is not rounded to
     the parameter's dtype, as the kernel would: that tensor steps exactly as on the readable path, the others
     of the group on the kernel. The Triton kernels do the same (tests/test_fused_triton.py)."""
     gen = torch.Generator().manual_seed(5)
-    dtypes = [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16)]
+    # (parameter, gradient) dtypes. The other 16-bit format is no wider but rounds too, and a bf16 gradient past
+    # fp16's 65504 (the 1e5 below) became inf in the kernel's fp16 copy: each of those steps on the readable path.
+    dtypes = [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
+    dtypes += [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16), (torch.bfloat16, torch.bfloat16)]
+    magnitudes = [1e-2, 1e-2, 1e5, 1e-2, 1e-2]
     start = [torch.randn(6, 16, generator=gen).to(p) for p, _ in dtypes]
     states = {name: ([w.clone() for w in start], [], [], []) for name in ("fused", "readable")}
     hyper = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, block_size=4, scale=1.0)
@@ -163,12 +167,28 @@ def test_fp32_gradients_of_16_bit_parameters_step_unrounded():
         avg_sqs += [torch.zeros(6, 4) for _ in params]
         steps += [torch.tensor(0.0) for _ in params]
     for _ in range(3):
-        grads = [(torch.randn(6, 16, generator=gen) * 1e-2).to(g) for _, g in dtypes]
+        grads = [(torch.randn(6, 16, generator=gen) * size).to(g) for (_, g), size in zip(dtypes, magnitudes)]
         for name, (params, avgs, avg_sqs, steps) in states.items():
             paths = dict(fused=True) if name == "fused" else dict(fused=False, foreach=False)
             foam(params, [g.clone() for g in grads], avgs, avg_sqs, steps, **hyper, **paths)
     fused, readable = states["fused"], states["readable"]
-    for i in (0, 1):  # the wider gradients: the readable path's bits
-        assert torch.equal(fused[0][i], readable[0][i]) and torch.equal(fused[1][i], readable[1][i])
+    for i in range(4):  # the gradients of another dtype: the readable path's bits, all finite
+        assert torch.equal(fused[0][i], readable[0][i]) and torch.equal(fused[1][i], readable[1][i]), dtypes[i]
+        assert fused[0][i].isfinite().all(), dtypes[i]
     # the bf16 gradient took the kernel: within the kernel's bf16 tolerance of the readable path
-    torch.testing.assert_close(fused[0][2].float(), readable[0][2].float(), atol=1e-6, rtol=2**-7)
+    torch.testing.assert_close(fused[0][4].float(), readable[0][4].float(), atol=1e-6, rtol=2**-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_a_block_far_wider_than_its_rows_takes_buffers_of_the_row_not_of_the_block(kernel, dtype):
+    # B >= n is one block per row. The kernel's tile buffers were sized 4 * B entries whatever the row length:
+    # 2**40 asked for 16 Ti entries (std::bad_alloc); 2**24 took half a GB and half a second per step.
+    params = make_params([(16, 40)], dtype)
+    ours, theirs = clone_params(params), clone_params(params)
+    fused = FOAM(ours, block_size=2**40, fused=True, **SCALED)
+    reference = FOAM(theirs, block_size=2**40, foreach=False, fused=False, **SCALED)
+    grads = grad_sequence(params, 3)
+    run(fused, ours, grads)
+    run(reference, theirs, grads)
+    assert fused.state[ours[0]]["exp_avg"].shape == (16, 1)
+    torch.testing.assert_close(ours[0].detach(), theirs[0].detach(), atol=1e-6, rtol=1e-5)
