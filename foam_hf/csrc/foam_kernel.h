@@ -233,11 +233,11 @@ FOAM_INLINE void fold_rows_impl(const typename S::T* __restrict g, typename S::T
   using C = typename S::C;
   const int64_t K = (n + B - 1) / B;
   const int64_t tile_blocks = std::max<int64_t>(1, kTile / B);
-  const int64_t T = tile_blocks * B;
+  const int64_t T = std::min(tile_blocks * B, n);  // a tile never spans more than its row: B >= n is one block
   C stack_buf[4 * kTile];
   std::vector<C> heap_buf;
   C* buf = stack_buf;
-  if (T > kTile) {  // only when B > kTile: one block per tile
+  if (T > kTile) {  // only when B > kTile and rows are longer than kTile: one block per tile
     heap_buf.resize(4 * T);
     buf = heap_buf.data();
   }
