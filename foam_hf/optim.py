@@ -36,6 +36,15 @@ __all__ = ["FOAM", "SECOND_MOMENT_MODES", "STATE_DTYPES", "foam", "state_dtype_f
 SecondMoment = Literal["mean_sq", "sq_mean"]
 
 
+#: torch.optim.Adam(W) flags FOAM has no mode for, with what to do instead (refused in a param group when on).
+_ADAM_FLAGS_NOT_IN_FOAM = {
+    "maximize": "minimize the negated objective (loss = -objective) instead of maximize=True",
+    "amsgrad": "drop amsgrad (FOAM keeps no running maximum of the folded second moment)",
+    "capturable": "drop capturable (FOAM's CUDA step is not CUDA-graph capturable)",
+    "differentiable": "drop differentiable (FOAM's step is not differentiable)",
+}
+
+
 class FOAM(Optimizer):
     r"""Adam with *folded* first and second moments: states of a weight ``(*rows, n)`` are ``(*rows, ⌈n/B⌉)``.
 
@@ -202,6 +211,14 @@ class FOAM(Optimizer):
         typos = {k for k in unknown if k in ("level", "alpha", "rho", "beta1", "beta2", "blocksize")}
         near = {k: difflib.get_close_matches(k, list(GROUP_DEFAULTS), n=1, cutoff=0.8) for k in unknown}
         typos |= {k for k, match in near.items() if match} | ({"block_sizes"} & unknown)
+        # torch's Adam flags FOAM does not have: harmless when off (a group copied from an AdamW state_dict carries
+        # them so), but on, each would be a different algorithm trained without a word.
+        unsupported = {k: param_group[k] for k in _ADAM_FLAGS_NOT_IN_FOAM if param_group.get(k)}
+        if unsupported:
+            raise FoamConfigError(
+                f"FOAM: param group {index} sets {unsupported}; FOAM has no such mode, and would step as if "
+                f"they were off. Fix: {'; '.join(_ADAM_FLAGS_NOT_IN_FOAM[k] for k in unsupported)}."
+            )
         if typos:
             hints = {
                 "level": "use block_size=2**level",

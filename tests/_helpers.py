@@ -501,6 +501,18 @@ PARAM_ERROR_INPUTS = [
         ["['level'] are not FOAM options"],
     ),
     (
+        "torch's maximize=True as a group option (FOAM would descend)",
+        lambda: FOAM([{"params": [leaf(2, 4)], "maximize": True, "amsgrad": False}]),
+        FoamConfigError,
+        ["param group 0 sets {'maximize': True}", "FOAM has no such mode", "Fix: minimize the negated objective"],
+    ),
+    (
+        "torch's amsgrad=True and capturable=True as group options",
+        lambda: FOAM([{"params": [leaf(2, 4)]}, {"params": [leaf(2, 4)], "amsgrad": True, "capturable": True}]),
+        FoamConfigError,
+        ["param group 1 sets {'amsgrad': True, 'capturable': True}", "drop amsgrad", "drop capturable"],
+    ),
+    (
         "complex parameter",
         lambda: FOAM([leaf(2, 4, dtype=torch.complex64)]),
         TypeError,

@@ -260,3 +260,14 @@ def test_param_groups_carry_their_own_block_size():
     assert opt.state[folded]["exp_avg"].shape == (4, 2)
     assert opt.state[plain]["exp_avg"].shape == (4, 16)
     assert [g["block_size"] for g in opt.state_dict()["param_groups"]] == [8, 1]
+
+
+def test_groups_copied_from_adamw_with_its_flags_off_train_as_foam():
+    # torch's Adam flags are refused only when on (tests/_helpers.py): AdamW's own groups carry them off.
+    model = torch.nn.Linear(8, 4)
+    adamw_groups = torch.optim.AdamW(model.parameters(), lr=1e-3).param_groups
+    opt = FOAM([dict(group) for group in adamw_groups], block_size=4)
+    assert [opt.param_groups[0][k] for k in ("maximize", "amsgrad", "capturable")] == [False, False, False]
+    model(torch.randn(3, 8)).sum().backward()
+    opt.step()
+    assert opt.state[model.weight]["exp_avg"].shape == (4, 2)
