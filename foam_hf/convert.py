@@ -80,6 +80,8 @@ def foam_state_from_adamw(adamw: torch.optim.Optimizer | dict[str, Any], foam_op
     Parameters AdamW holds no state for (never stepped) get no FOAM state either: FOAM initializes them
     lazily at their first step, as AdamW would have. Existing FOAM state for converted parameters is
     replaced. Hyper-parameters (lr, betas, eps, weight decay) are *not* copied: they are FOAM's own.
+    FOAM has no ``maximize``: an AdamW run with ``maximize=True`` kept the moments of the negated gradients,
+    which are exactly those of the FOAM run that goes on from it minimizing the negated objective, as it must.
 
     Raises:
         FoamStateError: the parameter counts differ, a moment's shape differs from its parameter's, the

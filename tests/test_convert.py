@@ -291,3 +291,29 @@ def test_an_adamw_trainer_checkpoint_resumes_under_foam_with_its_moments_and_sch
 
     assert learning_rates(resumed)[-3:] == learning_rates(straight)[-3:]
     assert [step for step, _ in learning_rates(straight)[-3:]] == [4, 5, 6]
+
+
+def test_a_maximize_adamw_state_continues_as_foam_minimizing_the_negated_objective():
+    # FOAM has no maximize: the run goes on minimizing -objective, whose gradients are the negated ones AdamW's
+    # moments already hold (convert.py). With block size 1, FOAM is AdamW: both continuations must agree.
+    params = make_params(dtype=torch.float64)
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    adamw = torch.optim.AdamW(params, foreach=False, maximize=True, **HPARAMS)
+    for s in range(3):
+        for p, g in zip(params, random_grads(params, seed=300 + s)):
+            p.grad = g  # the gradients of the objective
+        adamw.step()
+    with torch.no_grad():
+        for twin, p in zip(twins, params):
+            twin.copy_(p)
+    foam = FOAM(twins, block_size=1, **HPARAMS)
+    foam_state_from_adamw(adamw.state_dict(), foam)
+    for s in range(3, 6):
+        grads = random_grads(params, seed=300 + s)
+        for p, twin, g in zip(params, twins, grads):
+            p.grad, twin.grad = g.clone(), -g  # FOAM minimizes the negated objective
+        adamw.step()
+        foam.step()
+    moved = [(p - twin).abs().max().item() for p, twin in zip(params, twins)]
+    assert max(moved) < 1e-12, moved
+    assert any(not torch.equal(p, w) for p, w in zip(params, make_params(dtype=torch.float64)))  # they trained
