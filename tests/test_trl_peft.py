@@ -203,6 +203,22 @@ def test_lora_under_trainer_gives_states_to_adapters_only_unfolded_by_default(tm
     assert {g["block_size"] for g in optimizer.param_groups} == {1}
 
 
+def test_fold_options_on_a_model_where_nothing_folds_warn_once(tmp_path, recwarn):
+    # block_size=8 on a LoRA model changes nothing (adapters keep AdamW states by default): said, not ignored.
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_alpha=16))
+    args = TrainingArguments(output_dir=str(tmp_path), optim_args="block_size=8,res_scale=0.5", **COMMON)
+    with pytest.warns(UserWarning, match=r"optim_args sets \['block_size', 'res_scale'\], but no trainable parameter"):
+        Trainer(model=model, args=args, train_dataset=lm_dataset()).create_optimizer()
+    # Folding an adapter by name makes the same options act: no warning.
+    args = TrainingArguments(output_dir=str(tmp_path), optim_args="block_size=8,block_sizes=lora_A:4", **COMMON)
+    recwarn.clear()
+    Trainer(model=model, args=args, train_dataset=lm_dataset()).create_optimizer()
+    assert not [w for w in recwarn if "no trainable parameter" in str(w.message)]
+
+
 def test_lora_overrides_address_adapters_by_name(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments

@@ -71,7 +71,10 @@ def _fail(what: str) -> SeamError:
         f"foam_hf cannot register optim='foam' with transformers {transformers.__version__}: {what}. "
         "foam_hf.integration._seam lists what it relies on; this transformers release is outside the tested "
         "range (see foam_hf's pyproject.toml). Workaround: pass the optimizer explicitly, "
-        "Trainer(..., optimizer_cls_and_kwargs=foam_hf.integration.optimizer_cls_and_kwargs(args, model))."
+        "Trainer(..., optimizer_cls_and_kwargs=foam_hf.integration.optimizer_cls_and_kwargs(args, model)), or for "
+        "trainers without that argument (TRL's DPOTrainer, GRPOTrainer, ...) set trainer.optimizer_cls_and_kwargs "
+        "= foam_hf.integration.optimizer_cls_and_kwargs(trainer.args, trainer.model) before train() "
+        "(docs/integration.md, 'When transformers changes')."
     )
 
 

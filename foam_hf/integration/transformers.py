@@ -72,26 +72,52 @@ def validate_training_arguments(args: Any) -> None:
 _FOAM_ONLY_KEYS = ("block_size", "block_sizes", "level", "res_scale", "second_moment", "state_dtype", "target_modules")
 
 
+#: optim_args keys that change only how folded tensors step: with nothing folded, they change nothing.
+_FOLD_ONLY_KEYS = ("block_size", "level", "scale", "res_scale", "second_moment")
+
+
+def _optim_args_keys(optim_args: Any) -> set[str]:
+    """The keys ``optim_args`` sets, as written (a ``key=value,...`` string or a mapping)."""
+    if isinstance(optim_args, str):
+        return {item.partition("=")[0].strip() for item in optim_args.split(",")}
+    if isinstance(optim_args, Mapping):
+        return set(map(str, optim_args))
+    return set()
+
+
 def _warn_foam_options_for_another_optimizer(args: Any) -> None:
     """Warn when ``optim_args`` holds keys only FOAM reads but ``optim`` names another optimizer: the run would
     train with that optimizer, and the options would be dropped without a word."""
-    optim_args = args.optim_args
-    if isinstance(optim_args, str):
-        keys = {item.partition("=")[0].strip() for item in optim_args.split(",")}
-    elif isinstance(optim_args, Mapping):
-        keys = set(map(str, optim_args))
-    else:
-        return
-    ours = sorted(keys.intersection(_FOAM_ONLY_KEYS))
+    ours = sorted(_optim_args_keys(args.optim_args).intersection(_FOAM_ONLY_KEYS))
     if ours:
         optim = getattr(args.optim, "value", args.optim)
         warnings.warn(
             f"TrainingArguments: optim_args sets FOAM's {ours}, but optim={optim!r}, so this run trains with that "
-            "optimizer and FOAM's options do nothing. Fix: set optim='foam' (--optim foam) to train with FOAM, or "
-            "drop them from optim_args.",
+            "optimizer and FOAM's options do nothing, unless FOAM is handed to the Trainer directly "
+            "(optimizer_cls_and_kwargs=foam_hf.integration.optimizer_cls_and_kwargs(args, model) reads them). "
+            "Fix: set optim='foam' (--optim foam) to train with FOAM, or drop them from optim_args.",
             UserWarning,
             stacklevel=3,
         )
+
+
+def _warn_fold_options_where_nothing_folds(args: Any, groups: list[dict[str, Any]]) -> None:
+    """Warn when ``optim_args`` sets options that act on folded tensors only and no parameter folds (a LoRA model:
+    adapters keep AdamW states by default), so the run is AdamW whatever they say."""
+    from ..folding import folds_in_full
+
+    asked = sorted(_optim_args_keys(args.optim_args).intersection(_FOLD_ONLY_KEYS))
+    if not asked or any(folds_in_full(p, g["block_size"]) for g in groups for p in g["params"]):
+        return
+    warnings.warn(
+        f"optim='foam': optim_args sets {asked}, but no trainable parameter of this model folds, so they change "
+        "nothing and every tensor steps as with AdamW. FOAM's default targets leave out PEFT adapters (their states "
+        "are small, and folding them cost loss), one-dimensional tensors, embeddings and the head. Fix: fold "
+        "adapters by name (optim_args='block_sizes=lora_A:4'), name modules in optim_target_modules, or drop "
+        f"{asked} from optim_args.",
+        UserWarning,
+        stacklevel=2,
+    )
 
 
 def _check_fsdp_version(args: Any) -> None:
@@ -317,6 +343,7 @@ def foam_handler(ctx: Any) -> tuple[type[FOAM], dict[str, Any]]:
     """The entry of transformers' optimizer handler table for ``optim="foam"`` / ``"foam_layerwise"``."""
     cls, kwargs = optimizer_cls_and_kwargs(ctx.args, ctx.model)
     kwargs["params"] = list(kwargs["params"])  # the Trainer's model, now: errors surface here, not inside torch
+    _warn_fold_options_where_nothing_folds(ctx.args, kwargs["params"])
     ctx.optimizer_kwargs.update(kwargs)
     return cls, ctx.optimizer_kwargs
 
