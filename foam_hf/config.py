@@ -257,6 +257,12 @@ def _split_optim_args(optim_args: str | None) -> dict[str, str]:
         part = written.replace(" ", "")
         if not part:
             continue
+        if "=" not in part and previous in _LIST_EXAMPLES and items[previous].count("{") > items[previous].count("}"):
+            raise FoamConfigError(
+                f"optim_args: {previous}={items[previous]},{part} holds a regex quantifier {{m,n}}, and its ',' splits "
+                f"optim_args (transformers reads 'key=value' entries separated by ','), leaving {part!r} alone. "
+                rf"Fix: write the pattern without a comma, e.g. \d+ for \d{{1,2}}."
+            )
         if "=" not in part and previous in _LIST_EXAMPLES:
             raise FoamConfigError(
                 f"optim_args: {part!r} follows {previous}= but is not of the form key=value: entries of "

@@ -580,6 +580,11 @@ OPTIM_ARGS_ERRORS = [
         ["'block_size=4 level=2' is two entries separated by a space", "Fix: block_size=4,level=2"],
     ),
     (
+        r"block_sizes=layers\.\d{1,2}\.q_proj:8",
+        FoamConfigError,
+        ["holds a regex quantifier {m,n}", "its ',' splits optim_args", r"Fix: write the pattern without a comma"],
+    ),
+    (
         "block_sizes=q_proj=8",
         FoamConfigError,
         ["pattern:size (':' before the size, not '=')", "Fix: block_sizes=q_proj:8"],
