@@ -54,6 +54,17 @@ class ExampleParser(argparse.ArgumentParser):
         return namespace, extras
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a step count, a batch size, a length of zero or less trains nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
 def add_common_args(parser: ExampleParser, *, learning_rate: float, trainer: bool = True) -> None:
     """The flags every example shares (``--short`` switches to the test-sized model, data and step count).
 
@@ -66,22 +77,22 @@ def add_common_args(parser: ExampleParser, *, learning_rate: float, trainer: boo
     )
     parser.add_argument(
         "--max-steps",
-        type=int,
+        type=positive_int,
         default=None,
         help=f"optimizer steps (default: {parser.full_max_steps}; {SHORT_MAX_STEPS} with --short)",
     )
     if trainer:
         parser.add_argument("--output-dir", default=None, help="default: outputs/<example name>")
-    parser.add_argument("--block-size", type=int, default=4, help="FOAM's block size B (1 = AdamW states)")
+    parser.add_argument(
+        "--block-size", type=positive_int, default=None, help="FOAM's block size B (default 4; 1 = AdamW states)"
+    )
     parser.add_argument(
         "--optim-args",
         default="",
-        help="more FOAM options in optim_args form, e.g. 'block_sizes=q_proj:8;lm_head:1,res_scale=0.5'"
-        if trainer
-        else "more FOAM options in optim_args form, e.g. 'res_scale=0.5,state_dtype=bfloat16'",
+        help="more FOAM options in optim_args form, e.g. 'block_sizes=q_proj:8;down_proj:16,res_scale=0.5'",
     )
     parser.add_argument("--learning-rate", type=float, default=learning_rate)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     if trainer:
         parser.add_argument("--report-to", default="none", help="Trainer report_to (e.g. tensorboard, wandb)")
@@ -97,35 +108,28 @@ def example_parser(doc: str, *, max_steps: int, learning_rate: float, trainer: b
     return parser
 
 
-def foam_optim_args(block_size: int, extra: str = "") -> str:
-    """The ``optim_args`` string for ``block_size`` plus ``extra`` options, validated by :class:`FoamConfig`."""
-    text = f"block_size={block_size}" + (f",{extra}" if extra else "")
+def foam_optim_args(args: argparse.Namespace) -> str:
+    """The ``optim_args`` string of ``--block-size`` and ``--optim-args``, validated by :class:`FoamConfig`."""
+    given = {item.partition("=")[0].strip() for item in args.optim_args.split(",")} & {"block_size", "level"}
+    if args.block_size is not None and given:
+        raise SystemExit(
+            f"--block-size {args.block_size} and {sorted(given)} in --optim-args {args.optim_args!r} both set the "
+            "block size. Fix: keep one."
+        )
+    text = ",".join(x for x in (f"block_size={args.block_size}" if args.block_size else "", args.optim_args) if x)
     return FoamConfig.from_optim_args(text).to_optim_args()
 
 
-def foam_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """``FOAM(...)`` keyword arguments from ``--block-size`` and ``--optim-args``, for a hand-written loop.
+def foam_param_groups(model: torch.nn.Module, args: argparse.Namespace, weight_decay: float) -> list[dict]:
+    """FOAM's param groups for ``model`` under ``--block-size`` and ``--optim-args``, for a hand-written loop:
+    what ``optim="foam"`` folds (linear layers, not the embeddings or the head), per-module ``block_sizes``
+    included, with transformers' weight-decay rule (none on biases and norm weights)."""
+    return foam_hf.foam_param_groups(model, foam_optim_args(args), weight_decay=weight_decay)
 
-    Per-module ``block_sizes`` and ``target_modules`` are ``optim="foam"`` options (the Trainer resolves them
-    to param groups by module name); a plain ``FOAM(model.parameters(), ...)`` has no module names, so they
-    are refused here rather than ignored.
-    """
-    config = FoamConfig.from_optim_args(foam_optim_args(args.block_size, args.optim_args))
-    if config.block_sizes or config.target_modules is not None:
-        raise SystemExit(
-            f"--optim-args {args.optim_args!r}: block_sizes and target_modules choose block sizes by module name, "
-            "which only optim='foam' in a Trainer does; this example builds FOAM(model.parameters(), ...), which "
-            "folds every tensor of two or more dimensions with --block-size. Fix: drop them here (param groups "
-            "with their own block_size do the same in a plain loop, see docs/api.md), or use "
-            "examples/pretrain_trainer.py."
-        )
-    return dict(
-        block_size=config.block_size,
-        scale=config.scale,
-        res_scale=config.res_scale,
-        second_moment=config.second_moment,
-        state_dtype=config.state_dtype,
-    )
+
+def adamw_param_groups(foam_groups: list[dict]) -> list[dict]:
+    """The same parameters and weight decay for ``torch.optim.AdamW``: a like-for-like baseline."""
+    return [{"params": group["params"], "weight_decay": group["weight_decay"]} for group in foam_groups]
 
 
 def training_kwargs(args: argparse.Namespace, name: str, **overrides: Any) -> dict[str, Any]:
@@ -133,7 +137,7 @@ def training_kwargs(args: argparse.Namespace, name: str, **overrides: Any) -> di
     kwargs: dict[str, Any] = dict(
         output_dir=args.output_dir or str(Path("outputs") / name),
         optim="foam",
-        optim_args=foam_optim_args(args.block_size, args.optim_args),
+        optim_args=foam_optim_args(args),
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate,
@@ -200,8 +204,8 @@ def function_snippets(texts: list[str], n: int, max_chars: int = 240) -> list[tu
 
 
 def function_pairs(short: bool) -> list[tuple[str, str]]:
-    """(first line, body) pairs of standard-library functions: 64 from 20 files with ``--short``, else up to 2000
-    from 200 files."""
+    """(first line, body) pairs of standard-library functions: up to 64 from its first 20 files with ``--short``,
+    else up to 2000 from its first 200."""
     return function_snippets(stdlib_texts(max_files=20 if short else 200), n=64 if short else 2000)
 
 
@@ -287,6 +291,14 @@ def unwrap_optimizer(optimizer: Any) -> Any:
     while not isinstance(optimizer, FOAM) and hasattr(optimizer, "optimizer"):
         optimizer = optimizer.optimizer
     return optimizer
+
+
+def save_final_model(trainer: Any, args: argparse.Namespace) -> None:
+    """With ``--output-dir`` given, save the trained model (adapters only, for PEFT) and tokenizer there: the
+    runs save no checkpoints on the way (``save_strategy="no"``), so this is what a real-scale run keeps."""
+    if args.output_dir:
+        trainer.save_model(args.output_dir)
+        print(f"trained model saved to {args.output_dir}")
 
 
 def summarize(trainer: Any, loss_key: str = "loss") -> dict[str, Any]:

@@ -19,7 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import example_parser, function_pairs, load_model_and_tokenizer, summarize, training_kwargs  # noqa: E402
+from _common import (  # noqa: E402
+    example_parser,
+    function_pairs,
+    load_model_and_tokenizer,
+    save_final_model,
+    summarize,
+    training_kwargs,
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -50,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
         model=model, ref_model=ref_model, args=config, train_dataset=data, processing_class=tokenizer
     )
     trainer.train()
+    save_final_model(trainer, args)
     summary = summarize(trainer)
     summary["reward_margins"] = [e["rewards/margins"] for e in trainer.state.log_history if "rewards/margins" in e]
     summary["trainer"] = trainer

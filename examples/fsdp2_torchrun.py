@@ -6,12 +6,13 @@
         --max-steps 500 --block-size 8 --seq-len 1024 --batch-size 4
 
 Each decoder layer (the classes the model lists in ``_no_split_modules``) is sharded with ``fully_shard``,
-then the whole model; FOAM is built on the sharded parameters as on any others. Parameters, gradients and
-FOAM's moments are DTensors sharded along dim 0, so each rank keeps the folded moments of its own rows. Every
-rank trains on its own ``--batch-size`` blocks of the Python standard library's ``.py`` sources per step.
-Rank 0 prints the loss (averaged over ranks); every rank then prints the global and local shapes of one folded
-moment (or that no tensor folds, as with ``--block-size 1``). Returns the losses and those shapes (``None`` when
-nothing folds).
+then the whole model; FOAM is built on the sharded parameters as on any others, with the param groups
+``optim="foam"`` would use (``foam_hf.foam_param_groups``: linear layers fold, embeddings and head do not).
+Parameters, gradients and FOAM's moments are DTensors sharded along dim 0, so each rank keeps the folded
+moments of its own rows. Every rank trains on its own ``--batch-size`` blocks of the Python standard library's
+``.py`` sources per step. Rank 0 prints the loss (averaged over ranks); every rank then prints the global and
+local shapes of one folded moment (or that no tensor folds, as with ``--block-size 1``). Returns the losses and
+those shapes (``None`` when nothing folds).
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from _common import block_dataset, example_parser, foam_kwargs, load_model_and_tokenizer, stdlib_texts  # noqa: E402
+from _common import (  # noqa: E402
+    block_dataset,
+    example_parser,
+    foam_optim_args,
+    foam_param_groups,
+    load_model_and_tokenizer,
+    positive_int,
+    stdlib_texts,
+)
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
@@ -62,11 +71,16 @@ def folded_moment(optimizer: FOAM) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = example_parser(__doc__, max_steps=100, learning_rate=3e-3, trainer=False)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--seq-len", type=positive_int, default=128)
     args = parser.parse_args(argv)
     if args.short:
         args.seq_len = min(args.seq_len, 32)
-    foam_kwargs(args)  # bad --optim-args stop here, before any process group or model
+    foam_optim_args(args)  # bad --optim-args stop here, before any process group or model
+    if "RANK" not in os.environ:
+        raise SystemExit(
+            "fsdp2_torchrun.py runs one process per rank, started by torchrun. Fix: torchrun --nproc_per_node=2 "
+            "examples/fsdp2_torchrun.py ..."
+        )
 
     use_cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -78,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = load_model_and_tokenizer(args)  # the same seed (or checkpoint) on every rank
     shard(model, device)
     names = {id(p): n for n, p in model.named_parameters()}
-    optimizer = FOAM(model.parameters(), lr=args.learning_rate, weight_decay=0.1, **foam_kwargs(args))
+    # What optim="foam" folds (linear layers, not embeddings or head), found by module name on the sharded model.
+    optimizer = FOAM(foam_param_groups(model, args, weight_decay=0.1), lr=args.learning_rate)
 
     rows = block_dataset(
         tokenizer,
@@ -108,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     if found is None:
         shapes = dict(name=None, param=None, exp_avg=None, exp_avg_local=None)
         say(
-            f"rank {rank}: no tensor folds at --block-size {args.block_size}: every moment is AdamW-sized "
+            f"rank {rank}: no tensor folds at --block-size {args.block_size or 4}: every moment is AdamW-sized "
             "(FOAM folds tensors of two or more dimensions when the block size is above 1)"
         )
     else:

@@ -18,7 +18,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import example_parser, function_pairs, load_model_and_tokenizer, summarize, training_kwargs  # noqa: E402
+from _common import (
+    # noqa: E402
+    example_parser,
+    function_pairs,
+    load_model_and_tokenizer,
+    positive_int,
+    save_final_model,
+    summarize,
+    training_kwargs,
+)
 
 
 def function_body_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
@@ -38,12 +47,27 @@ def function_body_reward(prompts: list[str], completions: list[str], **kwargs) -
 
 def main(argv: list[str] | None = None) -> dict:
     parser = example_parser(__doc__, max_steps=40, learning_rate=1e-3)
-    parser.add_argument("--num-generations", type=int, default=4)
-    parser.add_argument("--max-completion-length", type=int, default=32)
+    parser.add_argument(
+        "--num-generations",
+        type=positive_int,
+        default=None,
+        help="completions per prompt, >= 2 (default 4; 2 with --short)",
+    )
+    parser.add_argument("--max-completion-length", type=positive_int, default=32)
     args = parser.parse_args(argv)
+    if args.num_generations is None:
+        args.num_generations = 2 if args.short else 4
+    if args.num_generations < 2:
+        parser.error(
+            f"--num-generations {args.num_generations}: GRPO compares completions of a prompt, so it needs >= 2"
+        )
     if args.short:
-        args.num_generations, args.max_completion_length = 2, min(args.max_completion_length, 8)
-    args.batch_size = max(args.batch_size - args.batch_size % args.num_generations, args.num_generations)
+        args.max_completion_length = min(args.max_completion_length, 8)
+    # A generation batch holds whole groups of completions: the largest multiple of --num-generations that fits.
+    batch_size = max(args.batch_size - args.batch_size % args.num_generations, args.num_generations)
+    if batch_size != args.batch_size:
+        print(f"--batch-size {args.batch_size} -> {batch_size}: a multiple of --num-generations {args.num_generations}")
+        args.batch_size = batch_size
 
     import trl
     from datasets import Dataset
@@ -71,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
     )
     trainer.train()
+    save_final_model(trainer, args)
     summary = summarize(trainer)
     summary["rewards"] = [e["reward"] for e in trainer.state.log_history if "reward" in e]
     print(f"mean reward {summary['rewards'][0]:.3f} -> {summary['rewards'][-1]:.3f}" if summary["rewards"] else "")

@@ -8,11 +8,11 @@ From Python (no ``--optim`` given; the script builds a ``foam_hf.FoamConfig`` an
 From the command line (every ``TrainingArguments`` flag works, as in any HF training script)::
 
     python examples/per_module_block_sizes.py --short --optim foam \\
-        --optim_args "block_size=4,block_sizes=q_proj:8;lm_head:1" --max_steps 5
+        --optim_args "block_size=4,block_sizes=q_proj:8;v_proj:1;lm_head:32" --max_steps 5
 
 Prints the block size the optimizer resolved for every trainable parameter, with the shape of its
-folded states (``lm_head:1`` keeps AdamW states; an override can also fold the head or the embeddings,
-which are unfolded by default). With ``--max_steps N`` it then trains N steps. Returns the
+folded states (``v_proj:1`` keeps AdamW states; ``lm_head:32`` folds the head, which, like the embeddings, is
+unfolded by default). With ``--max_steps N`` it then trains N steps. Returns the
 ``{parameter name: block size}`` map read back from the optimizer's param groups.
 """
 
@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import block_dataset, load_model_and_tokenizer, stdlib_texts, unwrap_optimizer  # noqa: E402
 
 #: What the Python route asks for: B=4 by default, 8 for attention queries, 16 for the MLP down
-#: projection, and AdamW states (1) for the output head.
-PYTHON_BLOCK_SIZES = {"q_proj": 8, "down_proj": 16, "lm_head": 1}
+#: projection, and AdamW states (1) for the attention values.
+PYTHON_BLOCK_SIZES = {"q_proj": 8, "down_proj": 16, "v_proj": 1}
 
 
 @dataclass
@@ -53,6 +53,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     if is_foam_optim(training_args.optim):
         route = "command line"
+    elif training_args.optim_args:
+        raise SystemExit(
+            f"--optim_args {training_args.optim_args!r} without --optim foam: this script's Python route would put "
+            "its own FoamConfig over them. Fix: add --optim foam to train with your optim_args, or drop them to see "
+            "the Python route."
+        )
     else:
         route = "python"
         config = foam_hf.FoamConfig(block_size=4, block_sizes=PYTHON_BLOCK_SIZES)

@@ -6,12 +6,14 @@
         --seq-len 1024 --batch-size 4
 
 The loop is the one every PyTorch user writes: forward, ``loss.backward()``, ``optimizer.step()``. The only
-change for FOAM is the optimizer's class: ``FOAM(model.parameters(), lr=..., block_size=B)``, which folds
-every tensor of two or more dimensions, embeddings and output head included (keep some at AdamW states with
-a param group of ``block_size=1``, docs/api.md). Both runs start from the same weights and see the same
-batches (the Python standard library's ``.py`` sources, tokenised and cut into fixed-length blocks), on the
-GPU when there is one. Prints and returns the first and last loss and the bytes each optimizer holds in its
-state.
+change for FOAM is the optimizer: ``FOAM(foam_hf.foam_param_groups(model, "block_size=4", weight_decay=0.1),
+lr=...)`` folds what ``optim="foam"`` folds in a Trainer (the linear layers, not the embeddings or the output
+head), per-module ``block_sizes`` of ``--optim-args`` included, with transformers' weight-decay rule; AdamW gets
+the same parameters and weight decay. (``FOAM(model.parameters(), block_size=B)`` would fold every tensor of two
+or more dimensions, embeddings and head included, docs/api.md.) Both runs start from the same weights and see
+the same batches (the Python standard library's ``.py`` sources, tokenised and cut into fixed-length blocks), on
+the GPU when there is one. Prints and returns the first and last loss (the mean over the last 5 steps too) and
+the bytes each optimizer holds in its state.
 """
 
 from __future__ import annotations
@@ -22,7 +24,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import block_dataset, example_parser, foam_kwargs, load_model_and_tokenizer, stdlib_texts  # noqa: E402
+from _common import (  # noqa: E402
+    adamw_param_groups,
+    block_dataset,
+    example_parser,
+    foam_optim_args,
+    foam_param_groups,
+    load_model_and_tokenizer,
+    positive_int,
+    stdlib_texts,
+)
 
 from foam_hf import FOAM  # noqa: E402
 
@@ -37,10 +48,11 @@ def held_bytes(optimizer: torch.optim.Optimizer) -> int:
 def train(name: str, model: torch.nn.Module, args, batches: list[torch.Tensor], device: torch.device) -> dict:
     """``len(batches)`` steps of ``name`` ("adamw" or "foam") on ``model``: the losses and the state bytes."""
     model.to(device).train()
+    groups = foam_param_groups(model, args, weight_decay=0.1)
     if name == "foam":
-        optimizer = FOAM(model.parameters(), lr=args.learning_rate, weight_decay=0.1, **foam_kwargs(args))
+        optimizer = FOAM(groups, lr=args.learning_rate)
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.1)
+        optimizer = torch.optim.AdamW(adamw_param_groups(groups), lr=args.learning_rate)
     losses = []
     for input_ids in batches:
         input_ids = input_ids.to(device)
@@ -54,11 +66,11 @@ def train(name: str, model: torch.nn.Module, args, batches: list[torch.Tensor], 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser = example_parser(__doc__, max_steps=200, learning_rate=3e-3, trainer=False)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--seq-len", type=positive_int, default=128)
     args = parser.parse_args(argv)
     if args.short:
         args.seq_len = min(args.seq_len, 32)
-    foam_kwargs(args)  # bad --optim-args stop here, before any model loads
+    foam_optim_args(args)  # bad --optim-args stop here, before any model loads
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model_and_tokenizer(args)
@@ -74,9 +86,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     results = {"adamw": train("adamw", model, args, batches, device)}
     del model  # one model at a time on the device; the same seed (or checkpoint) gives the same start again
     results["foam"] = train("foam", load_model_and_tokenizer(args)[0], args, batches, device)
-    print(f"{'optimizer':<10} {'first loss':>11} {'last loss':>11} {'state bytes':>13}")
+    tail = min(5, args.max_steps)
+    print(f"{'optimizer':<10} {'first loss':>11} {'last loss':>11} {f'last {tail} mean':>12} {'state bytes':>13}")
     for name, r in results.items():
-        print(f"{name:<10} {r['losses'][0]:>11.4f} {r['losses'][-1]:>11.4f} {r['state_bytes']:>13,}")
+        r["tail_mean_loss"] = sum(r["losses"][-tail:]) / tail
+        print(
+            f"{name:<10} {r['losses'][0]:>11.4f} {r['losses'][-1]:>11.4f} {r['tail_mean_loss']:>12.4f} "
+            f"{r['state_bytes']:>13,}"
+        )
     adamw, foam = results["adamw"]["state_bytes"], results["foam"]["state_bytes"]
     print(f"FOAM holds {adamw / foam:.2f}x less optimizer state than AdamW")
     return results

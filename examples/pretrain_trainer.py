@@ -19,7 +19,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import block_dataset, example_parser, load_model_and_tokenizer, stdlib_texts, summarize, training_kwargs  # noqa: E402
+from _common import (  # noqa: E402
+    block_dataset,
+    example_parser,
+    load_model_and_tokenizer,
+    save_final_model,
+    stdlib_texts,
+    summarize,
+    training_kwargs,
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -44,6 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     training_args = TrainingArguments(**training_kwargs(args, "pretrain_trainer", weight_decay=0.1))
     trainer = Trainer(model=model, args=training_args, train_dataset=train_data, eval_dataset=eval_data)
     trainer.train()
+    save_final_model(trainer, args)
     summary = summarize(trainer)
     summary["eval_loss"] = trainer.evaluate()["eval_loss"]
     print(f"eval loss {summary['eval_loss']:.4f} (perplexity {math.exp(summary['eval_loss']):.1f})")

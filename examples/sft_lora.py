@@ -20,10 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
+from _common import (
+    # noqa: E402
     example_parser,
     function_pairs,
     load_model_and_tokenizer,
+    save_final_model,
     summarize,
     training_kwargs,
     unwrap_optimizer,
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
         model=model, args=config, train_dataset=data, processing_class=tokenizer, peft_config=peft_config
     )
     trainer.train()
+    save_final_model(trainer, args)
     summary = summarize(trainer)
     optimizer = unwrap_optimizer(trainer.optimizer)
     names = {id(p): n for n, p in trainer.model.named_parameters()}

@@ -67,6 +67,12 @@ def test_pretrain_trainer(tmp_path):
     assert_foam_run(summary, block_size=4)
     assert summary["global_step"] == load_example("_common").SHORT_MAX_STEPS == 20
     assert math.isfinite(summary["eval_loss"])
+    # --output-dir given: the trained model is saved there (the runs save no checkpoints on the way).
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "model.safetensors")
+    trained = dict(summary["trainer"].model.named_parameters())
+    assert saved.keys() and all(torch.equal(saved[n], trained[n].detach()) for n in saved)
 
 
 def test_pretrain_trainer_block_size_and_overrides_reach_the_optimizer(tmp_path):
@@ -112,6 +118,17 @@ def test_grpo(tmp_path):
     assert summary["rewards"] and all(math.isfinite(x) for x in summary["rewards"])
 
 
+@pytest.mark.parametrize(
+    "flags", [["--num-generations", "1"], ["--short", "--num-generations", "1"], ["--max-steps", "0"]]
+)
+def test_grpo_refuses_what_would_train_nothing_or_crash(flags, capsys):
+    # --short used to replace any --num-generations by 2; 1 then trained, and without --short crashed in TRL.
+    with pytest.raises(SystemExit) as exit_info:
+        load_example("grpo").main(flags)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and ("needs >= 2" in err or "0 is not >= 1" in err), err
+
+
 def test_grpo_reward_scores_function_bodies():
     reward = load_example("grpo").function_body_reward
     prompts = ["def f(x):\n"] * 3
@@ -119,30 +136,37 @@ def test_grpo_reward_scores_function_bodies():
     assert reward(prompts, ["    return x\n", "    y = (\nz", "))\n"]) == [2.0, 0.5, 0.0]
 
 
-def plain_foam_block_sizes(model: torch.nn.Module, block_size: int) -> dict[str, int]:
-    """``FOAM(model.parameters(), block_size=B)`` folds every tensor of two or more dimensions (docs/api.md)."""
-    return {n: (block_size if p.dim() >= 2 else 1) for n, p in model.named_parameters()}
-
-
 def test_plain_pytorch(capsys):
     results = load_example("plain_pytorch").main(["--short", "--batch-size", "4"])
     common = load_example("_common")
     model = common.tiny_llama(common.build_tokenizer(), "test")  # the model --short trains
-    foam_bytes, adamw_bytes = expected_state_bytes(model, plain_foam_block_sizes(model, 4))
+    # What optim="foam" folds (foam_hf.foam_param_groups): linear layers, not the embeddings or the head.
+    foam_bytes, adamw_bytes = expected_state_bytes(model, expected_block_sizes(model, 4))
     assert (results["foam"]["optimizer"], results["adamw"]["optimizer"]) == ("FOAM", "AdamW")
     assert (results["foam"]["state_bytes"], results["adamw"]["state_bytes"]) == (foam_bytes, adamw_bytes)
     for r in results.values():
         assert len(r["losses"]) == common.SHORT_MAX_STEPS and all(math.isfinite(x) for x in r["losses"])
     # Same starting weights and first batch: the same first loss, bit for bit. Then FOAM's steps lower it.
     assert results["foam"]["losses"][0] == results["adamw"]["losses"][0]
-    assert results["foam"]["losses"][-1] < results["foam"]["losses"][0] - 0.05
+    assert results["foam"]["tail_mean_loss"] < results["foam"]["losses"][0] - 0.05
     assert f"{foam_bytes:,}" in capsys.readouterr().out
 
 
-def test_plain_pytorch_refuses_options_it_cannot_apply():
-    # Per-module block sizes need module names, which FOAM(model.parameters()) never sees: refused, not ignored.
-    with pytest.raises(SystemExit, match=r"block_sizes=q_proj:8.*Fix:"):
-        load_example("plain_pytorch").main(["--short", "--optim-args", "block_sizes=q_proj:8"])
+def test_plain_pytorch_applies_per_module_block_sizes():
+    # Per-module block sizes by module name, as optim="foam" resolves them (they used to be refused here).
+    results = load_example("plain_pytorch").main(
+        ["--short", "--max-steps", "2", "--optim-args", "block_sizes=q_proj:8"]
+    )
+    common = load_example("_common")
+    model = common.tiny_llama(common.build_tokenizer(), "test")
+    assert (
+        results["foam"]["state_bytes"] == expected_state_bytes(model, expected_block_sizes(model, 4, {"q_proj": 8}))[0]
+    )
+
+
+def test_the_block_size_given_twice_is_refused():
+    with pytest.raises(SystemExit, match=r"--block-size 4 and \['block_size'\] in --optim-args 'block_size=8'.*Fix"):
+        load_example("plain_pytorch").main(["--short", "--block-size", "4", "--optim-args", "block_size=8"])
 
 
 def test_plain_pytorch_with_a_saved_model(tmp_path):
@@ -154,7 +178,7 @@ def test_plain_pytorch_with_a_saved_model(tmp_path):
     model = tiny_llama()
     assert {n: list(p.shape) for n, p in model.named_parameters()} == shapes  # the model saved is this one
     assert (results["foam"]["state_bytes"], results["adamw"]["state_bytes"]) == expected_state_bytes(
-        model, plain_foam_block_sizes(model, 8)
+        model, expected_block_sizes(model, 8)
     )
 
 
@@ -222,19 +246,30 @@ def test_per_module_block_sizes_from_python(tmp_path, capsys):
     expected = expected_block_sizes(result["model"], 4, module.PYTHON_BLOCK_SIZES)
     assert result["block_sizes"] == expected
     assert printed_block_sizes(capsys.readouterr().out) == expected
-    assert expected["lm_head.weight"] == 1 and expected["model.layers.0.self_attn.q_proj.weight"] == 8
+    assert (
+        expected["model.layers.0.self_attn.v_proj.weight"] == 1
+        and expected["model.layers.0.self_attn.q_proj.weight"] == 8
+    )
+
+
+def test_per_module_block_sizes_refuses_optim_args_it_would_replace(tmp_path):
+    with pytest.raises(SystemExit, match=r"--optim_args 'block_size=8' without --optim foam.*Fix: add --optim foam"):
+        load_example("per_module_block_sizes").main(
+            ["--short", "--output_dir", str(tmp_path), "--optim_args", "block_size=8"]
+        )
 
 
 def test_per_module_block_sizes_from_the_command_line(tmp_path, capsys):
-    optim_args = "block_size=2,block_sizes=q_proj:8;lm_head:1;embed_tokens:4"
+    optim_args = "block_size=2,block_sizes=q_proj:8;lm_head:32;embed_tokens:4"
     argv = ["--short", "--output_dir", str(tmp_path), "--optim", "foam", "--optim_args", optim_args]
     argv += ["--max_steps", "2", "--per_device_train_batch_size", "2", "--report_to", "none", "--save_strategy", "no"]
     result = load_example("per_module_block_sizes").main(argv)
     assert result["route"] == "command line"
-    expected = expected_block_sizes(result["model"], 2, {"q_proj": 8, "lm_head": 1, "embed_tokens": 4})
+    expected = expected_block_sizes(result["model"], 2, {"q_proj": 8, "lm_head": 32, "embed_tokens": 4})
     assert result["block_sizes"] == expected
     assert printed_block_sizes(capsys.readouterr().out) == expected
     assert expected["model.embed_tokens.weight"] == 4 and expected["model.layers.0.mlp.up_proj.weight"] == 2
+    assert expected["lm_head.weight"] == 32
     assert result["trainer"].state.global_step == 2
 
 
