@@ -266,7 +266,8 @@ def restore_moments(optimizer: torch.optim.Optimizer, saved_state: dict[Any, Any
         if not isinstance(step, torch.Tensor):  # a plain number, as torch.optim.Adam accepts it
             optimizer.state[p]["step"] = torch.tensor(float(step), dtype=torch.float32)
         else:
-            optimizer.state[p]["step"] = step.detach().to(device="cpu", dtype=torch.float32).reshape(())
+            # A copy, as the moments are: a state_dict of a live optimizer would otherwise share its step counter.
+            optimizer.state[p]["step"] = step.detach().to(device="cpu", dtype=torch.float32, copy=True).reshape(())
     for group in optimizer.param_groups:
         group.pop("param_shapes", None)  # written afresh by state_dict()
     return converted

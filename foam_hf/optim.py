@@ -192,19 +192,26 @@ class FOAM(Optimizer):
             params = [params]
         elif not isinstance(params, set):  # torch refuses sets itself (their order is not reproducible)
             # Materialise once: a generator (model.parameters()) would be used up by the duplicate check below
-            # and reach torch empty, leaving a group that silently trains nothing.
+            # and reach torch empty, leaving a group that silently trains nothing. In place, as torch does: the
+            # optimizer keeps the caller's dict.
             params = list(params)
-            param_group = {**param_group, "params": params}
+            param_group["params"] = params
+        # id(parameter) -> the group it was added to: one look-up per parameter, where a scan of every group
+        # made adding thousands of groups (ZeroFOAM makes one per folded tensor) quadratic. A hit is confirmed in
+        # the groups themselves, which their owner may have edited since.
+        group_of = self.__dict__.setdefault("_group_of_param", {})
         for p in params if not isinstance(params, set) else ():
+            if isinstance(p, tuple) and len(p) == 2:  # torch's (name, tensor) pairs
+                p = p[1]
             if not isinstance(p, torch.Tensor):
                 continue  # torch's own check names the type
-            for other, group in enumerate(self.param_groups):
-                if any(p is q for q in group["params"]):
-                    raise FoamConfigError(
-                        f"FOAM: a parameter of shape {tuple(p.shape)} in param group {index} is already in param "
-                        f"group {other}; some parameters appear in more than one parameter group. Fix: put each "
-                        "tensor in exactly one group (build the groups from disjoint lists, e.g. by module name)."
-                    )
+            other = group_of.get(id(p))
+            if other is not None and other < index and any(p is q for q in self.param_groups[other]["params"]):
+                raise FoamConfigError(
+                    f"FOAM: a parameter of shape {tuple(p.shape)} in param group {index} is already in param "
+                    f"group {other}; some parameters appear in more than one parameter group. Fix: put each "
+                    "tensor in exactly one group (build the groups from disjoint lists, e.g. by module name)."
+                )
         unknown = set(param_group) - set(GROUP_DEFAULTS) - {"params", "param_names"}
         # Foreign keys (e.g. "initial_lr" from schedulers) are legal in torch; only our own typos matter: the
         # paper's names, and keys within a typo of an option, which would otherwise leave it at its default.
@@ -279,6 +286,9 @@ class FOAM(Optimizer):
         except (TypeError, ValueError, RuntimeError):
             self.param_groups.pop()
             raise
+        group_of = self.__dict__.setdefault("_group_of_param", {})
+        for p in group["params"]:
+            group_of[id(p)] = index
 
     #: Whether the next step() checks that the tensors still fold (see _warn_if_flattened); unpickled FOAMs do not.
     _check_flattened = False
@@ -288,6 +298,7 @@ class FOAM(Optimizer):
         for group in self.param_groups:
             for key, default in GROUP_DEFAULTS.items():
                 group.setdefault(key, default)
+        self._group_of_param = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
 
     def _init_group(
         self,
@@ -374,11 +385,42 @@ class FOAM(Optimizer):
                 stacklevel=2,
             )
 
+    #: Options that shape the moments a group's states are built with: changing one afterwards would read them as
+    #: another folding, another rule or another dtype.
+    _STRUCTURAL_OPTIONS = ("block_size", "second_moment", "state_dtype")
+
+    def _check_structure(self, group: dict[str, Any]) -> None:
+        """Refuse a change of :attr:`_STRUCTURAL_OPTIONS` in ``group`` since its first step here (one look-up per
+        group and step). A group first seen (new, loaded or unpickled) has its options checked and recorded."""
+        built = self.__dict__.setdefault("_built_with", {})
+        now = tuple(group[key] for key in self._STRUCTURAL_OPTIONS)
+        entry = built.get(id(group))
+        if entry is None or entry[0] is not group:
+            try:
+                validate_group_options(group)  # a value set on the group since it was added
+            except (TypeError, ValueError):
+                index = next(i for i, g in enumerate(self.param_groups) if g is group)
+                validate_group_options(group, where=f"param group {index}")  # the same error, naming the group
+                raise
+            built[id(group)] = (group, now)
+            return
+        if entry[1] != now:
+            index = next(i for i, g in enumerate(self.param_groups) if g is group)
+            changed = {k: (a, b) for k, a, b in zip(self._STRUCTURAL_OPTIONS, entry[1], now) if a != b}
+            raise FoamConfigError(
+                f"FOAM: param group {index} changed "
+                + ", ".join(f"{k} from {a!r} to {b!r}" for k, (a, b) in changed.items())
+                + " after its moments were built: they hold the state of the old value, and would be read as "
+                "another folding, second-moment rule or dtype. Fix: put the old value back, or build a new optimizer "
+                "with the new one (checkpoints refuse the same change)."
+            )
+
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor] | None = None) -> None:
         """One FOAM step over ``group`` (or over ``params``, a subset of it: the layer-wise seam)."""
         if not getattr(self, "_fused_checked", True):
             check_fused_available(self.param_groups)
             self._fused_checked = True
+        self._check_structure(group)
         params_with_grad: list[torch.Tensor] = []
         grads: list[torch.Tensor] = []
         exp_avgs: list[torch.Tensor] = []

@@ -17,7 +17,7 @@ from _helpers import (
     saved_and_loaded,
 )
 
-from foam_hf import FOAM, FoamStateError, folded_shape, state_memory
+from foam_hf import FOAM, FoamConfigError, FoamStateError, folded_shape, state_memory
 from foam_hf.reference import FoamReference
 
 # (kwargs, description): every generic test runs over this table, on SHAPES["awkward"].
@@ -271,3 +271,55 @@ def test_groups_copied_from_adamw_with_its_flags_off_train_as_foam():
     model(torch.randn(3, 8)).sum().backward()
     opt.step()
     assert opt.state[model.weight]["exp_avg"].shape == (4, 2)
+
+
+@pytest.mark.parametrize(
+    "key, value", [("block_size", 5), ("block_size", 16), ("second_moment", "sq_mean"), ("state_dtype", "bfloat16")]
+)
+def test_a_structural_option_changed_after_the_first_step_is_refused(key, value):
+    # block_size 5 folds a row of 16 into 4 blocks too, and 16 broadcasts into the (8, 4) moments on the foreach
+    # path: both stepped silently on the moments of blocks of 4. Refused by name, as a checkpoint refuses them.
+    model = torch.nn.Linear(16, 8, bias=False)
+    opt = FOAM(model.parameters(), block_size=4)
+    model(torch.randn(2, 16)).sum().backward()
+    opt.step()
+    before = model.weight.detach().clone()
+    opt.param_groups[0][key] = value
+    with pytest.raises(FoamConfigError, match=rf"param group 0 changed {key} from .* to {value!r} after its moments"):
+        opt.step()
+    assert torch.equal(model.weight, before)
+    opt.param_groups[0][key] = {"block_size": 4, "second_moment": "mean_sq", "state_dtype": None}[key]
+    opt.step()  # the old value back: steps again
+    assert not torch.equal(model.weight, before)
+
+
+def test_an_invalid_option_set_on_a_group_is_refused_at_the_next_step():
+    model = torch.nn.Linear(16, 8, bias=False)
+    opt = FOAM(model.parameters())
+    opt.param_groups[0]["second_moment"] = "meansq"  # a typo: it ran the sq_mean rule
+    model(torch.randn(2, 16)).sum().backward()
+    with pytest.raises(FoamConfigError, match=r"second_moment='meansq' is invalid.*\(in param group 0\)"):
+        opt.step()
+
+
+def test_a_loaded_state_does_not_share_the_step_counter_of_the_optimizer_it_came_from():
+    model = torch.nn.Linear(16, 8, bias=False)
+    opt = FOAM(model.parameters())
+    model(torch.randn(2, 16)).sum().backward()
+    opt.step()
+    twin = FOAM(model.parameters())
+    twin.load_state_dict(opt.state_dict())
+    opt.step()
+    assert (opt.state[model.weight]["step"].item(), twin.state[model.weight]["step"].item()) == (2.0, 1.0)
+
+
+def test_the_optimizer_keeps_the_callers_group_dict_as_torch_does():
+    group = {"params": [torch.nn.Parameter(torch.randn(4, 4))], "lr": 0.1}
+    opt = FOAM([group])
+    assert opt.param_groups[0] is group
+
+
+def test_a_named_parameter_in_two_groups_is_named_by_our_check():
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(FoamConfigError, match=r"shape \(4, 4\) in param group 1 is already in param group 0.*Fix:"):
+        FOAM([{"params": [("a", w)]}, {"params": [("b", w)]}])
