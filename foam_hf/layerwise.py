@@ -19,7 +19,10 @@ is stepped by one layer-wise optimizer at a time: a new one takes it over from t
 
 What cannot work, and is refused by the Trainer integration rather than silently wrong: gradient
 clipping by global norm (the norm needs every gradient at once), fp16 loss scaling (the hook would see
-scaled gradients), and DDP/FSDP (the hook fires before gradients are reduced across ranks).
+scaled gradients; in a hand-written loop, do not hand a ``LayerwiseFOAM`` to a ``GradScaler``), and DDP/FSDP
+(the hook fires before gradients are reduced across ranks). torch's step hooks
+(``register_step_pre_hook``/``post_hook``) run around :meth:`LayerwiseFOAM.step`, after backward has already
+stepped the hooked parameters.
 """
 
 from __future__ import annotations
@@ -73,30 +76,48 @@ class LayerwiseFOAM(FOAM):
         # its gradient arrived in pieces, and a step on each piece would be a wrong step (see _step_parameter).
         self._stepped: set[int] = set()
         self._gradient_observers: OrderedDict[int, Callable[[torch.Tensor, torch.Tensor, dict], None]] = OrderedDict()
-        for index, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                if p.requires_grad:
-                    self._group_index[id(p)] = index
+        self._hooks_wanted = True  # attach_hooks() sets it, remove_hooks() clears it
+        self._index_groups()
         self.attach_hooks()
 
+    def _index_groups(self) -> None:
+        # Every parameter, frozen or not: one unfrozen later (progressive unfreezing) is hooked at the next step().
+        self._group_index = {id(p): index for index, group in enumerate(self.param_groups) for p in group["params"]}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A copy (``copy.deepcopy``, ``pickle``) has FOAM's state and groups, no hooks and no ``should_step``
+        (functions do not pickle): call :meth:`attach_hooks` on it, after handing it the parameters to step.
+        (torch's ``load_state_dict`` calls this too, on a live optimizer: its hooks stay.)"""
+        super().__setstate__(state)
+        if not hasattr(self, "_handles"):  # a copy, not a live optimizer loading a state
+            self._should_step = lambda: True
+            self._handles = {}
+            self._stepped = set()
+            self._gradient_observers = OrderedDict()
+            self._hooks_wanted = False
+        self._index_groups()
+
     def _trainable_params(self) -> list[torch.Tensor]:
-        return [p for group in self.param_groups for p in group["params"] if id(p) in self._group_index]
+        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
     @property
     def hooks_attached(self) -> bool:
         """Whether this optimizer's hooks are on its parameters (it steps them in backward)."""
         return bool(self._handles)
 
-    def attach_hooks(self) -> None:
+    def attach_hooks(self, *, take_over: bool = True) -> None:
         """Put the per-parameter hooks on (again; a no-op where they are on). A parameter another layer-wise
         optimizer steps is taken over from it, with a warning: two would each step it, or the first would free
-        the gradient the second waits for."""
+        the gradient the second waits for. ``take_over=False`` leaves such parameters to the other one."""
+        self._hooks_wanted = True
         taken_over = 0
         for p in self._trainable_params():
             if id(p) in self._handles:
                 continue
             owner = _HOOK_OWNERS.get(id(p))
             previous = owner[1]() if owner is not None and owner[0]() is p else None
+            if previous is not None and previous is not self and not take_over:
+                continue
             if previous is not None and previous is not self:
                 owner[2].remove()
                 previous._handles.pop(id(p), None)
@@ -148,6 +169,9 @@ class LayerwiseFOAM(FOAM):
         for param in self._trainable_params():
             self._step_parameter(param)  # none without a gradient, and only when should_step() says so
         self._stepped.clear()
+        if self._hooks_wanted and len(self._handles) < sum(1 for _ in self._trainable_params()):
+            # Parameters unfrozen since: stepped here this once, in backward from now on.
+            self.attach_hooks(take_over=False)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -162,9 +186,9 @@ class LayerwiseFOAM(FOAM):
         if hasattr(self, "_group_index"):  # not during __init__, which indexes and hooks every group itself
             index = len(self.param_groups) - 1
             for p in self.param_groups[index]["params"]:
-                if p.requires_grad:
-                    self._group_index[id(p)] = index
-            self.attach_hooks()
+                self._group_index[id(p)] = index
+            if self._hooks_wanted:
+                self.attach_hooks()
 
     def add_gradient_observer(self, observer: Callable[[torch.Tensor, torch.Tensor, dict], None]) -> RemovableHandle:
         """Call ``observer(param, grad, group)`` with each gradient a hook is about to step on (the accumulated
@@ -177,6 +201,7 @@ class LayerwiseFOAM(FOAM):
     def remove_hooks(self) -> None:
         """Detach the per-parameter hooks (after training, or before handing the model to another optimizer):
         backward then leaves the gradients in ``p.grad`` again."""
+        self._hooks_wanted = False
         for pid, handle in self._handles.items():
             handle.remove()
             owner = _HOOK_OWNERS.get(pid)

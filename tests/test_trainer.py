@@ -710,6 +710,8 @@ def test_a_second_layerwise_optimizer_takes_the_parameters_over():
         torch.testing.assert_close(p, q)
         assert p.grad is None
     assert old.state == {} and len(new.state) == 2 and not old.hooks_attached and new.hooks_attached
+    old.step()  # the older one's step does not take its parameters back (it hooks only parameters nobody steps)
+    assert not old.hooks_attached and new.hooks_attached
     new.remove_hooks()
     model(x).square().sum().backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -749,6 +751,49 @@ def test_a_group_added_to_a_layerwise_optimizer_is_hooked_and_stepped():
     assert not torch.equal(second.weight, before) and second.weight.grad is None  # stepped inside backward
     assert len(optimizer.state) == 4
     optimizer.remove_hooks()
+
+
+def test_a_parameter_unfrozen_after_construction_is_stepped_then_hooked():
+    # Progressive unfreezing: the hooks went on at construction, on the parameters that required grad then, and
+    # a weight unfrozen later was never stepped (its gradient accumulated forever).
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    model[0].weight.requires_grad_(False)
+    optimizer = LayerwiseFOAM(model.parameters(), lr=0.1, block_size=4)
+    model[0].weight.requires_grad_(True)
+    x = torch.randn(3, 8)
+    twin = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    twin.load_state_dict(model.state_dict())
+    reference = FOAM(twin.parameters(), lr=0.1, block_size=4)
+    for _ in range(2):
+        model(x).square().sum().backward()
+        optimizer.step()  # steps the unhooked weight on its gradient the first time, and hooks it
+        twin(x).square().sum().backward()
+        reference.step()
+        reference.zero_grad()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q)
+    assert model[0].weight.grad is None and len(optimizer.state) == 4  # the second time, stepped inside backward
+    optimizer.remove_hooks()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_layerwise_optimizer_has_the_state_and_no_hooks(how):
+    import copy
+    import pickle
+
+    model = torch.nn.Linear(8, 4)
+    optimizer = LayerwiseFOAM(model.parameters(), lr=0.1, block_size=4)
+    model(torch.randn(3, 8)).square().sum().backward()
+    optimizer.remove_hooks()
+    copied = copy.deepcopy(optimizer) if how == "deepcopy" else pickle.loads(pickle.dumps(optimizer))
+    assert not copied.hooks_attached and len(copied.state) == 2
+    params = [p for g in copied.param_groups for p in g["params"]]
+    copied.attach_hooks()
+    (torch.nn.functional.linear(torch.randn(3, 8), params[0], params[1])).square().sum().backward()
+    copied.step()
+    copied.zero_grad()
+    assert all(s["step"].item() == 2 for s in copied.state.values())
+    copied.remove_hooks()
 
 
 @pytest.mark.parametrize("first", ["foam_hf", "transformers"])
