@@ -331,7 +331,9 @@ def resolve_block_sizes(
                 used_targets.update(t for t in target_list for m, _, _ in param_owners if _reaches(t, m, target_names))
         best: tuple[int, int, int] | None = None
         chosen: dict[str, int] = {}
+        by_owner: dict[str, dict[str, int]] = {}  # a tied parameter's owners, each with the override it would take
         for module_name, _, _ in param_owners:
+            owner_best: tuple[int, int, int] | None = None
             for prefix in _ancestors(module_name) if module_name else []:
                 depth = prefix.count(".") + 1
                 for pattern, override in config.block_sizes.items():
@@ -339,10 +341,24 @@ def resolve_block_sizes(
                         continue
                     # the deepest module, then the pattern that spells out more of the name, then the longest
                     score = (depth, literal[pattern], len(pattern))
+                    if owner_best is None or score > owner_best:
+                        owner_best, by_owner[module_name] = score, {pattern: override}
+                    elif score == owner_best:
+                        by_owner[module_name][pattern] = override
                     if best is None or score > best:
                         best, chosen = score, {pattern: override}
                     elif score == best:
                         chosen[pattern] = override
+        if len({size for sizes in by_owner.values() for size in sizes.values()}) > 1 and len(by_owner) > 1:
+            asked = "; ".join(
+                f"{module} by {', '.join(f'{pattern}:{size}' for pattern, size in sorted(sizes.items()))}"
+                for module, sizes in by_owner.items()
+            )
+            raise FoamConfigError(
+                f"FOAM: parameter {name!r} is one tensor shared by {len(param_owners)} modules (tied weights), and "
+                f"block_sizes asks different sizes for it through them: {asked}. Fix: give the tied modules one "
+                "size, or name only one of them."
+            )
         if chosen:
             sizes = set(chosen.values())
             if len(sizes) > 1:

@@ -361,6 +361,19 @@ def test_tied_weights_land_in_one_group_once(tmp_path):
     assert sum(p is model.lm_head.weight for p in all_params) == 1
 
 
+def test_tied_weights_asked_two_sizes_through_their_modules_are_refused():
+    # lm_head:4 and embed_tokens:1 reach one tensor: the deeper owner won without a word, and lm_head:4 did nothing.
+    from foam_hf import foam_param_groups
+
+    model = tiny_llama(tie_word_embeddings=True)
+    with pytest.raises(FoamConfigError, match=r"one tensor shared by 2 modules.*embed_tokens:1.*lm_head:4.*Fix:"):
+        foam_param_groups(model, {"block_size": 4, "block_sizes": {"lm_head": 4, "embed_tokens": 1}})
+    # One size through both, or one of them named: the tied tensor takes it.
+    for sizes in ({"lm_head": 8, "embed_tokens": 8}, {"lm_head": 8}):
+        groups = foam_param_groups(model, {"block_size": 4, "block_sizes": sizes})
+        assert [g["block_size"] for g in groups if any(p is model.lm_head.weight for p in g["params"])] == [8]
+
+
 def test_command_line_json_and_pickle(tmp_path):
     parser = HfArgumentParser(TrainingArguments)
     (args,) = parser.parse_args_into_dataclasses(
