@@ -2,15 +2,18 @@
 
 :func:`load_kernel` compiles ``csrc/foam_cpu.cpp`` (and the headers beside it) with
 :func:`torch.utils.cpp_extension.load` the first time it is needed (the build is cached by torch under
-``TORCH_EXTENSIONS_DIR``, so later processes only load it). When the build cannot happen (no C++ compiler,
-no ninja, no headers, a non-CPU build of torch missing pieces) it logs one warning and returns ``None``;
+``TORCH_EXTENSIONS_DIR``, and later processes import the cached module directly). When the build cannot
+happen (no C++ compiler, no ninja, no headers, a non-CPU build of torch missing pieces) it logs one warning and
+returns ``None``;
 ``fused=None`` then falls back to the other paths and only ``fused=True`` raises. :func:`_fused_foam` is the
 ``impl`` that :func:`foam_hf.functional.foam` dispatches to; it is tested for parity against ``_single_tensor_foam``
 in ``tests/test_fused.py`` and ``tests/test_fused_kernel.py``.
 
 The kernel picks its implementation from the CPU: AVX-512, AVX2 (both x86 only) or portable C++. The
 environment variable ``FOAM_CPU_ISA`` (``portable``, ``avx2`` or ``avx512``) lowers that choice, e.g. to
-benchmark or test another path on one machine; naming one the CPU cannot run is an error.
+benchmark or test another path on one machine; naming one the CPU cannot run is an error. The portable C++ is
+compiled with gcc's ``target_clones``, which picks its clone from the CPU alone: ``FOAM_CPU_ISA`` selects the
+hand-written code, not that clone.
 """
 
 from __future__ import annotations
@@ -102,8 +105,8 @@ def extension_name(
     return f"foam_hf_fused_cpu_{digest.hexdigest()[:12]}"
 
 
-#: A cached load that takes longer than this was a rebuild (loading takes well under a second; a build a minute).
-_REBUILT_AFTER_SECONDS = 5.0
+#: A lock older than this is a killed build's (a build takes about a minute on two cores): it is removed.
+STALE_LOCK_SECONDS = 600.0
 
 _lock = threading.Lock()
 _kernel: Any = None
@@ -112,53 +115,33 @@ _error: str | None = None
 
 
 def load_kernel() -> Any:
-    """The compiled extension module, building it on first call; ``None`` (with one warning) if it cannot be."""
+    """The compiled extension module, building it on first call; ``None`` (with one warning) if it cannot be.
+
+    A build already in torch's cache is imported directly: loading needs neither ninja nor a compiler nor a
+    writable cache, and the file times torch's build compares (a checkout, a reinstall) cannot start a rebuild,
+    since the name already pins the bytes of every source (:func:`extension_name`). Only a missing build goes
+    through :func:`torch.utils.cpp_extension.load`."""
     global _kernel, _tried, _error
     if _tried:
         return _kernel
     with _lock:
         if _tried:
             return _kernel
-        start = time.perf_counter()
         name = extension_name()
+        directory = build_directory(name)
         try:
-            from torch.utils.cpp_extension import load
-
-            building = not _is_cached(name)
-            if building:  # about a minute on two cores: say so instead of stalling silently
-                logger.warning(
-                    "FOAM: building the fused CPU kernel %s (once per foam_hf version and environment)...", name
-                )
-            # at::parallel_for is a header template: with torch's OpenMP backend it only runs in parallel when
-            # the extension itself is compiled with -fopenmp (without it the kernel silently uses one thread).
-            openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
-            _kernel = load(
-                name=name,
-                sources=[_SOURCE],
-                extra_cflags=[*CFLAGS, *openmp],
-                extra_ldflags=openmp,
-                extra_include_paths=[_CSRC],
-                verbose=False,
-            )
-            seconds = time.perf_counter() - start
-            if building:
-                logger.warning("FOAM: fused CPU kernel %s built in %.1f s.", name, seconds)
-            elif seconds > _REBUILT_AFTER_SECONDS:  # the cached build was stale to torch: it compiled again
-                logger.warning(
-                    "FOAM: fused CPU kernel %s took %.1f s to load: torch rebuilt its cached build (another process "
-                    "or environment had built it differently under this name).",
-                    name,
-                    seconds,
-                )
-            else:
-                logger.info("FOAM: fused CPU kernel %s loaded from torch's cache in %.1f s.", name, seconds)
+            _wait_for_another_build(directory)
+            _kernel = _import_cached(name, directory)
+            if _kernel is None:
+                _kernel = _build(name)
         except Exception as exc:  # no compiler, no ninja, no headers, ...: every failure means "unavailable"
             _kernel = None
             _error = f"{type(exc).__name__}: {exc}".strip()
             logger.warning(
-                "FOAM: the fused CPU kernel could not be built, so FOAM uses its foreach/for-loop paths "
-                "(same results, slower). Reason: %s",
-                _error.splitlines()[0] if _error else "unknown",
+                "FOAM: the fused CPU kernel could not be built, so FOAM steps CPU tensors on its for-loop path "
+                "(same results, slower). Reason: %s Fix: install a C++ compiler (g++) and ninja (pip install "
+                "ninja), then start Python again.",
+                build_failure_summary(_error),
             )
         if _kernel is not None:
             # A FOAM_CPU_ISA this CPU cannot run raises here, and again at every later call (the load is marked
@@ -166,6 +149,124 @@ def load_kernel() -> Any:
             _apply_isa_env(_kernel)
         _tried = True
     return _kernel
+
+
+def build_directory(name: str) -> str:
+    """Where :func:`torch.utils.cpp_extension.load` builds extension ``name``: ``$TORCH_EXTENSIONS_DIR/name``, else
+    ``<torch's default root>/py<major><minor><abiflags>_<cpu|cuXYZ|rocmXYZ>/name``."""
+    import sys
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        if torch.version.hip is not None:
+            accelerator = "rocm" + torch.version.hip.replace(".", "")
+        elif torch.version.cuda is not None:
+            accelerator = "cu" + torch.version.cuda.replace(".", "")
+        else:
+            accelerator = "cpu"
+        python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+        root = os.path.join(get_default_build_root(), f"{python}_{accelerator}")
+    return os.path.join(root, name)
+
+
+def _wait_for_another_build(directory: str) -> None:
+    """Wait while another process builds the kernel (torch's lock file exists), saying so; a lock older than
+    :data:`STALE_LOCK_SECONDS` was left by a killed build (SIGKILL or SIGTERM skip torch's cleanup) and would make
+    torch wait forever: it is removed, with a warning."""
+    lock = os.path.join(directory, "lock")
+    announced = False
+    while True:
+        try:
+            age = time.time() - os.stat(lock).st_mtime
+        except FileNotFoundError:
+            return
+        if age > STALE_LOCK_SECONDS:
+            logger.warning(
+                "FOAM: removing %s, left %.0f s ago by a fused CPU kernel build that did not finish (a killed "
+                "process): torch would wait on it forever.",
+                lock,
+                age,
+            )
+            try:
+                os.remove(lock)
+            except FileNotFoundError:
+                pass
+            return
+        if not announced:
+            logger.warning(
+                "FOAM: waiting for another process to build the fused CPU kernel (lock %s; if no build is running, "
+                "delete it).",
+                lock,
+            )
+            announced = True
+        time.sleep(1.0)
+
+
+def _import_cached(name: str, directory: str) -> Any:
+    """The module of a build already in torch's cache, imported directly; ``None`` when there is none or it does not
+    import (then :func:`_build` builds it again)."""
+    import importlib.util
+
+    path = os.path.join(directory, f"{name}.so")
+    if not os.path.exists(path):
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except Exception as exc:  # a build cut short, another platform's file: build again
+        logger.warning("FOAM: the cached fused CPU kernel %s does not load (%s); building it again.", path, exc)
+        return None
+    logger.info("FOAM: fused CPU kernel %s loaded from %s.", name, path)
+    return module
+
+
+def _build(name: str) -> Any:
+    """Build the kernel with :func:`torch.utils.cpp_extension.load` (about a minute on two cores), saying so."""
+    import shutil
+    import sys
+
+    from torch.utils.cpp_extension import load
+
+    logger.warning("FOAM: building the fused CPU kernel %s (once per foam_hf version and environment)...", name)
+    start = time.perf_counter()
+    # torch runs the ninja on PATH: the one this environment installed is not there when it was not activated.
+    path = os.environ.get("PATH", "")
+    here = os.path.dirname(sys.executable)
+    if shutil.which("ninja") is None and shutil.which("ninja", path=here) is not None:
+        os.environ["PATH"] = os.pathsep.join([here, path]) if path else here
+    try:
+        # at::parallel_for is a header template: with torch's OpenMP backend it only runs in parallel when the
+        # extension itself is compiled with -fopenmp (without it the kernel silently uses one thread).
+        openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
+        module = load(
+            name=name,
+            sources=[_SOURCE],
+            extra_cflags=[*CFLAGS, *openmp],
+            extra_ldflags=openmp,
+            extra_include_paths=[_CSRC],
+            verbose=False,
+        )
+    finally:
+        os.environ["PATH"] = path
+    logger.warning("FOAM: fused CPU kernel %s built in %.1f s.", name, time.perf_counter() - start)
+    return module
+
+
+def build_failure_summary(error: str) -> str:
+    """The first line of a build error and the line that says what went wrong, where ninja's log has one (its first
+    line is only the compile command that failed)."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    if not lines:
+        return "unknown."
+    cause = next(
+        (line for line in lines[1:] if any(k in line.lower() for k in ("not found", "error:", "fatal", "no such"))),
+        None,
+    )
+    first = lines[0] if len(lines[0]) <= 200 else lines[0][:200] + "..."
+    return f"{first} ({cause})." if cause else f"{first}."
 
 
 def _apply_isa_env(kernel: Any) -> None:
@@ -181,14 +282,6 @@ def _apply_isa_env(kernel: Any) -> None:
         )
     kernel.set_isa(wanted)
     logger.info("FOAM: fused CPU kernel uses its %s implementation (%s).", wanted, ISA_ENV)
-
-
-def _is_cached(name: str) -> bool:
-    """Whether torch's extension cache already holds a build called ``name`` (then load only links it)."""
-    from torch.utils.cpp_extension import get_default_build_root
-
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    return any(os.path.exists(os.path.join(d, f"{name}.so")) for d, _, _ in os.walk(root) if d.endswith(name))
 
 
 def loaded_kernel() -> Any:

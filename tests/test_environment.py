@@ -84,7 +84,7 @@ def test_the_text_report_follows_foam_cpu_isa(tmp_path):
         [sys.executable, "-m", "foam_hf", "env"], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "Fused CPU kernel: built; runs portable" in proc.stdout
+    assert "Fused CPU kernel: built; runs portable" in proc.stdout and "FOAM_CPU_ISA=portable chose it" in proc.stdout
     assert "cpu, float32 parameters: fused C++ kernel (portable)" in proc.stdout
     assert f"torch {torch.__version__}" in proc.stdout
 

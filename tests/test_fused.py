@@ -109,12 +109,13 @@ def test_state_dict_continuation(kernel):
 
 
 @pytest.fixture
-def broken_build(monkeypatch):
-    """Simulate a machine where the extension cannot be built (no compiler): load raises."""
+def broken_build(monkeypatch, tmp_path):
+    """Simulate a machine where the extension cannot be built (no compiler): load raises, over an empty cache."""
 
     def fail(**kwargs):
         raise RuntimeError("simulated: no C++ compiler")
 
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setattr("torch.utils.cpp_extension.load", fail)
     for name, value in (("_tried", False), ("_kernel", None), ("_error", None)):
         monkeypatch.setattr(_fused_cpu, name, value)

@@ -56,29 +56,100 @@ def test_a_build_into_an_empty_cache_is_announced_with_its_duration(tmp_path, mo
     assert messages[1].startswith(f"FOAM: fused CPU kernel {name} built in")
 
 
-def test_a_cached_build_is_only_loaded(tmp_path, monkeypatch, caplog, fresh_loader):
-    # torch's layout: <TORCH_EXTENSIONS_DIR>/<python+build tag>/<name>/<name>.so
+def test_a_cached_build_is_imported_without_torch_ninja_or_a_compiler(tmp_path, monkeypatch, caplog, kernel):
+    # The kernel this machine built, copied to where build_directory() says torch keeps it under another
+    # TORCH_EXTENSIONS_DIR: imported as it is. torch's load (which needs ninja on PATH, a writable cache, and may
+    # rebuild on file times alone) is never called. The copy being found also checks build_directory against
+    # torch's real layout.
+    import os
+    import shutil
+
+    import torch.utils.cpp_extension
+
     name = _fused_cpu.extension_name()
-    (tmp_path / "py311_cpu" / name).mkdir(parents=True)
-    (tmp_path / "py311_cpu" / name / f"{name}.so").write_bytes(b"")
+    built = _fused_cpu.build_directory(name)  # where the kernel fixture's build is, by torch's rule
+    assert os.path.exists(f"{built}/{name}.so"), built
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    (tmp_path / name).mkdir()
+    shutil.copy(f"{built}/{name}.so", tmp_path / name / f"{name}.so")
+    monkeypatch.setattr(_fused_cpu, "_tried", False)
+    monkeypatch.setattr(_fused_cpu, "_kernel", None)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda **kwargs: pytest.fail("torch's load was called"))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no ninja, no compiler
     with caplog.at_level(logging.INFO, logger=_fused_cpu.__name__):
-        _fused_cpu.load_kernel()
-    messages = [r.getMessage() for r in caplog.records]
-    assert not any("building" in m for m in messages)
-    assert messages == [m for m in messages if "loaded from torch's cache" in m] and len(messages) == 1
+        module = _fused_cpu.load_kernel()
+    assert module is not None and "portable" in module.available_isas()
+    assert [r.levelname for r in caplog.records] == ["INFO"] and "loaded from" in caplog.records[0].getMessage()
 
 
-def test_a_cached_build_that_torch_rebuilds_is_said_aloud(tmp_path, monkeypatch, caplog, fresh_loader):
-    # A cached name whose build torch found stale compiles again for about a minute: a warning, not a quiet INFO
-    # line saying it was loaded from the cache. The stub's clock advances past the threshold during the load.
+def test_a_cached_build_that_does_not_import_is_built_again_aloud(tmp_path, monkeypatch, caplog, fresh_loader):
     name = _fused_cpu.extension_name()
-    (tmp_path / "py311_cpu" / name).mkdir(parents=True)
-    (tmp_path / "py311_cpu" / name / f"{name}.so").write_bytes(b"")
+    (tmp_path / name).mkdir()
+    (tmp_path / name / f"{name}.so").write_bytes(b"")  # a build cut short
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    clock = iter([100.0, 100.0 + _fused_cpu._REBUILT_AFTER_SECONDS + 40])
-    monkeypatch.setattr(_fused_cpu.time, "perf_counter", lambda: next(clock))
     with caplog.at_level(logging.INFO, logger=_fused_cpu.__name__):
-        _fused_cpu.load_kernel()
+        assert _fused_cpu.load_kernel() is not None
+    assert fresh_loader == [name]
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 1 and "took 45.0 s to load: torch rebuilt its cached build" in warnings[0]
+    assert "does not load" in warnings[0] and "building it again" in warnings[0]
+    assert warnings[1].startswith(f"FOAM: building the fused CPU kernel {name}")
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_not_waited_on_forever(tmp_path, monkeypatch, caplog, fresh_loader):
+    import os
+
+    name = _fused_cpu.extension_name()
+    (tmp_path / name).mkdir()
+    lock = tmp_path / name / "lock"
+    lock.write_text("")
+    old = lock.stat().st_mtime - _fused_cpu.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger=_fused_cpu.__name__):
+        assert _fused_cpu.load_kernel() is not None
+    assert not lock.exists() and fresh_loader == [name]
+    assert f"removing {lock}" in caplog.records[0].getMessage() and "killed" in caplog.records[0].getMessage()
+
+
+def test_a_build_running_elsewhere_is_waited_for_and_said(tmp_path, monkeypatch, caplog, fresh_loader):
+    import threading
+
+    name = _fused_cpu.extension_name()
+    (tmp_path / name).mkdir()
+    lock = tmp_path / name / "lock"
+    lock.write_text("")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    threading.Timer(1.5, lock.unlink).start()  # the other process finishes
+    with caplog.at_level(logging.WARNING, logger=_fused_cpu.__name__):
+        assert _fused_cpu.load_kernel() is not None
+    assert (
+        "waiting for another process" in caplog.records[0].getMessage() and str(lock) in caplog.records[0].getMessage()
+    )
+
+
+def test_the_build_finds_this_environments_ninja_when_it_was_not_activated(tmp_path, monkeypatch, fresh_loader):
+    import os
+    import sys
+
+    import torch.utils.cpp_extension
+
+    (tmp_path / "bin").mkdir()
+    ninja = tmp_path / "bin" / "ninja"
+    ninja.write_text("#!/bin/sh\n")
+    ninja.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    seen = []
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda **kwargs: seen.append(os.environ["PATH"]) or object())
+    assert _fused_cpu.load_kernel() is not None
+    assert seen == [f"{tmp_path / 'bin'}{os.pathsep}/nonexistent"] and os.environ["PATH"] == "/nonexistent"
+
+
+def test_a_build_failure_names_its_cause_not_only_the_command():
+    log = (
+        "RuntimeError: Error building extension 'foam_hf_fused_cpu_abc': [1/2] c++ -MMD -MF foam_cpu.o.d -c x.cpp\n"
+        "FAILED: foam_cpu.o\nc++ -MMD -MF foam_cpu.o.d -c x.cpp\n/bin/sh: 1: c++: not found\nninja: build stopped"
+    )
+    summary = _fused_cpu.build_failure_summary(log)
+    assert summary.startswith("RuntimeError: Error building extension") and "(/bin/sh: 1: c++: not found)" in summary

@@ -12,6 +12,7 @@ a small weight there. Building the CPU kernel the first time takes a minute; lat
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -77,7 +78,13 @@ def collect() -> Environment:
         kernel = _fused_cpu.load_kernel()
     except FoamConfigError as exc:  # FOAM_CPU_ISA names what this CPU cannot run: report it, as everything else
         kernel, isa_error = None, str(exc)
-    cpu_kernel: dict[str, Any] = {"built": kernel is not None, "error": _fused_cpu.kernel_build_error()}
+    name = _fused_cpu.extension_name()
+    cpu_kernel: dict[str, Any] = {
+        "built": kernel is not None,
+        "error": _fused_cpu.kernel_build_error(),
+        "cache": _fused_cpu.build_directory(name),
+        "isa_env": os.environ.get(_fused_cpu.ISA_ENV, ""),
+    }
     if isa_error is not None:
         cpu_kernel["refused"] = isa_error
     if kernel is not None:
@@ -124,14 +131,18 @@ def describe(env: Environment) -> str:
     ]
     kernel = env.cpu_kernel
     if kernel["built"]:
+        chosen = f"FOAM_CPU_ISA={kernel['isa_env']} chose it" if kernel.get("isa_env") else "FOAM_CPU_ISA picks another"
         lines.append(
             f"Fused CPU kernel: built; runs {kernel['isa']} (this CPU can run: {', '.join(kernel['isas'])}; "
-            f"FOAM_CPU_ISA picks another), OpenMP {'on' if kernel['openmp'] else 'off'}"
+            f"{chosen}), OpenMP {'on' if kernel['openmp'] else 'off'}; cached in {kernel['cache']}"
         )
     elif kernel.get("refused"):
         lines.append(f"Fused CPU kernel: {kernel['refused']}")
     else:
-        lines.append(f"Fused CPU kernel: not built ({kernel['error']}); CPU parameters take the for-loop path")
+        from .._fused_cpu import build_failure_summary
+
+        summary = build_failure_summary(kernel["error"] or "")
+        lines.append(f"Fused CPU kernel: unavailable ({summary}); CPU parameters take the for-loop path")
     if not env.cuda_devices:
         triton = "Triton importable" if env.triton_available else "Triton not installed"
         lines.append(f"CUDA: no device here ({triton})")
