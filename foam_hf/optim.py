@@ -192,10 +192,11 @@ class FOAM(Optimizer):
             params = [params]
         elif not isinstance(params, set):  # torch refuses sets itself (their order is not reproducible)
             # Materialise once: a generator (model.parameters()) would be used up by the duplicate check below
-            # and reach torch empty, leaving a group that silently trains nothing. In place, as torch does: the
-            # optimizer keeps the caller's dict.
+            # and reach torch empty, leaving a group that silently trains nothing. Into a copy of the caller's dict
+            # (torch fills it with this optimizer's defaults: a group list reused for a second FOAM would carry the
+            # first one's block_size into it); edit optimizer.param_groups to change a group.
             params = list(params)
-            param_group["params"] = params
+            param_group = {**param_group, "params": params}
         # id(parameter) -> the group it was added to: one look-up per parameter, where a scan of every group
         # made adding thousands of groups (ZeroFOAM makes one per folded tensor) quadratic. A hit is confirmed in
         # the groups themselves, which their owner may have edited since.
@@ -289,6 +290,7 @@ class FOAM(Optimizer):
         group_of = self.__dict__.setdefault("_group_of_param", {})
         for p in group["params"]:
             group_of[id(p)] = index
+        self.__dict__.setdefault("_built_with", {})[id(group)] = (group, self._structure(group))
 
     #: Whether the next step() checks that the tensors still fold (see _warn_if_flattened); unpickled FOAMs do not.
     _check_flattened = False
@@ -299,6 +301,7 @@ class FOAM(Optimizer):
             for key, default in GROUP_DEFAULTS.items():
                 group.setdefault(key, default)
         self._group_of_param = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        self._record_structure()
 
     def _init_group(
         self,
@@ -389,22 +392,30 @@ class FOAM(Optimizer):
     #: another folding, another rule or another dtype.
     _STRUCTURAL_OPTIONS = ("block_size", "second_moment", "state_dtype")
 
+    def _structure(self, group: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(normalize_state_dtype(group[key]) for key in self._STRUCTURAL_OPTIONS)
+
+    def _record_structure(self) -> None:
+        """What each group's moments are (or will be) built with: recorded when a group is added or loaded."""
+        self._built_with = {id(group): (group, self._structure(group)) for group in self.param_groups}
+
     def _check_structure(self, group: dict[str, Any]) -> None:
-        """Refuse a change of :attr:`_STRUCTURAL_OPTIONS` in ``group`` since its first step here (one look-up per
-        group and step). A group first seen (new, loaded or unpickled) has its options checked and recorded."""
+        """Refuse a change of :attr:`_STRUCTURAL_OPTIONS` in ``group`` that its existing moments would be misread
+        under (one look-up per group and step while nothing changes). A changed value is validated; a change that
+        no moment depends on yet (no state, or parameters it does not concern) is taken."""
         built = self.__dict__.setdefault("_built_with", {})
-        now = tuple(group[key] for key in self._STRUCTURAL_OPTIONS)
+        now = self._structure(group)
         entry = built.get(id(group))
-        if entry is None or entry[0] is not group:
-            try:
-                validate_group_options(group)  # a value set on the group since it was added
-            except (TypeError, ValueError):
-                index = next(i for i, g in enumerate(self.param_groups) if g is group)
-                validate_group_options(group, where=f"param group {index}")  # the same error, naming the group
-                raise
-            built[id(group)] = (group, now)
+        if entry is not None and entry[0] is group and entry[1] == now:
             return
-        if entry[1] != now:
+        group["state_dtype"] = normalize_state_dtype(group["state_dtype"])  # torch.bfloat16 -> "bfloat16", as added
+        try:
+            validate_group_options(group)  # a value set on the group since it was added
+        except (TypeError, ValueError):
+            index = next(i for i, g in enumerate(self.param_groups) if g is group)
+            validate_group_options(group, where=f"param group {index}")  # the same error, naming the group
+            raise
+        if entry is not None and entry[0] is group and self._structure_change_matters(group, entry[1], now):
             index = next(i for i, g in enumerate(self.param_groups) if g is group)
             changed = {k: (a, b) for k, a, b in zip(self._STRUCTURAL_OPTIONS, entry[1], now) if a != b}
             raise FoamConfigError(
@@ -414,6 +425,23 @@ class FOAM(Optimizer):
                 "another folding, second-moment rule or dtype. Fix: put the old value back, or build a new optimizer "
                 "with the new one (checkpoints refuse the same change)."
             )
+        built[id(group)] = (group, now)
+
+    def _structure_change_matters(self, group: dict[str, Any], old: tuple[Any, ...], now: tuple[Any, ...]) -> bool:
+        """Whether a parameter of ``group`` holds moments that the change from ``old`` to ``now`` (values of
+        :attr:`_STRUCTURAL_OPTIONS`) would be misread under."""
+        (old_size, old_rule, old_dtype), (size, rule, dtype) = old, now
+        for p in group["params"]:
+            if "exp_avg" not in self.state.get(p, {}):
+                continue
+            folded = folds_in_full(p, size)
+            if old_size != size and (folded or folds_in_full(p, old_size)):
+                return True
+            if old_rule != rule and folded:
+                return True
+            if state_dtype_for(p, old_dtype) != state_dtype_for(p, dtype):
+                return True
+        return False
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor] | None = None) -> None:
         """One FOAM step over ``group`` (or over ``params``, a subset of it: the layer-wise seam)."""
@@ -524,6 +552,7 @@ class FOAM(Optimizer):
             super().load_state_dict(state_dict)
         for group, values in zip(self.param_groups, kept):
             group.update(values)
+        self._record_structure()  # the loaded groups, whose structural values check_loadable held to the saved ones
         converted = restore_moments(self, state_dict["state"], id_to_param)
         if converted:
             warnings.warn(

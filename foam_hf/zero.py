@@ -204,7 +204,17 @@ class ZeroFOAM(FOAM):
             self._step_partitions(sliced)
         return loss
 
+    def _structure_change_matters(self, group: dict[str, Any], old: tuple[Any, ...], now: tuple[Any, ...]) -> bool:
+        """A group holding a partition folds it by its layout, not by its flat tensor's shape: any moment there
+        depends on every structural option."""
+        index = next(i for i, g in enumerate(self.param_groups) if g is group)
+        if self._layout(index, group) is None:
+            return super()._structure_change_matters(group, old, now)
+        return any("exp_avg" in self.state.get(p, {}) for p in group["params"])
+
     def _step_partitions(self, sliced: list[tuple[int, dict[str, Any], FlatSlice]]) -> None:
+        for _, group, _ in sliced:
+            self._check_structure(group)
         sums = []
         for _, group, layout in sliced:
             param = group["params"][0]

@@ -313,10 +313,44 @@ def test_a_loaded_state_does_not_share_the_step_counter_of_the_optimizer_it_came
     assert (opt.state[model.weight]["step"].item(), twin.state[model.weight]["step"].item()) == (2.0, 1.0)
 
 
-def test_the_optimizer_keeps_the_callers_group_dict_as_torch_does():
-    group = {"params": [torch.nn.Parameter(torch.randn(4, 4))], "lr": 0.1}
-    opt = FOAM([group])
-    assert opt.param_groups[0] is group
+def test_a_group_list_reused_for_a_second_optimizer_keeps_each_ones_options():
+    # torch fills the group dicts it is given with its defaults: reusing them for a second FOAM would carry the
+    # first one's block_size and lr into it. FOAM keeps copies (edit optimizer.param_groups instead).
+    groups = [{"params": [torch.nn.Parameter(torch.randn(4, 8))], "weight_decay": 0.1}]
+    first = FOAM(groups, lr=1e-3, block_size=4)
+    second = FOAM(groups, lr=5e-4, block_size=8, state_dtype="bfloat16")
+    assert [first.param_groups[0][k] for k in ("lr", "block_size", "state_dtype")] == [1e-3, 4, None]
+    assert [second.param_groups[0][k] for k in ("lr", "block_size", "state_dtype")] == [5e-4, 8, "bfloat16"]
+    assert groups == [{"params": groups[0]["params"], "weight_decay": 0.1}]
+
+
+def test_a_structural_option_changed_after_a_load_is_refused_too():
+    model = torch.nn.Linear(16, 8, bias=False)
+    opt = FOAM(model.parameters(), block_size=4)
+    model(torch.randn(2, 16)).sum().backward()
+    opt.step()
+    twin = FOAM(model.parameters(), block_size=4)
+    twin.load_state_dict(opt.state_dict())
+    twin.param_groups[0]["block_size"] = 5  # rows of 16: 4 blocks either way
+    with pytest.raises(FoamConfigError, match="changed block_size from 4 to 5 after its moments were built"):
+        twin.step()
+
+
+def test_structural_changes_no_moment_depends_on_are_taken():
+    model = torch.nn.Linear(16, 8)
+    opt = FOAM(model.parameters(), block_size=4)
+    opt.param_groups[0]["block_size"] = 8  # before any state: the moments are built with 8
+    model(torch.randn(2, 16)).sum().backward()
+    opt.step()
+    assert opt.state[model.weight]["exp_avg"].shape == (8, 2)
+    opt.param_groups[0]["state_dtype"] = "float32"  # None means float32 for fp32 weights: the same moments
+    opt.param_groups[0]["state_dtype"] = torch.float32
+    opt.step()
+    bias_only = FOAM([model.bias], block_size=4)  # a 1-D tensor never folds: its block size changes nothing
+    bias_only.step()
+    bias_only.param_groups[0]["block_size"] = 16
+    bias_only.step()
+    assert bias_only.state[model.bias]["step"].item() == 2
 
 
 def test_a_named_parameter_in_two_groups_is_named_by_our_check():
