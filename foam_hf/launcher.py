@@ -65,6 +65,17 @@ def run_command(command: Sequence[str]) -> int:
     if not command:
         raise ValueError("foam-hf run: no command given. Fix: e.g. foam-hf run trl sft --optim foam ...")
     executable = shutil.which(command[0])
+    if (
+        executable is None
+        and os.path.isfile(command[0])
+        and os.sep not in command[0]
+        and os.access(command[0], os.X_OK)
+    ):
+        sys.stderr.write(
+            f"foam-hf run: {command[0]!r} is a program in the current directory, which is not on PATH (as in a "
+            f"shell). Fix: foam-hf run ./{command[0]} ...\n"
+        )
+        return 127
     if executable is None and os.path.isfile(command[0]):
         sys.stderr.write(
             f"foam-hf run: {command[0]!r} is a file but not executable: CMD is run as a program. Fix: run it "
@@ -96,6 +107,10 @@ def _hook_files(site_dir: Path) -> tuple[Path, Path]:
 
 class AutoregisterError(OSError):
     """:func:`autoregister` could not change the start-up hook; the message says why and how to fix it."""
+
+
+class SiteDirNotFoundError(AutoregisterError, FileNotFoundError):
+    """The site-packages folder given to :func:`autoregister` does not exist (a ``FileNotFoundError``, as before)."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +148,7 @@ def autoregister(enable: bool, site_dir: str | os.PathLike[str] | None = None) -
     site-packages); return the resulting status. Idempotent."""
     directory = _site_dir(site_dir)
     if not directory.is_dir():
-        raise AutoregisterError(
+        raise SiteDirNotFoundError(
             f"foam-hf autoregister: {directory} is not a directory. Fix: pass --site-dir with an existing "
             "site-packages folder, or run the command with the Python of the environment to change."
         )

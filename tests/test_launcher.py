@@ -260,6 +260,37 @@ def test_two_copies_of_the_start_up_folder_on_the_path_run_the_environment_sitec
     code = "import os, sys; print(os.environ.get('RUNS'), 'foam_hf' in sys.modules)"
     result = ok(sh(sys.executable, "-c", code, env={**ENV, "PYTHONPATH": os.pathsep.join(path)}))
     assert result.stdout.split() == ["x", "True"] and "Error" not in result.stderr, result.stderr
+    # A copy of an older foam-hf, which skips only its own folder, before or after this one: no recursion either.
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "sitecustomize.py").write_text(OLD_STARTUP_FILE)
+    for first, second in ((STARTUP_DIR, str(tmp_path / "old")), (str(tmp_path / "old"), STARTUP_DIR)):
+        env = {**ENV, "PYTHONPATH": os.pathsep.join([first, second, str(tmp_path / "env_site")])}
+        result = ok(sh(sys.executable, "-c", code, env=env))
+        assert result.stdout.split() == ["x", "True"] and "Error" not in result.stderr, result.stderr
+
+
+#: The start-up file of foam-hf 0.1.0 (up to this fix), which another environment's foam-hf may still put first.
+OLD_STARTUP_FILE = '''"""Put on ``PYTHONPATH`` by ``foam-hf run`` and ``python -m foam_hf.run``."""
+
+import os
+import sys
+
+
+def _start():
+    here = os.path.dirname(os.path.abspath(__file__))
+    import foam_hf  # noqa: F401
+    import importlib.machinery
+    import importlib.util
+
+    path = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", path)
+    if spec is not None and spec.loader is not None:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+
+
+_start()
+'''
 
 
 def test_an_empty_pythonpath_entry_still_means_the_current_directory(tmp_path):
@@ -297,6 +328,24 @@ def test_a_file_that_is_not_executable_is_named_as_such(tmp_path):
     script.write_text("echo hi\n")
     result = sh(BIN / "foam-hf", "run", script)
     assert result.returncode == 126 and "not executable" in result.stderr and f"bash {script}" in result.stderr
+
+
+def test_a_program_in_the_current_directory_is_told_to_take_its_dot_slash(tmp_path):
+    script = tmp_path / "runme.sh"
+    script.write_text("#!/bin/sh\necho ran\n")
+    script.chmod(0o755)
+    result = sh(BIN / "foam-hf", "run", "runme.sh", cwd=tmp_path)
+    assert (
+        result.returncode == 127 and "not on PATH" in result.stderr and "Fix: foam-hf run ./runme.sh" in result.stderr
+    )
+    assert ok(sh(BIN / "foam-hf", "run", "./runme.sh", cwd=tmp_path)).stdout == "ran\n"
+
+
+def test_a_missing_site_dir_is_still_a_file_not_found_error(tmp_path):
+    from foam_hf.launcher import autoregister
+
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        autoregister(True, tmp_path / "nope")
 
 
 def test_usage_errors_go_to_stderr():
