@@ -37,7 +37,7 @@ from _common import (  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
-from foam_hf import FOAM  # noqa: E402
+from foam_hf import FOAM, FoamConfig  # noqa: E402
 
 
 def shard(model: torch.nn.Module, device: torch.device) -> None:
@@ -122,8 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
     found = folded_moment(optimizer)
     if found is None:
         shapes = dict(name=None, param=None, exp_avg=None, exp_avg_local=None)
+        block_size = FoamConfig.from_optim_args(foam_optim_args(args)).block_size
         say(
-            f"rank {rank}: no tensor folds at --block-size {args.block_size or 4}: every moment is AdamW-sized "
+            f"rank {rank}: no tensor folds at block size {block_size}: every moment is AdamW-sized "
             "(FOAM folds tensors of two or more dimensions when the block size is above 1)"
         )
     else:

@@ -139,9 +139,9 @@ def load_kernel() -> Any:
             _error = f"{type(exc).__name__}: {exc}".strip()
             logger.warning(
                 "FOAM: the fused CPU kernel could not be built, so FOAM steps CPU tensors on its for-loop path "
-                "(same results, slower). Reason: %s Fix: install a C++ compiler (g++) and ninja (pip install "
-                "ninja), then start Python again.",
+                "(same results, slower). Reason: %s Fix: %s",
                 build_failure_summary(_error),
+                build_failure_fix(_error),
             )
         if _kernel is not None:
             # A FOAM_CPU_ISA this CPU cannot run raises here, and again at every later call (the load is marked
@@ -193,6 +193,8 @@ def _wait_for_another_build(directory: str) -> None:
                 os.remove(lock)
             except FileNotFoundError:
                 pass
+            except OSError as exc:  # a read-only cache: a complete build there still imports; a missing one fails
+                logger.warning("FOAM: cannot remove %s (%s).", lock, exc)
             return
         if not announced:
             logger.warning(
@@ -233,7 +235,8 @@ def _build(name: str) -> Any:
     logger.warning("FOAM: building the fused CPU kernel %s (once per foam_hf version and environment)...", name)
     start = time.perf_counter()
     # torch runs the ninja on PATH: the one this environment installed is not there when it was not activated.
-    path = os.environ.get("PATH", "")
+    # (PATH is the process's for the build's minute: torch's build subprocess takes the environment from it.)
+    path = os.environ.get("PATH")
     here = os.path.dirname(sys.executable)
     if shutil.which("ninja") is None and shutil.which("ninja", path=here) is not None:
         os.environ["PATH"] = os.pathsep.join([here, path]) if path else here
@@ -250,9 +253,25 @@ def _build(name: str) -> Any:
             verbose=False,
         )
     finally:
-        os.environ["PATH"] = path
+        if path is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = path
     logger.warning("FOAM: fused CPU kernel %s built in %.1f s.", name, time.perf_counter() - start)
     return module
+
+
+def build_failure_fix(error: str) -> str:
+    """What to do about a failed build, by what its error names."""
+    text = error.lower()
+    if "ninja" in text:
+        return "pip install ninja (in this environment), then start Python again."
+    if any(k in text for k in ("c++", "g++", "gcc", "compiler", "cl.exe")):
+        return "install a C++ compiler (g++), then start Python again."
+    return (
+        "see the reason; the first build writes to TORCH_EXTENSIONS_DIR (else ~/.cache/torch_extensions), which "
+        "must be a writable folder."
+    )
 
 
 def build_failure_summary(error: str) -> str:

@@ -169,7 +169,7 @@ class LayerwiseFOAM(FOAM):
         for param in self._trainable_params():
             self._step_parameter(param)  # none without a gradient, and only when should_step() says so
         self._stepped.clear()
-        if self._hooks_wanted and len(self._handles) < sum(1 for _ in self._trainable_params()):
+        if self._hooks_wanted and any(id(p) not in self._handles for p in self._trainable_params()):
             # Parameters unfrozen since: stepped here this once, in backward from now on.
             self.attach_hooks(take_over=False)
         return loss

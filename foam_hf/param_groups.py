@@ -341,7 +341,11 @@ def resolve_block_sizes(
                         continue
                     # the deepest module, then the pattern that spells out more of the name, then the longest
                     score = (depth, literal[pattern], len(pattern))
-                    if owner_best is None or score > owner_best:
+                    # A tied tensor's owners disagree only where overrides name them: one reached through a parent
+                    # (model:8 over embed_tokens) yields to specificity below.
+                    if prefix != module_name:
+                        pass
+                    elif owner_best is None or score > owner_best:
                         owner_best, by_owner[module_name] = score, {pattern: override}
                     elif score == owner_best:
                         by_owner[module_name][pattern] = override

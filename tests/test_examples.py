@@ -213,7 +213,7 @@ def test_fsdp2_torchrun_reports_when_nothing_folds(tmp_path):
     cmd = [*torchrun(2), str(EXAMPLES / "fsdp2_torchrun.py"), "--short", "--max-steps", "1", "--block-size", "1"]
     proc = subprocess.run(cmd, env=worker_env(), cwd=tmp_path, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    reports = re.findall(r"^rank (\d): no tensor folds at --block-size 1", proc.stdout, re.M)
+    reports = re.findall(r"^rank (\d): no tensor folds at block size 1", proc.stdout, re.M)
     assert sorted(reports) == ["0", "1"], proc.stdout
 
 

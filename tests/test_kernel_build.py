@@ -153,3 +153,48 @@ def test_a_build_failure_names_its_cause_not_only_the_command():
     )
     summary = _fused_cpu.build_failure_summary(log)
     assert summary.startswith("RuntimeError: Error building extension") and "(/bin/sh: 1: c++: not found)" in summary
+
+
+@pytest.mark.parametrize(
+    "error, fix",
+    [
+        ("RuntimeError: Ninja is required to load C++ extensions", "pip install ninja"),
+        ("RuntimeError: Error building extension 'x': [1/2] c++ -c x.cpp\n/bin/sh: 1: c++: not found", "C++ compiler"),
+        ("NotADirectoryError: [Errno 20] Not a directory: '/dev/null/x/lock'", "must be a writable folder"),
+    ],
+)
+def test_a_build_failure_gets_the_fix_its_error_calls_for(error, fix):
+    assert fix in _fused_cpu.build_failure_fix(error)
+
+
+def test_the_build_leaves_an_unset_path_unset(tmp_path, monkeypatch, fresh_loader):
+    import os
+
+    monkeypatch.delenv("PATH", raising=False)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert _fused_cpu.load_kernel() is not None
+    assert "PATH" not in os.environ
+
+
+def test_a_stale_lock_in_a_read_only_cache_does_not_cost_the_cached_build(tmp_path, monkeypatch, caplog, kernel):
+    import os
+    import shutil
+
+    name = _fused_cpu.extension_name()
+    (tmp_path / name).mkdir()
+    shutil.copy(f"{_fused_cpu.build_directory(name)}/{name}.so", tmp_path / name / f"{name}.so")
+    lock = tmp_path / name / "lock"
+    lock.write_text("")
+    old = lock.stat().st_mtime - _fused_cpu.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+
+    def read_only(path, *args, **kwargs):
+        raise PermissionError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(os, "remove", read_only)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(_fused_cpu, "_tried", False)
+    monkeypatch.setattr(_fused_cpu, "_kernel", None)
+    with caplog.at_level(logging.WARNING, logger=_fused_cpu.__name__):
+        assert _fused_cpu.load_kernel() is not None
+    assert "cannot remove" in caplog.records[-1].getMessage()

@@ -368,8 +368,9 @@ def test_tied_weights_asked_two_sizes_through_their_modules_are_refused():
     model = tiny_llama(tie_word_embeddings=True)
     with pytest.raises(FoamConfigError, match=r"one tensor shared by 2 modules.*embed_tokens:1.*lm_head:4.*Fix:"):
         foam_param_groups(model, {"block_size": 4, "block_sizes": {"lm_head": 4, "embed_tokens": 1}})
-    # One size through both, or one of them named: the tied tensor takes it.
-    for sizes in ({"lm_head": 8, "embed_tokens": 8}, {"lm_head": 8}):
+    # One size through both, one of them named, or one named beside a parent's pattern that reaches the other
+    # (model:16 reaches embed_tokens only as their parent): the tied tensor takes the specific one.
+    for sizes in ({"lm_head": 8, "embed_tokens": 8}, {"lm_head": 8}, {"model": 16, "lm_head": 8}):
         groups = foam_param_groups(model, {"block_size": 4, "block_sizes": sizes})
         assert [g["block_size"] for g in groups if any(p is model.lm_head.weight for p in g["params"])] == [8]
 
@@ -786,6 +787,22 @@ def test_a_parameter_unfrozen_after_construction_is_stepped_then_hooked():
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q)
     assert model[0].weight.grad is None and len(optimizer.state) == 4  # the second time, stepped inside backward
+    optimizer.remove_hooks()
+
+
+def test_a_parameter_unfrozen_while_another_is_frozen_is_hooked():
+    # Unfreezing was detected by counting hooks against trainable parameters: one frozen and one unfrozen together
+    # kept the counts equal, and the unfrozen weight was stepped in step() but never in backward.
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    model[0].weight.requires_grad_(False)
+    optimizer = LayerwiseFOAM(model.parameters(), lr=0.1, block_size=4)
+    model[0].weight.requires_grad_(True)
+    model[1].weight.requires_grad_(False)
+    model(torch.randn(3, 8)).square().sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    model(torch.randn(3, 8)).square().sum().backward()
+    assert model[0].weight.grad is None  # stepped and freed inside backward
     optimizer.remove_hooks()
 
 

@@ -106,7 +106,10 @@ def _warn_fold_options_where_nothing_folds(args: Any, groups: list[dict[str, Any
     adapters keep AdamW states by default), so the run is AdamW whatever they say."""
     from ..folding import folds_in_full
 
-    asked = sorted(_optim_args_keys(args.optim_args).intersection(_FOLD_ONLY_KEYS))
+    asked = _optim_args_keys(args.optim_args).intersection(_FOLD_ONLY_KEYS)
+    if foam_config_from_args(args).block_size == 1:  # block_size=1 (level=0) asks for AdamW states: it is heard
+        asked -= {"block_size", "level"}
+    asked = sorted(asked)
     if not asked or any(folds_in_full(p, g["block_size"]) for g in groups for p in g["params"]):
         return
     warnings.warn(
