@@ -236,6 +236,8 @@ def build_candidates(args) -> tuple[list[Candidate], list[tuple[str, str]]]:
     if args.peers and (args.model or args.trailing):
         left_out.append(("peers", "not run with --model or --trailing (their ranks follow --rows and --cols)"))
     elif args.peers:
+        if "fp32" not in args.dtypes:  # the peers run on fp32 weights: their ratio needs fp32 AdamW beside them
+            candidates.append(Candidate("torch AdamW fused", "fp32", lambda ps: torch.optim.AdamW(ps, fused=True)))
         for name, factory, why in peer_factories(args):
             if factory is None:
                 left_out.append((name, why))
@@ -350,7 +352,7 @@ def main() -> None:
             c.times.append(time.perf_counter() - t0)
 
     entries = sum(math.prod(shape) for shape in shapes)
-    param_bytes = {d: entries * torch.empty((), dtype=DTYPES[d]).element_size() for d in args.dtypes}
+    param_bytes = {d: entries * torch.empty((), dtype=DTYPES[d]).element_size() for d in {c.dtype for c in runnable}}
     baseline = {c.dtype: statistics.median(c.times) for c in runnable if c.name == "torch AdamW fused"}
     where = (
         torch.cuda.get_device_name(torch.device(args.device))

@@ -86,6 +86,27 @@ def test_bench_step(tmp_path):
     assert (tmp_path / "step.png").stat().st_size > 0
 
 
+def test_bench_step_with_peers_on_bf16_weights_only(tmp_path):
+    # The GPU command in docs/benchmarks.md (--dtypes bf16, peers on) raised KeyError 'fp32' after every timing:
+    # the peers run on fp32 weights, whose bytes and AdamW baseline were not measured.
+    out = run(
+        "bench_step.py",
+        "--quick",
+        "--dtypes",
+        "bf16",
+        "--block-sizes",
+        "4",
+        "--no-reference",
+        "--json",
+        "s.json",
+        cwd=tmp_path,
+    )
+    rows = {(r["name"], r["dtype"]) for r in json.loads((tmp_path / "s.json").read_text())["rows"]}
+    assert ("torch AdamW fused", "fp32") in rows and ("FOAM fused B=4", "bf16") in rows
+    assert ("transformers Adafactor", "fp32") in rows, rows
+    assert "| transformers Adafactor | fp32 |" in out
+
+
 def test_bench_step_steps_every_parameter_of_a_model(tmp_path):
     """--model: the parameters of a model config (a built-in name, or here a config.json written from a
     LlamaConfig), built on the meta device; the state bytes follow its shapes, 1-D tensors unfolded."""
