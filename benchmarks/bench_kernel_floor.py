@@ -294,7 +294,11 @@ def main() -> None:
                 c.param_dtype,
             ),
         )
-        add(f"{c.name} in cache", in_cache_runner(kernel, entries, c.param_dtype, c.state_dtype, c.block_size))
+        # FOAM's default second moment, as the measured step beside it runs (sq_mean is ~9% cheaper in cache).
+        add(
+            f"{c.name} in cache",
+            in_cache_runner(kernel, entries, c.param_dtype, c.state_dtype, c.block_size, mean_sq=True),
+        )
 
     order = list(timed.values())
     for item in order:  # warm-up of the floor loops (the optimizers warmed up when built)

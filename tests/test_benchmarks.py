@@ -7,6 +7,7 @@ computed here from the parameter shapes.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -186,10 +187,13 @@ def test_bench_quality_trains_through_optim_foam_and_caches_every_run(tmp_path):
 
 def test_bench_trainer(tmp_path):
     args = ["--hidden", "64", "--layers", "1", "--vocab", "256", "--seq", "32", "--batch", "2", "--steps", "2"]
-    rows = by_name(table(run("bench_trainer.py", *args, "--threads", "1", cwd=tmp_path)))
-    assert set(rows) == {"adamw_torch", "foam", "foam_layerwise"}
-    assert number(rows["foam"][1]) < number(rows["adamw_torch"][1])
+    out = run("bench_trainer.py", *args, "--threads", "1", cwd=tmp_path)
+    rows = by_name(table(out))
+    assert set(rows) == {"adamw_torch_fused", "foam", "foam_layerwise"}  # the baseline is the fused AdamW
+    assert number(rows["foam"][1]) < number(rows["adamw_torch_fused"][1])
     assert rows["foam"][1] == rows["foam_layerwise"][1]  # the same states, stepped inside backward
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    assert f"Date {datetime.date.today()}, " in out and f"git {sha.strip()};" in out and "1 threads" in out
 
 
 def test_bench_lora(tmp_path):
