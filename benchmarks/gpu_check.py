@@ -1,6 +1,7 @@
 """The GPU check: everything about FOAM's CUDA path that only a GPU can tell, in one command.
 
     python benchmarks/gpu_check.py --out gpu-check     # one H100/H200; sized for well under 8 minutes (not yet timed)
+    python benchmarks/gpu_check.py --out gpu-check --commit abc1234   # a checkout without .git: name the commit
 
 It prints Markdown tables and writes ``results.json`` and ``results.md`` into ``--out`` after every section (a
 failing section is recorded with its traceback and the next one runs; the exit status is 1 if any failed or any
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import itertools
 import json
 import os
@@ -76,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "a kernel launch per tensor; a `foam-hf memory` name or a config.json; '' skips it)",
     )
     parser.add_argument("--trainer-steps", type=int, default=30, help="0 skips the Trainer run")
+    parser.add_argument(
+        "--commit", default=None, help="the commit to record, where the checkout has no .git (default: git's)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.block_sizes = [b for b in args.block_sizes if b in (1, 3, 4)] or [4]
@@ -87,27 +92,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------- 1. parity
 
 
-def parity_case(device, shapes, block_size: int, dtype: torch.dtype, state_dtype: str | None, steps: int) -> dict:
+def parity_case(
+    device,
+    shapes,
+    block_size: int,
+    dtype: torch.dtype,
+    state_dtype: str | None,
+    steps: int,
+    *,
+    second_moment: str = "mean_sq",
+    variant: dict | None = None,
+) -> dict:
     """Step the same problem with the Triton kernels and the readable path on ``device``, each step from the same
     inputs (``_fused_triton.parity_checks``, what the self-check runs): the worst gaps, and whether every tensor
-    stayed within the tests' tolerances at every step."""
+    stayed within the tests' tolerances at every step. ``variant``: ``scale``, ``res_scale``, ``grad_dtype``."""
     from foam_hf import _fused_triton
 
     moment_dtype = torch.bfloat16 if state_dtype == "bfloat16" else torch.float32
-    kind = (dtype, moment_dtype, block_size, "mean_sq")
+    kind = (dtype, moment_dtype, block_size, second_moment)
     weight_gap = moment_gap = 0.0
     ok = True
-    for _, name, got, want, atol, rtol in _fused_triton.parity_checks(device, kind, shapes, steps):
+    checks = _fused_triton.parity_checks(device, kind, shapes, steps, **(variant or {}))
+    for _, name, got, want, atol, rtol in checks:
         got, want = got.float(), want.float()
         ok &= bool(torch.allclose(got, want, atol=atol, rtol=rtol))
         if name == "weight":
             weight_gap = max(weight_gap, (got - want).abs().max().item())
         else:
             moment_gap = max(moment_gap, ((got - want).abs() / (want.abs() + 1e-30)).max().item())
+    described = {k: str(v).removeprefix("torch.") for k, v in (variant or {}).items()}
     return {
         "block_size": block_size,
         "dtype": str(dtype).removeprefix("torch."),
         "state_dtype": str(moment_dtype).removeprefix("torch."),
+        "variant": ", ".join(
+            [f"second_moment={second_moment}"] * (second_moment != "mean_sq")
+            + [f"{k}={v}" for k, v in described.items()]
+        )
+        or "",
         "max_weight_gap": weight_gap,
         "max_moment_rel_gap": moment_gap,
         "pass": ok,
@@ -119,6 +141,18 @@ def check_parity(args, device) -> list[dict]:
     rows = []
     for block_size, dname, sname in itertools.product(args.block_sizes, args.dtypes, args.state_dtypes):
         rows.append(parity_case(device, shapes, block_size, DTYPES[dname], STATE_DTYPES[sname], args.steps))
+    # What the grid above holds fixed: the other second moment, scale and res_scale, fp32 gradients of bf16
+    # weights (FSDP2's fp32 reduction), and blocks wider than a 2048-entry tile (more warps per launch).
+    for dname, sname in itertools.product(args.dtypes, args.state_dtypes):
+        dtype, state = DTYPES[dname], STATE_DTYPES[sname]
+        rows.append(parity_case(device, shapes, 4, dtype, state, args.steps, second_moment="sq_mean"))
+        rows.append(parity_case(device, shapes, 4, dtype, state, args.steps, variant=dict(scale=0.5, res_scale=0.5)))
+        if dtype != torch.float32:
+            variant = dict(grad_dtype=torch.float32)
+            rows.append(parity_case(device, shapes, 4, dtype, state, args.steps, variant=variant))
+    wide = [(2, 5000)] if args.quick else [(3, 10000), (1, 70000)]
+    for sname in args.state_dtypes:
+        rows.append(parity_case(device, wide, 4096, DTYPES[args.dtypes[0]], STATE_DTYPES[sname], args.steps))
     return rows
 
 
@@ -185,56 +219,65 @@ def shape_sets(args) -> list[tuple[str, list[tuple[int, ...]]]]:
     return sets
 
 
-def time_and_memory(args, device) -> list[dict]:
-    rows = []
+def time_and_memory(args, device, rows: list[dict]) -> list[dict]:
+    """Append a row per (shapes, dtype, path) to ``rows`` as it is measured (a failure later keeps the rows before
+    it); a path that fails gets a row with its error, and the others run."""
     for (shapes_name, shapes), dname in itertools.product(shape_sets(args), ("bf16", "fp32")):
         dtype = DTYPES[dname]
         for name, make in step_candidates():
-            gen = torch.Generator(device=device).manual_seed(0)
-            params = []
-            for shape in shapes:
-                p = torch.nn.Parameter(torch.randn(shape, device=device, generator=gen).to(dtype))
-                p.grad = (torch.randn(p.shape, device=device, generator=gen) * 1e-2).to(dtype)
-                params.append(p)
-            param_bytes = sum(p.numel() * p.element_size() for p in params)
-            optimizer = make(params)
-            for _ in range(3):  # states allocated, kernels compiled
-                optimizer.step()
-            torch.cuda.synchronize(device)
-            before = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            optimizer.step()
-            torch.cuda.synchronize(device)
-            transient = torch.cuda.max_memory_allocated(device) - before
-            reps = args.reps if "for-loop" not in name else max(3, args.reps // 5)
-            times, host_times = [], []
-            for _ in range(reps):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                host_start = time.perf_counter()
-                optimizer.step()
-                host_times.append((time.perf_counter() - host_start) * 1e3)  # the host's time to queue the step
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            rows.append(
-                {
-                    "shapes": shapes_name,
-                    "path": name,
-                    "dtype": dname,
-                    "ms": statistics.median(times),
-                    "host_ms": statistics.median(host_times),
-                    "transient_bytes": transient,
-                    "transient_share": transient / param_bytes,
-                }
-            )
-            del optimizer, params
+            try:
+                rows.append(_time_one(args, device, shapes_name, shapes, dname, dtype, name, make))
+            except Exception as exc:  # noqa: BLE001 - one path's failure must not cost the others' rows
+                rows.append(
+                    {"shapes": shapes_name, "path": name, "dtype": dname, "error": f"{type(exc).__name__}: {exc}"}
+                )
+            gc.collect()  # the step wrappers of with_shared_max_entries hold their optimizer in a cycle
             torch.cuda.empty_cache()
-        same = [r for r in rows if r["dtype"] == dname and r["shapes"] == shapes_name]
-        base = next(r["ms"] for r in same if r["path"] == "torch AdamW fused")
+        same = [r for r in rows if r["dtype"] == dname and r["shapes"] == shapes_name and "ms" in r]
+        base = next((r["ms"] for r in same if r["path"] == "torch AdamW fused"), None)
         for r in same:
-            r["ratio_to_adamw_fused"] = r["ms"] / base
+            r["ratio_to_adamw_fused"] = r["ms"] / base if base else float("nan")
     return rows
+
+
+def _time_one(args, device, shapes_name, shapes, dname, dtype, name, make) -> dict:
+    """One path on one parameter list: median step time, host time, and peak transient memory."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    params = []
+    for shape in shapes:
+        p = torch.nn.Parameter(torch.randn(shape, device=device, generator=gen).to(dtype))
+        p.grad = (torch.randn(p.shape, device=device, generator=gen) * 1e-2).to(dtype)
+        params.append(p)
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    optimizer = make(params)
+    for _ in range(3):  # states allocated, kernels compiled
+        optimizer.step()
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    optimizer.step()
+    torch.cuda.synchronize(device)
+    transient = torch.cuda.max_memory_allocated(device) - before
+    reps = args.reps if "for-loop" not in name else max(3, args.reps // 5)
+    times, host_times = [], []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        host_start = time.perf_counter()
+        optimizer.step()
+        host_times.append((time.perf_counter() - host_start) * 1e3)  # the host's time to queue the step
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return {
+        "shapes": shapes_name,
+        "path": name,
+        "dtype": dname,
+        "ms": statistics.median(times),
+        "host_ms": statistics.median(host_times),
+        "transient_bytes": transient,
+        "transient_share": transient / param_bytes,
+    }
 
 
 # ---------------------------------------------------------------------------- 4. Trainer
@@ -327,12 +370,13 @@ def markdown(results: dict) -> str:
         passed = sum(r["pass"] for r in results["parity"])
         lines += ["", f"**Triton vs readable path**: {passed}/{len(results['parity'])} cases within tolerance", ""]
         lines += _table(
-            ["B", "params", "moments", "max weight gap", "max moment rel. gap", "pass"],
+            ["B", "params", "moments", "also", "max weight gap", "max moment rel. gap", "pass"],
             [
                 [
                     str(r["block_size"]),
                     r["dtype"],
                     str(r["state_dtype"]),
+                    r.get("variant", ""),
                     f"{r['max_weight_gap']:.2e}",
                     f"{r['max_moment_rel_gap']:.2e}",
                     "yes" if r["pass"] else "**NO**",
@@ -358,10 +402,12 @@ def markdown(results: dict) -> str:
                     r["dtype"],
                     f"{r['ms']:.3f}",
                     f"{r['host_ms']:.3f}",
-                    f"{r['ratio_to_adamw_fused']:.2f}x",
+                    f"{r.get('ratio_to_adamw_fused', float('nan')):.2f}x",
                     f"{r['transient_bytes'] / 2**20:.1f} MiB",
                     f"{100 * r['transient_share']:.1f}%",
                 ]
+                if "ms" in r
+                else [r["shapes"], r["path"], r["dtype"], f"**failed**: {r['error'][:200]}", "", "", "", ""]
                 for r in results["steps"]
             ],
         )
@@ -415,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         "host": platform.node(),
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "git": git_sha(),
+        "git": args.commit or git_sha(),
         "argv": sys.argv[1:] if argv is None else argv,
         "parity": [],
         "steps": [],
@@ -446,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         results["parity"] = check_parity(args, device)
 
     def steps() -> None:
-        results["steps"] = time_and_memory(args, device)
+        time_and_memory(args, device, results["steps"])  # rows land in results as they are measured
 
     def trainer() -> None:
         results["trainer"] = trainer_run(args, device, out)
@@ -466,7 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     section("environment", environment)
     print(markdown(results))
     failed = [r for r in results["parity"] if not r["pass"]]
-    return 1 if failed or results["errors"] else 0
+    failed_steps = [r for r in results["steps"] if "error" in r]
+    not_ready = device.type == "cuda" and results.get("ready") is False  # fused=None would take the foreach path
+    return 1 if failed or failed_steps or not_ready or results["errors"] else 0
 
 
 if __name__ == "__main__":

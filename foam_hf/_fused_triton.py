@@ -164,13 +164,20 @@ def _scratch_shapes(block_size: int) -> list[tuple[int, ...]]:
     return [(4, whole), (3, ragged), *narrow, (5,), (16,)]
 
 
-def _problem(device: torch.device, kind: CheckKind, shapes: list[tuple[int, ...]], steps: int, seed: int = 0):
+def _problem(
+    device: torch.device,
+    kind: CheckKind,
+    shapes: list[tuple[int, ...]],
+    steps: int,
+    seed: int = 0,
+    grad_dtype: torch.dtype | None = None,
+):
     """A seeded step problem of ``kind`` over ``shapes``, so every check steps the same numbers: parameters, a list
-    of gradients per step, and zero moments."""
+    of gradients per step (in ``grad_dtype``, default the parameters'), and zero moments."""
     dtype, state_dtype, block_size, _ = kind
     gen = torch.Generator().manual_seed(seed)
     params = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
-    grads = [[torch.randn(s, generator=gen).to(device, dtype) for s in shapes] for _ in range(steps)]
+    grads = [[torch.randn(s, generator=gen).to(device, grad_dtype or dtype) for s in shapes] for _ in range(steps)]
     state_shapes = [folded_shape(p.shape, block_size) if is_foldable(p, block_size) else p.shape for p in params]
     exp_avgs = [torch.zeros(s, device=device, dtype=state_dtype) for s in state_shapes]
     exp_avg_sqs = [torch.zeros(s, device=device, dtype=state_dtype) for s in state_shapes]
@@ -194,10 +201,15 @@ def parity_checks(
     *,
     shared_max_entries: int | None = None,
     seed: int = 0,
+    scale: float | None = None,
+    res_scale: float | None = None,
+    grad_dtype: torch.dtype | None = None,
 ) -> Iterable[tuple[int, str, torch.Tensor, torch.Tensor, float, float]]:
     """Step a seeded problem of ``kind`` over ``shapes`` with the kernels and with the readable path
     (:func:`foam_hf.functional._single_tensor_foam`) on ``device``, ``steps`` times; after each step yield, per
     tensor, ``(step, name, kernels' value, readable path's value, atol, rtol)``: the tolerances of the tests.
+    ``scale``, ``res_scale`` and ``grad_dtype`` (gradients of another dtype than the parameters, as FSDP2's fp32
+    reduction gives bf16 weights) vary the problem from the self-check's.
 
     Every step starts from the same weights and moments on both sides (the readable path's, copied over). The
     kernels never contract ``a·b + c`` into one rounding and sum a block in their own order, so their fp32 moments
@@ -210,8 +222,9 @@ def parity_checks(
 
     dtype, state_dtype, block_size, second_moment = kind
     hyper = dict(_CHECK_HYPER, block_size=block_size, second_moment=second_moment)
-    kernel = _problem(device, kind, shapes, steps, seed)
-    readable = _problem(device, kind, shapes, steps, seed)
+    hyper |= {k: v for k, v in (("scale", scale), ("res_scale", res_scale)) if v is not None}
+    kernel = _problem(device, kind, shapes, steps, seed, grad_dtype)
+    readable = _problem(device, kind, shapes, steps, seed, grad_dtype)
     kernel_steps = [torch.tensor(0.0) for _ in shapes]
     readable_steps = [torch.tensor(0.0) for _ in shapes]
     atol, rtol = _CHECK_WEIGHT_TOLERANCES[dtype]

@@ -97,9 +97,16 @@ def test_interpreter_run_writes_parity_and_trainer_results(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
-    # the interpreter is slow: 1 block size (3: a padded tile, ragged rows) x 2 parameter dtypes x 2 state dtypes
-    cases = {(r["block_size"], r["dtype"], r["state_dtype"]) for r in results["parity"]}
-    assert cases == {(3, d, s) for d in ("float32", "bfloat16") for s in ("float32", "bfloat16")}
+    # the interpreter is slow: 1 block size (3: a padded tile, ragged rows) x 2 parameter dtypes x 2 state dtypes,
+    # then what that grid holds fixed, at B=4: the other second moment, scale and res_scale, fp32 gradients of
+    # bf16 weights; and a block wider than a 2048-entry tile
+    cases = {(r["block_size"], r["dtype"], r["state_dtype"], r["variant"]) for r in results["parity"]}
+    pairs = [(d, s) for d in ("float32", "bfloat16") for s in ("float32", "bfloat16")]
+    expected = {(3, d, s, "") for d, s in pairs}
+    expected |= {(4, d, s, v) for d, s in pairs for v in ("second_moment=sq_mean", "scale=0.5, res_scale=0.5")}
+    expected |= {(4, "bfloat16", s, "grad_dtype=float32") for s in ("float32", "bfloat16")}
+    expected |= {(4096, "float32", s, "") for s in ("float32", "bfloat16")}
+    assert cases == expected
     assert all(r["pass"] for r in results["parity"]), results["parity"]
     assert results["steps"] == []  # step time and CUDA memory need a GPU
     trainer = results["trainer"]
@@ -161,5 +168,53 @@ def test_a_failing_section_is_recorded_and_the_others_still_run(monkeypatch, tmp
         set(results["errors"]) == {"trainer"}
         and "RuntimeError: no such device function" in results["errors"]["trainer"]
     )
-    assert [r["pass"] for r in results["parity"]] == [True] and "environment" in results  # before and after it
+    assert results["parity"] and all(r["pass"] for r in results["parity"]) and "environment" in results
     assert "Section 'trainer' failed" in (out / "results.md").read_text()
+
+
+def test_a_step_path_that_fails_gets_a_row_and_the_others_are_kept(monkeypatch):
+    # The step section returned its rows only at the end: one failing path among 40 lost every row. CUDA's timing
+    # and memory calls are faked on CPU here: the test is about the section's bookkeeping, not about a GPU.
+    gpu_check = load_script()
+
+    class Event:
+        def __init__(self, **kwargs):
+            self.t = 0.0
+
+        def record(self):
+            import time
+
+            self.t = time.perf_counter()
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    for name, fake in {
+        "synchronize": lambda device=None: None,
+        "memory_allocated": lambda device=None: 0,
+        "max_memory_allocated": lambda device=None: 0,
+        "reset_peak_memory_stats": lambda device=None: None,
+        "empty_cache": lambda: None,
+        "Event": Event,
+    }.items():
+        monkeypatch.setattr(torch.cuda, name, fake)
+
+    def broken(params):
+        raise RuntimeError("no kernel image is available")
+
+    candidates = [("torch AdamW fused", lambda ps: torch.optim.AdamW(ps, fused=True)), ("broken", broken)]
+    monkeypatch.setattr(gpu_check, "step_candidates", lambda: candidates)
+    args = gpu_check.parse_args(["--quick"])
+    rows = []
+    gpu_check.time_and_memory(args, torch.device("cpu"), rows)
+    assert [(r["path"], r["dtype"]) for r in rows] == [
+        (n, d) for d in ("bf16", "fp32") for n in ("torch AdamW fused", "broken")
+    ]
+    assert all(r["ratio_to_adamw_fused"] == 1.0 for r in rows if r["path"] == "torch AdamW fused")
+    assert all("no kernel image is available" in r["error"] for r in rows if r["path"] == "broken")
+    assert "**failed**: RuntimeError: no kernel image" in gpu_check.markdown(
+        dict(date="d", device="x", torch="t", triton="t", git="g", parity=[], steps=rows, trainer=None)
+    )
