@@ -226,8 +226,10 @@ class RunCache:
 
 
 def lr_factor(step: int, steps: int, warmup_fraction: float) -> float:
-    """Multiplier of the peak lr at ``step`` (0-based): linear warm-up, then cosine down to 0.1 (the schedule
-    the Trainer runs use, ``cosine_with_min_lr`` with ``min_lr_rate=0.1``)."""
+    """Multiplier of the peak lr at ``step`` (0-based): linear warm-up, then cosine down to 0.1. Close to the
+    Trainer runs' ``cosine_with_min_lr`` (``min_lr_rate=0.1``) but not equal: transformers' warm-up starts at 0
+    (0, 1/w, ...), this one at 1/w (1/w, 2/w, ...), at most 1/w apart. Every variant of a benchmark that uses it
+    shares it, so their comparisons hold; its figures are not those of a Trainer run."""
     warmup = max(1, round(warmup_fraction * steps))
     if step < warmup:
         return (step + 1) / warmup
