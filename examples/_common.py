@@ -183,7 +183,9 @@ def _generated_texts(n: int) -> list[str]:
 
 
 def function_snippets(texts: list[str], n: int, max_chars: int = 240) -> list[tuple[str, str]]:
-    """Up to ``n`` (signature line, body) pairs of top-level functions found in ``texts``."""
+    """Up to ``n`` (signature line, body) pairs of top-level functions found in ``texts``. The line break after
+    the signature starts the body: byte-level BPE merges a newline with the indent after it, so a prompt ending in
+    one would not be a token prefix of prompt + completion (TRL warns, and trains on another context)."""
     snippets = []
     for text in texts:
         lines = text.splitlines()
@@ -197,7 +199,7 @@ def function_snippets(texts: list[str], n: int, max_chars: int = 240) -> list[tu
                 body.append(nxt)
             body_text = "\n".join(body).strip("\n")
             if len(body_text) >= 20:
-                snippets.append((line + "\n", body_text[:max_chars] + "\n"))
+                snippets.append((line, "\n" + body_text[:max_chars] + "\n"))
             if len(snippets) >= n:
                 return snippets
     return snippets
