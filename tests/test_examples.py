@@ -129,6 +129,18 @@ def test_grpo_refuses_what_would_train_nothing_or_crash(flags, capsys):
     assert exit_info.value.code == 2 and ("needs >= 2" in err or "0 is not >= 1" in err), err
 
 
+def test_the_trl_examples_prompts_are_token_prefixes_of_prompt_and_completion():
+    # A prompt ending in a newline lost it to a merge with the body's indent: TRL warned that every example trained
+    # on a context it never sees at inference. Checked with the examples' own tokenizer, on their own pairs.
+    common = load_example("_common")
+    tokenizer = common.build_tokenizer()
+    pairs = common.function_pairs(short=True)
+    assert len(pairs) >= 20
+    for prompt, completion in pairs:
+        ids = tokenizer(prompt)["input_ids"]
+        assert tokenizer(prompt + completion)["input_ids"][: len(ids)] == ids, prompt
+
+
 def test_grpo_reward_scores_function_bodies():
     reward = load_example("grpo").function_body_reward
     prompts = ["def f(x):\n"] * 3
