@@ -166,10 +166,11 @@ class LayerwiseFOAM(FOAM):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for param in self._trainable_params():
+        trainable = self._trainable_params()
+        for param in trainable:
             self._step_parameter(param)  # none without a gradient, and only when should_step() says so
         self._stepped.clear()
-        if self._hooks_wanted and any(id(p) not in self._handles for p in self._trainable_params()):
+        if self._hooks_wanted and any(id(p) not in self._handles for p in trainable):
             # Parameters unfrozen since: stepped here this once, in backward from now on.
             self.attach_hooks(take_over=False)
         return loss
@@ -184,9 +185,7 @@ class LayerwiseFOAM(FOAM):
         after construction were never stepped: nothing hooked them, and ``step()`` skipped them)."""
         super().add_param_group(param_group)
         if hasattr(self, "_group_index"):  # not during __init__, which indexes and hooks every group itself
-            index = len(self.param_groups) - 1
-            for p in self.param_groups[index]["params"]:
-                self._group_index[id(p)] = index
+            self._index_groups()
             if self._hooks_wanted:
                 self.attach_hooks()
 

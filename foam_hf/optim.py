@@ -170,6 +170,8 @@ class FOAM(Optimizer):
         validate_group_options(defaults)
         _fused_cpu.check_isa_env()  # a misspelt FOAM_CPU_ISA fails here, not at the first CPU step
         self._fused_checked = True  # add_param_group checks each fused group, or leaves it to step() (meta tensors)
+        self._group_of_param: dict[int, int] = {}  # id(parameter) -> its group's index, see add_param_group
+        self._built_with: dict[int, tuple[dict[str, Any], tuple[Any, ...]]] = {}  # see _check_structure
         super().__init__(params, defaults)
         # DeepSpeed ZeRO and FSDP1 swap the groups' tensors for flat 1-D shards after construction, and those never
         # fold: the first step() looks once for that swap (_warn_if_flattened).
@@ -200,13 +202,12 @@ class FOAM(Optimizer):
         # id(parameter) -> the group it was added to: one look-up per parameter, where a scan of every group
         # made adding thousands of groups (ZeroFOAM makes one per folded tensor) quadratic. A hit is confirmed in
         # the groups themselves, which their owner may have edited since.
-        group_of = self.__dict__.setdefault("_group_of_param", {})
         for p in params if not isinstance(params, set) else ():
             if isinstance(p, tuple) and len(p) == 2:  # torch's (name, tensor) pairs
                 p = p[1]
             if not isinstance(p, torch.Tensor):
                 continue  # torch's own check names the type
-            other = group_of.get(id(p))
+            other = self._group_of_param.get(id(p))
             if other is not None and other < index and any(p is q for q in self.param_groups[other]["params"]):
                 raise FoamConfigError(
                     f"FOAM: a parameter of shape {tuple(p.shape)} in param group {index} is already in param "
@@ -287,10 +288,9 @@ class FOAM(Optimizer):
         except (TypeError, ValueError, RuntimeError):
             self.param_groups.pop()
             raise
-        group_of = self.__dict__.setdefault("_group_of_param", {})
         for p in group["params"]:
-            group_of[id(p)] = index
-        self.__dict__.setdefault("_built_with", {})[id(group)] = (group, self._structure(group))
+            self._group_of_param[id(p)] = index
+        self._built_with[id(group)] = (group, self._structure(group))
 
     #: Whether the next step() checks that the tensors still fold (see _warn_if_flattened); unpickled FOAMs do not.
     _check_flattened = False
@@ -403,20 +403,18 @@ class FOAM(Optimizer):
         """Refuse a change of :attr:`_STRUCTURAL_OPTIONS` in ``group`` that its existing moments would be misread
         under (one look-up per group and step while nothing changes). A changed value is validated; a change that
         no moment depends on yet (no state, or parameters it does not concern) is taken."""
-        built = self.__dict__.setdefault("_built_with", {})
         now = self._structure(group)
-        entry = built.get(id(group))
+        entry = self._built_with.get(id(group))
         if entry is not None and entry[0] is group and entry[1] == now:
             return
         group["state_dtype"] = normalize_state_dtype(group["state_dtype"])  # torch.bfloat16 -> "bfloat16", as added
         try:
             validate_group_options(group)  # a value set on the group since it was added
         except (TypeError, ValueError):
-            index = next(i for i, g in enumerate(self.param_groups) if g is group)
-            validate_group_options(group, where=f"param group {index}")  # the same error, naming the group
+            validate_group_options(group, where=f"param group {self._index_of(group)}")  # the same, naming the group
             raise
         if entry is not None and entry[0] is group and self._structure_change_matters(group, entry[1], now):
-            index = next(i for i, g in enumerate(self.param_groups) if g is group)
+            index = self._index_of(group)
             changed = {k: (a, b) for k, a, b in zip(self._STRUCTURAL_OPTIONS, entry[1], now) if a != b}
             raise FoamConfigError(
                 f"FOAM: param group {index} changed "
@@ -425,7 +423,11 @@ class FOAM(Optimizer):
                 "another folding, second-moment rule or dtype. Fix: put the old value back, or build a new optimizer "
                 "with the new one (checkpoints refuse the same change)."
             )
-        built[id(group)] = (group, now)
+        self._built_with[id(group)] = (group, now)
+
+    def _index_of(self, group: dict[str, Any]) -> int:
+        """The position of ``group`` (the dict itself) in :attr:`param_groups`, for messages (a scan: not per step)."""
+        return next(i for i, g in enumerate(self.param_groups) if g is group)
 
     def _structure_change_matters(self, group: dict[str, Any], old: tuple[Any, ...], now: tuple[Any, ...]) -> bool:
         """Whether a parameter of ``group`` holds moments that the change from ``old`` to ``now`` (values of

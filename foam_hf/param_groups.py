@@ -343,12 +343,11 @@ def resolve_block_sizes(
                     score = (depth, literal[pattern], len(pattern))
                     # A tied tensor's owners disagree only where overrides name them: one reached through a parent
                     # (model:8 over embed_tokens) yields to specificity below.
-                    if prefix != module_name:
-                        pass
-                    elif owner_best is None or score > owner_best:
-                        owner_best, by_owner[module_name] = score, {pattern: override}
-                    elif score == owner_best:
-                        by_owner[module_name][pattern] = override
+                    if prefix == module_name:
+                        if owner_best is None or score > owner_best:
+                            owner_best, by_owner[module_name] = score, {pattern: override}
+                        elif score == owner_best:
+                            by_owner[module_name][pattern] = override
                     if best is None or score > best:
                         best, chosen = score, {pattern: override}
                     elif score == best:

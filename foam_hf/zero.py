@@ -207,8 +207,7 @@ class ZeroFOAM(FOAM):
     def _structure_change_matters(self, group: dict[str, Any], old: tuple[Any, ...], now: tuple[Any, ...]) -> bool:
         """A group holding a partition folds it by its layout, not by its flat tensor's shape: any moment there
         depends on every structural option."""
-        index = next(i for i, g in enumerate(self.param_groups) if g is group)
-        if self._layout(index, group) is None:
+        if self._layout(self._index_of(group), group) is None:
             return super()._structure_change_matters(group, old, now)
         return any("exp_avg" in self.state.get(p, {}) for p in group["params"])
 
