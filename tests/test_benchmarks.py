@@ -257,7 +257,8 @@ def test_bench_kernel_compute_has_a_column_per_implementation_this_cpu_runs(tmp_
 
     kernel = _fused_cpu.load_kernel()
     assert kernel is not None, _fused_cpu.kernel_build_error()
-    out = run("bench_kernel_compute.py", "--quick", cwd=tmp_path)
+    # --quick makes the run small, but a size given on the command line wins (it used to be overridden)
+    out = run("bench_kernel_compute.py", "--quick", "--block-sizes", "4", "8", cwd=tmp_path)
     header = next(line for line in out.splitlines() if line.startswith("| step |"))
     isas = list(kernel.available_isas())
     assert header == "| step | params | states | " + "".join(f"{i} (ps/entry) | " for i in isas) + (
@@ -266,13 +267,28 @@ def test_bench_kernel_compute_has_a_column_per_implementation_this_cpu_runs(tmp_
     rows = table(out)
     assert [r[:3] for r in rows] == [
         ["FOAM B=4", "fp32", "fp32"],
+        ["FOAM B=8", "fp32", "fp32"],
         ["FOAM B=4", "bf16", "fp32"],
-        ["FOAM B=4", "fp32", "bf16"],
+        ["FOAM B=8", "bf16", "fp32"],
+        ["FOAM B=4", "fp32", "bf16"],  # bf16 states at B=4 only
         ["FOAM B=4", "bf16", "bf16"],
     ]
     assert all(len(r) == 3 + len(isas) + 1 for r in rows)
     chosen = os.environ.get("FOAM_CPU_ISA", "").strip().lower() or isas[-1]  # the best this CPU runs, unless set
     assert f"the CPU's choice: {chosen}" in out
+
+
+def test_sizes_given_with_quick_win_over_its_smaller_defaults(tmp_path):
+    # --quick used to overwrite --rows/--reps given beside it, so a smoke run at a chosen size was impossible.
+    out = run("bench_step.py", "--quick", "--no-peers", "--no-reference", "--rows", "64", "--reps", "2",
+              "--dtypes", "fp32", "--block-sizes", "4", "--json", "step.json", cwd=tmp_path)  # fmt: skip
+    report = json.loads((tmp_path / "step.json").read_text())
+    assert (report["shape"]["n_weights"], report["shape"]["rows"], report["shape"]["cols"]) == (2, 64, 256)
+    assert "2 interleaved reps" in out
+    rows = {r["name"]: r for r in report["rows"]}
+    assert rows["FOAM fused B=4"]["state_bytes"] == foam_state_bytes_from_shapes([(64, 256)] * 2, 4)
+    floor = run("bench_kernel_floor.py", "--quick", "--cols", "128", "--reps", "1", cwd=tmp_path)
+    assert "2 weights of 128x128, 1 interleaved reps" in floor  # its header names what it measured
 
 
 def test_a_quick_bench_step_started_anywhere_leaves_the_published_plot_alone(tmp_path):
