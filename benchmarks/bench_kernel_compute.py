@@ -12,8 +12,9 @@ one call, on one thread, so that G, W and the moments stay in the core's L2
 cache and the step pays for its instructions only: block sums, unfolds, the moment updates, the square root and
 the division, the conversions of bf16 parameters and the rounding of bf16 states. It is the compute side of a
 step; ``bench_kernel_floor.py`` gives the memory side, and ``bench_step.py`` what a real step takes.
-The table gives the median over repetitions, in picoseconds per parameter entry, and how much of it
-``torch._fused_adamw_`` (the op of ``torch.optim.AdamW(fused=True)``) takes on the same data.
+The table gives the median over repetitions (every case once per repetition, in rotation), in picoseconds per
+parameter entry, and how much of it ``torch._fused_adamw_`` (the op of ``torch.optim.AdamW(fused=True)``) takes
+on the same data.
 """
 
 from __future__ import annotations
@@ -37,25 +38,28 @@ from foam_hf import _fused_cpu  # noqa: E402
 SHAPE = (32, 1024)  # 128 KiB of fp32 per tensor: G, W and the moments fit in a 1 MiB L2 together
 
 
-def median_seconds(step, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def interleaved_ps_per_entry(kernel, cases: dict, copies: int, reps: int, warmup: int = 3) -> dict:
+    """Median picoseconds per parameter entry of each case, timed in rotation (each repetition runs every case
+    once, so that changes in the machine's load hit them alike).
 
-
-def ps_per_entry(kernel, param_dtype, state_dtype, block_size, copies: int, reps: int) -> float:
-    """bench_kernel_floor's in-cache step (FOAM's with its default second moment; block_size None: fused AdamW),
-    one call over ``copies`` references to one tensor, in picoseconds per parameter entry."""
+    ``cases`` maps a key to ``(isa, param_dtype, state_dtype, block_size)``: bench_kernel_floor's in-cache step
+    (FOAM's with its default second moment; block_size None: fused AdamW, whose op is torch's whatever the isa),
+    one call over ``copies`` references to one tensor.
+    """
     entries = SHAPE[0] * SHAPE[1] * copies
-    step = in_cache_runner(
-        kernel, entries, param_dtype, state_dtype, block_size, shape=SHAPE, copies=copies, mean_sq=True
-    )
-    return median_seconds(step, reps) / entries * 1e12
+    runners = {
+        key: (isa, in_cache_runner(kernel, entries, p, s, b, shape=SHAPE, copies=copies, mean_sq=True))
+        for key, (isa, p, s, b) in cases.items()
+    }
+    times: dict = {key: [] for key in cases}
+    for rep in range(warmup + reps):
+        for key, (isa, step) in runners.items():
+            kernel.set_isa(isa)
+            start = time.perf_counter()
+            step()
+            if rep >= warmup:
+                times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(t) / entries * 1e12 for key, t in times.items()}
 
 
 def main() -> None:
@@ -78,21 +82,18 @@ def main() -> None:
 
     configs = [(p, b, torch.float32) for p in (torch.float32, torch.bfloat16) for b in args.block_sizes]
     configs += [(p, 4, torch.bfloat16) for p in (torch.float32, torch.bfloat16) if 4 in args.block_sizes]
-    results: dict[tuple, dict[str, float]] = {}
-    for param_dtype, block_size, state_dtype in configs:
-        for isa in isas:
-            kernel.set_isa(isa)
-            results.setdefault((param_dtype, block_size, state_dtype), {})[isa] = ps_per_entry(
-                kernel, param_dtype, state_dtype, block_size, args.copies, args.reps
-            )
+    cases = {(config, isa): (isa, config[0], config[2], config[1]) for config in configs for isa in isas}
+    cases |= {("AdamW", p): (chosen, p, p, None) for p in (torch.float32, torch.bfloat16)}
+    measured = interleaved_ps_per_entry(kernel, cases, args.copies, args.reps)
     kernel.set_isa(chosen)
-    adamw = {p: ps_per_entry(kernel, p, p, None, args.copies, args.reps) for p in (torch.float32, torch.bfloat16)}
+    results = {config: {isa: measured[(config, isa)] for isa in isas} for config in configs}
+    adamw = {p: measured[("AdamW", p)] for p in (torch.float32, torch.bfloat16)}
 
     names = {torch.float32: "fp32", torch.bfloat16: "bf16"}
     print(
         f"Date {datetime.date.today()}, {platform.machine()} {cpu_name()} (1 thread; implementations: "
         f"{', '.join(isas)}; the CPU's choice: {chosen}), torch {torch.__version__}, git {git_sha()}; one "
-        f"{SHAPE[0]}x{SHAPE[1]} tensor x {args.copies} per call, median of {args.reps}.\n"
+        f"{SHAPE[0]}x{SHAPE[1]} tensor x {args.copies} per call, median of {args.reps} interleaved repetitions.\n"
     )
     header = " | ".join(f"{isa} (ps/entry)" for isa in isas)
     print(f"| step | params | states | {header} | torch AdamW fused (ps/entry) |")
