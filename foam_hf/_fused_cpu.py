@@ -133,7 +133,7 @@ def load_kernel() -> Any:
             _wait_for_another_build(directory)
             _kernel = _import_cached(name, directory)
             if _kernel is None:
-                _kernel = _build(name)
+                _kernel = _build(name, directory)
         except Exception as exc:  # no compiler, no ninja, no headers, ...: every failure means "unavailable"
             _kernel = None
             _error = f"{type(exc).__name__}: {exc}".strip()
@@ -152,8 +152,10 @@ def load_kernel() -> Any:
 
 
 def build_directory(name: str) -> str:
-    """Where :func:`torch.utils.cpp_extension.load` builds extension ``name``: ``$TORCH_EXTENSIONS_DIR/name``, else
-    ``<torch's default root>/py<major><minor><abiflags>_<cpu|cuXYZ|rocmXYZ>/name``."""
+    """Where the kernel ``name`` is built and cached: ``$TORCH_EXTENSIONS_DIR/name``, else
+    ``<torch's default root>/py<major><minor><abiflags>_<cpu|cuXYZ|rocmXYZ>/name``, the folder torch's own rule
+    gives today. :func:`_build` passes it to torch explicitly, so a torch that lays out its cache otherwise still
+    builds where :func:`_import_cached` looks."""
     import sys
 
     from torch.utils.cpp_extension import get_default_build_root
@@ -225,8 +227,9 @@ def _import_cached(name: str, directory: str) -> Any:
     return module
 
 
-def _build(name: str) -> Any:
-    """Build the kernel with :func:`torch.utils.cpp_extension.load` (about a minute on two cores), saying so."""
+def _build(name: str, directory: str) -> Any:
+    """Build the kernel in ``directory`` with :func:`torch.utils.cpp_extension.load` (about a minute on two
+    cores), saying so."""
     import shutil
     import sys
 
@@ -244,9 +247,11 @@ def _build(name: str) -> Any:
         # at::parallel_for is a header template: with torch's OpenMP backend it only runs in parallel when the
         # extension itself is compiled with -fopenmp (without it the kernel silently uses one thread).
         openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
+        os.makedirs(directory, exist_ok=True)
         module = load(
             name=name,
             sources=[_SOURCE],
+            build_directory=directory,
             extra_cflags=[*CFLAGS, *openmp],
             extra_ldflags=openmp,
             extra_include_paths=[_CSRC],

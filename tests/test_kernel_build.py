@@ -32,16 +32,30 @@ def test_the_cache_name_follows_the_source_bytes(tmp_path):
     assert _fused_cpu.extension_name() not in (_fused_cpu.extension_name((str(a),)), "foam_hf_fused_cpu_v3")
 
 
+class BuildCalls(list):
+    """The names torch's (stubbed) build was asked for; ``folders`` the ``build_directory`` of each."""
+
+    def __init__(self):
+        super().__init__()
+        self.folders = []
+
+
 @pytest.fixture
 def fresh_loader(monkeypatch):
     """load_kernel as in a new process, with torch's build replaced by a stub (this test is about our logging
-    and cache logic, not about compiling): the stub records the name it was asked to build."""
+    and cache logic, not about compiling): the stub records the name it was asked to build, and where."""
     import torch.utils.cpp_extension
 
-    calls = []
+    calls = BuildCalls()
+
+    def load(name, **kwargs):
+        calls.append(name)
+        calls.folders.append(kwargs.get("build_directory"))
+        return object()
+
     monkeypatch.setattr(_fused_cpu, "_tried", False)
     monkeypatch.setattr(_fused_cpu, "_kernel", None)
-    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda name, **kwargs: calls.append(name) or object())
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", load)
     return calls
 
 
@@ -54,20 +68,22 @@ def test_a_build_into_an_empty_cache_is_announced_with_its_duration(tmp_path, mo
     messages = [r.getMessage() for r in caplog.records]
     assert messages[0].startswith(f"FOAM: building the fused CPU kernel {name}")
     assert messages[1].startswith(f"FOAM: fused CPU kernel {name} built in")
+    # built in the folder the next process imports from, named to torch explicitly (not left to torch's own
+    # layout, which a torch release may change: every process would then rebuild)
+    assert fresh_loader.folders == [str(tmp_path / name)] and (tmp_path / name).is_dir()
 
 
 def test_a_cached_build_is_imported_without_torch_ninja_or_a_compiler(tmp_path, monkeypatch, caplog, kernel):
-    # The kernel this machine built, copied to where build_directory() says torch keeps it under another
+    # The kernel this machine built, copied to where build_directory() puts it under another
     # TORCH_EXTENSIONS_DIR: imported as it is. torch's load (which needs ninja on PATH, a writable cache, and may
-    # rebuild on file times alone) is never called. The copy being found also checks build_directory against
-    # torch's real layout.
+    # rebuild on file times alone) is never called.
     import os
     import shutil
 
     import torch.utils.cpp_extension
 
     name = _fused_cpu.extension_name()
-    built = _fused_cpu.build_directory(name)  # where the kernel fixture's build is, by torch's rule
+    built = _fused_cpu.build_directory(name)  # where the kernel fixture's build is
     assert os.path.exists(f"{built}/{name}.so"), built
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     (tmp_path / name).mkdir()
