@@ -48,9 +48,13 @@ void for_share(int64_t range, int64_t grain, int64_t align, Share share, size_t 
 
 constexpr int64_t kElementAlign = 64;  // unfolded shares start on whole vectors (and cache lines)
 
+// A block wider than its row of n entries is the whole row (folding._within_row): one block either way, and
+// (n + B - 1) / B cannot overflow however large block_size is.
+int64_t block_within_row(int64_t block_size, int64_t n) { return std::min(block_size, n); }
+
 template <typename S>
 void run_tensor(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v, bool folded,
-                int64_t B, const Hyper<typename S::C>& h, RoundingOffsets offsets, Share share, size_t job) {
+                int64_t block_size, const Hyper<typename S::C>& h, RoundingOffsets offsets, Share share, size_t job) {
   using T = typename S::T;
   using C = typename S::C;
   const T* gp = reinterpret_cast<const T*>(g.const_data_ptr());
@@ -59,6 +63,7 @@ void run_tensor(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, c
   const Bf16Ops ops = bf16_ops();
   if (folded) {
     const int64_t n = p.size(-1);
+    const int64_t B = block_within_row(block_size, n);
     const int64_t rows = p.numel() / n;
     const int64_t grain = std::max<int64_t>(1, kGrain / n);
     const FoldFn<S> fold = fold_fn<S>();
@@ -176,8 +181,9 @@ void fused_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
     TORCH_CHECK(s.numel() == 1 && s.scalar_type() == at::kFloat && s.device().is_cpu(),
                 "foam fused CPU step: state_steps[", i, "] must be a float32 scalar CPU tensor.");
     const bool folded = folds(p, block_size);
-    const int64_t expected = folded ? p.numel() / p.size(-1) * ((p.size(-1) + block_size - 1) / block_size)
-                                    : p.numel();
+    const int64_t n = p.dim() > 0 ? p.size(-1) : 1;
+    const int64_t B = folded ? block_within_row(block_size, n) : 1;
+    const int64_t expected = folded ? p.numel() / n * ((n + B - 1) / B) : p.numel();
     TORCH_CHECK(m.numel() == expected && v.numel() == expected, "foam fused CPU step: moments of params[", i,
                 "] hold ", m.numel(), " entries, expected ", expected, ".");
     TORCH_CHECK(supported_param_dtype(p.scalar_type()), "foam fused CPU step: params[", i, "] has dtype ",

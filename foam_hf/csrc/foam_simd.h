@@ -403,6 +403,29 @@ void fold_small_pairs(const uint16_t* g, uint16_t* w, float* m, float* v, int64_
 }
 #endif
 
+// Each lane's Σx and Σx² over columns [j0, j1) (whole steps of kStep columns), left to right.
+template <typename S, bool kPairs>
+FOAM_INLINE void wide_sums_left_to_right(const typename S::T* gr, const typename S::T* wr, int64_t j0, int64_t j1,
+                                         vec& s, vec& q) {
+  constexpr int64_t kStep = kPairs ? 2 * V::N : V::N;
+  s = V::set1(0.0f);
+  q = V::set1(0.0f);
+  for (int64_t j = j0; j < j1; j += kStep) {
+    prefetch_ahead(gr + j);
+    prefetch_ahead(wr + j);
+    if constexpr (kPairs) {
+      vec even, odd;
+      PairBf16::load(gr + j, even, odd);
+      s = V::add(s, V::add(even, odd));
+      q = V::add(q, V::fma(even, even, V::mul(odd, odd)));
+    } else {
+      const vec x = Ld<S>::load(gr + j);
+      s = V::add(s, x);
+      q = V::add(q, V::mul(x, x));
+    }
+  }
+}
+
 // Whole blocks of one row, columns [c0, c1), B a multiple of the lane count: a block is B / N vectors; one
 // reduction and a scalar moment update each. bf16 parameters go a PairBf16 at a time where B is a multiple of
 // two vectors (kPairs): the sums then take the block's columns in another order.
@@ -422,20 +445,15 @@ FOAM_INLINE void fold_wide_span(const typename S::T* gr, typename S::T* wr, floa
   for (int64_t b0 = c0; b0 < c1; b0 += batch) {
     const int64_t b1 = std::min(c1, b0 + batch);
     for (int64_t cb = b0; cb < b1; cb += B) {
-      vec s = V::set1(0.0f), q = V::set1(0.0f);
-      for (int64_t j = cb; j < cb + B; j += kStep) {
-        prefetch_ahead(gr + j);
-        prefetch_ahead(wr + j);
-        if constexpr (kPairs) {
-          vec even, odd;
-          PairBf16::load(gr + j, even, odd);
-          s = V::add(s, V::add(even, odd));
-          q = V::add(q, V::fma(even, even, V::mul(odd, odd)));
-        } else {
-          const vec x = Ld<S>::load(gr + j);
-          s = V::add(s, x);
-          q = V::add(q, V::mul(x, x));
-        }
+      vec s, q;  // each lane's ΣG and ΣG⊙G over the block
+      if (B <= kSumRun * kStep) {
+        wide_sums_left_to_right<S, kPairs>(gr, wr, cb, cb + B, s, q);
+      } else {  // as block_sums adds a wide block (foam_kernel.h): runs of kSumRun vectors, added pairwise
+        const auto run_sums = [&](int64_t r, vec& run_s, vec& run_q) {
+          const int64_t j0 = cb + r * kSumRun * kStep;
+          wide_sums_left_to_right<S, kPairs>(gr, wr, j0, std::min(cb + B, j0 + kSumRun * kStep), run_s, run_q);
+        };
+        add_runs_pairwise((B + kSumRun * kStep - 1) / (kSumRun * kStep), run_sums, s, q);
       }
       const float gm = V::reduce(s) / bf;
       const float g2 = h.mean_sq ? V::reduce(q) / bf : gm * gm;
