@@ -267,12 +267,18 @@ def _build(name: str, directory: str) -> Any:
 
 
 def build_failure_fix(error: str) -> str:
-    """What to do about a failed build, by what its error names."""
-    text = error.lower()
-    if "ninja" in text:
+    """What to do about a failed build, by what its error names. Every failed ninja build ends "ninja: build
+    stopped" and names the compile command (``c++ ...``), so neither word alone says what is missing: a line that
+    says a program is not found does."""
+    lines = error.lower().splitlines()
+    missing = [line for line in lines if any(k in line for k in ("not found", "no such file", "is required"))]
+    compilers = ("c++", "g++", "gcc", "clang", "compiler", "cl.exe", os.environ.get("CXX", "c++").lower())
+    if any("python.h" in line for line in missing):
+        return "install Python's development headers (e.g. apt install python3-dev), then start Python again."
+    if any("ninja" in line for line in missing):
         return "pip install ninja (in this environment), then start Python again."
-    if any(k in text for k in ("c++", "g++", "gcc", "compiler", "cl.exe")):
-        return "install a C++ compiler (g++), then start Python again."
+    if any(any(c in line for c in compilers) for line in missing):
+        return "install a C++ compiler (g++), or point CXX at one, then start Python again."
     return (
         "see the reason; the first build writes to TORCH_EXTENSIONS_DIR (else ~/.cache/torch_extensions), which "
         "must be a writable folder."

@@ -177,6 +177,19 @@ def test_a_build_failure_names_its_cause_not_only_the_command():
         ("RuntimeError: Ninja is required to load C++ extensions", "pip install ninja"),
         ("RuntimeError: Error building extension 'x': [1/2] c++ -c x.cpp\n/bin/sh: 1: c++: not found", "C++ compiler"),
         ("NotADirectoryError: [Errno 20] Not a directory: '/dev/null/x/lock'", "must be a writable folder"),
+        # A missing compiler under ninja: the log ends with ninja's "build stopped", which is not a missing ninja
+        # (the fix offered was "pip install ninja", with ninja installed).
+        (
+            "RuntimeError: Error building extension 'x': [1/2] /opt/g++ -c x.cpp\nFAILED: x.o\n"
+            "/bin/sh: 1: /opt/g++: not found\nninja: build stopped: subcommand failed.",
+            "C++ compiler",
+        ),
+        (
+            "RuntimeError: Error building extension 'x': [1/2] c++ -c x.cpp\nFAILED: x.o\n"
+            "x.cpp:1:10: fatal error: Python.h: No such file or directory\nninja: build stopped: subcommand failed.",
+            "development headers",
+        ),
+        ("FileNotFoundError: [Errno 2] No such file or directory: 'ninja'", "pip install ninja"),
     ],
 )
 def test_a_build_failure_gets_the_fix_its_error_calls_for(error, fix):
