@@ -17,6 +17,7 @@ regex matched against the whole module name (``.*\\.mlp\\..*``, ``(?:q_proj)``).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import re
@@ -257,6 +258,9 @@ def _split_optim_args(optim_args: str | None) -> dict[str, str]:
         part = written.replace(" ", "")
         if not part:
             continue
+        key, _, value = part.partition("=")
+        if key in _LIST_EXAMPLES and value[:1] in ("{", "[") and any(q in value for q in "'\""):
+            raise FoamConfigError(_python_literal_message(key, optim_args))
         if "=" not in part and previous in _LIST_EXAMPLES and items[previous].count("{") > items[previous].count("}"):
             raise FoamConfigError(
                 f"optim_args: {previous}={items[previous]},{part} holds a regex quantifier {{m,n}}, and its ',' splits "
@@ -278,6 +282,39 @@ def _split_optim_args(optim_args: str | None) -> dict[str, str]:
         items[key] = value
         previous = key
     return items
+
+
+def _python_literal_message(key: str, optim_args: str) -> str:
+    """Why ``key``'s value, a mapping or list written as Python or JSON text (``block_sizes={'q_proj': 16}``: what
+    joining a YAML mapping into ``k=v`` text gives, as axolotl does), does not parse, with the value respelt."""
+    text = optim_args[optim_args.index("=", optim_args.index(key)) + 1 :].strip()
+    kind = "mapping" if text.startswith("{") else "list"
+    literal = _leading_literal(text)
+    if isinstance(literal, Mapping):
+        fixed = f"{key}=" + ";".join(f"{pattern}:{size}" for pattern, size in literal.items())
+    elif isinstance(literal, (list, tuple)):
+        fixed = f"{key}=" + ";".join(str(item) for item in literal)
+    else:
+        fixed = _LIST_EXAMPLES[key]
+    items = "pattern:size pairs" if key == "block_sizes" else "names"
+    return (
+        f"optim_args: {key}={text!r} writes {key} as a Python or JSON {kind}, which the 'key=value,...' string "
+        f"cannot hold (its ',' splits entries): {key} takes {items} separated by ';'. Fix: {fixed} (in a YAML "
+        f'config whose optim_args is joined into such a string, as axolotl does: {key}: "{fixed.split("=", 1)[1]}").'
+    )
+
+
+def _leading_literal(text: str) -> Any:
+    """The Python literal (a dict or list) that ``text`` starts with, ending at one of its closing brackets;
+    ``None`` if there is none."""
+    closing = "}" if text.startswith("{") else "]"
+    for end, char in enumerate(text):
+        if char == closing:
+            try:
+                return ast.literal_eval(text[: end + 1])
+            except (SyntaxError, ValueError):
+                continue
+    return None
 
 
 def _not_key_value_message(written: str, part: str) -> str:

@@ -584,6 +584,16 @@ OPTIM_ARGS_ERRORS = [
         FoamConfigError,
         ["holds a regex quantifier {m,n}", "its ',' splits optim_args", r"Fix: write the pattern without a comma"],
     ),
+    (  # a YAML mapping joined into k=v text (axolotl's optim_args); the old message suggested "{'q_proj':4"
+        "block_size=8,block_sizes={'q_proj': 16, 'lm_head': 1},callback=false",
+        FoamConfigError,
+        ["writes block_sizes as a Python or JSON mapping", "Fix: block_sizes=q_proj:16;lm_head:1", 'block_sizes: "q_'],
+    ),
+    (
+        'target_modules=["q_proj", "v_proj"]',
+        FoamConfigError,
+        ["writes target_modules as a Python or JSON list", "Fix: target_modules=q_proj;v_proj"],
+    ),
     (
         "block_sizes=q_proj=8",
         FoamConfigError,
