@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import deepspeed  # noqa: F401  (fail loudly, not skip, when the dev extra is incomplete)
 import pytest
@@ -204,3 +205,20 @@ def test_hand_built_zerofoam_with_frozen_parameters_trains_as_one_process(stage,
     for name, want in result["reference"].items():
         torch.testing.assert_close(result["zero"][name], want, atol=TOLERANCE, rtol=0, msg=name)
     assert torch.equal(result["zero"]["0.weight"], result["reference"]["0.weight"])  # frozen: untouched
+
+
+def test_the_configs_scale_out_md_gives_users_are_the_ones_trained_here():
+    # docs/scale-out.md's DeepSpeed recipe shows the ZeRO-2 and ZeRO-Offload configs; the runs above train with
+    # the worker's ds_config. A change to either must show in the other.
+    import json
+    import re
+
+    from deepspeed_zero import ds_config
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "scale-out.md").read_text()
+    section = page.split("## DeepSpeed ZeRO 1, 2 and 3", 1)[1].split("\n## ", 1)[0]
+    shown = [json.loads(block) for block in re.findall(r"```json\n(.*?)```", section, flags=re.DOTALL)]
+    trained = [ds_config(2, offload=False), ds_config(2, offload=True)]
+    for config in trained:
+        assert config.pop("bf16") == {"enabled": False}  # DeepSpeed's default, left out of the page
+    assert shown == trained
