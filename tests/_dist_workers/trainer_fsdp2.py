@@ -63,7 +63,13 @@ def force_fsdp_on_cpu() -> None:
         if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
             self.distributed_type = DistributedType.FSDP
             self.fsdp_plugin = fsdp_plugin
-            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            shared = getattr(PartialState, "_shared_state", None)
+            if not isinstance(shared, dict) or "distributed_type" not in shared:
+                raise RuntimeError(
+                    "tests: accelerate's PartialState no longer keeps _shared_state['distributed_type']; "
+                    "update force_fsdp_on_cpu (tests/_dist_workers/trainer_fsdp2.py) to this accelerate."
+                )
+            shared["distributed_type"] = DistributedType.FSDP
 
     AcceleratorState.__init__ = init
 
