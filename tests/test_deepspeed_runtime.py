@@ -50,16 +50,15 @@ def test_engine_zero0_two_ranks_match_one_process_and_zero2_flattens(tmp_path):
     result = launch(torchrun(2), tmp_path, "engine", worker=WORKER)
     # ZeRO stage 0: DeepSpeed hands FOAM the real parameters and only all-reduces the gradients.
     stage0 = result["stage0"]
-    assert stage0["wrapper"] == "FOAM"
     assert stage0["client_param_shapes"] == [(12, 10), (12,), (3, 12), (3,)]
     assert stage0["exp_avg_shapes"] == [(12, 3), (12,), (3, 3), (3,)]  # folded, block_size=4
     for got, want in zip(stage0["params"], model.parameters()):
         torch.testing.assert_close(got, want.detach(), atol=TOLERANCE, rtol=0)
-    # ZeRO stage 2 with plain FOAM: it gets one flat 1-D partition per rank (171 values, padded and halved)
-    # and keeps full AdamW states for it. This is why ZeRO needs ZeroFOAM (what optim="foam" builds under ZeRO).
+    # ZeRO stage 2 with plain FOAM: it gets flat 1-D partitions (how DeepSpeed pads and splits them is its own
+    # business) and keeps full AdamW states for them. This is why ZeRO needs ZeroFOAM (what optim="foam" builds).
     stage2 = result["stage2"]
-    assert stage2["wrapper"] == "DeepSpeedZeroOptimizer"
-    assert stage2["client_param_shapes"] == [(86,)] and stage2["exp_avg_shapes"] == [(86,)]
+    assert all(len(shape) == 1 for shape in stage2["client_param_shapes"])
+    assert stage2["exp_avg_shapes"] == stage2["client_param_shapes"]
     # FOAM says so, once, at its first step; on real parameters (stage 0) it says nothing.
     assert stage0["flat_shard_warnings"] == []
     assert len(stage2["flat_shard_warnings"]) == 1 and "foam_hf.zero.ZeroFOAM" in stage2["flat_shard_warnings"][0]

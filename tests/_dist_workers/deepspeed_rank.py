@@ -72,7 +72,6 @@ def engine(stage: int, rank: int, world: int) -> dict:
             runner.step()
     return {
         "flat_shard_warnings": [str(w.message) for w in caught if "flat shards" in str(w.message)],
-        "wrapper": type(optimizer).__name__,
         "client_param_shapes": [tuple(p.shape) for g in foam.param_groups for p in g["params"]],
         "exp_avg_shapes": [tuple(s["exp_avg"].shape) for s in foam.state.values()],
         "params": [p.detach().clone() for p in model.parameters()],

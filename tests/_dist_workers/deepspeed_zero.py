@@ -84,22 +84,22 @@ def folded_names(model, args) -> list[str]:
     return order
 
 
-def zero_states(trainer, foam, names: list[str]) -> dict:
-    """This rank's folded moments per tensor name: first global block, local moments, partition record."""
+def zero_states(foam, names: list[str], into: dict) -> None:
+    """Record into ``into`` this rank's folded moments per tensor name (first global block, local moments, partition
+    record), for the folded groups that hold their partition now; ``foam`` must show all its groups (ZeRO-1/2 show
+    one at a time while they step)."""
     from foam_hf.zero import FULL_SHAPE_KEY, PARTITION_KEY
 
-    ds_optimizer = trainer.model_wrapped.optimizer
-    refill = getattr(ds_optimizer, "_set_fp32_optimizer_param_groups", None)  # ZeRO-3 empties groups between steps
-    if refill is not None:
-        refill()
-    out = {}
     folded = [g for g in foam.param_groups if FULL_SHAPE_KEY in g]
-    assert len(folded) == len(names), (len(folded), len(names))
+    if len(folded) != len(names):
+        return
     for name, group in zip(names, folded):
+        if len(group["params"]) != 1:  # ZeRO-3 fills a group's params only while it steps that group
+            continue
         (param,) = group["params"]
         layout = foam._layout(0, group)
         state = foam.state[param]
-        out[name] = {
+        into[name] = {
             "full_shape": tuple(group[FULL_SHAPE_KEY]),
             "block_size": group["block_size"],
             "partition": dict(group[PARTITION_KEY]),
@@ -107,10 +107,6 @@ def zero_states(trainer, foam, names: list[str]) -> dict:
             "exp_avg": state["exp_avg"].clone(),
             "exp_avg_sq": state["exp_avg_sq"].clone(),
         }
-    out["__held_bytes__"] = foam.held_state_bytes()
-    if refill is not None:
-        ds_optimizer._clear_fp32_optimizer_param_groups()
-    return out
 
 
 def trainer_run(args) -> dict:
@@ -144,8 +140,21 @@ def trainer_run(args) -> dict:
     )
     model = LlamaForCausalLM.from_pretrained(args.model)  # inside zero.Init under ZeRO-3 (transformers does it)
     built_partitioned = all(hasattr(p, "ds_id") for p in model.parameters())  # zero.Init marks what it built
+    names = folded_names(model, training_args) if args.stage is not None else []
+    # ZeRO-3 fills ZeroFOAM's param groups only while it steps them (they are empty between steps): the states are
+    # read inside step(), through torch's public hook on every optimizer's step.
+    stepped_states: dict = {}
+
+    def keep_states(optimizer, *_):
+        if type(optimizer).__name__ == "ZeroFOAM":
+            zero_states(optimizer, names, into=stepped_states)
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    hook = register_optimizer_step_post_hook(keep_states)
     trainer = Trainer(model=model, args=training_args, train_dataset=TokenRows())
     trainer.train(resume_from_checkpoint=args.resume)
+    hook.remove()
     foam = unwrap_foam(trainer.optimizer)
     named = list(trainer.model.named_parameters())
     if args.stage == 3:
@@ -167,7 +176,10 @@ def trainer_run(args) -> dict:
         result["exp_avg"] = {n: foam.state[p]["exp_avg"].clone() for n, p in named}
         result["exp_avg_sq"] = {n: foam.state[p]["exp_avg_sq"].clone() for n, p in named}
     else:
-        mine = zero_states(trainer, foam, folded_names(model, training_args))
+        mine = dict(stepped_states)
+        zero_states(foam, names, into=mine)  # ZeRO-1/2: after training, every group holds its partition
+        assert set(mine) == set(names), sorted(set(names) - set(mine))
+        mine["__held_bytes__"] = foam.held_state_bytes()
         ranks = [None] * world
         torch.distributed.all_gather_object(ranks, mine)
         result["ranks"] = ranks
@@ -181,9 +193,11 @@ def trainer_run(args) -> dict:
         result["predicted_bytes"] = state_bytes_per_rank(predicted, world, args.stage)
         result["is_deepspeed_enabled"] = trainer.is_deepspeed_enabled
         ds_optimizer = trainer.model_wrapped.optimizer
-        result["offloaded"] = bool(
-            getattr(ds_optimizer, "cpu_offload", False) or getattr(ds_optimizer, "offload_optimizer", False)
+        says = [getattr(ds_optimizer, a) for a in ("cpu_offload", "offload_optimizer") if hasattr(ds_optimizer, a)]
+        assert says, (
+            "tests: DeepSpeed's ZeRO optimizer no longer says whether it offloads (cpu_offload, offload_optimizer)"
         )
+        result["offloaded"] = any(bool(flag) for flag in says)
     return result if trainer.accelerator.is_main_process else None
 
 
