@@ -411,6 +411,13 @@ def test_documented_defaults_are_the_code_defaults(target):
                 problems.append(f"line {row.line}: {name!r} has default {defaults[name]!r}; the page gives none")
             continue
         documented = ast.literal_eval(spans[0])
+        if (target, name, documented, defaults[name]) == (
+            "TrainingArguments",
+            "optim",
+            "adamw_torch_fused",
+            "adamw_torch",
+        ):
+            continue  # the page gives torch >= 2.8's default and says that older torch gets 'adamw_torch'
         if documented != defaults[name]:
             problems.append(f"line {row.line}: {name!r} default documented {documented!r}, code {defaults[name]!r}")
     if target != "TrainingArguments":  # only the fields that feed FOAM are listed for TrainingArguments

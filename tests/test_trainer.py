@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 import torch
+from _helpers import expected_block_sizes, expected_state_bytes
 from hf_fixtures import StopAt, lm_dataset, tiny_llama, training_args
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
@@ -21,7 +22,6 @@ from foam_hf import (
 )
 from foam_hf.integration import check_seam
 from foam_hf.integration.transformers import foam_config_from_args
-from foam_hf.memory import adamw_state_bytes, foam_state_bytes
 from foam_hf.param_groups import resolve_block_sizes
 
 # 4 steps at lr 1e-3, logged every 2 steps (the callback's residual ratio is logged twice).
@@ -112,8 +112,8 @@ def test_callback_logs_state_bytes_and_residual(tmp_path):
     assert sum(isinstance(cb, FoamCallback) for cb in trainer.callback_handler.callbacks) == 1
     logs = [entry for entry in trainer.state.log_history if "foam/state_bytes" in entry]
     assert len(logs) == 1
-    expected_foam = sum(foam_state_bytes(p, 4 if n.endswith("proj.weight") else 1) for n, p in model.named_parameters())
-    expected_adamw = sum(adamw_state_bytes(p) for p in model.parameters())
+    # from the shapes (not foam_hf.memory, which the callback itself uses)
+    expected_foam, expected_adamw = expected_state_bytes(model, expected_block_sizes(model))
     assert logs[0]["foam/state_bytes"] == expected_foam
     assert logs[0]["foam/adamw_state_bytes"] == expected_adamw
     ratios = [e["foam/residual_ratio"] for e in trainer.state.log_history if "foam/residual_ratio" in e]
