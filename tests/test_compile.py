@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_fixtures import lm_dataset, tiny_llama, training_args
+from hf_fixtures import lm_dataset, tiny_llama, training_args, unwrap_foam
 from transformers import Trainer
 
 import foam_hf  # noqa: F401  (registers optim="foam")
@@ -45,7 +45,7 @@ def test_trainer_torch_compile_trains_like_eager(tmp_path):
     _, eager_losses, eager = train_with_trainer(tmp_path, torch_compile=False)
     trainer, losses, compiled = train_with_trainer(tmp_path, torch_compile=True)
     assert isinstance(trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule)  # it really compiled
-    assert type(trainer.optimizer.optimizer) is FOAM
+    assert type(unwrap_foam(trainer.optimizer)) is FOAM
     assert len(losses) == STEPS and losses == pytest.approx(eager_losses, abs=1e-4)
     assert compiled.keys() == eager.keys()
     for name, weight in eager.items():

@@ -8,6 +8,7 @@ import pytest
 import torch
 from _helpers import HPARAMS as HPARAM_SETS
 from _helpers import grad_sequence, make_params
+from hf_fixtures import unwrap_foam
 
 from foam_hf import FOAM, FoamStateError, folded_shape
 from foam_hf.convert import adamw_state_from_foam, foam_state_from_adamw
@@ -283,8 +284,8 @@ def test_an_adamw_trainer_checkpoint_resumes_under_foam_with_its_moments_and_sch
 
     resumed = trainer("run", "foam", optim_args="block_size=4")
     resumed.train(resume_from_checkpoint=str(checkpoint))
-    assert resumed.state.global_step == 6 and type(resumed.optimizer.optimizer).__name__ == "FOAM"
-    assert resumed.optimizer.optimizer.state_dict()["state"][0]["step"].item() == 6
+    assert resumed.state.global_step == 6 and type(unwrap_foam(resumed.optimizer)).__name__ == "FOAM"
+    assert unwrap_foam(resumed.optimizer).state_dict()["state"][0]["step"].item() == 6
 
     def learning_rates(run):
         return [(e["step"], e["learning_rate"]) for e in run.state.log_history if "learning_rate" in e]

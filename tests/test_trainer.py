@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 from _helpers import expected_block_sizes, expected_state_bytes
-from hf_fixtures import StopAt, lm_dataset, tiny_llama, training_args
+from hf_fixtures import StopAt, lm_dataset, tiny_llama, training_args, unwrap_foam
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from foam_hf import (
@@ -84,7 +84,7 @@ def test_trainer_builds_foam_by_name_and_trains(tmp_path):
     args = make_args(tmp_path, weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-7)
     trainer = Trainer(model=model, args=args, train_dataset=lm_dataset())
     result = trainer.train()
-    optimizer = trainer.optimizer.optimizer  # accelerate's wrapper around ours
+    optimizer = unwrap_foam(trainer.optimizer)  # inside accelerate's wrapper
     assert type(optimizer) is FOAM
     assert torch.isfinite(torch.tensor(result.training_loss))
     group = optimizer.param_groups[0]
@@ -491,7 +491,7 @@ def test_layerwise_matches_foam_and_frees_gradients(tmp_path):
     args = make_args(tmp_path / "b", optim="foam_layerwise", max_grad_norm=0.0)
     layerwise = Trainer(model=tiny_llama(), args=args, train_dataset=lm_dataset())
     layerwise.train()
-    assert isinstance(layerwise.optimizer.optimizer, LayerwiseFOAM)
+    assert isinstance(unwrap_foam(layerwise.optimizer), LayerwiseFOAM)
     for a, b in zip(plain.model.parameters(), layerwise.model.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
         assert b.grad is None
@@ -659,7 +659,7 @@ def test_a_layerwise_train_that_raises_leaves_no_hooks_behind(tmp_path):
     failing = Trainer(model=model, args=args, train_dataset=lm_dataset(), callbacks=[_FailsAtStep(1)])
     with pytest.raises(RuntimeError, match="stopped at a step"):
         failing.train()
-    layerwise = failing.optimizer.optimizer
+    layerwise = unwrap_foam(failing.optimizer)
     assert isinstance(layerwise, LayerwiseFOAM) and not layerwise.hooks_attached
     twin = tiny_llama()
     twin.load_state_dict(model.state_dict())

@@ -313,7 +313,7 @@ def test_lora_with_sft_trainer_through_optimizer_cls_and_kwargs(tmp_path):
     )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
-    optimizer = trainer.optimizer.optimizer
+    optimizer = unwrap_foam(trainer.optimizer)
     assert isinstance(optimizer, FOAM)
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     trainable = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
