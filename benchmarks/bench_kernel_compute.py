@@ -62,16 +62,21 @@ def interleaved_ps_per_entry(kernel, cases: dict, copies: int, reps: int, warmup
     return {key: statistics.median(t) / entries * 1e12 for key, t in times.items()}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--block-sizes", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     parser.add_argument("--copies", type=int, default=256, help="references to the tensor per call")
     parser.add_argument("--reps", type=int, default=21)
     parser.add_argument("--quick", action="store_true", help="small smoke run")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:  # smaller defaults; sizes given on the command line still win
         parser.set_defaults(block_sizes=[4], copies=4, reps=3)
-        args = parser.parse_args()
+        args = parser.parse_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
 
     kernel = _fused_cpu.load_kernel()
     if kernel is None:

@@ -250,7 +250,7 @@ def in_cache_runner(
     return foam
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-weights", type=int, default=8)
     parser.add_argument("--rows", type=int, default=1024)
@@ -259,10 +259,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="small smoke run")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:  # smaller defaults; sizes given on the command line still win
         parser.set_defaults(n_weights=2, rows=128, cols=256, reps=3, warmup=1)
-        args = parser.parse_args()
+        args = parser.parse_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     kernel = _fused_cpu.load_kernel()

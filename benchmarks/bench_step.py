@@ -246,7 +246,7 @@ def build_candidates(args) -> tuple[list[Candidate], list[tuple[str, str]]]:
     return candidates, left_out
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-weights", type=int, default=8)
     parser.add_argument("--rows", type=int, default=1024)
@@ -296,10 +296,15 @@ def main() -> None:
         default="cpu",
         help="cpu, or cuda: the fused rows then use the Triton kernels (peers run where they can)",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:  # smaller defaults; sizes given on the command line still win
         parser.set_defaults(n_weights=2, rows=128, cols=256, reps=3, warmup=1)
-        args = parser.parse_args()
+        args = parser.parse_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.plot is None:  # the published figure, wherever the script is started from
         args.plot = "" if args.quick else str(Path(__file__).resolve().parents[1] / "docs" / "benchmarks-step.png")
     if args.threads is not None:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,6 +27,17 @@ def run(script: str, *args: str, cwd: Path) -> str:
     proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return proc.stdout
+
+
+def load_script(script: str):
+    """A benchmark script as a module (its main() not run), to call its parse_args in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), REPO / "benchmarks" / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def table(stdout: str) -> list[list[str]]:
@@ -278,17 +290,22 @@ def test_bench_kernel_compute_has_a_column_per_implementation_this_cpu_runs(tmp_
     assert f"the CPU's choice: {chosen}" in out
 
 
-def test_sizes_given_with_quick_win_over_its_smaller_defaults(tmp_path):
+@pytest.mark.parametrize(
+    "script, given, quick_default",
+    [
+        ("bench_step.py", ["--rows", "64", "--reps", "2"], ("cols", 256)),
+        ("bench_kernel_floor.py", ["--rows", "64", "--reps", "2"], ("cols", 256)),
+        ("bench_kernel_compute.py", ["--copies", "64", "--reps", "2"], ("block_sizes", [4])),
+    ],
+)
+def test_sizes_given_with_quick_win_over_its_smaller_defaults(script, given, quick_default):
     # --quick used to overwrite --rows/--reps given beside it, so a smoke run at a chosen size was impossible.
-    out = run("bench_step.py", "--quick", "--no-peers", "--no-reference", "--rows", "64", "--reps", "2",
-              "--dtypes", "fp32", "--block-sizes", "4", "--json", "step.json", cwd=tmp_path)  # fmt: skip
-    report = json.loads((tmp_path / "step.json").read_text())
-    assert (report["shape"]["n_weights"], report["shape"]["rows"], report["shape"]["cols"]) == (2, 64, 256)
-    assert "2 interleaved reps" in out
-    rows = {r["name"]: r for r in report["rows"]}
-    assert rows["FOAM fused B=4"]["state_bytes"] == foam_state_bytes_from_shapes([(64, 256)] * 2, 4)
-    floor = run("bench_kernel_floor.py", "--quick", "--cols", "128", "--reps", "1", cwd=tmp_path)
-    assert "2 weights of 128x128, 1 interleaved reps" in floor  # its header names what it measured
+    module = load_script(script)
+    args = vars(module.parse_args(["--quick", *given]))
+    for flag, value in zip(given[::2], given[1::2]):
+        assert args[flag.removeprefix("--")] == int(value)
+    name, value = quick_default  # what --quick still lowers
+    assert args[name] == value and module.parse_args([]).__dict__[name] != value
 
 
 def test_a_quick_bench_step_started_anywhere_leaves_the_published_plot_alone(tmp_path):
