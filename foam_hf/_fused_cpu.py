@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import sysconfig
 import threading
 import time
@@ -272,12 +273,17 @@ def build_failure_fix(error: str) -> str:
     says a program is not found does."""
     lines = error.lower().splitlines()
     missing = [line for line in lines if any(k in line for k in ("not found", "no such file", "is required"))]
-    compilers = ("c++", "g++", "gcc", "clang", "compiler", "cl.exe", os.environ.get("CXX", "c++").lower())
+    compilers = {"c++", "g++", "gcc", "cc", "clang", "clang++", "compiler", "cl.exe"}
+    compilers.add(os.path.basename(os.environ.get("CXX") or "c++").lower())  # CXX=/opt/gcc-13/bin/g++-13
+
+    def names(line: str, programs: set[str]) -> bool:  # as a word of its own: "cc" is not in "access"
+        return any(re.search(rf"(?<![\w+.-]){re.escape(p)}(?![\w+.-])", line) for p in programs)
+
     if any("python.h" in line for line in missing):
         return "install Python's development headers (e.g. apt install python3-dev), then start Python again."
-    if any("ninja" in line for line in missing):
+    if any(names(line, {"ninja"}) for line in missing):
         return "pip install ninja (in this environment), then start Python again."
-    if any(any(c in line for c in compilers) for line in missing):
+    if any(names(line, compilers) for line in missing):
         return "install a C++ compiler (g++), or point CXX at one, then start Python again."
     return (
         "see the reason; the first build writes to TORCH_EXTENSIONS_DIR (else ~/.cache/torch_extensions), which "

@@ -287,34 +287,37 @@ def _split_optim_args(optim_args: str | None) -> dict[str, str]:
 def _python_literal_message(key: str, optim_args: str) -> str:
     """Why ``key``'s value, a mapping or list written as Python or JSON text (``block_sizes={'q_proj': 16}``: what
     joining a YAML mapping into ``k=v`` text gives, as axolotl does), does not parse, with the value respelt."""
-    text = optim_args[optim_args.index("=", optim_args.index(key)) + 1 :].strip()
+    entry = re.search(rf"(?:^|,)\s*{re.escape(key)}\s*=\s*", optim_args)  # the entry, not the text in a value
+    text = optim_args[entry.end() :] if entry else optim_args
     kind = "mapping" if text.startswith("{") else "list"
-    literal = _leading_literal(text)
-    if isinstance(literal, Mapping):
-        fixed = f"{key}=" + ";".join(f"{pattern}:{size}" for pattern, size in literal.items())
-    elif isinstance(literal, (list, tuple)):
-        fixed = f"{key}=" + ";".join(str(item) for item in literal)
+    literal, written = _leading_literal(text)
+    pairs = literal.items() if isinstance(literal, Mapping) else None
+    if pairs is not None and all(isinstance(v, (int, str)) and not isinstance(v, bool) for _, v in pairs):
+        fix = "Fix: " + f"{key}=" + ";".join(f"{pattern}:{size}" for pattern, size in pairs)
+    elif isinstance(literal, (list, tuple)) and all(isinstance(item, str) for item in literal):
+        fix = "Fix: " + f"{key}=" + ";".join(literal)
     else:
-        fixed = _LIST_EXAMPLES[key]
+        fix = "Write it as e.g. " + _LIST_EXAMPLES[key]
     items = "pattern:size pairs" if key == "block_sizes" else "names"
+    example = fix.split("=", 1)[1]
     return (
-        f"optim_args: {key}={text!r} writes {key} as a Python or JSON {kind}, which the 'key=value,...' string "
-        f"cannot hold (its ',' splits entries): {key} takes {items} separated by ';'. Fix: {fixed} (in a YAML "
-        f'config whose optim_args is joined into such a string, as axolotl does: {key}: "{fixed.split("=", 1)[1]}").'
+        f"optim_args: {key}={written!r} writes {key} as a Python or JSON {kind}, which the 'key=value,...' string "
+        f"cannot hold (its ',' splits entries): {key} takes {items} separated by ';'. {fix} (in a YAML config "
+        f'whose optim_args is joined into such a string, as axolotl does: {key}: "{example}").'
     )
 
 
-def _leading_literal(text: str) -> Any:
-    """The Python literal (a dict or list) that ``text`` starts with, ending at one of its closing brackets;
-    ``None`` if there is none."""
+def _leading_literal(text: str) -> tuple[Any, str]:
+    """The Python literal (a dict or list) that ``text`` starts with, ending at one of its closing brackets, and
+    its text; ``(None, text)`` if there is none."""
     closing = "}" if text.startswith("{") else "]"
     for end, char in enumerate(text):
         if char == closing:
             try:
-                return ast.literal_eval(text[: end + 1])
+                return ast.literal_eval(text[: end + 1]), text[: end + 1]
             except (SyntaxError, ValueError):
                 continue
-    return None
+    return None, text
 
 
 def _not_key_value_message(written: str, part: str) -> str:

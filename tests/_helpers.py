@@ -587,12 +587,21 @@ OPTIM_ARGS_ERRORS = [
     (  # a YAML mapping joined into k=v text (axolotl's optim_args); the old message suggested "{'q_proj':4"
         "block_size=8,block_sizes={'q_proj': 16, 'lm_head': 1},callback=false",
         FoamConfigError,
-        ["writes block_sizes as a Python or JSON mapping", "Fix: block_sizes=q_proj:16;lm_head:1", 'block_sizes: "q_'],
+        [
+            "block_sizes=\"{'q_proj': 16, 'lm_head': 1}\" writes block_sizes as a Python or JSON",  # not ,callback
+            "Fix: block_sizes=q_proj:16;lm_head:1",
+            'block_sizes: "q_proj:16;lm_head:1"',
+        ],
     ),
     (
         'target_modules=["q_proj", "v_proj"]',
         FoamConfigError,
         ["writes target_modules as a Python or JSON list", "Fix: target_modules=q_proj;v_proj"],
+    ),
+    (  # nested: no respelling to offer, so an example instead of a "Fix:" that would itself be refused
+        "block_sizes={'q_proj': {'lora_A': 4}}",
+        FoamConfigError,
+        ["writes block_sizes as a Python or JSON mapping", "Write it as e.g. block_sizes=q_proj:8;lm_head:1"],
     ),
     (
         "block_sizes=q_proj=8",

@@ -190,10 +190,23 @@ def test_a_build_failure_names_its_cause_not_only_the_command():
             "development headers",
         ),
         ("FileNotFoundError: [Errno 2] No such file or directory: 'ninja'", "pip install ninja"),
+        # a missing cache folder is no compiler problem, though "access" holds "cc" and an empty CXX is in every line
+        ("FileNotFoundError: [Errno 2] No such file or directory: '/no/access/x/lock'", "must be a writable folder"),
     ],
 )
-def test_a_build_failure_gets_the_fix_its_error_calls_for(error, fix):
+@pytest.mark.parametrize("cxx", [None, "", "/opt/gcc-13/bin/g++-13"])
+def test_a_build_failure_gets_the_fix_its_error_calls_for(error, fix, cxx, monkeypatch):
+    if cxx is None:
+        monkeypatch.delenv("CXX", raising=False)
+    else:
+        monkeypatch.setenv("CXX", cxx)
     assert fix in _fused_cpu.build_failure_fix(error)
+
+
+def test_a_missing_compiler_named_by_cxx_gets_the_compiler_fix(monkeypatch):
+    monkeypatch.setenv("CXX", "/opt/gcc-13/bin/g++-13")
+    error = "RuntimeError: Error building extension 'x'\n/bin/sh: 1: /opt/gcc-13/bin/g++-13: not found"
+    assert "C++ compiler" in _fused_cpu.build_failure_fix(error)
 
 
 def test_the_build_leaves_an_unset_path_unset(tmp_path, monkeypatch, fresh_loader):
