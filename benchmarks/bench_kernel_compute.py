@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _arguments import parse_with_quick_defaults  # noqa: E402
 from bench_kernel_floor import in_cache_runner  # noqa: E402
 from bench_step import cpu_name, git_sha  # noqa: E402
 
@@ -68,11 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--copies", type=int, default=256, help="references to the tensor per call")
     parser.add_argument("--reps", type=int, default=21)
     parser.add_argument("--quick", action="store_true", help="small smoke run")
-    args = parser.parse_args(argv)
-    if args.quick:  # smaller defaults; sizes given on the command line still win
-        parser.set_defaults(block_sizes=[4], copies=4, reps=3)
-        args = parser.parse_args(argv)
-    return args
+    return parse_with_quick_defaults(parser, argv, block_sizes=[4], copies=4, reps=3)
 
 
 def main(argv: list[str] | None = None) -> None:

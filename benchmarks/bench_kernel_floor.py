@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _arguments import parse_with_quick_defaults  # noqa: E402
 from bench_step import cpu_name, git_sha  # noqa: E402
 
 from foam_hf import FOAM, _fused_cpu  # noqa: E402
@@ -259,11 +260,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="small smoke run")
-    args = parser.parse_args(argv)
-    if args.quick:  # smaller defaults; sizes given on the command line still win
-        parser.set_defaults(n_weights=2, rows=128, cols=256, reps=3, warmup=1)
-        args = parser.parse_args(argv)
-    return args
+    return parse_with_quick_defaults(parser, argv, n_weights=2, rows=128, cols=256, reps=3, warmup=1)
 
 
 def main(argv: list[str] | None = None) -> None:

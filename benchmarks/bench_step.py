@@ -42,6 +42,7 @@ from foam_hf.tools.demo_training import optimizer_state_bytes as state_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _arguments import parse_with_quick_defaults  # noqa: E402
 from _provenance import git_sha  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -296,11 +297,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="cpu",
         help="cpu, or cuda: the fused rows then use the Triton kernels (peers run where they can)",
     )
-    args = parser.parse_args(argv)
-    if args.quick:  # smaller defaults; sizes given on the command line still win
-        parser.set_defaults(n_weights=2, rows=128, cols=256, reps=3, warmup=1)
-        args = parser.parse_args(argv)
-    return args
+    return parse_with_quick_defaults(parser, argv, n_weights=2, rows=128, cols=256, reps=3, warmup=1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -159,8 +160,9 @@ def test_a_json_config_names_foam(tmp_path):
     }
     (tmp_path / "args.json").write_text(json.dumps(config))
     failed = sh(sys.executable, SCRIPT, tmp_path / "args.json")
-    # Without the launcher transformers refuses the name (its wording is its own; that it names 'foam' is enough).
-    assert failed.returncode != 0 and "foam" in failed.stderr.splitlines()[-1]
+    # Without the launcher transformers refuses the name: a ValueError naming 'foam' (its wording is its own).
+    last = failed.stderr.splitlines()[-1]
+    assert failed.returncode != 0 and last.startswith("ValueError") and re.search(r"\bfoam\b(?![-_])", last), last
     ok(sh(BIN / "foam-hf", "run", sys.executable, SCRIPT, tmp_path / "args.json"))
     check_script_result(out)
 

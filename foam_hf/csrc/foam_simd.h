@@ -448,7 +448,7 @@ FOAM_INLINE void fold_wide_span(const typename S::T* gr, typename S::T* wr, floa
       vec s, q;  // each lane's ΣG and ΣG⊙G over the block
       if (B <= kSumRun * kStep) {
         wide_sums_left_to_right<S, kPairs>(gr, wr, cb, cb + B, s, q);
-      } else {  // as block_sums adds a wide block (foam_kernel.h): runs of kSumRun vectors, added pairwise
+      } else {  // as block_sums adds a wide block (foam_kernel.h): runs of kSumRun steps of kStep columns, pairwise
         const auto run_sums = [&](int64_t r, vec& run_s, vec& run_q) {
           const int64_t j0 = cb + r * kSumRun * kStep;
           wide_sums_left_to_right<S, kPairs>(gr, wr, j0, std::min(cb + B, j0 + kSumRun * kStep), run_s, run_q);
