@@ -254,5 +254,58 @@ def test_a_second_train_reports_its_own_first_non_finite_step():
     callback = FoamCallback()
     callback._first_nonfinite_step = 3  # as a first train() that hit a NaN at step 3 leaves it
     optimizer = FOAM([torch.nn.Parameter(torch.randn(4, 8))], block_size=4)
-    callback.on_train_begin(SimpleNamespace(optim="foam"), SimpleNamespace(), None, optimizer=optimizer)
+    fresh = SimpleNamespace(log_history=[])  # a new train()'s state
+    callback.on_train_begin(SimpleNamespace(optim="foam"), fresh, None, optimizer=optimizer)
     assert callback._first_nonfinite_step is None
+
+
+def test_a_resumed_run_does_not_report_the_first_non_finite_step_again(tmp_path):
+    # A NaN at step 2, a checkpoint at step 2, a resume: the resumed run reported its step 3 as a second "first".
+    def poison_q_proj(trainer):
+        class Poison(TrainerCallback):
+            def on_step_begin(self, args, state, control, model=None, **kwargs):
+                if state.global_step == 1:
+                    with torch.no_grad():
+                        model.model.layers[0].self_attn.q_proj.weight[0, 0] = math.nan
+
+        trainer.add_callback(Poison())
+
+    def reports(trainer):
+        history = trainer.state.log_history
+        return [(e["step"], e["foam/first_nonfinite_step"]) for e in history if "foam/first_nonfinite_step" in e]
+
+    settings = dict(max_steps=4, save_steps=2, save_strategy="steps", logging_steps=1, max_grad_norm=0.0)
+    first = Trainer(model=tiny_llama(), args=training_args(tmp_path / "out", **settings), train_dataset=lm_dataset())
+    poison_q_proj(first)
+    first.train()
+    assert reports(first) == [(2, 2)]
+    again = Trainer(model=tiny_llama(), args=training_args(tmp_path / "out", **settings), train_dataset=lm_dataset())
+    again.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert reports(again) == [(2, 2)]  # the checkpoint's own report, and no second one
+
+
+@pytest.mark.parametrize("dtype, value", [(torch.float16, 200.0), (torch.float32, 1e19)])
+@pytest.mark.parametrize("layerwise", [False, True], ids=["foam", "foam_layerwise"])
+def test_finite_gradients_whose_2_norm_overflows_are_not_reported(dtype, value, layerwise):
+    # The check took each gradient's 2-norm in its own dtype: 512 x 512 fp16 entries of 200 (or fp32 ones of 1e19)
+    # have a norm past the dtype's range, so finite gradients were reported as non-finite. A NaN still is.
+    from transformers import TrainerControl, TrainerState
+
+    param = torch.zeros(512, 512, dtype=dtype, requires_grad=True)
+    opt = FOAM([param], block_size=4)
+    args = TrainingArguments(output_dir="unused", report_to=[], logging_steps=1000, use_cpu=True)
+    callback, state = FoamCallback(), TrainerState(max_steps=10)
+    for step, bad in enumerate([False, True]):
+        state.global_step = step
+        param.grad = torch.full((512, 512), value, dtype=dtype)
+        if bad:
+            param.grad[7, 9] = math.nan
+        if layerwise:  # what the layer-wise hooks hand the callback, then its end of step
+            callback._observing = True
+            callback._observe_layerwise(param, param.grad, opt.param_groups[0])
+            callback._finish_layerwise_step(args, state)
+        else:
+            callback.on_pre_optimizer_step(args, state, TrainerControl(), optimizer=opt)
+    logs = {"loss": 1.0}
+    callback.on_log(args, state, TrainerControl(), logs=logs)
+    assert logs == {"loss": 1.0, "foam/first_nonfinite_step": 2}  # the NaN's step, not the finite first one

@@ -75,7 +75,10 @@ class FoamCallback(TrainerCallback):
         self._observed: LayerwiseFOAM | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
-        self._first_nonfinite_step = None  # each train() (a second call, a search trial) reports its own
+        # Each train() (a second call, a search trial) reports its own first step; a resumed one keeps the report
+        # its checkpoint's log history holds (restored before this), so the resumed run does not report again.
+        reported = [e["foam/first_nonfinite_step"] for e in state.log_history if "foam/first_nonfinite_step" in e]
+        self._first_nonfinite_step = reported[0] if reported else None
         foam = _unwrap(optimizer)
         if not isinstance(foam, FOAM):
             asked = getattr(args.optim, "value", args.optim)
@@ -148,7 +151,8 @@ class FoamCallback(TrainerCallback):
         block_size = group["block_size"]
         if is_foldable(param, block_size):
             grad_sq, residual_sq = _squared_norms(grad, block_size)
-            sums = [grad_sq, grad_sq, residual_sq, (~torch.isfinite(grad_sq)).double()]
+            largest = torch.linalg.vector_norm(grad, math.inf)  # non-finite exactly when an entry is, unlike grad_sq
+            sums = [grad_sq, grad_sq, residual_sq, (~torch.isfinite(largest)).double()]
         else:
             grad_sq = grad.float().square().sum().double()
             sums = [grad_sq, *torch.zeros(3, dtype=torch.float64, device=grad.device)]
@@ -198,7 +202,9 @@ class FoamCallback(TrainerCallback):
             return
         # Under FSDP2 the gradients are DTensors: reduce this rank's rows, then sum over the ranks.
         if self.check_finite and self._first_nonfinite_step is None:
-            norms = torch._foreach_norm([local_tensor(g) for g, _ in folded_grads])
+            # The largest |g| of each gradient: NaN or inf exactly when an entry is. (A 2-norm overflows for finite
+            # gradients: 512 x 512 fp16 entries of 200, or fp32 ones of 1e19.)
+            norms = torch._foreach_norm([local_tensor(g) for g, _ in folded_grads], math.inf)
             nonfinite = [((~torch.isfinite(n)).double(), g) for n, (g, _) in zip(norms, folded_grads)]
             if sum_over_shards(nonfinite).item() > 0:
                 self._nonfinite_at_this_step(state)
@@ -237,7 +243,6 @@ class LayerwiseHooksCallback(TrainerCallback):
     """
 
     def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
-        self._first_nonfinite_step = None  # each train() (a second call, a search trial) reports its own
         foam = _unwrap(optimizer)
         if isinstance(foam, LayerwiseFOAM):
             foam.attach_hooks()
