@@ -2,9 +2,10 @@ r"""Convert optimizer state between AdamW and FOAM: switch mid-training, resume 
 
 :func:`foam_state_from_adamw` folds AdamW's moments block-wise into a FOAM optimizer's state;
 :func:`adamw_state_from_foam` unfolds them back into a state dict that :class:`torch.optim.AdamW` loads.
-Parameters are matched by *position*: the order in which they appear across the param groups of each
-optimizer (what ``optimizer.state_dict()`` numbers them by). Both optimizers must therefore be built over
-the same parameters in the same order; the number of parameters and every shape are checked.
+Given the AdamW optimizer itself, parameters are matched by identity (FOAM may hold them in any order and
+grouping); given its ``state_dict()``, by *position*: the order in which they appear across the param groups
+(what ``state_dict()`` numbers them by), so both optimizers must then be built over the same parameters in the
+same order. The number of parameters and every shape are checked.
 
 Why the block mean is the right fold. Write :math:`A` for the fold matrix (block mean, see
 :mod:`foam_hf.reference`) and let AdamW and FOAM see the same gradients :math:`G_1, \ldots, G_t`.
@@ -112,10 +113,7 @@ def foam_state_from_adamw(adamw: torch.optim.Optimizer | dict[str, Any], foam_op
     if isinstance(adamw, torch.optim.Optimizer):
         # The optimizer itself names its parameters: match them by identity, whatever order and groups FOAM holds
         # them in (ZeroFOAM gives every folded tensor a group of its own, ahead of the rest).
-        adamw_params = [p for group in adamw.param_groups for p in group["params"]]
-        position = {id(p): i for i, p in enumerate(adamw_params)}
-        if len(position) == len(adamw_params) == len(targets) and all(id(p) in position for p, _, _ in targets):
-            saved_ids = [saved_ids[position[id(p)]] for p, _, _ in targets]
+        saved_ids = _matched_by_identity(adamw, targets, saved_ids, state_dict["state"])
     if len(saved_ids) != len(targets):
         raise FoamStateError(
             f"foam_state_from_adamw: AdamW holds {len(saved_ids)} parameters but FOAM holds {len(targets)}. "
@@ -230,6 +228,32 @@ def _group_map(adamw: torch.optim.Optimizer, foam_optimizer: Any) -> list[int]:
     return mapping
 
 
+def _matched_by_identity(adamw: torch.optim.Optimizer, targets: list, saved_ids: list, saved_state: dict) -> list:
+    """AdamW's state ids for FOAM's parameters (``targets``, in FOAM's order), each found by identity among AdamW's;
+    AdamW's other parameters may only be ones it holds no state for (frozen, never stepped)."""
+    adamw_params = [p for group in adamw.param_groups for p in group["params"]]
+    position = {id(p): i for i, p in enumerate(adamw_params)}
+    absent = [k for k, (p, _, _) in enumerate(targets) if id(p) not in position]
+    if absent:
+        shape = tuple(targets[absent[0]][0].shape)
+        raise FoamStateError(
+            f"foam_state_from_adamw: {len(absent)} of FOAM's {len(targets)} parameters are not among the AdamW "
+            f"optimizer's (the first: FOAM's parameter {absent[0]}, shape {shape}): the two optimizers hold "
+            "different tensors, e.g. FOAM was built over a reloaded or copied model. Fix: build both over the same "
+            "model object, or pass adamw.state_dict() to match the parameters by position."
+        )
+    taken = {position[id(p)] for p, _, _ in targets}
+    stateful_extra = [i for i in range(len(adamw_params)) if i not in taken and saved_state.get(saved_ids[i])]
+    if stateful_extra:
+        raise FoamStateError(
+            f"foam_state_from_adamw: AdamW holds {len(adamw_params)} parameters but FOAM holds {len(targets)}, and "
+            f"AdamW has moments for {len(stateful_extra)} that FOAM does not step (the first: AdamW's parameter "
+            f"{stateful_extra[0]}, shape {tuple(adamw_params[stateful_extra[0]].shape)}). Fix: build FOAM over the "
+            "same parameters as the AdamW optimizer (e.g. both from model.parameters(), with the same param groups)."
+        )
+    return [saved_ids[position[id(p)]] for p, _, _ in targets]
+
+
 def convert_trainer_checkpoint(checkpoint: str | os.PathLike, adamw_trainer: Any, foam_trainer: Any) -> None:
     """Rewrite an AdamW Trainer checkpoint so that ``foam_trainer`` resumes from it under FOAM.
 
@@ -251,8 +275,15 @@ def convert_trainer_checkpoint(checkpoint: str | os.PathLike, adamw_trainer: Any
                 f"convert_trainer_checkpoint: {required} does not exist; a Trainer checkpoint holds optimizer.pt and "
                 "scheduler.pt. Fix: pass a checkpoint-N folder the Trainer wrote."
             )
+    saved = torch.load(optimizer_file, weights_only=True, map_location="cpu")
+    if any("block_size" in group for group in saved.get("param_groups", [])):
+        raise FoamStateError(
+            f"convert_trainer_checkpoint: {optimizer_file} already holds FOAM state (its param groups have a "
+            "block_size): converted before? Fix: resume it with optim='foam' as it is; if this function converted "
+            f"it, AdamW's original is {checkpoint / 'optimizer.adamw.pt'}."
+        )
     adamw = adamw_trainer.optimizer or adamw_trainer.create_optimizer()
-    adamw.load_state_dict(torch.load(optimizer_file, weights_only=True, map_location="cpu"))
+    adamw.load_state_dict(saved)
     foam = foam_trainer.optimizer or foam_trainer.create_optimizer()
     foam = getattr(foam, "optimizer", foam)  # accelerate's wrapper, where the Trainer has prepared it
     foam_state_from_adamw(adamw, foam)

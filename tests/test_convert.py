@@ -112,7 +112,7 @@ def test_conversion_is_exact_for_mean_sq_foam_from_the_start():
         adamw.step()
         foam_direct.step()
     converted = FOAM([p.detach().clone().requires_grad_() for p in params], block_size=3, **HPARAMS)
-    foam_state_from_adamw(adamw, converted)
+    foam_state_from_adamw(adamw.state_dict(), converted)  # other tensors, same order: by position
     for p, q in zip(params, converted.param_groups[0]["params"]):
         for key in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(converted.state[q][key], foam_direct.state[p][key], atol=1e-14, rtol=0)
@@ -139,7 +139,7 @@ def test_round_trip_shapes_and_values():
     assert adamw.param_groups[0]["weight_decay"] == HPARAMS["weight_decay"]
     # Back to FOAM: folding the broadcast moments gives the folded states again.
     back = FOAM([p.detach().clone().requires_grad_() for p in params], block_size=3, **HPARAMS)
-    foam_state_from_adamw(adamw, back)
+    foam_state_from_adamw(adamw.state_dict(), back)  # other tensors, same order: by position
     for p, q in zip(params, back.param_groups[0]["params"]):
         expected = folded_shape(p.shape, 3) if p.ndim >= 2 else p.shape
         assert back.state[q]["exp_avg"].shape == expected
@@ -171,8 +171,10 @@ def test_mismatched_parameter_lists_are_refused_without_changing_state():
     params = make_params(dtype=torch.float32)
     adamw = stepped_adamw(params)
     foam_fewer = FOAM(params[:-1])
-    with pytest.raises(FoamStateError, match=r"AdamW holds 6 parameters but FOAM holds 5.*same order"):
+    with pytest.raises(FoamStateError, match=r"AdamW holds 6 parameters but FOAM holds 5, and AdamW has moments"):
         foam_state_from_adamw(adamw, foam_fewer)
+    with pytest.raises(FoamStateError, match=r"AdamW holds 6 parameters but FOAM holds 5.*same order"):
+        foam_state_from_adamw(adamw.state_dict(), foam_fewer)
     swapped = FOAM([params[1], params[0], *params[2:]])
     with pytest.raises(FoamStateError, match=r"has shape \(6, 8\) but FOAM's parameter 0 .* shape \(5, 9\)"):
         foam_state_from_adamw(adamw.state_dict(), swapped)  # a state dict numbers its parameters: by position
@@ -194,6 +196,30 @@ def test_the_adamw_optimizer_itself_is_matched_by_parameter_whatever_the_order_a
         for p in params:
             for key in ("step", "exp_avg", "exp_avg_sq"):
                 assert torch.equal(target.state[p][key], expected.state[p][key]), key
+
+
+def test_an_adamw_optimizer_over_other_tensors_is_refused_not_matched_by_position():
+    # Given the AdamW optimizer, FOAM's parameters were looked up by identity, and when one was missing (FOAM built
+    # over a copied or reloaded model) the match fell back to position without a word: with AdamW's groups in
+    # another order (per-layer learning rates, top layer first), layer 0 took layer 1's moments.
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 8, bias=False))
+    adamw = torch.optim.AdamW([{"params": [model[1].weight]}, {"params": [model[0].weight], "lr": 5e-4}])
+    model(torch.randn(4, 8)).pow(2).sum().backward()
+    adamw.step()
+    copied = copy.deepcopy(model)
+    foam = FOAM(copied.parameters(), block_size=4)
+    with pytest.raises(FoamStateError, match=r"2 of FOAM's 2 parameters are not among the AdamW optimizer's.*copied"):
+        foam_state_from_adamw(adamw, foam)
+    assert len(foam.state) == 0
+    # An AdamW over frozen parameters too (no state for them) still converts, by identity.
+    frozen = torch.nn.Parameter(torch.zeros(8, 8), requires_grad=False)
+    wider = torch.optim.AdamW([{"params": [model[1].weight, frozen]}, {"params": [model[0].weight]}])
+    wider.step()  # on the gradients still held: moments for the two layers, none for the frozen tensor
+    foam = FOAM(model.parameters(), block_size=4)
+    foam_state_from_adamw(wider, foam)
+    for layer in model:  # each layer's own moments, block means of 4 adjacent entries of a row
+        expected = wider.state[layer.weight]["exp_avg"].reshape(8, 2, 4).mean(-1)
+        torch.testing.assert_close(foam.state[layer.weight]["exp_avg"], expected, atol=1e-7, rtol=0)
 
 
 def test_non_adam_states_are_refused():
@@ -269,6 +295,12 @@ def test_an_adamw_trainer_checkpoint_resumes_under_foam_with_its_moments_and_sch
     adamw_trainer = trainer("run", "adamw_torch", adamw_run.model)
     convert_trainer_checkpoint(checkpoint, adamw_trainer, foam_trainer)
     assert (checkpoint / "optimizer.adamw.pt").is_file() and (checkpoint / "scheduler.adamw.pt").is_file()
+    # Converting it again is refused by name (it was torch's bare "different number of parameter groups", or a
+    # FOAM state loaded into the AdamW optimizer), and changes no file.
+    files = {f.name: f.read_bytes() for f in checkpoint.glob("*.pt")}
+    with pytest.raises(FoamStateError, match=r"already holds FOAM state.*optimizer\.adamw\.pt"):
+        convert_trainer_checkpoint(checkpoint, trainer("run", "adamw_torch", adamw_run.model), foam_trainer)
+    assert {f.name: f.read_bytes() for f in checkpoint.glob("*.pt")} == files
     # The next step's learning rate, as the schedule left it (not the initial one): the first resumed step takes it.
     scheduled = {g["lr"] for g in saved["param_groups"]}
     assert len(scheduled) == 1 and scheduled != {adamw_run.args.learning_rate}
