@@ -85,7 +85,8 @@ def literal_characters(pattern: str) -> int:
     r"""How many characters of a module name ``pattern`` spells out: the fewest literal characters any match holds
     (``q_proj`` 6, ``.*_proj`` 5, ``(?:q|v)_proj`` 5, ``layers\.1\.self_attn\.q_proj`` 25; a wildcard or a class
     of several characters spells none). Of two patterns that match the same module, the one that spells out more
-    is the more specific: an exact name wins over a wildcard that also matches it, whichever is longer."""
+    is the more specific, whichever is longer: ``q_proj`` (6) wins over ``.*_proj`` (5), but ``layers\.0\..*``
+    (9) wins over ``q_proj`` for layer 0's ``q_proj``."""
     try:  # the parser of the re module itself: re._parser from Python 3.11, sre_parse before
         from re import _constants as sre
         from re import _parser as sre_parse
@@ -401,7 +402,37 @@ def resolve_block_sizes(
                 raise _no_match_error(
                     "target module", target, module_names, matched, one_regex=isinstance(targets, str)
                 )
+    named = {name for sized in sized_by_pattern.values() for name, _ in sized}
+    _warn_unfolded_experts([(n, p) for n, p in trainable if n not in named], owners, size_by_parameter)
     return BlockSizePlan(size_by_parameter)
+
+
+def _warn_unfolded_experts(
+    unnamed: list[tuple[str, torch.Tensor]], owners: dict[int, list[tuple[str, nn.Module, str]]], sizes: dict[str, int]
+) -> None:
+    """Warn when mixture-of-experts weights keep AdamW states because nothing named them: transformers keeps a MoE
+    layer's experts as 3-D parameters of one ``*Experts`` module (``experts.gate_up_proj``, ``(experts, out, in)``),
+    not as linear layers, so the default targets leave out what is most of such a model's parameters."""
+    left = [
+        (name, p)
+        for name, p in unnamed
+        if p.ndim >= 3
+        and sizes[name] == 1
+        and any(type(module).__name__.endswith("Experts") for _, module, _ in owners.get(id(p), []))
+    ]
+    if not left:
+        return
+    entries = sum(p.numel() for _, p in left)
+    module = next(type(m).__name__ for _, m, _ in owners[id(left[0][1])] if type(m).__name__.endswith("Experts"))
+    warnings.warn(
+        f"FOAM: {len(left)} mixture-of-experts weight tensors ({entries:,} entries; e.g. {left[0][0]!r} of a "
+        f"{module}) keep AdamW states: experts stored as 3-D parameters are not linear layers, which are what FOAM "
+        "folds by default. Fix: fold them by name, optim_args='block_sizes=experts:4' (they fold along their last "
+        "dimension, the input features for an (experts, out, in) layout), or block_sizes=experts:1 to keep AdamW "
+        "states without this warning.",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def build_param_groups(

@@ -19,6 +19,7 @@ from foam_hf import (
     FoamStateError,
     LayerwiseFOAM,
     NoMatchingModuleError,
+    foam_param_groups,
 )
 from foam_hf.integration import check_seam
 from foam_hf.integration.transformers import foam_config_from_args
@@ -889,3 +890,41 @@ def test_state_dtype_may_be_written_as_torch_prints_it():
     for dtype in (torch.bfloat16, torch.float32):
         name = str(dtype).removeprefix("torch.")
         assert FoamConfig.from_optim_args(f"state_dtype={dtype}") == FoamConfig(state_dtype=name)
+
+
+def tiny_mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    return MixtralForCausalLM(config)
+
+
+def test_mixture_of_experts_weights_left_unfolded_are_named_in_a_warning():
+    # transformers keeps a MoE layer's experts as 3-D parameters of one MixtralExperts module, not as linear layers:
+    # the default targets leave them on AdamW states (here 49,152 of the model's entries) without a word.
+    import warnings
+
+    model = tiny_mixtral()
+    experts = {n: p for n, p in model.named_parameters() if ".experts." in n}
+    assert experts and all(p.ndim == 3 for p in experts.values())
+    with pytest.warns(
+        UserWarning, match=r"4 mixture-of-experts weight tensors \(49,152 entries.*block_sizes=experts:4"
+    ):
+        plan = resolve_block_sizes(model, FoamConfig())
+    assert all(plan.size_by_parameter[n] == 1 for n in experts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # named either way, the warning is gone
+        folded = resolve_block_sizes(model, FoamConfig(block_sizes={"experts": 4}))
+        kept = resolve_block_sizes(model, FoamConfig(block_sizes={"experts": 1}))
+    assert all(folded.size_by_parameter[n] == 4 for n in experts)
+    assert all(kept.size_by_parameter[n] == 1 for n in experts)
+    # and folded, each expert's weight keeps (experts, rows, ceil(n / 4)) moments
+    optimizer = FOAM(foam_param_groups(model, "block_sizes=experts:4"), lr=1e-3)
+    model(input_ids=torch.randint(0, 128, (2, 8)), labels=torch.randint(0, 128, (2, 8))).loss.backward()
+    optimizer.step()
+    for name, p in experts.items():
+        assert optimizer.state[p]["exp_avg"].shape == (*p.shape[:-1], -(-p.shape[-1] // 4)), name
