@@ -239,6 +239,7 @@ def test_callback_checks_the_folded_gradients_only():
         folded.grad[1, 2] = math.nan if bad_folded else 0.0
         unfolded.grad[0, 0] = math.inf if bad_unfolded else 0.0
         callback.on_pre_optimizer_step(args, state, TrainerControl(), optimizer=opt)
+        callback.on_optimizer_step(args, state, TrainerControl(), optimizer=opt)  # as the Trainer calls them
     logs = {"loss": 1.0}  # a training log: the callback's figures go into those only
     callback.on_log(args, state, TrainerControl(), logs=logs)
     assert logs == {"loss": 1.0, "foam/first_nonfinite_step": 3}  # the 1-based step of the first folded NaN, once
@@ -306,6 +307,30 @@ def test_finite_gradients_whose_2_norm_overflows_are_not_reported(dtype, value, 
             callback._finish_layerwise_step(args, state)
         else:
             callback.on_pre_optimizer_step(args, state, TrainerControl(), optimizer=opt)
+            callback.on_optimizer_step(args, state, TrainerControl(), optimizer=opt)
     logs = {"loss": 1.0}
     callback.on_log(args, state, TrainerControl(), logs=logs)
     assert logs == {"loss": 1.0, "foam/first_nonfinite_step": 2}  # the NaN's step, not the finite first one
+
+
+def test_a_step_the_loss_scaler_skipped_is_not_reported_as_non_finite():
+    # fp16 mixed precision: the loss scaler skips a step whose gradients overflowed (often the first few, while
+    # it calibrates), so nothing propagates into FOAM's states. Those steps were reported as the first non-finite
+    # step, with the warning that NaN/inf propagates. accelerate's optimizer wrapper says whether it skipped.
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    param = torch.zeros(4, 8, requires_grad=True)
+    foam = FOAM([param], block_size=4)
+    args = TrainingArguments(output_dir="unused", report_to=[], logging_steps=1000, use_cpu=True)
+    callback, state = FoamCallback(), TrainerState(max_steps=10)
+    for step, skipped in enumerate([True, True, False]):  # inf gradients at all three; the scaler skips two
+        state.global_step = step
+        param.grad = torch.full((4, 8), math.inf)
+        wrapper = SimpleNamespace(optimizer=foam, step_was_skipped=skipped)
+        callback.on_pre_optimizer_step(args, state, TrainerControl(), optimizer=wrapper)
+        callback.on_optimizer_step(args, state, TrainerControl(), optimizer=wrapper)
+    logs = {"loss": 1.0}
+    callback.on_log(args, state, TrainerControl(), logs=logs)
+    assert logs == {"loss": 1.0, "foam/first_nonfinite_step": 3}  # the first step that was taken with them

@@ -69,6 +69,7 @@ class FoamCallback(TrainerCallback):
         self.check_finite = check_finite
         self._pending: dict[str, float] = {}
         self._first_nonfinite_step: int | None = None
+        self._nonfinite_before_step = False  # seen before this optimizer step, reported once it is taken
         # Layer-wise FOAM: per-gradient sums taken in its hooks (see _observe_layerwise), and whether to take them.
         self._layerwise_sums: list[torch.Tensor] = []
         self._observing = False
@@ -206,8 +207,9 @@ class FoamCallback(TrainerCallback):
             # gradients: 512 x 512 fp16 entries of 200, or fp32 ones of 1e19.)
             norms = torch._foreach_norm([local_tensor(g) for g, _ in folded_grads], math.inf)
             nonfinite = [((~torch.isfinite(n)).double(), g) for n, (g, _) in zip(norms, folded_grads)]
-            if sum_over_shards(nonfinite).item() > 0:
-                self._nonfinite_at_this_step(state)
+            # Reported once the step is taken (on_optimizer_step): a loss scaler skips a step whose gradients
+            # overflowed (fp16 mixed precision, often in its first steps), and nothing propagates then.
+            self._nonfinite_before_step = sum_over_shards(nonfinite).item() > 0
         if want_residual:
             sums = []
             for grad, block_size in folded_grads:
@@ -219,6 +221,13 @@ class FoamCallback(TrainerCallback):
     def on_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
         if isinstance(_unwrap(optimizer), LayerwiseFOAM):
             self._finish_layerwise_step(args, state)
+        if self._nonfinite_before_step:
+            self._nonfinite_before_step = False
+            if getattr(optimizer, "step_was_skipped", False) is True:  # accelerate's wrapper, under a loss scaler
+                logger.info("FOAM: non-finite gradients at optimizer step %d; the loss scaler skipped the step.",
+                            state.global_step + 1)  # fmt: skip
+            else:
+                self._nonfinite_at_this_step(state)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         if not self._pending or logs is None:
