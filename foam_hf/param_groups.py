@@ -402,8 +402,9 @@ def resolve_block_sizes(
                 raise _no_match_error(
                     "target module", target, module_names, matched, one_regex=isinstance(targets, str)
                 )
-    named = {name for sized in sized_by_pattern.values() for name, _ in sized}
-    _warn_unfolded_experts([(n, p) for n, p in trainable if n not in named], owners, size_by_parameter)
+    if config.block_size > 1 and (targets is None or all_linear):  # folding linear layers, the default way
+        named = {name for sized in sized_by_pattern.values() for name, _ in sized}
+        _warn_unfolded_experts([(n, p) for n, p in trainable if n not in named], owners, size_by_parameter)
     return BlockSizePlan(size_by_parameter)
 
 

@@ -920,6 +920,8 @@ def test_mixture_of_experts_weights_left_unfolded_are_named_in_a_warning():
         warnings.simplefilter("error")  # named either way, the warning is gone
         folded = resolve_block_sizes(model, FoamConfig(block_sizes={"experts": 4}))
         kept = resolve_block_sizes(model, FoamConfig(block_sizes={"experts": 1}))
+        resolve_block_sizes(model, FoamConfig(block_size=1))  # AdamW states everywhere, as asked
+        resolve_block_sizes(model, FoamConfig(target_modules=["q_proj"]))  # a chosen set of modules
     assert all(folded.size_by_parameter[n] == 4 for n in experts)
     assert all(kept.size_by_parameter[n] == 1 for n in experts)
     # and folded, each expert's weight keeps (experts, rows, ceil(n / 4)) moments
