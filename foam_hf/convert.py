@@ -87,7 +87,8 @@ def foam_state_from_adamw(adamw: torch.optim.Optimizer | dict[str, Any], foam_op
     Raises:
         FoamStateError: the parameter counts differ, a moment's shape differs from its parameter's, the
             state is not an Adam state (no ``exp_avg``/``exp_avg_sq``), or it uses ``amsgrad``, which FOAM
-            does not implement.
+            does not implement; given the optimizer, one of FOAM's parameters is not among AdamW's (another
+            model object), or AdamW holds moments for a parameter FOAM does not step.
     """
     _check_is_foam(foam_optimizer, "foam_state_from_adamw: foam_optimizer")
     state_dict = adamw.state_dict() if isinstance(adamw, torch.optim.Optimizer) else adamw
