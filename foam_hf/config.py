@@ -291,19 +291,20 @@ def _python_literal_message(key: str, optim_args: str) -> str:
     text = optim_args[entry.end() :] if entry else optim_args
     kind = "mapping" if text.startswith("{") else "list"
     literal, written = _leading_literal(text)
-    pairs = literal.items() if isinstance(literal, Mapping) else None
-    if pairs is not None and all(isinstance(v, (int, str)) and not isinstance(v, bool) for _, v in pairs):
-        fix = "Fix: " + f"{key}=" + ";".join(f"{pattern}:{size}" for pattern, size in pairs)
+    respelt = None  # the value in optim_args' own form, where the literal holds plain names (and sizes)
+    if isinstance(literal, Mapping) and all(
+        isinstance(v, (int, str)) and not isinstance(v, bool) for v in literal.values()
+    ):
+        respelt = ";".join(f"{pattern}:{size}" for pattern, size in literal.items())
     elif isinstance(literal, (list, tuple)) and all(isinstance(item, str) for item in literal):
-        fix = "Fix: " + f"{key}=" + ";".join(literal)
-    else:
-        fix = "Write it as e.g. " + _LIST_EXAMPLES[key]
+        respelt = ";".join(literal)
+    value = respelt or _LIST_EXAMPLES[key].split("=", 1)[1]
+    fix = f"Fix: {key}={value}" if respelt else f"Write it as e.g. {key}={value}"
     items = "pattern:size pairs" if key == "block_sizes" else "names"
-    example = fix.split("=", 1)[1]
     return (
         f"optim_args: {key}={written!r} writes {key} as a Python or JSON {kind}, which the 'key=value,...' string "
         f"cannot hold (its ',' splits entries): {key} takes {items} separated by ';'. {fix} (in a YAML config "
-        f'whose optim_args is joined into such a string, as axolotl does: {key}: "{example}").'
+        f'whose optim_args is joined into such a string, as axolotl does: {key}: "{value}").'
     )
 
 
