@@ -131,7 +131,26 @@ def test_galore_and_8bit_formulas_by_hand(report):
     projected_numel = 2 * sum(m * n for m, n in matrices)
     rest = report.num_params - projected_numel
     assert report.galore_state == projected + 8 * rest
+    assert report.galore_state_bf16_weights == projected // 2 + 4 * rest  # GaLore keeps bf16 weights' dtype
     assert report.adam8bit_state == 2 * report.num_params
+
+
+@pytest.mark.parametrize("optimizer_name", ["AdamW", "FOAM B=4", "Adafactor (beta1=None: no first moment)"])
+def test_bf16_weight_column_counts_what_each_optimizer_holds_for_bf16_weights(config_path, optimizer_name):
+    # torch's AdamW keeps bf16 moments for bf16 weights, FOAM (by default) and transformers' Adafactor fp32 ones:
+    # the bf16 column once charged AdamW fp32 moments, overstating FOAM's saving there about threefold.
+    result = memory_report(config_path, compared_block_sizes=(4,), rank=8)
+    row = {r["optimizer"]: r for r in result.to_dict()["optimizers"]}[optimizer_name]
+    model = _real_model().to(torch.bfloat16)
+    if optimizer_name == "AdamW":
+        optimizer = torch.optim.AdamW(model.parameters(), foreach=False)
+    elif optimizer_name == "FOAM B=4":
+        optimizer = FOAM(_groups_by_hand(model, _default_block(4)))
+    else:
+        optimizer = Adafactor(model.parameters(), lr=1e-3, relative_step=False, scale_parameter=False)
+    _one_step(model, optimizer)
+    assert row["state_bytes_bf16_weights"] == _held_bytes(optimizer)
+    assert row["training_bytes_bf16"] == 4 * result.num_params + _held_bytes(optimizer)
 
 
 def test_training_memory_adds_weights_and_grads(report):

@@ -40,7 +40,7 @@ def format_markdown(report: MemoryReport) -> str:
         "",
         f"Shapes from: {report.source}{tied}. Built on the meta device: no weights loaded.",
         "FOAM folds, by default, the weights of every linear layer except the output head and the embeddings; "
-        "all other tensors keep AdamW states. Optimizer states are fp32 unless a row says otherwise "
+        "all other tensors keep AdamW states. Optimizer states (of fp32 weights) are fp32 unless a row says otherwise "
         "(--optim-args state_dtype=bfloat16 halves FOAM's). 1 GiB = 2^30 bytes.",
         "",
         "### Optimizer states and training memory",
@@ -49,15 +49,18 @@ def format_markdown(report: MemoryReport) -> str:
         "| weights + grads + states, bf16 weights |",
         "|---|--:|--:|--:|--:|",
     ]
-    for label, state in report.optimizer_rows():
+    for label, state, state_bf16 in report.optimizer_rows_by_weight_dtype():
         ratio = f"{report.adamw_state / state:.2f}x" if state else "-"
         lines.append(
             f"| {label} | {_gib(state)} | {ratio} | {_gib(report.training_bytes(state, 4))} "
-            f"| {_gib(report.training_bytes(state, 2))} |"
+            f"| {_gib(report.training_bytes(state_bf16, 2))} |"
         )
     lines += [
         "",
-        "Weights and gradients: 4 + 4 bytes per parameter (fp32) or 2 + 2 (bf16); activations are not counted.",
+        "Weights and gradients: 4 + 4 bytes per parameter (fp32) or 2 + 2 (bf16); activations are not counted. "
+        "Optimizer states and their ratio are those of fp32 weights. With bf16 weights, torch's AdamW and GaLore "
+        "keep bf16 moments (half the bytes; the last column counts them so), while FOAM keeps fp32 ones unless "
+        "state_dtype=bfloat16, and transformers' Adafactor fp32 ones.",
         "",
         "### Where the parameters and the states are",
         "",

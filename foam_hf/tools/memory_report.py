@@ -9,7 +9,9 @@ milliseconds. The report gives, in bytes:
   :func:`foam_hf.memory.foam_state_bytes` / :func:`~foam_hf.memory.adamw_state_bytes` count them (fp32
   moments plus a 4-byte step counter per tensor), so they equal what a real optimizer holds after a step;
 * whole-training memory = weights + gradients + optimizer states, with fp32 weights and with bf16 weights
-  (bf16 gradients, fp32 states); activations, buffers and framework overhead are not counted;
+  (bf16 gradients; each optimizer's states in the dtype it keeps for bf16 weights: bf16 moments for torch's
+  AdamW and for GaLore, fp32 for FOAM's default and for transformers' Adafactor); activations, buffers and
+  framework overhead are not counted;
 * for context, 8-bit Adam, Adafactor and GaLore from formulas stated in :data:`CONTEXT_FORMULAS`;
 * a per-category breakdown (embeddings, lm_head, attention, MLP, norms, other);
 * the effect of per-module overrides written as in ``optim_args``.
@@ -65,7 +67,7 @@ CONTEXT_FORMULAS: dict[str, str] = {
     "plus the 4-byte RMS scalar per tensor",
     "galore": "per projected matrix m x n (the FOAM target set), r' = min(r, m, n): 4 * (r' * min(m, n) + "
     "2 * r' * max(m, n)) bytes (projection matrix + the two low-rank Adam moments); other tensors AdamW "
-    "(8 * numel)",
+    "(8 * numel); half of all that with bf16 weights, whose projections and moments GaLore keeps in bf16",
 }
 
 CATEGORIES: tuple[str, ...] = ("embeddings", "lm_head", "attention", "mlp", "norms", "other")
@@ -191,6 +193,11 @@ class MemoryReport:
     adafactor_beta1_state: int
     galore_state: int
     categories: dict[str, dict[str, Any]]
+    #: torch's AdamW and GaLore keep their moments in the weights' dtype, so with bf16 weights they hold about
+    #: half the bytes of the figures above, which are for fp32 weights (FOAM's default, Adafactor and 8-bit Adam
+    #: hold the same bytes for both).
+    adamw_state_bf16_weights: int
+    galore_state_bf16_weights: int
     optim_args: str | None = None
     override_block_size: int | None = None
     override_state: int | None = None
@@ -218,19 +225,23 @@ class MemoryReport:
         return 2 * weight_bytes * self.num_params + state_bytes
 
     def optimizer_rows(self) -> list[tuple[str, int]]:
-        """(label, state bytes) for every optimizer in the comparison, AdamW first."""
-        rows = [("AdamW", self.adamw_state)]
-        rows += [(f"FOAM B={b}", self.foam_state[b]) for b in self.compared_block_sizes]
+        """(label, state bytes with fp32 weights) for every optimizer in the comparison, AdamW first."""
+        return [(label, state) for label, state, _ in self.optimizer_rows_by_weight_dtype()]
+
+    def optimizer_rows_by_weight_dtype(self) -> list[tuple[str, int, int]]:
+        """(label, state bytes with fp32 weights, state bytes with bf16 weights) for every optimizer in the
+        comparison, AdamW first."""
+        rows = [("AdamW", self.adamw_state, self.adamw_state_bf16_weights)]
+        rows += [(f"FOAM B={b}", self.foam_state[b], self.foam_state[b]) for b in self.compared_block_sizes]
         if self.override_state is not None:
             states = "bf16 states" if self.override_state_dtype == "bfloat16" else "fp32 states"
-            rows.append(
-                (f"FOAM with --optim-args (B={self.override_block_size} + overrides, {states})", self.override_state)
-            )
+            label = f"FOAM with --optim-args (B={self.override_block_size} + overrides, {states})"
+            rows.append((label, self.override_state, self.override_state))
         rows += [
-            ("8-bit Adam", self.adam8bit_state),
-            ("Adafactor (beta1=None: no first moment)", self.adafactor_state),
-            ("Adafactor (beta1=0.9: with first moment)", self.adafactor_beta1_state),
-            (f"GaLore r={self.rank}", self.galore_state),
+            ("8-bit Adam", self.adam8bit_state, self.adam8bit_state),
+            ("Adafactor (beta1=None: no first moment)", self.adafactor_state, self.adafactor_state),
+            ("Adafactor (beta1=0.9: with first moment)", self.adafactor_beta1_state, self.adafactor_beta1_state),
+            (f"GaLore r={self.rank}", self.galore_state, self.galore_state_bf16_weights),
         ]
         return rows
 
@@ -251,9 +262,10 @@ class MemoryReport:
                     "state_bytes": state,
                     "ratio_vs_adamw": self.adamw_state / state if state else None,
                     "training_bytes_fp32": self.training_bytes(state, 4),
-                    "training_bytes_bf16": self.training_bytes(state, 2),
+                    "state_bytes_bf16_weights": state_bf16,
+                    "training_bytes_bf16": self.training_bytes(state_bf16, 2),
                 }
-                for label, state in self.optimizer_rows()
+                for label, state, state_bf16 in self.optimizer_rows_by_weight_dtype()
             ],
             "categories": self.categories,
             "overrides": None
@@ -300,12 +312,14 @@ def _adafactor_bytes(shape: tuple[int, ...], beta1: bool) -> int:
     return 4 * (second + (numel if beta1 else 0)) + 4  # + the 0-d fp32 "RMS" tensor transformers keeps
 
 
-def _galore_bytes(shape: tuple[int, ...], rank: int, projected: bool) -> int:
+def _galore_bytes(shape: tuple[int, ...], rank: int, projected: bool, itemsize: int = 4) -> int:
+    """GaLore's state of one tensor with ``itemsize``-byte entries (4 for fp32 weights, 2 for bf16: GaLore
+    keeps its projection and moments in the weights' dtype)."""
     if not (projected and len(shape) == 2):
-        return 8 * math.prod(shape)
+        return 2 * itemsize * math.prod(shape)
     m, n = shape
     r = min(rank, m, n)
-    return 4 * (r * min(m, n) + 2 * r * max(m, n))
+    return itemsize * (r * min(m, n) + 2 * r * max(m, n))
 
 
 def memory_report(
@@ -400,6 +414,8 @@ def memory_report(
         adafactor_beta1_state=sum(_adafactor_bytes(e.shape, beta1=True) for e in entries),
         galore_state=sum(_galore_bytes(e.shape, rank, e.target) for e in entries),
         categories=categories,
+        adamw_state_bf16_weights=sum(adamw_state_bytes(p.to(torch.bfloat16)) for _, p in named),
+        galore_state_bf16_weights=sum(_galore_bytes(e.shape, rank, e.target, itemsize=2) for e in entries),
     )
     if optim_args is not None:
         config_with = FoamConfig.from_optim_args(optim_args)
