@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.nn.parameter import is_lazy
 
+from .distributed import is_dtensor, shard_like
 from .errors import FoamStateError
 from .folding import folded_shape, is_foldable
 from .precision import state_dtype_for
@@ -251,17 +252,21 @@ def _check_names(saved_groups: list[dict[str, Any]], param_groups: list[dict[str
 def restore_moments(optimizer: torch.optim.Optimizer, saved_state: dict[Any, Any], id_to_param: ParamIndex) -> int:
     """After torch's ``load_state_dict``: put back the moments in the group's state dtype and the step as a CPU
     fp32 scalar (torch casts floating states to the parameter's dtype, which would round fp32 moments of half
-    parameters). Returns how many saved moments were in another dtype (converted: rounded once to nearest when
-    narrowed)."""
+    parameters). A full moment of a sharded (DTensor) parameter, as a one-process run saves it, is sharded like
+    the parameter: each rank keeps the rows (or pieces) it steps. Returns how many saved moments were in another
+    dtype (converted: rounded once to nearest when narrowed)."""
     converted = 0
     for pid, pstate in saved_state.items():
         p, _, index = id_to_param[pid]
         dtype = state_dtype_for(p, optimizer.param_groups[index]["state_dtype"])
         for key in ("exp_avg", "exp_avg_sq"):
             converted += pstate[key].dtype != dtype
-            optimizer.state[p][key] = pstate[key].to(
+            moment = pstate[key].to(
                 device=p.device, dtype=dtype, copy=True, memory_format=torch.contiguous_format
             )  # contiguous, as FOAM creates them: a checkpoint of a channels_last model may hold other strides
+            if is_dtensor(p) and not is_dtensor(moment):  # a full (one-process) state loaded under FSDP2
+                moment = shard_like(p, moment)
+            optimizer.state[p][key] = moment
         step = optimizer.state[p]["step"]
         if not isinstance(step, torch.Tensor):  # a plain number, as torch.optim.Adam accepts it
             optimizer.state[p]["step"] = torch.tensor(float(step), dtype=torch.float32)

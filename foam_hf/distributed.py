@@ -9,7 +9,8 @@ global shape ``(*rows, ceil(n / B))``: ``torch.distributed.checkpoint`` then sav
 like any other sharded optimizer state.
 
 A placement that splits the folded (last) dimension, ``Shard(ndim - 1)`` (tensor parallelism's row-wise
-split, for instance), would cut blocks across ranks; FOAM refuses it when the parameter group is built.
+split), is exact too where every piece holds whole blocks; one that would cut blocks across ranks is refused
+when the parameter group is built (:func:`check_sharding`).
 One-dimensional tensors never fold, so any sharding of them is exact.
 
 DeepSpeed ZeRO hands the client optimizer flat 1-D partitions instead; :class:`foam_hf.zero.ZeroFOAM` folds
@@ -20,6 +21,7 @@ those exactly, and :func:`check_deepspeed_config` refuses the DeepSpeed settings
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import torch
@@ -31,6 +33,7 @@ __all__ = [
     "check_sharding",
     "is_dtensor",
     "local_tensor",
+    "shard_like",
     "sum_over_shards",
     "zeros_state_like",
 ]
@@ -63,26 +66,54 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
-def check_sharding(param: torch.Tensor, block_size: int, where: str = "") -> None:
-    """Raise :class:`FoamConfigError` if ``param`` is a DTensor whose sharding splits the folded dimension.
+def _shards(placement: Any) -> bool:
+    """Whether ``placement`` splits a tensor dimension: ``Shard``, and the ``_StridedShard`` FSDP2 uses over
+    tensor parallelism (which torch's ``is_shard()`` does not count)."""
+    return placement.is_shard() or type(placement).__name__ == "_StridedShard"
+
+
+def check_sharding(param: torch.Tensor, block_size: int, where: str = "", name: str | None = None) -> None:
+    """Raise :class:`FoamConfigError` if ``param`` is a DTensor whose sharding cuts folded blocks across ranks.
 
     Only tensors FOAM folds (``ndim >= 2`` and ``block_size > 1``) are checked; shards along any other
-    dimension, replication, and any sharding of tensors that do not fold are exact.
+    dimension, replication, and any sharding of tensors that do not fold are exact. A ``Shard`` of the last
+    dimension (tensor parallelism's row-wise split) on one mesh dimension of size ``k`` cuts each row of ``n``
+    entries at multiples of ``c = ceil(n / k)`` (torch.chunk's split): it is exact when ``c`` is a multiple
+    of ``block_size`` (every block stays on one rank, and the folded moment, ``ceil(n / B)`` columns, splits
+    the same way) or when ``k == 1``; anything else (a cut inside a block, the last dimension split on two mesh
+    dimensions, or strided) is refused, naming ``name`` (the parameter's) where it is given.
     """
     if not is_dtensor(param) or block_size <= 1 or param.ndim < 2:
         return
     last = param.ndim - 1
-    for mesh_dim, placement in enumerate(param.placements):
-        dim = getattr(placement, "dim", None)
-        if placement.is_shard() and dim is not None and dim % param.ndim == last:
-            at = f" in {where}" if where else ""
-            raise FoamConfigError(
-                f"FOAM: a parameter of shape {tuple(param.shape)}{at} is sharded as {placement!r} on mesh "
-                f"dimension {mesh_dim}, which splits its last dimension; FOAM folds blocks of "
-                f"block_size={block_size} along that dimension, so the blocks would be cut across ranks. Fix: "
-                "shard it along dim 0 (FSDP2's fully_shard default), or put it in a param group with "
-                "block_size=1 (plain AdamW states)."
-            )
+    cuts = [
+        (mesh_dim, placement)
+        for mesh_dim, placement in enumerate(param.placements)
+        if _shards(placement)
+        and getattr(placement, "dim", None) is not None
+        and placement.dim % param.ndim == last
+        and param.device_mesh.size(mesh_dim) > 1
+    ]
+    if not cuts:
+        return
+    n = param.shape[-1]
+    mesh_dim, placement = cuts[0]
+    chunk = -(-n // param.device_mesh.size(mesh_dim))
+    if len(cuts) == 1 and placement.is_shard() and (chunk % block_size == 0 or chunk >= n):
+        return
+    module = name.removesuffix(".weight") if name else "MODULE"
+    named = f"parameter {name!r}" if name else "a parameter"
+    at = f" in {where}" if where else ""
+    divisor = math.gcd(chunk, block_size)
+    smaller = f"a block size that divides {chunk} (optim_args block_sizes={module}:{divisor}), " if divisor > 1 else ""
+    raise FoamConfigError(
+        f"FOAM: {named} of shape {tuple(param.shape)}{at} is sharded as "
+        f"{', '.join(repr(p) for _, p in cuts)} on mesh dimension(s) {[d for d, _ in cuts]}, which splits its last "
+        f"dimension ({n} entries) into pieces of {chunk}; FOAM folds blocks of block_size={block_size} along "
+        "that dimension, so blocks would be cut across ranks. Fix: "
+        f"{smaller}AdamW states for it (optim_args block_sizes={module}:1, or a param group with block_size=1), "
+        "or shard it along dim 0 (FSDP2's fully_shard default)."
+    )
 
 
 def zeros_state_like(param: torch.Tensor, local_shape: torch.Size, global_shape: torch.Size, dtype: torch.dtype):
@@ -95,6 +126,17 @@ def zeros_state_like(param: torch.Tensor, local_shape: torch.Size, global_shape:
     return type(param).from_local(
         zeros, param.device_mesh, param.placements, run_check=False, shape=global_shape, stride=stride
     )
+
+
+def shard_like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """``full``, a moment's global value held whole by every rank, as a DTensor placed like the DTensor ``param``:
+    each rank keeps its own piece, with no communication (torch.chunk's split, as the moments FOAM creates)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    try:
+        return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+    except TypeError:  # torch before src_data_rank: the same pieces, rank 0's copy scattered
+        return distribute_tensor(full, param.device_mesh, param.placements)
 
 
 def sum_over_shards(values: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
@@ -111,7 +153,7 @@ def sum_over_shards(values: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Te
     sharded: dict[tuple[Any, tuple[bool, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
     for value, like in values:
         if is_dtensor(like):
-            key = (like.device_mesh, tuple(p.is_shard() for p in like.placements))
+            key = (like.device_mesh, tuple(map(_shards, like.placements)))
             previous = sharded.get(key)
             sharded[key] = (like, value if previous is None else previous[1] + value)
         else:
@@ -120,7 +162,7 @@ def sum_over_shards(values: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Te
         from torch.distributed.tensor import Partial, Replicate
 
         for like, value in sharded.values():
-            placements = [Partial() if p.is_shard() else Replicate() for p in like.placements]
+            placements = [Partial() if _shards(p) else Replicate() for p in like.placements]
             reduced = type(like).from_local(value, like.device_mesh, placements, run_check=False).full_tensor()
             total = reduced.cpu() if total is None else total + reduced.cpu()
     return total

@@ -21,7 +21,7 @@ import torch
 from torch.nn.parameter import is_lazy
 
 from . import _fused_cpu
-from .distributed import PLAIN_TENSOR_TYPES
+from .distributed import PLAIN_TENSOR_TYPES, local_tensor
 from .errors import FoamConfigError
 from .precision import state_dtype_for
 
@@ -191,7 +191,8 @@ def check_fused_available(
                     "with torch.__future__.set_swap_module_params_on_conversion(True) keeps the optimizer's "
                     "parameters, or build the optimizer after materialising)."
                 )
-            problem = fused_unsupported(p, state_dtype_for(p, group["state_dtype"]), group["block_size"])
+            # the kernels step this rank's shard of a DTensor (FSDP2, tensor parallelism), as the step hands it over
+            problem = fused_unsupported(local_tensor(p), state_dtype_for(p, group["state_dtype"]), group["block_size"])
             if problem is not None:
                 error, reason = problem
                 fix = "pass fused=None or False for this group"

@@ -23,7 +23,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from . import _fused_cpu
 from .checkpoint import UPDATE_KEYS, check_loadable, restore_moments
-from .distributed import check_sharding, local_tensor, zeros_state_like
+from .distributed import check_sharding, is_dtensor, local_tensor, zeros_state_like
 from .errors import FoamConfigError
 from .folding import folded_shape, folds_in_full, is_foldable
 from .functional import _foam, foam
@@ -34,6 +34,12 @@ from .precision import PARAM_DTYPES, STATE_DTYPES, normalize_state_dtype, state_
 __all__ = ["FOAM", "SECOND_MOMENT_MODES", "STATE_DTYPES", "foam", "state_dtype_for", "validate_group_options"]
 
 SecondMoment = Literal["mean_sq", "sq_mean"]
+
+
+def _name_in(group: dict[str, Any], param: torch.Tensor) -> str | None:
+    """``param``'s name from the group's ``param_names`` (the Trainer's groups carry them), else ``None``."""
+    names = group.get("param_names") or ()
+    return next((name for p, name in zip(group["params"], names) if p is param), None)
 
 
 #: torch.optim.Adam(W) flags FOAM has no mode for, with what to do instead (refused in a param group when on).
@@ -255,10 +261,11 @@ class FOAM(Optimizer):
         try:
             validate_group_options(group, where=f"param group {index}")
             as_builtin_numbers(group)
-            for p in group["params"]:
+            names = group.get("param_names") or [None] * len(group["params"])
+            for p, name in zip(group["params"], names):
                 if is_lazy(p):  # nn.LazyLinear and co.: shape and dtype come with the first forward
                     continue
-                check_sharding(p, group["block_size"], where=f"param group {index}")
+                check_sharding(p, group["block_size"], where=f"param group {index}", name=name)
                 if torch.is_complex(p):
                     raise TypeError(
                         f"FOAM: param group {index} holds a complex parameter of shape {tuple(p.shape)}; "
@@ -329,7 +336,8 @@ class FOAM(Optimizer):
             if len(state) == 0:
                 # Checked when the group was added, and here again: FSDP2's DTensors may be swapped into the groups
                 # after construction (accelerate does), with a placement that splits the folded dimension.
-                check_sharding(p, block_size)
+                if is_dtensor(p):
+                    check_sharding(p, block_size, name=_name_in(group, p))
                 dtype = state_dtype_for(p, group["state_dtype"])
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 if is_foldable(p, block_size):

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from hf_fixtures import end_rank
 
 from foam_hf import FOAM, FoamConfigError, FoamStateError
+from foam_hf.distributed import sum_over_shards
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -54,6 +55,22 @@ def one_process_run() -> list[torch.Tensor]:
     for x, y in batches():
         train_step(model, opt, x, y)
     return [p.detach().clone() for p in model.parameters()]
+
+
+def row_split_problem() -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A 4 x 16 weight and STEPS gradients, the same on every rank."""
+    gen = torch.Generator().manual_seed(2)
+    return torch.randn(4, 16, generator=gen), [torch.randn(4, 16, generator=gen) for _ in range(STEPS)]
+
+
+def row_split_one_process(fused: bool) -> list[torch.Tensor]:
+    weight, grads = row_split_problem()
+    param = torch.nn.Parameter(weight.clone())
+    opt = FOAM([param], fused=fused, **FOAM_KWARGS)
+    for grad in grads:
+        param.grad = grad
+        opt.step()
+    return [param.detach(), opt.state[param]["exp_avg"], opt.state[param]["exp_avg_sq"]]
 
 
 def local_half(rank, x, y):
@@ -139,20 +156,67 @@ def fsdp2_worker(rank: int, tmp: str) -> None:
         except FoamStateError as e:
             result["tampered"] = str(e)
 
-        # A sharding that splits the folded (last) dimension is refused when the optimizer is built.
+        # fused=True over FSDP2's DTensors: the kernel steps each rank's rows.
+        model, _ = sharded()
+        opt = FOAM(model.parameters(), fused=True, **FOAM_KWARGS)
+        for x, y in data:
+            train_step(model, opt, *local_half(rank, x, y))
+        result["fused"] = [p.full_tensor() for p in model.parameters()]
+
+        # A one-process state_dict (full moments) loaded under FSDP2: each rank keeps its rows of the moments.
+        model = make_model()
+        opt = FOAM(model.parameters(), **FOAM_KWARGS)
+        for x, y in data[:RESUME_AT]:
+            train_step(model, opt, x, y)
+        full_state = opt.state_dict()
+        fully_shard(model)
+        opt = FOAM(model.parameters(), **FOAM_KWARGS)
+        opt.load_state_dict(full_state)
+        for x, y in data[RESUME_AT:]:
+            train_step(model, opt, *local_half(rank, x, y))
+        result["from_full_state"] = [p.full_tensor() for p in model.parameters()]
+
+        # The last (folded) dimension split by tensor parallelism's row-wise Shard(1): exact where every piece holds
+        # whole blocks (16 columns on 2 ranks: 8 each, 2 blocks of 4), fused or not.
         mesh = init_device_mesh("cpu", (WORLD,))
-        split = torch.nn.Parameter(distribute_tensor(torch.randn(4, 8), mesh, [Shard(1)]))
+        weight, grads = row_split_problem()
+        for fused in (False, True):
+            whole_blocks = torch.nn.Parameter(distribute_tensor(weight.clone(), mesh, [Shard(1)]))
+            opt = FOAM([whole_blocks], fused=fused, **FOAM_KWARGS)
+            for grad in grads:
+                whole_blocks.grad = distribute_tensor(grad, mesh, [Shard(1)])
+                opt.step()
+            moments = (opt.state[whole_blocks]["exp_avg"], opt.state[whole_blocks]["exp_avg_sq"])
+            result[f"row_split_fused_{fused}"] = [whole_blocks.full_tensor(), *(m.full_tensor() for m in moments)]
+            result[f"row_split_local_{fused}"] = [tuple(m.to_local().shape) for m in moments]
+
+        # The callback's sums over shards count FSDP2's _StridedShard (FSDP2 over tensor parallelism) as sharded.
+        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor.placement_types import _StridedShard
+
+        strided = DTensor.from_local(torch.ones(2, 4), mesh, [_StridedShard(0, split_factor=2)], run_check=False)
+        result["strided_sum"] = sum_over_shards([(torch.tensor(float(rank + 1)), strided)]).item()
+
+        # ... and refused when the optimizer is built where a piece would cut a block: 12 columns on 2 ranks are
+        # pieces of 6, which cut blocks of 4 (blocks of 2 would not).
+        split = torch.nn.Parameter(distribute_tensor(torch.randn(4, 12), mesh, [Shard(1)]))
         try:
             FOAM([split], block_size=4)
             result["last_dim"] = "accepted"
         except FoamConfigError as e:
             result["last_dim"] = str(e)
+        try:
+            FOAM([{"params": [split], "param_names": ["layers.0.self_attn.o_proj.weight"]}], block_size=4)
+            result["last_dim_named"] = "accepted"
+        except FoamConfigError as e:
+            result["last_dim_named"] = str(e)
         FOAM([split], block_size=1)  # ... but fine without folding: plain AdamW is element-wise
+        FOAM([split], block_size=2)  # ... or with blocks that divide the pieces
         # ... and when it comes in after the optimizer was built (accelerate swaps FSDP2's DTensors into the groups
         # of an optimizer built before fully_shard): refused at the first step, before any state exists.
-        swapped = FOAM([torch.nn.Parameter(torch.randn(4, 8))], block_size=4)
+        swapped = FOAM([torch.nn.Parameter(torch.randn(4, 12))], block_size=4)
         swapped.param_groups[0]["params"] = [split]
-        split.grad = distribute_tensor(torch.ones(4, 8), mesh, [Shard(1)])
+        split.grad = distribute_tensor(torch.ones(4, 12), mesh, [Shard(1)])
         try:
             swapped.step()
             result["swapped_in"] = "stepped"
@@ -188,8 +252,21 @@ def test_fsdp2_matches_one_process_and_resumes_exactly_through_dcp(tmp_path):
             assert torch.equal(resumed, uninterrupted)
         assert result["resumed_steps"] == [float(STEPS)] * len(expected)
         assert "has shape (12, 10), but with block_size=4 FOAM keeps shape (12, 3)" in result["tampered"]
-        assert "Shard(dim=1)" in result["last_dim"] and "splits its last dimension" in result["last_dim"]
-        assert "splits its last dimension" in result["swapped_in"] and result["swapped_in"].endswith("(state: 0)")
+        for got, want in zip(result["fused"], expected):
+            torch.testing.assert_close(got, want, atol=TOLERANCE, rtol=0)
+        for got, want in zip(result["from_full_state"], expected):
+            torch.testing.assert_close(got, want, atol=TOLERANCE, rtol=0)
+        for fused in (False, True):
+            for got, want in zip(result[f"row_split_fused_{fused}"], row_split_one_process(fused)):
+                torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+            assert result[f"row_split_local_{fused}"] == [(4, 2), (4, 2)]  # 8 columns of 16 fold to 2 of 4
+        assert result["strided_sum"] == 3.0  # 1 on rank 0 + 2 on rank 1
+        assert "Shard(dim=1)" in result["last_dim"] and "into pieces of 6" in result["last_dim"]
+        assert "block_sizes=MODULE:2" in result["last_dim"] and "block_sizes=MODULE:1" in result["last_dim"]
+        named = result["last_dim_named"]
+        assert "parameter 'layers.0.self_attn.o_proj.weight'" in named
+        assert "block_sizes=layers.0.self_attn.o_proj:2" in named and "block_sizes=layers.0.self_attn.o_proj:1" in named
+        assert "into pieces of 6" in result["swapped_in"] and result["swapped_in"].endswith("(state: 0)")
     # Moments are DTensors with the folded global shape; each rank holds the folded shape of its rows.
     rank0, rank1 = (r["state_shapes"] for r in results)
     assert rank0[0] == ((12, 10), (12, 3), (6, 3)) and rank1[0] == ((12, 10), (12, 3), (6, 3))
