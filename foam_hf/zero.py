@@ -447,6 +447,16 @@ def _offload_device(section: Any) -> str:
     return str(device).lower() if device is not None else "none"
 
 
+def _offload_ratio(section: Any) -> float:
+    """``offload_optimizer.ratio`` as DeepSpeed reads it (default and ``"auto"``: 1.0, everything offloaded); a
+    value that is not a number is left to DeepSpeed's own check (read as 1.0 here)."""
+    value = section.get("ratio", 1.0) if isinstance(section, dict) else 1.0
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 1.0
+
+
 #: (where, test, why, fix) of DeepSpeed settings under which ZeroFOAM's states would not be what it expects.
 _UNSUPPORTED: tuple[tuple[str, Callable[[dict, dict], bool], str, str], ...] = (
     (
@@ -474,6 +484,22 @@ _UNSUPPORTED: tuple[tuple[str, Callable[[dict, dict], bool], str, str], ...] = (
         "with its fused CPU kernel. An accelerate config that describes DeepSpeed in its own YAML (deepspeed_config: "
         "{zero_stage: ..., offload_optimizer_device: cpu}) cannot set that key: write the DeepSpeed config to a JSON "
         "file that has it and name that file in the YAML as deepspeed_config: {deepspeed_config_file: <path>}",
+    ),
+    (
+        "zero_optimization.offload_optimizer.ratio < 1",
+        lambda c, z: (
+            _offload_device(z.get("offload_optimizer")) not in ("none", "")
+            and _offload_ratio(z.get("offload_optimizer")) < 1.0
+        ),
+        "a partial offload steps part of each partition on the GPU with DeepSpeed's own Adam, and DeepSpeed "
+        "accepts only DeepSpeedCPUAdam as the optimizer then",
+        "remove ratio (full offload, tested) or set it to 1",
+    ),
+    (
+        "zero_optimization.offload_optimizer.super_offload=true",
+        lambda c, z: _bool_setting(z.get("offload_optimizer"), "super_offload"),
+        "SuperOffload replaces the optimizer's step with DeepSpeed's CPU Adam",
+        "remove super_offload (plain offload_optimizer with device 'cpu' runs FOAM's fused CPU kernel)",
     ),
     (
         "checkpoint.load_universal=true",
@@ -515,7 +541,7 @@ def check_zero_config(config: Any) -> None:
     ZeRO stages 0-3 (``"auto"`` included) are accepted and any other stage is refused. Settings are read as
     DeepSpeed reads them: an ``"auto"`` number takes DeepSpeed's default (DeepSpeed drops ``"auto"`` values), and
     ``zero_force_ds_cpu_optimizer`` is off when false, 0 or null. What is refused, and why, is listed in
-    ``docs/scale-out.md`` (the optimizer section, NVMe offload, offload without
+    ``docs/scale-out.md`` (the optimizer section, NVMe, partial and Super offload, offload without
     ``zero_force_ds_cpu_optimizer: false``, universal and elastic checkpoints, MiCS/hpZ, sequence and tensor
     parallelism).
     """

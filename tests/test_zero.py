@@ -254,6 +254,11 @@ def test_partition_of_unknown_size_is_refused():
             "zero_force_ds_cpu_optimizer": False,
         },
         {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "none"}}},
+        {
+            "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "ratio": "auto"}},
+            "zero_force_ds_cpu_optimizer": False,
+        },
+        {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "none", "ratio": 0.5}}},
     ],
 )
 def test_supported_configs_pass(config):
@@ -274,6 +279,20 @@ def test_supported_configs_pass(config):
                 "zero_force_ds_cpu_optimizer": False,
             },
             r"nvme",
+        ),
+        (
+            {
+                "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "ratio": 0.3}},
+                "zero_force_ds_cpu_optimizer": False,
+            },
+            r"ratio < 1.*DeepSpeedCPUAdam",
+        ),
+        (
+            {
+                "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "super_offload": "true"}},
+                "zero_force_ds_cpu_optimizer": False,
+            },
+            r"super_offload",
         ),
         ({"zero_optimization": {"stage": 2}, "checkpoint": {"load_universal": True}}, r"load_universal"),
         ({"zero_optimization": {"stage": 1, "elastic_checkpoint": True}}, r"elastic_checkpoint"),
