@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from .distributed import is_dtensor
 from .errors import FoamStateError
 from .folding import block_mean, folded_shape, is_foldable, unfold
 from .precision import state_dtype_for
@@ -61,6 +62,19 @@ def _check_is_foam(optimizer: Any, argument: str) -> None:
         raise TypeError(
             f"{argument} must be a foam_hf.FOAM optimizer, got {type(optimizer).__name__}. Fix: build FOAM over "
             "the same parameters, in the same order, and pass it here."
+        )
+
+
+def _refuse_sharded(function: str, tensors: Any) -> None:
+    """These functions fold and unfold whole moments: refuse FSDP2's DTensor shards before torch fails on them
+    mid-way with a mixed-type error."""
+    sharded = next((t for t in tensors if is_dtensor(t)), None)
+    if sharded is not None:
+        raise FoamStateError(
+            f"{function}: a tensor of shape {tuple(sharded.shape)} is a DTensor (FSDP2 shard); this function "
+            "converts whole (one-process) moments. Fix: convert on an unsharded copy of the model and load the "
+            "resulting FOAM.state_dict() into the sharded FOAM (FOAM.load_state_dict gives each rank its rows), "
+            "or convert before fully_shard."
         )
 
 
@@ -91,6 +105,7 @@ def foam_state_from_adamw(adamw: torch.optim.Optimizer | dict[str, Any], foam_op
             model object), or AdamW holds moments for a parameter FOAM does not step.
     """
     _check_is_foam(foam_optimizer, "foam_state_from_adamw: foam_optimizer")
+    _refuse_sharded("foam_state_from_adamw", (p for group in foam_optimizer.param_groups for p in group["params"]))
     state_dict = adamw.state_dict() if isinstance(adamw, torch.optim.Optimizer) else adamw
     if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict):
         raise FoamStateError(
@@ -174,6 +189,7 @@ def adamw_state_from_foam(foam_optimizer: Any) -> dict[str, Any]:
     moments are constant within each block.
     """
     _check_is_foam(foam_optimizer, "adamw_state_from_foam: foam_optimizer")
+    _refuse_sharded("adamw_state_from_foam", (p for group in foam_optimizer.param_groups for p in group["params"]))
     state: dict[int, dict[str, torch.Tensor]] = {}
     groups: list[dict[str, Any]] = []
     position = 0
@@ -255,6 +271,17 @@ def _matched_by_identity(adamw: torch.optim.Optimizer, targets: list, saved_ids:
     return [saved_ids[position[id(p)]] for p, _, _ in targets]
 
 
+def _sharding_engine(checkpoint: Path) -> str | None:
+    """The engine whose optimizer files ``checkpoint`` holds, by the names the Trainer (through accelerate)
+    gives them: DeepSpeed's ``global_step*`` folder; FSDP's ``optimizer_0`` folder (sharded) or
+    ``optimizer.bin`` (full, keyed by parameter name)."""
+    if any(checkpoint.glob("global_step*")):
+        return "DeepSpeed"
+    if any(checkpoint.glob("optimizer_[0-9]*")) or (checkpoint / "optimizer.bin").exists():
+        return "FSDP"
+    return None
+
+
 def convert_trainer_checkpoint(checkpoint: str | os.PathLike, adamw_trainer: Any, foam_trainer: Any) -> None:
     """Rewrite an AdamW Trainer checkpoint so that ``foam_trainer`` resumes from it under FOAM.
 
@@ -270,6 +297,15 @@ def convert_trainer_checkpoint(checkpoint: str | os.PathLike, adamw_trainer: Any
     """
     checkpoint = Path(checkpoint)
     optimizer_file, scheduler_file = checkpoint / "optimizer.pt", checkpoint / "scheduler.pt"
+    engine = _sharding_engine(checkpoint)
+    if not optimizer_file.is_file() and engine is not None:
+        raise FoamStateError(
+            f"convert_trainer_checkpoint: {checkpoint} was written under {engine}, which saves the optimizer state "
+            "in its own format (sharded, or keyed by parameter name), not as optimizer.pt; this function converts "
+            "the checkpoints of one-process and DDP runs. Fix: resume under FOAM from the weights only (load the "
+            "model from the checkpoint and train a fresh FOAM run), or convert an AdamW checkpoint written without "
+            "sharding."
+        )
     for required in (optimizer_file, scheduler_file):
         if not required.is_file():
             raise FileNotFoundError(

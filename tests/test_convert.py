@@ -326,6 +326,26 @@ def test_an_adamw_trainer_checkpoint_resumes_under_foam_with_its_moments_and_sch
     assert [step for step, _ in learning_rates(straight)[-3:]] == [4, 5, 6]
 
 
+@pytest.mark.parametrize(
+    "engine, written", [("DeepSpeed", "global_step6/"), ("FSDP", "optimizer_0/"), ("FSDP", "optimizer.bin")]
+)
+def test_a_checkpoint_of_a_sharding_engine_is_refused_by_name(tmp_path, engine, written):
+    # There is no optimizer.pt in them: the refusal used to say "pass a checkpoint-N folder the Trainer wrote",
+    # which is what the user had passed.
+    from foam_hf.convert import convert_trainer_checkpoint
+
+    (tmp_path / "scheduler.pt").write_bytes(b"")
+    if written.endswith("/"):
+        (tmp_path / written).mkdir()
+    else:
+        (tmp_path / written).write_bytes(b"")
+    with pytest.raises(FoamStateError, match=rf"written under {engine}.*one-process and DDP runs\. Fix: "):
+        convert_trainer_checkpoint(tmp_path, None, None)
+    (tmp_path / written).rename(tmp_path / "other")  # a folder without them: the missing file, by name
+    with pytest.raises(FileNotFoundError, match=r"optimizer\.pt does not exist"):
+        convert_trainer_checkpoint(tmp_path, None, None)
+
+
 def test_a_maximize_adamw_state_continues_as_foam_minimizing_the_negated_objective():
     # FOAM has no maximize: the run goes on minimizing -objective, whose gradients are the negated ones AdamW's
     # moments already hold (convert.py). With block size 1, FOAM is AdamW: both continuations must agree.

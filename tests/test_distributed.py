@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from hf_fixtures import end_rank
 
 from foam_hf import FOAM, FoamConfigError, FoamStateError
+from foam_hf.convert import foam_state_from_adamw
 from foam_hf.distributed import sum_over_shards
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
@@ -156,6 +157,13 @@ def fsdp2_worker(rank: int, tmp: str) -> None:
         except FoamStateError as e:
             result["tampered"] = str(e)
 
+        # Converting AdamW moments folds whole tensors: refused on shards, naming the route that works.
+        try:
+            foam_state_from_adamw(torch.optim.AdamW(model.parameters()), FOAM(model.parameters(), **FOAM_KWARGS))
+            result["convert"] = "converted"
+        except FoamStateError as e:
+            result["convert"] = str(e)
+
         # fused=True over FSDP2's DTensors: the kernel steps each rank's rows.
         model, _ = sharded()
         opt = FOAM(model.parameters(), fused=True, **FOAM_KWARGS)
@@ -260,6 +268,7 @@ def test_fsdp2_matches_one_process_and_resumes_exactly_through_dcp(tmp_path):
             for got, want in zip(result[f"row_split_fused_{fused}"], row_split_one_process(fused)):
                 torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
             assert result[f"row_split_local_{fused}"] == [(4, 2), (4, 2)]  # 8 columns of 16 fold to 2 of 4
+        assert "is a DTensor (FSDP2 shard)" in result["convert"] and "unsharded copy" in result["convert"]
         assert result["strided_sum"] == 3.0  # 1 on rank 0 + 2 on rank 1
         assert "Shard(dim=1)" in result["last_dim"] and "into pieces of 6" in result["last_dim"]
         assert "block_sizes=MODULE:2" in result["last_dim"] and "block_sizes=MODULE:1" in result["last_dim"]
