@@ -180,8 +180,10 @@ def test_checkpoint_at_another_world_size_is_refused(runs, model_dir):
     proc = subprocess.run(
         [*cmd, "--out", str(out)], env=worker_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=out
     )
+    # What the docs promise: no run goes on from it. Whoever refuses first (DeepSpeed's own check, or ZeroFOAM's
+    # partition record, tests/test_zero.py) names the world size; which one it is, is not ours to pin.
     assert proc.returncode != 0 and not (out / "result.pt").exists()
-    assert "world size of 2 but the current world size is 1" in proc.stdout + proc.stderr
+    assert "world size" in (proc.stdout + proc.stderr).lower()
 
 
 def test_zero_redundancy_optimizer_with_foam_matches_one_process(tmp_path):
