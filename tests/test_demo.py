@@ -87,6 +87,20 @@ def test_demo_short_mode_writes_outputs_with_true_state_bytes(tmp_path, capsys):
     assert by_block == {BLOCK_SIZE: folded_numel, 1: sum(numel.values()) - folded_numel}
 
 
+def test_demo_without_its_extra_stops_before_training(tmp_path, capsys, monkeypatch):
+    # matplotlib draws the plot after both runs: without it the demo once trained for minutes, then failed.
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a)
+    )
+    out = tmp_path / "demo"
+    assert main(["demo", *SHORT, "--output-dir", str(out)]) == 2
+    assert "needs matplotlib (its 'demo' extra)" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_demo_builds_foam_exactly_as_optim_foam_does():
     """One folding rule: the demo's Trainer and a user's ``TrainingArguments(optim="foam")`` build the same groups."""
     from transformers import Trainer, TrainingArguments

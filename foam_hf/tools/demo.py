@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import importlib.util
 import json
 import time
 from dataclasses import dataclass
@@ -147,8 +148,25 @@ def _progress_bar(name: str, steps: int):
     return bar, update
 
 
+#: What the demo needs beyond foam-hf's own requirements (its ``demo`` extra): the Trainer's accelerate, and
+#: matplotlib for the plot, which is drawn only after both training runs.
+DEMO_PACKAGES: tuple[str, ...] = ("accelerate", "matplotlib")
+
+
+def check_demo_packages() -> None:
+    """Raise :class:`ImportError` naming what of :data:`DEMO_PACKAGES` is not installed, before any training."""
+    missing = [name for name in DEMO_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(
+            f"foam-hf demo needs {' and '.join(missing)} (its 'demo' extra), not installed in this environment; "
+            'without it the demo would fail after both training runs. Fix: pip install "foam-hf[demo]" (in a '
+            'checkout: pip install -e ".[demo]").'
+        )
+
+
 def run_demo(options: DemoOptions, *, progress: bool = True) -> list[RunResult]:
     """Train AdamW then FOAM under ``options``; print the table; write the PNG, JSON and CSV."""
+    check_demo_packages()
     foam_args = f"block_size={options.block_size}"
     FoamConfig.from_optim_args(foam_args)  # a bad block size is refused here, not after the AdamW run
     out = Path(options.output_dir)
