@@ -10,7 +10,8 @@ For a tensor of shape ``(*rows, n)`` with state dtype of ``s`` bytes:
 (``p``: the parameter's bytes per entry, the dtype torch's AdamW keeps its moments in) plus one 4-byte ``step``
 tensor per parameter for both. Figures are computed from the parameter groups
 (:func:`state_memory` needs no step to have run), so the callback, the CLI and the benchmarks can report
-them before training starts; once states exist they equal the bytes actually held (tested).
+them before training starts; they count every trainable parameter as stepped, so once each has had a gradient
+they equal the bytes actually held (tested; a parameter that never gets a gradient gets no state).
 """
 
 from __future__ import annotations
