@@ -253,6 +253,34 @@ def test_cli_bad_model_exits_2_with_the_names(capsys):
     assert "Built-in names: llama-60m" in capsys.readouterr().err
 
 
+def test_cli_names_what_is_wrong_with_a_model_folder(tmp_path, monkeypatch, capsys):
+    # A config transformers' own validation refuses (hidden size not a multiple of the heads) once ended in a
+    # traceback; a folder without config.json was called "neither a built-in name nor an existing ... folder".
+    bad = tiny_config().to_dict() | {"num_attention_heads": 3}
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text(json.dumps(bad))
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path)
+    args = _parse(["memory", "bad"])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert "cannot build a config from 'bad/config.json'" in err and "(32) is not a multiple" in err
+    assert "Fix: correct that field" in err
+    args = _parse(["memory", "empty"])
+    assert args.func(args) == 2
+    assert "MODEL='empty' is a folder with no config.json in it. Fix: " in capsys.readouterr().err
+
+
+def test_a_local_folder_wins_over_a_built_in_name(tmp_path, monkeypatch):
+    # ./llama-60m/config.json is the user's model: it used to be ignored for the built-in shapes of that name.
+    (tmp_path / "llama-60m").mkdir()
+    tiny_config().save_pretrained(tmp_path / "llama-60m")
+    monkeypatch.chdir(tmp_path)
+    assert memory_report("llama-60m", compared_block_sizes=(4,)).num_params == _real_model().num_parameters()
+    monkeypatch.chdir(tmp_path / "llama-60m")  # no such folder here: the built-in shapes
+    assert memory_report("llama-60m", compared_block_sizes=(4,)).num_params > 50_000_000
+
+
 def test_builtin_paper_model_counts_by_hand():
     """llama-60m from the GaLore/FOAM config: 512 hidden, 1376 intermediate, 8 layers, vocab 32000."""
     h, i, layers, vocab = 512, 1376, 8, 32000

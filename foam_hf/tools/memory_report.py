@@ -77,20 +77,26 @@ CATEGORIES: tuple[str, ...] = ("embeddings", "lm_head", "attention", "mlp", "nor
 
 
 def load_config(model: str) -> tuple[Any, str, str]:
-    """Resolve MODEL into ``(config, label, source)``: a built-in name, or a config.json path or folder.
+    """Resolve MODEL into ``(config, label, source)``: a config.json path or folder, or a built-in name (a path
+    that exists wins over the built-in name it spells: ``./mistral-7b`` is the user's download).
 
     Raises :class:`~foam_hf.errors.FoamConfigError` when MODEL is neither, listing the built-in names.
     """
     from transformers import AutoConfig
 
     key = model.strip().lower()
-    if key in KNOWN_MODELS:
-        spec = dict(KNOWN_MODELS[key])
-        source = spec.pop("source")
-        return AutoConfig.for_model(spec.pop("model_type"), **spec), key, source
     path = model
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
+        if not os.path.isfile(path) and key not in KNOWN_MODELS:
+            raise FoamConfigError(
+                f"memory: MODEL={model!r} is a folder with no config.json in it. Fix: pass the folder that holds "
+                "the model's config.json (or the file's path)."
+            )
+    if key in KNOWN_MODELS and not os.path.isfile(path):  # a folder or file of that name wins: it is the user's
+        spec = dict(KNOWN_MODELS[key])
+        source = spec.pop("source")
+        return AutoConfig.for_model(spec.pop("model_type"), **spec), key, source
     if os.path.isfile(path):
         try:
             with open(path, encoding="utf-8") as fh:
@@ -107,10 +113,11 @@ def load_config(model: str) -> tuple[Any, str, str]:
             )
         try:
             config = AutoConfig.from_pretrained(path, local_files_only=True)
-        except (ValueError, KeyError, OSError) as err:
+        except Exception as err:  # also the config classes' own validation errors, which are not ValueErrors
             raise FoamConfigError(
                 f"memory: transformers cannot build a config from {path!r} (model_type="
-                f"{data['model_type']!r}): {err}. Fix: check the model_type, or upgrade transformers."
+                f"{data['model_type']!r}): {_one_line(err)} Fix: correct that field of "
+                "the config.json, check the model_type, or upgrade transformers."
             ) from None
         return config, os.path.basename(os.path.dirname(os.path.abspath(path))) or path, path
     names = ", ".join(KNOWN_MODELS)
@@ -120,17 +127,30 @@ def load_config(model: str) -> tuple[Any, str, str]:
     )
 
 
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line: its lines joined, at most 300 characters (a validation error's first
+    line names only the validator; the next says what is wrong)."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
 def build_meta_model(config: Any) -> nn.Module:
     """``AutoModelForCausalLM.from_config(config)`` on the meta device, fp32: shapes only, no memory, no I/O."""
     from transformers import AutoModelForCausalLM
 
+    model_type = getattr(config, "model_type", None)
     try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except ValueError as err:
+        if "Unrecognized configuration class" not in str(err):
+            raise FoamConfigError(
+                f"memory: transformers cannot build a {model_type!r} model from this config: {_one_line(err)}. "
+                "Fix: correct that field of the config.json."
+            ) from None
         raise FoamConfigError(
-            f"memory: model_type={getattr(config, 'model_type', None)!r} has no causal-LM class in transformers "
-            f"({str(err).splitlines()[0]}). Fix: pass the config of a decoder-only language model."
+            f"memory: model_type={model_type!r} has no causal-LM class in transformers ({_one_line(err)}). "
+            "Fix: pass the config of a decoder-only language model."
         ) from None
 
 
