@@ -19,6 +19,8 @@ _USAGE = "usage: python -m foam_hf.run SCRIPT [ARGS...]  |  python -m foam_hf.ru
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--"]:  # as `foam-hf run -- CMD` takes it
+        args = args[1:]
     if not args or args[0] in ("-h", "--help") or (args[0] == "-m" and len(args) < 2):
         asked = bool(args) and args[0] in ("-h", "--help")
         print(_USAGE, file=sys.stdout if asked else sys.stderr)

@@ -355,6 +355,18 @@ def test_usage_errors_go_to_stderr():
     result = sh(sys.executable, "-m", "foam_hf.run")
     assert result.returncode == 2 and result.stdout == "" and "usage: python -m foam_hf.run" in result.stderr
     assert ok(sh(sys.executable, "-m", "foam_hf.run", "--help")).stdout.startswith("usage:")
+    # foam-hf run without a command: the same kind of usage error (it exited 1 with no usage line)
+    for args in ((), ("--",)):
+        result = sh(BIN / "foam-hf", "run", *args)
+        assert result.returncode == 2 and result.stdout == "" and "usage: foam-hf run CMD" in result.stderr
+
+
+def test_a_leading_double_dash_is_dropped_on_both_routes(tmp_path):
+    # `foam-hf run -- python t.py` took it; `python -m foam_hf.run -- t.py` answered "can't open script '--'".
+    script = tmp_path / "t.py"
+    script.write_text("import sys; print(sys.argv[1:])")
+    for route in ([BIN / "foam-hf", "run", "--", sys.executable], [sys.executable, "-m", "foam_hf.run", "--"]):
+        assert ok(sh(*route, script, "x")).stdout.strip() == "['x']"
 
 
 # ------------------------------------------------------------------ the trl CLI

@@ -279,8 +279,13 @@ def _run_run(args: argparse.Namespace) -> int:
     from ..launcher import run_command
 
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-    if not command:
-        raise SystemExit("foam-hf run: no command given. Fix: e.g. foam-hf run trl sft --optim foam ...")
+    if not command:  # a usage error, as argparse reports one: usage line, message, exit code 2
+        print(
+            "usage: foam-hf run CMD [ARGS...]\nfoam-hf run: no command given. Fix: e.g. foam-hf run trl sft "
+            "--optim foam ...",
+            file=sys.stderr,
+        )
+        return 2
     return run_command(command)
 
 
