@@ -335,7 +335,7 @@ class FOAM(Optimizer):
             state = self.state[p]
             if len(state) == 0:
                 # Checked when the group was added, and here again: FSDP2's DTensors may be swapped into the groups
-                # after construction (accelerate does), with a placement that splits the folded dimension.
+                # after construction (accelerate does), with a placement that cuts folded blocks across ranks.
                 if is_dtensor(p):
                     check_sharding(p, block_size, name=_name_in(group, p))
                 dtype = state_dtype_for(p, group["state_dtype"])
