@@ -529,8 +529,10 @@ _UNSUPPORTED: tuple[tuple[str, Callable[[dict, dict], bool], str, str], ...] = (
             _int_setting(c, "sequence_parallel_size", 1, "sequence_parallel_size") > 1
             or _int_setting(c.get("tensor_parallel"), "autotp_size", 0, "tensor_parallel.autotp_size") > 1
         ),
-        "the data-parallel group is then not the whole world, which FOAM reads by default (not tested)",
-        "leave them unset, or build ZeroFOAM yourself with process_group=<the data-parallel group>",
+        "ZeRO then partitions over DeepSpeed's sequence-data-parallel group (sequence parallelism) or over the "
+        "data-parallel group only (tensor parallelism), not necessarily the whole world FOAM reads by default; "
+        "neither has been run with FOAM",
+        "leave them unset, or build ZeroFOAM yourself with process_group=<the group ZeRO partitions over>",
     ),
 )
 
