@@ -68,20 +68,29 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 def _shards(placement: Any) -> bool:
     """Whether ``placement`` splits a tensor dimension: ``Shard``, and the ``_StridedShard`` FSDP2 uses over
-    tensor parallelism (which torch's ``is_shard()`` does not count)."""
+    tensor parallelism (a ``Shard`` subclass in older torch, a class of its own, not counted by ``is_shard()``,
+    in newer)."""
     return placement.is_shard() or type(placement).__name__ == "_StridedShard"
+
+
+def _is_plain_shard(placement: Any) -> bool:
+    """``Shard`` itself: torch.chunk's contiguous split (not a strided one, whatever torch's class tree)."""
+    from torch.distributed.tensor import Shard
+
+    return type(placement) is Shard
 
 
 def check_sharding(param: torch.Tensor, block_size: int, where: str = "", name: str | None = None) -> None:
     """Raise :class:`FoamConfigError` if ``param`` is a DTensor whose sharding cuts folded blocks across ranks.
 
     Only tensors FOAM folds (``ndim >= 2`` and ``block_size > 1``) are checked; shards along any other
-    dimension, replication, and any sharding of tensors that do not fold are exact. A ``Shard`` of the last
-    dimension (tensor parallelism's row-wise split) on one mesh dimension of size ``k`` cuts each row of ``n``
+    dimension, replication, and any sharding of tensors that do not fold are exact. A plain ``Shard`` of the last
+    dimension (tensor parallelism's row-wise split) on one mesh dimension of size ``k > 1`` cuts each row of ``n``
     entries at multiples of ``c = ceil(n / k)`` (torch.chunk's split): it is exact when ``c`` is a multiple
     of ``block_size`` (every block stays on one rank, and the folded moment, ``ceil(n / B)`` columns, splits
-    the same way) or when ``k == 1``; anything else (a cut inside a block, the last dimension split on two mesh
-    dimensions, or strided) is refused, naming ``name`` (the parameter's) where it is given.
+    the same way), or when only one rank holds entries (``n <= 1``). The last dimension split on two mesh
+    dimensions, or strided, is refused, as is a cut inside a block; the error names ``name`` (the parameter's)
+    where it is given.
     """
     if not is_dtensor(param) or block_size <= 1 or param.ndim < 2:
         return
@@ -97,22 +106,29 @@ def check_sharding(param: torch.Tensor, block_size: int, where: str = "", name: 
     if not cuts:
         return
     n = param.shape[-1]
-    mesh_dim, placement = cuts[0]
-    chunk = -(-n // param.device_mesh.size(mesh_dim))
-    if len(cuts) == 1 and placement.is_shard() and (chunk % block_size == 0 or chunk >= n):
-        return
-    module = name.removesuffix(".weight") if name else "MODULE"
+    module = (name.rpartition(".")[0] or name) if name else "MODULE"  # the owning module, as block_sizes matches
+    keep_adamw = f"AdamW states for it (optim_args block_sizes={module}:1, or a param group with block_size=1)"
     named = f"parameter {name!r}" if name else "a parameter"
     at = f" in {where}" if where else ""
+    placed = f"sharded as {', '.join(repr(p) for _, p in cuts)} on mesh dimension(s) {[d for d, _ in cuts]}"
+    mesh_dim, placement = cuts[0]
+    if len(cuts) > 1 or not _is_plain_shard(placement):
+        raise FoamConfigError(
+            f"FOAM: {named} of shape {tuple(param.shape)}{at} is {placed}: its last dimension, along which FOAM "
+            f"folds blocks of block_size={block_size}, is split on several mesh dimensions or strided, and FOAM "
+            "takes only one plain Shard of it (whose pieces it can check hold whole blocks). Fix: "
+            f"{keep_adamw}, or shard it along another dimension."
+        )
+    chunk = -(-n // param.device_mesh.size(mesh_dim))
+    if chunk % block_size == 0 or chunk >= n:
+        return
     divisor = math.gcd(chunk, block_size)
     smaller = f"a block size that divides {chunk} (optim_args block_sizes={module}:{divisor}), " if divisor > 1 else ""
     raise FoamConfigError(
-        f"FOAM: {named} of shape {tuple(param.shape)}{at} is sharded as "
-        f"{', '.join(repr(p) for _, p in cuts)} on mesh dimension(s) {[d for d, _ in cuts]}, which splits its last "
-        f"dimension ({n} entries) into pieces of {chunk}; FOAM folds blocks of block_size={block_size} along "
-        "that dimension, so blocks would be cut across ranks. Fix: "
-        f"{smaller}AdamW states for it (optim_args block_sizes={module}:1, or a param group with block_size=1), "
-        "or shard it along dim 0 (FSDP2's fully_shard default)."
+        f"FOAM: {named} of shape {tuple(param.shape)}{at} is {placed}, which splits its last dimension ({n} "
+        f"entries) into pieces of {chunk}; FOAM folds blocks of block_size={block_size} along that dimension, so "
+        f"blocks would be cut across ranks. Fix: {smaller}{keep_adamw}, or shard it along dim 0 (FSDP2's "
+        "fully_shard default)."
     )
 
 
@@ -130,13 +146,15 @@ def zeros_state_like(param: torch.Tensor, local_shape: torch.Size, global_shape:
 
 def shard_like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """``full``, a moment's global value held whole by every rank, as a DTensor placed like the DTensor ``param``:
-    each rank keeps its own piece, with no communication (torch.chunk's split, as the moments FOAM creates)."""
+    each rank keeps its own piece (torch.chunk's split, as the moments FOAM creates). Every rank calls it: with
+    no communication where torch's ``distribute_tensor`` takes ``src_data_rank=None``, else it scatters rank 0's
+    copy, the same pieces."""
+    import inspect
+
     from torch.distributed.tensor import distribute_tensor
 
-    try:
-        return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-    except TypeError:  # torch before src_data_rank: the same pieces, rank 0's copy scattered
-        return distribute_tensor(full, param.device_mesh, param.placements)
+    local_data = {"src_data_rank": None} if "src_data_rank" in inspect.signature(distribute_tensor).parameters else {}
+    return distribute_tensor(full, param.device_mesh, param.placements, **local_data)
 
 
 def sum_over_shards(values: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:

@@ -58,16 +58,22 @@ def one_process_run() -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def row_split_problem() -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """A 4 x 16 weight and STEPS gradients, the same on every rank."""
+# Splits of the last (folded) dimension that keep blocks whole on 2 ranks, as (shape, block_size, each rank's
+# local moment shape): 16 columns as 8 + 8 (2 blocks of 4 each); 9 columns as 5 + 4 (a ragged block of 4 on rank
+# 1); a 3-D weight whose last dimension is split.
+ROW_SPLITS = [((4, 16), 4, [(4, 2), (4, 2)]), ((4, 9), 5, [(4, 1), (4, 1)]), ((2, 3, 16), 4, [(2, 3, 2)] * 2)]
+
+
+def row_split_problem(shape) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A weight and STEPS gradients of ``shape``, the same on every rank."""
     gen = torch.Generator().manual_seed(2)
-    return torch.randn(4, 16, generator=gen), [torch.randn(4, 16, generator=gen) for _ in range(STEPS)]
+    return torch.randn(shape, generator=gen), [torch.randn(shape, generator=gen) for _ in range(STEPS)]
 
 
-def row_split_one_process(fused: bool) -> list[torch.Tensor]:
-    weight, grads = row_split_problem()
+def row_split_one_process(shape, block_size: int, fused: bool) -> list[torch.Tensor]:
+    weight, grads = row_split_problem(shape)
     param = torch.nn.Parameter(weight.clone())
-    opt = FOAM([param], fused=fused, **FOAM_KWARGS)
+    opt = FOAM([param], fused=fused, **{**FOAM_KWARGS, "block_size": block_size})
     for grad in grads:
         param.grad = grad
         opt.step()
@@ -184,19 +190,21 @@ def fsdp2_worker(rank: int, tmp: str) -> None:
             train_step(model, opt, *local_half(rank, x, y))
         result["from_full_state"] = [p.full_tensor() for p in model.parameters()]
 
-        # The last (folded) dimension split by tensor parallelism's row-wise Shard(1): exact where every piece holds
-        # whole blocks (16 columns on 2 ranks: 8 each, 2 blocks of 4), fused or not.
+        # The last (folded) dimension split by tensor parallelism's row-wise Shard: exact where every piece holds
+        # whole blocks (ROW_SPLITS), fused or not.
         mesh = init_device_mesh("cpu", (WORLD,))
-        weight, grads = row_split_problem()
-        for fused in (False, True):
-            whole_blocks = torch.nn.Parameter(distribute_tensor(weight.clone(), mesh, [Shard(1)]))
-            opt = FOAM([whole_blocks], fused=fused, **FOAM_KWARGS)
-            for grad in grads:
-                whole_blocks.grad = distribute_tensor(grad, mesh, [Shard(1)])
-                opt.step()
-            moments = (opt.state[whole_blocks]["exp_avg"], opt.state[whole_blocks]["exp_avg_sq"])
-            result[f"row_split_fused_{fused}"] = [whole_blocks.full_tensor(), *(m.full_tensor() for m in moments)]
-            result[f"row_split_local_{fused}"] = [tuple(m.to_local().shape) for m in moments]
+        for case, (shape, block_size, _) in enumerate(ROW_SPLITS):
+            weight, grads = row_split_problem(shape)
+            placement = [Shard(len(shape) - 1)]
+            for fused in (False, True):
+                whole_blocks = torch.nn.Parameter(distribute_tensor(weight.clone(), mesh, placement))
+                opt = FOAM([whole_blocks], fused=fused, **{**FOAM_KWARGS, "block_size": block_size})
+                for grad in grads:
+                    whole_blocks.grad = distribute_tensor(grad, mesh, placement)
+                    opt.step()
+                moments = (opt.state[whole_blocks]["exp_avg"], opt.state[whole_blocks]["exp_avg_sq"])
+                result[f"row_split_{case}_{fused}"] = [whole_blocks.full_tensor(), *(m.full_tensor() for m in moments)]
+                result[f"row_split_local_{case}_{fused}"] = [tuple(m.to_local().shape) for m in moments]
 
         # The callback's sums over shards count FSDP2's _StridedShard (FSDP2 over tensor parallelism) as sharded.
         from torch.distributed.tensor import DTensor
@@ -218,6 +226,14 @@ def fsdp2_worker(rank: int, tmp: str) -> None:
             result["last_dim_named"] = "accepted"
         except FoamConfigError as e:
             result["last_dim_named"] = str(e)
+        strided_split = torch.nn.Parameter(
+            DTensor.from_local(torch.randn(4, 8), mesh, [_StridedShard(1, split_factor=2)], run_check=False)
+        )
+        try:  # a strided split interleaves pieces of the row: refused whatever the block size
+            FOAM([strided_split], block_size=2)
+            result["strided_split"] = "accepted"
+        except FoamConfigError as e:
+            result["strided_split"] = str(e)
         FOAM([split], block_size=1)  # ... but fine without folding: plain AdamW is element-wise
         FOAM([split], block_size=2)  # ... or with blocks that divide the pieces
         # ... and when it comes in after the optimizer was built (accelerate swaps FSDP2's DTensors into the groups
@@ -252,7 +268,7 @@ def test_ddp_matches_one_process(tmp_path):
 def test_fsdp2_matches_one_process_and_resumes_exactly_through_dcp(tmp_path):
     expected = one_process_run()
     results = spawn(fsdp2_worker, tmp_path)
-    for result in results:
+    for rank, result in enumerate(results):
         for got, want in zip(result["params"], expected):
             torch.testing.assert_close(got, want, atol=TOLERANCE, rtol=0)
         # Resumed from torch.distributed.checkpoint == uninterrupted, bit for bit (CPU is deterministic).
@@ -264,10 +280,13 @@ def test_fsdp2_matches_one_process_and_resumes_exactly_through_dcp(tmp_path):
             torch.testing.assert_close(got, want, atol=TOLERANCE, rtol=0)
         for got, want in zip(result["from_full_state"], expected):
             torch.testing.assert_close(got, want, atol=TOLERANCE, rtol=0)
-        for fused in (False, True):
-            for got, want in zip(result[f"row_split_fused_{fused}"], row_split_one_process(fused)):
-                torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
-            assert result[f"row_split_local_{fused}"] == [(4, 2), (4, 2)]  # 8 columns of 16 fold to 2 of 4
+        for case, (shape, block_size, local_shapes) in enumerate(ROW_SPLITS):
+            for fused in (False, True):
+                one_process = row_split_one_process(shape, block_size, fused)
+                for got, want in zip(result[f"row_split_{case}_{fused}"], one_process):
+                    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+                assert result[f"row_split_local_{case}_{fused}"] == [local_shapes[rank]] * 2
+        assert "split on several mesh dimensions or strided" in result["strided_split"]
         assert "is a DTensor (FSDP2 shard)" in result["convert"] and "unsharded copy" in result["convert"]
         assert result["strided_sum"] == 3.0  # 1 on rank 0 + 2 on rank 1
         assert "Shard(dim=1)" in result["last_dim"] and "into pieces of 6" in result["last_dim"]

@@ -301,7 +301,7 @@ class MemoryReport:
             "formulas": {
                 "foam": "8 * rows * ceil(n / B) per folded tensor + 8 * numel per other tensor, + 4 per tensor "
                 "(step counter), fp32 states",
-                "adamw": "8 * numel + 4 per tensor",
+                "adamw": "8 * numel + 4 per tensor (4 * numel + 4 with bf16 weights: torch keeps bf16 moments)",
                 **CONTEXT_FORMULAS,
             },
         }
