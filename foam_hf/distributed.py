@@ -32,6 +32,7 @@ __all__ = [
     "check_deepspeed_config",
     "check_sharding",
     "is_dtensor",
+    "local_grad",
     "local_tensor",
     "shard_like",
     "sum_over_shards",
@@ -78,6 +79,18 @@ def _is_plain_shard(placement: Any) -> bool:
     from torch.distributed.tensor import Shard
 
     return type(placement) is Shard
+
+
+def local_grad(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of ``grad``, laid out as ``param``'s. A DTensor gradient placed otherwise than its
+    parameter is redistributed to the parameter's placements first, as torch's DTensor ops do when an optimizer
+    combines the two: tensor parallelism's vocabulary-parallel embedding, a ``Shard(0)`` weight, gets a
+    ``Replicate()`` gradient, which each rank then slices to its own rows (no communication)."""
+    if type(grad) in PLAIN_TENSOR_TYPES:
+        return grad
+    if is_dtensor(grad) and is_dtensor(param) and tuple(grad.placements) != tuple(param.placements):
+        grad = grad.redistribute(param.device_mesh, param.placements)
+    return local_tensor(grad)
 
 
 def check_sharding(param: torch.Tensor, block_size: int, where: str = "", name: str | None = None) -> None:

@@ -23,7 +23,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from . import _fused_cpu
 from .checkpoint import UPDATE_KEYS, check_loadable, restore_moments
-from .distributed import check_sharding, is_dtensor, local_tensor, zeros_state_like
+from .distributed import check_sharding, is_dtensor, local_grad, local_tensor, zeros_state_like
 from .errors import FoamConfigError
 from .folding import folded_shape, folds_in_full, is_foldable
 from .functional import _foam, foam
@@ -356,7 +356,7 @@ class FOAM(Optimizer):
                 state["step"] += 1
                 continue
             params_with_grad.append(local_param)
-            grads.append(local_tensor(grad))
+            grads.append(local_grad(p, grad))
             exp_avgs.append(local_tensor(state["exp_avg"]))
             exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
             state_steps.append(state["step"])

@@ -16,7 +16,7 @@ from hf_fixtures import end_rank
 
 from foam_hf import FOAM, FoamConfigError, FoamStateError
 from foam_hf.convert import foam_state_from_adamw
-from foam_hf.distributed import sum_over_shards
+from foam_hf.distributed import local_tensor, sum_over_shards
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -252,10 +252,91 @@ def fsdp2_worker(rank: int, tmp: str) -> None:
         dist.destroy_process_group()
 
 
+def tiny_tensor_parallel_llama(directory: str) -> None:
+    """A Llama whose row-wise weights (o_proj: 64 columns, down_proj: 128) split into whole blocks of 4 on 2 ranks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+
+
+def train_language_model(model) -> tuple[FOAM, list[float]]:
+    """STEPS steps of FOAM over the param groups optim="foam" builds, on the same token batches on every rank."""
+    from foam_hf import foam_param_groups
+
+    opt = FOAM(foam_param_groups(model, "block_size=4"), lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(STEPS):
+        ids = torch.randint(0, 100, (2, 16), generator=gen)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return opt, losses
+
+
+def tensor_parallel_worker(rank: int, tmp: str) -> None:
+    from transformers import DistributedConfig, LlamaForCausalLM
+
+    # What torchrun sets, which transformers reads to shard the model over the process group.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
+    init(rank, tmp)
+    try:
+        model = LlamaForCausalLM.from_pretrained(f"{tmp}/model", distributed_config=DistributedConfig(tp_plan="auto"))
+        opt, losses = train_language_model(model)
+        result = {
+            "losses": losses,
+            "params": {
+                n: p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for n, p in model.named_parameters()
+            },
+            "placements": {n: [repr(x) for x in getattr(p, "placements", ())] for n, p in model.named_parameters()},
+            "local_moments": {
+                n: tuple(local_tensor(opt.state[p]["exp_avg"]).shape) for n, p in model.named_parameters()
+            },
+        }
+        torch.save(result, f"{tmp}/tp{rank}.pt")
+        end_rank()  # tears the group down and leaves without finalization (see hf_fixtures.end_rank)
+    finally:  # on failure only: end_rank does not return
+        dist.destroy_process_group()
+
+
 def spawn(worker, tmp_path) -> list:
     mp.spawn(worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
-    name = "ddp" if worker is ddp_worker else "fsdp"
+    name = {ddp_worker: "ddp", fsdp2_worker: "fsdp", tensor_parallel_worker: "tp"}[worker]
     return [torch.load(os.path.join(tmp_path, f"{name}{r}.pt"), weights_only=True) for r in range(WORLD)]
+
+
+def test_transformers_tensor_parallel_model_trains_as_one_process(tmp_path):
+    # transformers' tp_plan="auto" splits o_proj and down_proj row-wise (Shard(1): refused until whole-block splits
+    # were taken) and the embedding by vocabulary, whose gradient comes back Replicate() for a Shard(0) weight (the
+    # fused kernel then refused its full-size gradient).
+    from transformers import LlamaForCausalLM
+
+    tiny_tensor_parallel_llama(str(tmp_path / "model"))
+    results = spawn(tensor_parallel_worker, tmp_path)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "model")
+    _, losses = train_language_model(model)
+    expected = {n: p.detach() for n, p in model.named_parameters()}
+    for result in results:
+        assert result["placements"]["model.layers.0.self_attn.o_proj.weight"] == ["Shard(dim=1)"]
+        assert result["placements"]["model.embed_tokens.weight"] == ["Shard(dim=0)"]
+        assert result["local_moments"]["model.layers.0.self_attn.o_proj.weight"] == (64, 8)  # 32 columns / 4
+        assert result["local_moments"]["model.layers.0.mlp.down_proj.weight"] == (64, 16)  # 64 columns / 4
+        torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(losses), atol=1e-5, rtol=0)
+        for name, want in expected.items():
+            torch.testing.assert_close(result["params"][name], want, atol=1e-5, rtol=0, msg=name)
 
 
 def test_ddp_matches_one_process(tmp_path):
