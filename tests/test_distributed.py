@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from hf_fixtures import end_rank
 
-from foam_hf import FOAM, FoamConfigError, FoamStateError
+from foam_hf import FOAM, FoamConfigError, FoamStateError, LayerwiseFOAM
 from foam_hf.convert import foam_state_from_adamw
 from foam_hf.distributed import local_tensor, sum_over_shards
 
@@ -269,11 +269,12 @@ def tiny_tensor_parallel_llama(directory: str) -> None:
     LlamaForCausalLM(config).save_pretrained(directory)
 
 
-def train_language_model(model) -> tuple[FOAM, list[float]]:
-    """STEPS steps of FOAM over the param groups optim="foam" builds, on the same token batches on every rank."""
+def train_language_model(model, optimizer_class=FOAM) -> tuple[FOAM, list[float]]:
+    """STEPS steps of FOAM (or LayerwiseFOAM) over the param groups optim="foam" builds, on the same token batches
+    on every rank."""
     from foam_hf import foam_param_groups
 
-    opt = FOAM(foam_param_groups(model, "block_size=4"), lr=1e-2)
+    opt = optimizer_class(foam_param_groups(model, "block_size=4"), lr=1e-2)
     gen = torch.Generator().manual_seed(1)
     losses = []
     for _ in range(STEPS):
@@ -304,6 +305,12 @@ def tensor_parallel_worker(rank: int, tmp: str) -> None:
             "local_moments": {
                 n: tuple(local_tensor(opt.state[p]["exp_avg"]).shape) for n, p in model.named_parameters()
             },
+        }
+        # Layer-wise FOAM steps each weight in its gradient hook: the same layout, the same steps.
+        model = LlamaForCausalLM.from_pretrained(f"{tmp}/model", distributed_config=DistributedConfig(tp_plan="auto"))
+        train_language_model(model, LayerwiseFOAM)
+        result["layerwise_params"] = {
+            n: p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for n, p in model.named_parameters()
         }
         torch.save(result, f"{tmp}/tp{rank}.pt")
         end_rank()  # tears the group down and leaves without finalization (see hf_fixtures.end_rank)
@@ -337,6 +344,7 @@ def test_transformers_tensor_parallel_model_trains_as_one_process(tmp_path):
         torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(losses), atol=1e-5, rtol=0)
         for name, want in expected.items():
             torch.testing.assert_close(result["params"][name], want, atol=1e-5, rtol=0, msg=name)
+            torch.testing.assert_close(result["layerwise_params"][name], want, atol=1e-5, rtol=0, msg=name)
 
 
 def test_ddp_matches_one_process(tmp_path):
