@@ -230,6 +230,46 @@ def test_fsdp2_torchrun_reports_when_nothing_folds(tmp_path):
     assert sorted(reports) == ["0", "1"], proc.stdout
 
 
+def test_tensor_parallel_torchrun(tmp_path):
+    # Launched as its docstring says (torchrun, 2 ranks on gloo): transformers splits o_proj by columns, and each
+    # rank's folded moment holds the folded columns of its half.
+    flags = ["--short", "--max-steps", "3", "--batch-size", "2"]
+    cmd = [*torchrun(2), str(EXAMPLES / "tensor_parallel_torchrun.py"), *flags]
+    proc = subprocess.run(cmd, env=worker_env(), cwd=tmp_path, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    losses = [float(x) for x in re.findall(r"^step \d+ loss (\S+)$", proc.stdout, re.M)]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    ranks = re.findall(
+        r"^rank (\d): \S+o_proj.weight \(([\d, ]+)\) \['Shard\(dim=1\)'\]: exp_avg global \(([\d, ]+)\), "
+        r"local \(([\d, ]+)\)$",
+        proc.stdout,
+        re.M,
+    )
+    assert sorted(r[0] for r in ranks) == ["0", "1"], proc.stdout
+    for _, param, moment, local in ranks:
+        (rows, n), moment, local = ([int(x) for x in t.split(",")] for t in (param, moment, local))
+        assert moment == [rows, math.ceil(n / 4)]  # the folded global shape, block size 4
+        assert local == [rows, n // 2 // 4]  # each rank's n / 2 columns, folded
+
+
+def test_tensor_parallel_torchrun_refuses_a_split_that_cuts_blocks(tmp_path):
+    # o_proj's columns split in 2 are pieces that blocks of 32 would cross ranks in: refused when FOAM is built,
+    # naming the weight and the block size that fits.
+    cmd = [*torchrun(2), str(EXAMPLES / "tensor_parallel_torchrun.py"), "--short", "--max-steps", "1"]
+    proc = subprocess.run(
+        [*cmd, "--block-size", "32"],
+        env=worker_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "into pieces of 16" in output, output[-3000:]
+    assert "parameter 'model.layers.0.self_attn.o_proj.weight'" in output
+    assert "block_sizes=model.layers.0.self_attn.o_proj:16" in output
+
+
 @pytest.mark.parametrize("name", ALL_EXAMPLES)
 def test_every_example_takes_short_and_a_model(name, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -307,6 +347,6 @@ def test_resume_equals_uninterrupted_bitwise(tmp_path):
 @pytest.mark.parametrize("name", ALL_EXAMPLES)
 def test_every_example_documents_its_command_line(name):
     module = load_example(name)
-    launcher = "torchrun --nproc_per_node=2" if name == "fsdp2_torchrun" else "python"
+    launcher = "torchrun --nproc_per_node=2" if name.endswith("_torchrun") else "python"
     assert f"{launcher} examples/{name}.py" in module.__doc__ and callable(module.main)
     assert f"examples/{name}.py --short" in module.__doc__
