@@ -1,6 +1,6 @@
 """FOAM on a transformers tensor-parallel model (``tp_plan="auto"``) in a plain loop, launched with torchrun.
 
-    torchrun --nproc_per_node=2 examples/tensor_parallel_torchrun.py                  # tiny Llama, CPU, a minute
+    torchrun --nproc_per_node=2 examples/tensor_parallel_torchrun.py                  # tiny Llama, CPU, ~30 s
     torchrun --nproc_per_node=2 examples/tensor_parallel_torchrun.py --short          # test-sized, seconds
     torchrun --nproc_per_node=8 examples/tensor_parallel_torchrun.py --model-name-or-path path/to/model \\
         --max-steps 500 --block-size 4 --seq-len 1024 --batch-size 4
