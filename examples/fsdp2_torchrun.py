@@ -27,12 +27,13 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from _common import (  # noqa: E402
     block_dataset,
-    example_parser,
     foam_optim_args,
     foam_param_groups,
+    leave_without_finalization,
     load_model_and_tokenizer,
-    positive_int,
+    say,
     stdlib_texts,
+    torchrun_args,
 )
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
@@ -53,12 +54,6 @@ def shard(model: torch.nn.Module, device: torch.device) -> None:
     fully_shard(model, mesh=mesh)
 
 
-def say(line: str) -> None:
-    """Print ``line`` in one write, so that the lines of the ranks, which share stdout, never interleave."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
 def folded_moment(optimizer: FOAM) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The first parameter FOAM folds and its ``exp_avg``, or ``None`` when nothing folds (``--block-size 1``)."""
     for group in optimizer.param_groups:
@@ -70,17 +65,7 @@ def folded_moment(optimizer: FOAM) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = example_parser(__doc__, max_steps=100, learning_rate=3e-3, trainer=False)
-    parser.add_argument("--seq-len", type=positive_int, default=128)
-    args = parser.parse_args(argv)
-    if args.short:
-        args.seq_len = min(args.seq_len, 32)
-    foam_optim_args(args)  # bad --optim-args stop here, before any process group or model
-    if "RANK" not in os.environ:
-        raise SystemExit(
-            "fsdp2_torchrun.py runs one process per rank, started by torchrun. Fix: torchrun --nproc_per_node=2 "
-            "examples/fsdp2_torchrun.py ..."
-        )
+    args = torchrun_args(__doc__, "fsdp2_torchrun.py", argv)
 
     use_cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -145,11 +130,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
-    if not torch.cuda.is_available():
-        # On CPU the ranks talk through gloo, whose worker threads can outlive destroy_process_group (FSDP2's
-        # device mesh still holds the group) and abort the process while Python finalizes ("terminate called
-        # without an active exception"), about 1 run in 10-16 here, after all the work above is done. Leave
-        # without that finalization; everything printed is flushed first.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    leave_without_finalization()

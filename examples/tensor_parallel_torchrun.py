@@ -18,7 +18,6 @@ o_proj weight's folded moment. Returns the losses and those shapes.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import tempfile
@@ -30,21 +29,15 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from _common import (  # noqa: E402
     block_dataset,
-    example_parser,
-    foam_optim_args,
     foam_param_groups,
+    leave_without_finalization,
     load_model_and_tokenizer,
-    positive_int,
+    say,
     stdlib_texts,
+    torchrun_args,
 )
 
 from foam_hf import FOAM  # noqa: E402
-
-
-def say(line: str) -> None:
-    """Print ``line`` in one write, so that the lines of the ranks, which share stdout, never interleave."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 def model_folder(args, rank: int) -> tuple[str, bool]:
@@ -62,17 +55,7 @@ def model_folder(args, rank: int) -> tuple[str, bool]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = example_parser(__doc__, max_steps=100, learning_rate=3e-3, trainer=False)
-    parser.add_argument("--seq-len", type=positive_int, default=128)
-    args = parser.parse_args(argv)
-    if args.short:
-        args.seq_len = min(args.seq_len, 32)
-    foam_optim_args(args)  # bad --optim-args stop here, before any process group or model
-    if "RANK" not in os.environ:
-        raise SystemExit(
-            "tensor_parallel_torchrun.py runs one process per rank, started by torchrun. Fix: torchrun "
-            "--nproc_per_node=2 examples/tensor_parallel_torchrun.py ..."
-        )
+    args = torchrun_args(__doc__, "tensor_parallel_torchrun.py", argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer, DistributedConfig
 
     use_cuda = torch.cuda.is_available()
@@ -127,9 +110,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
-    if not torch.cuda.is_available():
-        # As in fsdp2_torchrun.py: gloo's worker threads can outlive destroy_process_group (the device mesh still
-        # holds the group) and abort the process while Python finalizes; leave without that finalization.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    leave_without_finalization()
