@@ -195,6 +195,21 @@ def test_plain_pytorch_with_a_saved_model(tmp_path):
     )
 
 
+def launch_torchrun_example(script: str, *flags: str, cwd) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node=2 examples/SCRIPT FLAGS`` (gloo on CPU), as the examples' docstrings launch."""
+    cmd = [*torchrun(2), str(EXAMPLES / script), *flags]
+    return subprocess.run(cmd, env=worker_env(), cwd=cwd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+
+
+def assert_launched(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+def three_finite_losses(proc: subprocess.CompletedProcess) -> bool:
+    losses = [float(x) for x in re.findall(r"^step \d+ loss (\S+)$", proc.stdout, re.M)]
+    return len(losses) == 3 and all(math.isfinite(x) for x in losses)
+
+
 def test_fsdp2_torchrun(tmp_path):
     # Launched as its docstring says (torchrun, 2 ranks on gloo), on a saved model: --model-name-or-path and
     # --short together.
@@ -202,11 +217,9 @@ def test_fsdp2_torchrun(tmp_path):
 
     shapes = save_tiny_llama_and_text(tmp_path / "model", tmp_path / "unused.jsonl")
     flags = ["--short", "--model-name-or-path", str(tmp_path / "model"), "--max-steps", "3", "--batch-size", "2"]
-    cmd = [*torchrun(2), str(EXAMPLES / "fsdp2_torchrun.py"), *flags]
-    proc = subprocess.run(cmd, env=worker_env(), cwd=tmp_path, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    losses = [float(x) for x in re.findall(r"^step \d+ loss (\S+)$", proc.stdout, re.M)]
-    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    proc = launch_torchrun_example("fsdp2_torchrun.py", *flags, cwd=tmp_path)
+    assert_launched(proc)
+    assert three_finite_losses(proc)
     ranks = re.findall(
         r"^rank (\d): (\S+) \(([\d, ]+)\): exp_avg global \(([\d, ]+)\), local \(([\d, ]+)\)$", proc.stdout, re.M
     )
@@ -223,9 +236,10 @@ def test_fsdp2_torchrun(tmp_path):
 def test_fsdp2_torchrun_reports_when_nothing_folds(tmp_path):
     # --block-size 1 folds no tensor: the example says so on every rank and exits cleanly (it used to end in
     # StopIteration while looking for a folded moment to print).
-    cmd = [*torchrun(2), str(EXAMPLES / "fsdp2_torchrun.py"), "--short", "--max-steps", "1", "--block-size", "1"]
-    proc = subprocess.run(cmd, env=worker_env(), cwd=tmp_path, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    proc = launch_torchrun_example(
+        "fsdp2_torchrun.py", "--short", "--max-steps", "1", "--block-size", "1", cwd=tmp_path
+    )
+    assert_launched(proc)
     reports = re.findall(r"^rank (\d): no tensor folds at block size 1", proc.stdout, re.M)
     assert sorted(reports) == ["0", "1"], proc.stdout
 
@@ -234,11 +248,9 @@ def test_tensor_parallel_torchrun(tmp_path):
     # Launched as its docstring says (torchrun, 2 ranks on gloo): transformers splits o_proj by columns, and each
     # rank's folded moment holds the folded columns of its half.
     flags = ["--short", "--max-steps", "3", "--batch-size", "2"]
-    cmd = [*torchrun(2), str(EXAMPLES / "tensor_parallel_torchrun.py"), *flags]
-    proc = subprocess.run(cmd, env=worker_env(), cwd=tmp_path, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    losses = [float(x) for x in re.findall(r"^step \d+ loss (\S+)$", proc.stdout, re.M)]
-    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    proc = launch_torchrun_example("tensor_parallel_torchrun.py", *flags, cwd=tmp_path)
+    assert_launched(proc)
+    assert three_finite_losses(proc)
     ranks = re.findall(
         r"^rank (\d): \S+o_proj.weight \(([\d, ]+)\) \['Shard\(dim=1\)'\]: exp_avg global \(([\d, ]+)\), "
         r"local \(([\d, ]+)\)$",
@@ -255,14 +267,8 @@ def test_tensor_parallel_torchrun(tmp_path):
 def test_tensor_parallel_torchrun_refuses_a_split_that_cuts_blocks(tmp_path):
     # o_proj's columns split in 2 are pieces that blocks of 32 would cross ranks in: refused when FOAM is built,
     # naming the weight and the block size that fits.
-    cmd = [*torchrun(2), str(EXAMPLES / "tensor_parallel_torchrun.py"), "--short", "--max-steps", "1"]
-    proc = subprocess.run(
-        [*cmd, "--block-size", "32"],
-        env=worker_env(),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=LAUNCH_TIMEOUT,
+    proc = launch_torchrun_example(
+        "tensor_parallel_torchrun.py", "--short", "--max-steps", "1", "--block-size", "32", cwd=tmp_path
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "into pieces of 16" in output, output[-3000:]
