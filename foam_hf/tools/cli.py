@@ -178,14 +178,13 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoOptions, check_demo_packages, run_demo
+    from .demo import DemoOptions, MissingDemoPackages, run_demo
 
     try:
-        check_demo_packages()
-    except ImportError as err:
+        run_demo(DemoOptions.from_namespace(args), progress=not args.no_progress)
+    except MissingDemoPackages as err:  # raised before any training
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run_demo(DemoOptions.from_namespace(args), progress=not args.no_progress)
     return 0
 
 

@@ -153,11 +153,16 @@ def _progress_bar(name: str, steps: int):
 DEMO_PACKAGES: tuple[str, ...] = ("accelerate", "matplotlib")
 
 
+class MissingDemoPackages(ImportError):
+    """What of :data:`DEMO_PACKAGES` is not installed, found before any training (``foam-hf demo`` prints it and
+    exits with code 2)."""
+
+
 def check_demo_packages() -> None:
-    """Raise :class:`ImportError` naming what of :data:`DEMO_PACKAGES` is not installed, before any training."""
+    """Raise :class:`MissingDemoPackages` naming what of :data:`DEMO_PACKAGES` is not installed."""
     missing = [name for name in DEMO_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
-        raise ImportError(
+        raise MissingDemoPackages(
             f"foam-hf demo needs {' and '.join(missing)} (its 'demo' extra), not installed in this environment; "
             'without it the demo would fail after both training runs. Fix: pip install "foam-hf[demo]" (in a '
             'checkout: pip install -e ".[demo]").'
