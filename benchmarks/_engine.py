@@ -143,8 +143,8 @@ class OptimizerSpec:
         return f'optim="{optim}"'
 
 
-# B in {4, 8, 32}, both second-moment rules, the res_scale=0 ablation, bf16 states, AdamW with beta2 0.999
-# and 0.95, and the peers (each left out where it does not import).
+# B in {4, 8, 32}, both second-moment rules, the res_scale=0 ablation, bf16 states, stochastically rounded bf16
+# weights, AdamW with beta2 0.999 and 0.95, and the peers (each left out where it does not import).
 CONFIGS: list[OptimizerSpec] = [
     OptimizerSpec("AdamW", "adamw"),
     OptimizerSpec("AdamW b2=0.95", "adamw", adam_beta2=0.95),
@@ -156,6 +156,9 @@ CONFIGS: list[OptimizerSpec] = [
     OptimizerSpec("FOAM B=4 res_scale=0", "foam", "block_size=4,res_scale=0"),
     OptimizerSpec("FOAM B=4 bf16 states", "foam", "block_size=4,state_dtype=bfloat16"),
     OptimizerSpec("FOAM B=32 bf16 states", "foam", "block_size=32,state_dtype=bfloat16"),
+    # For bf16 weights (bench_quality.py --weights-dtype bfloat16): their new values stochastically rounded.
+    OptimizerSpec("FOAM B=4 stochastic weights", "foam", "block_size=4,weight_rounding=stochastic"),
+    OptimizerSpec("FOAM B=32 stochastic weights", "foam", "block_size=32,weight_rounding=stochastic"),
     OptimizerSpec("GaLore r=h/4", "custom", factory=galore, module="galore_torch"),
     OptimizerSpec("APOLLO r=h/4", "custom", factory=apollo, module="apollo_torch"),
     OptimizerSpec("Adam-mini", "custom", factory=adam_mini, module="adam_mini"),

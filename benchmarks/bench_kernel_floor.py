@@ -244,9 +244,11 @@ def in_cache_runner(
 
         return adamw
 
+    foam_hyper = (1e-3, 0.9, 0.999, 1e-8, 0.01, block_size, 1.0, 1.0, mean_sq, False)  # weights to nearest
+
     def foam() -> None:
         for _ in range(calls):
-            kernel.fused_step(ps, gs, ms, vs, steps, 1e-3, 0.9, 0.999, 1e-8, 0.01, block_size, 1.0, 1.0, mean_sq)
+            kernel.fused_step(ps, gs, ms, vs, steps, *foam_hyper)
 
     return foam
 

@@ -56,6 +56,10 @@ def _run(spec: OptimizerSpec, lr: float, config: RunConfig) -> RunResult:
     return result
 
 
+def _rounds_weights(spec: OptimizerSpec) -> bool:
+    return "weight_rounding=stochastic" in (spec.optim_args or "")
+
+
 def next_lr(lr: float, direction: int) -> float:
     """The neighbour of ``lr`` on the half-decade ladder ..., 1e-3, 3e-3, 1e-2, ... (``direction`` -1 or +1)."""
     k = round(2 * math.log10(lr))
@@ -82,6 +86,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--output-dir", default="bench-quality")
     parser.add_argument("--max-files", type=int, default=None, help="passed to load_corpus (smaller corpus)")
     parser.add_argument(
+        "--weights-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="bfloat16: the model trains in bf16, without an fp32 master copy (the stochastic-weights rows need it)",
+    )
+    parser.add_argument(
         "--extend-edges",
         action="store_true",
         help="when an optimizer's best lr is the smallest or largest of its grid, also run one lr beyond it",
@@ -89,6 +99,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
 
     runnable, left_out = available_configs()
+    if args.weights_dtype != "bfloat16":  # weight_rounding=stochastic is refused where no weight is bf16
+        left_out += [f"{s.name}: needs --weights-dtype bfloat16" for s in runnable if _rounds_weights(s)]
+        runnable = [s for s in runnable if not _rounds_weights(s)]
     known = {spec.name for spec in CONFIGS}
     unknown = set(args.only or []) - {s.name for s in runnable} - {line.split(":")[0] for line in left_out}
     if unknown:
@@ -105,6 +118,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         eval_batches=16,
         device="cpu",
         max_files=args.max_files,
+        weights_dtype=args.weights_dtype,
     )
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -223,14 +237,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     print(
         f"\n{meta['date']}, {meta['machine']}, torch {meta['torch']}, transformers {meta['transformers']}, "
-        f"git {meta['git_sha']}, {args.steps} steps, total {total / 60:.1f} min. Every run: transformers.Trainer; "
+        f"git {meta['git_sha']}, {args.steps} steps, {args.weights_dtype} weights, total {total / 60:.1f} min. "
+        "Every run: transformers.Trainer; "
         'FOAM through optim="foam" (the grouping of foam_hf.param_groups), AdamW through '
         f'optim="{next((r["optim"] for r in rows if r["name"] == "AdamW"), "adamw_torch_fused")}".'
     )
     (out / "quality.json").write_text(
         json.dumps(dict(meta=meta, rows=rows, runs=[r.to_dict() for r in [*sweep.values(), *seeds.values()]]), indent=1)
     )
-    _plot(rows, out / "quality.png", f"lr sweep, {args.model_size} Llama, {args.steps} steps", args.seeds)
+    title = f"lr sweep, {args.model_size} Llama, {args.steps} steps" + (
+        ", bf16 weights" if args.weights_dtype == "bfloat16" else ""
+    )
+    _plot(rows, out / "quality.png", title, args.seeds)
     print(f"wrote {out / 'quality.png'} and {out / 'quality.json'}", file=sys.stderr)
     return rows
 

@@ -227,6 +227,21 @@ def build_candidates(args) -> tuple[list[Candidate], list[tuple[str, str]]]:
                 )
             )
         candidates.append(Candidate("FOAM default (fused=None) B=4", dname, lambda ps: FOAM(ps, block_size=4)))
+        if dname == "bf16":  # weight_rounding="stochastic" rounds bf16 weights only
+            candidates.append(
+                Candidate(
+                    "FOAM fused B=4, stochastic weights",
+                    dname,
+                    lambda ps: FOAM(ps, block_size=4, fused=True, weight_rounding="stochastic"),
+                )
+            )
+            candidates.append(
+                Candidate(
+                    "FOAM foreach B=4, stochastic weights",
+                    dname,
+                    lambda ps: FOAM(ps, block_size=4, foreach=True, fused=False, weight_rounding="stochastic"),
+                )
+            )
         candidates.append(
             Candidate(
                 "FOAM default B=4, bf16 states",

@@ -12,7 +12,9 @@ timings; the Trainer runs on the device it picks (``CUDA_VISIBLE_DEVICES`` choos
 1. **parity**: the Triton kernels against the readable path (``_single_tensor_foam``, run on the same GPU)
    over shapes (ragged rows, 1-D, 3-D, n < B), block sizes, parameter dtypes and both state dtypes, 3 steps,
    each from the same inputs on both sides, within the tolerances of tests/test_fused_triton.py (bf16 moments may
-   round to the neighbouring bf16 value: ``foam_hf._fused_triton.parity_checks``, what the self-check runs);
+   round to the neighbouring bf16 value: ``foam_hf._fused_triton.parity_checks``, what the self-check runs); bf16
+   weights under ``weight_rounding="stochastic"`` too, whose share rounded to the other neighbour than the readable
+   path's must stay small (a wrong dither puts a third there);
 2. **step time**: median CUDA-event time of one ``step()`` on 8 x 4096² weights and on the ~290 parameters of
    Qwen2.5-0.5B (``--model``; where the cost of each launch shows), bf16 and fp32, as a ratio to
    ``torch.optim.AdamW(fused=True)``, for FOAM's Triton path (fp32 and bf16 states; and with a launch per
@@ -101,16 +103,20 @@ def parity_case(
     steps: int,
     *,
     second_moment: str = "mean_sq",
+    weight_rounding: str = "nearest",
     variant: dict | None = None,
 ) -> dict:
     """Step the same problem with the Triton kernels and the readable path on ``device``, each step from the same
     inputs (``_fused_triton.parity_checks``, what the self-check runs): the worst gaps, and whether every tensor
-    stayed within the tests' tolerances at every step. ``variant``: ``scale``, ``res_scale``, ``grad_dtype``."""
+    stayed within the tests' tolerances at every step. ``variant``: ``scale``, ``res_scale``, ``grad_dtype``.
+    Stochastically rounded bf16 weights also report the largest share of a step's weights the kernels rounded to the
+    other neighbour than the readable path (``None`` for the other kinds)."""
     from foam_hf import _fused_triton
 
     moment_dtype = torch.bfloat16 if state_dtype == "bfloat16" else torch.float32
-    kind = (dtype, moment_dtype, block_size, second_moment)
+    kind = (dtype, moment_dtype, block_size, second_moment, weight_rounding)
     weight_gap = moment_gap = 0.0
+    rounded_otherwise = None
     ok = True
     checks = _fused_triton.parity_checks(device, kind, shapes, steps, **(variant or {}))
     for _, name, got, want, atol, rtol in checks:
@@ -118,6 +124,8 @@ def parity_case(
         ok &= bool(torch.allclose(got, want, atol=atol, rtol=rtol))
         if name == "weight":
             weight_gap = max(weight_gap, (got - want).abs().max().item())
+        elif name == _fused_triton._ROUNDED_OTHERWISE:
+            rounded_otherwise = max(rounded_otherwise or 0.0, got.item())
         else:
             moment_gap = max(moment_gap, ((got - want).abs() / (want.abs() + 1e-30)).max().item())
     described = {k: str(v).removeprefix("torch.") for k, v in (variant or {}).items()}
@@ -127,11 +135,13 @@ def parity_case(
         "state_dtype": str(moment_dtype).removeprefix("torch."),
         "variant": ", ".join(
             [f"second_moment={second_moment}"] * (second_moment != "mean_sq")
+            + [f"weight_rounding={weight_rounding}"] * (weight_rounding != "nearest")
             + [f"{k}={v}" for k, v in described.items()]
         )
         or "",
         "max_weight_gap": weight_gap,
         "max_moment_rel_gap": moment_gap,
+        "max_rounded_otherwise": rounded_otherwise,
         "pass": ok,
     }
 
@@ -142,7 +152,8 @@ def check_parity(args, device) -> list[dict]:
     for block_size, dname, sname in itertools.product(args.block_sizes, args.dtypes, args.state_dtypes):
         rows.append(parity_case(device, shapes, block_size, DTYPES[dname], STATE_DTYPES[sname], args.steps))
     # What the grid above holds fixed: the other second moment, scale and res_scale, fp32 gradients of bf16
-    # weights (FSDP2's fp32 reduction), and blocks wider than a 2048-entry tile (more warps per launch).
+    # weights (FSDP2's fp32 reduction), stochastically rounded bf16 weights (kernels of their own, folded and
+    # unfolded), and blocks wider than a 2048-entry tile (more warps per launch).
     for dname, sname in itertools.product(args.dtypes, args.state_dtypes):
         dtype, state = DTYPES[dname], STATE_DTYPES[sname]
         rows.append(parity_case(device, shapes, 4, dtype, state, args.steps, second_moment="sq_mean"))
@@ -150,6 +161,8 @@ def check_parity(args, device) -> list[dict]:
         if dtype != torch.float32:
             variant = dict(grad_dtype=torch.float32)
             rows.append(parity_case(device, shapes, 4, dtype, state, args.steps, variant=variant))
+        if dtype == torch.bfloat16:
+            rows.append(parity_case(device, shapes, 4, dtype, state, args.steps, weight_rounding="stochastic"))
     wide = [(2, 5000)] if args.quick else [(3, 10000), (1, 70000)]
     for sname in args.state_dtypes:
         rows.append(parity_case(device, wide, 4096, DTYPES[args.dtypes[0]], STATE_DTYPES[sname], args.steps))
@@ -362,7 +375,7 @@ def markdown(results: dict) -> str:
     if "ready" in results:
         lines += ["", f"**Self-check** (`triton_ready`, what `fused=None` asks): {results['ready']}"]
         kinds = ", ".join(f"{kind}: {ok}" for kind, ok in results.get("ready_kinds", {}).items())
-        lines += [f"per kind (parameters, moments, B): {kinds}"] if kinds else []
+        lines += [f"per kind (parameters, moments, B[, weight rounding]): {kinds}"] if kinds else []
     if "environment" in results:
         paths = "; ".join(f"{where}: {path}" for where, path in results["environment"]["default_paths"].items())
         lines += ["", f"**Default paths** (`foam-hf env`): {paths}"]
@@ -370,7 +383,7 @@ def markdown(results: dict) -> str:
         passed = sum(r["pass"] for r in results["parity"])
         lines += ["", f"**Triton vs readable path**: {passed}/{len(results['parity'])} cases within tolerance", ""]
         lines += _table(
-            ["B", "params", "moments", "also", "max weight gap", "max moment rel. gap", "pass"],
+            ["B", "params", "moments", "also", "max weight gap", "max moment rel. gap", "rounded otherwise", "pass"],
             [
                 [
                     str(r["block_size"]),
@@ -379,6 +392,7 @@ def markdown(results: dict) -> str:
                     r.get("variant", ""),
                     f"{r['max_weight_gap']:.2e}",
                     f"{r['max_moment_rel_gap']:.2e}",
+                    "" if r.get("max_rounded_otherwise") is None else f"{r['max_rounded_otherwise']:.2%}",
                     "yes" if r["pass"] else "**NO**",
                 ]
                 for r in results["parity"]
@@ -487,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
             moment_dtype = torch.bfloat16 if STATE_DTYPES[sname] else torch.float32
             kind = (DTYPES[dname], moment_dtype, 4, "mean_sq")  # as parity_case steps
             results["ready_kinds"][f"{dname}/{sname}/4"] = _fused_triton.triton_ready(device, [kind])
+            if DTYPES[dname] == torch.bfloat16:  # stochastically rounded weights: kernels of their own
+                ready = _fused_triton.triton_ready(device, [(*kind, "stochastic")])
+                results["ready_kinds"][f"{dname}/{sname}/4/stochastic"] = ready
 
     def parity() -> None:
         results["parity"] = check_parity(args, device)

@@ -9,8 +9,9 @@ batch, each batch a list of *row pieces* whose temporaries fit in a byte budget:
 * a tensor is cut along its rows (the leading dimensions of a folded tensor, flattened; any run of entries of
   a tensor that does not fold), never inside a row, so a piece folds exactly as the whole tensor does;
 * pieces are views: the in-place updates of weights and moments land in the tensors themselves;
-* a piece knows the C-order index of its first moment entry, so the stochastic rounding of bf16 moments
-  (:func:`foam_hf.precision.store_moment`) draws the same dither as for the whole tensor.
+* a piece knows the C-order index of its first moment entry and of its first parameter entry, so the
+  stochastic rounding of bf16 moments and weights (:mod:`foam_hf.precision`) draws the same dither as for the
+  whole tensor.
 
 The budget is :data:`TRANSIENT_FRACTION` of the bytes of the parameters being stepped, and at least
 :data:`MIN_BATCH_BYTES` (so a group of small tensors is not cut into thousands of launches), and at least one
@@ -44,6 +45,7 @@ class Piece:
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
     state_offset: int  # C-order index, in the whole moment, of this piece's first moment entry
+    param_offset: int  # C-order index, in the whole parameter, of this piece's first entry
 
 
 def transient_budget(params: Sequence[torch.Tensor]) -> int:
@@ -70,20 +72,29 @@ def _pieces(
     bytes_per_entry: int,
     budget: int,
     offset: int = 0,
+    param_offset: int = 0,
 ) -> Iterator[Piece]:
-    """Row pieces of one tensor (``offset``: the C-order index of ``tensors``' first moment entry in the whole
-    moment). A non-contiguous tensor of three or more dimensions is cut along dimension 0 only; where one of
-    those slabs is over the budget it is cut again along its own rows, so the bound holds whatever the layout."""
+    """Row pieces of one tensor (``offset`` and ``param_offset``: the C-order indices of ``tensors``' first moment
+    entry in the whole moment and first entry in the whole parameter). A non-contiguous tensor of three or more
+    dimensions is cut along dimension 0 only; where one of those slabs is over the budget it is cut again along its
+    own rows, so the bound holds whatever the layout."""
     param, grad, exp_avg, exp_avg_sq = views = _row_views(tensors, folded)
     rows = param.shape[0] if param.ndim else 1
     if param.numel() == 0:
         return
-    row_bytes = param.numel() // rows * bytes_per_entry
+    param_row = param.numel() // rows
+    row_bytes = param_row * bytes_per_entry
     state_row = exp_avg.numel() // rows
     if row_bytes > budget and param.ndim > (2 if folded else 1):  # a slab that still holds rows: cut inside it
         for start in range(rows):
             yield from _pieces(
-                index, [t.select(0, start) for t in views], folded, bytes_per_entry, budget, offset + start * state_row
+                index,
+                [t.select(0, start) for t in views],
+                folded,
+                bytes_per_entry,
+                budget,
+                offset + start * state_row,
+                param_offset + start * param_row,
             )
         return
     rows_per_piece = max(1, budget // row_bytes)
@@ -103,6 +114,7 @@ def _pieces(
             exp_avg.narrow(0, start, length),
             exp_avg_sq.narrow(0, start, length),
             offset + start * state_row,
+            param_offset + start * param_row,
         )
         start += length
 

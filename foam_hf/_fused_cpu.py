@@ -366,6 +366,7 @@ def _fused_foam(
     scale: float,
     res_scale: float,
     second_moment: str,
+    weight_rounding: str = "nearest",
 ) -> None:
     """The fused path: one C++ call per group, one read of G and W and one write of W per element.
 
@@ -375,7 +376,9 @@ def _fused_foam(
     gives them; a bf16 gradient of an fp16 weight), which the kernel would round to the parameter's dtype first.
     Those tensors take the readable path, which steps them on the unrounded gradient, as the Triton kernels do.
     bf16 moments are widened, stepped and stochastically rounded back inside the kernel, a few hundred entries
-    at a time (the rounding is :func:`foam_hf.precision.store_moment`'s, bit for bit).
+    at a time (the rounding is :func:`foam_hf.precision.store_moment`'s, bit for bit). Under
+    ``weight_rounding="stochastic"`` bf16 weights go through fp32 tiles the same way, and are stochastically
+    rounded back with :func:`foam_hf.precision.store_weight`'s rule.
     :func:`foam_hf.functional.foam` checks first that the kernel covers every tensor
     (:func:`foam_hf.implementation.check_fused_tensors`).
     """
@@ -386,7 +389,7 @@ def _fused_foam(
         from .functional import _single_tensor_foam
 
         hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, block_size=block_size)
-        hyper |= dict(scale=scale, res_scale=res_scale, second_moment=second_moment)
+        hyper |= dict(scale=scale, res_scale=res_scale, second_moment=second_moment, weight_rounding=weight_rounding)
         tensors = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
         _single_tensor_foam(*([x for x, w in zip(t, wider) if w] for t in tensors), **hyper)
         params, grads, exp_avgs, exp_avg_sqs, state_steps = ([x for x, w in zip(t, wider) if not w] for t in tensors)
@@ -411,6 +414,7 @@ def _fused_foam(
         float(scale),
         float(res_scale),
         second_moment == "mean_sq",
+        weight_rounding == "stochastic",
     )
 
 

@@ -24,7 +24,11 @@ entry, W in the parameter's dtype and G in its own (an fp32 gradient of a bf16 w
 are float32, or bfloat16 (``state_dtype="bfloat16"``): loaded into fp32, updated, used for the step, and stored
 with the stochastic rounding of the other paths (:func:`foam_hf.precision.store_moment`), the same counter hash of
 (index, step, salt) computed in-kernel, so a bf16 moment comes out bit for bit what the readable path stores for
-the same fp32 value.
+the same fp32 value. The new W is computed in fp32 and rounded to nearest into bf16 and fp16 (round-to-nearest-even,
+as torch stores it), or, for bf16 parameters under ``weight_rounding="stochastic"`` (a compile-time flag: their own
+kernels, so the default's are unchanged), stochastically by the same hash with the weights' salt
+(:data:`foam_hf.precision.WEIGHT_SALT`) and the entry's C-order index in the parameter as counter: bit for bit
+:func:`foam_hf.precision.store_weight` of the same fp32 value.
 
 Triton ships with the CUDA builds of torch; without it this module still imports and reports the path
 unavailable. Tests run the kernels on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``, set before
@@ -44,6 +48,7 @@ import torch
 
 from foam_hf.distributed import PLAIN_TENSOR_TYPES
 from foam_hf.folding import folded_shape, is_foldable
+from foam_hf.precision import WEIGHT_SALT
 from foam_hf.step_scalars import step_constants
 
 try:  # Triton ships with torch's CUDA builds; without it this path is simply unavailable.
@@ -76,11 +81,14 @@ _TILE = 2048
 STATE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
 # The counter hash of foam_hf.precision.rounding_dither: the per-(step, salt) key is computed here, once a step.
 _HASH_STEP, _HASH_SALT, _MASK32 = 0x85EBCA77, 0xC2B2AE3D, 0xFFFFFFFF
+#: The salts of the rounding hash: exp_avg's, exp_avg_sq's (foam_hf.precision.store_moment's callers) and the
+#: weights' (:data:`foam_hf.precision.WEIGHT_SALT`), in the order of the keys in :data:`_STEP_KEYS`.
+_SALTS = (0, 1, WEIGHT_SALT)
 #: The kernels' arguments that change every step: the rounding hash's keys. Triton compiles a kernel per class of
 #: int argument (i32 or i64, divisible by 16 or not, equal to 1), so they are passed as signed 32-bit ints (the
 #: kernels take their bits back with ``.to(tl.uint32)``) and declared ``do_not_specialize``: one compilation for
 #: every step, where the plain keys moved through a dozen classes in the first hundred steps.
-_STEP_KEYS = ("key_m", "key_v")
+_STEP_KEYS = ("key_m", "key_v", "key_w")
 _ADAMW_BLOCK = 1024
 #: The widest block the folded kernels step: ``min(block_size, n)`` entries (a block never holds more than its
 #: row's ``n``), padded to a power of two as one tile row. Triton refuses tiles of more than 2**20 entries, and a
@@ -129,9 +137,11 @@ def triton_available() -> bool:
 
 
 #: What the self-check steps before the kernels step a group: (parameter dtype, moment dtype, block size, second
-#: moment). Each compiles kernels of its own (the dtypes, the block size, the tile width and the second moment's
-#: formula are compile-time constants), so each is checked before it first trains.
-CheckKind = tuple[torch.dtype, torch.dtype, int, str]
+#: moment), and, where it is not ``"nearest"``, the group's weight rounding as a fifth part. Each compiles kernels of
+#: its own (the dtypes, the block size, the tile width, the second moment's formula and whether bf16 weights are
+#: stochastically rounded are compile-time constants), so each is checked before it first trains. Kinds that
+#: compile the same kernels share one check and one verdict (:func:`_canonical_kind`).
+CheckKind = tuple[torch.dtype, torch.dtype, int, str] | tuple[torch.dtype, torch.dtype, int, str, str]
 #: The kinds ``triton_ready(device)`` checks when asked of no group in particular: fp32 parameters with fp32
 #: moments and bf16 parameters with bf16 moments, at block size 4 with the default second moment.
 DEFAULT_CHECK_KINDS: tuple[CheckKind, ...] = (
@@ -142,10 +152,22 @@ DEFAULT_CHECK_KINDS: tuple[CheckKind, ...] = (
 _ready: dict[tuple[torch.device, CheckKind], bool] = {}
 
 # The self-check's tolerances, those of tests/test_fused_triton.py: (weight atol, weight rtol) per parameter
-# dtype, and the moments' rtol per state dtype (bf16 moments may round to a neighbouring value). fp16 weights,
-# whose neighbours are 2**-10 to 2**-11 apart relatively, get two spacings: the tests hold them to one.
+# dtype, and the moments' rtol per state dtype (bf16 moments may round to a neighbouring value). bf16 weights may
+# land on the neighbouring value, rounded to nearest or stochastically: one spacing, at most 2**-7 of the value.
+# fp16 weights, whose neighbours are 2**-10 to 2**-11 apart relatively, get two spacings: the tests hold them to one.
 _CHECK_WEIGHT_TOLERANCES = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (1e-6, 2**-7), torch.float16: (1e-6, 2**-9)}
 _CHECK_MOMENT_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-7}
+#: What :func:`parity_checks` names the share of a step's stochastically rounded bf16 weights that the kernels put on
+#: the other neighbour than the readable path does, and the most it lets pass. One spacing apart, every such weight
+#: is within the weight tolerance whichever neighbour it takes, so only this share tells a right dither from a wrong
+#: one. The kernels' fp32 weight is an ulp or so from torch's, and under one dither two values k fp32 ulps apart
+#: round apart with probability k / 2**16: a right kernel rounds some 1e-5 to 1e-4 of its weights the other way
+#: (none of the scratch problem's hundreds, in most runs). A dither unrelated to the readable path's (a wrong salt,
+#: index or step key, a miscompiled hash) rounds a third the other way (an entry a fraction f of a spacing above its
+#: lower neighbour disagrees with probability 2f(1 - f), 1/3 on average over f), one biased to truncation (no
+#: dither) half. A sixteenth lies far from both.
+_ROUNDED_OTHERWISE = "share of weights rounded to the other bf16 neighbour"
+_CHECK_ROUNDED_OTHERWISE = 1 / 16
 _CHECK_STEPS = 2  # the second step starts from stored moments
 
 
@@ -174,7 +196,7 @@ def _problem(
 ):
     """A seeded step problem of ``kind`` over ``shapes``, so every check steps the same numbers: parameters, a list
     of gradients per step (in ``grad_dtype``, default the parameters'), and zero moments."""
-    dtype, state_dtype, block_size, _ = kind
+    dtype, state_dtype, block_size, *_ = kind
     gen = torch.Generator().manual_seed(seed)
     params = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
     grads = [[torch.randn(s, generator=gen).to(device, grad_dtype or dtype) for s in shapes] for _ in range(steps)]
@@ -184,9 +206,26 @@ def _problem(
     return params, grads, exp_avgs, exp_avg_sqs
 
 
+def _kind_parts(kind: CheckKind) -> tuple[torch.dtype, torch.dtype, int, str, str]:
+    """``kind``'s five parts: a kind of four steps with ``weight_rounding="nearest"``."""
+    dtype, state_dtype, block_size, second_moment, *rounding = kind
+    return dtype, state_dtype, block_size, second_moment, rounding[0] if rounding else "nearest"
+
+
+def _canonical_kind(kind: CheckKind) -> CheckKind:
+    """``kind`` as the self-check keys its verdicts, one per set of compiled kernels: five parts for bf16 weights
+    under ``weight_rounding="stochastic"`` (kernels of their own), four for every other kind, whose kernels store
+    weights as ``"nearest"`` does (other dtypes are never stochastically rounded, so compile the same kernels)."""
+    dtype, state_dtype, block_size, second_moment, weight_rounding = _kind_parts(kind)
+    if dtype == torch.bfloat16 and weight_rounding == "stochastic":
+        return dtype, state_dtype, block_size, second_moment, weight_rounding
+    return dtype, state_dtype, block_size, second_moment
+
+
 def _describe(kind: CheckKind) -> str:
-    dtype, state_dtype, block_size, second_moment = kind
-    return f"{dtype} parameters, {state_dtype} moments, block_size={block_size}, second_moment={second_moment!r}"
+    dtype, state_dtype, block_size, second_moment, weight_rounding = _kind_parts(kind)
+    described = f"{dtype} parameters, {state_dtype} moments, block_size={block_size}, second_moment={second_moment!r}"
+    return described + (f", weight_rounding={weight_rounding!r}" if weight_rounding != "nearest" else "")
 
 
 #: The self-check's hyper-parameters (and the GPU check's): a large lr and weight decay, so a wrong term shows.
@@ -217,11 +256,18 @@ def parity_checks(
     the neighbouring bf16 value, which the moment tolerance allows. Carried into the next step, though, that
     neighbour moves the weight by ~lr·2⁻⁸, beyond the weight tolerance: a right kernel would fail. From the same
     inputs each step is held to the tolerances, and a wrong kernel is caught at the first step it is wrong.
+
+    Stochastically rounded bf16 weights (a kind whose fifth part is ``"stochastic"``) are held to one spacing as
+    well, which any neighbour of the fp32 weight passes: after their per-tensor checks each step also yields, as
+    ``(step, _ROUNDED_OTHERWISE, share, 0, _CHECK_ROUNDED_OTHERWISE, 0)``, the share of all its bf16 weights the
+    kernels rounded to the other neighbour than the readable path did, which a wrong or biased dither drives far
+    above the allowance (:data:`_CHECK_ROUNDED_OTHERWISE`).
     """
     from .functional import _single_tensor_foam
 
-    dtype, state_dtype, block_size, second_moment = kind
-    hyper = dict(_CHECK_HYPER, block_size=block_size, second_moment=second_moment)
+    dtype, state_dtype, block_size, second_moment, weight_rounding = _kind_parts(kind)
+    stochastic_weights = _canonical_kind(kind)[4:] == ("stochastic",)
+    hyper = dict(_CHECK_HYPER, block_size=block_size, second_moment=second_moment, weight_rounding=weight_rounding)
     hyper |= {k: v for k, v in (("scale", scale), ("res_scale", res_scale)) if v is not None}
     kernel = _problem(device, kind, shapes, steps, seed, grad_dtype)
     readable = _problem(device, kind, shapes, steps, seed, grad_dtype)
@@ -236,6 +282,10 @@ def parity_checks(
         _single_tensor_foam(readable[0], readable[1][step], readable[2], readable[3], readable_steps, **hyper)
         for got, want in zip(kernel[0], readable[0]):
             yield step, "weight", got, want, atol, rtol
+        if stochastic_weights:  # pooled over the step's weights: a share of hundreds of entries, not of a bias's 5
+            other = sum(int((got != want).sum()) for got, want in zip(kernel[0], readable[0]))
+            share = torch.tensor(other / max(1, sum(p.numel() for p in kernel[0])))
+            yield step, _ROUNDED_OTHERWISE, share, torch.tensor(0.0), _CHECK_ROUNDED_OTHERWISE, 0.0
         for name, index in (("exp_avg", 2), ("exp_avg_sq", 3)):
             for got, want in zip(kernel[index], readable[index]):
                 scale = want.float().abs().max().item() if want.numel() else 0.0
@@ -258,8 +308,9 @@ def _self_check_mismatch(device: torch.device, kind: CheckKind = DEFAULT_CHECK_K
             if not torch.allclose(got, want, atol=atol, rtol=rtol):
                 worst = (got - want).abs().nan_to_num(float("inf")).max().item()
                 launch = "shared launches" if shared else "a launch per tensor"
+                shape = f" of shape {tuple(got.shape)}" if got.dim() else ""  # a tensor's, not a share's
                 return (
-                    f"{name} of shape {tuple(got.shape)} ({_describe(kind)}, {launch}) differs from "
+                    f"{name}{shape} ({_describe(kind)}, {launch}) differs from "
                     f"the readable path after step {step + 1} by up to {worst:.3g} (atol={atol:.3g}, rtol={rtol:.3g})"
                 )
     return None
@@ -267,8 +318,9 @@ def _self_check_mismatch(device: torch.device, kind: CheckKind = DEFAULT_CHECK_K
 
 def triton_ready(device: torch.device, kinds: Iterable[CheckKind] | None = None) -> bool:
     """Whether the kernels compile, run *and compute FOAM's step* on ``device`` for every kind of step in
-    ``kinds`` (:data:`CheckKind`: parameter dtype, moment dtype, block size, second moment; default
-    :data:`DEFAULT_CHECK_KINDS`): checked once per device and kind.
+    ``kinds`` (:data:`CheckKind`: parameter dtype, moment dtype, block size, second moment, and the weight rounding
+    where not ``"nearest"``; default :data:`DEFAULT_CHECK_KINDS`): checked once per device and set of kernels
+    (:func:`_canonical_kind`).
 
     The check steps a small seeded problem of that kind (:func:`_scratch_shapes`: a weight of whole blocks, a
     ragged one, one of rows narrower than a block, and two biases; two steps, each from the same inputs, with a
@@ -282,7 +334,8 @@ def triton_ready(device: torch.device, kinds: Iterable[CheckKind] | None = None)
     if not triton_available():
         return False
     device = _indexed(torch.device(device))
-    return all(_ready_for(device, kind) for kind in (DEFAULT_CHECK_KINDS if kinds is None else kinds))
+    kinds = DEFAULT_CHECK_KINDS if kinds is None else kinds
+    return all(_ready_for(device, _canonical_kind(kind)) for kind in kinds)
 
 
 def _indexed(device: torch.device) -> torch.device:
@@ -492,10 +545,15 @@ if triton is not None:
     _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
     @triton.jit
-    def _store_weight(ptrs, value, mask, OUT_BF16: tl.constexpr):
+    def _store_weight(ptrs, value, mask, index, key, OUT_BF16: tl.constexpr, STOCHASTIC_WEIGHTS: tl.constexpr):
         # fp32 -> the parameter's dtype. bf16 rounds to nearest even with integer ops, exactly as torch and the
         # CPU kernel do (NaN -> 0x7FC0), identical on a GPU and in Triton's interpreter (whose own cast truncates).
-        if OUT_BF16:
+        # STOCHASTIC_WEIGHTS (bf16 parameters under weight_rounding="stochastic"): the moments' stochastic rounding
+        # instead, as foam_hf.precision.store_weight does it: `key` is WEIGHT_SALT's and `index` the entry's C-order
+        # index in the parameter.
+        if STOCHASTIC_WEIGHTS:
+            _store_moment(ptrs, value, mask, index, key, True)
+        elif OUT_BF16:
             bits = value.to(tl.uint32, bitcast=True)
             rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
             rounded = tl.where(value != value, 0x7FC0, rounded)
@@ -542,6 +600,7 @@ if triton is not None:
         step_c,
         key_m,
         key_v,
+        key_w,
         B: tl.constexpr,
         BP: tl.constexpr,
         KB: tl.constexpr,
@@ -549,6 +608,7 @@ if triton is not None:
         SMALL_WEIGHT: tl.constexpr,
         OUT_BF16: tl.constexpr,
         STATE_BF16: tl.constexpr,
+        STOCHASTIC_WEIGHTS: tl.constexpr,
     ):
         # Tile `tile` of row `row` of a folded tensor: KB blocks of B entries, as a KB x BP tile.
         k = tile * KB + tl.arange(0, KB)  # block indices of this tile
@@ -584,7 +644,9 @@ if triton is not None:
         w_ptrs = w_ptr + row * n + col
         w = tl.load(w_ptrs, mask=in_block, other=0.0)
         w_new = w.to(tl.float32) * decay + step_c * tl.div_rn(first, tl.sqrt_rn(second) + eps_bc2)
-        _store_weight(w_ptrs, w_new, in_block, OUT_BF16)
+        # the entry's C-order index in W is the counter of the weights' rounding hash (a kernel that stores to
+        # nearest leaves it unused, and never computes it: its code is the one it was before the option)
+        _store_weight(w_ptrs, w_new, in_block, row * n + col, key_w, OUT_BF16, STOCHASTIC_WEIGHTS)
 
     @triton.jit
     def _table_entry(
@@ -628,6 +690,7 @@ if triton is not None:
         step_c,
         key_m,
         key_v,
+        key_w,
         B: tl.constexpr,
         BP: tl.constexpr,
         KB: tl.constexpr,
@@ -635,12 +698,13 @@ if triton is not None:
         SMALL_WEIGHT: tl.constexpr,
         OUT_BF16: tl.constexpr,
         STATE_BF16: tl.constexpr,
+        STOCHASTIC_WEIGHTS: tl.constexpr,
     ):
         # One tensor per launch: program (r, t) steps tile t of row r.
         _fold_tile(
             g_ptr, w_ptr, m_ptr, v_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1), n, num_blocks,
-            decay, lerp_weight, beta2, one_minus_beta2, rho, rho2, eps_bc2, step_c, key_m, key_v,
-            B, BP, KB, MEAN_SQ, SMALL_WEIGHT, OUT_BF16, STATE_BF16,
+            decay, lerp_weight, beta2, one_minus_beta2, rho, rho2, eps_bc2, step_c, key_m, key_v, key_w,
+            B, BP, KB, MEAN_SQ, SMALL_WEIGHT, OUT_BF16, STATE_BF16, STOCHASTIC_WEIGHTS,
         )  # fmt: skip
 
     @triton.jit(do_not_specialize=_STEP_KEYS)
@@ -656,6 +720,7 @@ if triton is not None:
         step_c,
         key_m,
         key_v,
+        key_w,
         GRAD_DTYPE: tl.constexpr,
         PARAM_DTYPE: tl.constexpr,
         STATE_DTYPE: tl.constexpr,
@@ -667,6 +732,7 @@ if triton is not None:
         SMALL_WEIGHT: tl.constexpr,
         OUT_BF16: tl.constexpr,
         STATE_BF16: tl.constexpr,
+        STOCHASTIC_WEIGHTS: tl.constexpr,
     ):
         # Many tensors per launch: program (i, p) steps tiles p, p + P, p + 2P, ... of the tensor in row i of
         # the table (its addresses, n, block count and rows: _TABLE_COLUMNS); P is the grid's second dimension.
@@ -678,8 +744,8 @@ if triton is not None:
         for tile in range(tl.program_id(1).to(tl.int64), rows * tiles_per_row, tl.num_programs(1).to(tl.int64)):
             _fold_tile(
                 g_ptr, w_ptr, m_ptr, v_ptr, tile // tiles_per_row, tile % tiles_per_row, n, num_blocks,
-                decay, lerp_weight, beta2, one_minus_beta2, rho, rho2, eps_bc2, step_c, key_m, key_v,
-                B, BP, KB, MEAN_SQ, SMALL_WEIGHT, OUT_BF16, STATE_BF16,
+                decay, lerp_weight, beta2, one_minus_beta2, rho, rho2, eps_bc2, step_c, key_m, key_v, key_w,
+                B, BP, KB, MEAN_SQ, SMALL_WEIGHT, OUT_BF16, STATE_BF16, STOCHASTIC_WEIGHTS,
             )  # fmt: skip
 
     @triton.jit
@@ -698,10 +764,12 @@ if triton is not None:
         step_c,
         key_m,
         key_v,
+        key_w,
         BLOCK: tl.constexpr,
         SMALL_WEIGHT: tl.constexpr,
         OUT_BF16: tl.constexpr,
         STATE_BF16: tl.constexpr,
+        STOCHASTIC_WEIGHTS: tl.constexpr,
     ):
         # AdamW's update (FOAM at B = 1) of the BLOCK entries from `start` of an unfolded tensor.
         offsets = start + tl.arange(0, BLOCK)
@@ -717,7 +785,7 @@ if triton is not None:
         _store_moment(v_ptr + offsets, v, mask, offsets, key_v, STATE_BF16)
         w = tl.load(w_ptr + offsets, mask=mask, other=0.0)
         w_new = w.to(tl.float32) * decay + step_c * tl.div_rn(m, tl.sqrt_rn(v) + eps_bc2)
-        _store_weight(w_ptr + offsets, w_new, mask, OUT_BF16)
+        _store_weight(w_ptr + offsets, w_new, mask, offsets, key_w, OUT_BF16, STOCHASTIC_WEIGHTS)
 
     @triton.jit(do_not_specialize=_STEP_KEYS)
     def _adamw_kernel(
@@ -734,16 +802,18 @@ if triton is not None:
         step_c,
         key_m,
         key_v,
+        key_w,
         BLOCK: tl.constexpr,
         SMALL_WEIGHT: tl.constexpr,
         OUT_BF16: tl.constexpr,
         STATE_BF16: tl.constexpr,
+        STOCHASTIC_WEIGHTS: tl.constexpr,
     ):
         # One tensor per launch: program p steps entries [p·BLOCK, (p+1)·BLOCK).
         _adamw_span(
             g_ptr, w_ptr, m_ptr, v_ptr, tl.program_id(0).to(tl.int64) * BLOCK, numel,
-            decay, lerp_weight, beta2, one_minus_beta2, eps_bc2, step_c, key_m, key_v,
-            BLOCK, SMALL_WEIGHT, OUT_BF16, STATE_BF16,
+            decay, lerp_weight, beta2, one_minus_beta2, eps_bc2, step_c, key_m, key_v, key_w,
+            BLOCK, SMALL_WEIGHT, OUT_BF16, STATE_BF16, STOCHASTIC_WEIGHTS,
         )  # fmt: skip
 
     @triton.jit(do_not_specialize=_STEP_KEYS)
@@ -757,6 +827,7 @@ if triton is not None:
         step_c,
         key_m,
         key_v,
+        key_w,
         GRAD_DTYPE: tl.constexpr,
         PARAM_DTYPE: tl.constexpr,
         STATE_DTYPE: tl.constexpr,
@@ -765,14 +836,15 @@ if triton is not None:
         SMALL_WEIGHT: tl.constexpr,
         OUT_BF16: tl.constexpr,
         STATE_BF16: tl.constexpr,
+        STOCHASTIC_WEIGHTS: tl.constexpr,
     ):
         # Many tensors per launch, as _foam_fold_list_kernel: program (i, p) steps spans p, p + P, ... of tensor i.
         g_ptr, w_ptr, m_ptr, v_ptr, numel = _table_entry(table_ptr, GRAD_DTYPE, PARAM_DTYPE, STATE_DTYPE, ALIGNED)
         for span in range(tl.program_id(1).to(tl.int64), tl.cdiv(numel, BLOCK), tl.num_programs(1).to(tl.int64)):
             _adamw_span(
                 g_ptr, w_ptr, m_ptr, v_ptr, span * BLOCK, numel,
-                decay, lerp_weight, beta2, one_minus_beta2, eps_bc2, step_c, key_m, key_v,
-                BLOCK, SMALL_WEIGHT, OUT_BF16, STATE_BF16,
+                decay, lerp_weight, beta2, one_minus_beta2, eps_bc2, step_c, key_m, key_v, key_w,
+                BLOCK, SMALL_WEIGHT, OUT_BF16, STATE_BF16, STOCHASTIC_WEIGHTS,
             )  # fmt: skip
 
 
@@ -793,6 +865,7 @@ def _fused_foam_triton(
     scale: float,
     res_scale: float,
     second_moment: str,
+    weight_rounding: str = "nearest",
     shared_max_entries: int | None = None,
 ) -> None:
     """The CUDA fused path, the ``impl`` :func:`foam_hf.functional.foam` picks on CUDA: one kernel launch per tensor
@@ -805,7 +878,11 @@ def _fused_foam_triton(
     on the GPU. Gradients are read in their own dtype, not rounded to the parameter's (an fp32 gradient of a bf16
     parameter steps as the readable path steps it, with no copy); only strided gradients, and those of a dtype the
     kernels do not load (copied to float32, the dtype the readable path computes in), are copied first.
-    :func:`foam_hf.functional.foam` checks first that the kernels cover every tensor
+    ``weight_rounding="stochastic"`` stores the new weights of bf16 parameters with
+    :func:`foam_hf.precision.store_weight`'s stochastic rounding, bit for bit for the same fp32 values (a constexpr of
+    their own kernels: the default ``"nearest"`` compiles and steps as before); other dtypes are stored as with
+    ``"nearest"``, as that function stores them (fp16 parameters, which the optimizer refuses under
+    ``"stochastic"``, to nearest). :func:`foam_hf.functional.foam` checks first that the kernels cover every tensor
     (:func:`foam_hf.implementation.check_fused_tensors`).
     """
     if not params:
@@ -814,7 +891,7 @@ def _fused_foam_triton(
 
     hyper = dict(
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, block_size=block_size, scale=scale,
-        res_scale=res_scale, second_moment=second_moment, memo={},
+        res_scale=res_scale, second_moment=second_moment, weight_rounding=weight_rounding, memo={},
     )  # fmt: skip
     if shared_max_entries is None:
         shared_max_entries = _SHARED_MAX_ENTRIES
@@ -862,7 +939,8 @@ def _cdiv(a: int, b: int) -> int:
 
 def _kernel_scalars(step: float, folded: bool, hyper: dict) -> dict:
     """The runtime scalars every kernel takes at step count ``step``: :func:`foam_hf.step_scalars.step_constants`
-    in the fused form, torch.lerp's weight, and the keys of the moments' rounding hash. Computed once per step
+    in the fused form, torch.lerp's weight, and the keys of the rounding hash, one per salt (:data:`_SALTS`: the two
+    moments' and the weights'; a kernel that stores its weights to nearest ignores the last). Computed once per step
     count and kind within one call of the step (``hyper["memo"]``, where present): the same for all its tensors."""
     memo, key = hyper.get("memo", {}), ("scalars", step, folded)
     if key in memo:
@@ -871,7 +949,7 @@ def _kernel_scalars(step: float, folded: bool, hyper: dict) -> dict:
         step, lr=hyper["lr"], beta1=hyper["beta1"], beta2=hyper["beta2"], weight_decay=hyper["weight_decay"]
     )
     eps_bc2, step_c = constants.fused(hyper["eps"], hyper["scale"] if folded else 1.0)
-    key_m, key_v = (_signed32((int(step) * _HASH_STEP + salt * _HASH_SALT) & _MASK32) for salt in (0, 1))
+    key_m, key_v, key_w = (_signed32((int(step) * _HASH_STEP + salt * _HASH_SALT) & _MASK32) for salt in _SALTS)
     memo[key] = dict(
         decay=constants.decay,
         lerp_weight=1.0 - hyper["beta1"],
@@ -881,6 +959,7 @@ def _kernel_scalars(step: float, folded: bool, hyper: dict) -> dict:
         step_c=step_c,
         key_m=key_m,
         key_v=key_v,
+        key_w=key_w,
     )
     return memo[key]
 
@@ -892,11 +971,15 @@ def _signed32(bits: int) -> int:
 
 
 def _common_constexprs(param: torch.Tensor, exp_avg: torch.Tensor, hyper: dict) -> dict:
-    """The compile-time choices of every kernel: torch.lerp's branch, the weights' and the moments' storage."""
+    """The compile-time choices of every kernel: torch.lerp's branch, the weights' and the moments' storage, and
+    whether bf16 weights are stored stochastically rounded (``weight_rounding="stochastic"``; never for other
+    dtypes, whose kernels are then the ones ``"nearest"`` compiles)."""
+    out_bf16 = param.dtype == torch.bfloat16
     return dict(
         SMALL_WEIGHT=abs(1.0 - hyper["beta1"]) < 0.5,
-        OUT_BF16=param.dtype == torch.bfloat16,
+        OUT_BF16=out_bf16,
         STATE_BF16=exp_avg.dtype == torch.bfloat16,
+        STOCHASTIC_WEIGHTS=out_bf16 and hyper["weight_rounding"] == "stochastic",
     )
 
 

@@ -43,6 +43,8 @@ OPTIM_ARGS_KEYS: dict[str, str] = {
     "second_moment": f"one of {SECOND_MOMENT_MODES} (default mean_sq)",
     "state_dtype": "float32 or bfloat16: storage of the moments; bfloat16 halves them, stochastically rounded "
     "(default: float32, or the parameters' dtype when that is wider)",
+    "weight_rounding": "nearest or stochastic: how new weights are stored into bf16 parameters; stochastic keeps "
+    "updates below half a bf16 spacing (for bf16 weights without an fp32 master copy) (default nearest)",
     "block_sizes": "per-module overrides, pattern:size pairs separated by ';' (size 1 = unfolded)",
     "target_modules": "modules that fold: name patterns separated by ';', each matched as a suffix at a '.' "
     "boundary (a trailing ';' keeps one regex a list), or, without ';', one regex over the whole module name "
@@ -68,6 +70,10 @@ class FoamConfig:
         state_dtype (`str`, *optional*):
             Storage dtype of the moments: `"float32"` or `"bfloat16"` (half the bytes; computed in fp32 and
             stored with stochastic rounding). `None` keeps fp32 states for half-precision parameters.
+        weight_rounding (`str`, *optional*, defaults to `"nearest"`):
+            How new weights are stored into bf16 parameters: `"nearest"`, or `"stochastic"` (unbiased: updates
+            below half a bf16 spacing still move the weights in expectation). For models trained in bf16
+            without an fp32 master copy; mixed precision keeps fp32 weights, and the optimizer refuses it then.
         block_sizes (`dict[str, int]`, *optional*):
             Per-module block sizes, ``{pattern: size}``; a pattern is a module-name suffix or a full
             regex, as PEFT's ``rank_pattern``. Size 1 keeps AdamW states for the matched modules. A
@@ -97,6 +103,7 @@ class FoamConfig:
     res_scale: float = GROUP_DEFAULTS["res_scale"]
     second_moment: str = GROUP_DEFAULTS["second_moment"]
     state_dtype: str | None = GROUP_DEFAULTS["state_dtype"]
+    weight_rounding: str = GROUP_DEFAULTS["weight_rounding"]
     block_sizes: dict[str, int] = field(default_factory=dict)
     target_modules: list[str] | str | None = None
     callback: bool = True
@@ -105,7 +112,7 @@ class FoamConfig:
         # torch.bfloat16 / torch.float32 are stored as the strings FOAM's groups hold (as FOAM(...) takes them).
         object.__setattr__(self, "state_dtype", normalize_state_dtype(self.state_dtype))
         # FOAM's own rules, option by option (the optimizer checks the same values with the same functions).
-        for name in ("block_size", "scale", "res_scale", "second_moment", "state_dtype"):
+        for name in ("block_size", "scale", "res_scale", "second_moment", "state_dtype", "weight_rounding"):
             check_option(name, getattr(self, name), where="FoamConfig / optim_args")
         if not isinstance(self.block_sizes, dict):
             raise TypeError(
@@ -196,8 +203,9 @@ class FoamConfig:
         for key in ("scale", "res_scale"):
             if key in items:
                 kwargs[key] = _to_float(key, items[key])
-        if "second_moment" in items:
-            kwargs["second_moment"] = items["second_moment"]
+        for key in ("second_moment", "weight_rounding"):
+            if key in items:
+                kwargs[key] = items[key]
         if "state_dtype" in items:
             text = items["state_dtype"]
             # torch.bfloat16 as a string (what str(torch.bfloat16) prints) names the same dtype as bfloat16.

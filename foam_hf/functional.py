@@ -20,8 +20,10 @@ from . import _chunking, _fused_cpu
 from .folding import block_mean, is_foldable, unfold
 from .implementation import Implementation, _triton, check_fused_tensors, select_implementation
 from .options import validate_group_options
+from .precision import check_weight_rounding
 from .precision import compute_dtype as _compute_dtype
 from .precision import store_moment as _store_moment
+from .precision import store_weight as _store_weight
 from .step_scalars import step_constants
 
 __all__ = ["foam"]
@@ -45,6 +47,7 @@ def foam(
     second_moment: str,
     foreach: bool | None = None,
     fused: bool | None = None,
+    weight_rounding: str = "nearest",
 ) -> None:
     r"""Functional FOAM step over one group's tensors; see :class:`FOAM` for the algorithm.
 
@@ -55,7 +58,9 @@ def foam(
     """
     options = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, block_size=block_size)
     options |= dict(scale=scale, res_scale=res_scale, second_moment=second_moment, foreach=foreach, fused=fused)
+    options |= dict(weight_rounding=weight_rounding)
     validate_group_options({**options, "betas": (beta1, beta2)}, where="foam_hf.foam")  # a group holds betas
+    check_weight_rounding(params, weight_rounding, "foam_hf.foam")
     _foam(params, grads, exp_avgs, exp_avg_sqs, state_steps, **options)
 
 
@@ -77,6 +82,7 @@ def _foam(
     second_moment: str,
     foreach: bool | None = None,
     fused: bool | None = None,
+    weight_rounding: str = "nearest",
 ) -> None:
     """:func:`foam` without the option checks: what :class:`FOAM` calls, whose groups were checked when added."""
     _refuse_cuda_graph_capture(params)
@@ -88,6 +94,7 @@ def _foam(
         exp_avg_sqs=exp_avg_sqs,
         block_size=block_size,
         second_moment=second_moment,
+        weight_rounding=weight_rounding,
     )
     if fused:  # asked for, not chosen: say why a kernel cannot step these tensors, before it is called
         check_fused_tensors(params, exp_avgs, block_size)
@@ -107,6 +114,7 @@ def _foam(
         scale=float(scale),
         res_scale=float(res_scale),
         second_moment=second_moment,
+        weight_rounding=weight_rounding,
     )
 
 
@@ -144,6 +152,7 @@ def _single_tensor_foam(
     scale: float,
     res_scale: float,
     second_moment: str,
+    weight_rounding: str = "nearest",
 ) -> None:
     """The readable path: one tensor at a time, each line matching a line of the algorithm box."""
     for param, grad, stored_avg, stored_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
@@ -191,8 +200,7 @@ def _single_tensor_foam(
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
             weight.addcdiv_(exp_avg, denom, value=-step_size)
 
-        if weight is not param:
-            param.copy_(weight)
+        _store_weight(param, weight, step, weight_rounding)  # to nearest, or stochastically into bf16
         _store_moment(stored_avg, exp_avg, step, salt=0)
         _store_moment(stored_avg_sq, exp_avg_sq, step, salt=1)
 
@@ -213,6 +221,7 @@ def _multi_tensor_foam(
     scale: float,
     res_scale: float,
     second_moment: str,
+    weight_rounding: str = "nearest",
 ) -> None:
     """The ``torch._foreach_*`` path: element-wise updates batched over tensors, in batches of bounded size.
 
@@ -235,6 +244,7 @@ def _multi_tensor_foam(
         scale=scale,
         res_scale=res_scale,
         second_moment=second_moment,
+        weight_rounding=weight_rounding,
     )
     by_kind: dict[tuple[torch.device, torch.dtype, torch.dtype], list[int]] = {}
     for i, (param, exp_avg) in enumerate(zip(params, exp_avgs)):
@@ -247,7 +257,10 @@ def _multi_tensor_foam(
     torch._foreach_add_(state_steps, 1)
     steps = [s.item() for s in state_steps]
     folded = [is_foldable(p, block_size) for p in params]
-    costs = [_foreach_bytes_per_entry(p, g, m, f, block_size) for p, g, m, f in zip(params, grads, exp_avgs, folded)]
+    costs = [
+        _foreach_bytes_per_entry(p, g, m, f, block_size, weight_rounding)
+        for p, g, m, f in zip(params, grads, exp_avgs, folded)
+    ]
     for batch in _chunking.batches(
         params, grads, exp_avgs, exp_avg_sqs, folded, costs, _chunking.transient_budget(params)
     ):
@@ -255,7 +268,7 @@ def _multi_tensor_foam(
 
 
 def _foreach_bytes_per_entry(
-    param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, folded: bool, block_size: int
+    param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, folded: bool, block_size: int, weight_rounding: str
 ) -> int:
     """An upper bound of the temporaries one entry of ``param`` costs in :func:`_foreach_step_batch`."""
     compute_dtype = _compute_dtype(param)
@@ -264,6 +277,8 @@ def _foreach_bytes_per_entry(
     state_copies = 2 * (exp_avg.dtype != compute_dtype)
     # Stochastic rounding into bf16 (_store_moment): int64 indices and hash steps, ~48 bytes per moment entry.
     rounding = 48 if exp_avg.dtype == torch.bfloat16 else 0
+    # The same rounding of bf16 weights (weight_rounding="stochastic"), per parameter entry.
+    weight_rounding_bytes = 48 if weight_rounding == "stochastic" and param.dtype == torch.bfloat16 else 0
     if folded:
         # the weight's copy; G⊙G and the zero-padded copy block_sum makes of ragged rows (⌈n/B⌉·B entries a row,
         # B/n times the row when n < B, as in a convolution's weight) while folding; then the residual (the
@@ -272,9 +287,12 @@ def _foreach_bytes_per_entry(
         n = param.shape[-1]
         padded = -(-n // block_size) * block_size
         buffers = 3.0 if padded == n else 3.5 + padded / n
-        return math.ceil(itemsize * (weight_copy + buffers + (2 + state_copies) / block_size) + rounding / block_size)
+        return weight_rounding_bytes + math.ceil(
+            itemsize * (weight_copy + buffers + (2 + state_copies) / block_size) + rounding / block_size
+        )
     # weight, gradient and moment copies, and the denominator
-    return itemsize * (weight_copy + (grad.dtype != compute_dtype) + state_copies + 1) + rounding
+    copies = weight_copy + (grad.dtype != compute_dtype) + state_copies + 1
+    return itemsize * copies + rounding + weight_rounding_bytes
 
 
 def _foreach_step_batch(
@@ -291,6 +309,7 @@ def _foreach_step_batch(
     scale: float,
     res_scale: float,
     second_moment: str,
+    weight_rounding: str,
 ) -> None:
     """One batch of :func:`_multi_tensor_foam`: the algorithm box, line by line, over a list of row pieces."""
     compute_dtypes = [_compute_dtype(piece.param) for piece in batch]
@@ -365,9 +384,8 @@ def _foreach_step_batch(
         torch._foreach_addcdiv_(f_w, firsts, seconds, [-s * scale for s in pick(step_sizes, fold)])
         del firsts, seconds
 
-    for piece, weight in zip(batch, weights):
-        if weight is not piece.param:
-            piece.param.copy_(weight)
+    for piece, weight, step in zip(batch, weights, piece_steps):
+        _store_weight(piece.param, weight, step, weight_rounding, offset=piece.param_offset)
     for piece, exp_avg, exp_avg_sq, step in zip(batch, moments, moments_sq, piece_steps):
         _store_moment(piece.exp_avg, exp_avg, step, salt=0, offset=piece.state_offset)
         _store_moment(piece.exp_avg_sq, exp_avg_sq, step, salt=1, offset=piece.state_offset)

@@ -51,13 +51,15 @@ def _fused_default(
     exp_avg_sqs: list[torch.Tensor] | None = None,
     block_size: int | None = None,
     second_moment: str | None = None,
+    weight_rounding: str = "nearest",
 ) -> bool:
     """Whether ``fused=None`` means fused for these tensors (every one covered, the kernel ready)."""
     if on_cuda:  # the Triton kernels store fp32 or bf16 moments (state_dtype="bfloat16")
         triton = _triton()
         # blocks no wider than they step, moments they index in place (contiguous, on the parameter's device: else
         # the foreach path, which takes any), and ready on every GPU the group spans for every kind of step it
-        # takes (dtypes, block size, second moment: self-checked once per device and kind)
+        # takes (dtypes, block size, second moment, and the stochastic rounding of bf16 weights, which compiles kernels
+        # of its own: self-checked once per device and kind)
         if not (
             all(triton.triton_supported(p, block_size) for p in params)
             and all(map(triton.moments_supported, params, exp_avgs))
@@ -67,7 +69,12 @@ def _fused_default(
         _, _, default_block_size, default_second_moment = triton.DEFAULT_CHECK_KINDS[0]
         check_block_size = default_block_size if block_size is None else block_size
         check_second_moment = default_second_moment if second_moment is None else second_moment
-        kinds = {(p.dtype, m.dtype, check_block_size, check_second_moment) for p, m in zip(params, exp_avgs)}
+        rounds = weight_rounding == "stochastic"
+        kinds = {
+            (p.dtype, m.dtype, check_block_size, check_second_moment)
+            + (("stochastic",) if rounds and p.dtype == torch.bfloat16 else ())
+            for p, m in zip(params, exp_avgs)
+        }
         return all(triton.triton_ready(device, kinds) for device in dict.fromkeys(p.device for p in params))
     # the CPU kernel also steps bf16 moments, and float64 parameters with float64 moments. Once it is loaded, it
     # answers for the whole list in one call (fused_supported's rule, tested equal to it), after the Python-type
@@ -89,16 +96,17 @@ def select_implementation(
     exp_avg_sqs: list[torch.Tensor] | None = None,
     block_size: int | None = None,
     second_moment: str | None = None,
+    weight_rounding: str = "nearest",
 ) -> Implementation:
     """The implementation that steps one group's ``params`` (with moments ``exp_avgs`` and, where given,
     ``exp_avg_sqs``: the Triton kernels take only contiguous ones) under its options. ``block_size``, the group's,
     rules out the Triton kernels for tensors whose blocks are wider than they step
     (:data:`foam_hf._fused_triton.MAX_BLOCK_WIDTH`); ``None`` asks only about the tensors. On CUDA, ``block_size``
     and ``second_moment`` also name the kernels the Triton self-check must have passed for (``None``: its
-    defaults)."""
+    defaults), and ``weight_rounding`` whether bf16 weights are checked with their stochastic rounding."""
     on_cuda = bool(params) and all(p.is_cuda for p in params)
     if fused is None and foreach is None:
-        fused = _fused_default(params, exp_avgs, on_cuda, exp_avg_sqs, block_size, second_moment)
+        fused = _fused_default(params, exp_avgs, on_cuda, exp_avg_sqs, block_size, second_moment, weight_rounding)
     if fused:
         return "fused_triton" if on_cuda else "fused_cpu"
     if foreach is None:

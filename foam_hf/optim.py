@@ -29,11 +29,12 @@ from .folding import folded_shape, folds_in_full, is_foldable
 from .functional import _foam, foam
 from .implementation import check_fused_available
 from .options import GROUP_DEFAULTS, SECOND_MOMENT_MODES, as_builtin_numbers, validate_group_options
-from .precision import PARAM_DTYPES, STATE_DTYPES, normalize_state_dtype, state_dtype_for
+from .precision import PARAM_DTYPES, STATE_DTYPES, check_weight_rounding, normalize_state_dtype, state_dtype_for
 
 __all__ = ["FOAM", "SECOND_MOMENT_MODES", "STATE_DTYPES", "foam", "state_dtype_for", "validate_group_options"]
 
 SecondMoment = Literal["mean_sq", "sq_mean"]
+WeightRounding = Literal["nearest", "stochastic"]
 
 
 def _name_in(group: dict[str, Any], param: torch.Tensor) -> str | None:
@@ -49,6 +50,25 @@ _ADAM_FLAGS_NOT_IN_FOAM = {
     "capturable": "drop capturable (FOAM's CUDA step is not CUDA-graph capturable)",
     "differentiable": "drop differentiable (FOAM's step is not differentiable)",
 }
+
+
+def _check_something_to_round(groups: list[dict[str, Any]], when: str = "") -> None:
+    """Refuse ``weight_rounding="stochastic"`` in an optimizer that holds no bf16 parameter: it would round
+    nothing, silently (mixed precision keeps fp32 master weights, which are stored as computed). ``when`` says
+    what changed since construction, for the check the first step repeats."""
+    if not any(group["weight_rounding"] == "stochastic" for group in groups):
+        return
+    dtypes = {p.dtype for group in groups for p in group["params"]}
+    if torch.bfloat16 not in dtypes:
+        found = sorted(str(d).removeprefix("torch.") for d in dtypes) or ["none: no parameters"]
+        raise FoamConfigError(
+            f"FOAM: weight_rounding='stochastic' stochastically rounds bf16 weights, but this optimizer holds no "
+            f"bf16 parameter{when} (dtypes: {', '.join(found)}). Mixed precision (Trainer's bf16=True on a model "
+            "loaded in fp32, DeepSpeed's bf16) keeps fp32 weights, which are stored as computed and need no rounding, "
+            "and PEFT keeps LoRA adapters in fp32 on a bf16 model. Fix: drop weight_rounding, or train bf16 weights "
+            "(load the model with torch_dtype=torch.bfloat16; for adapters, get_peft_model(..., "
+            "autocast_adapter_dtype=False))."
+        )
 
 
 class FOAM(Optimizer):
@@ -130,6 +150,13 @@ class FOAM(Optimizer):
         state_dtype: storage dtype of the moments: ``None`` (fp32 for half-precision parameters, else the
             parameter's dtype), ``"float32"`` or ``"bfloat16"`` (half the bytes; computed in fp32 and stored
             with stochastic rounding, see :func:`foam_hf.precision.store_moment`) (default: None).
+        weight_rounding: how the new weights are stored into bf16 parameters: ``"nearest"`` (round to nearest
+            even, as torch's AdamW) or ``"stochastic"`` (stochastic rounding by the moments' counter hash, so
+            that updates below half a bf16 spacing still move the weights in expectation; for training with
+            bf16 weights and no fp32 master copy, see :func:`foam_hf.precision.store_weight`). A group with
+            ``"stochastic"`` may not hold fp16 parameters, and an optimizer built with it must hold at least
+            one bf16 parameter (fp32 weights, as mixed precision keeps them, are never rounded)
+            (default: ``"nearest"``).
 
     Example::
 
@@ -159,6 +186,7 @@ class FOAM(Optimizer):
         foreach: bool | None = GROUP_DEFAULTS["foreach"],
         fused: bool | None = GROUP_DEFAULTS["fused"],
         state_dtype: str | torch.dtype | None = GROUP_DEFAULTS["state_dtype"],
+        weight_rounding: WeightRounding = GROUP_DEFAULTS["weight_rounding"],
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -172,6 +200,7 @@ class FOAM(Optimizer):
             foreach=foreach,
             fused=fused,
             state_dtype=normalize_state_dtype(state_dtype),
+            weight_rounding=weight_rounding,
         )
         validate_group_options(defaults)
         _fused_cpu.check_isa_env()  # a misspelt FOAM_CPU_ISA fails here, not at the first CPU step
@@ -179,6 +208,9 @@ class FOAM(Optimizer):
         self._group_of_param: dict[int, int] = {}  # id(parameter) -> its group's index, see add_param_group
         self._built_with: dict[int, tuple[dict[str, Any], tuple[Any, ...]]] = {}  # see _check_structure
         super().__init__(params, defaults)
+        _check_something_to_round(self.param_groups)
+        # DeepSpeed swaps bf16 weights for fp32 master partitions after construction: the first step asks again.
+        self._check_rounding = any(group["weight_rounding"] == "stochastic" for group in self.param_groups)
         # DeepSpeed ZeRO and FSDP1 swap the groups' tensors for flat 1-D shards after construction, and those never
         # fold: the first step() looks once for that swap (_warn_if_flattened).
         self._check_flattened = any(
@@ -286,6 +318,7 @@ class FOAM(Optimizer):
                         f"{[str(d).removeprefix('torch.') for d in PARAM_DTYPES]} parameters (fp8 weights need a "
                         "master copy in a wider dtype). Fix: optimize a bf16 or fp32 master copy of the weights."
                     )
+            check_weight_rounding(group["params"], group["weight_rounding"], f"param group {index}", names)
             if group["fused"]:
                 # What the kernels cannot step fails here, not at the first step(); tensors still on the meta device
                 # (or lazy) are checked by step() once they are real.
@@ -301,6 +334,8 @@ class FOAM(Optimizer):
 
     #: Whether the next step() checks that the tensors still fold (see _warn_if_flattened); unpickled FOAMs do not.
     _check_flattened = False
+    #: Whether the next step() checks that weight_rounding="stochastic" still has bf16 weights to round.
+    _check_rounding = False
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -375,9 +410,17 @@ class FOAM(Optimizer):
 
         if self._check_flattened:
             self._warn_if_flattened()
+        self._check_rounding_still_applies()
         for group in self.param_groups:
             self._step_group(group)
         return loss
+
+    def _check_rounding_still_applies(self) -> None:
+        """At the first step: refuse weight_rounding="stochastic" if no bf16 weight is left to round (DeepSpeed puts
+        fp32 master partitions in the groups after construction)."""
+        if self._check_rounding:
+            self._check_rounding = False
+            _check_something_to_round(self.param_groups, when=" now (its tensors were replaced after construction)")
 
     def _warn_if_flattened(self) -> None:
         """Warn once if FOAM was built over tensors that fold but now steps only 1-D ones (flat ZeRO/FSDP1 shards)."""
@@ -401,7 +444,9 @@ class FOAM(Optimizer):
     _STRUCTURAL_OPTIONS = ("block_size", "second_moment", "state_dtype")
 
     def _structure(self, group: dict[str, Any]) -> tuple[Any, ...]:
-        return tuple(normalize_state_dtype(group[key]) for key in self._STRUCTURAL_OPTIONS)
+        # weight_rounding is recorded too, though not structural: a change of it is checked, then taken
+        structural = tuple(normalize_state_dtype(group[key]) for key in self._STRUCTURAL_OPTIONS)
+        return (*structural, group.get("weight_rounding", GROUP_DEFAULTS["weight_rounding"]))
 
     def _record_structure(self) -> None:
         """What each group's moments are (or will be) built with: recorded when a group is added or loaded."""
@@ -421,6 +466,8 @@ class FOAM(Optimizer):
         except (TypeError, ValueError):
             validate_group_options(group, where=f"param group {self._index_of(group)}")  # the same, naming the group
             raise
+        names = [_name_in(group, p) for p in group["params"]]
+        check_weight_rounding(group["params"], group["weight_rounding"], f"param group {self._index_of(group)}", names)
         if entry is not None and entry[0] is group and self._structure_change_matters(group, entry[1], now):
             index = self._index_of(group)
             changed = {k: (a, b) for k, a, b in zip(self._STRUCTURAL_OPTIONS, entry[1], now) if a != b}
@@ -440,7 +487,7 @@ class FOAM(Optimizer):
     def _structure_change_matters(self, group: dict[str, Any], old: tuple[Any, ...], now: tuple[Any, ...]) -> bool:
         """Whether a parameter of ``group`` holds moments that the change from ``old`` to ``now`` (values of
         :attr:`_STRUCTURAL_OPTIONS`) would be misread under."""
-        (old_size, old_rule, old_dtype), (size, rule, dtype) = old, now
+        (old_size, old_rule, old_dtype), (size, rule, dtype) = old[:3], now[:3]
         for p in group["params"]:
             if "exp_avg" not in self.state.get(p, {}):
                 continue
@@ -485,6 +532,7 @@ class FOAM(Optimizer):
             second_moment=group["second_moment"],
             foreach=group["foreach"],
             fused=group["fused"],
+            weight_rounding=group["weight_rounding"],
         )
 
     # ------------------------------------------------------------------ checkpoints
@@ -550,6 +598,7 @@ class FOAM(Optimizer):
         kept = [
             {
                 "state_dtype": group["state_dtype"],
+                "weight_rounding": group["weight_rounding"],
                 **{key: group[key] for key in UPDATE_KEYS if key not in saved},
                 **{key: group[key] for key in ("param_names",) if key in group},
             }

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .errors import FoamConfigError
-from .precision import STATE_DTYPES
+from .precision import STATE_DTYPES, WEIGHT_ROUNDINGS
 
 __all__ = [
     "GROUP_DEFAULTS",
@@ -46,6 +46,7 @@ GROUP_DEFAULTS: dict[str, Any] = {
     "foreach": None,
     "fused": None,
     "state_dtype": None,
+    "weight_rounding": "nearest",
 }
 
 
@@ -163,6 +164,15 @@ def _check_state_dtype(value: Any, at: str) -> None:
         )
 
 
+def _check_weight_rounding(value: Any, at: str) -> None:
+    if value not in WEIGHT_ROUNDINGS:
+        raise FoamConfigError(
+            f"FOAM: weight_rounding={value!r} is invalid: it must be one of {WEIGHT_ROUNDINGS} (how new weights are "
+            f"stored into bf16 parameters). Fix: pass weight_rounding='stochastic' for bf16 weights, or 'nearest' "
+            f"(the default){at}."
+        )
+
+
 def _number_check(name: str) -> Callable[[Any, str], None]:
     def check(value: Any, at: str) -> None:
         check_number(name, value, name, context=at)
@@ -183,6 +193,7 @@ _CHECKS: dict[str, Callable[[Any, str], None]] = {
     "foreach": _check_tristate("foreach"),
     "fused": _check_tristate("fused"),
     "state_dtype": _check_state_dtype,
+    "weight_rounding": _check_weight_rounding,
 }
 assert _CHECKS.keys() == GROUP_DEFAULTS.keys()
 
@@ -213,10 +224,11 @@ def as_builtin_numbers(options: dict[str, Any]) -> None:
 
 
 def validate_group_options(options: dict[str, Any], where: str = "") -> None:
-    """Validate every option of a param group (missing ``fused``/``state_dtype`` count as ``None``), and the one
-    rule between options: ``fused=True`` and ``foreach=True`` name two implementations."""
+    """Validate every option of a param group (missing ``fused``/``state_dtype``/``weight_rounding`` take their
+    defaults), and the one rule between options: ``fused=True`` and ``foreach=True`` name two implementations."""
+    optional = ("fused", "state_dtype", "weight_rounding")
     for name in GROUP_DEFAULTS:
-        check_option(name, options.get(name) if name in ("fused", "state_dtype") else options[name], where)
+        check_option(name, options.get(name, GROUP_DEFAULTS[name]) if name in optional else options[name], where)
     if options.get("fused") and options["foreach"]:
         at = f" (in {where})" if where else ""
         raise FoamConfigError(

@@ -475,7 +475,7 @@ def foam_param_groups(
     model, "block_size=4"), lr=...)`` folds what the Trainer would (linear layers, not the embeddings or the output
     head, unless ``optim_args`` says otherwise) with transformers' weight-decay rule (none on biases and norm
     weights) at ``weight_decay``. ``optim_args`` takes every form ``TrainingArguments.optim_args`` takes; its
-    ``scale``, ``res_scale``, ``second_moment`` and ``state_dtype`` go into every group.
+    ``scale``, ``res_scale``, ``second_moment``, ``state_dtype`` and ``weight_rounding`` go into every group.
     (``FOAM(model.parameters())`` instead folds every tensor of two or more dimensions, embeddings included.)
     Each group carries torch's ``param_names``, which torch then asks of every group added later too:
     ``optimizer.add_param_group({"params": [p], "param_names": ["name"]})``.
@@ -494,5 +494,6 @@ def foam_param_groups(
         res_scale=config.res_scale,
         second_moment=config.second_moment,
         state_dtype=config.state_dtype,
+        weight_rounding=config.weight_rounding,
     )
     return [{**group, **options} for group in groups]

@@ -73,7 +73,7 @@ class ZeroFOAM(FOAM):
 
     Args:
         params, lr, betas, eps, weight_decay, block_size, scale, res_scale, second_moment, foreach, fused,
-            state_dtype: as for :class:`~foam_hf.FOAM`.
+            state_dtype, weight_rounding: as for :class:`~foam_hf.FOAM`.
         process_group: the data-parallel process group ZeRO partitions over (default: None, the whole world,
             which is DeepSpeed's data-parallel group for pure data parallelism as Trainer runs it).
 
@@ -193,6 +193,7 @@ class ZeroFOAM(FOAM):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_rounding_still_applies()
         sliced = []
         for index, group in enumerate(self.param_groups):
             layout = self._layout(index, group)

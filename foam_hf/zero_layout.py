@@ -18,6 +18,7 @@ import torch
 from .functional import foam
 from .precision import compute_dtype as _compute_dtype
 from .precision import store_moment as _store_moment
+from .precision import store_weight as _store_weight
 from .step_scalars import step_constants
 
 __all__ = ["FlatSlice", "partial_block_sums", "partitions_of", "step_slice"]
@@ -204,6 +205,9 @@ def step_slice(
             second_moment=group["second_moment"],
             foreach=group["foreach"],
             fused=group["fused"],
+            # bf16 partitions (DeepSpeed's bf16_master_weights_and_grads) under weight_rounding="stochastic": each
+            # piece draws its dither from its entries' indices within the piece, as a tensor of its own would
+            weight_rounding=group.get("weight_rounding", "nearest"),
         )
     step_t += 1
 
@@ -239,7 +243,7 @@ def step_slice(
             second_moment = second_moment + (res_scale * res_scale) * (residual * residual)
         denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(eps)
         weight.addcdiv_(first_moment, denom, value=-step_size * scale)
-        param[lo:hi].copy_(weight)
+        _store_weight(param[lo:hi], weight, step, group.get("weight_rounding", "nearest"), offset=lo)
         _store_moment(stored_avg, m, step, salt=0)
         _store_moment(stored_avg_sq, v, step, salt=1)
 

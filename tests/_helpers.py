@@ -151,6 +151,22 @@ def assert_same_state(a, b) -> None:
             assert torch.equal(a.state[p][key], b.state[q][key]), key
 
 
+def peak_transient_bytes(step) -> int:
+    """Peak of allocated-minus-freed bytes through torch's CPU allocator during ``step()``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    current = peak = 0
+    for e in events:
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
 def clone_params(params) -> list[torch.Tensor]:
     """Fresh leaf copies with the same values: the twin a test steps alongside."""
     return [p.detach().clone().requires_grad_() for p in params]

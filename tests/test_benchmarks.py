@@ -96,6 +96,10 @@ def test_bench_step(tmp_path):
         # AdamW: two unfolded moments in the weights' dtype (plus whatever torch keeps for the step count).
         adamw = rows[("torch AdamW fused", dtype)]["state_bytes"]
         assert 2 * param_bytes <= adamw <= 2 * param_bytes + 64 * len(shapes)
+    for path in ("FOAM fused B=4, stochastic weights", "FOAM foreach B=4, stochastic weights"):
+        assert rows[(path, "bf16")]["state_bytes"] == foam_state_bytes_from_shapes(shapes, 4)
+        assert (path, "fp32") not in rows  # nothing to round: the option is refused for fp32 weights
+    assert rows[("FOAM fused B=4, stochastic weights", "bf16")]["transient_bytes"] == 0
     assert (tmp_path / "step.png").stat().st_size > 0
 
 
@@ -195,6 +199,45 @@ def test_bench_quality_trains_through_optim_foam_and_caches_every_run(tmp_path):
     stamps = {p.name: p.stat().st_mtime_ns for p in runs.iterdir()}
     run("bench_quality.py", *args, cwd=tmp_path)
     assert {p.name: p.stat().st_mtime_ns for p in runs.iterdir()} == stamps
+
+
+def test_bench_quality_trains_bf16_weights_and_rounds_them_stochastically_only_there(tmp_path):
+    from foam_hf.tools.demo_training import build_model
+
+    args = ["--model-size", "tiny", "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--lrs", "1e-3"]
+    args += ["--seeds", "1", "--workers", "1", "--output-dir", "out", "--weights-dtype", "bfloat16"]
+    args += ["--only", "AdamW", "FOAM B=4 stochastic weights"]
+    stdout = run("bench_quality.py", *args, cwd=tmp_path)
+    assert set(by_name(table(stdout))) == {"AdamW", "FOAM B=4 stochastic weights"}
+    assert "bfloat16 weights" in stdout
+    report = json.loads((tmp_path / "out" / "quality.json").read_text())
+    assert report["meta"]["config"]["weights_dtype"] == "bfloat16"
+    by_row = {r["name"]: r for r in report["rows"]}
+    model = build_model("tiny", seed=0, seq_len=32)
+    # torch's AdamW keeps bf16 moments for bf16 weights (2 + 2 bytes an entry); FOAM fp32 ones, folded in the
+    # linear layers but the output head (written here from the rule, as above).
+    folded = {
+        f"{name}.weight"
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] != "lm_head"
+    }
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    assert by_row["AdamW"]["state_bytes"] == sum(4 * math.prod(s) + 4 for s in shapes.values())
+    assert by_row["FOAM B=4 stochastic weights"]["state_bytes"] == foam_state_bytes_from_shapes(
+        [shapes[n] for n in folded], 4
+    ) + sum(8 * math.prod(s) + 4 for n, s in shapes.items() if n not in folded)
+
+    # With fp32 weights there is nothing to round: the configuration is left out, saying why.
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    fp32 = [arg for arg in args if arg not in ("--weights-dtype", "bfloat16")]
+    fp32[fp32.index("out")] = "out32"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_quality.py"), *fp32],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(by_name(table(proc.stdout))) == {"AdamW"}
+    assert "FOAM B=4 stochastic weights: needs --weights-dtype bfloat16" in proc.stderr
 
 
 def test_bench_trainer(tmp_path):

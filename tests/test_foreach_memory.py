@@ -11,27 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import FOR_LOOP, FOREACH, SHAPES, _chunking, grad_sequence, make_params, run
+from _helpers import FOR_LOOP, FOREACH, SHAPES, _chunking, grad_sequence, make_params, peak_transient_bytes, run
 from _helpers import HPARAMS as HPARAM_SETS
-from torch.profiler import ProfilerActivity, profile
 
 from foam_hf import FOAM
 
 HPARAMS = HPARAM_SETS["decay"]
-
-
-def peak_transient_bytes(step) -> int:
-    """Peak of allocated-minus-freed bytes through torch's CPU allocator during ``step()``."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    current = peak = 0
-    for e in events:
-        current += e.nbytes()
-        peak = max(peak, current)
-    return peak
 
 
 def awkward_params(dtype):
@@ -58,6 +43,20 @@ def test_foreach_step_temporaries_stay_within_a_quarter_of_the_parameters(dtype,
         p.grad = g
     optimizer = FOAM(params, block_size=4, state_dtype=state_dtype, **FOREACH, **HPARAMS)
     optimizer.step()  # states allocated: later steps allocate only temporaries
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    peak = peak_transient_bytes(optimizer.step)
+    assert 0 < peak <= 0.25 * param_bytes, f"peak transient {peak} B = {100 * peak / param_bytes:.0f}% of params"
+
+
+@pytest.mark.parametrize("state_dtype", [None, "bfloat16"], ids=["fp32-states", "bf16-states"])
+def test_stochastically_rounded_bf16_weights_stay_within_a_quarter_of_the_parameters(state_dtype):
+    # weight_rounding="stochastic" adds the rounding's int64 temporaries per weight entry (as for bf16 moments).
+    params = make_params([(512, 1030)] * 4 + [(1030,)], torch.bfloat16)
+    (grads,) = grad_sequence(params, 1)
+    for p, g in zip(params, grads):
+        p.grad = g
+    optimizer = FOAM(params, block_size=4, state_dtype=state_dtype, weight_rounding="stochastic", **FOREACH, **HPARAMS)
+    optimizer.step()
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     peak = peak_transient_bytes(optimizer.step)
     assert 0 < peak <= 0.25 * param_bytes, f"peak transient {peak} B = {100 * peak / param_bytes:.0f}% of params"
@@ -97,6 +96,23 @@ def test_row_pieces_change_no_bit(monkeypatch, dtype, state_dtype, block_size, r
     rtol = 2**-7 if torch.bfloat16 in (dtype, reference[-1].dtype) else 1e-6
     for a, b in zip(reference, pieces):
         torch.testing.assert_close(b, a, rtol=rtol, atol=1e-6)
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 4])
+@pytest.mark.parametrize("state_dtype", [None, "bfloat16"], ids=["default-states", "bf16-states"])
+def test_row_pieces_round_bf16_weights_as_the_whole_tensor(monkeypatch, state_dtype, block_size):
+    """Under weight_rounding="stochastic" a piece draws the dither of its entries' indices in the whole tensor
+    (transposed and 3-D tensors cut into slabs included)."""
+    options = dict(block_size=block_size, state_dtype=state_dtype, weight_rounding="stochastic")
+    monkeypatch.setattr(_chunking, "MIN_BATCH_BYTES", 1 << 40)
+    whole = train(awkward_params(torch.bfloat16), **options, **FOREACH)
+    monkeypatch.setattr(_chunking, "MIN_BATCH_BYTES", 0)
+    monkeypatch.setattr(_chunking, "TRANSIENT_FRACTION", 1e-9)
+    pieces = train(awkward_params(torch.bfloat16), **options, **FOREACH)
+    for a, b in zip(whole, pieces):
+        assert torch.equal(a, b)
+    nearest = train(awkward_params(torch.bfloat16), block_size=block_size, state_dtype=state_dtype, **FOREACH)
+    assert not all(torch.equal(a, b) for a, b in zip(whole, nearest))  # the option took effect
 
 
 def test_batches_cut_rows_within_the_budget():

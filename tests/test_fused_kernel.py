@@ -364,7 +364,8 @@ def test_a_failed_check_changes_nothing(kernel):
     moments = [torch.zeros(4, 4), torch.zeros(4, 4), torch.zeros(4, 3), torch.zeros(4, 3)]  # bad: 3 blocks, not 4
     steps = [torch.zeros(()), torch.zeros(())]
     before = good.clone()
-    hyper = (1e-3, 0.9, 0.999, 1e-8, 0.0, 4, 1.0, 1.0, True)  # lr, betas, eps, weight decay, B, scale, rho, mean_sq
+    # lr, betas, eps, weight decay, B, scale, rho, mean_sq, stochastic weights
+    hyper = (1e-3, 0.9, 0.999, 1e-8, 0.0, 4, 1.0, 1.0, True, False)
     with pytest.raises(RuntimeError, match=r"moments of params\[1\] hold 12 entries, expected 16"):
         kernel.fused_step([good, bad], [torch.ones(4, 16)] * 2, moments[0::2], moments[1::2], steps, *hyper)
     assert torch.equal(good, before)

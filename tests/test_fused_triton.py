@@ -22,6 +22,7 @@ from _helpers import _single_tensor_foam, _store_moment
 
 from foam_hf import FOAM
 from foam_hf.folding import folded_shape, is_foldable
+from foam_hf.precision import store_weight
 
 fused_triton = _helpers._fused_triton  # imported only now: after tests/conftest.py set TRITON_INTERPRET
 # The shapes and hyper-parameters of the fused CPU kernel's tests (tests/test_fused.py).
@@ -58,7 +59,7 @@ def fresh_state(params, block_size, state_dtype=torch.float32):
     return exp_avgs, [torch.zeros_like(m) for m in exp_avgs], [torch.tensor(0.0) for _ in params]
 
 
-def step_kwargs(block_size, second_moment="mean_sq", res_scale=1.0, hparams=SCALED):
+def step_kwargs(block_size, second_moment="mean_sq", res_scale=1.0, hparams=SCALED, weight_rounding="nearest"):
     betas = hparams["betas"]
     return dict(
         lr=hparams["lr"],
@@ -70,16 +71,19 @@ def step_kwargs(block_size, second_moment="mean_sq", res_scale=1.0, hparams=SCAL
         scale=hparams["scale"],
         res_scale=res_scale,
         second_moment=second_moment,
+        weight_rounding=weight_rounding,
     )
 
 
-def run_both(block_size, second_moment, res_scale, dtype, hparams=SCALED, state_dtype=torch.float32):
+def run_both(
+    block_size, second_moment, res_scale, dtype, hparams=SCALED, state_dtype=torch.float32, weight_rounding="nearest"
+):
     gen = torch.Generator().manual_seed(0)
     reference = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
     triton = [p.clone() for p in reference]
     state_ref = fresh_state(reference, block_size, state_dtype)
     state_triton = fresh_state(triton, block_size, state_dtype)
-    kwargs = step_kwargs(block_size, second_moment, res_scale, hparams)
+    kwargs = step_kwargs(block_size, second_moment, res_scale, hparams, weight_rounding)
     for _ in range(STEPS):
         grads = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
         _single_tensor_foam(reference, grads, *state_ref, **kwargs)
@@ -229,6 +233,98 @@ def test_triton_bf16_states_round_bit_for_bit_as_store_moment(block_size, dtype)
 def bits(x):
     """A tensor's bit patterns (as integers, so that NaN equals NaN and -0 differs from 0)."""
     return x.view({4: torch.int32, 2: torch.int16}[x.element_size()])
+
+
+# weight_rounding="stochastic": folded weights of whole blocks, ragged last blocks and rows narrower than a block
+# (B = 4, 3), unfolded ones (the 1-D tensors, and every tensor at B = 1), with fp32 and bf16 moments.
+STOCHASTIC_CASES = [(4, torch.float32), (3, torch.bfloat16), (1, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("block_size, state_dtype", STOCHASTIC_CASES, ids=["4-fp32", "3-bf16", "1-bf16"])
+def test_triton_stochastic_bf16_weights_round_bit_for_bit_as_store_weight(block_size, state_dtype):
+    """Under weight_rounding="stochastic" a bf16 weight is stored as foam_hf.precision.store_weight stores the fp32
+    weight the kernels computed, bit for bit: the moments' hash under WEIGHT_SALT, counted by the entry's C-order
+    index in the parameter, keyed by the step (three steps: three dithers, each from weights the kernels rounded).
+
+    The fp32 weights are the same kernels' on fp32 copies of the bf16 weights, with the same gradients and copies of
+    the moments: a bf16 weight widens exactly, and only the store differs. That they are the very values the bf16
+    launches round shows twice: their moments (stepped by the same arithmetic) are bit for bit the fp32 launch's,
+    and under "nearest" their weights are bit for bit the fp32 weights rounded to nearest."""
+    gen = torch.Generator().manual_seed(6)
+    params = [torch.randn(s, generator=gen).to(torch.bfloat16) for s in SHAPES]
+    state = fresh_state(params, block_size, state_dtype)
+    for step in range(1, 4):
+        grads = [torch.randn(p.shape, generator=gen).to(torch.bfloat16) for p in params]
+        launches = {  # name: (weights, weight_rounding); each launch on copies of the same moments and step counts
+            "fp32": ([p.float() for p in params], "stochastic"),
+            "nearest": ([p.clone() for p in params], "nearest"),
+            "stochastic": (params, "stochastic"),
+        }
+        states = {}
+        for name, (weights, rounding) in launches.items():
+            states[name] = [[t.clone() for t in tensors] for tensors in state]
+            kwargs = step_kwargs(block_size, res_scale=0.5, weight_rounding=rounding)
+            fused_triton._fused_foam_triton(weights, grads, *states[name], **kwargs)
+        computed = launches["fp32"][0]
+        for name in ("nearest", "stochastic"):
+            for moments, fp32_moments in zip(states[name][:2], states["fp32"][:2]):
+                assert all(torch.equal(bits(m), bits(f)) for m, f in zip(moments, fp32_moments))
+        for nearest, value in zip(launches["nearest"][0], computed):
+            assert torch.equal(bits(nearest), bits(value.to(torch.bfloat16)))  # torch's round to nearest even
+        for stored, value in zip(params, computed):
+            expected = torch.empty_like(stored)
+            store_weight(expected, value, step, "stochastic")
+            assert torch.equal(bits(stored), bits(expected))
+        state = states["stochastic"]
+        assert [s.item() for s in state[2]] == [float(step)] * len(params)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["fp32-states", "bf16-states"])
+def test_triton_stochastic_bf16_weights_match_the_readable_path(state_dtype):
+    """Four steps of the kernels and of the readable path (_single_tensor_foam, FOAM's fused=False, foreach=False),
+    each on its own weights, under weight_rounding="stochastic": every weight within one bf16 spacing, and on the same
+    neighbour but for the rare one whose fp32 values, an ulp or so apart, straddle its dither's threshold
+    (probability ~ ulps / 2**16). A dither of the kernels' own (a wrong salt, index or step key) puts a third of them
+    on the other neighbour, rounding to nearest a quarter: the self-check's allowance, a sixteenth, tells them apart."""
+    reference, triton, _, _ = run_both(
+        4, "mean_sq", 0.5, torch.bfloat16, state_dtype=state_dtype, weight_rounding="stochastic"
+    )
+    for p, q in zip(reference, triton):
+        assert q.dtype == torch.bfloat16
+        torch.testing.assert_close(q.float(), p.float(), atol=1e-6, rtol=2**-7)
+    other = sum(int((p != q).sum()) for p, q in zip(reference, triton))
+    assert other / sum(p.numel() for p in reference) <= fused_triton._CHECK_ROUNDED_OTHERWISE
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=["bf16", "fp32", "fp16"])
+def test_nearest_rounding_and_other_dtypes_store_weights_as_before(dtype):
+    """weight_rounding="nearest", the default, compiles the kernels it compiled before the option existed (the
+    stochastic store is a constexpr, off) and steps the same bits whether it is passed or not (that they are torch's
+    rounding to nearest even of the kernels' fp32 weights, the test above checks). fp32 and fp16 weights are never
+    stochastically rounded (foam_hf.precision.store_weight; the optimizer refuses fp16 under "stochastic"): the same
+    kernels and bits under either option. Two steps, over folded, ragged and unfolded tensors."""
+    block_size = 3
+    gen = torch.Generator().manual_seed(7)
+    start = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
+    grads = [[torch.randn(s, generator=gen).to(dtype) for s in SHAPES] for _ in range(2)]
+
+    def run(**rounding):
+        weights = [p.clone() for p in start]
+        state = fresh_state(weights, block_size)
+        kwargs = {k: v for k, v in step_kwargs(block_size).items() if k != "weight_rounding"} | rounding
+        for step_grads in grads:
+            fused_triton._fused_foam_triton(weights, step_grads, *state, **kwargs)
+        return weights
+
+    default, nearest, stochastic = run(), run(weight_rounding="nearest"), run(weight_rounding="stochastic")
+    assert all(torch.equal(bits(d), bits(n)) for d, n in zip(default, nearest))
+    same = [torch.equal(bits(s), bits(n)) for s, n in zip(stochastic, nearest)]
+    assert not all(same) if dtype == torch.bfloat16 else all(same)  # the option acts on bf16 weights only
+    for weight, exp_avg in zip(start, fresh_state(start, block_size)[0]):
+        for rounding in ("nearest", "stochastic"):
+            hyper = step_kwargs(block_size, weight_rounding=rounding)
+            stochastic_store = fused_triton._common_constexprs(weight, exp_avg, hyper)["STOCHASTIC_WEIGHTS"]
+            assert stochastic_store == (dtype == torch.bfloat16 and rounding == "stochastic")
 
 
 def test_shared_and_own_launches_step_the_same_bits(monkeypatch):
@@ -522,7 +618,10 @@ def test_ready_check_steps_the_tile_of_the_groups_large_weights(block_size):
     "kind",
     [(torch.float32, torch.float32, 3, "mean_sq"), (torch.float32, torch.bfloat16, 8, "sq_mean"),
      (torch.bfloat16, torch.float32, 32, "mean_sq"), (torch.float16, torch.float32, 4, "sq_mean"),
-     (torch.float16, torch.bfloat16, 2, "mean_sq"), (torch.float32, torch.float32, 1, "mean_sq")],
+     (torch.float16, torch.bfloat16, 2, "mean_sq"), (torch.float32, torch.float32, 1, "mean_sq"),
+     (torch.bfloat16, torch.bfloat16, 4, "mean_sq", "stochastic"),
+     (torch.bfloat16, torch.float32, 1, "sq_mean", "stochastic"),
+     (torch.bfloat16, torch.float32, 3, "mean_sq", "stochastic")],
     ids=str,
 )  # fmt: skip
 def test_ready_check_passes_for_right_kernels_of_every_kind(kind):
@@ -549,6 +648,55 @@ def test_ready_check_accepts_differences_within_the_tolerance(monkeypatch):
     # A perturbation inside the tests' tolerance (1 part in 1e7 of a weight) is not a miscompiled kernel.
     perturbed_kernels(monkeypatch, lambda params, *_: params[0].mul_(1 + 1e-7))
     assert fused_triton.triton_ready(torch.device("cpu"))
+
+
+STOCHASTIC_KIND = (torch.bfloat16, torch.bfloat16, 4, "mean_sq", "stochastic")
+
+
+def dither_of_exp_avg(monkeypatch):
+    monkeypatch.setattr(fused_triton, "_SALTS", (0, 1, 0))  # the weights drawn with exp_avg's salt: another dither
+
+
+def rounded_to_nearest(monkeypatch):
+    real = fused_triton._common_constexprs
+    monkeypatch.setattr(fused_triton, "_common_constexprs", lambda *a: real(*a) | {"STOCHASTIC_WEIGHTS": False})
+
+
+@pytest.mark.parametrize("wrong", [dither_of_exp_avg, rounded_to_nearest], ids=["another dither", "to nearest"])
+def test_ready_check_catches_stochastic_weights_rounded_with_a_wrong_dither(monkeypatch, caplog, wrong):
+    # Every weight then lies within a bf16 spacing of the readable path's, the weights' tolerance: only the share
+    # rounded to the other neighbour (a third, or a quarter, of them; a right kernel ~1e-4) shows it. The kernels of
+    # "nearest", which the option does not touch, stay ready.
+    monkeypatch.setattr(fused_triton, "_ready", {})
+    wrong(monkeypatch)
+    with caplog.at_level("WARNING", logger=fused_triton.__name__):
+        assert not fused_triton.triton_ready(torch.device("cpu"), [STOCHASTIC_KIND])
+        assert fused_triton.triton_ready(torch.device("cpu"), [STOCHASTIC_KIND[:4]])
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "share of weights rounded to the other bf16 neighbour (" in warning
+    assert "weight_rounding='stochastic'" in warning
+
+
+def one_bf16_weight_on_its_other_neighbour(params, exp_avgs, exp_avg_sqs):
+    # What stochastic rounding does now and then on a GPU, whose fp32 weight is an ulp or so from torch's.
+    params[0].view(torch.int16).view(-1)[0] += 1
+
+
+def test_ready_check_passes_a_stochastic_weight_rounded_to_its_other_neighbour(monkeypatch):
+    perturbed_kernels(monkeypatch, one_bf16_weight_on_its_other_neighbour)
+    assert fused_triton._self_check_mismatch(torch.device("cpu"), STOCHASTIC_KIND) is None
+
+
+def test_ready_check_keys_kinds_by_the_kernels_they_compile(monkeypatch):
+    # weight_rounding compiles kernels of its own for bf16 weights only, so only that kind is a fifth check: a kind
+    # of four is "nearest", and other dtypes under "stochastic" step the kernels "nearest" does.
+    checked = []
+    monkeypatch.setattr(fused_triton, "_ready", {})
+    monkeypatch.setattr(fused_triton, "_self_check_mismatch", lambda device, kind: checked.append(kind))
+    fp32, bf16 = (torch.float32, torch.float32, 4, "mean_sq"), STOCHASTIC_KIND[:4]
+    kinds = [(*fp32, "stochastic"), fp32, (*fp32, "nearest"), bf16, (*bf16, "nearest"), STOCHASTIC_KIND]
+    assert fused_triton.triton_ready(torch.device("cpu"), kinds)
+    assert checked == [fp32, bf16, STOCHASTIC_KIND]
 
 
 KERNEL_NAMES = ("_foam_fold_kernel", "_foam_fold_list_kernel", "_adamw_kernel", "_adamw_list_kernel")
@@ -591,15 +739,15 @@ def test_the_rounding_keys_give_every_step_one_kernel_signature(monkeypatch, lau
             continue
         assert len(calls) == 200
         dont = unspecialized(kernels[name])
-        assert dont == {"key_m", "key_v"}, name
-        keys = [(call["key_m"], call["key_v"]) for call in calls]
-        assert all(-(2**31) <= k < 2**31 and type(k) is int for pair in keys for k in pair)
+        assert dont == {"key_m", "key_v", "key_w"}, name
+        keys = [(call["key_m"], call["key_v"], call["key_w"]) for call in calls]
+        assert all(-(2**31) <= k < 2**31 and type(k) is int for triple in keys for k in triple)
         assert len(set(keys)) == 200  # a key per step: they do change
         signatures = {
             tuple(native_specialize_impl(BaseBackend, call[key], False, key not in dont, True) for key in dont)
             for call in calls
         }
-        assert signatures == {(("i32", None), ("i32", None))}, name
+        assert signatures == {(("i32", None),) * 3}, name
     own = launch == "own launches"
     expected = {"_foam_fold_kernel", "_adamw_kernel"} if own else {"_foam_fold_list_kernel", "_adamw_list_kernel"}
     assert {name for name, calls in launched.items() if calls} == expected

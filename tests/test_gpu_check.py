@@ -99,15 +99,19 @@ def test_interpreter_run_writes_parity_and_trainer_results(tmp_path):
     results = json.loads((out / "results.json").read_text())
     # the interpreter is slow: 1 block size (3: a padded tile, ragged rows) x 2 parameter dtypes x 2 state dtypes,
     # then what that grid holds fixed, at B=4: the other second moment, scale and res_scale, fp32 gradients of
-    # bf16 weights; and a block wider than a 2048-entry tile
+    # bf16 weights, stochastically rounded bf16 weights; and a block wider than a 2048-entry tile
     cases = {(r["block_size"], r["dtype"], r["state_dtype"], r["variant"]) for r in results["parity"]}
     pairs = [(d, s) for d in ("float32", "bfloat16") for s in ("float32", "bfloat16")]
     expected = {(3, d, s, "") for d, s in pairs}
     expected |= {(4, d, s, v) for d, s in pairs for v in ("second_moment=sq_mean", "scale=0.5, res_scale=0.5")}
     expected |= {(4, "bfloat16", s, "grad_dtype=float32") for s in ("float32", "bfloat16")}
+    expected |= {(4, "bfloat16", s, "weight_rounding=stochastic") for s in ("float32", "bfloat16")}
     expected |= {(4096, "float32", s, "") for s in ("float32", "bfloat16")}
     assert cases == expected
     assert all(r["pass"] for r in results["parity"]), results["parity"]
+    stochastic = [r["max_rounded_otherwise"] for r in results["parity"] if "weight_rounding" in r["variant"]]
+    assert len(stochastic) == 2 and all(0 <= share <= 1 / 16 for share in stochastic)
+    assert {r["max_rounded_otherwise"] for r in results["parity"] if "weight_rounding" not in r["variant"]} == {None}
     assert results["steps"] == []  # step time and CUDA memory need a GPU
     trainer = results["trainer"]
     assert trainer["steps"] == 2 and trainer["all_finite"]
@@ -133,6 +137,19 @@ def test_parity_harness_reports_a_wrong_kernel(monkeypatch):
     monkeypatch.setattr(_fused_triton, "_fused_foam_triton", wrong)
     row = gpu_check.parity_case(torch.device("cpu"), gpu_check.QUICK_SHAPES, 4, torch.float32, None, steps=1)
     assert not row["pass"] and row["max_weight_gap"] > 1e-3
+
+
+def test_parity_harness_reports_stochastic_weights_rounded_with_another_dither(monkeypatch):
+    # Within a bf16 spacing of the readable path's, every weight passes its tolerance: the share rounded to the other
+    # neighbour (a third of them under an unrelated dither) is what fails the row.
+    gpu_check = load_script()
+    monkeypatch.setattr(_fused_triton, "_SALTS", (0, 1, 1))  # the weights drawn with exp_avg_sq's salt
+    args = (torch.device("cpu"), gpu_check.QUICK_SHAPES, 4, torch.bfloat16, "bfloat16")
+    row = gpu_check.parity_case(*args, steps=1, weight_rounding="stochastic")
+    assert not row["pass"] and row["max_rounded_otherwise"] > 1 / 16 and row["max_weight_gap"] <= 2**-6
+    assert row["variant"] == "weight_rounding=stochastic"
+    monkeypatch.undo()
+    assert gpu_check.parity_case(*args, steps=1, weight_rounding="stochastic")["pass"]
 
 
 def test_parity_harness_passes_a_moment_rounded_to_its_bf16_neighbour(monkeypatch):

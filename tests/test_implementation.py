@@ -27,7 +27,7 @@ def test_foam_and_foam_config_take_their_defaults_from_the_one_table():
     }
     assert foam_defaults == GROUP_DEFAULTS
     config_defaults = {f.name: f.default for f in dataclasses.fields(FoamConfig) if f.name in GROUP_DEFAULTS}
-    assert config_defaults == {k: GROUP_DEFAULTS[k] for k in config_defaults} and len(config_defaults) == 5
+    assert config_defaults == {k: GROUP_DEFAULTS[k] for k in config_defaults} and len(config_defaults) == 6
     group = FOAM([torch.nn.Parameter(torch.zeros(2, 4))]).param_groups[0]
     assert {k: group[k] for k in GROUP_DEFAULTS} == GROUP_DEFAULTS
 
@@ -35,7 +35,7 @@ def test_foam_and_foam_config_take_their_defaults_from_the_one_table():
 @pytest.mark.parametrize(
     "name, value",
     [("block_size", 0), ("block_size", 2.0), ("scale", 0.0), ("res_scale", float("nan")), ("second_moment", "x")]
-    + [("state_dtype", "float16")],
+    + [("state_dtype", "float16"), ("weight_rounding", "up")],
 )
 def test_foam_and_foam_config_reject_a_bad_option_with_the_same_words(name, value):
     with pytest.raises((TypeError, FoamConfigError)) as from_foam:
@@ -159,6 +159,27 @@ def test_fused_default_on_cuda_asks_every_device_of_the_group_for_the_self_check
     assert implementation._fused_default(params, moments, on_cuda=True, block_size=8, second_moment="sq_mean")
     kinds = {(torch.bfloat16, torch.bfloat16, 8, "sq_mean"), (torch.float32, torch.float32, 8, "sq_mean")}
     assert asked == [(torch.device("cpu"), kinds), (torch.device("meta"), kinds)]
+    # stochastically rounded bf16 weights compile kernels of their own: their kind says so (fp32 weights round nothing)
+    asked.clear()
+    assert implementation._fused_default(
+        params, moments, on_cuda=True, block_size=8, second_moment="sq_mean", weight_rounding="stochastic"
+    )
+    kinds = {(torch.bfloat16, torch.bfloat16, 8, "sq_mean", "stochastic"), (torch.float32, torch.float32, 8, "sq_mean")}
+    assert asked == [(torch.device("cpu"), kinds), (torch.device("meta"), kinds)]
+
+
+def test_a_groups_weight_rounding_reaches_the_choice_of_implementation(monkeypatch):
+    # The self-check must be asked of the kernels the group runs: FOAM's step passes its weight_rounding down.
+    from foam_hf import FOAM, implementation
+
+    seen = []
+    real = implementation._fused_default
+    monkeypatch.setattr(implementation, "_fused_default", lambda *a, **k: seen.append(a[6]) or real(*a, **k))
+    weight = torch.zeros(4, 8, dtype=torch.bfloat16, requires_grad=True)
+    weight.grad = torch.ones_like(weight)
+    FOAM([weight], weight_rounding="stochastic").step()
+    FOAM([weight]).step()
+    assert seen == ["stochastic", "nearest"]
 
 
 def test_fused_default_on_cuda_takes_the_foreach_path_for_moments_the_kernels_cannot_index(monkeypatch):

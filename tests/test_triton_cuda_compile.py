@@ -45,6 +45,13 @@ def test_every_launch_compiles_for_sm80_and_sm90_without_a_gpu(tmp_path):
                 and grad_and_weight_dtypes(entry) == ("fp32", "bf16")
                 for entry in compiled
             ), kernel
+            # and bf16 weights with stochastic rounding (weight_rounding="stochastic"), in every kernel
+            assert any(
+                entry["target"] == target
+                and entry["kernel"] == kernel
+                and entry["constexprs"].get("STOCHASTIC_WEIGHTS") == "True"
+                for entry in compiled
+            ), kernel
     for entry in compiled:
         # every launch asks for no a·b + c contraction (as the interpreter computes), and got a cubin; the folded
         # kernels name their warps (4 for these tiles of at most 2048 entries: Triton's default)
@@ -52,7 +59,7 @@ def test_every_launch_compiles_for_sm80_and_sm90_without_a_gpu(tmp_path):
         assert entry["options"] == {"enable_fp_fusion": False, **({"num_warps": 4} if folded else {})}
         assert entry["cubin_bytes"] > 0
         # the rounding hash's keys are int32 at every step (one compilation for all of them)
-        assert entry["signature"]["key_m"] == entry["signature"]["key_v"] == "i32", entry
+        assert entry["signature"]["key_m"] == entry["signature"]["key_v"] == entry["signature"]["key_w"] == "i32", entry
         # A tensor with a launch of its own (aligned, as torch allocates), and shared launches of tensors promised
         # aligned (rows or entries a multiple of 16) load 8 or 16 bytes at a time, but where B = 3 pads the tile.
         own = not entry["kernel"].endswith("_list_kernel")

@@ -363,3 +363,39 @@ def test_a_state_of_the_other_layout_is_refused_naming_both():
         with pytest.raises(FoamStateError, match=rf"written by {writer} \(\d param groups\) and this optimizer is a"):
             target.load_state_dict(source.state_dict())
         assert not target.state
+
+
+@pytest.mark.parametrize("shape, block_size, world_size, stage", [((35, 70), 8, 2, 2), ((35, 70), 16, 2, 3)])
+def test_bf16_partitions_round_their_weights_stochastically(shape, block_size, world_size, stage):
+    """bf16 partitions (DeepSpeed's bf16_master_weights_and_grads) under weight_rounding="stochastic": a constant
+    gradient at lr 1e-4 moves each weight in [0.5, 1) by lr a step (m̂/√v̂ = 1), under half its bf16 spacing
+    (2^-9). Rounded to nearest no weight moves; stochastically the mean moves by steps·lr, the entries of blocks
+    that partition boundaries cut (stepped apart from the whole blocks) included."""
+    lr, steps = 1e-4, 200
+    layouts = partitions_of(shape, block_size, world_size, stage)
+    size, numel = layouts[0].partition_numel, math.prod(shape)
+    start = torch.zeros(size * world_size, dtype=torch.bfloat16)
+    start[:numel] = torch.empty(numel).uniform_(0.5, 0.999, generator=torch.Generator().manual_seed(0))
+    grad = torch.zeros(size * world_size, dtype=torch.bfloat16)
+    grad[:numel] = 1.0
+    in_cut_block = torch.zeros(size * world_size, dtype=torch.bool)
+    for lay in layouts:
+        for block in lay.partial_blocks():
+            in_cut_block[max(lay.block_start(block), lay.start) : min(lay.block_stop(block), lay.stop)] = True
+    assert in_cut_block.any()
+    moved = {}
+    for rounding in ("nearest", "stochastic"):
+        group = dict(GROUP, lr=lr, weight_decay=0.0, block_size=block_size, weight_rounding=rounding)
+        parts = list(start.clone().split(size))
+        moments = [(torch.zeros(lay.num_local_blocks), torch.zeros(lay.num_local_blocks)) for lay in layouts]
+        steps_t = [torch.tensor(0.0) for _ in layouts]
+        grads = grad.split(size)
+        for _ in range(steps):
+            sums = sum(partial_block_sums(lay, g) for lay, g in zip(layouts, grads))
+            for lay, part, g, (m, v), t in zip(layouts, parts, grads, moments, steps_t):
+                step_slice(lay, part, g, m, v, t, sums, group)
+        moved[rounding] = torch.cat(parts).float() - start.float()
+    assert torch.all(moved["nearest"] == 0)
+    assert moved["stochastic"][:numel].mean().item() == pytest.approx(-steps * lr, rel=0.05)
+    assert moved["stochastic"][in_cut_block].mean().item() == pytest.approx(-steps * lr, rel=0.5)
+    assert torch.all(moved["stochastic"][numel:] == 0)  # padding is never touched

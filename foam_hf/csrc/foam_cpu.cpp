@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <functional>
+#include <optional>
 
 #include "foam_kernel.h"
 
@@ -22,6 +23,7 @@ namespace {
 using namespace foam;
 
 constexpr int64_t kGrain = 32768;  // elements: a tensor under this goes whole to one thread
+constexpr int64_t kWeightSalt = 2;  // the dither salt of bf16 weights (moments: 0 and 1)
 
 // The threads meet once per step, not once per tensor: fused_step opens one parallel region for the whole list,
 // and each thread steps its Share of every tensor, a contiguous run of rows (folded) or elements (unfolded).
@@ -52,9 +54,45 @@ constexpr int64_t kElementAlign = 64;  // unfolded shares start on whole vectors
 // (n + B - 1) / B cannot overflow however large block_size is.
 int64_t block_within_row(int64_t block_size, int64_t n) { return std::min(block_size, n); }
 
+// A bf16 tensor under weight_rounding="stochastic": the fp32 kernel over fp32 tiles, the weights (and bf16 moments)
+// stochastically rounded back (foam_kernel.h, fold_rows_rounded_weights).
+template <typename M>
+void run_rounded_weights(const at::Tensor& p, const at::Tensor& g, M* mp, M* vp, bool folded, int64_t block_size,
+                         const Hyper<float>& h, RoundingOffsets offsets, uint32_t weight_offset, Share share,
+                         size_t job) {
+  const uint16_t* gp = reinterpret_cast<const uint16_t*>(g.const_data_ptr());
+  uint16_t* wp = reinterpret_cast<uint16_t*>(p.data_ptr());
+  const Bf16Ops ops = bf16_ops();
+  if (folded) {
+    const int64_t n = p.size(-1);
+    const int64_t B = block_within_row(block_size, n);
+    const FoldFn<F32> fold = fold_fn<F32>();
+    for_share(p.numel() / n, std::max<int64_t>(1, kGrain / n), 1, share, job, [&](int64_t r0, int64_t r1) {
+      fold_rows_rounded_weights<M>(fold, ops, gp, wp, mp, vp, r0, r1, n, B, h, offsets, weight_offset);
+    });
+  } else {
+    const AdamwFn<F32> adamw = adamw_fn<F32>();
+    for_share(p.numel(), kGrain, kElementAlign, share, job, [&](int64_t i0, int64_t i1) {
+      adamw_rounded_weights<M>(adamw, ops, gp, wp, mp, vp, i0, i1, h, offsets, weight_offset);
+    });
+  }
+}
+
 template <typename S>
 void run_tensor(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v, bool folded,
-                int64_t block_size, const Hyper<typename S::C>& h, RoundingOffsets offsets, Share share, size_t job) {
+                int64_t block_size, const Hyper<typename S::C>& h, RoundingOffsets offsets,
+                std::optional<uint32_t> weight_rounding, Share share, size_t job) {
+  if constexpr (std::is_same_v<S, BF16>) {
+    if (weight_rounding) {  // weight_rounding="stochastic": *weight_rounding is the weights' rounding offset
+      if (m.scalar_type() == at::kBFloat16) {
+        return run_rounded_weights(p, g, reinterpret_cast<uint16_t*>(m.data_ptr()),
+                                   reinterpret_cast<uint16_t*>(v.data_ptr()), folded, block_size, h, offsets,
+                                   *weight_rounding, share, job);
+      }
+      return run_rounded_weights(p, g, m.data_ptr<float>(), v.data_ptr<float>(), folded, block_size, h, offsets,
+                                 *weight_rounding, share, job);
+    }
+  }
   using T = typename S::T;
   using C = typename S::C;
   const T* gp = reinterpret_cast<const T*>(g.const_data_ptr());
@@ -149,11 +187,12 @@ Hyper<C> make_hyper(double step, double lr, double beta1, double beta2, double e
 
 // One FOAM step over a group's tensors; increments each state_steps[i] (a float32 scalar tensor) in place.
 // Moments: float32 (any parameter dtype but float64), bfloat16 (state_dtype="bfloat16", same), or float64 for
-// float64 parameters.
+// float64 parameters. stochastic_weights: bf16 weights are stochastically rounded (weight_rounding="stochastic").
 void fused_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                 const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
                 const std::vector<at::Tensor>& state_steps, double lr, double beta1, double beta2, double eps,
-                double weight_decay, int64_t block_size, double scale, double res_scale, bool mean_sq) {
+                double weight_decay, int64_t block_size, double scale, double res_scale, bool mean_sq,
+                bool stochastic_weights) {
   const size_t count = params.size();
   TORCH_CHECK(grads.size() == count && exp_avgs.size() == count && exp_avg_sqs.size() == count &&
                   state_steps.size() == count,
@@ -202,6 +241,11 @@ void fused_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
     const double step = static_cast<double>(*sp);
     const RoundingOffsets offsets{rounding_offset(static_cast<int64_t>(step), 0),
                                   rounding_offset(static_cast<int64_t>(step), 1)};
+    // bf16 weights under weight_rounding="stochastic" are rounded with salt 2 (foam_hf.precision.WEIGHT_SALT).
+    const std::optional<uint32_t> weight_rounding =
+        stochastic_weights && p.scalar_type() == at::kBFloat16
+            ? std::optional<uint32_t>(rounding_offset(static_cast<int64_t>(step), kWeightSalt))
+            : std::nullopt;
     if (p.numel() == 0) continue;
     const size_t job = jobs.size();
     total += p.numel();
@@ -211,7 +255,7 @@ void fused_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
       const auto h = make_hyper<typename S::C>(step, lr, beta1, beta2, eps, weight_decay, scale, res_scale,
                                                mean_sq, folded);
       jobs.emplace_back([=, &p, &g, &m, &v](Share share) {
-        run_tensor<S>(p, g, m, v, folded, block_size, h, offsets, share, job);
+        run_tensor<S>(p, g, m, v, folded, block_size, h, offsets, weight_rounding, share, job);
       });
     };
     switch (p.scalar_type()) {

@@ -508,6 +508,88 @@ void adamw_bf16_moments(AdamwFn<S> adamw, Bf16Ops ops, const typename S::T* g, t
   }
 }
 
+// ------------------------------------------------------------------------------ stochastically rounded bf16 weights
+// weight_rounding="stochastic" (foam_hf.precision.store_weight): the new weights of a bf16 tensor are rounded as bf16
+// moments are (stochastic_round), with salt 2 and the dither of entry i a hash of its flat index in the parameter.
+// The fp32 kernel steps fp32 copies of a tile of whole blocks: its G and W (and its moments, when bf16) are widened,
+// stepped, and rounded back. A tile is kWeightTile columns (whole blocks), a multiple of every chunk width of the
+// fp32 code, so each entry's fp32 value is the one the fp32 kernel computes over the whole row.
+constexpr int64_t kWeightTile = 1024;
+
+// Rows [r0, r1) of a folded bf16 tensor; M is float, or uint16_t for bf16 moments.
+template <typename M>
+void fold_rows_rounded_weights(FoldFn<F32> fold, Bf16Ops ops, const uint16_t* g, uint16_t* w, M* m, M* v, int64_t r0,
+                               int64_t r1, int64_t n, int64_t B, const Hyper<float>& h, RoundingOffsets offsets,
+                               uint32_t weight_offset) {
+  constexpr bool kBf16Moments = std::is_same_v<M, uint16_t>;
+  const int64_t K = (n + B - 1) / B;
+  const int64_t tile_blocks = std::max<int64_t>(1, kWeightTile / B);
+  const int64_t width = std::min(tile_blocks * B, n);  // columns of a tile; over kWeightTile only for B > kWeightTile
+  float stack_buf[4 * kWeightTile];
+  std::vector<float> heap_buf;
+  float* buf = stack_buf;
+  if (width > kWeightTile) {
+    heap_buf.resize(2 * width + 2 * tile_blocks);
+    buf = heap_buf.data();
+  }
+  float* g_tile = buf;
+  float* w_tile = buf + width;
+  float* m_tile = buf + 2 * width;
+  float* v_tile = m_tile + tile_blocks;
+  for (int64_t row = r0; row < r1; ++row) {
+    for (int64_t k0 = 0; k0 < K; k0 += tile_blocks) {
+      const int64_t count = std::min(K - k0, tile_blocks);  // the tile's blocks
+      const int64_t c0 = k0 * B;
+      const int64_t len = std::min(n, (k0 + count) * B) - c0;
+      const int64_t first_moment = row * K + k0, first_entry = row * n + c0;  // flat indices
+      ops.widen(g + first_entry, g_tile, len);
+      ops.widen(w + first_entry, w_tile, len);
+      float* mp;
+      float* vp;
+      if constexpr (kBf16Moments) {
+        ops.widen(m + first_moment, m_tile, count);
+        ops.widen(v + first_moment, v_tile, count);
+        mp = m_tile;
+        vp = v_tile;
+      } else {
+        mp = m + first_moment;
+        vp = v + first_moment;
+      }
+      // The tile as a one-row tensor of its own: c0 is a multiple of B, so the blocks are the row's.
+      fold(g_tile, w_tile, mp, vp, 0, 1, len, B, h);
+      if constexpr (kBf16Moments) {
+        ops.round(m_tile, m + first_moment, count, first_moment, offsets.exp_avg);
+        ops.round(v_tile, v + first_moment, count, first_moment, offsets.exp_avg_sq);
+      }
+      ops.round(w_tile, w + first_entry, len, first_entry, weight_offset);
+    }
+  }
+}
+
+// Elements [i0, i1) of an unfolded bf16 tensor (AdamW's update); M as above.
+template <typename M>
+void adamw_rounded_weights(AdamwFn<F32> adamw, Bf16Ops ops, const uint16_t* g, uint16_t* w, M* m, M* v, int64_t i0,
+                           int64_t i1, const Hyper<float>& h, RoundingOffsets offsets, uint32_t weight_offset) {
+  constexpr bool kBf16Moments = std::is_same_v<M, uint16_t>;
+  float g_tile[kWeightTile], w_tile[kWeightTile], m_tile[kBf16Moments ? kWeightTile : 1],
+      v_tile[kBf16Moments ? kWeightTile : 1];
+  for (int64_t first = i0; first < i1; first += kWeightTile) {
+    const int64_t count = std::min(i1 - first, kWeightTile);
+    ops.widen(g + first, g_tile, count);
+    ops.widen(w + first, w_tile, count);
+    if constexpr (kBf16Moments) {
+      ops.widen(m + first, m_tile, count);
+      ops.widen(v + first, v_tile, count);
+      adamw(g_tile, w_tile, m_tile, v_tile, 0, count, h);
+      ops.round(m_tile, m + first, count, first, offsets.exp_avg);
+      ops.round(v_tile, v + first, count, first, offsets.exp_avg_sq);
+    } else {
+      adamw(g_tile, w_tile, m + first, v + first, 0, count, h);
+    }
+    ops.round(w_tile, w + first, count, first, weight_offset);
+  }
+}
+
 }  // namespace
 }  // namespace foam
 

@@ -69,7 +69,16 @@ def validate_training_arguments(args: Any) -> None:
 
 
 #: optim_args keys only FOAM reads (GaLore, APOLLO and others read scale, rank, ...: those say nothing).
-_FOAM_ONLY_KEYS = ("block_size", "block_sizes", "level", "res_scale", "second_moment", "state_dtype", "target_modules")
+_FOAM_ONLY_KEYS = (
+    "block_size",
+    "block_sizes",
+    "level",
+    "res_scale",
+    "second_moment",
+    "state_dtype",
+    "target_modules",
+    "weight_rounding",
+)
 
 
 #: optim_args keys that change only how folded tensors step: with nothing folded, they change nothing.
@@ -322,6 +331,7 @@ def optimizer_cls_and_kwargs(args: Any, model: Any) -> tuple[type[FOAM], dict[st
         res_scale=config.res_scale,
         second_moment=config.second_moment,
         state_dtype=config.state_dtype,
+        weight_rounding=config.weight_rounding,
     )
     if not _is_layerwise(args.optim):
         return (ZeroFOAM if zero_stage(ds_config) != 0 else FOAM), kwargs

@@ -239,6 +239,7 @@ class RunConfig:
         eval_batches: batches of held-out text per evaluation (fixed windows, the same every time).
         device: ``"cpu"``, ``"cuda"``, ... or ``"auto"`` (CUDA when available).
         max_files: passed to :func:`load_corpus`.
+        weights_dtype: ``"float32"``, or ``"bfloat16"`` for a model trained in bf16 (no fp32 master copy).
     """
 
     model_size: str = "tiny"
@@ -251,6 +252,7 @@ class RunConfig:
     eval_batches: int = 8
     device: str = "auto"
     max_files: int | None = None
+    weights_dtype: str = "float32"
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -422,7 +424,13 @@ def train(
     """
     device = config.resolved_device()
     corpus = corpus if corpus is not None else load_corpus(config.max_files)
-    model = build_model(config.model_size, config.seed, seq_len=config.seq_len).to(device)
+    if config.weights_dtype not in ("float32", "bfloat16"):
+        raise FoamConfigError(
+            f"weights_dtype={config.weights_dtype!r} is invalid: it must be 'float32' or 'bfloat16'. "
+            "Fix: pass 'bfloat16' to train the model in bf16, else 'float32'."
+        )
+    model = build_model(config.model_size, config.seed, seq_len=config.seq_len)
+    model = model.to(device=device, dtype=getattr(torch, config.weights_dtype))
     optimizer = optimizer_factory(model, lr) if optimizer_factory is not None else None
     with tempfile.TemporaryDirectory(prefix="foam-demo-run-") as tmp:
         trainer = build_trainer(

@@ -5,7 +5,8 @@
 Triton's interpreter (where the other tests run the kernels) executes them as NumPy code, so a kernel can pass
 there and still fail to compile for a GPU. Here every launch that ``_fused_foam_triton`` makes over a mixed list
 (folded and unfolded tensors, launches of their own and shared ones; fp32, bf16 and fp16 parameters; fp32 and
-bf16 moments; gradients in the parameter's dtype and fp32 gradients of bf16 parameters; B = 1, 3 and 4) is
+bf16 moments; gradients in the parameter's dtype and fp32 gradients of bf16 parameters; B = 1, 3 and 4; bf16
+weights rounded to nearest and stochastically) is
 recorded instead of run, then compiled down to PTX and a cubin (Triton's own ``ptxas``) for sm_80 (A100) and
 sm_90 (H100, H200), with the argument types and 16-byte alignments that Triton's launcher would give it, and the
 launch's options (``enable_fp_fusion``). ``out.json`` gets one entry per distinct compilation: the kernel, the
@@ -79,7 +80,12 @@ def record_launches() -> list[tuple[str, tuple, dict]]:
         setattr(_fused_triton, name, Recorder(name))
     hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, scale=1.0, res_scale=1.0)
     for dtype, state_dtype, grad_dtype in DTYPES:
-        for block_size in BLOCK_SIZES:
+        # bf16 weights also under weight_rounding="stochastic", which compiles kernels of their own
+        for block_size, weight_rounding in [
+            (b, rounding)
+            for b in BLOCK_SIZES
+            for rounding in (("nearest", "stochastic") if dtype == torch.bfloat16 else ("nearest",))
+        ]:
             params = [torch.zeros(s, dtype=dtype) for s in SHAPES]
             states = [folded_shape(p.shape, block_size) if is_foldable(p, block_size) else p.shape for p in params]
             _fused_triton._fused_foam_triton(
@@ -90,6 +96,7 @@ def record_launches() -> list[tuple[str, tuple, dict]]:
                 [torch.tensor(0.0) for _ in params],
                 block_size=block_size,
                 second_moment="mean_sq",
+                weight_rounding=weight_rounding,
                 shared_max_entries=SHARED_MAX_ENTRIES,
                 **hyper,
             )
