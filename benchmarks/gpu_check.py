@@ -109,8 +109,9 @@ def parity_case(
     """Step the same problem with the Triton kernels and the readable path on ``device``, each step from the same
     inputs (``_fused_triton.parity_checks``, what the self-check runs): the worst gaps, and whether every tensor
     stayed within the tests' tolerances at every step. ``variant``: ``scale``, ``res_scale``, ``grad_dtype``.
-    Stochastically rounded bf16 weights also report the largest share of a step's weights the kernels rounded to the
-    other neighbour than the readable path (``None`` for the other kinds)."""
+    Stochastically rounded entries (bf16 weights under ``weight_rounding="stochastic"``, bf16 moments) also report the
+    largest share of a step's weights, or of its moments, that the kernels rounded to the other neighbour than the
+    readable path (``None`` where nothing is stochastically rounded)."""
     from foam_hf import _fused_triton
 
     moment_dtype = torch.bfloat16 if state_dtype == "bfloat16" else torch.float32
@@ -124,7 +125,7 @@ def parity_case(
         ok &= bool(torch.allclose(got, want, atol=atol, rtol=rtol))
         if name == "weight":
             weight_gap = max(weight_gap, (got - want).abs().max().item())
-        elif name == _fused_triton._ROUNDED_OTHERWISE:
+        elif name in (_fused_triton._ROUNDED_OTHERWISE, _fused_triton._MOMENTS_ROUNDED_OTHERWISE):
             rounded_otherwise = max(rounded_otherwise or 0.0, got.item())
         else:
             moment_gap = max(moment_gap, ((got - want).abs() / (want.abs() + 1e-30)).max().item())

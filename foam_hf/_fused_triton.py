@@ -167,6 +167,11 @@ _CHECK_MOMENT_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-7}
 #: lower neighbour disagrees with probability 2f(1 - f), 1/3 on average over f), one biased to truncation (no
 #: dither) half. A sixteenth lies far from both.
 _ROUNDED_OTHERWISE = "share of weights rounded to the other bf16 neighbour"
+#: The same share for bf16 moments (``state_dtype="bfloat16"``), pooled over both moments of the step's tensors: a
+#: moment within one spacing passes the moment tolerance whichever neighbour it takes, so only this share tells a
+#: right moment dither from a wrong or biased one. The scratch problem holds 36 to 48 moment entries at B >= 4, so a
+#: right kernel's one or two disagreements stay under the allowance and a wrong dither's third of them does not.
+_MOMENTS_ROUNDED_OTHERWISE = "share of moments rounded to the other bf16 neighbour"
 _CHECK_ROUNDED_OTHERWISE = 1 / 16
 _CHECK_STEPS = 2  # the second step starts from stored moments
 
@@ -261,7 +266,8 @@ def parity_checks(
     well, which any neighbour of the fp32 weight passes: after their per-tensor checks each step also yields, as
     ``(step, _ROUNDED_OTHERWISE, share, 0, _CHECK_ROUNDED_OTHERWISE, 0)``, the share of all its bf16 weights the
     kernels rounded to the other neighbour than the readable path did, which a wrong or biased dither drives far
-    above the allowance (:data:`_CHECK_ROUNDED_OTHERWISE`).
+    above the allowance (:data:`_CHECK_ROUNDED_OTHERWISE`). bf16 moments yield the same share
+    (:data:`_MOMENTS_ROUNDED_OTHERWISE`), pooled over both moments.
     """
     from .functional import _single_tensor_foam
 
@@ -290,6 +296,11 @@ def parity_checks(
             for got, want in zip(kernel[index], readable[index]):
                 scale = want.float().abs().max().item() if want.numel() else 0.0
                 yield step, name, got, want, 1e-6 * scale + 1e-30, _CHECK_MOMENT_RTOL[state_dtype]
+        if state_dtype == torch.bfloat16:  # as for the weights above: only the share tells the dither
+            moments = [(got, want) for index in (2, 3) for got, want in zip(kernel[index], readable[index])]
+            other = sum(int((got != want).sum()) for got, want in moments)
+            share = torch.tensor(other / max(1, sum(got.numel() for got, _ in moments)))
+            yield step, _MOMENTS_ROUNDED_OTHERWISE, share, torch.tensor(0.0), _CHECK_ROUNDED_OTHERWISE, 0.0
         for index in (0, 2, 3):  # the next step from the same inputs
             for got, want in zip(kernel[index], readable[index]):
                 got.copy_(want)

@@ -677,6 +677,34 @@ def test_ready_check_catches_stochastic_weights_rounded_with_a_wrong_dither(monk
     assert "weight_rounding='stochastic'" in warning
 
 
+def moment_dithers_swapped(monkeypatch):
+    monkeypatch.setattr(fused_triton, "_SALTS", (1, 0, 2))  # exp_avg drawn with exp_avg_sq's dither, and back
+
+
+@pytest.mark.parametrize(
+    "kind", [(torch.bfloat16, torch.bfloat16, 4, "mean_sq"), (torch.float32, torch.bfloat16, 32, "sq_mean")]
+)
+def test_ready_check_catches_bf16_moments_rounded_with_a_wrong_dither(monkeypatch, caplog, kind):
+    # Each moment then lies within a bf16 spacing of the readable path's, the moments' tolerance: only the share on
+    # the other neighbour shows it. fp32 moments, which are not rounded, stay ready.
+    monkeypatch.setattr(fused_triton, "_ready", {})
+    moment_dithers_swapped(monkeypatch)
+    with caplog.at_level("WARNING", logger=fused_triton.__name__):
+        assert not fused_triton.triton_ready(torch.device("cpu"), [kind])
+        assert fused_triton.triton_ready(torch.device("cpu"), [(kind[0], torch.float32, *kind[2:])])
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "share of moments rounded to the other bf16 neighbour (" in warning
+
+
+def one_bf16_moment_on_its_other_neighbour(params, exp_avgs, exp_avg_sqs):
+    exp_avg_sqs[0].view(torch.int16).view(-1)[0] += 1  # as a GPU's fp32 moment an ulp from torch's may round
+
+
+def test_ready_check_passes_a_bf16_moment_rounded_to_its_other_neighbour(monkeypatch):
+    perturbed_kernels(monkeypatch, one_bf16_moment_on_its_other_neighbour)
+    assert fused_triton._self_check_mismatch(torch.device("cpu"), fused_triton.DEFAULT_CHECK_KINDS[1]) is None
+
+
 def one_bf16_weight_on_its_other_neighbour(params, exp_avgs, exp_avg_sqs):
     # What stochastic rounding does now and then on a GPU, whose fp32 weight is an ulp or so from torch's.
     params[0].view(torch.int16).view(-1)[0] += 1
