@@ -45,18 +45,16 @@ def stochastically_rounded(values: torch.Tensor, step: int, salt: int = 2) -> to
     return rounded.view(torch.float32).view(values.shape).to(torch.bfloat16)  # exact: the low half is zero
 
 
-@pytest.mark.parametrize("path", path_names("for-loop", "foreach", "fused"))
-@pytest.mark.parametrize("state_dtype", [None, "bfloat16"])
-def test_each_step_stores_the_rule_s_rounding_of_the_fp32_step(path, state_dtype):
-    """From the same weights, moments and step count, the bf16 run's new weights are exactly the rule's rounding
-    of what the same path computes on fp32 copies of the weights (its fp32 twin), at every step."""
-    params = make_params(SHAPES, dtype=torch.bfloat16)
+def steps_against_an_fp32_twin(shapes: list[tuple[int, ...]], options: dict, steps: int, seed: int) -> int:
+    """Step bf16 weights of ``shapes`` under ``weight_rounding="stochastic"`` and ``options`` beside an fp32 twin that
+    starts every step from the same weights, moments and step count; assert that each step stores exactly the rule's
+    rounding of the twin's fp32 result. Returns how many entries that rounding put elsewhere than to nearest."""
+    params = make_params(shapes, dtype=torch.bfloat16)
     twins = [p.detach().float().requires_grad_() for p in params]
-    options = dict(**HPARAMS, **PATHS[path], state_dtype=state_dtype)
     optimizer = FOAM(params, **options, weight_rounding="stochastic")
     twin = FOAM(twins, **options)
     changed_by_rounding = 0
-    for step, grads in enumerate(grad_sequence(params, 4, seed=3), start=1):
+    for step, grads in enumerate(grad_sequence(params, steps, seed=seed), start=1):
         for p, t in zip(params, twins):
             t.data.copy_(p.detach().float())
             if step > 1:
@@ -64,11 +62,20 @@ def test_each_step_stores_the_rule_s_rounding_of_the_fp32_step(path, state_dtype
                     twin.state[t][key].copy_(optimizer.state[p][key])
         run(optimizer, params, [grads])
         run(twin, twins, [[g.float() for g in grads]])
-        for i, (p, t) in enumerate(zip(params, twins)):
+        for p, t in zip(params, twins):
             expected = stochastically_rounded(t.detach(), step)
-            assert torch.equal(p.detach().view(torch.int16), expected.view(torch.int16)), (step, i, p.shape)
+            assert torch.equal(p.detach().view(torch.int16), expected.view(torch.int16)), (step, p.shape, options)
             changed_by_rounding += int((expected != t.detach().to(torch.bfloat16)).sum())
-    assert changed_by_rounding > 0  # the rounding is not round-to-nearest in disguise
+    return changed_by_rounding
+
+
+@pytest.mark.parametrize("path", path_names("for-loop", "foreach", "fused"))
+@pytest.mark.parametrize("state_dtype", [None, "bfloat16"])
+def test_each_step_stores_the_rule_s_rounding_of_the_fp32_step(path, state_dtype):
+    """From the same weights, moments and step count, the bf16 run's new weights are exactly the rule's rounding
+    of what the same path computes on fp32 copies of the weights (its fp32 twin), at every step."""
+    options = dict(**HPARAMS, **PATHS[path], state_dtype=state_dtype)
+    assert steps_against_an_fp32_twin(SHAPES, options, steps=4, seed=3) > 0  # not round-to-nearest in disguise
 
 
 @pytest.mark.parametrize("path", path_names("for-loop", "foreach", "fused"))
@@ -132,24 +139,9 @@ def test_fused_kernel_each_isa_stores_the_rule_s_rounding(isa, state_dtype):
     """Each implementation of the C++ kernel (AVX-512, AVX2, portable; those this CPU runs) against its own fp32
     twin and the rule, at block sizes its SIMD code specialises and others (odd, a multiple of the vector width, wider
     than a 1024-column tile), over two steps from the same weights and moments."""
-    shapes = [*SHAPES, (3, 5000)]
     for block_size in (2, 3, 4, 8, 16, 32, 48, 2048):
-        params = make_params(shapes, dtype=torch.bfloat16)
-        twins = [p.detach().float().requires_grad_() for p in params]
         options = dict(HPARAMS, block_size=block_size, fused=True, state_dtype=state_dtype)
-        optimizer = FOAM(params, **options, weight_rounding="stochastic")
-        twin = FOAM(twins, **options)
-        for step, grads in enumerate(grad_sequence(params, 2, seed=7), start=1):
-            for p, t in zip(params, twins):
-                t.data.copy_(p.detach().float())
-                if step > 1:
-                    for key in ("exp_avg", "exp_avg_sq"):
-                        twin.state[t][key].copy_(optimizer.state[p][key])
-            run(optimizer, params, [grads])
-            run(twin, twins, [[g.float() for g in grads]])
-            for p, t in zip(params, twins):
-                expected = stochastically_rounded(t.detach(), step)
-                assert torch.equal(p.detach().view(torch.int16), expected.view(torch.int16)), (block_size, p.shape)
+        steps_against_an_fp32_twin([*SHAPES, (3, 5000)], options, steps=2, seed=7)
 
 
 def test_nearest_and_wider_weights_are_untouched_by_the_option():
