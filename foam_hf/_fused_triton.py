@@ -289,8 +289,7 @@ def parity_checks(
         for got, want in zip(kernel[0], readable[0]):
             yield step, "weight", got, want, atol, rtol
         if stochastic_weights:  # pooled over the step's weights: a share of hundreds of entries, not of a bias's 5
-            other = sum(int((got != want).sum()) for got, want in zip(kernel[0], readable[0]))
-            share = torch.tensor(other / max(1, sum(p.numel() for p in kernel[0])))
+            share = _share_rounded_otherwise(list(zip(kernel[0], readable[0])))
             yield step, _ROUNDED_OTHERWISE, share, torch.tensor(0.0), _CHECK_ROUNDED_OTHERWISE, 0.0
         for name, index in (("exp_avg", 2), ("exp_avg_sq", 3)):
             for got, want in zip(kernel[index], readable[index]):
@@ -298,12 +297,18 @@ def parity_checks(
                 yield step, name, got, want, 1e-6 * scale + 1e-30, _CHECK_MOMENT_RTOL[state_dtype]
         if state_dtype == torch.bfloat16:  # as for the weights above: only the share tells the dither
             moments = [(got, want) for index in (2, 3) for got, want in zip(kernel[index], readable[index])]
-            other = sum(int((got != want).sum()) for got, want in moments)
-            share = torch.tensor(other / max(1, sum(got.numel() for got, _ in moments)))
+            share = _share_rounded_otherwise(moments)
             yield step, _MOMENTS_ROUNDED_OTHERWISE, share, torch.tensor(0.0), _CHECK_ROUNDED_OTHERWISE, 0.0
         for index in (0, 2, 3):  # the next step from the same inputs
             for got, want in zip(kernel[index], readable[index]):
                 got.copy_(want)
+
+
+def _share_rounded_otherwise(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The share of all entries of ``pairs`` (kernels' tensor, readable path's tensor) whose values differ: where both
+    are within one bf16 spacing, the share the kernels rounded to the other neighbour (a 0-d tensor)."""
+    other = sum(int((got != want).sum()) for got, want in pairs)
+    return torch.tensor(other / max(1, sum(got.numel() for got, _ in pairs)))
 
 
 def _self_check_mismatch(device: torch.device, kind: CheckKind = DEFAULT_CHECK_KINDS[0]) -> str | None:

@@ -69,12 +69,10 @@ def _fused_default(
         _, _, default_block_size, default_second_moment = triton.DEFAULT_CHECK_KINDS[0]
         check_block_size = default_block_size if block_size is None else block_size
         check_second_moment = default_second_moment if second_moment is None else second_moment
-        rounds = weight_rounding == "stochastic"
-        kinds = {
-            (p.dtype, m.dtype, check_block_size, check_second_moment)
-            + (("stochastic",) if rounds and p.dtype == torch.bfloat16 else ())
-            for p, m in zip(params, exp_avgs)
-        }
+        # the weight rounding as a fifth part where it is not the default (triton_ready keys kinds by the kernels
+        # they compile: "stochastic" is a kind of its own for bf16 weights only)
+        rounding = (weight_rounding,) if weight_rounding != "nearest" else ()
+        kinds = {(p.dtype, m.dtype, check_block_size, check_second_moment, *rounding) for p, m in zip(params, exp_avgs)}
         return all(triton.triton_ready(device, kinds) for device in dict.fromkeys(p.device for p in params))
     # the CPU kernel also steps bf16 moments, and float64 parameters with float64 moments. Once it is loaded, it
     # answers for the whole list in one call (fused_supported's rule, tested equal to it), after the Python-type

@@ -176,6 +176,9 @@ def step_slice(
     lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
     block_size, scale, res_scale = layout.block_size, group["scale"], group["res_scale"]
     start, first = layout.start, layout.first_block
+    # bf16 partitions (DeepSpeed's bf16_master_weights_and_grads) under weight_rounding="stochastic": each run of whole
+    # blocks draws its weights' dither from its entries' indices within the run, the cut blocks from the partition's
+    weight_rounding = group.get("weight_rounding", "nearest")
 
     # Whole blocks: the library's own step (fused kernel, foreach or the for-loop) on 2-D views.
     params, grads, avgs, avg_sqs = [], [], [], []
@@ -205,9 +208,7 @@ def step_slice(
             second_moment=group["second_moment"],
             foreach=group["foreach"],
             fused=group["fused"],
-            # bf16 partitions (DeepSpeed's bf16_master_weights_and_grads) under weight_rounding="stochastic": each
-            # piece draws its dither from its entries' indices within the piece, as a tensor of its own would
-            weight_rounding=group.get("weight_rounding", "nearest"),
+            weight_rounding=weight_rounding,
         )
     step_t += 1
 
@@ -243,7 +244,7 @@ def step_slice(
             second_moment = second_moment + (res_scale * res_scale) * (residual * residual)
         denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(eps)
         weight.addcdiv_(first_moment, denom, value=-step_size * scale)
-        _store_weight(param[lo:hi], weight, step, group.get("weight_rounding", "nearest"), offset=lo)
+        _store_weight(param[lo:hi], weight, step, weight_rounding, offset=lo)
         _store_moment(stored_avg, m, step, salt=0)
         _store_moment(stored_avg_sq, v, step, salt=1)
 

@@ -159,12 +159,15 @@ def test_fused_default_on_cuda_asks_every_device_of_the_group_for_the_self_check
     assert implementation._fused_default(params, moments, on_cuda=True, block_size=8, second_moment="sq_mean")
     kinds = {(torch.bfloat16, torch.bfloat16, 8, "sq_mean"), (torch.float32, torch.float32, 8, "sq_mean")}
     assert asked == [(torch.device("cpu"), kinds), (torch.device("meta"), kinds)]
-    # stochastically rounded bf16 weights compile kernels of their own: their kind says so (fp32 weights round nothing)
+    # the group's weight rounding is part of the kinds asked for (triton_ready tells which kinds compile other kernels)
     asked.clear()
     assert implementation._fused_default(
         params, moments, on_cuda=True, block_size=8, second_moment="sq_mean", weight_rounding="stochastic"
     )
-    kinds = {(torch.bfloat16, torch.bfloat16, 8, "sq_mean", "stochastic"), (torch.float32, torch.float32, 8, "sq_mean")}
+    kinds = {
+        (torch.bfloat16, torch.bfloat16, 8, "sq_mean", "stochastic"),
+        (torch.float32, torch.float32, 8, "sq_mean", "stochastic"),
+    }
     assert asked == [(torch.device("cpu"), kinds), (torch.device("meta"), kinds)]
 
 
