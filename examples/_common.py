@@ -183,6 +183,13 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
+def moment_shapes(name: str, param: torch.Tensor, exp_avg: torch.Tensor) -> dict[str, Any]:
+    """A parameter's shape and its first moment's: the global one and the piece this rank holds (a DTensor's local
+    tensor; a plain tensor is its own), for the torchrun examples' reports."""
+    local = exp_avg.to_local() if hasattr(exp_avg, "to_local") else exp_avg
+    return dict(name=name, param=tuple(param.shape), exp_avg=tuple(exp_avg.shape), exp_avg_local=tuple(local.shape))
+
+
 def leave_without_finalization() -> None:
     """End a torchrun example's process. On CPU the ranks talk through gloo, whose worker threads can outlive
     destroy_process_group (a device mesh still holds the group) and abort the process while Python finalizes

@@ -31,6 +31,7 @@ from _common import (  # noqa: E402
     foam_param_groups,
     leave_without_finalization,
     load_model_and_tokenizer,
+    moment_shapes,
     say,
     stdlib_texts,
     torchrun_args,
@@ -114,12 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     else:
         param, state = found
-        shapes = dict(
-            name=names[id(param)],
-            param=tuple(param.shape),
-            exp_avg=tuple(state.shape),
-            exp_avg_local=tuple(state.to_local().shape),
-        )
+        shapes = moment_shapes(names[id(param)], param, state)
         say(
             f"rank {rank}: {shapes['name']} {shapes['param']}: exp_avg global {shapes['exp_avg']}, "
             f"local {shapes['exp_avg_local']}"

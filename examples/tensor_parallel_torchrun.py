@@ -32,6 +32,7 @@ from _common import (  # noqa: E402
     foam_param_groups,
     leave_without_finalization,
     load_model_and_tokenizer,
+    moment_shapes,
     say,
     stdlib_texts,
     torchrun_args,
@@ -91,15 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # One column-split weight: its folded moment's global shape, and the piece this rank holds.
     param = next(p for p in model.parameters() if names[id(p)].endswith("o_proj.weight"))
-    exp_avg = optimizer.state[param]["exp_avg"]
-    local = exp_avg.to_local() if hasattr(exp_avg, "to_local") else exp_avg
-    shapes = dict(
-        name=names[id(param)],
-        param=tuple(param.shape),
-        placements=[repr(p) for p in getattr(param, "placements", ())],
-        exp_avg=tuple(exp_avg.shape),
-        exp_avg_local=tuple(local.shape),
-    )
+    shapes = moment_shapes(names[id(param)], param, optimizer.state[param]["exp_avg"])
+    shapes["placements"] = [repr(p) for p in getattr(param, "placements", ())]
     say(
         f"rank {rank}: {shapes['name']} {shapes['param']} {shapes['placements']}: exp_avg global "
         f"{shapes['exp_avg']}, local {shapes['exp_avg_local']}"
