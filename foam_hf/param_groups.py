@@ -272,8 +272,17 @@ def resolve_block_sizes(
     """Resolve every trainable parameter of ``model`` to a block size, following the module rules above.
 
     ``target_modules`` (e.g. ``TrainingArguments.optim_target_modules``) is used when ``config`` has none;
-    giving both is an error.
+    giving both is an error. Mixture-of-experts weights that the plan leaves with AdamW states only because
+    nothing named them are named in a warning.
     """
+    return _resolve_block_sizes(model, config, target_modules, warn_unfolded_experts=True)
+
+
+def _resolve_block_sizes(
+    model: nn.Module, config: FoamConfig, target_modules: list[str] | str | None, *, warn_unfolded_experts: bool
+) -> BlockSizePlan:
+    """:func:`resolve_block_sizes`, its warning optional: the memory report also resolves plans that it only
+    compares against (the defaults), which would warn about experts the user's own options fold."""
     if config.target_modules is not None and target_modules is not None:
         raise FoamConfigError(
             f"FOAM: target modules are given twice (optim_args target_modules={config.target_modules!r} and "
@@ -402,7 +411,7 @@ def resolve_block_sizes(
                 raise _no_match_error(
                     "target module", target, module_names, matched, one_regex=isinstance(targets, str)
                 )
-    if config.block_size > 1 and (targets is None or all_linear):  # folding linear layers, the default way
+    if warn_unfolded_experts and config.block_size > 1 and (targets is None or all_linear):  # the default targets
         named = {name for sized in sized_by_pattern.values() for name, _ in sized}
         _warn_unfolded_experts([(n, p) for n, p in trainable if n not in named], owners, size_by_parameter)
     return BlockSizePlan(size_by_parameter)
@@ -432,7 +441,7 @@ def _warn_unfolded_experts(
         "dimension, the input features for an (experts, out, in) layout), or block_sizes=experts:1 to keep AdamW "
         "states without this warning.",
         UserWarning,
-        stacklevel=3,
+        stacklevel=4,  # the caller of resolve_block_sizes
     )
 
 

@@ -361,3 +361,49 @@ def test_adamw_bytes_are_what_torch_adamw_holds_for_each_parameter_dtype(dtype):
     adamw.step()
     held = sum(t.numel() * t.element_size() for state in adamw.state.values() for t in state.values())
     assert sum(adamw_state_bytes(p) for p in params) == held
+
+
+def _tiny_mixtral_config():
+    from transformers import MixtralConfig
+
+    return MixtralConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=48, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+
+
+def _expert_warnings(**kwargs) -> tuple[list[str], object]:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = memory_report(_tiny_mixtral_config(), compared_block_sizes=(4,), **kwargs)
+    return [str(w.message) for w in caught if "mixture-of-experts" in str(w.message)], result
+
+
+@pytest.mark.parametrize(
+    ("optim_args", "warned"),
+    [(None, True), ("block_size=4", True), ("block_sizes=experts:4", False), ("block_sizes=experts:1", False)],
+)
+def test_the_experts_warning_follows_the_options_the_report_is_for(optim_args, warned):
+    """The unfolded-experts warning is the user's plan's: it is given once when that plan leaves the experts with
+    AdamW states without being told to, and not at all when optim_args names them (the report's own default plans,
+    which it only compares against, stay silent). The bytes are those of a real FOAM built from the same options."""
+    from transformers import MixtralForCausalLM
+
+    from foam_hf import foam_param_groups
+
+    messages, result = _expert_warnings(optim_args=optim_args)
+    assert len(messages) == (1 if warned else 0), messages
+    if optim_args is None:
+        return
+    import warnings
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(_tiny_mixtral_config())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optimizer = FOAM(foam_param_groups(model, optim_args), lr=1e-3)
+    assert sum("mixture-of-experts" in str(w.message) for w in caught) == len(messages)  # as the real build warns
+    _one_step(model, optimizer)
+    assert result.override_state == _held_bytes(optimizer)

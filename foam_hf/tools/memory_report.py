@@ -39,7 +39,7 @@ from ..config import FoamConfig
 from ..errors import FoamConfigError
 from ..folding import is_foldable
 from ..memory import adamw_state_bytes, foam_state_bytes
-from ..param_groups import resolve_block_sizes
+from ..param_groups import _resolve_block_sizes
 from .model_shapes import KNOWN_MODELS
 
 __all__ = [
@@ -170,8 +170,10 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
     return owners
 
 
-def _plan(model: nn.Module, config: FoamConfig) -> dict[str, int]:
-    return resolve_block_sizes(model, config).size_by_parameter
+def _plan(model: nn.Module, config: FoamConfig, *, users: bool) -> dict[str, int]:
+    """Block size per parameter. ``users``: the plan ``optim_args`` would build, whose warnings (mixture-of-experts
+    weights left unfolded) are the user's; the default plans the report compares against stay silent."""
+    return _resolve_block_sizes(model, config, None, warn_unfolded_experts=users).size_by_parameter
 
 
 # ---------------------------------------------------------------------------- the report
@@ -393,7 +395,7 @@ def memory_report(
     net = build_meta_model(config)
     owners = _owners(net)
     named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
-    default_plan = _plan(net, FoamConfig(block_size=2))
+    default_plan = _plan(net, FoamConfig(block_size=2), users=optim_args is None)
     entries: list[ParamEntry] = []
     for name, param in named:
         holders = owners.get(id(param), [(name.rpartition(".")[0], net)])
@@ -439,8 +441,8 @@ def memory_report(
     )
     if optim_args is not None:
         config_with = FoamConfig.from_optim_args(optim_args)
-        blocks = _plan(net, config_with)
-        default_blocks = _plan(net, FoamConfig(block_size=config_with.block_size))
+        blocks = _plan(net, config_with, users=True)
+        default_blocks = _plan(net, FoamConfig(block_size=config_with.block_size), users=False)
         report.optim_args = optim_args
         report.override_block_size = config_with.block_size
         report.override_state_dtype = config_with.state_dtype
