@@ -228,13 +228,14 @@ def build_candidates(args) -> tuple[list[Candidate], list[tuple[str, str]]]:
             )
         candidates.append(Candidate("FOAM default (fused=None) B=4", dname, lambda ps: FOAM(ps, block_size=4)))
         if dname == "bf16":  # weight_rounding="stochastic" rounds bf16 weights only
-            candidates.append(
-                Candidate(
-                    "FOAM fused B=4, stochastic weights",
-                    dname,
-                    lambda ps: FOAM(ps, block_size=4, fused=True, weight_rounding="stochastic"),
+            for b in args.block_sizes:
+                candidates.append(
+                    Candidate(
+                        f"FOAM fused B={b}, stochastic weights",
+                        dname,
+                        lambda ps, b=b: FOAM(ps, block_size=b, fused=True, weight_rounding="stochastic"),
+                    )
                 )
-            )
             candidates.append(
                 Candidate(
                     "FOAM foreach B=4, stochastic weights",

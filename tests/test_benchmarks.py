@@ -96,10 +96,13 @@ def test_bench_step(tmp_path):
         # AdamW: two unfolded moments in the weights' dtype (plus whatever torch keeps for the step count).
         adamw = rows[("torch AdamW fused", dtype)]["state_bytes"]
         assert 2 * param_bytes <= adamw <= 2 * param_bytes + 64 * len(shapes)
+    for b in (2, 4, 8, 32):  # the fused stochastic rows follow --block-sizes, as the fused ones do
+        row = rows[(f"FOAM fused B={b}, stochastic weights", "bf16")]
+        assert row["state_bytes"] == foam_state_bytes_from_shapes(shapes, b)
+        assert row["transient_bytes"] == 0
     for path in ("FOAM fused B=4, stochastic weights", "FOAM foreach B=4, stochastic weights"):
         assert rows[(path, "bf16")]["state_bytes"] == foam_state_bytes_from_shapes(shapes, 4)
         assert (path, "fp32") not in rows  # nothing to round: the option is refused for fp32 weights
-    assert rows[("FOAM fused B=4, stochastic weights", "bf16")]["transient_bytes"] == 0
     assert (tmp_path / "step.png").stat().st_size > 0
 
 

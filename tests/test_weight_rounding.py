@@ -48,7 +48,9 @@ def stochastically_rounded(values: torch.Tensor, step: int, salt: int = 2) -> to
 def steps_against_an_fp32_twin(shapes: list[tuple[int, ...]], options: dict, steps: int, seed: int) -> int:
     """Step bf16 weights of ``shapes`` under ``weight_rounding="stochastic"`` and ``options`` beside an fp32 twin that
     starts every step from the same weights, moments and step count; assert that each step stores exactly the rule's
-    rounding of the twin's fp32 result. Returns how many entries that rounding put elsewhere than to nearest."""
+    rounding of the twin's fp32 result, and the moments exactly the twin's (fp32 ones, unlike the weights, no
+    rounding hides: a path that computed other block sums for bf16 weights would pass the weights' check nearly
+    always). Returns how many entries that rounding put elsewhere than to nearest."""
     params = make_params(shapes, dtype=torch.bfloat16)
     twins = [p.detach().float().requires_grad_() for p in params]
     optimizer = FOAM(params, **options, weight_rounding="stochastic")
@@ -65,6 +67,9 @@ def steps_against_an_fp32_twin(shapes: list[tuple[int, ...]], options: dict, ste
         for p, t in zip(params, twins):
             expected = stochastically_rounded(t.detach(), step)
             assert torch.equal(p.detach().view(torch.int16), expected.view(torch.int16)), (step, p.shape, options)
+            for key in ("exp_avg", "exp_avg_sq"):  # bit for bit, fp32 or bf16
+                got, want = optimizer.state[p][key], twin.state[t][key]
+                assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (key, step, p.shape, options)
             changed_by_rounding += int((expected != t.detach().to(torch.bfloat16)).sum())
     return changed_by_rounding
 
@@ -117,31 +122,34 @@ def test_resume_rounds_as_the_uninterrupted_run(path):
         assert torch.equal(p, q)
 
 
-def test_fused_kernel_threads_round_alike(kernel):
-    """The dither is a function of the entry's index, not of which thread steps it."""
+@pytest.mark.parametrize("state_dtype", [None, "bfloat16"])
+def test_fused_kernel_threads_round_alike(isa, state_dtype):
+    """The dither is a function of the entry's index, not of which thread steps it: a folded and an unfolded tensor,
+    each large enough to be split between threads, give the same bits on 1 and 2 threads."""
     results = []
     threads = torch.get_num_threads()
     for n in (1, 2):
         torch.set_num_threads(n)
         try:
-            weight = torch.randn(64, 2048, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-            weight.requires_grad_()
-            optimizer = FOAM([weight], **HPARAMS, fused=True, weight_rounding="stochastic")
-            run(optimizer, [weight], grad_sequence([weight], 3, seed=2))
-            results.append(weight.detach().clone())
+            weights = make_params([(64, 2048), (70_000,)], dtype=torch.bfloat16)
+            options = dict(HPARAMS, fused=True, state_dtype=state_dtype, weight_rounding="stochastic")
+            run(FOAM(weights, **options), weights, grad_sequence(weights, 3, seed=2))
+            results.append([w.detach().clone() for w in weights])
         finally:
             torch.set_num_threads(threads)
-    assert torch.equal(results[0].view(torch.int16), results[1].view(torch.int16))
+    for one_thread, two_threads in zip(*results):
+        assert torch.equal(one_thread.view(torch.int16), two_threads.view(torch.int16))
 
 
 @pytest.mark.parametrize("state_dtype", [None, "bfloat16"])
 def test_fused_kernel_each_isa_stores_the_rule_s_rounding(isa, state_dtype):
     """Each implementation of the C++ kernel (AVX-512, AVX2, portable; those this CPU runs) against its own fp32
     twin and the rule, at block sizes its SIMD code specialises and others (odd, a multiple of the vector width, wider
-    than a 1024-column tile), over two steps from the same weights and moments."""
-    for block_size in (2, 3, 4, 8, 16, 32, 48, 2048):
+    than the 1024 columns its SIMD code stages, and 1024 itself), over two steps from the same weights and moments;
+    with long rows (moment runs of 512 and more) and a long 1-D tensor (AdamW's runs past 256, 512 and 1024)."""
+    for block_size in (2, 3, 4, 8, 16, 32, 48, 1024, 2048):
         options = dict(HPARAMS, block_size=block_size, fused=True, state_dtype=state_dtype)
-        steps_against_an_fp32_twin([*SHAPES, (3, 5000)], options, steps=2, seed=7)
+        steps_against_an_fp32_twin([*SHAPES, (3, 5000), (5000,)], options, steps=2, seed=7)
 
 
 def test_nearest_and_wider_weights_are_untouched_by_the_option():
@@ -323,3 +331,42 @@ def test_peft_adapters_of_a_bf16_model_are_rounded_only_when_kept_in_bf16(tmp_pa
             groups = trainer.optimizer.param_groups
             assert {p.dtype for g in groups for p in g["params"]} == {torch.bfloat16}
             assert {g["weight_rounding"] for g in groups} == {"stochastic"}
+
+
+def poisoned_block_run(options: dict, bad: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 weights (6, 70), block 4, stepped twice under ``weight_rounding="stochastic"``: once with a gradient holding
+    ``bad`` at (2, 9) at the first step, once with a finite value there. Returns both runs' weights."""
+    results = []
+    for value in (bad, 0.5):
+        weight = make_params([(6, 70)], dtype=torch.bfloat16, seed=4)[0]
+        grads = grad_sequence([weight], 2, seed=5)
+        grads[0][0][2, 9] = value
+        optimizer = FOAM([weight], **options, weight_rounding="stochastic")
+        run(optimizer, [weight], grads)
+        results.append(weight.detach().clone())
+    return results[0], results[1]
+
+
+def check_only_the_block_is_poisoned(poisoned: torch.Tensor, clean: torch.Tensor) -> None:
+    """The block of entry (2, 9), columns 8..11 of row 2, holds NaN, and every other weight is bit for bit the clean
+    run's: the same dither, entry by entry."""
+    block = torch.zeros_like(poisoned, dtype=torch.bool)
+    block[2, 8:12] = True
+    assert torch.isnan(poisoned[block]).all()
+    assert torch.equal(poisoned[~block].view(torch.int16), clean[~block].view(torch.int16))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("path", path_names("for-loop", "foreach", "fused"))
+def test_a_non_finite_gradient_poisons_only_its_block(path, bad):
+    """As with round-to-nearest (test_nonfinite.py): a NaN or inf gradient entry makes its block's new weights NaN
+    (inf/inf in the update), stochastic rounding stores them as NaN, and nothing else changes."""
+    check_only_the_block_is_poisoned(*poisoned_block_run(dict(HPARAMS, **PATHS[path]), bad))
+
+
+@pytest.mark.parametrize("state_dtype", [None, "bfloat16"])
+def test_the_fused_kernel_of_each_isa_poisons_only_the_block(isa, state_dtype):
+    """The same through each implementation of the C++ kernel: 70 columns take its vectors or pairs and a tail."""
+    for bad in (float("nan"), float("inf")):
+        options = dict(HPARAMS, fused=True, state_dtype=state_dtype)
+        check_only_the_block_is_poisoned(*poisoned_block_run(options, bad))

@@ -54,43 +54,15 @@ constexpr int64_t kElementAlign = 64;  // unfolded shares start on whole vectors
 // (n + B - 1) / B cannot overflow however large block_size is.
 int64_t block_within_row(int64_t block_size, int64_t n) { return std::min(block_size, n); }
 
-// A bf16 tensor under weight_rounding="stochastic": the fp32 kernel over fp32 tiles, the weights (and bf16 moments)
-// stochastically rounded back (foam_kernel.h, fold_rows_rounded_weights).
-template <typename M>
-void run_rounded_weights(const at::Tensor& p, const at::Tensor& g, M* mp, M* vp, bool folded, int64_t block_size,
-                         const Hyper<float>& h, RoundingOffsets offsets, uint32_t weight_offset, Share share,
-                         size_t job) {
-  const uint16_t* gp = reinterpret_cast<const uint16_t*>(g.const_data_ptr());
-  uint16_t* wp = reinterpret_cast<uint16_t*>(p.data_ptr());
-  const Bf16Ops ops = bf16_ops();
-  if (folded) {
-    const int64_t n = p.size(-1);
-    const int64_t B = block_within_row(block_size, n);
-    const FoldFn<F32> fold = fold_fn<F32>();
-    for_share(p.numel() / n, std::max<int64_t>(1, kGrain / n), 1, share, job, [&](int64_t r0, int64_t r1) {
-      fold_rows_rounded_weights<M>(fold, ops, gp, wp, mp, vp, r0, r1, n, B, h, offsets, weight_offset);
-    });
-  } else {
-    const AdamwFn<F32> adamw = adamw_fn<F32>();
-    for_share(p.numel(), kGrain, kElementAlign, share, job, [&](int64_t i0, int64_t i1) {
-      adamw_rounded_weights<M>(adamw, ops, gp, wp, mp, vp, i0, i1, h, offsets, weight_offset);
-    });
-  }
-}
-
 template <typename S>
 void run_tensor(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v, bool folded,
                 int64_t block_size, const Hyper<typename S::C>& h, RoundingOffsets offsets,
                 std::optional<uint32_t> weight_rounding, Share share, size_t job) {
   if constexpr (std::is_same_v<S, BF16>) {
     if (weight_rounding) {  // weight_rounding="stochastic": *weight_rounding is the weights' rounding offset
-      if (m.scalar_type() == at::kBFloat16) {
-        return run_rounded_weights(p, g, reinterpret_cast<uint16_t*>(m.data_ptr()),
-                                   reinterpret_cast<uint16_t*>(v.data_ptr()), folded, block_size, h, offsets,
-                                   *weight_rounding, share, job);
-      }
-      return run_rounded_weights(p, g, m.data_ptr<float>(), v.data_ptr<float>(), folded, block_size, h, offsets,
-                                 *weight_rounding, share, job);
+      Hyper<float> rounding = h;
+      rounding.weight_offset = *weight_rounding;
+      return run_tensor<StochasticBF16>(p, g, m, v, folded, block_size, rounding, offsets, std::nullopt, share, job);
     }
   }
   using T = typename S::T;

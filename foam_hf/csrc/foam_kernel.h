@@ -70,6 +70,14 @@ struct BF16 {
     return f != f ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
   }
 };
+// bf16 weights under weight_rounding="stochastic": loaded as BF16, so a kernel computes, lane for lane, what it
+// computes for fp32 weights of the same values; stored only by stochastic_round (below), which needs each entry's
+// index (Hyper::weight_index). There is no store(): a path that would round them to nearest does not compile.
+struct StochasticBF16 {
+  using T = uint16_t;
+  using C = float;
+  static FOAM_INLINE float load(uint16_t h) { return BF16::load(h); }
+};
 struct F16 {
   using T = uint16_t;
   using C = float;
@@ -88,7 +96,21 @@ struct Hyper {
   C eps_bc2;     // eps * sqrt(1 - beta2^t): eps moved inside, so that one division suffices
   C step_c;      // -lr * scale / (1 - beta1^t) * sqrt(1 - beta2^t)
   bool mean_sq;  // g̃⁽²⁾ = blockmean(G⊙G) (else g̃⊙g̃)
+  // StochasticBF16 weights only: the weights' rounding offset this step (rounding_offset(step, 2)), and the flat
+  // index, in the parameter, of the first weight a call is given: entry (row, column) of a call's rows of n columns
+  // is weight_index + row·n + column. A caller that hands a kernel part of a row as a tensor of its own moves it
+  // (from_entry).
+  uint32_t weight_offset = 0;
+  int64_t weight_index = 0;
 };
+
+// h for a call given the weights from entry `offset` of the caller's own on.
+template <typename C>
+FOAM_INLINE Hyper<C> from_entry(const Hyper<C>& h, int64_t offset) {
+  Hyper<C> moved = h;
+  moved.weight_index += offset;
+  return moved;
+}
 
 // torch.lerp's formula (aten/src/ATen/native/Lerp.h), so that the moments match the reference path.
 template <typename C>
@@ -180,6 +202,76 @@ FOAM_INLINE void fold_span(const typename S::T* __restrict gr, typename S::T* __
   }
 }
 
+// ---------------------------------------------------------------------------------------- stochastic rounding
+// state_dtype="bfloat16": moments are stored in bf16 and stochastically rounded, exactly foam_hf.precision's
+// store_moment; so are bf16 weights under weight_rounding="stochastic" (store_weight, salt 2). The dither of entry i
+// (its flat index in the moment tensor, or in the parameter) is a counter hash of (i, step, salt):
+// h = i·0x9E3779B1 + offset (mod 2^32), h ^= h >> 16, h *= 0x7FEB352D, h ^= h >> 15, dither = h & 0xFFFF, with
+// offset = step·0x85EBCA77 + salt·0xC2B2AE3D; finite values become (bits(x) + dither) >> 16, non-finite ones
+// round to nearest (NaN -> 0x7FC0). stochastic_round below is the readable and portable version (gcc vectorises
+// it, poorly: ~3x slower than foam_simd.h's explicit AVX2 one on AMD Zen 1, ~3x slower than its AVX-512 one on
+// AMD Zen 5).
+FOAM_INLINE uint32_t rounding_offset(int64_t step, int64_t salt) {
+  return static_cast<uint32_t>(step) * UINT32_C(0x85EBCA77) + static_cast<uint32_t>(salt) * UINT32_C(0xC2B2AE3D);
+}
+
+// `count` entries from flat index first_index on; count < 2^32 (the loop runs on 32-bit lanes).
+FOAM_CLONES void stochastic_round(const float* __restrict src, uint16_t* __restrict dst, int64_t count,
+                                  int64_t first_index, uint32_t offset) {
+  // i·0x9E3779B1 + offset (mod 2^32) advanced by addition from entry to entry: one multiply per entry fewer.
+  uint32_t h_index = static_cast<uint32_t>(first_index) * UINT32_C(0x9E3779B1) + offset;
+  const uint32_t n = static_cast<uint32_t>(count);
+  for (uint32_t j = 0; j < n; ++j, h_index += UINT32_C(0x9E3779B1)) {
+    uint32_t h = h_index;
+    h ^= h >> 16;
+    h *= UINT32_C(0x7FEB352D);
+    h ^= h >> 15;
+    uint32_t bits;
+    std::memcpy(&bits, &src[j], sizeof(bits));
+    const bool finite = (bits & UINT32_C(0x7F800000)) != UINT32_C(0x7F800000);
+    const bool nan = (bits & UINT32_C(0x7FFFFFFF)) > UINT32_C(0x7F800000);
+    // ±inf keep their bits (the low half is zero); NaN becomes 0x7FC0, as BF16::store rounds it.
+    const uint32_t rounded = nan ? UINT32_C(0x7FC00000) : (finite ? bits + (h & UINT32_C(0xFFFF)) : bits);
+    dst[j] = static_cast<uint16_t>(rounded >> 16);
+  }
+}
+
+FOAM_CLONES void widen_bf16(const uint16_t* __restrict src, float* __restrict dst, int64_t count) {
+  for (int64_t j = 0; j < count; ++j) dst[j] = BF16::load(src[j]);
+}
+
+// dst <- src rounded to bf16 as bf16 weights are stored (BF16::store: to nearest even, NaN -> 0x7FC0). Only
+// the tests call it (round_bf16_nearest in foam_cpu.cpp), to hold each implementation's rounding to the rule.
+void round_bf16_nearest(const float* __restrict src, uint16_t* __restrict dst, int64_t count) {
+  for (int64_t j = 0; j < count; ++j) dst[j] = BF16::store(src[j]);
+}
+
+// The row tail of StochasticBF16 weights, columns [c0, n) of one row (c0 a multiple of B): fold_span over fp32
+// copies of G and W, the new weights stochastically rounded back; `index` is the flat index of gr[0] in the call's
+// tensor. The kernels that round the rest of a row in place leave it its tail, which is under a vector, a chunk
+// or a block of at most kStagedMax columns: the copies stay on the stack up to kRoundedTail columns.
+constexpr int64_t kRoundedTail = 1024;
+FOAM_INLINE void fold_span_rounded(const uint16_t* gr, uint16_t* wr, float* mr, float* vr, int64_t c0, int64_t n,
+                                   int64_t B, const Hyper<float>& h, int64_t index) {
+  const int64_t len = n - c0;
+  float stack_copies[2 * kRoundedTail];
+  std::vector<float> heap_copies(len > kRoundedTail ? 2 * len : 0);
+  float* g32 = len > kRoundedTail ? heap_copies.data() : stack_copies;
+  float* w32 = g32 + len;
+  widen_bf16(gr + c0, g32, len);
+  widen_bf16(wr + c0, w32, len);
+  fold_span<F32>(g32, w32, mr + c0 / B, vr + c0 / B, 0, len, B, h);  // c0 / B: the blocks are the row's
+  stochastic_round(w32, wr + c0, len, h.weight_index + index + c0, h.weight_offset);
+}
+
+// fold_span for any storage; StochasticBF16 through fold_span_rounded (`index` as there).
+template <typename S>
+FOAM_INLINE void fold_row_tail(const typename S::T* gr, typename S::T* wr, typename S::C* mr, typename S::C* vr,
+                               int64_t c0, int64_t n, int64_t B, const Hyper<typename S::C>& h, int64_t index) {
+  if constexpr (std::is_same_v<S, StochasticBF16>) fold_span_rounded(gr, wr, mr, vr, c0, n, B, h, index);
+  else fold_span<S>(gr, wr, mr, vr, c0, n, B, h);
+}
+
 // ---------------------------------------------------------------------------------------------- portable path
 // The same math in loops the compiler vectorises (the path without explicit SIMD: other architectures, x86
 // without AVX2+FMA+F16C, fp64, and block sizes the SIMD code does not specialise).
@@ -212,7 +304,9 @@ FOAM_INLINE void fold_rows_blocked(const typename S::T* __restrict g, typename S
   alignas(64) C g_mean[kTileBlocks], m_new[kTileBlocks], v_new[kTileBlocks];
   // 16-bit G and W go through tiles in the compute type (widened before the loops, W narrowed after them): loaded
   // and stored in the loops themselves, they kept gcc from vectorising those below B = 16 (~10x slower).
+  // StochasticBF16 weights are narrowed by stochastic_round.
   constexpr bool kWiden = !std::is_same_v<typename S::T, C>;
+  constexpr bool kStochastic = std::is_same_v<S, StochasticBF16>;
   alignas(64) C g_wide[kWiden ? kTileBlocks * B : 1], w_wide[kWiden ? kTileBlocks * B : 1];
   const C decay = h.decay, rho = h.rho, rho2 = h.rho2, eps_bc2 = h.eps_bc2, step_c = h.step_c;
   const C lerp_w = h.lerp_w, beta2 = h.beta2, one_m_b2 = h.one_m_b2;
@@ -266,11 +360,13 @@ FOAM_INLINE void fold_rows_blocked(const typename S::T* __restrict g, typename S
           wc[k * B + b] = wc[k * B + b] * decay + step_c * (M / (std::sqrt(V) + eps_bc2));
         }
       }
-      if constexpr (kWiden) {
+      if constexpr (kStochastic) {
+        stochastic_round(w_wide, wt, blocks * B, h.weight_index + row * n + k0 * B, h.weight_offset);
+      } else if constexpr (kWiden) {
         for (int64_t j = 0; j < blocks * B; ++j) wt[j] = S::store(w_wide[j]);
       }
     }
-    if (whole * B < n) fold_span<S>(gr, wr, mr, vr, whole * B, n, B, h);
+    if (whole * B < n) fold_row_tail<S>(gr, wr, mr, vr, whole * B, n, B, h, row * n);
   }
 }
 
@@ -281,20 +377,23 @@ FOAM_INLINE void fold_rows_impl(const typename S::T* __restrict g, typename S::T
                                 typename S::C* __restrict m, typename S::C* __restrict v, int64_t r0, int64_t r1,
                                 int64_t n, int64_t B, const Hyper<typename S::C>& h) {
   using C = typename S::C;
+  constexpr bool kStochastic = std::is_same_v<S, StochasticBF16>;  // the new weights are rounded a tile at a time
+  constexpr int64_t kBuffers = kStochastic ? 5 : 4;
   const int64_t K = (n + B - 1) / B;
   const int64_t tile_blocks = std::max<int64_t>(1, kTile / B);
   const int64_t T = std::min(tile_blocks * B, n);  // a tile never spans more than its row: B >= n is one block
-  C stack_buf[4 * kTile];
+  C stack_buf[kBuffers * kTile];
   std::vector<C> heap_buf;
   C* buf = stack_buf;
   if (T > kTile) {  // only when B > kTile and rows are longer than kTile: one block per tile
-    heap_buf.resize(4 * T);
+    heap_buf.resize(kBuffers * T);
     buf = heap_buf.data();
   }
   C* __restrict gf = buf;          // G of the tile, in the compute type
   C* __restrict eg = buf + T;      // unfold(g̃)
   C* __restrict em = buf + 2 * T;  // unfold(m̃)
   C* __restrict ev = buf + 3 * T;  // unfold(ṽ)
+  C* __restrict nw = kStochastic ? buf + 4 * T : nullptr;  // StochasticBF16: the new weights, before rounding
   const C decay = h.decay, rho = h.rho, rho2 = h.rho2, eps_bc2 = h.eps_bc2, step_c = h.step_c;
 
   for (int64_t row = r0; row < r1; ++row) {
@@ -331,7 +430,12 @@ FOAM_INLINE void fold_rows_impl(const typename S::T* __restrict g, typename S::T
         const C r = rho != 0 ? residual : C(0);  // as fold_span: R is 0 when ρ = 0
         const C M = em[j] + rho * r;
         const C V = ev[j] + rho2 * (r * r);
-        wr[c0 + j] = S::store(S::load(wr[c0 + j]) * decay + step_c * (M / (std::sqrt(V) + eps_bc2)));
+        const C new_w = S::load(wr[c0 + j]) * decay + step_c * (M / (std::sqrt(V) + eps_bc2));
+        if constexpr (kStochastic) nw[j] = new_w;
+        else wr[c0 + j] = S::store(new_w);
+      }
+      if constexpr (kStochastic) {
+        stochastic_round(nw, wr + c0, len, h.weight_index + row * n + c0, h.weight_offset);
       }
     }
   }
@@ -374,6 +478,25 @@ FOAM_INLINE void adamw_impl(const typename S::T* __restrict g, typename S::T* __
   }
 }
 
+// adamw_impl for any storage; StochasticBF16 weights through fp32 copies of runs of at most kRoundedTail elements
+// (the same values: AdamW is element-wise).
+template <typename S>
+FOAM_INLINE void adamw_entries(const typename S::T* g, typename S::T* w, typename S::C* m, typename S::C* v,
+                               int64_t i0, int64_t i1, const Hyper<typename S::C>& h) {
+  if constexpr (std::is_same_v<S, StochasticBF16>) {
+    float g32[kRoundedTail], w32[kRoundedTail];
+    for (int64_t first = i0; first < i1; first += kRoundedTail) {
+      const int64_t count = std::min(i1 - first, kRoundedTail);
+      widen_bf16(g + first, g32, count);
+      widen_bf16(w + first, w32, count);
+      adamw_impl<F32>(g32, w32, m + first, v + first, 0, count, h);
+      stochastic_round(w32, w + first, count, h.weight_index + first, h.weight_offset);
+    }
+  } else {
+    adamw_impl<S>(g, w, m, v, i0, i1, h);
+  }
+}
+
 template <typename S>
 using FoldFn = void (*)(const typename S::T*, typename S::T*, typename S::C*, typename S::C*, int64_t, int64_t,
                         int64_t, int64_t, const Hyper<typename S::C>&);
@@ -391,7 +514,7 @@ struct Portable;
   }                                                                                                            \
   FOAM_CLONES void adamw_##S(const S::T* g, S::T* w, S::C* m, S::C* v, int64_t i0, int64_t i1,                  \
                              const Hyper<S::C>& h) {                                                           \
-    adamw_impl<S>(g, w, m, v, i0, i1, h);                                                                      \
+    adamw_entries<S>(g, w, m, v, i0, i1, h);                                                                   \
   }                                                                                                            \
   template <>                                                                                                  \
   struct Portable<S> {                                                                                         \
@@ -402,50 +525,8 @@ FOAM_ENTRY(F32)
 FOAM_ENTRY(BF16)
 FOAM_ENTRY(F16)
 FOAM_ENTRY(F64)
+FOAM_ENTRY(StochasticBF16)
 #undef FOAM_ENTRY
-
-// ------------------------------------------------------------------------------------------- bf16 moments
-// state_dtype="bfloat16": moments are stored in bf16 and stochastically rounded, exactly foam_hf.optim's
-// _store_moment. The dither of moment entry i (its flat index in the moment tensor) is a counter hash of
-// (i, step, salt): h = i·0x9E3779B1 + offset (mod 2^32), h ^= h >> 16, h *= 0x7FEB352D, h ^= h >> 15,
-// dither = h & 0xFFFF, with offset = step·0x85EBCA77 + salt·0xC2B2AE3D; finite values become
-// (bits(x) + dither) >> 16, non-finite ones round to nearest (NaN -> 0x7FC0). stochastic_round below is the
-// readable and portable version (gcc vectorises it, poorly: ~3x slower than foam_simd.h's explicit AVX2 one on
-// AMD Zen 1, ~3x slower than its AVX-512 one on AMD Zen 5).
-FOAM_INLINE uint32_t rounding_offset(int64_t step, int64_t salt) {
-  return static_cast<uint32_t>(step) * UINT32_C(0x85EBCA77) + static_cast<uint32_t>(salt) * UINT32_C(0xC2B2AE3D);
-}
-
-// `count` entries from flat index first_index on; count <= kMomentTile (the loop runs on 32-bit lanes).
-FOAM_CLONES void stochastic_round(const float* __restrict src, uint16_t* __restrict dst, int64_t count,
-                                  int64_t first_index, uint32_t offset) {
-  // i·0x9E3779B1 + offset (mod 2^32) advanced by addition from entry to entry: one multiply per entry fewer.
-  uint32_t h_index = static_cast<uint32_t>(first_index) * UINT32_C(0x9E3779B1) + offset;
-  const uint32_t n = static_cast<uint32_t>(count);
-  for (uint32_t j = 0; j < n; ++j, h_index += UINT32_C(0x9E3779B1)) {
-    uint32_t h = h_index;
-    h ^= h >> 16;
-    h *= UINT32_C(0x7FEB352D);
-    h ^= h >> 15;
-    uint32_t bits;
-    std::memcpy(&bits, &src[j], sizeof(bits));
-    const bool finite = (bits & UINT32_C(0x7F800000)) != UINT32_C(0x7F800000);
-    const bool nan = (bits & UINT32_C(0x7FFFFFFF)) > UINT32_C(0x7F800000);
-    // ±inf keep their bits (the low half is zero); NaN becomes 0x7FC0, as BF16::store rounds it.
-    const uint32_t rounded = nan ? UINT32_C(0x7FC00000) : (finite ? bits + (h & UINT32_C(0xFFFF)) : bits);
-    dst[j] = static_cast<uint16_t>(rounded >> 16);
-  }
-}
-
-FOAM_CLONES void widen_bf16(const uint16_t* __restrict src, float* __restrict dst, int64_t count) {
-  for (int64_t j = 0; j < count; ++j) dst[j] = BF16::load(src[j]);
-}
-
-// dst <- src rounded to bf16 as bf16 weights are stored (BF16::store: to nearest even, NaN -> 0x7FC0). Only
-// the tests call it (round_bf16_nearest in foam_cpu.cpp), to hold each implementation's rounding to the rule.
-void round_bf16_nearest(const float* __restrict src, uint16_t* __restrict dst, int64_t count) {
-  for (int64_t j = 0; j < count; ++j) dst[j] = BF16::store(src[j]);
-}
 
 // The fp32 kernels step bf16 moments through a tile of fp32 copies that stays in L1: widen a run of moments,
 // step the columns they cover, round the run back. Memory traffic is that of stepping bf16 moments in place
@@ -487,7 +568,8 @@ void fold_rows_bf16_moments(FoldFn<S> fold, Bf16Ops ops, const typename S::T* g,
       ops.widen(m + first, m_tile, count);
       ops.widen(v + first, v_tile, count);
       // The run's columns as a one-row tensor of their own: c0 is a multiple of B, so the blocks are the same.
-      fold(g + row * n + c0, w + row * n + c0, m_tile, v_tile, 0, 1, std::min(n, (k0 + count) * B) - c0, B, h);
+      fold(g + row * n + c0, w + row * n + c0, m_tile, v_tile, 0, 1, std::min(n, (k0 + count) * B) - c0, B,
+           from_entry(h, row * n + c0));
       ops.round(m_tile, m + first, count, first, offsets.exp_avg);
       ops.round(v_tile, v + first, count, first, offsets.exp_avg_sq);
     }
@@ -502,7 +584,7 @@ void adamw_bf16_moments(AdamwFn<S> adamw, Bf16Ops ops, const typename S::T* g, t
     const int64_t count = std::min(i1 - first, kMomentTile);
     ops.widen(m + first, m_tile, count);
     ops.widen(v + first, v_tile, count);
-    adamw(g + first, w + first, m_tile, v_tile, 0, count, h);
+    adamw(g + first, w + first, m_tile, v_tile, 0, count, from_entry(h, first));
     ops.round(m_tile, m + first, count, first, offsets.exp_avg);
     ops.round(v_tile, v + first, count, first, offsets.exp_avg_sq);
   }
@@ -511,82 +593,34 @@ void adamw_bf16_moments(AdamwFn<S> adamw, Bf16Ops ops, const typename S::T* g, t
 // ------------------------------------------------------------------------------ stochastically rounded bf16 weights
 // weight_rounding="stochastic" (foam_hf.precision.store_weight): the new weights of a bf16 tensor are rounded as bf16
 // moments are (stochastic_round), with salt 2 and the dither of entry i a hash of its flat index in the parameter.
-// The fp32 kernel steps fp32 copies of a tile of whole blocks: its G and W (and its moments, when bf16) are widened,
-// stepped, and rounded back. A tile is kWeightTile columns (whole blocks), a multiple of every chunk width of the
-// fp32 code, so each entry's fp32 value is the one the fp32 kernel computes over the whole row.
-constexpr int64_t kWeightTile = 1024;
+// They are stored as StochasticBF16: every kernel loads them as bf16 and computes what it computes for fp32 weights
+// (the same sums in the same order), so that a step's new weights are exactly the rule's rounding of its fp32
+// twin's. The kernels stage a run of new weights in fp32, at most a few thousand, and round the run
+// (fold_rows_blocked, fold_rows_impl, adamw_entries; foam_simd.h's store_staged); their row tails go through fp32
+// copies (fold_row_tail). The SIMD code's blocks wider than it stages go one block at a time through fp32 copies
+// (below), stepped by the fp32 kernel. (The first version put every tensor through fp32 tiles: 1.5-1.8x the
+// round-to-nearest step. Staged, it is 1.0-1.16x at B = 2..16 with AVX2 and AVX-512, and 1.3-1.55x at B = 32, whose
+// fp32 sums are lane-wise (fold_wide), not pairs, on AMD Zen 4.)
 
-// Rows [r0, r1) of a folded bf16 tensor; M is float, or uint16_t for bf16 moments.
-template <typename M>
-void fold_rows_rounded_weights(FoldFn<F32> fold, Bf16Ops ops, const uint16_t* g, uint16_t* w, M* m, M* v, int64_t r0,
-                               int64_t r1, int64_t n, int64_t B, const Hyper<float>& h, RoundingOffsets offsets,
-                               uint32_t weight_offset) {
-  constexpr bool kBf16Moments = std::is_same_v<M, uint16_t>;
+// Rows [r0, r1) of a folded StochasticBF16 tensor whose blocks are wider than the SIMD code stages, a block at a
+// time: G and W of the block widened into fp32 copies (the only allocation, 8 bytes per column of a block),
+// stepped as a one-row tensor by `fold` (the fp32 kernel, whose values per block do not depend on the columns
+// around it) and rounded back.
+inline void fold_rows_rounded_weights(FoldFn<F32> fold, Bf16Ops ops, const uint16_t* g, uint16_t* w, float* m,
+                                      float* v, int64_t r0, int64_t r1, int64_t n, int64_t B, const Hyper<float>& h) {
   const int64_t K = (n + B - 1) / B;
-  const int64_t tile_blocks = std::max<int64_t>(1, kWeightTile / B);
-  const int64_t width = std::min(tile_blocks * B, n);  // columns of a tile; over kWeightTile only for B > kWeightTile
-  float stack_buf[4 * kWeightTile];
-  std::vector<float> heap_buf;
-  float* buf = stack_buf;
-  if (width > kWeightTile) {
-    heap_buf.resize(2 * width + 2 * tile_blocks);
-    buf = heap_buf.data();
-  }
-  float* g_tile = buf;
-  float* w_tile = buf + width;
-  float* m_tile = buf + 2 * width;
-  float* v_tile = m_tile + tile_blocks;
+  std::vector<float> copies(2 * std::min(B, n));
+  float* g_block = copies.data();
+  float* w_block = g_block + std::min(B, n);
   for (int64_t row = r0; row < r1; ++row) {
-    for (int64_t k0 = 0; k0 < K; k0 += tile_blocks) {
-      const int64_t count = std::min(K - k0, tile_blocks);  // the tile's blocks
-      const int64_t c0 = k0 * B;
-      const int64_t len = std::min(n, (k0 + count) * B) - c0;
-      const int64_t first_moment = row * K + k0, first_entry = row * n + c0;  // flat indices
-      ops.widen(g + first_entry, g_tile, len);
-      ops.widen(w + first_entry, w_tile, len);
-      float* mp;
-      float* vp;
-      if constexpr (kBf16Moments) {
-        ops.widen(m + first_moment, m_tile, count);
-        ops.widen(v + first_moment, v_tile, count);
-        mp = m_tile;
-        vp = v_tile;
-      } else {
-        mp = m + first_moment;
-        vp = v + first_moment;
-      }
-      // The tile as a one-row tensor of its own: c0 is a multiple of B, so the blocks are the row's.
-      fold(g_tile, w_tile, mp, vp, 0, 1, len, B, h);
-      if constexpr (kBf16Moments) {
-        ops.round(m_tile, m + first_moment, count, first_moment, offsets.exp_avg);
-        ops.round(v_tile, v + first_moment, count, first_moment, offsets.exp_avg_sq);
-      }
-      ops.round(w_tile, w + first_entry, len, first_entry, weight_offset);
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t len = std::min(n, (k + 1) * B) - k * B;  // < B only for a ragged last block
+      const int64_t first = row * n + k * B;                  // flat index of the block's first entry in the call
+      ops.widen(g + first, g_block, len);
+      ops.widen(w + first, w_block, len);
+      fold(g_block, w_block, m + row * K + k, v + row * K + k, 0, 1, len, B, h);
+      ops.round(w_block, w + first, len, h.weight_index + first, h.weight_offset);
     }
-  }
-}
-
-// Elements [i0, i1) of an unfolded bf16 tensor (AdamW's update); M as above.
-template <typename M>
-void adamw_rounded_weights(AdamwFn<F32> adamw, Bf16Ops ops, const uint16_t* g, uint16_t* w, M* m, M* v, int64_t i0,
-                           int64_t i1, const Hyper<float>& h, RoundingOffsets offsets, uint32_t weight_offset) {
-  constexpr bool kBf16Moments = std::is_same_v<M, uint16_t>;
-  float g_tile[kWeightTile], w_tile[kWeightTile], m_tile[kBf16Moments ? kWeightTile : 1],
-      v_tile[kBf16Moments ? kWeightTile : 1];
-  for (int64_t first = i0; first < i1; first += kWeightTile) {
-    const int64_t count = std::min(i1 - first, kWeightTile);
-    ops.widen(g + first, g_tile, count);
-    ops.widen(w + first, w_tile, count);
-    if constexpr (kBf16Moments) {
-      ops.widen(m + first, m_tile, count);
-      ops.widen(v + first, v_tile, count);
-      adamw(g_tile, w_tile, m_tile, v_tile, 0, count, h);
-      ops.round(m_tile, m + first, count, first, offsets.exp_avg);
-      ops.round(v_tile, v + first, count, first, offsets.exp_avg_sq);
-    } else {
-      adamw(g_tile, w_tile, m + first, v + first, 0, count, h);
-    }
-    ops.round(w_tile, w + first, count, first, weight_offset);
   }
 }
 

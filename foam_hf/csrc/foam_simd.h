@@ -1,6 +1,7 @@
 // Explicit SIMD for FOAM's fused CPU step, fp32 compute. Included twice by foam_kernel.h, inside a
 // `#pragma GCC target` region, with FOAM_SIMD_NS and FOAM_SIMD_LANES set: AVX-512 (16 lanes) and AVX2 (8).
-// The math is that of fold_span / adamw_impl (foam_kernel.h), one vector at a time; row tails go to fold_span.
+// The math is that of fold_span / adamw_impl (foam_kernel.h), one vector at a time; row tails go to fold_span
+// (fold_row_tail).
 //
 // Two ways to find the block means:
 //  * in-register butterflies (fold_small, B = 2, 4, 8 and 16 with AVX-512, and 32 for bf16, whose pairs of
@@ -18,10 +19,20 @@
 // bf16 parameters are loaded and stored two vectors at a time (PairBf16), in an order that never crosses
 // 128-bit lanes; the block sums and the moments' order follow it. bf16 moments (state_dtype="bfloat16") go
 // through an fp32 tile (foam_kernel.h), except in fold_chunk, which widens and rounds them in its registers.
+// bf16 weights under weight_rounding="stochastic" (StochasticBF16) must get the fp32 code's sums: they take the
+// pairs where those add the same columns in the same order (B = 2..16 with AVX-512, 2..8 with AVX2), the fp32
+// code's lane-wise layout elsewhere, and always stage their new weights for stochastic_round(_pairs).
 
 namespace foam {
 namespace {
 namespace FOAM_SIMD_NS {
+
+// Defined with the rest of the bf16 rounding, below.
+void stochastic_round(const float* __restrict src, uint16_t* __restrict dst, int64_t count, int64_t first_index,
+                      uint32_t offset);
+void stochastic_round_pairs(const float* __restrict staged, uint16_t* __restrict dst, int64_t count,
+                            int64_t first_index, uint32_t offset);
+void widen_bf16(const uint16_t* __restrict src, float* __restrict dst, int64_t count);
 
 #if FOAM_SIMD_LANES == 16
 struct V {
@@ -123,6 +134,10 @@ struct Ld<F16> {  // the hardware conversions (round to nearest even, as c10's)
   static FOAM_INLINE void store(uint16_t* p, __m512 x) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
   }
+};
+template <>
+struct Ld<StochasticBF16> {  // loaded as bf16; stored by store_staged only (stochastic_round needs the indices)
+  static FOAM_INLINE auto load(const uint16_t* p) { return Ld<BF16>::load(p); }
 };
 // bf16 parameters two vectors at a time (32 columns), split by the parity of their columns: each 32-bit lane of
 // a load holds two adjacent columns, so a shift widens the even one into an fp32 lane (even) and a mask the odd
@@ -235,6 +250,10 @@ struct Ld<F16> {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
   }
 };
+template <>
+struct Ld<StochasticBF16> {  // loaded as bf16; stored by store_staged only (stochastic_round needs the indices)
+  static FOAM_INLINE auto load(const uint16_t* p) { return Ld<BF16>::load(p); }
+};
 // bf16 parameters two vectors at a time (16 columns), split by the parity of their columns; see the AVX-512
 // version.
 struct PairBf16 {
@@ -311,11 +330,17 @@ FOAM_INLINE vec new_weight(vec g, vec gm, vec mk, vec vk, vec w, const VHyper& c
 // bf16 step ran at 1.3x its fp32 step so, and at ~1.1x when the loops first write the new weights of a batch of
 // kStagedColumns in fp32 (to a buffer in L1) and store_staged then rounds and stores the batch.
 constexpr int64_t kStagedColumns = 256;
+constexpr int64_t kStagedMax = 1024;  // columns: the widest batch fold_wide_span stages (one block of that size)
 // Rounds and stores `count` new weights at w from `staged`, in the order the first loop wrote them: for pairs
-// (PairBf16) each pair's even then odd vector, else lane-wise.
+// (PairBf16) each pair's even then odd vector, else lane-wise. StochasticBF16 weights are stochastically rounded,
+// `index` being the flat index of w[0] in the call's tensor.
 template <typename S, bool kPairs>
-FOAM_INLINE void store_staged(typename S::T* w, const float* staged, int64_t count) {
-  if constexpr (kPairs) {
+FOAM_INLINE void store_staged(typename S::T* w, const float* staged, int64_t count, const Hyper<float>& h,
+                              int64_t index) {
+  if constexpr (std::is_same_v<S, StochasticBF16>) {
+    if constexpr (kPairs) stochastic_round_pairs(staged, w, count, h.weight_index + index, h.weight_offset);
+    else stochastic_round(staged, w, count, h.weight_index + index, h.weight_offset);
+  } else if constexpr (kPairs) {
     for (int64_t j = 0; j < count; j += 2 * V::N) {
       PairBf16::store(w + j, V::load(staged + j), V::load(staged + j + V::N));
     }
@@ -360,12 +385,18 @@ void fold_small(const typename S::T* g, typename S::T* w, float* m, float* v, in
 // the same g̃, m̃ and ṽ. The new weights of a batch of pairs are staged (store_staged): 0.80-0.86x the time of
 // rounding each pair as it is computed. B = 2 .. 32
 // (a block of 32 is one pair: 16 lanes of even + odd); at B = 32 this took 0.72x fold_wide's time.
-template <int L>
+// Up to B = 16 the sums are fold_small's own for fp32 weights: the butterflies add the same pairs of columns in the
+// same order, and each square is rounded before it is added, as there (an FMA would differ only where a bf16
+// value's square, exact in fp32 otherwise, under- or overflows). So S = StochasticBF16 takes this code at
+// B = 2 .. 16, with its last columns (fewer than a pair) stepped as fold_small steps them: a vector, then fold_span.
+template <typename S, int L>
 void fold_small_pairs(const uint16_t* g, uint16_t* w, float* m, float* v, int64_t r0, int64_t r1, int64_t n,
                       const Hyper<float>& h) {
   constexpr int64_t B = int64_t{1} << L;
   constexpr int H = 1 << (L - 1);  // lanes per block in even + odd
   constexpr int64_t kPair = 2 * V::N;
+  constexpr bool kStochastic = std::is_same_v<S, StochasticBF16>;
+  static_assert(!kStochastic || B <= 16, "fold_small_pairs: fold_small sums blocks of 32 otherwise (fold_wide)");
   const int64_t K = (n + B - 1) / B;
   const int64_t np = n / kPair * kPair;  // columns in whole pairs; the rest (and any ragged block) is the tail
   alignas(64) float staged[kStagedColumns];
@@ -387,8 +418,8 @@ void fold_small_pairs(const uint16_t* g, uint16_t* w, float* m, float* v, int64_
         float* mj = mr + j / B;
         float* vj = vr + j / B;
         const vec gm = V::mul(V::template group_sum<H>(V::add(xe, xo)), inv_b);  // unfold(g̃), in pair columns
-        const vec g2 =
-            c.mean_sq ? V::mul(V::template group_sum<H>(V::fma(xe, xe, V::mul(xo, xo))), inv_b) : V::mul(gm, gm);
+        const vec squares = V::add(V::mul(xe, xe), V::mul(xo, xo));  // each rounded, as fold_small's (no FMA)
+        const vec g2 = c.mean_sq ? V::mul(V::template group_sum<H>(squares), inv_b) : V::mul(gm, gm);
         const vec mk = lerp_v(V::template expand<L - 1>(mj), gm, c);
         const vec vk = V::fma(V::template expand<L - 1>(vj), c.beta2, V::mul(c.one_m_b2, g2));
         V::template compact_store<L - 1>(mj, mk);
@@ -396,9 +427,19 @@ void fold_small_pairs(const uint16_t* g, uint16_t* w, float* m, float* v, int64_
         V::store(staged + (j - j0), new_weight(xe, gm, mk, vk, we, c));
         V::store(staged + (j - j0) + V::N, new_weight(xo, gm, mk, vk, wo, c));
       }
-      store_staged<BF16, true>(wr + j0, staged, j1 - j0);
+      store_staged<S, true>(wr + j0, staged, j1 - j0, h, row * n + j0);
     }
-    fold_span<BF16>(gr, wr, mr, vr, np, n, B, h);
+    if constexpr (kStochastic) {  // the last columns as an fp32 row of their own, through fold_small's own code
+      if (np < n) {
+        alignas(64) float g32[kPair], w32[kPair];
+        widen_bf16(gr + np, g32, n - np);
+        widen_bf16(wr + np, w32, n - np);
+        fold_small<F32, L>(g32, w32, mr + np / B, vr + np / B, 0, 1, n - np, h);  // np / B: the row's blocks
+        stochastic_round(w32, wr + np, n - np, h.weight_index + row * n + np, h.weight_offset);
+      }
+    } else {
+      fold_span<S>(gr, wr, mr, vr, np, n, B, h);
+    }
   }
 }
 #endif
@@ -429,14 +470,15 @@ FOAM_INLINE void wide_sums_left_to_right(const typename S::T* gr, const typename
 // Whole blocks of one row, columns [c0, c1), B a multiple of the lane count: a block is B / N vectors; one
 // reduction and a scalar moment update each. bf16 parameters go a PairBf16 at a time where B is a multiple of
 // two vectors (kPairs): the sums then take the block's columns in another order.
+// `index`: the flat index of gr[0] in the call's tensor.
 template <typename S, bool kPairs>
 FOAM_INLINE void fold_wide_span(const typename S::T* gr, typename S::T* wr, float* mr, float* vr, int64_t c0,
-                                int64_t c1, int64_t B, const VHyper& c, const Hyper<float>& h) {
+                                int64_t c1, int64_t B, const VHyper& c, const Hyper<float>& h, int64_t index) {
   constexpr int64_t kStep = kPairs ? 2 * V::N : V::N;
-  // 16-bit weights: the new weights of a batch of whole blocks (~kStagedColumns, up to 1024 for B = 1024) are
-  // staged (store_staged). Larger blocks round as they go.
+  // 16-bit weights: the new weights of a batch of whole blocks (~kStagedColumns, up to kStagedMax for
+  // B = kStagedMax) are staged (store_staged). Larger blocks round to nearest as they go (fold_wide steps such
+  // StochasticBF16 blocks otherwise).
   constexpr bool kStaged = !std::is_same_v<S, F32>;
-  constexpr int64_t kStagedMax = 1024;  // columns
   alignas(64) float staged[kStaged ? kStagedMax : 1];
   const bool stage = kStaged && B <= kStagedMax;
   // Whole blocks; unstaged, the span in one batch (one loop, as without batches).
@@ -477,17 +519,26 @@ FOAM_INLINE void fold_wide_span(const typename S::T* gr, typename S::T* wr, floa
         } else {
           const vec new_w = new_weight(Ld<S>::load(gr + j), gmv, mkv, vkv, Ld<S>::load(wr + j), c);
           if (stage) V::store(staged + (j - b0), new_w);
-          else Ld<S>::store(wr + j, new_w);
+          else if constexpr (!std::is_same_v<S, StochasticBF16>) Ld<S>::store(wr + j, new_w);  // (always staged)
         }
       }
     }
-    if (stage) store_staged<S, kPairs>(wr + b0, staged, b1 - b0);
+    if (stage) store_staged<S, kPairs>(wr + b0, staged, b1 - b0, h, index + b0);
   }
 }
 
 template <typename S>
+void fold_rows(const typename S::T* g, typename S::T* w, float* m, float* v, int64_t r0, int64_t r1, int64_t n,
+               int64_t B, const Hyper<float>& h);
+
+template <typename S>
 void fold_wide(const typename S::T* g, typename S::T* w, float* m, float* v, int64_t r0, int64_t r1, int64_t n,
                int64_t B, const Hyper<float>& h) {
+  if constexpr (std::is_same_v<S, StochasticBF16>) {
+    if (B > kStagedMax) {  // blocks wider than fold_wide_span stages: one block at a time through fp32 copies
+      return fold_rows_rounded_weights(fold_rows<F32>, {widen_bf16, stochastic_round}, g, w, m, v, r0, r1, n, B, h);
+    }
+  }
   const int64_t K = (n + B - 1) / B;
   const int64_t nb = n / B * B;  // columns in whole blocks
   const VHyper c(h);
@@ -496,11 +547,13 @@ void fold_wide(const typename S::T* g, typename S::T* w, float* m, float* v, int
     const typename S::T* gr = g + row * n;
     typename S::T* wr = w + row * n;
     if (pairs) {
-      if constexpr (std::is_same_v<S, BF16>) fold_wide_span<S, true>(gr, wr, m + row * K, v + row * K, 0, nb, B, c, h);
+      if constexpr (std::is_same_v<S, BF16>) {
+        fold_wide_span<S, true>(gr, wr, m + row * K, v + row * K, 0, nb, B, c, h, row * n);
+      }
     } else {
-      fold_wide_span<S, false>(gr, wr, m + row * K, v + row * K, 0, nb, B, c, h);
+      fold_wide_span<S, false>(gr, wr, m + row * K, v + row * K, 0, nb, B, c, h, row * n);
     }
-    fold_span<S>(gr, wr, m + row * K, v + row * K, nb, n, B, h);
+    fold_row_tail<S>(gr, wr, m + row * K, v + row * K, nb, n, B, h, row * n);
   }
 }
 
@@ -541,8 +594,9 @@ FOAM_INLINE ivec iota_times(uint32_t k) {  // lane i holds i·k (mod 2^32)
 FOAM_INLINE ivec add_lanes(ivec a, ivec b) { return _mm512_add_epi32(a, b); }
 FOAM_INLINE ivec broadcast(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
 
-// `hash` holds i·0x9E3779B1 + offset for the flat indices i of the 16 entries of x.
-FOAM_INLINE void stochastic_round_vector(uint16_t* p, vec x, ivec hash) {
+// The rounded bits of the 16 entries of x, each in the lower half of its lane; `hash` holds i·0x9E3779B1 + offset
+// for their flat indices i.
+FOAM_INLINE ivec stochastic_round_bits(vec x, ivec hash) {
   ivec h = _mm512_xor_si512(hash, _mm512_srli_epi32(hash, 16));
   h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x7FEB352D));
   h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 15));
@@ -551,14 +605,19 @@ FOAM_INLINE void stochastic_round_vector(uint16_t* p, vec x, ivec hash) {
   // Finite values get the dither; ±inf keep their bits (the low half is zero); NaN becomes 0x7FC0. A vector of
   // finite values (|x| < inf, false for NaN), nearly every one, skips the last two rules.
   const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(INFINITY), _CMP_LT_OQ);
-  ivec r;
-  if (__builtin_expect(finite == 0xFFFF, 1)) {
-    r = _mm512_srli_epi32(_mm512_add_epi32(bits, dither), 16);
-  } else {
-    r = _mm512_srli_epi32(_mm512_mask_add_epi32(bits, finite, bits, dither), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  }
+  if (__builtin_expect(finite == 0xFFFF, 1)) return _mm512_srli_epi32(_mm512_add_epi32(bits, dither), 16);
+  const ivec r = _mm512_srli_epi32(_mm512_mask_add_epi32(bits, finite, bits, dither), 16);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+}
+
+// `hash` holds i·0x9E3779B1 + offset for the flat indices i of the 16 entries of x.
+FOAM_INLINE void stochastic_round_vector(uint16_t* p, vec x, ivec hash) {
+  const ivec r = stochastic_round_bits(x, hash);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));  // 16 x u32 (< 2^16) -> u16
+}
+// 32 bf16 values at p from the rounded bits of their even and odd columns (PairBf16's order): in-lane, no shuffle.
+FOAM_INLINE void store_bits_of_pair(uint16_t* p, ivec even, ivec odd) {
+  _mm512_storeu_si512(p, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
 }
 #else
 using ivec = __m256i;
@@ -594,6 +653,10 @@ FOAM_INLINE void stochastic_round_vector(uint16_t* p, vec x, ivec hash) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
                    _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
 }
+// 16 bf16 values at p from the rounded bits of their even and odd columns (PairBf16's order): in-lane, no shuffle.
+FOAM_INLINE void store_bits_of_pair(uint16_t* p, ivec even, ivec odd) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_or_si256(even, _mm256_slli_epi32(odd, 16)));
+}
 // Two vectors (16 entries) at once: one in-lane pack of both and one exchange of the middle quarters.
 FOAM_INLINE void stochastic_round_pair(uint16_t* p, vec x0, vec x1, ivec hash0, ivec hash1) {
   const ivec packed = _mm256_packus_epi32(stochastic_round_bits(x0, hash0), stochastic_round_bits(x1, hash1));
@@ -619,6 +682,22 @@ void stochastic_round(const float* __restrict src, uint16_t* __restrict dst, int
     stochastic_round_vector(dst + j, V::load(src + j), hash);
   }
   if (j < count) foam::stochastic_round(src + j, dst + j, count - j, first_index + j, offset);
+}
+
+// stochastic_round of `count` entries (a multiple of 2N) staged as PairBf16 pairs: each run of 2N columns as its N
+// even columns, then its N odd ones. Each entry gets the dither of its own flat index, as stochastic_round gives it.
+void stochastic_round_pairs(const float* __restrict staged, uint16_t* __restrict dst, int64_t count,
+                            int64_t first_index, uint32_t offset) {
+  const uint32_t golden = UINT32_C(0x9E3779B1);
+  // Lane k of a run's even vector is entry first_index + j + 2k; of its odd vector, the one after it.
+  ivec hash_even = add_lanes(broadcast(static_cast<uint32_t>(first_index) * golden + offset), iota_times(2 * golden));
+  const ivec to_odd = broadcast(golden);
+  const ivec stride = broadcast(golden * static_cast<uint32_t>(2 * V::N));  // 2N entries further
+  for (int64_t j = 0; j < count; j += 2 * V::N, hash_even = add_lanes(hash_even, stride)) {
+    const ivec even = stochastic_round_bits(V::load(staged + j), hash_even);
+    const ivec odd = stochastic_round_bits(V::load(staged + j + V::N), add_lanes(hash_even, to_odd));
+    store_bits_of_pair(dst + j, even, odd);
+  }
 }
 
 #if FOAM_SIMD_LANES == 8
@@ -701,8 +780,10 @@ void fold_chunk(const typename S::T* g, typename S::T* w, M* m, M* v, int64_t r0
   // bf16 parameters go through PairBf16 (a chunk is a whole number of its 16-column pairs): even + odd holds
   // each block in B/2 adjacent lanes, so the sums, moments and unfolds are those of B/2 over that sum, and both
   // vectors of a pair unfold the same values. At B = 16 and 32 (any parameter dtype) a block is 2 or 4 whole
-  // vectors; their lane-wise sum is one vector per block, and the rest is B = 8's.
-  constexpr bool kPairs = std::is_same_v<S, BF16>;
+  // vectors; their lane-wise sum is one vector per block, and the rest is B = 8's. Up to B = 8 the pairs' sums
+  // are the fp32 code's own (the same columns added in the same order, each square rounded), so StochasticBF16
+  // weights take them there; at B = 16 the fp32 code adds other columns first, and they go lane-wise.
+  constexpr bool kPairs = std::is_same_v<S, BF16> || (std::is_same_v<S, StochasticBF16> && B <= 8);
   constexpr int kGroup = B >= 16 ? B / 8 : (kPairs ? 2 : 1);  // vectors added lane-wise
   constexpr int kSumB = B / kGroup;                            // the block size whose code the sums take
   const int64_t K = (n + B - 1) / B;
@@ -719,10 +800,12 @@ void fold_chunk(const typename S::T* g, typename S::T* w, M* m, M* v, int64_t r0
     M* vr = v + row * K;
     // exp_avg's hash of the chunk's 8 moments (exp_avg_sq's differs by the offsets); unused for fp32 moments.
     ivec hash = add_lanes(broadcast(static_cast<uint32_t>(row * K) * golden + offsets.exp_avg), iota_times(golden));
-    // bf16 weights: the new weights of a batch of chunks are staged (store_staged).
+    // bf16 weights (pairs, or StochasticBF16 lane-wise): the new weights of a batch of chunks are staged
+    // (store_staged).
+    constexpr bool kStaged = kPairs || std::is_same_v<S, StochasticBF16>;
     constexpr int64_t kBatch = kChunk > kStagedColumns ? kChunk : kStagedColumns;  // columns
-    alignas(32) float staged[kPairs ? kBatch : 1];
-    const int64_t batch = kPairs ? kBatch : nc;  // other weights: the whole row in one batch, as one loop
+    alignas(32) float staged[kStaged ? kBatch : 1];
+    const int64_t batch = kStaged ? kBatch : nc;  // other weights: the whole row in one batch, as one loop
     for (int64_t j0 = 0; j0 < nc; j0 += batch) {
       const int64_t j1 = std::min(nc, j0 + batch);
       for (int64_t j = j0; j < j1; j += kChunk, hash = add_lanes(hash, stride)) {
@@ -742,7 +825,9 @@ void fold_chunk(const typename S::T* g, typename S::T* w, M* m, M* v, int64_t r0
           y2[u] = V::mul(x[kGroup * u], x[kGroup * u]);
           for (int t = 1; t < kGroup; ++t) {
             y[u] = V::add(y[u], x[kGroup * u + t]);
-            y2[u] = V::fma(x[kGroup * u + t], x[kGroup * u + t], y2[u]);
+            // Pairs: each square rounded, as the fp32 code's hadd adds them (chunk_sums); else one FMA.
+            const vec x_t = x[kGroup * u + t];
+            y2[u] = kPairs ? V::add(y2[u], V::mul(x_t, x_t)) : V::fma(x_t, x_t, y2[u]);
           }
         }
         const vec gm = V::mul(chunk_sums<kSumB>(y), inv_b);                                 // g̃ of 8 blocks
@@ -771,11 +856,13 @@ void fold_chunk(const typename S::T* g, typename S::T* w, M* m, M* v, int64_t r0
             V::store(staged + (j - j0) + 8 * i, updated(i, we));
             V::store(staged + (j - j0) + 8 * i + 8, updated(i + 1, wo));
           }
+        } else if constexpr (kStaged) {
+          for (int i = 0; i < B; ++i) V::store(staged + (j - j0) + 8 * i, updated(i, Ld<S>::load(wr + j + 8 * i)));
         } else {
           for (int i = 0; i < B; ++i) Ld<S>::store(wr + j + 8 * i, updated(i, Ld<S>::load(wr + j + 8 * i)));
         }
       }
-      if constexpr (kPairs) store_staged<S, true>(wr + j0, staged, j1 - j0);
+      if constexpr (kStaged) store_staged<S, kPairs>(wr + j0, staged, j1 - j0, h, row * n + j0);
     }
     if constexpr (kBf16Moments) {  // the tail's (at most 8) moments through fp32 copies, as the tile's
       if (nc < n) {
@@ -783,12 +870,12 @@ void fold_chunk(const typename S::T* g, typename S::T* w, M* m, M* v, int64_t r0
         float m_tail[8], v_tail[8];
         widen_bf16(mr + k0, m_tail, count);
         widen_bf16(vr + k0, v_tail, count);
-        fold_span<S>(gr + nc, wr + nc, m_tail, v_tail, 0, n - nc, B, h);
+        fold_row_tail<S>(gr + nc, wr + nc, m_tail, v_tail, 0, n - nc, B, h, row * n + nc);
         foam::stochastic_round(m_tail, mr + k0, count, row * K + k0, offsets.exp_avg);
         foam::stochastic_round(v_tail, vr + k0, count, row * K + k0, offsets.exp_avg_sq);
       }
     } else {
-      fold_span<S>(gr, wr, mr, vr, nc, n, B, h);
+      fold_row_tail<S>(gr, wr, mr, vr, nc, n, B, h, row * n);
     }
   }
 }
@@ -830,22 +917,26 @@ void fold_rows(const typename S::T* g, typename S::T* w, float* m, float* v, int
     default: break;
   }
 #else
-  if constexpr (std::is_same_v<S, BF16>) {
+  if constexpr (std::is_same_v<S, BF16> || std::is_same_v<S, StochasticBF16>) {
     switch (B) {
-      case 2: return fold_small_pairs<1>(g, w, m, v, r0, r1, n, h);
-      case 4: return fold_small_pairs<2>(g, w, m, v, r0, r1, n, h);
-      case 8: return fold_small_pairs<3>(g, w, m, v, r0, r1, n, h);
-      case 16: return fold_small_pairs<4>(g, w, m, v, r0, r1, n, h);
-      case 32: return fold_small_pairs<5>(g, w, m, v, r0, r1, n, h);
+      case 2: return fold_small_pairs<S, 1>(g, w, m, v, r0, r1, n, h);
+      case 4: return fold_small_pairs<S, 2>(g, w, m, v, r0, r1, n, h);
+      case 8: return fold_small_pairs<S, 3>(g, w, m, v, r0, r1, n, h);
+      case 16: return fold_small_pairs<S, 4>(g, w, m, v, r0, r1, n, h);
+      case 32:  // StochasticBF16: fold_wide, whose sums its fp32 twin takes
+        if constexpr (std::is_same_v<S, BF16>) return fold_small_pairs<S, 5>(g, w, m, v, r0, r1, n, h);
+        break;
       default: break;
     }
   }
-  switch (B) {
-    case 2: return fold_small<S, 1>(g, w, m, v, r0, r1, n, h);
-    case 4: return fold_small<S, 2>(g, w, m, v, r0, r1, n, h);
-    case 8: return fold_small<S, 3>(g, w, m, v, r0, r1, n, h);
-    case 16: return fold_small<S, 4>(g, w, m, v, r0, r1, n, h);
-    default: break;
+  if constexpr (!std::is_same_v<S, StochasticBF16>) {  // (fold_small_pairs took its B = 2 .. 16)
+    switch (B) {
+      case 2: return fold_small<S, 1>(g, w, m, v, r0, r1, n, h);
+      case 4: return fold_small<S, 2>(g, w, m, v, r0, r1, n, h);
+      case 8: return fold_small<S, 3>(g, w, m, v, r0, r1, n, h);
+      case 16: return fold_small<S, 4>(g, w, m, v, r0, r1, n, h);
+      default: break;
+    }
   }
 #endif
   if (B % V::N == 0) return fold_wide<S>(g, w, m, v, r0, r1, n, B, h);
@@ -879,9 +970,9 @@ void adamw(const typename S::T* g, typename S::T* w, float* m, float* v, int64_t
       if constexpr (kStaged) V::store(staged + (i - b0), new_w);
       else Ld<S>::store(w + i, new_w);
     }
-    if constexpr (kStaged) store_staged<S, false>(w + b0, staged, b1 - b0);
+    if constexpr (kStaged) store_staged<S, false>(w + b0, staged, b1 - b0, h, b0);
   }
-  adamw_impl<S>(g, w, m, v, nv, i1, h);
+  adamw_entries<S>(g, w, m, v, nv, i1, h);
 }
 
 }  // namespace FOAM_SIMD_NS
