@@ -172,6 +172,23 @@ def clone_params(params) -> list[torch.Tensor]:
     return [p.detach().clone().requires_grad_() for p in params]
 
 
+def stochastically_rounded(values: torch.Tensor, step: int, salt: int = 2) -> torch.Tensor:
+    """bf16 ``values`` (fp32), entry i rounded by the dither ``h(i, step, salt) & 0xFFFF``: h = i·0x9E3779B1 +
+    step·0x85EBCA77 + salt·0xC2B2AE3D (mod 2^32), then h ^= h >> 16, h *= 0x7FEB352D, h ^= h >> 15; a finite
+    value's bits get the dither added and lose their low 16 bits (non-finite ones do not occur here)."""
+    assert values.dtype == torch.float32 and torch.isfinite(values).all()
+    mask = 0xFFFFFFFF
+    index = torch.arange(values.numel(), dtype=torch.int64)
+    h = (index * 0x9E3779B1 + step * 0x85EBCA77 + salt * 0xC2B2AE3D) & mask
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & mask
+    h = h ^ (h >> 15)
+    bits = values.contiguous().view(-1).view(torch.int32).to(torch.int64) & mask
+    rounded = (bits + (h & 0xFFFF)) & 0xFFFF0000  # a carry past the top bit is dropped, as in 32-bit lanes
+    rounded = torch.where(rounded >= 2**31, rounded - 2**32, rounded).to(torch.int32)  # the same 32 bits
+    return rounded.view(torch.float32).view(values.shape).to(torch.bfloat16)  # exact: the low half is zero
+
+
 # ============================================================================ implementation paths
 
 # The implementations a group can run on: ``_single_tensor_foam`` (the readable reference path), the foreach

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _helpers import stochastically_rounded
 from hf_fixtures import end_rank
 
 from foam_hf import FOAM, FoamConfigError, FoamStateError, LayerwiseFOAM
@@ -103,6 +104,44 @@ def ddp_worker(rank: int, tmp: str) -> None:
         dist.destroy_process_group()
 
 
+def stochastic_bf16_model() -> torch.nn.Module:
+    # Rows split 24/24 and 3/2; rows of 70 columns (whole pairs of the fused kernel's bf16 code, and a tail) and 48.
+    torch.manual_seed(3)
+    linears = (torch.nn.Linear(70, 48), torch.nn.Tanh(), torch.nn.Linear(48, 5))
+    return torch.nn.Sequential(*linears).to(torch.bfloat16)
+
+
+def stochastic_weights_steps(rank: int, fused: bool) -> list[list[dict[str, torch.Tensor]]]:
+    """Three steps of FOAM(weight_rounding="stochastic") on an FSDP2-sharded bf16 model: per step and parameter, this
+    rank's local weights before and after the step, its local gradient and its local moments after it."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = stochastic_bf16_model()
+    fully_shard(model)
+    opt = FOAM(model.parameters(), fused=fused, weight_rounding="stochastic", **FOAM_KWARGS)
+    gen = torch.Generator().manual_seed(4)
+    steps = []
+    for _ in range(3):
+        x = torch.randn(2 * WORLD, 70, generator=gen).to(torch.bfloat16)[2 * rank : 2 * rank + 2]
+        opt.zero_grad()
+        model(x).float().pow(2).mean().backward()
+        before = [(p.to_local().detach().clone(), p.grad.to_local().clone()) for p in model.parameters()]
+        opt.step()
+        steps.append(
+            [
+                {
+                    "before": weight,
+                    "grad": grad,
+                    "after": p.to_local().detach().clone(),
+                    "exp_avg": opt.state[p]["exp_avg"].to_local().clone(),
+                    "exp_avg_sq": opt.state[p]["exp_avg_sq"].to_local().clone(),
+                }
+                for p, (weight, grad) in zip(model.parameters(), before)
+            ]
+        )
+    return steps
+
+
 def fsdp2_worker(rank: int, tmp: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
@@ -176,6 +215,11 @@ def fsdp2_worker(rank: int, tmp: str) -> None:
         for x, y in data:
             train_step(model, opt, *local_half(rank, x, y))
         result["fused"] = [p.full_tensor() for p in model.parameters()]
+
+        # weight_rounding="stochastic" on bf16 shards: each step's local weights, gradients and moments, which the test
+        # holds to the rule (the test process has no process group to replay them under).
+        for fused in (False, True):
+            result[f"stochastic_{fused}"] = stochastic_weights_steps(rank, fused)
 
         # A one-process state_dict (full moments) loaded under FSDP2: each rank keeps its rows of the moments.
         model = make_model()
@@ -347,6 +391,33 @@ def test_transformers_tensor_parallel_model_trains_as_one_process(tmp_path):
             torch.testing.assert_close(result["layerwise_params"][name], want, atol=1e-5, rtol=0, msg=name)
 
 
+def check_stochastic_shards(steps: list[list[dict[str, torch.Tensor]]], fused: bool, rank: int) -> None:
+    """Under FSDP2 each rank steps its shard as one process steps a tensor: at every step its new bf16 weights are
+    exactly the rule's stochastic rounding, with the entries' indices in the shard, of what the same path computes
+    for fp32 copies of that shard's weights, gradient and moments (its fp32 twin), and its moments are the twin's."""
+    shapes = [tuple(entry["before"].shape) for entry in steps[0]]
+    not_to_nearest = 0
+    assert shapes == ([(24, 70), (24,), (3, 48), (3,)] if rank == 0 else [(24, 70), (24,), (2, 48), (2,)])
+    for index in range(len(shapes)):
+        twin_weight = torch.zeros(shapes[index], requires_grad=True)
+        twin = FOAM([twin_weight], fused=fused, **FOAM_KWARGS)
+        for step, entries in enumerate(steps, start=1):
+            entry = entries[index]
+            assert entry["before"].dtype == entry["grad"].dtype == entry["after"].dtype == torch.bfloat16
+            twin_weight.data.copy_(entry["before"].float())
+            if step > 1:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    twin.state[twin_weight][key].copy_(steps[step - 2][index][key])
+            twin_weight.grad = entry["grad"].float()
+            twin.step()
+            expected = stochastically_rounded(twin_weight.detach(), step)
+            assert torch.equal(entry["after"].view(torch.int16), expected.view(torch.int16)), (rank, index, step)
+            not_to_nearest += int((expected != twin_weight.detach().to(torch.bfloat16)).sum())
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(entry[key], twin.state[twin_weight][key]), (rank, index, step, key)
+    assert not_to_nearest > 0  # the rounding is not round-to-nearest in disguise
+
+
 def test_ddp_matches_one_process(tmp_path):
     expected = one_process_run()
     for rank_params in spawn(ddp_worker, tmp_path):
@@ -384,6 +455,9 @@ def test_fsdp2_matches_one_process_and_resumes_exactly_through_dcp(tmp_path):
         assert "parameter 'layers.0.self_attn.o_proj.weight'" in named
         assert "block_sizes=layers.0.self_attn.o_proj:2" in named and "block_sizes=layers.0.self_attn.o_proj:1" in named
         assert "into pieces of 6" in result["swapped_in"] and result["swapped_in"].endswith("(state: 0)")
+    for rank, result in enumerate(results):
+        for fused in (False, True):
+            check_stochastic_shards(result[f"stochastic_{fused}"], fused, rank)
     # Moments are DTensors with the folded global shape; each rank holds the folded shape of its rows.
     rank0, rank1 = (r["state_shapes"] for r in results)
     assert rank0[0] == ((12, 10), (12, 3), (6, 3)) and rank1[0] == ((12, 10), (12, 3), (6, 3))

@@ -2,8 +2,8 @@
 rounding of the fp32 step, updates below half a bf16 spacing move the weights in expectation where
 round-to-nearest freezes them, resume is exact, and the option is checked where it is given.
 
-The rule is written out here from its definition (a counter hash of entry index, step and salt 2, added to the
-fp32 bit pattern before the low 16 bits are dropped), independently of foam_hf.precision."""
+The rule is written out from its definition (a counter hash of entry index, step and salt 2, added to the fp32 bit
+pattern before the low 16 bits are dropped), independently of foam_hf.precision: _helpers.stochastically_rounded."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from _helpers import (
     reference_kwargs,
     run,
     saved_and_loaded,
+    stochastically_rounded,
 )
 
 from foam_hf import FOAM, FoamConfig, FoamConfigError
@@ -26,23 +27,6 @@ from foam_hf.zero import ZeroFOAM
 
 HPARAMS = reference_kwargs(dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1))
 SHAPES = [(6, 32), (5, 33), (3, 2), (4, 1), (37,), (2, 3, 10), (9, 257), (2, 2100)]
-
-
-def stochastically_rounded(values: torch.Tensor, step: int, salt: int = 2) -> torch.Tensor:
-    """bf16 ``values`` (fp32), entry i rounded by the dither ``h(i, step, salt) & 0xFFFF``: h = i·0x9E3779B1 +
-    step·0x85EBCA77 + salt·0xC2B2AE3D (mod 2^32), then h ^= h >> 16, h *= 0x7FEB352D, h ^= h >> 15; a finite
-    value's bits get the dither added and lose their low 16 bits (non-finite ones do not occur here)."""
-    assert values.dtype == torch.float32 and torch.isfinite(values).all()
-    mask = 0xFFFFFFFF
-    index = torch.arange(values.numel(), dtype=torch.int64)
-    h = (index * 0x9E3779B1 + step * 0x85EBCA77 + salt * 0xC2B2AE3D) & mask
-    h = h ^ (h >> 16)
-    h = (h * 0x7FEB352D) & mask
-    h = h ^ (h >> 15)
-    bits = values.contiguous().view(-1).view(torch.int32).to(torch.int64) & mask
-    rounded = (bits + (h & 0xFFFF)) & 0xFFFF0000  # a carry past the top bit is dropped, as in 32-bit lanes
-    rounded = torch.where(rounded >= 2**31, rounded - 2**32, rounded).to(torch.int32)  # the same 32 bits
-    return rounded.view(torch.float32).view(values.shape).to(torch.bfloat16)  # exact: the low half is zero
 
 
 def steps_against_an_fp32_twin(shapes: list[tuple[int, ...]], options: dict, steps: int, seed: int) -> int:
