@@ -378,8 +378,8 @@ def _fused_foam(
     bf16 moments are widened, stepped and stochastically rounded back inside the kernel, a few hundred entries
     at a time (the rounding is :func:`foam_hf.precision.store_moment`'s, bit for bit). Under
     ``weight_rounding="stochastic"`` bf16 weights are stepped with the sums the kernel takes for fp32 weights
-    (so their fp32 values are those of an fp32 twin), their new values staged in fp32, a run of at most a few
-    thousand at a time, and stochastically rounded with :func:`foam_hf.precision.store_weight`'s rule.
+    (so their fp32 values are those of an fp32 twin), their new values staged in fp32 a run at a time (a tile, a
+    batch of blocks or a block) and stochastically rounded with :func:`foam_hf.precision.store_weight`'s rule.
     :func:`foam_hf.functional.foam` checks first that the kernel covers every tensor
     (:func:`foam_hf.implementation.check_fused_tensors`).
     """

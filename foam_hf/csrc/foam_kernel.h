@@ -595,7 +595,7 @@ void adamw_bf16_moments(AdamwFn<S> adamw, Bf16Ops ops, const typename S::T* g, t
 // moments are (stochastic_round), with salt 2 and the dither of entry i a hash of its flat index in the parameter.
 // They are stored as StochasticBF16: every kernel loads them as bf16 and computes what it computes for fp32 weights
 // (the same sums in the same order), so that a step's new weights are exactly the rule's rounding of its fp32
-// twin's. The kernels stage a run of new weights in fp32, at most a few thousand, and round the run
+// twin's. The kernels stage a run of new weights in fp32 (a tile, a batch of blocks or a block) and round the run
 // (fold_rows_blocked, fold_rows_impl, adamw_entries; foam_simd.h's store_staged); their row tails go through fp32
 // copies (fold_row_tail). The SIMD code's blocks wider than it stages go one block at a time through fp32 copies
 // (below), stepped by the fp32 kernel. (The first version put every tensor through fp32 tiles: 1.5-1.8x the
@@ -603,7 +603,7 @@ void adamw_bf16_moments(AdamwFn<S> adamw, Bf16Ops ops, const typename S::T* g, t
 // fp32 sums are lane-wise (fold_wide), not pairs, on AMD Zen 4.)
 
 // Rows [r0, r1) of a folded StochasticBF16 tensor whose blocks are wider than the SIMD code stages, a block at a
-// time: G and W of the block widened into fp32 copies (the only allocation, 8 bytes per column of a block),
+// time: G and W of the block widened into fp32 copies (8 bytes per column of a block, allocated once a call),
 // stepped as a one-row tensor by `fold` (the fp32 kernel, whose values per block do not depend on the columns
 // around it) and rounded back.
 inline void fold_rows_rounded_weights(FoldFn<F32> fold, Bf16Ops ops, const uint16_t* g, uint16_t* w, float* m,
