@@ -431,11 +431,11 @@ void fold_small_pairs(const uint16_t* g, uint16_t* w, float* m, float* v, int64_
     }
     if constexpr (kStochastic) {  // the last columns as an fp32 row of their own, through fold_small's own code
       if (np < n) {
-        alignas(64) float g32[kPair], w32[kPair];
-        widen_bf16(gr + np, g32, n - np);
-        widen_bf16(wr + np, w32, n - np);
-        fold_small<F32, L>(g32, w32, mr + np / B, vr + np / B, 0, 1, n - np, h);  // np / B: the row's blocks
-        stochastic_round(w32, wr + np, n - np, h.weight_index + row * n + np, h.weight_offset);
+        float copies[2 * kPair];
+        const auto step = [&](const float* g32, float* w32) {
+          fold_small<F32, L>(g32, w32, mr + np / B, vr + np / B, 0, 1, n - np, h);  // np / B: the row's blocks
+        };
+        step_fp32_copies(gr + np, wr + np, n - np, row * n + np, h, copies, step, {widen_bf16, stochastic_round});
       }
     } else {
       fold_span<S>(gr, wr, mr, vr, np, n, B, h);
