@@ -12,8 +12,8 @@ in ``tests/test_fused.py`` and ``tests/test_fused_kernel.py``.
 The kernel picks its implementation from the CPU: AVX-512, AVX2 (both x86 only) or portable C++. The
 environment variable ``FOAM_CPU_ISA`` (``portable``, ``avx2`` or ``avx512``) lowers that choice, e.g. to
 benchmark or test another path on one machine; naming one the CPU cannot run is an error. The portable C++ is
-compiled with gcc's ``target_clones``, which picks its clone from the CPU alone: ``FOAM_CPU_ISA`` selects the
-hand-written code, not that clone.
+compiled once per instruction set, and the choice picks its build too (its baseline build for ``portable``), so a
+lowered choice runs what a smaller CPU runs, the code gcc vectorises included.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ _BUILD_FILES = (_SOURCE, os.path.join(_CSRC, "foam_kernel.h"), os.path.join(_CSR
 #:    portable code fused only the body), so an entry's result depended on where a tile boundary fell, and bf16
 #:    and fp32 states, which tile rows differently, stopped giving bit-equal weights. The explicit-SIMD code
 #:    writes its FMAs out (``foam_simd.h``), so it keeps them, in the same places on every path.
-#:  * no ``-march``: the source picks AVX-512/AVX2/baseline code at load time (target_clones).
+#:  * no ``-march``: the source holds AVX-512, AVX2 and baseline code (target attributes) and picks one at load time.
 CFLAGS: tuple[str, ...] = ("-O3", "-fno-math-errno", "-ffp-contract=off")
 
 

@@ -180,6 +180,65 @@ def test_fp64_with_other_state_dtypes_is_left_to_the_for_loop_by_default(kernel,
     assert default.state[weight]["exp_avg"].dtype == torch.bfloat16
 
 
+# What the portable code steps at every instruction set: fp64 parameters (float64 states) at any block size and
+# unfolded, and the other dtypes' folded tensors at block sizes the SIMD code has no code for (odd ones; 33 is no
+# multiple of a vector either). Their unfolded tensors take the SIMD code's AdamW.
+PORTABLE_AT_EVERY_ISA = [
+    (torch.float64, 1, None, "nearest"),
+    (torch.float64, 4, None, "nearest"),
+    (torch.float64, 5, None, "nearest"),
+    (torch.float64, 32, None, "nearest"),
+    (torch.float32, 3, "float32", "nearest"),
+    (torch.float32, 33, "bfloat16", "nearest"),
+    (torch.float16, 7, "float32", "nearest"),
+    (torch.bfloat16, 5, "float32", "nearest"),
+    (torch.bfloat16, 5, "float32", "stochastic"),
+    (torch.bfloat16, 3, "bfloat16", "stochastic"),
+]
+
+
+@pytest.mark.parametrize(
+    "dtype, block_size, state_dtype, weight_rounding",
+    PORTABLE_AT_EVERY_ISA,
+    ids=[f"{str(d)[6:]}-B{b}-{s}-{r}" for d, b, s, r in PORTABLE_AT_EVERY_ISA],
+)
+def test_each_build_of_the_portable_code_steps_as_the_baseline_build(
+    kernel, dtype, block_size, state_dtype, weight_rounding
+):
+    """The portable code is compiled once per instruction set, and the instruction set chosen (FOAM_CPU_ISA, or
+    the CPU's best) picks its build, so that an AVX2 CPU's step can be run on an AVX-512 one. The builds must
+    compute the same values: the same sums in the same order and no FMA contraction, whatever the vector width.
+    Each build this CPU runs is held to the baseline (``portable``) build's weights and moments, bit for bit."""
+    isas = kernel.available_isas()
+    if len(isas) == 1:
+        pytest.skip(f"this CPU runs only the {isas[0]} build of the portable code")
+    shapes = [(3, 16 * block_size + 3), (2, 3, 9 * block_size + 1), (1, 700)]
+    params = make_params(shapes + [(37,)] if dtype == torch.float64 else shapes, dtype)
+    grads = grad_sequence(params, STEPS)
+    default = kernel.isa()
+    results = {}
+    try:
+        for name in isas:
+            kernel.set_isa(name)
+            ours = clone_params(params)
+            fused = FOAM(
+                ours,
+                fused=True,
+                block_size=block_size,
+                state_dtype=state_dtype,
+                weight_rounding=weight_rounding,
+                **EVERY_TERM,
+            )
+            run(fused, ours, grads)
+            results[name] = [(p.detach(), fused.state[p]["exp_avg"], fused.state[p]["exp_avg_sq"]) for p in ours]
+    finally:
+        kernel.set_isa(default)
+    for name in isas[1:]:
+        for index, (baseline, other) in enumerate(zip(results["portable"], results[name])):
+            for what, a, b in zip(("weight", "exp_avg", "exp_avg_sq"), baseline, other):
+                assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (name, index, what)
+
+
 @pytest.mark.parametrize("block_size", [2, 4, 8, 16, 32, 5])
 def test_bf16_weights_round_special_values_as_torch(isa, block_size):
     """bf16 weights are widened and rounded back by the kernel's own code (two vectors at a time, by column

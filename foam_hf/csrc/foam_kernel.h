@@ -27,10 +27,13 @@
 #define FOAM_HAVE_SIMD 0
 #endif
 
-// The portable code is compiled once per instruction set and picked at load time (gcc's target_clones). By
-// feature, not by "arch=haswell": the resolver matches arch= names with __builtin_cpu_is, which no AMD CPU
-// passes, so AVX2 AMD CPUs ran the SSE2 clone.
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+// The portable code is compiled once per instruction set. With the explicit-SIMD paths, as three entry points
+// the chosen instruction set picks (Portable<S> below), so that lowering it (set_isa, FOAM_CPU_ISA) also runs the
+// portable code a smaller CPU runs. Without them (clang on x86), gcc-style target_clones pick from the CPU alone.
+// By feature, not by "arch=haswell": a resolver matches arch= names with __builtin_cpu_is, which no AMD CPU passes.
+#define FOAM_TARGET_AVX512 __attribute__((target("avx512f")))
+#define FOAM_TARGET_AVX2 __attribute__((target("avx2")))
+#if !FOAM_HAVE_SIMD && defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
 #define FOAM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define FOAM_CLONES
@@ -215,9 +218,10 @@ FOAM_INLINE uint32_t rounding_offset(int64_t step, int64_t salt) {
   return static_cast<uint32_t>(step) * UINT32_C(0x85EBCA77) + static_cast<uint32_t>(salt) * UINT32_C(0xC2B2AE3D);
 }
 
-// `count` entries from flat index first_index on; count < 2^32 (the loop runs on 32-bit lanes).
-FOAM_CLONES void stochastic_round(const float* __restrict src, uint16_t* __restrict dst, int64_t count,
-                                  int64_t first_index, uint32_t offset) {
+// `count` entries from flat index first_index on; count < 2^32 (the loop runs on 32-bit lanes). Inlined into the
+// code of each instruction set; stochastic_round below is its out-of-line entry.
+FOAM_INLINE void stochastic_round_run(const float* __restrict src, uint16_t* __restrict dst, int64_t count,
+                                      int64_t first_index, uint32_t offset) {
   // i·0x9E3779B1 + offset (mod 2^32) advanced by addition from entry to entry: one multiply per entry fewer.
   uint32_t h_index = static_cast<uint32_t>(first_index) * UINT32_C(0x9E3779B1) + offset;
   const uint32_t n = static_cast<uint32_t>(count);
@@ -236,8 +240,17 @@ FOAM_CLONES void stochastic_round(const float* __restrict src, uint16_t* __restr
   }
 }
 
-FOAM_CLONES void widen_bf16(const uint16_t* __restrict src, float* __restrict dst, int64_t count) {
+FOAM_INLINE void widen_bf16_run(const uint16_t* __restrict src, float* __restrict dst, int64_t count) {
   for (int64_t j = 0; j < count; ++j) dst[j] = BF16::load(src[j]);
+}
+
+// The portable widening and rounding as functions (Bf16Ops of the portable instruction set, and the tests').
+FOAM_CLONES void stochastic_round(const float* __restrict src, uint16_t* __restrict dst, int64_t count,
+                                  int64_t first_index, uint32_t offset) {
+  stochastic_round_run(src, dst, count, first_index, offset);
+}
+FOAM_CLONES void widen_bf16(const uint16_t* __restrict src, float* __restrict dst, int64_t count) {
+  widen_bf16_run(src, dst, count);
 }
 
 // dst <- src rounded to bf16 as bf16 weights are stored (BF16::store: to nearest even, NaN -> 0x7FC0). Only
@@ -254,14 +267,22 @@ struct Bf16Ops {
   RoundFn round;
 };
 
+// The portable widening and rounding, inlined into the caller: compiled for the caller's instruction set.
+struct InlineBf16Ops {
+  FOAM_INLINE void widen(const uint16_t* src, float* dst, int64_t count) const { widen_bf16_run(src, dst, count); }
+  FOAM_INLINE void round(const float* src, uint16_t* dst, int64_t count, int64_t first_index, uint32_t offset) const {
+    stochastic_round_run(src, dst, count, first_index, offset);
+  }
+};
+
 // `len` StochasticBF16 weights at w (their gradient at g; `index` the flat index of w[0] in the call's tensor)
 // through fp32 copies: G and W widened into `copies` (room for 2·len floats) by `ops`, `step(g32, w32)` steps the
 // copies with the fp32 code, and the new W is stochastically rounded back. The path of the weights a kernel does
 // not round in place: row tails, the portable code's AdamW runs and the SIMD code's widest blocks (which take the
 // SIMD widening and rounding: the portable ones made a B=2048 step 1.1-1.4x slower on AMD Zen 4).
-template <typename Step>
+template <typename Step, typename Ops = InlineBf16Ops>
 FOAM_INLINE void step_fp32_copies(const uint16_t* g, uint16_t* w, int64_t len, int64_t index, const Hyper<float>& h,
-                                  float* copies, const Step& step, Bf16Ops ops = {widen_bf16, stochastic_round}) {
+                                  float* copies, const Step& step, const Ops& ops = {}) {
   float* g32 = copies;
   float* w32 = copies + len;
   ops.widen(g, g32, len);
@@ -383,7 +404,7 @@ FOAM_INLINE void fold_rows_blocked(const typename S::T* __restrict g, typename S
         }
       }
       if constexpr (kStochastic) {
-        stochastic_round(w_wide, wt, blocks * B, h.weight_index + row * n + k0 * B, h.weight_offset);
+        stochastic_round_run(w_wide, wt, blocks * B, h.weight_index + row * n + k0 * B, h.weight_offset);
       } else if constexpr (kWiden) {
         for (int64_t j = 0; j < blocks * B; ++j) wt[j] = S::store(w_wide[j]);
       }
@@ -457,7 +478,7 @@ FOAM_INLINE void fold_rows_impl(const typename S::T* __restrict g, typename S::T
         else wr[c0 + j] = S::store(new_w);
       }
       if constexpr (kStochastic) {
-        stochastic_round(nw, wr + c0, len, h.weight_index + row * n + c0, h.weight_offset);
+        stochastic_round_run(nw, wr + c0, len, h.weight_index + row * n + c0, h.weight_offset);
       }
     }
   }
@@ -525,29 +546,49 @@ template <typename S>
 using AdamwFn = void (*)(const typename S::T*, typename S::T*, typename S::C*, typename S::C*, int64_t, int64_t,
                          const Hyper<typename S::C>&);
 
-// The per-instruction-set entry points of the portable code (target_clones cannot be put on templates).
+// The instruction sets, in the order a CPU gains them: Portable<S>'s entry points and current_isa() use them.
+enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The entry points of the portable code, one per instruction set the explicit-SIMD code has (Portable<S>::fold[isa],
+// ::adamw[isa]): a target attribute each, as target_clones would give them, but picked by the chosen instruction set
+// (a template cannot carry target_clones; its body is inlined into each). kPortable's is the baseline build.
 template <typename S>
 struct Portable;
-#define FOAM_ENTRY(S)                                                                                          \
-  FOAM_CLONES void fold_rows_##S(const S::T* g, S::T* w, S::C* m, S::C* v, int64_t r0, int64_t r1, int64_t n, \
-                                 int64_t B, const Hyper<S::C>& h) {                                            \
-    fold_rows_dispatch<S>(g, w, m, v, r0, r1, n, B, h);                                                        \
-  }                                                                                                            \
-  FOAM_CLONES void adamw_##S(const S::T* g, S::T* w, S::C* m, S::C* v, int64_t i0, int64_t i1,                  \
-                             const Hyper<S::C>& h) {                                                           \
-    adamw_entries<S>(g, w, m, v, i0, i1, h);                                                                   \
-  }                                                                                                            \
-  template <>                                                                                                  \
-  struct Portable<S> {                                                                                         \
-    static constexpr FoldFn<S> fold = fold_rows_##S;                                                           \
-    static constexpr AdamwFn<S> adamw = adamw_##S;                                                             \
+#define FOAM_PORTABLE_ENTRY(S, NAME, TARGET)                                                                           \
+  TARGET void fold_rows_##S##_##NAME(const S::T* g, S::T* w, S::C* m, S::C* v, int64_t r0, int64_t r1, int64_t n,      \
+                                     int64_t B, const Hyper<S::C>& h) {                                                \
+    fold_rows_dispatch<S>(g, w, m, v, r0, r1, n, B, h);                                                                \
+  }                                                                                                                    \
+  TARGET void adamw_##S##_##NAME(const S::T* g, S::T* w, S::C* m, S::C* v, int64_t i0, int64_t i1,                     \
+                                 const Hyper<S::C>& h) {                                                               \
+    adamw_entries<S>(g, w, m, v, i0, i1, h);                                                                           \
+  }
+#if FOAM_HAVE_SIMD
+#define FOAM_ENTRY(S)                                                                                                  \
+  FOAM_PORTABLE_ENTRY(S, portable, )                                                                                   \
+  FOAM_PORTABLE_ENTRY(S, avx2, FOAM_TARGET_AVX2)                                                                       \
+  FOAM_PORTABLE_ENTRY(S, avx512, FOAM_TARGET_AVX512)                                                                   \
+  template <>                                                                                                          \
+  struct Portable<S> {                                                                                                 \
+    static constexpr FoldFn<S> fold[] = {fold_rows_##S##_portable, fold_rows_##S##_avx2, fold_rows_##S##_avx512};      \
+    static constexpr AdamwFn<S> adamw[] = {adamw_##S##_portable, adamw_##S##_avx2, adamw_##S##_avx512};                \
   };
+#else
+#define FOAM_ENTRY(S)                                                                                                  \
+  FOAM_PORTABLE_ENTRY(S, portable, FOAM_CLONES)                                                                        \
+  template <>                                                                                                          \
+  struct Portable<S> {                                                                                                 \
+    static constexpr FoldFn<S> fold[] = {fold_rows_##S##_portable};                                                    \
+    static constexpr AdamwFn<S> adamw[] = {adamw_##S##_portable};                                                      \
+  };
+#endif
 FOAM_ENTRY(F32)
 FOAM_ENTRY(BF16)
 FOAM_ENTRY(F16)
 FOAM_ENTRY(F64)
 FOAM_ENTRY(StochasticBF16)
 #undef FOAM_ENTRY
+#undef FOAM_PORTABLE_ENTRY
 
 // The fp32 kernels step bf16 moments through a tile of fp32 copies that stays in L1: widen a run of moments,
 // step the columns they cover, round the run back. Memory traffic is that of stepping bf16 moments in place
@@ -664,7 +705,6 @@ namespace {
 // ------------------------------------------------------------------------------------------- instruction set
 // Which implementation runs: the best the CPU (and the OS, for the AVX-512 state) supports, unless set_isa
 // lowered it (tests and benchmarks run each path this way; FOAM_CPU_ISA does it from the environment).
-enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 const char* const kIsaNames[] = {"portable", "avx2", "avx512"};
 
 int best_isa() {
@@ -710,7 +750,7 @@ FoldFn<S> fold_fn() {
       default: break;
     }
   }
-  return Portable<S>::fold;
+  return Portable<S>::fold[current_isa()];
 }
 
 // The one-pass fold with bf16 moments where this implementation has one for block size B, else nullptr (then
@@ -758,7 +798,7 @@ AdamwFn<S> adamw_fn() {
       default: break;
     }
   }
-  return Portable<S>::adamw;
+  return Portable<S>::adamw[current_isa()];
 }
 
 }  // namespace

@@ -27,6 +27,9 @@ namespace foam {
 namespace {
 namespace FOAM_SIMD_NS {
 
+// This instruction set, whose build of the portable code the block sizes without SIMD code take.
+constexpr Isa kThisIsa = FOAM_SIMD_LANES == 16 ? kAvx512 : kAvx2;
+
 // Defined with the rest of the bf16 rounding, below.
 void stochastic_round(const float* __restrict src, uint16_t* __restrict dst, int64_t count, int64_t first_index,
                       uint32_t offset);
@@ -435,7 +438,8 @@ void fold_small_pairs(const uint16_t* g, uint16_t* w, float* m, float* v, int64_
         const auto step = [&](const float* g32, float* w32) {
           fold_small<F32, L>(g32, w32, mr + np / B, vr + np / B, 0, 1, n - np, h);  // np / B: the row's blocks
         };
-        step_fp32_copies(gr + np, wr + np, n - np, row * n + np, h, copies, step, {widen_bf16, stochastic_round});
+        const Bf16Ops ops{widen_bf16, stochastic_round};
+        step_fp32_copies(gr + np, wr + np, n - np, row * n + np, h, copies, step, ops);
       }
     } else {
       fold_span<S>(gr, wr, mr, vr, np, n, B, h);
@@ -681,7 +685,7 @@ void stochastic_round(const float* __restrict src, uint16_t* __restrict dst, int
   for (; j + V::N <= count; j += V::N, hash = add_lanes(hash, stride)) {
     stochastic_round_vector(dst + j, V::load(src + j), hash);
   }
-  if (j < count) foam::stochastic_round(src + j, dst + j, count - j, first_index + j, offset);
+  if (j < count) stochastic_round_run(src + j, dst + j, count - j, first_index + j, offset);
 }
 
 // stochastic_round of `count` entries (a multiple of 2N) staged as PairBf16 pairs: each run of 2N columns as its N
@@ -871,8 +875,8 @@ void fold_chunk(const typename S::T* g, typename S::T* w, M* m, M* v, int64_t r0
         widen_bf16(mr + k0, m_tail, count);
         widen_bf16(vr + k0, v_tail, count);
         fold_row_tail<S>(gr + nc, wr + nc, m_tail, v_tail, 0, n - nc, B, h, row * n + nc);
-        foam::stochastic_round(m_tail, mr + k0, count, row * K + k0, offsets.exp_avg);
-        foam::stochastic_round(v_tail, vr + k0, count, row * K + k0, offsets.exp_avg_sq);
+        stochastic_round_run(m_tail, mr + k0, count, row * K + k0, offsets.exp_avg);
+        stochastic_round_run(v_tail, vr + k0, count, row * K + k0, offsets.exp_avg_sq);
       }
     } else {
       fold_row_tail<S>(gr, wr, mr, vr, nc, n, B, h, row * n);
@@ -940,7 +944,7 @@ void fold_rows(const typename S::T* g, typename S::T* w, float* m, float* v, int
   }
 #endif
   if (B % V::N == 0) return fold_wide<S>(g, w, m, v, r0, r1, n, B, h);
-  return Portable<S>::fold(g, w, m, v, r0, r1, n, B, h);  // e.g. B = 3: the portable tile code
+  return Portable<S>::fold[kThisIsa](g, w, m, v, r0, r1, n, B, h);  // e.g. B = 3: the portable tile code
 }
 
 // Unfolded tensors: AdamW on elements [i0, i1), as adamw_impl.
