@@ -138,10 +138,6 @@ struct Ld<F16> {  // the hardware conversions (round to nearest even, as c10's)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
   }
 };
-template <>
-struct Ld<StochasticBF16> {  // loaded as bf16; stored by store_staged only (stochastic_round needs the indices)
-  static FOAM_INLINE auto load(const uint16_t* p) { return Ld<BF16>::load(p); }
-};
 // bf16 parameters two vectors at a time (32 columns), split by the parity of their columns: each 32-bit lane of
 // a load holds two adjacent columns, so a shift widens the even one into an fp32 lane (even) and a mask the odd
 // one (odd); narrowing is the same two steps back and one bitwise select. No shuffle, nothing crosses a lane.
@@ -253,10 +249,6 @@ struct Ld<F16> {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
   }
 };
-template <>
-struct Ld<StochasticBF16> {  // loaded as bf16; stored by store_staged only (stochastic_round needs the indices)
-  static FOAM_INLINE auto load(const uint16_t* p) { return Ld<BF16>::load(p); }
-};
 // bf16 parameters two vectors at a time (16 columns), split by the parity of their columns; see the AVX-512
 // version.
 struct PairBf16 {
@@ -277,6 +269,10 @@ struct PairBf16 {
   }
 };
 #endif
+template <>
+struct Ld<StochasticBF16> {  // loaded as bf16; stored by store_staged only (stochastic_round needs the indices)
+  static FOAM_INLINE auto load(const uint16_t* p) { return Ld<BF16>::load(p); }
+};
 using vec = V::vec;
 
 // Software prefetch of the streams a loop walks, kPrefetchBytes ahead of the current vector. One core here
