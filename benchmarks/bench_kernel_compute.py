@@ -4,6 +4,7 @@ One command prints a Markdown table, one column per implementation of the kernel
 avx2, avx512; the same choice as ``FOAM_CPU_ISA``)::
 
     python benchmarks/bench_kernel_compute.py            # B = 2, 4, 8, 16, 32; fp32 and bf16 parameters
+    python benchmarks/bench_kernel_compute.py --fp64     # and fp64 parameters (the portable code's build per ISA)
     python benchmarks/bench_kernel_compute.py --quick    # a smoke run
 
 Each measurement is ``bench_kernel_floor.py``'s in-cache step (the kernel's entry point, the one
@@ -68,6 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--block-sizes", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     parser.add_argument("--copies", type=int, default=256, help="references to the tensor per call")
     parser.add_argument("--reps", type=int, default=21)
+    parser.add_argument(
+        "--fp64",
+        action="store_true",
+        help="also fp64 parameters (fp64 states), which every implementation steps with its build of the portable code",
+    )
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     return parse_with_quick_defaults(parser, argv, block_sizes=[4], copies=4, reps=3)
 
@@ -84,14 +90,18 @@ def main(argv: list[str] | None = None) -> None:
 
     configs = [(p, b, torch.float32) for p in (torch.float32, torch.bfloat16) for b in args.block_sizes]
     configs += [(p, 4, torch.bfloat16) for p in (torch.float32, torch.bfloat16) if 4 in args.block_sizes]
+    param_dtypes = [torch.float32, torch.bfloat16]
+    if args.fp64:
+        configs += [(torch.float64, b, torch.float64) for b in args.block_sizes]
+        param_dtypes.append(torch.float64)
     cases = {(config, isa): (isa, config[0], config[2], config[1]) for config in configs for isa in isas}
-    cases |= {("AdamW", p): (chosen, p, p, None) for p in (torch.float32, torch.bfloat16)}
+    cases |= {("AdamW", p): (chosen, p, p, None) for p in param_dtypes}
     measured = interleaved_ps_per_entry(kernel, cases, args.copies, args.reps)
     kernel.set_isa(chosen)
     results = {config: {isa: measured[(config, isa)] for isa in isas} for config in configs}
-    adamw = {p: measured[("AdamW", p)] for p in (torch.float32, torch.bfloat16)}
+    adamw = {p: measured[("AdamW", p)] for p in param_dtypes}
 
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float64: "fp64"}
     print(
         f"Date {datetime.date.today()}, {platform.machine()} {cpu_name()} (1 thread; implementations: "
         f"{', '.join(isas)}; the CPU's choice: {chosen}), torch {torch.__version__}, git {git_sha()}; one "

@@ -336,6 +336,14 @@ def test_bench_kernel_compute_has_a_column_per_implementation_this_cpu_runs(tmp_
     assert f"the CPU's choice: {chosen}" in out
 
 
+def test_bench_kernel_compute_times_fp64_on_request(tmp_path):
+    out = run("bench_kernel_compute.py", "--quick", "--block-sizes", "2", "--fp64", cwd=tmp_path)
+    rows = table(out)
+    assert [r[:3] for r in rows if r[1] == "fp64"] == [["FOAM B=2", "fp64", "fp64"]]
+    assert all(float(cell) > 0 for r in rows for cell in r[3:])
+    assert "fp64" not in run("bench_kernel_compute.py", "--quick", "--block-sizes", "2", cwd=tmp_path)
+
+
 @pytest.mark.parametrize(
     "script, given, quick_default",
     [

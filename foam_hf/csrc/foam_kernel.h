@@ -331,9 +331,10 @@ FOAM_INLINE void unrolled_block_sums(const C* __restrict x, C& s, C& q, std::ind
 // g̃ = s / B is exactly s · (1/B)), with the second-moment mode known too. Each tile of whole blocks is two
 // loops without a branch or a call in their bodies, both of which compilers vectorise: the first steps one
 // block per iteration (BS interleaved loads, one lane per block: AArch64's ld2/ld4, x86's permutes) and keeps
-// g̃, m̃ and ṽ of the tile's blocks; the second unfolds them over the tile's entries and updates W. The ragged
-// last block of a row goes to fold_span.
-template <typename S, int BS, bool MeanSq>
+// g̃, m̃ and ṽ of the tile's blocks; the second unfolds them over the tile's entries and updates W (for blocks of
+// up to 8 entries outside the AVX-512 build, a loop that unfolds and a flat one that updates). The ragged last block
+// of a row goes to fold_span.
+template <typename S, int BS, bool MeanSq, bool WideVectors>
 FOAM_INLINE void fold_rows_blocked(const typename S::T* __restrict g, typename S::T* __restrict w,
                                    typename S::C* __restrict m, typename S::C* __restrict v, int64_t r0, int64_t r1,
                                    int64_t n, const Hyper<typename S::C>& h) {
@@ -345,6 +346,16 @@ FOAM_INLINE void fold_rows_blocked(const typename S::T* __restrict g, typename S
   const int64_t K = (n + B - 1) / B;
   const int64_t whole = n / B;  // blocks of B entries; a ragged one follows when B does not divide n
   alignas(64) C g_mean[kTileBlocks], m_new[kTileBlocks], v_new[kTileBlocks];
+  // Blocks of up to 8 entries, in the builds for 128- and 256-bit vectors (WideVectors: the AVX-512 build): the
+  // block values are unfolded over the tile's entries first, so that the update is one flat loop. Read at k from an
+  // inner loop of B entries, they kept gcc from vectorising it there. On AMD Zen 4, in cache, B = 2..8
+  // (benchmarks/bench_kernel_compute.py --fp64): the SSE2 build's fp32 took 2.6-2.8 ns an entry, 1.0-1.3 unfolded;
+  // fp64 4.1-4.2 ns, 2.7-2.8 unfolded; the AVX2 build's fp64 4.0-4.2 ns, 1.5-1.7 unfolded. The AVX-512 build
+  // vectorises the inner loop (fp64 1.1-1.2 ns; unfolded, 1.3-1.6x that in a one-thread loop over a 1024² tensor),
+  // and from B = 16 on every build does (unfolded, the SSE2 build's fp32 took 1.17x as long there).
+  constexpr bool kUnfoldFirst = !WideVectors && B <= 8;
+  alignas(64) C eg[kUnfoldFirst ? kTileBlocks * B : 1], em[kUnfoldFirst ? kTileBlocks * B : 1],
+      ev[kUnfoldFirst ? kTileBlocks * B : 1];
   // 16-bit G and W go through tiles in the compute type (widened before the loops, W narrowed after them): loaded
   // and stored in the loops themselves, they kept gcc from vectorising those below B = 16 (~10x slower).
   // StochasticBF16 weights are narrowed by stochastic_round.
@@ -393,14 +404,26 @@ FOAM_INLINE void fold_rows_blocked(const typename S::T* __restrict g, typename S
         m_new[k] = mk;
         v_new[k] = vk;
       }
-      // R, M, V and the weight update, an entry per iteration.
-      for (int64_t k = 0; k < blocks; ++k) {
-        for (int64_t b = 0; b < B; ++b) {
-          const C residual = gc[k * B + b] - g_mean[k];  // R = G − unfold(g̃)
-          const C r = with_residual ? residual : C(0);             // loaded either way: a select, not a branch
-          const C M = m_new[k] + rho * r;                   // M = unfold(m̃) + ρR
-          const C V = v_new[k] + rho2 * (r * r);            // V = unfold(ṽ) + ρ²R⊙R
-          wc[k * B + b] = wc[k * B + b] * decay + step_c * (M / (std::sqrt(V) + eps_bc2));
+      // R, M, V and the weight update of entry j of block k (its block values unfolded at j, or read at k).
+      const auto update = [&](int64_t j, C gm, C mk, C vk) {
+        const C residual = gc[j] - gm;                // R = G − unfold(g̃)
+        const C r = with_residual ? residual : C(0);  // loaded either way: a select, not a branch
+        const C M = mk + rho * r;                     // M = unfold(m̃) + ρR
+        const C V = vk + rho2 * (r * r);              // V = unfold(ṽ) + ρ²R⊙R
+        wc[j] = wc[j] * decay + step_c * (M / (std::sqrt(V) + eps_bc2));
+      };
+      if constexpr (kUnfoldFirst) {
+        for (int64_t k = 0; k < blocks; ++k) {
+          for (int64_t b = 0; b < B; ++b) {
+            eg[k * B + b] = g_mean[k];
+            em[k * B + b] = m_new[k];
+            ev[k * B + b] = v_new[k];
+          }
+        }
+        for (int64_t j = 0; j < blocks * B; ++j) update(j, eg[j], em[j], ev[j]);
+      } else {
+        for (int64_t k = 0; k < blocks; ++k) {
+          for (int64_t b = 0; b < B; ++b) update(k * B + b, g_mean[k], m_new[k], v_new[k]);
         }
       }
       if constexpr (kStochastic) {
@@ -484,23 +507,24 @@ FOAM_INLINE void fold_rows_impl(const typename S::T* __restrict g, typename S::T
   }
 }
 
-template <typename S, int BS>
+template <typename S, int BS, bool WideVectors>
 FOAM_INLINE void fold_rows_blocked_dispatch(const typename S::T* g, typename S::T* w, typename S::C* m,
                                             typename S::C* v, int64_t r0, int64_t r1, int64_t n,
                                             const Hyper<typename S::C>& h) {
-  if (h.mean_sq) return fold_rows_blocked<S, BS, true>(g, w, m, v, r0, r1, n, h);
-  return fold_rows_blocked<S, BS, false>(g, w, m, v, r0, r1, n, h);
+  if (h.mean_sq) return fold_rows_blocked<S, BS, true, WideVectors>(g, w, m, v, r0, r1, n, h);
+  return fold_rows_blocked<S, BS, false, WideVectors>(g, w, m, v, r0, r1, n, h);
 }
 
-template <typename S>
+// WideVectors: the AVX-512 build (fold_rows_blocked lays its loops out for the vector width).
+template <typename S, bool WideVectors>
 FOAM_INLINE void fold_rows_dispatch(const typename S::T* g, typename S::T* w, typename S::C* m, typename S::C* v,
                                     int64_t r0, int64_t r1, int64_t n, int64_t B, const Hyper<typename S::C>& h) {
   switch (B) {
-    case 2: return fold_rows_blocked_dispatch<S, 2>(g, w, m, v, r0, r1, n, h);
-    case 4: return fold_rows_blocked_dispatch<S, 4>(g, w, m, v, r0, r1, n, h);
-    case 8: return fold_rows_blocked_dispatch<S, 8>(g, w, m, v, r0, r1, n, h);
-    case 16: return fold_rows_blocked_dispatch<S, 16>(g, w, m, v, r0, r1, n, h);
-    case 32: return fold_rows_blocked_dispatch<S, 32>(g, w, m, v, r0, r1, n, h);
+    case 2: return fold_rows_blocked_dispatch<S, 2, WideVectors>(g, w, m, v, r0, r1, n, h);
+    case 4: return fold_rows_blocked_dispatch<S, 4, WideVectors>(g, w, m, v, r0, r1, n, h);
+    case 8: return fold_rows_blocked_dispatch<S, 8, WideVectors>(g, w, m, v, r0, r1, n, h);
+    case 16: return fold_rows_blocked_dispatch<S, 16, WideVectors>(g, w, m, v, r0, r1, n, h);
+    case 32: return fold_rows_blocked_dispatch<S, 32, WideVectors>(g, w, m, v, r0, r1, n, h);
     default: return fold_rows_impl<S>(g, w, m, v, r0, r1, n, B, h);
   }
 }
@@ -554,10 +578,10 @@ enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 // (a template cannot carry target_clones; its body is inlined into each). kPortable's is the baseline build.
 template <typename S>
 struct Portable;
-#define FOAM_PORTABLE_ENTRY(S, NAME, TARGET)                                                                           \
+#define FOAM_PORTABLE_ENTRY(S, NAME, TARGET, WIDE)                                                                     \
   TARGET void fold_rows_##S##_##NAME(const S::T* g, S::T* w, S::C* m, S::C* v, int64_t r0, int64_t r1, int64_t n,      \
                                      int64_t B, const Hyper<S::C>& h) {                                                \
-    fold_rows_dispatch<S>(g, w, m, v, r0, r1, n, B, h);                                                                \
+    fold_rows_dispatch<S, WIDE>(g, w, m, v, r0, r1, n, B, h);                                                          \
   }                                                                                                                    \
   TARGET void adamw_##S##_##NAME(const S::T* g, S::T* w, S::C* m, S::C* v, int64_t i0, int64_t i1,                     \
                                  const Hyper<S::C>& h) {                                                               \
@@ -565,9 +589,9 @@ struct Portable;
   }
 #if FOAM_HAVE_SIMD
 #define FOAM_ENTRY(S)                                                                                                  \
-  FOAM_PORTABLE_ENTRY(S, portable, )                                                                                   \
-  FOAM_PORTABLE_ENTRY(S, avx2, FOAM_TARGET_AVX2)                                                                       \
-  FOAM_PORTABLE_ENTRY(S, avx512, FOAM_TARGET_AVX512)                                                                   \
+  FOAM_PORTABLE_ENTRY(S, portable, , false)                                                                            \
+  FOAM_PORTABLE_ENTRY(S, avx2, FOAM_TARGET_AVX2, false)                                                                \
+  FOAM_PORTABLE_ENTRY(S, avx512, FOAM_TARGET_AVX512, true)                                                             \
   template <>                                                                                                          \
   struct Portable<S> {                                                                                                 \
     static constexpr FoldFn<S> fold[] = {fold_rows_##S##_portable, fold_rows_##S##_avx2, fold_rows_##S##_avx512};      \
@@ -575,7 +599,7 @@ struct Portable;
   };
 #else
 #define FOAM_ENTRY(S)                                                                                                  \
-  FOAM_PORTABLE_ENTRY(S, portable, FOAM_CLONES)                                                                        \
+  FOAM_PORTABLE_ENTRY(S, portable, FOAM_CLONES, false)                                                                 \
   template <>                                                                                                          \
   struct Portable<S> {                                                                                                 \
     static constexpr FoldFn<S> fold[] = {fold_rows_##S##_portable};                                                    \
