@@ -437,7 +437,7 @@ def _warn_unfolded_experts(
     warnings.warn(
         f"FOAM: {len(left)} mixture-of-experts weight tensors ({entries:,} entries; e.g. {left[0][0]!r} of a "
         f"{module}) keep AdamW states: experts stored as 3-D parameters are not linear layers, which are what FOAM "
-        "folds by default. Fix: fold them by name, optim_args='block_sizes=experts:4' (they fold along their last "
+        "folds by default. Fix: fold them by name with block_sizes=experts:4 in optim_args (they fold along their last "
         "dimension, the input features for an (experts, out, in) layout), or block_sizes=experts:1 to keep AdamW "
         "states without this warning.",
         UserWarning,
