@@ -88,20 +88,23 @@ def build_environment() -> tuple[str, ...]:
 
 
 def extension_name(
-    files: tuple[str, ...] = _BUILD_FILES, cflags: tuple[str, ...] = CFLAGS, environment: tuple[str, ...] | None = None
+    files: tuple[str, ...] = _BUILD_FILES,
+    cflags: tuple[str, ...] | None = None,
+    environment: tuple[str, ...] | None = None,
 ) -> str:
     """The name torch caches the build under, keyed to the bytes *and* the paths of every file the build
     reads, to the compiler flags and to :func:`build_environment`: torch rebuilds a cached extension whenever its
     build file changes, and that file names the source's path, the compiler and the include paths of torch and
     Python, so two checkouts, versions of foam_hf, or environments (two venvs over one editable checkout) sharing
     one name rebuilt each other's kernel at every switch, a silent minute each; and torch does not key its cache
-    to the flags, so new flags under an old name would load the old build."""
+    to the flags, so new flags under an old name would load the old build. ``cflags`` defaults to :data:`CFLAGS`
+    as it is when called (the build reads it then too)."""
     digest = hashlib.sha256()
     for path in files:
         with open(path, "rb") as handle:
             digest.update(handle.read())
         digest.update(os.path.realpath(path).encode())
-    digest.update(" ".join(cflags).encode())
+    digest.update(" ".join(CFLAGS if cflags is None else cflags).encode())
     digest.update("\0".join(build_environment() if environment is None else environment).encode())
     return f"foam_hf_fused_cpu_{digest.hexdigest()[:12]}"
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 
 import pytest
-from _helpers import _fused_cpu
+import torch
+from _helpers import HPARAMS, _fused_cpu, clone_params, grad_sequence, make_params, run
+
+from foam_hf import FOAM
 
 
 def test_the_cache_name_follows_the_source_bytes(tmp_path):
@@ -240,3 +243,52 @@ def test_a_stale_lock_in_a_read_only_cache_does_not_cost_the_cached_build(tmp_pa
     with caplog.at_level(logging.WARNING, logger=_fused_cpu.__name__):
         assert _fused_cpu.load_kernel() is not None
     assert "cannot remove" in caplog.records[-1].getMessage()
+
+
+def test_the_build_without_the_simd_code_steps_as_the_portable_code_here(monkeypatch, kernel):
+    """ARM CPUs and clang builds compile the kernel without the explicit-SIMD code: one build of the portable C++
+    (gcc-style target_clones on x86), nothing else. No CI machine is one, so gcc builds that configuration here
+    (FOAM_PORTABLE_ONLY) through load_kernel, as a user's first step would. It must offer only the portable code and
+    step bit for bit as this build's baseline build of it (the builds compute the same values), over fp32, bf16
+    (stochastically rounded too), fp16 and fp64 weights, both state dtypes and folded and unfolded tensors."""
+    cases = [
+        (torch.float32, 4, "float32", "nearest"),
+        (torch.float32, 8, "bfloat16", "nearest"),
+        (torch.bfloat16, 2, "float32", "stochastic"),
+        (torch.bfloat16, 16, "bfloat16", "nearest"),
+        (torch.float16, 5, "float32", "nearest"),
+        (torch.float64, 4, None, "nearest"),
+    ]
+
+    def steps(dtype, block_size, state_dtype, weight_rounding):
+        params = make_params([(3, 9 * block_size + 3), (2, 4, 32), (37,)], dtype)
+        ours = clone_params(params)
+        optimizer = FOAM(
+            ours,
+            fused=True,
+            block_size=block_size,
+            state_dtype=state_dtype,
+            weight_rounding=weight_rounding,
+            **HPARAMS["every_term"],
+        )
+        run(optimizer, ours, grad_sequence(params, 3))
+        return [t for p in ours for t in (p.detach(), optimizer.state[p]["exp_avg"], optimizer.state[p]["exp_avg_sq"])]
+
+    default_isa = kernel.isa()
+    kernel.set_isa("portable")
+    try:
+        expected = {case: steps(*case) for case in cases}
+    finally:
+        kernel.set_isa(default_isa)
+
+    monkeypatch.delenv(_fused_cpu.ISA_ENV, raising=False)
+    monkeypatch.setattr(_fused_cpu, "CFLAGS", (*_fused_cpu.CFLAGS, "-DFOAM_PORTABLE_ONLY"))
+    monkeypatch.setattr(_fused_cpu, "_tried", False)
+    monkeypatch.setattr(_fused_cpu, "_kernel", None)
+    portable_only = _fused_cpu.load_kernel()
+    assert portable_only is not None, _fused_cpu.kernel_build_error()
+    assert portable_only is not kernel
+    assert list(portable_only.available_isas()) == ["portable"] and portable_only.isa() == "portable"
+    for case in cases:
+        for index, (a, b) in enumerate(zip(expected[case], steps(*case))):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (case, index)

@@ -20,7 +20,8 @@
 #include <vector>
 
 // The explicit-SIMD paths need gcc's per-function target pragmas (clang and others get the portable code).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// FOAM_PORTABLE_ONLY builds as those do: the tests compile the configuration of ARM and clang builds with it.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FOAM_PORTABLE_ONLY)
 #define FOAM_HAVE_SIMD 1
 #include <immintrin.h>
 #else
