@@ -76,7 +76,7 @@ struct V {
     __m512 x;
     if (count == 8) x = _mm512_castps256_ps512(_mm256_loadu_ps(p));
     else if (count == 4) x = _mm512_castps128_ps512(_mm_loadu_ps(p));
-    else x = _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p))));
+    else x = _mm512_castps128_ps512(_mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
     const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     return _mm512_permutexvar_ps(_mm512_srli_epi32(iota, L), x);
   }
@@ -93,7 +93,7 @@ struct V {
     const __m512 y = _mm512_permutexvar_ps(_mm512_slli_epi32(iota, L), x);
     if (count == 8) _mm256_storeu_ps(p, _mm512_castps512_ps256(y));
     else if (count == 4) _mm_storeu_ps(p, _mm512_castps512_ps128(y));
-    else _mm_store_sd(reinterpret_cast<double*>(p), _mm_castps_pd(_mm512_castps512_ps128(y)));
+    else _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_castps_si128(_mm512_castps512_ps128(y)));
   }
 };
 // Storage conversions, as F32/BF16/F16::load/store lane-wise.
@@ -194,7 +194,7 @@ struct V {
     constexpr int count = N >> L;
     __m128 x;
     if (count == 4) x = _mm_loadu_ps(p);
-    else if (count == 2) x = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)));
+    else if (count == 2) x = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
     else x = _mm_load_ss(p);
     const __m256i iota = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
     return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(x), _mm256_srli_epi32(iota, L));
@@ -205,7 +205,7 @@ struct V {
     const __m256i iota = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
     const __m128 y = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(x, _mm256_slli_epi32(iota, L)));
     if (count == 4) _mm_storeu_ps(p, y);
-    else if (count == 2) _mm_store_sd(reinterpret_cast<double*>(p), _mm_castps_pd(y));
+    else if (count == 2) _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_castps_si128(y));
     else _mm_store_ss(p, y);
   }
 };
