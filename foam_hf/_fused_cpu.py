@@ -13,7 +13,8 @@ The kernel picks its implementation from the CPU: AVX-512, AVX2 (both x86 only) 
 environment variable ``FOAM_CPU_ISA`` (``portable``, ``avx2`` or ``avx512``) lowers that choice, e.g. to
 benchmark or test another path on one machine; naming one the CPU cannot run is an error. The portable C++ is
 compiled once per instruction set, and the choice picks its build too (its baseline build for ``portable``), so a
-lowered choice runs what a smaller CPU runs, the code gcc vectorises included.
+lowered choice runs what a smaller CPU runs, the code gcc vectorises included. (A clang build has only the portable
+code, whose ``target_clones`` pick by the CPU.)
 """
 
 from __future__ import annotations

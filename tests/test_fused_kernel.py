@@ -202,8 +202,9 @@ PORTABLE_AT_EVERY_ISA = [
     PORTABLE_AT_EVERY_ISA,
     ids=[f"{str(d)[6:]}-B{b}-{s}-{r}" for d, b, s, r in PORTABLE_AT_EVERY_ISA],
 )
+@pytest.mark.parametrize("second_moment", MODES)
 def test_each_build_of_the_portable_code_steps_as_the_baseline_build(
-    kernel, dtype, block_size, state_dtype, weight_rounding
+    kernel, dtype, block_size, state_dtype, weight_rounding, second_moment
 ):
     """The portable code is compiled once per instruction set, and the instruction set chosen (FOAM_CPU_ISA, or
     the CPU's best) picks its build, so that an AVX2 CPU's step can be run on an AVX-512 one. The builds must
@@ -212,7 +213,8 @@ def test_each_build_of_the_portable_code_steps_as_the_baseline_build(
     isas = kernel.available_isas()
     if len(isas) == 1:
         pytest.skip(f"this CPU runs only the {isas[0]} build of the portable code")
-    shapes = [(3, 16 * block_size + 3), (2, 3, 9 * block_size + 1), (1, 700)]
+    # rows of one ragged tile, 3-D, and of two full tiles (1024 columns each) and a ragged part of one
+    shapes = [(3, 16 * block_size + 3), (2, 3, 9 * block_size + 1), (1, 2048 + 3 * block_size + 1)]
     params = make_params(shapes + [(37,)] if dtype == torch.float64 else shapes, dtype)
     grads = grad_sequence(params, STEPS)
     default = kernel.isa()
@@ -227,6 +229,7 @@ def test_each_build_of_the_portable_code_steps_as_the_baseline_build(
                 block_size=block_size,
                 state_dtype=state_dtype,
                 weight_rounding=weight_rounding,
+                second_moment=second_moment,
                 **EVERY_TERM,
             )
             run(fused, ours, grads)

@@ -775,7 +775,7 @@ FoldFn<S> fold_fn() {
       default: break;
     }
   }
-  return Portable<S>::fold[current_isa()];
+  return Portable<S>::fold[current_isa()];  // without the SIMD code current_isa() is kPortable, its one entry
 }
 
 // The one-pass fold with bf16 moments where this implementation has one for block size B, else nullptr (then
