@@ -129,6 +129,15 @@ def run(optimizer, params, grads) -> None:
         optimizer.step()
 
 
+def fused_step_results(params, grads, **options) -> list[torch.Tensor]:
+    """The weight, ``exp_avg`` and ``exp_avg_sq`` of each parameter, in turn, after ``FOAM(fused=True, **options)``
+    over copies of ``params`` has stepped through ``grads`` (from ``grad_sequence``): the fused kernel's output."""
+    ours = clone_params(params)
+    optimizer = FOAM(ours, fused=True, **options)
+    run(optimizer, ours, grads)
+    return [t for p in ours for t in (p.detach(), optimizer.state[p]["exp_avg"], optimizer.state[p]["exp_avg_sq"])]
+
+
 def saved_and_loaded(state_dict: dict) -> dict:
     """``state_dict`` after ``torch.save`` and ``torch.load(weights_only=True)``, what Trainer's safe loading does."""
     buffer = io.BytesIO()

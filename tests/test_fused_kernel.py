@@ -20,6 +20,7 @@ from _helpers import (
     _fused_cpu,
     _store_moment,
     clone_params,
+    fused_step_results,
     grad_sequence,
     make_params,
     run,
@@ -219,27 +220,17 @@ def test_each_build_of_the_portable_code_steps_as_the_baseline_build(
     grads = grad_sequence(params, STEPS)
     default = kernel.isa()
     results = {}
+    options = dict(block_size=block_size, state_dtype=state_dtype, weight_rounding=weight_rounding)
     try:
         for name in isas:
             kernel.set_isa(name)
-            ours = clone_params(params)
-            fused = FOAM(
-                ours,
-                fused=True,
-                block_size=block_size,
-                state_dtype=state_dtype,
-                weight_rounding=weight_rounding,
-                second_moment=second_moment,
-                **EVERY_TERM,
-            )
-            run(fused, ours, grads)
-            results[name] = [(p.detach(), fused.state[p]["exp_avg"], fused.state[p]["exp_avg_sq"]) for p in ours]
+            results[name] = fused_step_results(params, grads, second_moment=second_moment, **options, **EVERY_TERM)
     finally:
         kernel.set_isa(default)
     for name in isas[1:]:
-        for index, (baseline, other) in enumerate(zip(results["portable"], results[name])):
-            for what, a, b in zip(("weight", "exp_avg", "exp_avg_sq"), baseline, other):
-                assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (name, index, what)
+        for index, (a, b) in enumerate(zip(results["portable"], results[name])):
+            # index // 3: the parameter; index % 3: its weight, exp_avg, exp_avg_sq
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (name, index // 3, index % 3)
 
 
 @pytest.mark.parametrize("block_size", [2, 4, 8, 16, 32, 5])

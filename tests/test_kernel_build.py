@@ -6,9 +6,7 @@ import logging
 
 import pytest
 import torch
-from _helpers import HPARAMS, _fused_cpu, clone_params, grad_sequence, make_params, run
-
-from foam_hf import FOAM
+from _helpers import HPARAMS, _fused_cpu, fused_step_results, grad_sequence, make_params
 
 
 def test_the_cache_name_follows_the_source_bytes(tmp_path):
@@ -262,17 +260,8 @@ def test_the_build_without_the_simd_code_steps_as_the_portable_code_here(monkeyp
 
     def steps(dtype, block_size, state_dtype, weight_rounding):
         params = make_params([(3, 9 * block_size + 3), (2, 4, 32), (37,)], dtype)
-        ours = clone_params(params)
-        optimizer = FOAM(
-            ours,
-            fused=True,
-            block_size=block_size,
-            state_dtype=state_dtype,
-            weight_rounding=weight_rounding,
-            **HPARAMS["every_term"],
-        )
-        run(optimizer, ours, grad_sequence(params, 3))
-        return [t for p in ours for t in (p.detach(), optimizer.state[p]["exp_avg"], optimizer.state[p]["exp_avg_sq"])]
+        options = dict(block_size=block_size, state_dtype=state_dtype, weight_rounding=weight_rounding)
+        return fused_step_results(params, grad_sequence(params, 3), **options, **HPARAMS["every_term"])
 
     default_isa = kernel.isa()
     kernel.set_isa("portable")
