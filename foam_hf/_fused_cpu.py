@@ -76,6 +76,10 @@ _BUILD_FILES = (_SOURCE, os.path.join(_CSRC, "foam_kernel.h"), os.path.join(_CSR
 #:  * no ``-march``: the source holds AVX-512, AVX2 and baseline code (target attributes) and picks one at load time.
 CFLAGS: tuple[str, ...] = ("-O3", "-fno-math-errno", "-ffp-contract=off")
 
+#: Extra linker flags of the build (besides OpenMP's): none. A build with other compiler flags that need the linker
+#: too (the sanitizers' runtimes, ``.ci/sanitize``) sets both; the build reads both when it runs.
+LDFLAGS: tuple[str, ...] = ()
+
 
 def build_environment() -> tuple[str, ...]:
     """What else torch's build file names besides the sources and flags: the compiler, and the include and library
@@ -99,13 +103,15 @@ def extension_name(
     Python, so two checkouts, versions of foam_hf, or environments (two venvs over one editable checkout) sharing
     one name rebuilt each other's kernel at every switch, a silent minute each; and torch does not key its cache
     to the flags, so new flags under an old name would load the old build. ``cflags`` defaults to :data:`CFLAGS`
-    as it is when called (the build reads it then too)."""
+    as it is when called (the build reads it then too), and :data:`LDFLAGS` is read then."""
     digest = hashlib.sha256()
     for path in files:
         with open(path, "rb") as handle:
             digest.update(handle.read())
         digest.update(os.path.realpath(path).encode())
     digest.update(" ".join(CFLAGS if cflags is None else cflags).encode())
+    if LDFLAGS:  # (no linker flags: the names of earlier builds, unchanged)
+        digest.update(("\0ldflags " + " ".join(LDFLAGS)).encode())
     digest.update("\0".join(build_environment() if environment is None else environment).encode())
     return f"foam_hf_fused_cpu_{digest.hexdigest()[:12]}"
 
@@ -258,7 +264,7 @@ def _build(name: str, directory: str) -> Any:
             sources=[_SOURCE],
             build_directory=directory,
             extra_cflags=[*CFLAGS, *openmp],
-            extra_ldflags=openmp,
+            extra_ldflags=[*openmp, *LDFLAGS],
             extra_include_paths=[_CSRC],
             verbose=False,
         )

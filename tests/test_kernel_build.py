@@ -9,7 +9,7 @@ import torch
 from _helpers import HPARAMS, _fused_cpu, fused_step_results, grad_sequence, make_params
 
 
-def test_the_cache_name_follows_the_source_bytes(tmp_path):
+def test_the_cache_name_follows_the_source_bytes(tmp_path, monkeypatch):
     a, b = tmp_path / "a.cpp", tmp_path / "b.cpp"
     a.write_text("int x = 1;\n")
     b.write_text("int x = 2;\n")
@@ -22,6 +22,11 @@ def test_the_cache_name_follows_the_source_bytes(tmp_path):
     assert _fused_cpu.extension_name((str(a),)) != _fused_cpu.extension_name((str(copy_of_a),))
     # Other compiler flags get a build of their own (torch's cache is not keyed to them).
     assert _fused_cpu.extension_name((str(a),), ("-O3",)) != _fused_cpu.extension_name((str(a),), ("-O2",))
+    # So do other linker flags (a sanitized build links the sanitizers' runtimes).
+    unlinked = _fused_cpu.extension_name((str(a),))
+    monkeypatch.setattr(_fused_cpu, "LDFLAGS", ("-fsanitize=address",))
+    assert _fused_cpu.extension_name((str(a),)) != unlinked
+    monkeypatch.setattr(_fused_cpu, "LDFLAGS", ())
     # Another torch, Python or compiler (two venvs over one editable checkout) gets a build of its own: torch's
     # build file names their include paths, so one shared name rebuilt the kernel at every switch of venv.
     here = _fused_cpu.build_environment()

@@ -9,10 +9,6 @@ The build is cached like the normal one, under a name keyed to the sources and t
 
 from __future__ import annotations
 
-import os
-
-import torch.utils.cpp_extension
-
 from foam_hf import _fused_cpu
 
 SANITIZE = (
@@ -22,21 +18,11 @@ SANITIZE = (
     "-g",
 )
 
-_flags = (*_fused_cpu.CFLAGS, *SANITIZE)
-_name = _fused_cpu.extension_name(cflags=_flags)
-_openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
-_directory = _fused_cpu.build_directory(_name)
-os.makedirs(_directory, exist_ok=True)
-_kernel = torch.utils.cpp_extension.load(
-    name=_name,
-    sources=[_fused_cpu._SOURCE],
-    build_directory=_directory,
-    extra_cflags=[*_flags, *_openmp],
-    extra_ldflags=[*_openmp, *SANITIZE[:1]],
-    extra_include_paths=[_fused_cpu._CSRC],
-    verbose=False,
-)
-_fused_cpu._kernel = _kernel
-_fused_cpu._tried = True
-_fused_cpu._apply_isa_env(_kernel)
+# The package's own build, with the flags added: its name, cache, lock and messages are those of any build.
+_fused_cpu.CFLAGS = (*_fused_cpu.CFLAGS, *SANITIZE)
+_fused_cpu.LDFLAGS = (*_fused_cpu.LDFLAGS, SANITIZE[0])
+_fused_cpu._tried = False
+_kernel = _fused_cpu.load_kernel()
+if _kernel is None:  # the package would fall back to its for-loop path: nothing sanitized would run
+    raise RuntimeError(f"the sanitized fused CPU kernel did not build: {_fused_cpu._error}")
 print(f"sanitized fused CPU kernel: {_kernel.__file__} (runs {_kernel.isa()}; this CPU: {_kernel.available_isas()})")
