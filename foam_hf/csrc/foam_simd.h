@@ -4,8 +4,9 @@
 // (fold_row_tail).
 //
 // Two ways to find the block means:
-//  * in-register butterflies (fold_small, B = 2, 4, 8 and 16 with AVX-512, and 32 for bf16, whose pairs of
-//    vectors hold a block of 32 in 16 lanes): one vector holds whole blocks,
+//  * in-register butterflies (fold_small, B = 2, 4, 8 and 16 with AVX-512, and 32: bf16's pairs of vectors
+//    hold a block of 32 in 16 lanes, and fp32 weights are permuted into that order, fold_pairwise_32): one vector
+//    holds whole blocks,
 //    every lane ends up holding its block's sum (the sum and its unfold in one), the moments are loaded
 //    expanded (lane i gets m̃[i / B]) and stored compacted. Cheap where lane-crossing permutes are (Intel, and
 //    AMD Zen 4/5 at 512 bits).
@@ -20,7 +21,7 @@
 // 128-bit lanes; the block sums and the moments' order follow it. bf16 moments (state_dtype="bfloat16") go
 // through an fp32 tile (foam_kernel.h), except in fold_chunk, which widens and rounds them in its registers.
 // bf16 weights under weight_rounding="stochastic" (StochasticBF16) must get the fp32 code's sums: they take the
-// pairs where those add the same columns in the same order (B = 2..16 with AVX-512, 2..8 with AVX2), the fp32
+// pairs where those add the same columns in the same order (B = 2..32 with AVX-512, 2..8 with AVX2), the fp32
 // code's lane-wise layout elsewhere, and always stage their new weights for stochastic_round(_pairs).
 
 namespace foam {
@@ -379,15 +380,54 @@ void fold_small(const typename S::T* g, typename S::T* w, float* m, float* v, in
 }
 
 #if FOAM_SIMD_LANES == 16
+// fp32 weights at B = 32, two vectors a block, with the sums fold_small_pairs takes for bf16 weights at B = 32:
+// the block's even and odd columns (two permutes) added lane-wise, each square rounded, then the butterflies of
+// 16 lanes. So StochasticBF16 weights take fold_small_pairs at B = 32 with this as their fp32 twin, and stage
+// their new weights as pairs (fold_wide's lane-wise layout took 1.4x the time of rounding to nearest there).
+void fold_pairwise_32(const float* g, float* w, float* m, float* v, int64_t r0, int64_t r1, int64_t n,
+                      const Hyper<float>& h) {
+  constexpr int64_t B = 32;
+  const int64_t K = (n + B - 1) / B;
+  const int64_t nb = n / B * B;  // columns in whole blocks; the rest (a ragged block) is the tail
+  const VHyper c(h);
+  const vec inv_b = V::set1(1.0f / static_cast<float>(B));
+  const __m512i even_columns = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd_columns = _mm512_add_epi32(even_columns, _mm512_set1_epi32(1));
+  for (int64_t row = r0; row < r1; ++row) {
+    const float* gr = g + row * n;
+    float* wr = w + row * n;
+    float* mr = m + row * K;
+    float* vr = v + row * K;
+    for (int64_t j = 0; j < nb; j += B) {
+      prefetch_ahead(gr + j);
+      prefetch_ahead(wr + j);
+      prefetch_ahead(gr + j + V::N);
+      prefetch_ahead(wr + j + V::N);
+      const vec x0 = V::load(gr + j), x1 = V::load(gr + j + V::N);
+      const vec xe = _mm512_permutex2var_ps(x0, even_columns, x1), xo = _mm512_permutex2var_ps(x0, odd_columns, x1);
+      const vec gm = V::mul(V::template group_sum<16>(V::add(xe, xo)), inv_b);  // unfold(g̃): every lane
+      const vec squares = V::add(V::mul(xe, xe), V::mul(xo, xo));
+      const vec g2 = c.mean_sq ? V::mul(V::template group_sum<16>(squares), inv_b) : V::mul(gm, gm);
+      const vec mk = lerp_v(V::set1(mr[j / B]), gm, c);
+      const vec vk = V::fma(V::set1(vr[j / B]), c.beta2, V::mul(c.one_m_b2, g2));
+      _mm_store_ss(mr + j / B, _mm512_castps512_ps128(mk));
+      _mm_store_ss(vr + j / B, _mm512_castps512_ps128(vk));
+      V::store(wr + j, new_weight(x0, gm, mk, vk, V::load(wr + j), c));
+      V::store(wr + j + V::N, new_weight(x1, gm, mk, vk, V::load(wr + j + V::N), c));
+    }
+    fold_span<F32>(gr, wr, mr, vr, nb, n, B, h);
+  }
+}
+
 // fold_small for bf16 parameters, a PairBf16 (32 columns) at a time: even + odd holds each block in B/2 adjacent
 // lanes, so its sums and moments are fold_small's at B/2 over that vector, and both halves of the pair unfold
 // the same g̃, m̃ and ṽ. The new weights of a batch of pairs are staged (store_staged): 0.80-0.86x the time of
 // rounding each pair as it is computed. B = 2 .. 32
 // (a block of 32 is one pair: 16 lanes of even + odd); at B = 32 this took 0.72x fold_wide's time.
-// Up to B = 16 the sums are fold_small's own for fp32 weights: the butterflies add the same pairs of columns in the
-// same order, and each square is rounded before it is added, as there (an FMA would differ only where a bf16
-// value's square, exact in fp32 otherwise, under- or overflows). So S = StochasticBF16 takes this code at
-// B = 2 .. 16, with its last columns (fewer than a pair) stepped as fold_small steps them: a vector, then fold_span.
+// The sums are those of the fp32 code (fold_small up to B = 16, fold_pairwise_32 at 32): the butterflies add the
+// same pairs of columns in the same order, and each square is rounded before it is added, as there (an FMA would
+// differ only where a bf16 value's square, exact in fp32 otherwise, under- or overflows). So S = StochasticBF16
+// takes this code at every B, with its last columns (fewer than a pair) stepped as the fp32 code steps them.
 template <typename S, int L>
 void fold_small_pairs(const uint16_t* g, uint16_t* w, float* m, float* v, int64_t r0, int64_t r1, int64_t n,
                       const Hyper<float>& h) {
@@ -395,7 +435,6 @@ void fold_small_pairs(const uint16_t* g, uint16_t* w, float* m, float* v, int64_
   constexpr int H = 1 << (L - 1);  // lanes per block in even + odd
   constexpr int64_t kPair = 2 * V::N;
   constexpr bool kStochastic = std::is_same_v<S, StochasticBF16>;
-  static_assert(!kStochastic || B <= 16, "fold_small_pairs: fold_small sums blocks of 32 otherwise (fold_wide)");
   const int64_t K = (n + B - 1) / B;
   const int64_t np = n / kPair * kPair;  // columns in whole pairs; the rest (and any ragged block) is the tail
   alignas(64) float staged[kStagedColumns];
@@ -432,7 +471,8 @@ void fold_small_pairs(const uint16_t* g, uint16_t* w, float* m, float* v, int64_
       if (np < n) {
         float copies[2 * kPair];
         const auto step = [&](const float* g32, float* w32) {
-          fold_small<F32, L>(g32, w32, mr + np / B, vr + np / B, 0, 1, n - np, h);  // np / B: the row's blocks
+          if constexpr (B == 32) fold_pairwise_32(g32, w32, mr + np / B, vr + np / B, 0, 1, n - np, h);
+          else fold_small<F32, L>(g32, w32, mr + np / B, vr + np / B, 0, 1, n - np, h);  // np / B: the row's blocks
         };
         const Bf16Ops ops{widen_bf16, stochastic_round};
         step_fp32_copies(gr + np, wr + np, n - np, row * n + np, h, copies, step, ops);
@@ -923,13 +963,14 @@ void fold_rows(const typename S::T* g, typename S::T* w, float* m, float* v, int
       case 4: return fold_small_pairs<S, 2>(g, w, m, v, r0, r1, n, h);
       case 8: return fold_small_pairs<S, 3>(g, w, m, v, r0, r1, n, h);
       case 16: return fold_small_pairs<S, 4>(g, w, m, v, r0, r1, n, h);
-      case 32:  // StochasticBF16: fold_wide, whose sums its fp32 twin takes
-        if constexpr (std::is_same_v<S, BF16>) return fold_small_pairs<S, 5>(g, w, m, v, r0, r1, n, h);
-        break;
+      case 32: return fold_small_pairs<S, 5>(g, w, m, v, r0, r1, n, h);
       default: break;
     }
   }
-  if constexpr (!std::is_same_v<S, StochasticBF16>) {  // (fold_small_pairs took its B = 2 .. 16)
+  if constexpr (std::is_same_v<S, F32>) {
+    if (B == 32) return fold_pairwise_32(g, w, m, v, r0, r1, n, h);  // the sums of fold_small_pairs at B = 32
+  }
+  if constexpr (!std::is_same_v<S, StochasticBF16>) {  // (fold_small_pairs took its B = 2 .. 32)
     switch (B) {
       case 2: return fold_small<S, 1>(g, w, m, v, r0, r1, n, h);
       case 4: return fold_small<S, 2>(g, w, m, v, r0, r1, n, h);
