@@ -34,6 +34,34 @@ def test_trainer_arguments_accept_zero_and_refuse_offload_that_replaces_foam(sta
         TrainingArguments(output_dir=str(tmp_path), optim="foam", deepspeed=config, report_to="none")
 
 
+def test_sequence_parallelism_from_accelerate_is_refused_as_the_json_s_is(tmp_path, monkeypatch):
+    """DeepSpeed's sequence parallelism also comes from accelerate's ParallelismConfig (sp_size), in
+    TrainingArguments or, after ``accelerate launch`` with a config file, in the environment; the DeepSpeed config
+    then says nothing of it. FOAM refuses it there as it refuses the config's sequence_parallel_size."""
+    from accelerate.parallelism_config import ParallelismConfig
+    from transformers import TrainingArguments
+
+    import foam_hf  # noqa: F401  (registers optim="foam")
+
+    monkeypatch.delenv("ACCELERATE_USE_PARALLELISM_CONFIG", raising=False)
+    config = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}
+
+    def arguments(**kwargs):
+        return TrainingArguments(output_dir=str(tmp_path), optim="foam", report_to="none", **kwargs)
+
+    with pytest.raises(FoamConfigError, match=r"parallelism \(parallelism_config=ParallelismConfig\(sp_size=2"):
+        arguments(deepspeed=config, parallelism_config=ParallelismConfig(sp_size=2))
+    with pytest.raises(FoamConfigError, match=r"sequence_parallel_size .* partitions over DeepSpeed's sequence-data"):
+        arguments(deepspeed={**config, "sequence_parallel_size": 2})
+    assert arguments(deepspeed=config, parallelism_config=ParallelismConfig(sp_size=1)).hf_deepspeed_config
+    assert arguments(parallelism_config=ParallelismConfig(sp_size=2)).optim == "foam"  # no DeepSpeed: no ZeRO
+
+    monkeypatch.setenv("ACCELERATE_USE_PARALLELISM_CONFIG", "true")
+    monkeypatch.setenv("PARALLELISM_CONFIG_SP_SIZE", "4")
+    with pytest.raises(FoamConfigError, match=r"PARALLELISM_CONFIG_SP_SIZE=4 in the environment.*Fix: set sp_size"):
+        arguments(deepspeed=config)
+
+
 def test_engine_zero0_two_ranks_match_one_process_and_zero2_flattens(tmp_path):
     import sys
 

@@ -61,7 +61,7 @@ def validate_training_arguments(args: Any) -> None:
     if args.optim_args is not None and not isinstance(args.optim_args, str):
         # A mapping (a YAML or JSON config) or a FoamConfig: transformers reads only the string form.
         args.optim_args = _optim_args_string(config)
-    check_deepspeed_config(_deepspeed_config(args))
+    _check_deepspeed_run(args, _deepspeed_config(args))
     _check_fsdp_version(args)
     _check_hyperparameter_fields(args)
     if _is_layerwise(args.optim):
@@ -226,6 +226,42 @@ def _deepspeed_config(args: Any) -> Any:
     return getattr(args, "deepspeed", None)
 
 
+def _check_deepspeed_run(args: Any, ds_config: Any) -> None:
+    """The DeepSpeed settings FOAM cannot run under (:func:`check_deepspeed_config`), wherever they are given: the
+    DeepSpeed config, and accelerate's ``ParallelismConfig`` for DeepSpeed's sequence parallelism, which the config's
+    ``sequence_parallel_size`` sets the other way and which accelerate hands DeepSpeed without that config."""
+    check_deepspeed_config(ds_config)
+    if ds_config is None:
+        return
+    size, where = _sequence_parallel_size(args)
+    if size > 1:
+        optim = getattr(args.optim, "value", args.optim)
+        raise FoamConfigError(
+            f"optim={optim!r} under DeepSpeed with sequence parallelism ({where}): ZeRO then partitions over "
+            "DeepSpeed's sequence-data-parallel group, not necessarily the whole world FOAM reads by default, and "
+            "this has not been run with FOAM (the DeepSpeed config's sequence_parallel_size > 1 is refused for the "
+            "same reason). Fix: set sp_size to 1, or build ZeroFOAM yourself with process_group=<the group ZeRO "
+            "partitions over>."
+        )
+
+
+def _sequence_parallel_size(args: Any) -> tuple[int, str]:
+    """accelerate's sequence-parallel size for this run and where it was set: ``TrainingArguments.parallelism_config``
+    (a ``ParallelismConfig``), else the environment ``accelerate launch`` writes from a config file's
+    ``parallelism_config`` (``ACCELERATE_USE_PARALLELISM_CONFIG=true`` and ``PARALLELISM_CONFIG_SP_SIZE``), which
+    accelerate reads when the Trainer passes none."""
+    import os
+
+    config = getattr(args, "parallelism_config", None)
+    if config is not None:
+        size = getattr(config, "sp_size", None) or 1
+        return int(size), f"parallelism_config=ParallelismConfig(sp_size={size}, ...) in TrainingArguments"
+    if os.environ.get("ACCELERATE_USE_PARALLELISM_CONFIG", "false").lower() == "true":
+        size = os.environ.get("PARALLELISM_CONFIG_SP_SIZE", "1")
+        return int(size), f"PARALLELISM_CONFIG_SP_SIZE={size} in the environment, from accelerate's parallelism_config"
+    return 1, ""
+
+
 def _check_hyperparameter_fields(args: Any) -> None:
     import re
 
@@ -319,7 +355,7 @@ def optimizer_cls_and_kwargs(args: Any, model: Any) -> tuple[type[FOAM], dict[st
     config = foam_config_from_args(args)
     # ZeRO hands the optimizer flat partitions: ZeroFOAM folds them exactly (foam_hf.zero).
     ds_config = _deepspeed_config(args)
-    check_deepspeed_config(ds_config)
+    _check_deepspeed_run(args, ds_config)
     kwargs: dict[str, Any] = dict(
         params=ParamGroupsAtBuild(args, model),
         lr=args.learning_rate,
