@@ -678,8 +678,8 @@ void adamw_bf16_moments(AdamwFn<S> adamw, Bf16Ops ops, const typename S::T* g, t
 // (fold_rows_blocked, fold_rows_impl, adamw_entries; foam_simd.h's store_staged); their row tails go through fp32
 // copies (fold_row_tail). The SIMD code's blocks wider than it stages go one block at a time through fp32 copies
 // (below), stepped by the fp32 kernel. (The first version put every tensor through fp32 tiles: 1.5-1.8x the
-// round-to-nearest step. Staged, it is 1.0-1.16x at B = 2..16 with AVX2 and AVX-512, and at B = 32 1.07-1.10x with
-// AVX-512 (fold_pairwise_32 gives the fp32 code the pairs' sums) but 1.3-1.55x with AVX2, whose fp32 sums there are
+// round-to-nearest step. Staged, it is 1.0-1.16x at B = 2..16 with AVX2 and AVX-512, and at B = 32 1.06-1.10x with
+// AVX-512 (fold_pairwise_32 gives the fp32 code the pairs' sums) but 1.3x with AVX2, whose fp32 sums there are
 // lane-wise (fold_wide), not pairs, on AMD Zen 4.)
 
 // Rows [r0, r1) of a folded StochasticBF16 tensor whose blocks are wider than the SIMD code stages, a block at a

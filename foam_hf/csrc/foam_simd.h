@@ -427,7 +427,8 @@ void fold_pairwise_32(const float* g, float* w, float* m, float* v, int64_t r0, 
 // The sums are those of the fp32 code (fold_small up to B = 16, fold_pairwise_32 at 32): the butterflies add the
 // same pairs of columns in the same order, and each square is rounded before it is added, as there (an FMA would
 // differ only where a bf16 value's square, exact in fp32 otherwise, under- or overflows). So S = StochasticBF16
-// takes this code at every B, with its last columns (fewer than a pair) stepped as the fp32 code steps them.
+// takes this code at every B it is dispatched for (2..32), with its last columns (fewer than a pair) stepped as the
+// fp32 code steps them.
 template <typename S, int L>
 void fold_small_pairs(const uint16_t* g, uint16_t* w, float* m, float* v, int64_t r0, int64_t r1, int64_t n,
                       const Hyper<float>& h) {
@@ -467,7 +468,7 @@ void fold_small_pairs(const uint16_t* g, uint16_t* w, float* m, float* v, int64_
       }
       store_staged<S, true>(wr + j0, staged, j1 - j0, h, row * n + j0);
     }
-    if constexpr (kStochastic) {  // the last columns as an fp32 row of their own, through fold_small's own code
+    if constexpr (kStochastic) {  // the last columns as an fp32 row of their own, through the fp32 code's own
       if (np < n) {
         float copies[2 * kPair];
         const auto step = [&](const float* g32, float* w32) {
