@@ -60,6 +60,9 @@ def test_sequence_parallelism_from_accelerate_is_refused_as_the_json_s_is(tmp_pa
     monkeypatch.setenv("PARALLELISM_CONFIG_SP_SIZE", "4")
     with pytest.raises(FoamConfigError, match=r"PARALLELISM_CONFIG_SP_SIZE=4 in the environment.*Fix: set sp_size"):
         arguments(deepspeed=config)
+    monkeypatch.setenv("PARALLELISM_CONFIG_SP_SIZE", "two")
+    with pytest.raises(FoamConfigError, match=r"PARALLELISM_CONFIG_SP_SIZE='two' .* not an integer.*Fix: set it"):
+        arguments(deepspeed=config)
 
 
 def test_engine_zero0_two_ranks_match_one_process_and_zero2_flattens(tmp_path):

@@ -258,7 +258,15 @@ def _sequence_parallel_size(args: Any) -> tuple[int, str]:
         return int(size), f"parallelism_config=ParallelismConfig(sp_size={size}, ...) in TrainingArguments"
     if os.environ.get("ACCELERATE_USE_PARALLELISM_CONFIG", "false").lower() == "true":
         size = os.environ.get("PARALLELISM_CONFIG_SP_SIZE", "1")
-        return int(size), f"PARALLELISM_CONFIG_SP_SIZE={size} in the environment, from accelerate's parallelism_config"
+        try:
+            number = int(size)
+        except ValueError:
+            raise FoamConfigError(
+                f"PARALLELISM_CONFIG_SP_SIZE={size!r} in the environment is not an integer; accelerate reads it as "
+                "ParallelismConfig's sp_size (ACCELERATE_USE_PARALLELISM_CONFIG=true). Fix: set it to a whole number "
+                "(1: no sequence parallelism), e.g. through parallelism_config_sp_size in the accelerate config file."
+            ) from None
+        return number, f"PARALLELISM_CONFIG_SP_SIZE={size} in the environment, from accelerate's parallelism_config"
     return 1, ""
 
 
