@@ -380,6 +380,22 @@ void fold_small(const typename S::T* g, typename S::T* w, float* m, float* v, in
 }
 
 #if FOAM_SIMD_LANES == 16
+// The block values of a PairBf16-ordered pair (xe: a run of 2N columns' even ones, xo: its odd ones), B = 2^L: g̃
+// unfolded over the pair's lanes (each block in B/2 adjacent lanes), and m̃, ṽ updated at mj, vj and unfolded.
+// fold_small_pairs and its fp32 twin at B = 32, fold_pairwise_32, both call it: one piece of code, the same bits.
+template <int L>
+FOAM_INLINE void pair_block_values(vec xe, vec xo, float* mj, float* vj, const VHyper& c, vec inv_b, vec& gm, vec& mk,
+                                   vec& vk) {
+  constexpr int H = 1 << (L - 1);  // lanes per block in even + odd
+  gm = V::mul(V::template group_sum<H>(V::add(xe, xo)), inv_b);  // unfold(g̃), in pair columns
+  const vec squares = V::add(V::mul(xe, xe), V::mul(xo, xo));  // each rounded, as fold_small's (no FMA)
+  const vec g2 = c.mean_sq ? V::mul(V::template group_sum<H>(squares), inv_b) : V::mul(gm, gm);
+  mk = lerp_v(V::template expand<L - 1>(mj), gm, c);  // unfold(m̃ ← lerp(m̃, g̃, 1−β1))
+  vk = V::fma(V::template expand<L - 1>(vj), c.beta2, V::mul(c.one_m_b2, g2));
+  V::template compact_store<L - 1>(mj, mk);
+  V::template compact_store<L - 1>(vj, vk);
+}
+
 // fp32 weights at B = 32, two vectors a block, with the sums fold_small_pairs takes for bf16 weights at B = 32:
 // the block's even and odd columns (two permutes) added lane-wise, each square rounded, then the butterflies of
 // 16 lanes. So StochasticBF16 weights take fold_small_pairs at B = 32 with this as their fp32 twin, and stage
@@ -405,13 +421,8 @@ void fold_pairwise_32(const float* g, float* w, float* m, float* v, int64_t r0, 
       prefetch_ahead(wr + j + V::N);
       const vec x0 = V::load(gr + j), x1 = V::load(gr + j + V::N);
       const vec xe = _mm512_permutex2var_ps(x0, even_columns, x1), xo = _mm512_permutex2var_ps(x0, odd_columns, x1);
-      const vec gm = V::mul(V::template group_sum<16>(V::add(xe, xo)), inv_b);  // unfold(g̃): every lane
-      const vec squares = V::add(V::mul(xe, xe), V::mul(xo, xo));
-      const vec g2 = c.mean_sq ? V::mul(V::template group_sum<16>(squares), inv_b) : V::mul(gm, gm);
-      const vec mk = lerp_v(V::set1(mr[j / B]), gm, c);
-      const vec vk = V::fma(V::set1(vr[j / B]), c.beta2, V::mul(c.one_m_b2, g2));
-      _mm_store_ss(mr + j / B, _mm512_castps512_ps128(mk));
-      _mm_store_ss(vr + j / B, _mm512_castps512_ps128(vk));
+      vec gm, mk, vk;  // one block: every lane holds its values
+      pair_block_values<5>(xe, xo, mr + j / B, vr + j / B, c, inv_b, gm, mk, vk);
       V::store(wr + j, new_weight(x0, gm, mk, vk, V::load(wr + j), c));
       V::store(wr + j + V::N, new_weight(x1, gm, mk, vk, V::load(wr + j + V::N), c));
     }
@@ -433,7 +444,6 @@ template <typename S, int L>
 void fold_small_pairs(const uint16_t* g, uint16_t* w, float* m, float* v, int64_t r0, int64_t r1, int64_t n,
                       const Hyper<float>& h) {
   constexpr int64_t B = int64_t{1} << L;
-  constexpr int H = 1 << (L - 1);  // lanes per block in even + odd
   constexpr int64_t kPair = 2 * V::N;
   constexpr bool kStochastic = std::is_same_v<S, StochasticBF16>;
   const int64_t K = (n + B - 1) / B;
@@ -454,15 +464,8 @@ void fold_small_pairs(const uint16_t* g, uint16_t* w, float* m, float* v, int64_
         vec xe, xo, we, wo;
         PairBf16::load(gr + j, xe, xo);
         PairBf16::load(wr + j, we, wo);
-        float* mj = mr + j / B;
-        float* vj = vr + j / B;
-        const vec gm = V::mul(V::template group_sum<H>(V::add(xe, xo)), inv_b);  // unfold(g̃), in pair columns
-        const vec squares = V::add(V::mul(xe, xe), V::mul(xo, xo));  // each rounded, as fold_small's (no FMA)
-        const vec g2 = c.mean_sq ? V::mul(V::template group_sum<H>(squares), inv_b) : V::mul(gm, gm);
-        const vec mk = lerp_v(V::template expand<L - 1>(mj), gm, c);
-        const vec vk = V::fma(V::template expand<L - 1>(vj), c.beta2, V::mul(c.one_m_b2, g2));
-        V::template compact_store<L - 1>(mj, mk);
-        V::template compact_store<L - 1>(vj, vk);
+        vec gm, mk, vk;
+        pair_block_values<L>(xe, xo, mr + j / B, vr + j / B, c, inv_b, gm, mk, vk);
         V::store(staged + (j - j0), new_weight(xe, gm, mk, vk, we, c));
         V::store(staged + (j - j0) + V::N, new_weight(xo, gm, mk, vk, wo, c));
       }
