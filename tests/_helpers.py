@@ -27,9 +27,11 @@ import functools
 import io
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -256,11 +258,82 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+def stale_extension_locks() -> list[str]:
+    """Lock files of torch extension builds (DeepSpeed's ``deepspeed_shm_comm``, ...) older than a build takes.
+
+    torch's build lock is a file that a killed build (SIGKILL, a timeout) leaves behind, and every later build of
+    that extension waits on it forever: a launched worker that builds one would hang the test until its timeout.
+    FOAM's own kernel removes a stale lock of its own (``_fused_cpu.STALE_LOCK_SECONDS``); this lists the others.
+    """
+    ours = _fused_cpu.extension_name().rsplit("_", 1)[0]  # foam_hf_fused_cpu_<digest>, less the digest
+    root = Path(_fused_cpu.build_directory(ours)).parent
+    now = time.time()
+    stale = []
+    for lock in sorted(root.glob("*/lock")):
+        if lock.parent.name.startswith(ours):
+            continue
+        try:
+            if now - lock.stat().st_mtime > _fused_cpu.STALE_LOCK_SECONDS:
+                stale.append(str(lock))
+        except FileNotFoundError:  # its build just finished
+            pass
+    return stale
+
+
+def _process_tree(root: int) -> list[int]:
+    """``root`` and every process below it, read from /proc (Linux); ``[root]`` where there is no /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # the name, in parentheses, may hold spaces
+        except (OSError, IndexError):  # gone meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def run_process_tree(cmd: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True, **kwargs)``, but a timeout ends every process ``cmd``
+    started, and fails the test saying so.
+
+    ``subprocess.run`` kills only the process it started: torchrun's and accelerate's workers run on after it
+    (torchrun starts each in a session of its own), holding cores and ports while the next tests run. On timeout
+    this kills the whole tree, found through the parent of every process. A stale extension build lock (see
+    :func:`stale_extension_locks`), which would make the run hang until the timeout, fails the test before it starts.
+    """
+    stale = stale_extension_locks()
+    assert not stale, (
+        f"{len(stale)} torch extension build lock(s) older than {_fused_cpu.STALE_LOCK_SECONDS:.0f} s: "
+        f"{', '.join(stale)}. A killed build left them, and every later build of that extension waits on them "
+        "forever. Fix: delete them (rm), then rerun."
+    )
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for pid in _process_tree(proc.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            stdout, stderr = proc.communicate(timeout=60)  # a process left holding the pipes: no hang
+            raise AssertionError(
+                f"{' '.join(map(str, cmd))} ran past its {timeout:.0f} s and was killed with every process it "
+                f"started.\n{stdout[-3000:]}\n{stderr[-6000:]}"
+            ) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
 def launch(launcher: list[str], out: Path, *worker_args: str, worker: str) -> dict:
     """Run ``worker`` under ``launcher`` (empty: 1 plain process) and return what rank 0 saved."""
     out.mkdir(parents=True, exist_ok=True)
     cmd = [*(launcher or [sys.executable]), worker, *worker_args, "--out", str(out)]
-    proc = subprocess.run(cmd, env=worker_env(), cwd=out, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    proc = run_process_tree(cmd, env=worker_env(), cwd=out, timeout=LAUNCH_TIMEOUT)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return torch.load(out / "result.pt", weights_only=False)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import run_process_tree
 
 pytest.importorskip(
     "axolotl", reason="axolotl is not installed here (not a foam-hf dependency; see docs/usage.md, 'axolotl')"
@@ -75,7 +76,7 @@ def write_config(root: Path, out: Path, optim_args: dict) -> Path:
 
 
 def axolotl_train(config: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(AXOLOTL), "train", str(config)], env=ENV, capture_output=True, text=True, timeout=900)
+    return run_process_tree([str(AXOLOTL), "train", str(config)], env=ENV, timeout=900)
 
 
 def test_axolotl_train_with_the_plugin_trains_with_folded_moments(assets, tmp_path):

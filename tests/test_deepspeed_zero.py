@@ -12,7 +12,6 @@ import rather than skipping.
 from __future__ import annotations
 
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +19,16 @@ import deepspeed  # noqa: F401  (fail loudly, not skip, when the dev extra is in
 import pytest
 import torch
 from _helpers import DIST_TOLERANCE as TOLERANCE
-from _helpers import DIST_WORKERS, LAUNCH_TIMEOUT, accelerate_launch, free_port, launch, torchrun, worker_env
+from _helpers import (
+    DIST_WORKERS,
+    LAUNCH_TIMEOUT,
+    accelerate_launch,
+    free_port,
+    launch,
+    run_process_tree,
+    torchrun,
+    worker_env,
+)
 
 WORKER = str(DIST_WORKERS / "deepspeed_zero.py")
 sys.path.insert(0, str(DIST_WORKERS))  # the worker's own helpers (save_tiny_llama, ds_config)
@@ -177,9 +185,7 @@ def test_checkpoint_at_another_world_size_is_refused(runs, model_dir):
     out = whole["dir"].parent / "zero2_one_rank"
     out.mkdir(exist_ok=True)
     cmd = [*torchrun(1), WORKER, "--model", str(model_dir), "--stage", "2", "--resume", str(checkpoint)]
-    proc = subprocess.run(
-        [*cmd, "--out", str(out)], env=worker_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=out
-    )
+    proc = run_process_tree([*cmd, "--out", str(out)], env=worker_env(), timeout=LAUNCH_TIMEOUT, cwd=out)
     # What the docs promise: no run goes on from it. Whoever refuses first (DeepSpeed's own check, or ZeroFOAM's
     # partition record, tests/test_zero.py) names the world size; which one it is, is not ours to pin.
     assert proc.returncode != 0 and not (out / "result.pt").exists()

@@ -21,7 +21,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import LAUNCH_TIMEOUT, assert_same_state, expected_block_sizes, expected_state_bytes, torchrun, worker_env
+from _helpers import (
+    LAUNCH_TIMEOUT,
+    assert_same_state,
+    expected_block_sizes,
+    expected_state_bytes,
+    run_process_tree,
+    torchrun,
+    worker_env,
+)
 from hf_fixtures import unwrap_foam
 
 from foam_hf import FOAM, FoamConfig
@@ -198,7 +206,7 @@ def test_plain_pytorch_with_a_saved_model(tmp_path):
 def launch_torchrun_example(script: str, *flags: str, cwd) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node=2 examples/SCRIPT FLAGS`` (gloo on CPU), as the examples' docstrings launch."""
     cmd = [*torchrun(2), str(EXAMPLES / script), *flags]
-    return subprocess.run(cmd, env=worker_env(), cwd=cwd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    return run_process_tree(cmd, env=worker_env(), cwd=cwd, timeout=LAUNCH_TIMEOUT)
 
 
 def assert_launched(proc: subprocess.CompletedProcess) -> None:

@@ -13,13 +13,13 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
+from _helpers import run_process_tree
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "_scripts" / "hf_train.py"
@@ -37,9 +37,7 @@ ENV.pop("PYTHONPATH", None)  # what a user's shell has: nothing of ours
 
 
 def sh(*command, env=None, cwd=None, timeout=1500):
-    return subprocess.run(
-        [str(c) for c in command], env=env or ENV, cwd=cwd, capture_output=True, text=True, timeout=timeout
-    )
+    return run_process_tree([str(c) for c in command], env=env or ENV, cwd=cwd, timeout=timeout)
 
 
 def ok(result):
