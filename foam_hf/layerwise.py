@@ -143,8 +143,9 @@ class LayerwiseFOAM(FOAM):
                 "stepped, before step() or zero_grad(): its gradient arrives in pieces, each of which would be "
                 "stepped as if it were the whole (reentrant gradient checkpointing of layers that share a "
                 "parameter, or several backward() calls per optimizer step). Fix: use_reentrant=False in "
-                "gradient_checkpointing_kwargs (transformers' default), one backward() per step (or a should_step "
-                "that says True only on the last), or optim='foam'."
+                "activation_checkpointing_kwargs (gradient_checkpointing_kwargs before transformers 5.23; "
+                "non-reentrant is transformers' default), one backward() per step (or a should_step that says True "
+                "only on the last), or optim='foam'."
             )
         self._stepped.add(id(param))
         group = self.param_groups[self._group_index[id(param)]]

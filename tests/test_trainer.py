@@ -742,7 +742,9 @@ def test_a_layerwise_gradient_that_arrives_in_pieces_is_refused_not_stepped_twic
     shared = torch.nn.Linear(8, 8)
     optimizer = LayerwiseFOAM(shared.parameters(), lr=0.1, block_size=4)
     x = torch.randn(3, 8, requires_grad=True)
-    with pytest.raises(RuntimeError, match=r"second gradient after it was stepped.*use_reentrant=False"):
+    # The fix names transformers' current field (gradient_checkpointing_kwargs is its deprecated alias since 5.23).
+    refused = r"second gradient after it was stepped.*use_reentrant=False in activation_checkpointing_kwargs"
+    with pytest.raises(RuntimeError, match=refused):
         y = checkpoint(shared, x, use_reentrant=True)
         checkpoint(shared, y, use_reentrant=True).square().sum().backward()
     optimizer.zero_grad()
