@@ -29,6 +29,7 @@ from .folding import folded_shape, folds_in_full, is_foldable
 from .functional import _foam, foam
 from .implementation import check_fused_available
 from .options import GROUP_DEFAULTS, SECOND_MOMENT_MODES, as_builtin_numbers, validate_group_options
+from .param_groups import check_keywords_reach_a_group
 from .precision import PARAM_DTYPES, STATE_DTYPES, check_weight_rounding, normalize_state_dtype, state_dtype_for
 
 __all__ = ["FOAM", "SECOND_MOMENT_MODES", "STATE_DTYPES", "foam", "state_dtype_for", "validate_group_options"]
@@ -203,6 +204,7 @@ class FOAM(Optimizer):
             weight_rounding=weight_rounding,
         )
         validate_group_options(defaults)
+        check_keywords_reach_a_group(params, defaults, {**GROUP_DEFAULTS, "state_dtype": None})
         _fused_cpu.check_isa_env()  # a misspelt FOAM_CPU_ISA fails here, not at the first CPU step
         self._fused_checked = True  # add_param_group checks each fused group, or leaves it to step() (meta tensors)
         self._group_of_param: dict[int, int] = {}  # id(parameter) -> its group's index, see add_param_group

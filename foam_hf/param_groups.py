@@ -477,6 +477,71 @@ def build_param_groups(
     ]
 
 
+#: What :func:`foam_param_groups` sets in every group: a keyword of the optimizer for one of these reaches a parameter
+#: only through a group that holds the same value.
+GROUP_WIDE_OPTIONS = (
+    "block_size",
+    "weight_decay",
+    "scale",
+    "res_scale",
+    "second_moment",
+    "state_dtype",
+    "weight_rounding",
+)
+
+
+class FoamParamGroups(list):
+    """The list of param groups :func:`foam_param_groups` returns, a ``list`` of dicts in every other way.
+
+    Its type tells :class:`~foam_hf.FOAM` that every group sets each of :data:`GROUP_WIDE_OPTIONS`, so that a group's
+    value wins over the optimizer's keyword (torch's rule): ``FOAM(foam_param_groups(model), weight_decay=0.1)`` would
+    train without weight decay. :func:`check_keywords_reach_a_group` refuses that.
+    """
+
+
+def _in_order(value: Any) -> tuple:
+    """Sort key of option values: None first, numbers by value, the rest by text."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return (value is not None, not number, value if number else 0, str(value))
+
+
+def check_keywords_reach_a_group(groups: Any, keywords: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Refuse a keyword of the optimizer, set to other than its default, that no group of ``groups`` takes, where
+    ``groups`` came from :func:`foam_param_groups` (a :class:`FoamParamGroups`); other groups follow torch's rule.
+
+    ``keywords`` and ``defaults`` hold the options as the optimizer normalised them (``state_dtype`` a dtype).
+    """
+    if not isinstance(groups, FoamParamGroups) or not groups:
+        return
+    from .precision import normalize_state_dtype
+
+    def held(group: dict, name: str) -> Any:
+        return normalize_state_dtype(group[name]) if name == "state_dtype" else group[name]
+
+    unused = {
+        name: sorted({held(group, name) for group in groups}, key=_in_order)
+        for name in GROUP_WIDE_OPTIONS
+        if keywords[name] != defaults[name]
+        and all(name in group for group in groups)
+        and all(held(group, name) != keywords[name] for group in groups)
+    }
+    if not unused:
+        return
+    passed = ", ".join(f"{name}={keywords[name]!r}" for name in unused)
+    held_values = "; ".join(f"{name} {', '.join(map(str, values))}" for name, values in unused.items())
+    arguments = []
+    options = ",".join(f"{name}={keywords[name]}" for name in unused if name != "weight_decay")
+    if options:
+        arguments.append(f'"{options}"'.replace("torch.", ""))
+    if "weight_decay" in unused:
+        arguments.append(f"weight_decay={keywords['weight_decay']}")
+    raise FoamConfigError(
+        f"FOAM: {passed} reaches no parameter: every group from foam_param_groups sets its own value ({held_values}), "
+        "and a group's value wins over the optimizer's keyword (torch's rule). "
+        f"Fix: give it to foam_param_groups instead: foam_param_groups(model, {', '.join(arguments)})."
+    )
+
+
 def foam_param_groups(
     model: nn.Module, optim_args: str | FoamConfig | dict | None = None, *, weight_decay: float = 0.0
 ) -> list[dict]:
@@ -484,7 +549,9 @@ def foam_param_groups(
     model, "block_size=4"), lr=...)`` folds what the Trainer would (linear layers, not the embeddings or the output
     head, unless ``optim_args`` says otherwise) with transformers' weight-decay rule (none on biases and norm
     weights) at ``weight_decay``. ``optim_args`` takes every form ``TrainingArguments.optim_args`` takes; its
-    ``scale``, ``res_scale``, ``second_moment``, ``state_dtype`` and ``weight_rounding`` go into every group.
+    ``scale``, ``res_scale``, ``second_moment``, ``state_dtype`` and ``weight_rounding`` go into every group, so
+    the optimizer's keywords for these (and for ``block_size`` and ``weight_decay``) reach no group: :class:`FOAM`
+    refuses them where they differ from every group's value (:class:`FoamParamGroups`).
     (``FOAM(model.parameters())`` instead folds every tensor of two or more dimensions, embeddings included.)
     Each group carries torch's ``param_names``, which torch then asks of every group added later too:
     ``optimizer.add_param_group({"params": [p], "param_names": ["name"]})``.
@@ -505,4 +572,4 @@ def foam_param_groups(
         state_dtype=config.state_dtype,
         weight_rounding=config.weight_rounding,
     )
-    return [{**group, **options} for group in groups]
+    return FoamParamGroups({**group, **options} for group in groups)

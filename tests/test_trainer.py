@@ -293,6 +293,32 @@ def test_foam_param_groups_are_the_groups_optim_foam_builds(tmp_path):
     assert sizes["model.layers.0.self_attn.q_proj.weight"] == 4 and sizes["model.layers.0.mlp.up_proj.weight"] == 8
 
 
+def test_an_optimizer_keyword_that_the_groups_of_foam_param_groups_override_is_refused():
+    # foam_param_groups sets the block size, the weight decay and FOAM's options in every group, and a group's value
+    # wins over the optimizer's keyword (torch's rule): FOAM(groups, weight_decay=0.1) trained with no decay at all.
+    from foam_hf import foam_param_groups
+
+    model = tiny_llama()
+    with pytest.raises(FoamConfigError) as refused:
+        FOAM(foam_param_groups(model), lr=1e-3, weight_decay=0.1, block_size=8, state_dtype="bfloat16")
+    assert str(refused.value).startswith(
+        "FOAM: block_size=8, weight_decay=0.1, state_dtype='bfloat16' reaches no parameter: every group from "
+        "foam_param_groups sets its own value (block_size 1, 4; weight_decay 0.0; state_dtype None)"
+    )
+    fix = 'foam_param_groups(model, "block_size=8,state_dtype=bfloat16", weight_decay=0.1)'
+    assert str(refused.value).endswith(f"Fix: give it to foam_param_groups instead: {fix}.")
+    # The fix builds what was asked for, and passing the same values to both is no error.
+    fixed = FOAM(foam_param_groups(model, "block_size=8,state_dtype=bfloat16", weight_decay=0.1), lr=1e-3)
+    again = FOAM(foam_param_groups(model, "block_size=8", weight_decay=0.1), lr=1e-3, weight_decay=0.1, block_size=8)
+    for optimizer in (fixed, again):  # linear weights fold and decay; embeddings and head decay; norms neither
+        assert {(g["block_size"], g["weight_decay"]) for g in optimizer.param_groups} == {(8, 0.1), (1, 0.1), (1, 0.0)}
+    assert {g["state_dtype"] for g in fixed.param_groups} == {"bfloat16"}
+    # A keyword at its default, or groups written by hand (torch's rule, a group's value wins), are left alone.
+    assert FOAM(foam_param_groups(model), lr=1e-3, weight_decay=0.0, block_size=4).param_groups[0]["block_size"] == 4
+    by_hand = [{**group} for group in foam_param_groups(model)]
+    assert {g["weight_decay"] for g in FOAM(by_hand, lr=1e-3, weight_decay=0.1).param_groups} == {0.0}
+
+
 def test_a_null_in_a_yaml_mapping_leaves_its_key_at_the_default(tmp_path):
     # YAML's null for a key reads as "not set", as FoamConfig(target_modules=None) does; before, it became the
     # module name 'None' and failed at train() (target_modules) or as "not an integer" (block_size).
