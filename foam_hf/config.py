@@ -139,6 +139,7 @@ class FoamConfig:
                 )
         if self.target_modules is not None:
             if isinstance(self.target_modules, str):
+                check_one_target_regex(self.target_modules, "FoamConfig: target_modules")
                 _compile_pattern(self.target_modules)
             elif not (
                 isinstance(self.target_modules, (list, tuple))
@@ -549,6 +550,25 @@ def _compile_pattern(pattern: str) -> re.Pattern[str]:
             f"FOAM: the module pattern {pattern!r} is not a valid regex ({err}). Fix: write a module-name suffix "
             "such as q_proj, or a full regex with balanced brackets (escape literal characters with \\)."
         ) from None
+
+
+def check_one_target_regex(text: str, where: str) -> None:
+    """Refuse a one-string target (read as one regex over the whole module name) that can match no module: the
+    empty string, and names joined by commas (``"q_proj,v_proj"``; no module name holds a ``,``). ``where`` names
+    the field, e.g. ``"TrainingArguments: optim_target_modules"``."""
+    if not text.strip():
+        raise FoamConfigError(
+            f"{where}={text!r} names no module. Fix: None for FOAM's default (linear layers except the output head "
+            "and embeddings), 'all-linear', or module names such as ['q_proj', 'v_proj']."
+        )
+    names = [name.strip() for name in text.split(",")]
+    if len(names) > 1 and all(re.fullmatch(r"[\w.]+", name) for name in names):
+        as_list = "[" + ", ".join(repr(name) for name in names) + "]"
+        raise FoamConfigError(
+            f"{where}={text!r} is one string, which transformers and FOAM read as one regex over the whole module "
+            f"name, and no module name holds a ',': it would match nothing. Fix: a list ({as_list}), or optim_args "
+            f"target_modules={';'.join(names)}."
+        )
 
 
 def _looks_like_regex(text: str) -> bool:

@@ -796,6 +796,18 @@ CONFIG_ERRORS = [
         TypeError,
         ["target_modules=[]", "non-empty list", "Fix: e.g. target_modules=['q_proj', 'v_proj']"],
     ),
+    (  # one string is one regex over the whole name: it matched nothing, and failed only at train()
+        "comma-joined target_modules string",
+        lambda: FoamConfig(target_modules="q_proj, v_proj"),
+        FoamConfigError,
+        ["target_modules='q_proj, v_proj' is one string", "no module name holds a ','", "Fix: a list (['q_proj', "],
+    ),
+    (
+        "empty target_modules string",
+        lambda: FoamConfig(target_modules=""),
+        FoamConfigError,
+        ["target_modules='' names no module", "Fix: None for FOAM's default"],
+    ),
     ("callback='yes'", lambda: FoamConfig(callback="yes"), TypeError, ["callback='yes'", "True or False", "Fix:"]),
     (
         "target regex the optim_args string cannot carry",
@@ -848,6 +860,15 @@ TRAINING_ARGS_ERRORS = [
     ("adam_epsilon=inf", dict(adam_epsilon=inf), ["adam_epsilon=inf", "finite"]),
     ("weight_decay=-0.01", dict(weight_decay=-0.01), ["weight_decay=-0.01", ">= 0"]),
     ("optim_target_modules=[]", dict(optim_target_modules=[]), ["optim_target_modules=[] would fold nothing", "Fix:"]),
+    (
+        "optim_target_modules='q_proj,v_proj'",
+        dict(optim_target_modules="q_proj,v_proj"),
+        [
+            "optim_target_modules='q_proj,v_proj' is one string",
+            "Fix: a list (['q_proj', 'v_proj']), or optim_args target_modules=q_proj;v_proj.",
+        ],
+    ),
+    ("optim_target_modules=''", dict(optim_target_modules=""), ["optim_target_modules='' names no module", "Fix:"]),
     (
         "optim_target_modules='(q'",
         dict(optim_target_modules="(q"),

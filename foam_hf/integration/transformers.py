@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from ..config import FoamConfig
+from ..config import FoamConfig, check_one_target_regex
 from ..distributed import check_deepspeed_config
 from ..errors import FoamConfigError
 from ..layerwise import LayerwiseFOAM
@@ -301,6 +301,7 @@ def _check_hyperparameter_fields(args: Any) -> None:
                 "(linear layers except the head and embeddings), 'all-linear', or module names."
             )
         if isinstance(targets, str) and targets != "all-linear":
+            check_one_target_regex(targets, "TrainingArguments: optim_target_modules")
             try:
                 re.compile(targets)
             except re.error as err:
