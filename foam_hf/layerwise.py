@@ -27,6 +27,7 @@ stepped the hooked parameters.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 import weakref
 from collections import OrderedDict
@@ -44,6 +45,22 @@ __all__ = ["LayerwiseFOAM"]
 #: id(parameter) -> (the parameter, the LayerwiseFOAM whose hook steps it, that hook's handle), all weak but the
 #: handle, so that a parameter is stepped by one layer-wise optimizer at a time.
 _HOOK_OWNERS: dict[int, tuple[weakref.ref, weakref.ref, RemovableHandle]] = {}
+
+
+def _check_takes_no_arguments(should_step: Callable[[], bool]) -> None:
+    """Refuse a ``should_step`` that cannot be called without arguments (``lambda step: ...``) when the optimizer is
+    built, not with a bare TypeError from inside the first backward. A callable whose signature Python cannot read
+    (some builtins) passes."""
+    try:
+        inspect.signature(should_step).bind()
+    except ValueError:  # no signature to read
+        return
+    except TypeError as err:
+        raise TypeError(
+            f"LayerwiseFOAM: should_step={should_step!r} cannot be called without arguments ({err}); every gradient "
+            "hook calls should_step() to ask whether to step now. Fix: a function of no arguments, e.g. "
+            "should_step=lambda: micro_step % accumulation == 0 over a counter your loop keeps."
+        ) from None
 
 
 class LayerwiseFOAM(FOAM):
@@ -67,6 +84,8 @@ class LayerwiseFOAM(FOAM):
                 f"LayerwiseFOAM: should_step={should_step!r} must be a function of no arguments that returns whether "
                 "to step now (asked in every gradient hook). Fix: pass e.g. should_step=lambda: True, or None."
             )
+        if should_step is not None:
+            _check_takes_no_arguments(should_step)
         super().__init__(params, **kwargs)
         self._should_step = should_step if should_step is not None else (lambda: True)
         # Group *indices*, not dicts: load_state_dict replaces the group dicts (and schedulers edit those).
@@ -135,7 +154,7 @@ class LayerwiseFOAM(FOAM):
 
     @torch.no_grad()
     def _step_parameter(self, param: torch.Tensor) -> None:
-        if param.grad is None or not self._should_step():
+        if param.grad is None or not self._asked_to_step():
             return
         if id(param) in self._stepped:
             raise RuntimeError(
@@ -154,6 +173,22 @@ class LayerwiseFOAM(FOAM):
         self._step_group(group, [param])
         param.grad = None
 
+    def _asked_to_step(self) -> bool:
+        """``should_step()``, refused unless it is a bool: ``None`` (a function that forgot its ``return``) would
+        read as "not now" in every hook, and the optimizer would step nothing inside backward, silently."""
+        answer = self._should_step()
+        if type(answer).__name__ not in ("bool", "bool_"):  # Python's, or numpy's
+            raise TypeError(
+                f"LayerwiseFOAM: should_step() returned {answer!r} ({type(answer).__name__}), not True or False"
+                f"{' (a missing return?)' if answer is None else ''}: it says, in every gradient hook, whether to "
+                "step now. Fix: return a bool, e.g. should_step=lambda: micro_step % accumulation == 0."
+            )
+        return bool(answer)
+
+    #: torch's GradScaler.step hands the step to an optimizer that says it handles loss scaling; this one refuses it
+    #: there, by name, instead of GradScaler's "No inf checks were recorded for this optimizer".
+    _step_supports_amp_scaling = True
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Evaluate ``closure`` if given, then step the parameters that still hold a gradient; the others were
@@ -162,7 +197,16 @@ class LayerwiseFOAM(FOAM):
         A parameter still holds one when its hook did not fire on the last micro-batch of an accumulation window
         (a branch that only some batches use, as a vision tower on a mixed text and image dataset: its gradient
         accumulated over the earlier micro-batches), or when the hooks are off. Only when ``should_step()`` says
-        so, as in the hooks: a step inside a window would step a partial sum."""
+        so, as in the hooks: a step inside a window would step a partial sum.
+
+        Refused under torch's ``GradScaler`` (fp16 loss scaling): the hooks step on the scaled gradients, before the
+        scaler can unscale them or skip a step that overflowed."""
+        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+            raise RuntimeError(
+                "LayerwiseFOAM: stepped by a GradScaler (fp16 loss scaling), which it cannot follow: each parameter "
+                "steps inside backward, on its loss-scaled gradient, before the scaler can unscale it or skip a step "
+                "that overflowed. Fix: train in bf16 (no loss scaling), or use FOAM, which GradScaler steps as AdamW."
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -591,6 +591,12 @@ PARAM_ERROR_INPUTS = [
         TypeError,
         ["should_step=True must be a function of no arguments", "Fix: pass e.g. should_step=lambda: True"],
     ),
+    (  # it failed with a bare TypeError inside the first backward()
+        "LayerwiseFOAM should_step that takes an argument",
+        lambda: LayerwiseFOAM([leaf(2, 4)], should_step=lambda step: step % 4 == 0),
+        TypeError,
+        ["cannot be called without arguments (missing a required argument: 'step')", "Fix: a function of no"],
+    ),
     (
         "misspelt group key within a typo of an option",
         lambda: FOAM([{"params": [leaf(2, 4)], "block_szie": 8}]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 
 import pytest
 import torch
@@ -783,6 +784,36 @@ def test_a_layerwise_gradient_that_arrives_in_pieces_is_refused_not_stepped_twic
     shared(x).square().sum().backward()
     assert all(p.grad is None for p in shared.parameters())
     optimizer.remove_hooks()
+
+
+@pytest.mark.parametrize("answer", [None, "no", 1])
+def test_a_should_step_that_answers_other_than_a_bool_is_refused_in_the_hook(answer):
+    # None (a should_step that forgot its return) read as "not now" in every hook: nothing stepped inside backward,
+    # and the layer-wise saving was gone, silently.
+    layer = torch.nn.Linear(8, 8)
+    optimizer = LayerwiseFOAM(layer.parameters(), lr=0.1, block_size=4, should_step=lambda: answer)
+    before = [p.detach().clone() for p in layer.parameters()]
+    with pytest.raises(TypeError, match=rf"should_step\(\) returned {re.escape(repr(answer))} .*not True or False"):
+        layer(torch.randn(3, 8)).square().sum().backward()
+    assert all(torch.equal(p, q) for p, q in zip(layer.parameters(), before))  # refused before any step
+    optimizer.remove_hooks()
+
+
+def test_a_layerwise_optimizer_stepped_by_a_grad_scaler_is_refused_by_name():
+    # GradScaler cannot unscale gradients that the hooks already stepped on and freed; it failed with its own
+    # "No inf checks were recorded for this optimizer". FOAM itself, stepped by the scaler, trains as AdamW does.
+    layer = torch.nn.Linear(8, 8)
+    optimizer = LayerwiseFOAM(layer.parameters(), lr=0.1, block_size=4)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(layer(torch.randn(3, 8)).square().sum()).backward()
+    with pytest.raises(RuntimeError, match=r"LayerwiseFOAM: stepped by a GradScaler .* Fix: train in bf16"):
+        scaler.step(optimizer)
+    optimizer.remove_hooks()
+    plain = FOAM(layer.parameters(), lr=0.1, block_size=4)
+    before = [p.detach().clone() for p in layer.parameters()]
+    scaler.scale(layer(torch.randn(3, 8)).square().sum()).backward()
+    scaler.step(plain)
+    assert all(not torch.equal(p, q) for p, q in zip(layer.parameters(), before))
 
 
 def test_a_group_added_to_a_layerwise_optimizer_is_hooked_and_stepped():
