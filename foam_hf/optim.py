@@ -581,7 +581,8 @@ class FOAM(Optimizer):
         a saved moment's shape differs from the shape this parameter folds to. Every other option loads as torch
         loads it (the saved value wins), but ``state_dtype``: the moments are put in the dtype this optimizer
         was built to keep (fp32 for half-precision parameters unless asked otherwise), not cast to the
-        parameter's dtype as torch would, and converted with a warning where the checkpoint holds another.
+        parameter's dtype as torch would, and converted with a warning where the checkpoint holds another; and
+        ``fused`` and ``foreach``, which choose how this run computes the same step, not what it computes.
         """
         if isinstance(state_dict, dict):
             # torch's contract: the pre-hooks see, and may replace, what loads. Run them here once, so that what
@@ -601,6 +602,10 @@ class FOAM(Optimizer):
             {
                 "state_dtype": group["state_dtype"],
                 "weight_rounding": group["weight_rounding"],
+                # The implementation is this run's: a checkpoint of a fused run resumed with fused=False (another
+                # device, non-contiguous tensors) must not step fused, and then fail, telling to pass fused=False.
+                "fused": group["fused"],
+                "foreach": group["foreach"],
                 **{key: group[key] for key in UPDATE_KEYS if key not in saved},
                 **{key: group[key] for key in ("param_names",) if key in group},
             }

@@ -244,6 +244,25 @@ def test_a_checkpoint_loads_into_the_state_dtype_the_optimizer_was_built_with(sa
     assert all(loader.state[q]["exp_avg"].dtype == target for q in twins)
 
 
+@pytest.mark.skipif(not fused_kernel_builds(), reason="saves from the fused CPU kernel, which needs a C++ compiler")
+@pytest.mark.parametrize("foreach", [False, True], ids=["for-loop", "foreach"])
+def test_a_checkpoint_of_a_fused_run_resumes_on_the_implementation_this_optimizer_was_built_with(foreach):
+    """fused and foreach choose how a run computes the step, not what: loading keeps this optimizer's. torch put the
+    saved fused=True back, and a run resumed with fused=False over a non-contiguous weight (which the kernel
+    refuses) failed at its next step, telling to pass fused=False. The resumed run equals the uninterrupted one."""
+    saved_params = make_params(((6, 8),), seed=3)
+    saver = FOAM(saved_params, block_size=4, fused=True, **HPARAMS)
+    step(saver, saved_params, 3)
+    twins = [torch.empty(8, 6).t().copy_(saved_params[0].detach()).requires_grad_()]  # the same values, transposed
+    assert not twins[0].is_contiguous()
+    loader = FOAM(twins, block_size=4, fused=False, foreach=foreach, **HPARAMS)
+    loader.load_state_dict(copy.deepcopy(saver.state_dict()))
+    assert [(g["fused"], g["foreach"]) for g in loader.param_groups] == [(False, foreach)]
+    step(loader, twins, 4)
+    step(saver, saved_params, 4)  # uninterrupted
+    torch.testing.assert_close(twins[0], saved_params[0], rtol=1e-6, atol=1e-7)
+
+
 def test_group_count_mismatch_is_refused():
     params = make_params(((6, 8), (7,)))
     opt = FOAM([{"params": params[:1]}, {"params": params[1:], "block_size": 1}], **HPARAMS)
