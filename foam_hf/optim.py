@@ -28,7 +28,7 @@ from .errors import FoamConfigError
 from .folding import folded_shape, folds_in_full, is_foldable
 from .functional import _foam, foam
 from .implementation import check_fused_available
-from .options import GROUP_DEFAULTS, SECOND_MOMENT_MODES, as_builtin_numbers, validate_group_options
+from .options import GROUP_DEFAULTS, SECOND_MOMENT_MODES, as_builtin_numbers, check_option, validate_group_options
 from .param_groups import check_keywords_reach_a_group
 from .precision import PARAM_DTYPES, STATE_DTYPES, check_weight_rounding, normalize_state_dtype, state_dtype_for
 
@@ -209,6 +209,7 @@ class FOAM(Optimizer):
         self._fused_checked = True  # add_param_group checks each fused group, or leaves it to step() (meta tensors)
         self._group_of_param: dict[int, int] = {}  # id(parameter) -> its group's index, see add_param_group
         self._built_with: dict[int, tuple[dict[str, Any], tuple[Any, ...]]] = {}  # see _check_structure
+        self._checked_values: dict[int, tuple[dict[str, Any], tuple[Any, ...]]] = {}  # see _check_values
         super().__init__(params, defaults)
         _check_something_to_round(self.param_groups)
         # DeepSpeed swaps bf16 weights for fp32 master partitions after construction: the first step asks again.
@@ -346,6 +347,7 @@ class FOAM(Optimizer):
                 group.setdefault(key, default)
         self._group_of_param = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
         self._record_structure()
+        self._checked_values = {}  # a copy's groups, or the loaded ones: checked again at their next step
 
     def _init_group(
         self,
@@ -454,10 +456,39 @@ class FOAM(Optimizer):
         """What each group's moments are (or will be) built with: recorded when a group is added or loaded."""
         self._built_with = {id(group): (group, self._structure(group)) for group in self.param_groups}
 
+    #: The options a step reads that do not shape the moments: set on a group after it was added (by hand, or by a
+    #: scheduler), a value is checked at the next step, once per change, as the constructor checks it.
+    _VALUE_OPTIONS = ("lr", "betas", "eps", "weight_decay", "scale", "res_scale", "fused", "foreach")
+
+    def _check_values(self, group: dict[str, Any]) -> None:
+        """Validate the :attr:`_VALUE_OPTIONS` of ``group`` that changed since its last step: ``lr=nan`` set by hand
+        would turn every weight into NaN, ``lr="1e-3"`` fail deep inside the step. Only ``lr`` changed (a
+        scheduler's step): only it is checked. A tensor is compared by identity, so no value is read from a device."""
+
+        def comparable(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return ("tensor", id(value))
+            if isinstance(value, (tuple, list)):
+                return tuple(comparable(v) for v in value)
+            return value
+
+        now = tuple(comparable(group.get(key, GROUP_DEFAULTS[key])) for key in self._VALUE_OPTIONS)
+        entry = self._checked_values.get(id(group))
+        if entry is not None and entry[0] is group and entry[1] == now:
+            return
+        where = f"param group {self._index_of(group)}"
+        if entry is not None and entry[0] is group and [a != b for a, b in zip(entry[1], now)] == [True] + [False] * 7:
+            check_option("lr", group["lr"], where)
+        else:
+            validate_group_options(group, where)
+        self._checked_values[id(group)] = (group, now)
+
     def _check_structure(self, group: dict[str, Any]) -> None:
         """Refuse a change of :attr:`_STRUCTURAL_OPTIONS` in ``group`` that its existing moments would be misread
         under (one look-up per group and step while nothing changes). A changed value is validated; a change that
-        no moment depends on yet (no state, or parameters it does not concern) is taken."""
+        no moment depends on yet (no state, or parameters it does not concern) is taken. The other options are
+        checked by :meth:`_check_values` first."""
+        self._check_values(group)
         now = self._structure(group)
         entry = self._built_with.get(id(group))
         if entry is not None and entry[0] is group and entry[1] == now:

@@ -8,10 +8,12 @@ import pytest
 import torch
 from _helpers import (
     HPARAMS,
+    PATHS,
     assert_same_state,
     clone_params,
     grad_sequence,
     make_params,
+    path_names,
     reference_kwargs,
     run,
     saved_and_loaded,
@@ -300,6 +302,36 @@ def test_an_invalid_option_set_on_a_group_is_refused_at_the_next_step():
     model(torch.randn(2, 16)).sum().backward()
     with pytest.raises(FoamConfigError, match=r"second_moment='meansq' is invalid.*\(in param group 0\)"):
         opt.step()
+
+
+@pytest.mark.parametrize("path", path_names("for-loop", "foreach", "fused"))
+@pytest.mark.parametrize(
+    "key, value, refused",
+    [
+        ("lr", float("nan"), r"lr=nan is invalid: it must be finite and >= 0"),  # every weight turned NaN, silently
+        ("lr", "1e-3", r"lr='1e-3' has type str"),
+        ("scale", -1.0, r"scale=-1.0 is invalid: it must be finite and > 0"),
+        ("betas", (0.9, 1.0), r"betas\[1\]=1.0 is invalid"),
+        ("fused", "yes", r"fused='yes' must be None, True or False"),
+    ],
+)
+def test_a_value_set_on_a_group_after_its_first_step_is_checked_as_the_constructor_checks_it(path, key, value, refused):
+    model = torch.nn.Linear(16, 8, bias=False)
+    opt = FOAM(model.parameters(), block_size=4, **PATHS[path])
+    model(torch.randn(2, 16)).sum().backward()
+    opt.step()
+    with pytest.raises((FoamConfigError, TypeError), match=refused):  # what the constructor says
+        FOAM(model.parameters(), **{key: value})
+    before = model.weight.detach().clone()
+    opt.param_groups[0][key] = value
+    with pytest.raises((FoamConfigError, TypeError), match=rf"{refused}.*\(in param group 0\)"):
+        opt.step()
+    assert torch.equal(model.weight, before)
+    opt.param_groups[0][key] = {"lr": 1e-3, "scale": 1.0, "betas": (0.9, 0.999), "fused": PATHS[path].get("fused")}[key]
+    for lr in (5e-4, 2.5e-4):  # a scheduler's changes are taken
+        opt.param_groups[0]["lr"] = lr
+        opt.step()
+    assert not torch.equal(model.weight, before)
 
 
 def test_a_loaded_state_does_not_share_the_step_counter_of_the_optimizer_it_came_from():
