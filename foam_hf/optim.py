@@ -462,25 +462,20 @@ class FOAM(Optimizer):
 
     def _check_values(self, group: dict[str, Any]) -> None:
         """Validate the :attr:`_VALUE_OPTIONS` of ``group`` that changed since its last step: ``lr=nan`` set by hand
-        would turn every weight into NaN, ``lr="1e-3"`` fail deep inside the step. Only ``lr`` changed (a
-        scheduler's step): only it is checked. A tensor is compared by identity, so no value is read from a device."""
-
-        def comparable(value: Any) -> Any:
-            if isinstance(value, torch.Tensor):
-                return ("tensor", id(value))
-            if isinstance(value, (tuple, list)):
-                return tuple(comparable(v) for v in value)
-            return value
-
-        now = tuple(comparable(group.get(key, GROUP_DEFAULTS[key])) for key in self._VALUE_OPTIONS)
+        would turn every weight into NaN, ``lr="1e-3"`` fail deep inside the step. Values are compared by identity
+        (a tensor lr is never read, nor its ``==`` run); where only ``lr`` changed (a scheduler's step), only it is
+        checked."""
+        now = tuple(map(group.__getitem__, self._VALUE_OPTIONS))
         entry = self._checked_values.get(id(group))
-        if entry is not None and entry[0] is group and entry[1] == now:
-            return
-        where = f"param group {self._index_of(group)}"
-        if entry is not None and entry[0] is group and [a != b for a, b in zip(entry[1], now)] == [True] + [False] * 7:
-            check_option("lr", group["lr"], where)
-        else:
-            validate_group_options(group, where)
+        if entry is not None and entry[0] is group:
+            changed = [old is not new for old, new in zip(entry[1], now)]
+            if not any(changed):
+                return
+            if not any(changed[1:]):
+                check_option("lr", group["lr"], f"param group {self._index_of(group)}")
+                self._checked_values[id(group)] = (group, now)
+                return
+        validate_group_options(group, f"param group {self._index_of(group)}")
         self._checked_values[id(group)] = (group, now)
 
     def _check_structure(self, group: dict[str, Any]) -> None:
