@@ -156,6 +156,7 @@ class FoamConfig:
                     _compile_pattern(entry)
                 # one type per meaning, as from_optim_args gives it back
                 object.__setattr__(self, "target_modules", list(self.target_modules))
+            check_targets_fold(self.target_modules, self.block_size, "FoamConfig / optim_args: target_modules")
         if not isinstance(self.callback, bool):
             raise TypeError(
                 f"FoamConfig: callback={self.callback!r} must be True or False. Fix: pass callback=True (attach "
@@ -550,6 +551,17 @@ def _compile_pattern(pattern: str) -> re.Pattern[str]:
             f"FOAM: the module pattern {pattern!r} is not a valid regex ({err}). Fix: write a module-name suffix "
             "such as q_proj, or a full regex with balanced brackets (escape literal characters with \\)."
         ) from None
+
+
+def check_targets_fold(targets: Any, block_size: int, where: str) -> None:
+    """Refuse target modules beside ``block_size=1``: the targets fold with the default block size, and 1 keeps
+    AdamW states, so naming them would change nothing (``level=0`` is block size 1 too)."""
+    if targets is not None and block_size == 1:
+        raise FoamConfigError(
+            f"{where}={targets!r} names the modules that fold with block_size, which is 1 (AdamW states, also "
+            "from level=0): they would fold nothing. Fix: a block_size > 1 for them (e.g. block_size=4), or size "
+            "modules one by one in block_sizes (e.g. block_sizes=q_proj:4) without target modules."
+        )
 
 
 def check_one_target_regex(text: str, where: str) -> None:

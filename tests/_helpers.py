@@ -809,6 +809,12 @@ CONFIG_ERRORS = [
         ["target_modules='q_proj, v_proj' is one string", "no module name holds a ','", "Fix: a list (['q_proj', "],
     ),
     (
+        "target_modules with block_size=1",
+        lambda: FoamConfig(target_modules=["q_proj"], block_size=1),
+        FoamConfigError,
+        ["target_modules=['q_proj'] names the modules that fold with block_size, which is 1", "block_sizes=q_proj:4"],
+    ),
+    (
         "empty target_modules string",
         lambda: FoamConfig(target_modules=""),
         FoamConfigError,
@@ -875,6 +881,11 @@ TRAINING_ARGS_ERRORS = [
         ],
     ),
     ("optim_target_modules=''", dict(optim_target_modules=""), ["optim_target_modules='' names no module", "Fix:"]),
+    (  # the targets fold with block_size: with 1 they folded nothing, silently
+        "optim_target_modules with block_size=1",
+        dict(optim_target_modules=["q_proj"], optim_args="level=0"),
+        ["optim_target_modules=['q_proj'] names the modules that fold with block_size, which is 1", "Fix: a"],
+    ),
     (
         "optim_target_modules='(q'",
         dict(optim_target_modules="(q"),

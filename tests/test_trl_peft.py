@@ -219,6 +219,14 @@ def test_fold_options_on_a_model_where_nothing_folds_warn_once(tmp_path, recwarn
     recwarn.clear()
     Trainer(model=model, args=args, train_dataset=lm_dataset()).create_optimizer()
     assert not [w for w in recwarn if "no trainable parameter" in str(w.message)]
+    # level=0 (block size 1) with an option that acts on folded tensors: the warning names block size 1 as the cause,
+    # not the default targets' leaving out the adapters.
+    args = TrainingArguments(output_dir=str(tmp_path), optim_args="level=0,scale=2", **COMMON)
+    recwarn.clear()
+    Trainer(model=tiny_llama(), args=args, train_dataset=lm_dataset()).create_optimizer()
+    said = [str(w.message) for w in recwarn if "no trainable parameter" in str(w.message)]
+    assert len(said) == 1 and "optim_args sets ['scale']" in said[0]
+    assert "block_size is 1 (level=0 too)" in said[0] and "PEFT adapters" not in said[0]
     # Folding an adapter by name makes the same options act: no warning.
     args = TrainingArguments(output_dir=str(tmp_path), optim_args="block_size=8,block_sizes=lora_A:4", **COMMON)
     recwarn.clear()

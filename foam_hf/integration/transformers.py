@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from ..config import FoamConfig, check_one_target_regex
+from ..config import FoamConfig, check_one_target_regex, check_targets_fold
 from ..distributed import check_deepspeed_config
 from ..errors import FoamConfigError
 from ..layerwise import LayerwiseFOAM
@@ -116,17 +116,24 @@ def _warn_fold_options_where_nothing_folds(args: Any, groups: list[dict[str, Any
     from ..folding import folds_in_full
 
     asked = _optim_args_keys(args.optim_args).intersection(_FOLD_ONLY_KEYS)
-    if foam_config_from_args(args).block_size == 1:  # block_size=1 (level=0) asks for AdamW states: it is heard
+    unfolded = foam_config_from_args(args).block_size == 1
+    if unfolded:  # block_size=1 (level=0) asks for AdamW states: it is heard
         asked -= {"block_size", "level"}
     asked = sorted(asked)
     if not asked or any(folds_in_full(p, g["block_size"]) for g in groups for p in g["params"]):
         return
+    if unfolded:
+        why = "block_size is 1 (level=0 too): the default targets keep AdamW states"
+        fix = "a block_size > 1, block_sizes for the modules that should fold (e.g. block_sizes=q_proj:4)"
+    else:
+        why = (
+            "FOAM's default targets leave out PEFT adapters (their states are small, and folding them cost loss), "
+            "one-dimensional tensors, embeddings and the head"
+        )
+        fix = "fold adapters by name (optim_args='block_sizes=lora_A:4'), name modules in optim_target_modules"
     warnings.warn(
         f"optim='foam': optim_args sets {asked}, but no trainable parameter of this model folds, so they change "
-        "nothing and every tensor steps as with AdamW. FOAM's default targets leave out PEFT adapters (their states "
-        "are small, and folding them cost loss), one-dimensional tensors, embeddings and the head. Fix: fold "
-        "adapters by name (optim_args='block_sizes=lora_A:4'), name modules in optim_target_modules, or drop "
-        f"{asked} from optim_args.",
+        f"nothing and every tensor steps as with AdamW. {why}. Fix: {fix}, or drop {asked} from optim_args.",
         UserWarning,
         stacklevel=2,
     )
@@ -300,6 +307,7 @@ def _check_hyperparameter_fields(args: Any) -> None:
                 "TrainingArguments: optim_target_modules=[] would fold nothing. Fix: pass None for FOAM's default "
                 "(linear layers except the head and embeddings), 'all-linear', or module names."
             )
+        check_targets_fold(targets, foam_config_from_args(args).block_size, "TrainingArguments: optim_target_modules")
         if isinstance(targets, str) and targets != "all-linear":
             check_one_target_regex(targets, "TrainingArguments: optim_target_modules")
             try:
