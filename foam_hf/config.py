@@ -153,6 +153,8 @@ class FoamConfig:
                 )
             else:
                 for entry in self.target_modules:  # each entry is a regex too (matched as a module-name suffix)
+                    if entry.lower() == "all-linear" and entry != "all-linear":
+                        check_one_target_regex(entry, "FoamConfig / optim_args: target_modules")
                     _compile_pattern(entry)
                 # one type per meaning, as from_optim_args gives it back
                 object.__setattr__(self, "target_modules", list(self.target_modules))
@@ -277,6 +279,8 @@ def _split_optim_args(optim_args: str | None) -> dict[str, str]:
                 f"optim_args (transformers reads 'key=value' entries separated by ','), leaving {part!r} alone. "
                 rf"Fix: write the pattern without a comma, e.g. \d+ for \d{{1,2}}."
             )
+        if "=" not in part and previous in _TRAINING_ARGUMENTS_FIELDS:  # betas=(0.9,0.99): its ',' split it
+            raise FoamConfigError(_unknown_keys_message([previous]))
         if "=" not in part and previous in _LIST_EXAMPLES:
             raise FoamConfigError(
                 f"optim_args: {part!r} follows {previous}= but is not of the form key=value: entries of "
@@ -379,8 +383,8 @@ _PAPER_NAMES = {"alpha": "scale (the update's scale α)", "rho": "res_scale (the
 def _unknown_keys_message(unknown: list[str]) -> str:
     hints = []
     for key in unknown:
-        if key in _TRAINING_ARGUMENTS_FIELDS:
-            field_name = _TRAINING_ARGUMENTS_FIELDS[key]
+        if key.lower() in _TRAINING_ARGUMENTS_FIELDS:  # (any case: 'LR' gets where lr goes, not 'did you mean lr')
+            field_name = _TRAINING_ARGUMENTS_FIELDS[key.lower()]
             flags = " and ".join(f"--{name}" for name in field_name.split(" and "))
             hints.append(
                 f"{key!r} is not one of FOAM's own keys: FOAM takes it, as every optimizer does, from "
@@ -389,6 +393,8 @@ def _unknown_keys_message(unknown: list[str]) -> str:
             )
         elif key in _PAPER_NAMES:
             hints.append(f"{key!r} is the paper's name: FOAM's key is {_PAPER_NAMES[key]}.")
+        elif key.lower() != key and key.lower() in OPTIM_ARGS_KEYS:
+            hints.append(f"{key!r}: did you mean {key.lower()!r}? Keys are lower case.")
         else:
             close = difflib.get_close_matches(key, list(OPTIM_ARGS_KEYS), n=1, cutoff=0.75)
             if close:
@@ -568,6 +574,8 @@ def check_one_target_regex(text: str, where: str) -> None:
     """Refuse a one-string target (read as one regex over the whole module name) that can match no module: the
     empty string, and names joined by commas (``"q_proj,v_proj"``; no module name holds a ``,``). ``where`` names
     the field, e.g. ``"TrainingArguments: optim_target_modules"``."""
+    if text.lower() == "all-linear" and text != "all-linear":  # else one regex that matches no module name
+        raise FoamConfigError(f"{where}={text!r}: did you mean 'all-linear'? It is written in lower case.")
     if not text.strip():
         raise FoamConfigError(
             f"{where}={text!r} names no module. Fix: None for FOAM's default (linear layers except the output head "

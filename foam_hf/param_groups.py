@@ -558,6 +558,12 @@ def foam_param_groups(
     """
     from .integration._seam import decay_parameter_names
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"foam_param_groups: model={type(model).__name__} is not an nn.Module: the groups are chosen by module "
+            "names (linear layers fold, heads and embeddings do not). Fix: pass the model itself, "
+            "foam_param_groups(model), not model.parameters()."
+        )
     config = FoamConfig.from_optim_args(optim_args)
     groups = build_param_groups(
         model,

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from foam_hf import FOAM, FoamConfig, FoamConfigError, LayerwiseFOAM, _chunking, _fused_cpu
+from foam_hf import FOAM, FoamConfig, FoamConfigError, LayerwiseFOAM, _chunking, _fused_cpu, foam_param_groups
 from foam_hf import functional as _functional_module
 from foam_hf.functional import _multi_tensor_foam, _single_tensor_foam
 from foam_hf.precision import store_moment as _store_moment
@@ -807,6 +807,30 @@ CONFIG_ERRORS = [
         lambda: FoamConfig(target_modules="q_proj, v_proj"),
         FoamConfigError,
         ["target_modules='q_proj, v_proj' is one string", "no module name holds a ','", "Fix: a list (['q_proj', "],
+    ),
+    (  # 'ALL-LINEAR' was a module name that matched nothing, found at train()
+        "target_modules ALL-LINEAR",
+        lambda: FoamConfig.from_optim_args("target_modules=ALL-LINEAR"),
+        FoamConfigError,
+        ["target_modules='ALL-LINEAR': did you mean 'all-linear'?"],
+    ),
+    (
+        "optim_args key in upper case",
+        lambda: FoamConfig.from_optim_args("BLOCK_SIZE=4"),
+        FoamConfigError,
+        ["unknown key(s) ['BLOCK_SIZE']", "'BLOCK_SIZE': did you mean 'block_size'? Keys are lower case."],
+    ),
+    (  # its ',' split the tuple: the message was "'0.99)' is not of the form key=value"
+        "betas tuple in optim_args",
+        lambda: FoamConfig.from_optim_args("betas=(0.9,0.99)"),
+        FoamConfigError,
+        ["unknown key(s) ['betas']", "from TrainingArguments' adam_beta1 and adam_beta2", "Fix: set it there"],
+    ),
+    (
+        "foam_param_groups over model.parameters()",
+        lambda: foam_param_groups(torch.nn.Linear(4, 4).parameters()),
+        TypeError,
+        ["model=generator is not an nn.Module", "Fix: pass the model itself"],
     ),
     (
         "target_modules with block_size=1",
