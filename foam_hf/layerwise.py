@@ -63,6 +63,27 @@ def _check_takes_no_arguments(should_step: Callable[[], bool]) -> None:
         ) from None
 
 
+def warn_if_stepped_in_backward(optimizer: torch.optim.Optimizer) -> None:
+    """Warn when parameters of ``optimizer`` (not itself layer-wise) carry a live LayerwiseFOAM's hooks: those step
+    them inside backward and free their gradients, so ``optimizer.step()`` would find none and change nothing."""
+    if isinstance(optimizer, LayerwiseFOAM):
+        return
+    hooked = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            owner = _HOOK_OWNERS.get(id(p))
+            if owner is not None and owner[0]() is p and owner[1]() is not None:
+                hooked += 1
+    if hooked:
+        warnings.warn(
+            f"{type(optimizer).__name__}: {hooked} of its parameter(s) are stepped inside backward by a LayerwiseFOAM "
+            "whose hooks are still on: it steps them and frees their gradients, so this optimizer's step() would "
+            "find none and change nothing. Fix: call remove_hooks() on the LayerwiseFOAM first.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 class LayerwiseFOAM(FOAM):
     """:class:`~foam_hf.FOAM` whose step runs per parameter inside backward (see the module docstring).
 

@@ -211,6 +211,9 @@ class FOAM(Optimizer):
         self._built_with: dict[int, tuple[dict[str, Any], tuple[Any, ...]]] = {}  # see _check_structure
         self._checked_values: dict[int, tuple[dict[str, Any], tuple[Any, ...]]] = {}  # see _check_values
         super().__init__(params, defaults)
+        from .layerwise import warn_if_stepped_in_backward  # (layerwise imports this module)
+
+        warn_if_stepped_in_backward(self)
         _check_something_to_round(self.param_groups)
         # DeepSpeed swaps bf16 weights for fp32 master partitions after construction: the first step asks again.
         self._check_rounding = any(group["weight_rounding"] == "stochastic" for group in self.param_groups)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import warnings
 
 import pytest
 import torch
@@ -757,6 +758,23 @@ def test_a_second_layerwise_optimizer_takes_the_parameters_over():
     new.remove_hooks()
     model(x).square().sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_an_optimizer_built_over_parameters_a_layerwise_optimizer_still_steps_is_warned_about():
+    # Its hooks step the parameters inside backward and free their gradients: FOAM's step() found none and changed
+    # nothing, silently. Told when built; once the hooks are off, it trains.
+    model = torch.nn.Linear(8, 4)
+    layerwise = LayerwiseFOAM(model.parameters(), lr=0.1, block_size=4)
+    with pytest.warns(UserWarning, match=r"FOAM: 2 of its parameter\(s\) are stepped inside backward by a Layerwise"):
+        FOAM(model.parameters(), lr=0.1, block_size=4)
+    layerwise.remove_hooks()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain = FOAM(model.parameters(), lr=0.1, block_size=4)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(3, 8)).square().sum().backward()
+    plain.step()
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
 def test_a_layerwise_gradient_that_arrives_in_pieces_is_refused_not_stepped_twice():
