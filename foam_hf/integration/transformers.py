@@ -295,7 +295,8 @@ def _check_hyperparameter_fields(args: Any) -> None:
         except TypeError as err:  # TrainingArguments types its fields; a wrong type is a bad value here too
             raise FoamConfigError(str(err)) from None
     targets = args.optim_target_modules
-    in_optim_args = foam_config_from_args(args).target_modules if targets is not None else None
+    config = foam_config_from_args(args) if targets is not None else None  # optim_args, parsed once
+    in_optim_args = config.target_modules if config is not None else None
     if in_optim_args is not None:
         raise FoamConfigError(
             f"TrainingArguments: target modules are given twice: optim_target_modules={targets!r} and "
@@ -307,7 +308,7 @@ def _check_hyperparameter_fields(args: Any) -> None:
                 "TrainingArguments: optim_target_modules=[] would fold nothing. Fix: pass None for FOAM's default "
                 "(linear layers except the head and embeddings), 'all-linear', or module names."
             )
-        check_targets_fold(targets, foam_config_from_args(args).block_size, "TrainingArguments: optim_target_modules")
+        check_targets_fold(targets, config.block_size, "TrainingArguments: optim_target_modules")
         if isinstance(targets, str) and targets != "all-linear":
             check_one_target_regex(targets, "TrainingArguments: optim_target_modules")
             try:
